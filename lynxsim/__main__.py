@@ -1,0 +1,5 @@
+"""Allows ``python -m lynxsim``."""
+
+from lynxsim.cli import main
+
+raise SystemExit(main())

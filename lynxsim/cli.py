@@ -1,0 +1,207 @@
+"""The ``lynxsim`` command line.
+
+Bad input of any kind ends in one line on stderr naming the key path or file and line, and exit code 2; results
+computed before the problem was found stay on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from lynxsim import __version__
+from lynxsim.config import load_experiment
+from lynxsim.errors import InputError
+from lynxsim.hardware import hardware_names, load_hardware
+from lynxsim.models import catalog_summary
+from lynxsim.plots import load_run, write_run_figures
+from lynxsim.runner import PolicyRun, prepare, run_experiment
+
+# (summary key, label, format) of the rows `lynxsim run` prints
+SUMMARY_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("requests_finished", "requests finished", "{:.0f}"),
+    ("requests_measured", "requests measured (after warm-up)", "{:.0f}"),
+    ("ttft_p50_ms", "TTFT p50 (ms)", "{:.1f}"),
+    ("ttft_p99_ms", "TTFT p99 (ms)", "{:.1f}"),
+    ("tpot_p50_ms", "TPOT p50 (ms)", "{:.2f}"),
+    ("tpot_p90_ms", "TPOT p90 (ms)", "{:.2f}"),
+    ("tpot_p99_ms", "TPOT p99 (ms)", "{:.2f}"),
+    ("tpot_mean_ms", "TPOT mean (ms)", "{:.2f}"),
+    ("e2e_p50_s", "E2E p50 (s)", "{:.2f}"),
+    ("e2e_p99_s", "E2E p99 (s)", "{:.2f}"),
+    ("output_tokens_per_s", "output tokens/s", "{:.0f}"),
+    ("pure_decode_fraction", "pure-decode iterations", "{:.2f}"),
+    ("mean_decode_batch", "mean decode batch (tokens)", "{:.1f}"),
+    ("mean_distinct_experts", "distinct experts per layer (decode)", "{:.2f}"),
+    ("retained_mass", "retained top-k mass", "{:.3f}"),
+    ("top1_kept", "top-1 expert kept", "{:.3f}"),
+    ("assignments_changed", "assignments changed", "{:.3f}"),
+    ("preemptions", "preemptions", "{:.0f}"),
+    ("simulated_s", "simulated time (s)", "{:.1f}"),
+    ("simulated_s_per_wall_s", "simulated s per wall s", "{:.0f}"),
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    console = Console()
+    try:
+        return int(args.handler(args, console))
+    except InputError as exc:
+        print(f"lynxsim: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lynxsim: interrupted (records of finished policies are on disk)", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lynxsim", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"lynxsim {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="simulate every policy of an experiment and compare them")
+    _experiment_arguments(run)
+    run.add_argument("--out", type=Path, help="run directory (default: output.dir of the experiment)")
+    run.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    run.set_defaults(handler=_run)
+
+    check = commands.add_parser("check", help="validate an experiment and show what it resolves to")
+    _experiment_arguments(check)
+    check.set_defaults(handler=_check)
+
+    models = commands.add_parser("models", help="list the model catalog with derived sizes")
+    models.set_defaults(handler=_models)
+
+    hardware = commands.add_parser("hardware", help="list the hardware profiles")
+    hardware.set_defaults(handler=_hardware)
+
+    plot = commands.add_parser("plot", help="redraw the figures of a run directory")
+    plot.add_argument("run_dir", type=Path)
+    plot.set_defaults(handler=_plot)
+    return parser
+
+
+def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("experiment", type=Path, help="experiment YAML file")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+        help="override a config key (repeatable), e.g. --set workload.arrival.rate_per_s=4",
+    )
+
+
+def _run(args: argparse.Namespace, console: Console) -> int:
+    config = load_experiment(args.experiment, args.overrides)
+    out_dir: Path = args.out or config.output.dir
+    started = time.perf_counter()
+
+    def report(run: PolicyRun) -> None:
+        console.print(f"[green]done[/] {run.label}: {run.summary['simulated_s']:.1f} simulated s in {run.wall_s:.1f} s")
+
+    with console.status(f"simulating {len(config.policies)} policies of {config.name} ..."):
+        result = run_experiment(config, out_dir, on_policy_done=report)
+    frame = result.summary_frame()
+    setup = result.setup
+    title = f"{config.name}: {setup.model.name} on {setup.hardware.name} (cost model: {setup.cost_model.source})"
+    console.print(_summary_table(frame, title))
+    if config.output.figures and not args.no_figures:
+        records = load_run(out_dir)
+        paths = write_run_figures(records, setup.model.num_experts, out_dir / "figures")
+        console.print(f"figures: {', '.join(str(p) for p in paths)}")
+    console.print(f"records: {out_dir}  (wall time {time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+def _summary_table(frame: pd.DataFrame, title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    labels = list(frame.index)
+    for position, label in enumerate(labels):
+        table.add_column(str(label), justify="right")
+        if position:
+            table.add_column(f"{label} / {labels[0]}", justify="right", style="cyan")
+    for key, name, fmt in SUMMARY_ROWS:
+        cells = [name]
+        for position, label in enumerate(labels):
+            cells.append(_fmt(frame.loc[label, key], fmt))
+            if position:
+                cells.append(_fmt(frame.loc[label, f"{key}_ratio"], "{:.3f}"))
+        table.add_row(*cells)
+    return table
+
+
+def _fmt(value: float, fmt: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value)
+
+
+def _check(args: argparse.Namespace, console: Console) -> int:
+    config = load_experiment(args.experiment, args.overrides)
+    setup = prepare(config)
+    model = setup.model
+    console.print(f"[bold]{config.name}[/]: valid")
+    console.print(
+        f"model {model.name}: {model.total_params / 1e9:.1f} B params, {model.weight_bytes / 1e9:.1f} GB weights, "
+        f"{model.num_moe_layers} MoE layers x {model.num_experts} experts, top-{model.top_k}"
+    )
+    console.print(f"hardware {setup.hardware.name}; cost model: {setup.cost_model.source}")
+    tokens = setup.kv_cache_blocks * config.serving.block_size_tokens
+    console.print(f"KV cache: {setup.kv_cache_blocks} blocks ({tokens} tokens)")
+    console.print(f"requests: {len(setup.requests)}; policies: {', '.join(label for label, _, _ in setup.policies)}")
+    return 0
+
+
+def _models(args: argparse.Namespace, console: Console) -> int:
+    frame = catalog_summary()
+    table = Table(title="lynxsim model catalog")
+    for column in frame.columns:
+        table.add_column(str(column), justify="left" if frame[column].dtype == object else "right")
+    for row in frame.itertuples(index=False):
+        table.add_row(*(_cell(v) for v in row))
+    console.print(table)
+    return 0
+
+
+def _hardware(args: argparse.Namespace, console: Console) -> int:
+    table = Table(title="lynxsim hardware profiles")
+    for column in ("profile", "name", "memory (GB)", "bandwidth (TB/s)", "sustained (TB/s)", "bf16 (TFLOP/s)", "measured tables"):
+        table.add_column(column)
+    for key in hardware_names():
+        hw = load_hardware(key)
+        table.add_row(
+            key,
+            hw.name,
+            f"{hw.memory_bytes / 1e9:.0f}",
+            f"{hw.memory_bandwidth_bytes_per_s / 1e12:.2f}",
+            f"{hw.efficiency.sustained_bandwidth_bytes_per_s / 1e12:.2f}",
+            f"{hw.dense_bf16_flops_per_s / 1e12:.0f}",
+            str(len(hw.measured.tables)),
+        )
+    console.print(table)
+    return 0
+
+
+def _plot(args: argparse.Namespace, console: Console) -> int:
+    run_dir: Path = args.run_dir
+    if not (run_dir / "summary.json").is_file():
+        raise InputError(str(run_dir), "not a finished run directory (no summary.json)")
+    resolved = yaml.safe_load((run_dir / "config.resolved.yaml").read_text())
+    num_experts = int(resolved["resolved"]["model"]["num_experts"])
+    paths = write_run_figures(load_run(run_dir), num_experts, run_dir / "figures")
+    console.print(f"figures: {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    return "-" if value is None else str(value)

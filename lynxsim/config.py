@@ -1,0 +1,269 @@
+"""The experiment schema: what one YAML file may say, validated before anything runs.
+
+Validation happens up front so that a typo in the last policy never costs the user the runs before it, and every
+error names the key path and the YAML line it came from (``quickstart.yaml:14: workload.arrival.rate_per_s: ...``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lynxsim.errors import InputError
+from lynxsim.routing.synthetic import SyntheticRoutingParams
+from lynxsim.workload.arrivals import ArrivalProcess
+from lynxsim.workload.lengths import LengthDistribution
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    """Which model: a catalog key (``lynxsim models`` lists them) or a Hugging Face ``config.json``."""
+
+    name: str | None = Field(default=None, description="catalog key, e.g. mixtral-8x7b")
+    hf_config: Path | None = Field(default=None, description="path to a Hugging Face config.json")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="ModelSpec fields to replace")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if (self.name is None) == (self.hf_config is None):
+            raise ValueError("give exactly one of 'name' (catalog key) or 'hf_config' (path to config.json)")
+        return self
+
+
+class HardwareConfig(_Section):
+    """Which GPU: a profile key in hw_profiles/ or a path to a profile YAML."""
+
+    profile: str = Field(description="profile key (h200, h100-sxm, ...) or path to a YAML file")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"profile": value} if isinstance(value, str) else value
+
+
+class WorkloadConfig(_Section):
+    """Arrivals and request lengths (tokens)."""
+
+    arrival: ArrivalProcess
+    prompt_tokens: LengthDistribution
+    output_tokens: LengthDistribution
+
+
+class SyntheticRoutingConfig(SyntheticRoutingParams):
+    """Router logits from lynxsim's seeded generator (see lynxsim/routing/synthetic.py for each parameter)."""
+
+    kind: Literal["synthetic"] = "synthetic"
+
+
+class ServingConfig(_Section):
+    """The serving engine's scheduler limits, as vLLM names them."""
+
+    max_num_seqs: int = Field(default=256, gt=0, description="most sequences in one iteration's batch")
+    max_num_batched_tokens: int = Field(default=2048, gt=0, description="most tokens (prefill + decode) per iteration")
+    chunked_prefill: bool = Field(default=True, description="split long prompts across iterations, mixed with decodes")
+    block_size_tokens: int = Field(default=16, gt=0, description="tokens per KV-cache block")
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1, description="share of GPU memory for weights + KV")
+    activation_reserve_bytes: float = Field(default=2e9, ge=0, description="memory kept for activations")
+
+
+class PolicyConfig(BaseModel):
+    """One selection policy to simulate: ``name`` plus that policy's parameters."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str
+    label: str | None = Field(default=None, description="name shown in tables and figures")
+    apply_to: Literal["decode_only", "all"] = Field(
+        default="decode_only", description="iterations the policy runs on; the others use plain top-k"
+    )
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class SimulationConfig(_Section):
+    """How long to simulate and what to leave out of the statistics."""
+
+    seed: int = Field(default=0, ge=0)
+    num_requests: int | None = Field(default=None, gt=0, description="requests to generate")
+    duration_s: float | None = Field(default=None, gt=0, description="generate arrivals during this many seconds")
+    warmup_s: float = Field(default=0.0, ge=0, description="requests arriving earlier are left out of statistics")
+    cutoff_s: float | None = Field(default=None, gt=0, description="stop the simulation here (default: drain)")
+
+    @model_validator(mode="after")
+    def _length(self) -> "SimulationConfig":
+        if self.cutoff_s is not None and self.cutoff_s <= self.warmup_s:
+            raise ValueError("cutoff_s must be later than warmup_s")
+        return self
+
+
+class OutputConfig(_Section):
+    """Where results go."""
+
+    dir: Path = Field(default=Path("runs/experiment"), description="run directory (created)")
+    figures: bool = Field(default=True, description="write PNG figures")
+
+
+class ExperimentConfig(_Section):
+    """A whole experiment: one model on one GPU type, one workload, several policies compared pairwise."""
+
+    name: str = "experiment"
+    description: str = ""
+    model: ModelConfig
+    hardware: HardwareConfig
+    workload: WorkloadConfig
+    routing: SyntheticRoutingConfig = Field(default_factory=SyntheticRoutingConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
+    policies: list[PolicyConfig] = Field(min_length=1)
+    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @field_validator("policies")
+    @classmethod
+    def _unique_labels(cls, policies: list[PolicyConfig]) -> list[PolicyConfig]:
+        labels = [p.label or p.name for p in policies]
+        duplicated = sorted({x for x in labels if labels.count(x) > 1})
+        if duplicated:
+            raise ValueError(f"policies share the label {duplicated}: give each a distinct 'label'")
+        return policies
+
+    @model_validator(mode="after")
+    def _request_count(self) -> "ExperimentConfig":
+        given = self.simulation.num_requests is not None or self.simulation.duration_s is not None
+        if self.workload.arrival.kind == "poisson" and not given:
+            raise ValueError("simulation needs num_requests or duration_s with Poisson arrivals")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading, overrides and error locations
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read, override and validate an experiment file; every problem becomes an ``InputError``."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise InputError(str(path), f"cannot read experiment file ({exc.strerror})") from None
+    try:
+        root = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise InputError(where, f"malformed YAML ({getattr(exc, 'problem', None) or exc})") from None
+    if not isinstance(raw, dict):
+        raise InputError(str(path), "an experiment file must be a mapping of sections (model, hardware, ...)")
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    return validate_experiment(raw, source=path, node=root, base_dir=path.parent)
+
+
+def validate_experiment(
+    raw: dict[str, Any], *, source: Path | None = None, node: yaml.Node | None = None, base_dir: Path | None = None
+) -> ExperimentConfig:
+    """Validate a raw mapping; relative file paths in it are taken relative to ``base_dir``."""
+    try:
+        config = ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = tuple(error["loc"])
+        key_path = _key_path(loc, raw)
+        line = _line_of(node, loc) if node is not None else None
+        where = f"{source}:{line}: {key_path}" if line else (f"{source}: {key_path}" if source else key_path)
+        raise InputError(where, _message(error)) from None
+    if base_dir is not None and config.model.hf_config is not None and not config.model.hf_config.is_absolute():
+        hf = base_dir / config.model.hf_config
+        cwd_hf = Path.cwd() / config.model.hf_config
+        chosen = cwd_hf if cwd_hf.exists() else hf
+        config = config.model_copy(update={"model": config.model.model_copy(update={"hf_config": chosen})})
+    return config
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML; list items by index: ``policies.1.alpha=0.5``)."""
+    key, sep, value_text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise InputError(f"--set {assignment}", "expected KEY.PATH=VALUE")
+    try:
+        value = yaml.safe_load(value_text)
+    except yaml.YAMLError:
+        raise InputError(f"--set {assignment}", "the value is not valid YAML") from None
+    parts = key.strip().split(".")
+    target: Any = raw
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = f"--set {'.'.join(parts[: depth + 1])}"
+        if isinstance(target, list):
+            if not part.isdigit() or int(part) >= len(target):
+                raise InputError(where, f"list index out of range (the list has {len(target)} items)")
+            if last:
+                target[int(part)] = value
+            else:
+                target = target[int(part)]
+        else:
+            if last:
+                target[part] = value
+            else:
+                child = target.get(part)
+                if child is None:
+                    child = target[part] = {}
+                elif not isinstance(child, (dict, list)):
+                    raise InputError(where, f"is {child!r}, which has no sub-keys")
+                target = child
+
+
+def _key_path(loc: tuple[Any, ...], raw: Any) -> str:
+    """Pydantic's location as a dotted key path. Walking the raw data alongside drops the parts of ``loc`` that
+    are not keys (the tags of discriminated unions, validator names); the last part is kept even when absent,
+    since a missing key is reported at its own name."""
+    parts: list[str] = []
+    node = raw
+    for position, item in enumerate(loc):
+        is_last = position == len(loc) - 1
+        if isinstance(node, dict) and item in node:
+            node = node[item]
+        elif isinstance(node, list) and isinstance(item, int) and item < len(node):
+            node = node[item]
+        elif not is_last:
+            continue
+        parts.append(f"[{item}]" if isinstance(item, int) else ("." if parts else "") + str(item))
+    return "".join(parts) or "(top level)"
+
+
+def _message(error: Any) -> str:
+    text = str(error["msg"])
+    if error["type"] == "extra_forbidden":
+        return "unknown key"
+    if text.startswith("Value error, "):
+        text = text[len("Value error, ") :]
+    return text
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the deepest YAML node on ``loc``: the key itself when the key exists."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for item in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == item), None)
+            if match is None:
+                continue
+            line = match[0].start_mark.line + 1
+            node = match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(item, int) and item < len(node.value):
+            node = node.value[item]
+            line = node.start_mark.line + 1
+    return line

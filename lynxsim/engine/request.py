@@ -1,0 +1,53 @@
+"""A request's progress through the server, in the token accounting vLLM v1 uses.
+
+A request holds ``num_tokens`` tokens (prompt plus those generated so far) of which ``num_computed_tokens`` are in
+its KV cache. Each iteration computes some of the missing ones; when none are missing, the request samples one new
+token. A prompt is then just many missing tokens, a decode step exactly one, and a preempted request (KV cache
+dropped, recomputed later) simply has all its tokens missing again: one rule covers prefill, chunked prefill,
+decode and recomputation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lynxsim.workload.requests import RequestSpec
+
+
+@dataclass(slots=True)
+class Request:
+    spec: RequestSpec
+    num_tokens: int
+    num_computed_tokens: int = 0
+    generated_tokens: int = 0
+    num_blocks: int = 0
+    num_preemptions: int = 0
+    first_token_s: float | None = None
+    finish_s: float | None = None
+
+    @classmethod
+    def arriving(cls, spec: RequestSpec) -> "Request":
+        return cls(spec=spec, num_tokens=spec.prompt_tokens)
+
+    @property
+    def request_id(self) -> int:
+        return self.spec.request_id
+
+    @property
+    def missing_tokens(self) -> int:
+        """Tokens still to compute before the request can sample its next token."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_decoding(self) -> bool:
+        """One missing token that the request generated itself: a decode step, not (re)prefill."""
+        return self.generated_tokens > 0 and self.missing_tokens == 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.generated_tokens >= self.spec.output_tokens
+
+    @property
+    def max_tokens(self) -> int:
+        """Tokens the request holds in its KV cache at its longest (the last sampled token is never cached)."""
+        return self.spec.prompt_tokens + self.spec.output_tokens - 1

@@ -1,0 +1,157 @@
+"""Continuous batching as vLLM does it: which requests compute how many tokens in the next iteration.
+
+With chunked prefill (vLLM v1's only mode) running requests go first, in admission order, each taking as many of
+its missing tokens as the token budget leaves; waiting requests are then admitted while the budget, the sequence
+limit and the KV cache allow, their prompts cut into chunks where needed. So one iteration mixes decode tokens and
+prefill chunks. Without chunked prefill (vLLM v0's default) an iteration is either a prefill of whole prompts of
+newly admitted requests, which takes priority, or a decode step of every running request: batches are pure.
+When the KV cache runs out, the most recently admitted running request is preempted: its blocks are freed and it
+goes back to the front of the queue, to recompute its prompt and generated tokens later (vLLM's recompute mode).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lynxsim.engine.kv_cache import BlockPool
+from lynxsim.engine.request import Request
+
+
+@dataclass
+class ScheduledBatch:
+    """One iteration: each request with the number of tokens it computes and how many it had computed."""
+
+    requests: list[Request] = field(default_factory=list)
+    new_tokens: list[int] = field(default_factory=list)
+    computed_before: list[int] = field(default_factory=list)
+    decoding: list[bool] = field(default_factory=list)
+
+    def add(self, request: Request, tokens: int) -> None:
+        self.requests.append(request)
+        self.new_tokens.append(tokens)
+        self.computed_before.append(request.num_computed_tokens)
+        self.decoding.append(request.is_decoding)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    @property
+    def has_prefill(self) -> bool:
+        return not all(self.decoding)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.new_tokens)
+
+    def token_ids(self) -> tuple[np.ndarray, np.ndarray]:
+        """(request id, position) of every token computed in this iteration, request by request."""
+        counts = np.asarray(self.new_tokens, dtype=np.int64)
+        request_ids = np.repeat(np.asarray([r.request_id for r in self.requests], dtype=np.int64), counts)
+        chunk_starts = np.cumsum(counts) - counts
+        offsets = np.asarray(self.computed_before, dtype=np.int64) - chunk_starts
+        positions = np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(offsets, counts)
+        return request_ids, positions
+
+
+class Scheduler:
+    def __init__(
+        self, pool: BlockPool, *, max_num_seqs: int, max_num_batched_tokens: int, chunked_prefill: bool
+    ) -> None:
+        self.pool = pool
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.chunked_prefill = chunked_prefill
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def rejection_reason(self, request: Request) -> str | None:
+        """Why a request can never be served with these limits, or None if it can."""
+        if self.pool.blocks_for(request.max_tokens) > self.pool.num_blocks:
+            return "exceeds_kv_cache"
+        if not self.chunked_prefill and request.max_tokens > self.max_num_batched_tokens:
+            return "exceeds_max_num_batched_tokens"
+        return None
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    @property
+    def is_idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    def schedule(self) -> ScheduledBatch:
+        """The next iteration's batch (empty when there is nothing to compute)."""
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        if self.chunked_prefill:
+            budget, preempted = self._schedule_running(batch, budget)
+            if not preempted:
+                self._admit_waiting(batch, budget, whole_prompts=False)
+            return batch
+        self._admit_waiting(batch, budget, whole_prompts=True)
+        if not batch.requests:
+            self._schedule_running(batch, budget)
+        return batch
+
+    def complete(self, batch: ScheduledBatch, now_s: float) -> tuple[int, list[Request]]:
+        """Apply a finished iteration: returns the number of tokens sampled and the requests that finished."""
+        sampled = 0
+        finished: list[Request] = []
+        for request, tokens in zip(batch.requests, batch.new_tokens):
+            request.num_computed_tokens += tokens
+            if request.missing_tokens:
+                continue  # a prompt chunk that is not the last one
+            sampled += 1
+            request.generated_tokens += 1
+            request.num_tokens += 1
+            if request.first_token_s is None:
+                request.first_token_s = now_s
+            if request.is_finished:
+                request.finish_s = now_s
+                self.pool.release(request)
+                finished.append(request)
+        if finished:
+            done = {id(r) for r in finished}
+            self.running = [r for r in self.running if id(r) not in done]
+        return sampled, finished
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> tuple[int, bool]:
+        preempted = False
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            tokens = min(request.missing_tokens, budget)
+            while not self.pool.try_grow(request, request.num_computed_tokens + tokens):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    return budget, preempted
+            batch.add(request, tokens)
+            budget -= tokens
+            index += 1
+        return budget, preempted
+
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int, *, whole_prompts: bool) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            if whole_prompts and request.missing_tokens > budget:
+                return
+            tokens = min(request.missing_tokens, budget)
+            if not self.pool.try_grow(request, tokens):
+                return
+            self.waiting.popleft()
+            self.running.append(request)
+            batch.add(request, tokens)
+            budget -= tokens
+
+    def _preempt(self, request: Request) -> None:
+        self.pool.release(request)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)

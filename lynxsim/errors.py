@@ -1,0 +1,17 @@
+"""The one error type for bad user input.
+
+Every module that reads something a user wrote (a config key, a data file, a command-line value) raises
+``InputError`` with the place and the problem; the CLI turns it into one line on stderr and exit code 2,
+so bad input never reaches the user as a traceback.
+"""
+
+from __future__ import annotations
+
+
+class InputError(Exception):
+    """Bad user input: ``where`` names the key path or ``file:line``, ``problem`` says what is wrong."""
+
+    def __init__(self, where: str, problem: str) -> None:
+        super().__init__(f"{where}: {problem}" if where else problem)
+        self.where = where
+        self.problem = problem

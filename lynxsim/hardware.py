@@ -1,0 +1,318 @@
+"""GPU hardware profiles: datasheet ceilings, what kernels sustain of them, and measured kernel tables.
+
+A profile is data (``hw_profiles/<key>.yaml``), not code, so that a new GPU or a recalibrated one needs no
+change to the simulator. Every figure in a profile names where it comes from in its ``sources`` mapping,
+because a simulated latency is only as credible as the numbers under it and a reader must be able to check
+each one. Datasheet figures are ceilings that no kernel reaches; the ``efficiency`` section says how much of
+them the roofline cost model may assume, and the ``measured`` section holds kernel timing tables that the
+calibration step (``lynxsim calibrate``) writes from a real GPU.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+import lynxsim
+from lynxsim.errors import InputError
+
+# The H200 SXM's measured sustained bandwidth over its datasheet bandwidth: a large device-to-device copy on a
+# real H200 moved 4.22e12 B/s counting bytes read plus written, against 4.8e12 B/s on the datasheet. Profiles
+# of GPUs with no measured figure of their own assume the same fraction (see ``Efficiency``).
+SUSTAINED_BANDWIDTH_FRACTION = 4.22e12 / 4.8e12
+
+# Sustained share of dense bf16 FLOP/s for a large GEMM: an 8192x8192x8192 bf16 torch.matmul on random data ran
+# at 775 TFLOP/s on an H200 SXM (torch 2.11, CUDA 13.0, 2026-11-28) and at 769-798 TFLOP/s on other H200s of the
+# same cluster (2026-11-04), against a datasheet 989.4 TFLOP/s: 0.78.
+DEFAULT_FLOPS_FRACTION = 0.78
+
+# Fixed cost of one weight-streaming kernel (launch, pipeline fill and drain): the intercept of
+# t = c + bytes / bandwidth fitted over bf16 cuBLAS GEMVs (4096 x 256 ... 4096 x 57344 weights, batch 1 and 64)
+# replayed in a CUDA graph on an H200 SXM (torch 2.11, CUDA 13.0, 2026-11-28): 4.9 us at batch 1, 5.6 us at
+# batch 64.
+DEFAULT_KERNEL_LAUNCH_S = 5.0e-6
+
+# Per-iteration CPU work that the GPU waits for (scheduling, input preparation, sampling bookkeeping). An
+# assumption, not a measurement: engines that overlap it with the GPU (SGLang's zero-overhead scheduler, LMSYS
+# blog 2024-12-04; TensorRT-LLM's overlap scheduler) hide nearly all of it, unoverlapped engines pay around a
+# millisecond. Calibrate it against measured iteration times of the engine being modelled.
+DEFAULT_ITERATION_OVERHEAD_S = 0.5e-3
+
+# The figures a profile's ``sources`` mapping must name, in the order a reader meets them.
+DATASHEET_FIGURES = (
+    "memory_bytes",
+    "memory_bandwidth_bytes_per_s",
+    "dense_bf16_flops_per_s",
+    "dense_fp8_flops_per_s",
+    "interconnect_bandwidth_bytes_per_s",
+)
+EFFICIENCY_FIGURES = (
+    "efficiency.sustained_bandwidth_bytes_per_s",
+    "efficiency.flops_fraction",
+    "efficiency.kernel_launch_s",
+    "efficiency.iteration_overhead_s",
+)
+FIGURE_NAMES = DATASHEET_FIGURES + EFFICIENCY_FIGURES
+
+
+class Efficiency(BaseModel):
+    """How much of the datasheet ceilings real kernels sustain; the roofline cost model's only tuning knobs.
+
+    Each field has a default so that a profile for a new GPU needs only its datasheet; a profile that measures
+    a figure sets it and names the measurement in ``sources``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sustained_bandwidth_bytes_per_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="what a large streaming kernel sustains; None: SUSTAINED_BANDWIDTH_FRACTION of the datasheet",
+    )
+    flops_fraction: float = Field(
+        default=DEFAULT_FLOPS_FRACTION, gt=0, le=1, description="sustained share of dense FLOP/s in large GEMMs"
+    )
+    kernel_launch_s: float = Field(
+        default=DEFAULT_KERNEL_LAUNCH_S, ge=0, description="fixed cost of one weight- or KV-streaming kernel"
+    )
+    iteration_overhead_s: float = Field(
+        default=DEFAULT_ITERATION_OVERHEAD_S, ge=0, description="fixed CPU/scheduler cost of one iteration"
+    )
+
+
+class CalibrationMetadata(BaseModel):
+    """Where a set of measured tables came from, so that a table is never mistaken for another GPU's or
+    another software stack's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    gpu_name: str = Field(min_length=1, description="as the driver names it, e.g. 'NVIDIA H200'")
+    torch_version: str = Field(min_length=1)
+    cuda_version: str = Field(min_length=1, description="CUDA (or ROCm/HIP) runtime version")
+    date: dt.date
+    notes: str | None = None
+
+
+def _nested_shape(value: Any) -> tuple[int, ...]:
+    """Shape of a rectangular nested list of numbers; raises ValueError when the nesting is ragged."""
+    if not isinstance(value, (list, tuple)):
+        return ()
+    if not value:
+        return (0,)
+    shapes = {_nested_shape(item) for item in value}
+    if len(shapes) != 1:
+        raise ValueError("latency_s is ragged: rows of one level differ in length or depth")
+    return (len(value), *shapes.pop())
+
+
+def _flatten(value: Any) -> list[Any]:
+    if isinstance(value, (list, tuple)):
+        return [leaf for item in value for leaf in _flatten(item)]
+    return [value]
+
+
+class KernelTable(BaseModel):
+    """One kernel's measured latency on a grid: ``axes`` name the grid's dimensions (e.g. ``tokens``,
+    ``distinct_experts``), ``axis_values`` their sample points, ``latency_s`` the time at each grid point.
+
+    ``latency_s`` may be written nested (one list level per axis) or flat in row-major order (the last axis
+    varies fastest); it is stored flat, and its shape is always that of ``axis_values``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    description: str | None = Field(default=None, description="what was timed: kernel, dtype, shapes held fixed")
+    axes: tuple[str, ...] = Field(min_length=1)
+    axis_values: tuple[tuple[float, ...], ...]
+    latency_s: tuple[float, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(len(values) for values in self.axis_values)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flatten_nested(cls, data: Any) -> Any:
+        """Accept ``latency_s`` nested one level per axis: it must have exactly the grid's shape (not merely as
+        many entries), and is then flattened row-major."""
+        if not isinstance(data, dict):
+            return data
+        latency, axis_values = data.get("latency_s"), data.get("axis_values")
+        if not (isinstance(latency, (list, tuple)) and any(isinstance(item, (list, tuple)) for item in latency)):
+            return data
+        nested = _nested_shape(latency)
+        if isinstance(axis_values, (list, tuple)):
+            expected = tuple(len(v) if isinstance(v, (list, tuple)) else -1 for v in axis_values)
+            if nested != expected:
+                raise ValueError(f"latency_s has shape {nested}, but axis_values give {expected}")
+        return {**data, "latency_s": _flatten(latency)}
+
+    @model_validator(mode="after")
+    def _check(self) -> "KernelTable":
+        if len(set(self.axes)) != len(self.axes):
+            raise ValueError(f"axes {list(self.axes)} repeat a name")
+        if len(self.axis_values) != len(self.axes):
+            raise ValueError(f"{len(self.axes)} axes but {len(self.axis_values)} lists of axis_values")
+        for name, values in zip(self.axes, self.axis_values):
+            if not values:
+                raise ValueError(f"axis {name!r} has no values")
+            if any(not math.isfinite(v) for v in values) or any(b <= a for a, b in zip(values, values[1:])):
+                raise ValueError(f"axis {name!r} values must be finite and strictly increasing")
+        expected = math.prod(self.shape)
+        if len(self.latency_s) != expected:
+            raise ValueError(f"latency_s has {len(self.latency_s)} entries, but the grid {self.shape} has {expected}")
+        if any(not math.isfinite(v) or v < 0 for v in self.latency_s):
+            raise ValueError("latency_s entries must be finite and non-negative seconds")
+        return self
+
+
+class MeasuredKernels(BaseModel):
+    """Kernel timing tables measured on a real GPU by calibration; empty until calibration has run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metadata: CalibrationMetadata | None = None
+    tables: dict[str, KernelTable] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> "MeasuredKernels":
+        if self.tables and self.metadata is None:
+            raise ValueError("measured tables need metadata (gpu_name, torch_version, cuda_version, date)")
+        return self
+
+
+class HardwareProfile(BaseModel):
+    """One GPU model. Datasheet figures are per GPU; bandwidths are bytes per second, FLOP/s are dense
+    (no structured sparsity), and the interconnect figure is per direction."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    memory_bytes: int = Field(gt=0, description="device memory as the driver reports it (nvidia-smi memory.total)")
+    memory_bandwidth_bytes_per_s: float = Field(gt=0, description="datasheet HBM bandwidth")
+    dense_bf16_flops_per_s: float = Field(gt=0, description="datasheet dense bf16 tensor-core rate")
+    dense_fp8_flops_per_s: float | None = Field(
+        default=None, gt=0, description="datasheet dense fp8 tensor-core rate; None where the GPU has no fp8 units"
+    )
+    interconnect_bandwidth_bytes_per_s: float = Field(
+        gt=0, description="GPU-to-GPU bandwidth (NVLink, Infinity Fabric) per GPU, one direction"
+    )
+    sources: dict[str, str]
+    efficiency: Efficiency = Field(default_factory=Efficiency)
+    measured: MeasuredKernels = Field(default_factory=MeasuredKernels)
+
+    @model_validator(mode="after")
+    def _check(self) -> "HardwareProfile":
+        unknown = sorted(set(self.sources) - set(FIGURE_NAMES))
+        if unknown:
+            raise ValueError(f"sources names unknown figures {unknown}; known: {', '.join(FIGURE_NAMES)}")
+        set_efficiency = {f"efficiency.{name}" for name in self.efficiency.model_fields_set}
+        missing = [f for f in FIGURE_NAMES if (f in DATASHEET_FIGURES or f in set_efficiency) and f not in self.sources]
+        if missing:
+            raise ValueError(f"sources must say where each figure comes from; missing: {', '.join(missing)}")
+        empty = [k for k, v in self.sources.items() if not v.strip()]
+        if empty:
+            raise ValueError(f"sources entries are empty: {', '.join(empty)}")
+        if self.sustained_bandwidth_bytes_per_s > self.memory_bandwidth_bytes_per_s:
+            raise ValueError(
+                f"efficiency.sustained_bandwidth_bytes_per_s ({self.sustained_bandwidth_bytes_per_s:.3g}) exceeds "
+                f"the datasheet memory_bandwidth_bytes_per_s ({self.memory_bandwidth_bytes_per_s:.3g})"
+            )
+        return self
+
+    @property
+    def sustained_bandwidth_bytes_per_s(self) -> float:
+        """The bandwidth the cost model streams weights and KV cache at: measured where the profile has it,
+        otherwise the datasheet figure times the H200's measured-over-datasheet fraction."""
+        measured = self.efficiency.sustained_bandwidth_bytes_per_s
+        return measured if measured is not None else self.memory_bandwidth_bytes_per_s * SUSTAINED_BANDWIDTH_FRACTION
+
+    def peak_flops_per_s(self, dtype: str) -> float:
+        """Dense tensor-core peak for GEMMs whose weights are stored in ``dtype``.
+
+        fp8 weights run at the fp8 rate where the GPU has fp8 units (W8A8, as vLLM serves fp8 checkpoints on
+        Hopper and later) and at the bf16 rate elsewhere (weight-only fp8 kernels dequantize to bf16, e.g. on
+        the A100). Every other storage dtype (bf16, fp16, fp32 and the weight-only mxfp4) computes at the
+        bf16 rate, fp16's equal on all shipped GPUs.
+        """
+        if dtype == "fp8" and self.dense_fp8_flops_per_s is not None:
+            return self.dense_fp8_flops_per_s
+        return self.dense_bf16_flops_per_s
+
+    def sustained_flops_per_s(self, dtype: str) -> float:
+        """What a large GEMM in ``dtype`` sustains: ``flops_fraction`` of the dense peak."""
+        return self.efficiency.flops_fraction * self.peak_flops_per_s(dtype)
+
+
+# ----- loading -----
+
+def profile_dirs() -> tuple[Path, ...]:
+    """Where profile keys are looked up: ``./hw_profiles`` in the current directory first (a user's own or
+    recalibrated profiles win), then the repository's shipped ``hw_profiles``."""
+    shipped = Path(lynxsim.__file__).resolve().parents[1] / "hw_profiles"
+    local = Path.cwd() / "hw_profiles"
+    return (local, shipped) if local.resolve() != shipped else (shipped,)
+
+
+def hardware_names() -> list[str]:
+    """Keys of every profile that ``load_hardware`` finds by name, sorted."""
+    return sorted({p.stem for d in profile_dirs() if d.is_dir() for p in d.glob("*.yaml")})
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _read_profile(path: Path) -> HardwareProfile:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InputError(str(path), f"cannot read hardware profile: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise InputError(where, f"malformed YAML: {problem}") from exc
+    if not isinstance(data, dict):
+        raise InputError(str(path), f"a hardware profile is a mapping of keys to values, not {type(data).__name__}")
+    try:
+        return HardwareProfile.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = errors[0]
+        problem = first["msg"]
+        if len(errors) > 1:
+            rest = "; ".join(f"{_format_loc(e['loc'])}: {e['msg']}" for e in errors[1:])
+            problem += f" (and {len(errors) - 1} more: {rest})"
+        raise InputError(f"{path}: {_format_loc(first['loc'])}", problem) from exc
+
+
+def load_hardware(name_or_path: str | Path) -> HardwareProfile:
+    """Load a profile by key (a file stem in one of ``profile_dirs()``) or by path to a YAML file.
+
+    Anything that names an existing file, contains a path separator or ends in ``.yaml``/``.yml`` is a path;
+    anything else is a key. Bad files raise ``InputError`` naming the file and the offending key path (or
+    line, for malformed YAML); an unknown key raises ``InputError`` listing the known ones.
+    """
+    text = str(name_or_path)
+    candidate = Path(text)
+    if isinstance(name_or_path, Path) or candidate.is_file() or "/" in text or candidate.suffix in (".yaml", ".yml"):
+        if not candidate.is_file():
+            raise InputError(text, "hardware profile file not found")
+        return _read_profile(candidate)
+    for directory in profile_dirs():
+        path = directory / f"{text}.yaml"
+        if path.is_file():
+            return _read_profile(path)
+    known = ", ".join(hardware_names()) or "none"
+    raise InputError("hardware", f"unknown hardware profile {text!r}; known profiles: {known}")

@@ -1,0 +1,145 @@
+"""Per-request and per-iteration records, and the summary statistics computed from them.
+
+Records are kept as plain column lists while the simulation runs (appending a row must cost next to nothing in
+the hot loop) and become pandas DataFrames once at the end; the summary is computed from those frames only, so
+anything it reports can be recomputed by a user from the parquet files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from lynxsim.cost import LatencyBreakdown
+from lynxsim.policies.proxies import QualityProxies
+
+if TYPE_CHECKING:  # the engine records into this module, so it cannot be imported from here at run time
+    from lynxsim.engine.request import Request
+
+BREAKDOWN_COLUMNS = ("attention_s", "dense_s", "moe_s", "communication_s", "overhead_s")
+PROXY_COLUMNS = ("retained_mass", "top1_kept", "assignments_changed", "assignments_dropped")
+
+
+@dataclass
+class IterationLog:
+    """Growing columns of the per-iteration table; per-layer arrays are stacked at the end."""
+
+    num_moe_layers: int
+    scalars: dict[str, list[float]] = field(default_factory=dict)
+    distinct_experts: list[np.ndarray] = field(default_factory=list)
+    proxies: dict[str, list[np.ndarray]] = field(default_factory=lambda: {name: [] for name in PROXY_COLUMNS})
+
+    def append(
+        self,
+        *,
+        start_s: float,
+        latency: LatencyBreakdown,
+        prefill_tokens: int,
+        decode_tokens: int,
+        sequences: int,
+        sampled_tokens: int,
+        policy_applied: bool,
+        distinct_experts: np.ndarray,
+        proxies: QualityProxies,
+        kv_used_fraction: float,
+    ) -> None:
+        row: dict[str, float] = {
+            "start_s": start_s,
+            "latency_s": latency.total_s,
+            "prefill_tokens": prefill_tokens,
+            "decode_tokens": decode_tokens,
+            "sequences": sequences,
+            "sampled_tokens": sampled_tokens,
+            "policy_applied": policy_applied,
+            "kv_used_fraction": kv_used_fraction,
+        }
+        row.update(latency.as_dict())
+        for key, value in row.items():
+            self.scalars.setdefault(key, []).append(value)
+        self.distinct_experts.append(distinct_experts)
+        for name in PROXY_COLUMNS:
+            self.proxies[name].append(getattr(proxies, name))
+
+    def frame(self) -> pd.DataFrame:
+        """One row per iteration; ``distinct_experts`` and the proxies hold one value per MoE layer."""
+        frame = pd.DataFrame({key: np.asarray(values) for key, values in self.scalars.items()})
+        if frame.empty:
+            return frame
+        frame["pure_decode"] = frame["prefill_tokens"] == 0
+        distinct = np.stack(self.distinct_experts)
+        frame["mean_distinct_experts"] = distinct.mean(axis=1)
+        frame["distinct_experts"] = list(distinct.astype(np.int16))
+        for name in PROXY_COLUMNS:
+            per_layer = np.stack(self.proxies[name]).astype(np.float32)
+            frame[f"mean_{name}"] = per_layer.mean(axis=1)
+            frame[name] = list(per_layer)
+        return frame
+
+
+def requests_frame(requests: list[Request], statuses: dict[int, str]) -> pd.DataFrame:
+    """One row per arrived request. ``status`` is ``finished``, or why it did not finish."""
+    nan = float("nan")
+    arrival = np.array([r.spec.arrival_s for r in requests], dtype=float)
+    first = np.array([nan if r.first_token_s is None else r.first_token_s for r in requests], dtype=float)
+    finish = np.array([nan if r.finish_s is None else r.finish_s for r in requests], dtype=float)
+    generated = np.array([r.generated_tokens for r in requests], dtype=np.int64)
+    decode_steps = (generated - 1).astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tpot = np.where(decode_steps > 0, (finish - first) / decode_steps, nan)
+    return pd.DataFrame(
+        {
+            "request_id": np.array([r.request_id for r in requests], dtype=np.int64),
+            "arrival_s": arrival,
+            "prompt_tokens": np.array([r.spec.prompt_tokens for r in requests], dtype=np.int64),
+            "output_tokens": np.array([r.spec.output_tokens for r in requests], dtype=np.int64),
+            "generated_tokens": generated,
+            "first_token_s": first,
+            "finish_s": finish,
+            "ttft_s": first - arrival,
+            "tpot_s": tpot,
+            "e2e_s": finish - arrival,
+            "preemptions": np.array([r.num_preemptions for r in requests], dtype=np.int64),
+            "status": pd.Series([statuses[r.request_id] for r in requests], dtype=object),
+        }
+    )
+
+
+def summarize(requests: pd.DataFrame, iterations: pd.DataFrame, *, warmup_s: float, end_s: float) -> dict[str, float]:
+    """Headline numbers of one run. Latency percentiles cover finished requests that arrived after warm-up;
+    throughput counts tokens sampled by iterations that started after warm-up; the routing figures (distinct
+    experts, quality proxies) average pure-decode iterations, where a decode-only policy acts."""
+    measured = requests[(requests["arrival_s"] >= warmup_s) & (requests["status"] == "finished")]
+    window_s = max(end_s - warmup_s, 1e-12)
+    summary: dict[str, float] = {
+        "requests_arrived": float(len(requests)),
+        "requests_finished": float((requests["status"] == "finished").sum()),
+        "requests_unfinished": float(requests["status"].str.startswith("cutoff").sum()),
+        "requests_rejected": float(requests["status"].str.startswith("rejected").sum()),
+        "requests_measured": float(len(measured)),
+        "preemptions": float(requests["preemptions"].sum()),
+        "simulated_s": end_s,
+    }
+    for metric, scale, unit in (("ttft", 1e3, "ms"), ("tpot", 1e3, "ms"), ("e2e", 1.0, "s")):
+        values = measured[f"{metric}_s"].dropna().to_numpy() * scale
+        for q in (50, 90, 99):
+            summary[f"{metric}_p{q}_{unit}"] = float(np.percentile(values, q)) if len(values) else np.nan
+        summary[f"{metric}_mean_{unit}"] = float(values.mean()) if len(values) else np.nan
+    window = iterations[iterations["start_s"] >= warmup_s] if not iterations.empty else iterations
+    summary["output_tokens_per_s"] = float(window["sampled_tokens"].sum()) / window_s if len(window) else 0.0
+    summary["iterations"] = float(len(window))
+    decode = window[window["pure_decode"]] if len(window) else window
+    summary["pure_decode_fraction"] = len(decode) / len(window) if len(window) else np.nan
+    summary["mean_decode_batch"] = float(decode["decode_tokens"].mean()) if len(decode) else np.nan
+    summary["mean_distinct_experts"] = float(decode["mean_distinct_experts"].mean()) if len(decode) else np.nan
+    summary["mean_distinct_experts_all"] = float(window["mean_distinct_experts"].mean()) if len(window) else np.nan
+    applied = window[window["policy_applied"]] if len(window) else window
+    tokens = applied["prefill_tokens"] + applied["decode_tokens"] if len(applied) else None
+    for name in PROXY_COLUMNS:
+        if tokens is None or tokens.sum() == 0:
+            summary[name] = np.nan
+        else:
+            summary[name] = float(np.average(applied[f"mean_{name}"], weights=tokens))
+    return summary

@@ -1,0 +1,239 @@
+"""One experiment: resolve the config into domain objects, simulate every policy on the same inputs, save.
+
+Every policy of an experiment sees the same requests (drawn once from the seed) and the same router logits (the
+routing source is a pure function of seed and token), so differences between policies are paired, not noise.
+Each policy's records are written as soon as its simulation ends, so an interruption loses only the policy
+being simulated.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+from pydantic import ValidationError
+
+from lynxsim.config import ExperimentConfig, PolicyConfig
+from lynxsim.cost import CostModel
+from lynxsim.engine import BlockPool, Replica, RoutingStep, Scheduler
+from lynxsim.errors import InputError
+from lynxsim.hardware import HardwareProfile, load_hardware
+from lynxsim.metrics import requests_frame, summarize
+from lynxsim.models import ModelSpec, load_catalog_model, model_from_hf_config
+from lynxsim.policies import Policy, make
+from lynxsim.routing import SyntheticRouting
+from lynxsim.workload import RequestSpec, generate_requests
+
+
+@dataclass(frozen=True)
+class PolicyRun:
+    """The records of one policy's simulation."""
+
+    label: str
+    policy: PolicyConfig
+    requests: pd.DataFrame
+    iterations: pd.DataFrame
+    summary: dict[str, float]
+    wall_s: float
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything resolved from a config that all policies share."""
+
+    config: ExperimentConfig
+    model: ModelSpec
+    hardware: HardwareProfile
+    cost_model: CostModel
+    kv_cache_blocks: int
+    requests: list[RequestSpec]
+    policies: list[tuple[str, PolicyConfig, Policy]]
+
+
+@dataclass(frozen=True)
+class ExperimentResult:
+    setup: Setup
+    runs: list[PolicyRun]
+
+    def summary_frame(self) -> pd.DataFrame:
+        """One row per policy, plus ``<metric>_ratio`` columns against the first policy."""
+        frame = pd.DataFrame([run.summary for run in self.runs], index=[run.label for run in self.runs])
+        frame.index.name = "policy"
+        baseline = frame.iloc[0]
+        ratios = frame.divide(baseline.replace(0, np.nan)).add_suffix("_ratio")
+        return pd.concat([frame, ratios], axis=1)
+
+
+def resolve_model(config: ExperimentConfig) -> ModelSpec:
+    section = config.model
+    if section.name is not None:
+        spec = load_catalog_model(section.name)
+    else:
+        assert section.hf_config is not None
+        spec = model_from_hf_config(section.hf_config)
+    if not section.overrides:
+        return spec
+    try:
+        return ModelSpec.model_validate({**spec.model_dump(), **section.overrides})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(["model.overrides", *(str(part) for part in error["loc"])])
+        raise InputError(where, str(error["msg"]).removeprefix("Value error, ")) from None
+
+
+def resolve_policy(index: int, entry: PolicyConfig, model: ModelSpec) -> Policy:
+    """Build one policy; Lynx's (alpha, beta) default to the model's published constants."""
+    params = entry.params
+    if entry.name == "lynx":
+        if "alpha" not in params:
+            if model.lynx_alpha is None:
+                raise InputError(
+                    f"policies[{index}].alpha",
+                    f"model {model.name} has no published Lynx constants: set alpha (and beta) for this policy",
+                )
+            params = {"alpha": model.lynx_alpha, "beta": model.lynx_beta, **params}
+        params.setdefault("beta", model.lynx_beta)
+    try:
+        return make(entry.name, **params)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"policies[{index}]", str(exc)) from None
+
+
+def prepare(config: ExperimentConfig) -> Setup:
+    """Resolve the config; every user-facing problem surfaces here, before any simulation starts."""
+    model = resolve_model(config)
+    hardware = load_hardware(config.hardware.profile)
+    cost_model = CostModel(model, hardware)
+    serving = config.serving
+    kv_bytes = cost_model.kv_cache_capacity_bytes(serving.gpu_memory_utilization, serving.activation_reserve_bytes)
+    kv_blocks = int(kv_bytes // (serving.block_size_tokens * model.kv_bytes_per_token))
+    if kv_blocks < 1:
+        raise InputError("serving.gpu_memory_utilization", "leaves no room for a single KV-cache block")
+    sim = config.simulation
+    requests = generate_requests(
+        config.workload.arrival,
+        config.workload.prompt_tokens,
+        config.workload.output_tokens,
+        seed=sim.seed,
+        num_requests=sim.num_requests,
+        duration_s=sim.duration_s,
+    )
+    policies = [(entry.label or entry.name, entry, resolve_policy(i, entry, model)) for i, entry in enumerate(config.policies)]
+    return Setup(config, model, hardware, cost_model, kv_blocks, requests, policies)
+
+
+def simulate_policy(setup: Setup, label: str, entry: PolicyConfig, policy: Policy) -> PolicyRun:
+    config = setup.config
+    model = setup.model
+    started = time.perf_counter()
+    routing_seed = int(np.random.SeedSequence([config.simulation.seed, 1]).generate_state(1)[0])
+    routing = SyntheticRouting(model.num_moe_layers, model.num_experts, config.routing, routing_seed)
+    step = RoutingStep(
+        routing=routing,
+        policy=policy,
+        baseline=make("topk"),
+        apply_to=entry.apply_to,
+        top_k=model.top_k,
+        renormalize=model.renormalize,
+    )
+    serving = config.serving
+    scheduler = Scheduler(
+        BlockPool(setup.kv_cache_blocks, serving.block_size_tokens),
+        max_num_seqs=serving.max_num_seqs,
+        max_num_batched_tokens=serving.max_num_batched_tokens,
+        chunked_prefill=serving.chunked_prefill,
+    )
+    replica = Replica(scheduler, setup.cost_model, step, model.num_moe_layers)
+    end_s = replica.run(setup.requests, config.simulation.cutoff_s)
+    requests = requests_frame(replica.arrived, replica.statuses)
+    iterations = replica.log.frame()
+    summary = summarize(requests, iterations, warmup_s=config.simulation.warmup_s, end_s=end_s)
+    wall_s = time.perf_counter() - started
+    summary["wall_s"] = wall_s
+    summary["simulated_s_per_wall_s"] = end_s / wall_s if wall_s > 0 else np.nan
+    return PolicyRun(label, entry, requests, iterations, summary, wall_s)
+
+
+def run_experiment(
+    config: ExperimentConfig, out_dir: Path | None = None, on_policy_done: Callable[[PolicyRun], None] | None = None
+) -> ExperimentResult:
+    """Simulate every policy of ``config``; with ``out_dir``, write each policy's records as soon as it ends."""
+    setup = prepare(config)
+    if out_dir is not None:
+        write_setup(setup, out_dir)
+    runs: list[PolicyRun] = []
+    for label, entry, policy in setup.policies:
+        run = simulate_policy(setup, label, entry, policy)
+        runs.append(run)
+        if out_dir is not None:
+            write_policy_run(run, out_dir)
+        if on_policy_done is not None:
+            on_policy_done(run)
+    result = ExperimentResult(setup, runs)
+    if out_dir is not None:
+        write_summary(result, out_dir)
+    return result
+
+
+# ----- results on disk -------------------------------------------------------------------------------------------
+
+
+def slug(label: str) -> str:
+    """A label as a folder name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "policy"
+
+
+def write_setup(setup: Setup, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resolved: dict[str, Any] = setup.config.model_dump(mode="json")
+    resolved["resolved"] = {
+        "model": setup.model.model_dump(mode="json"),
+        "hardware": setup.hardware.name,
+        "cost_model": setup.cost_model.source,
+        "kv_cache_blocks": setup.kv_cache_blocks,
+        "requests": len(setup.requests),
+    }
+    _atomic_write_text(out_dir / "config.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))
+
+
+def write_policy_run(run: PolicyRun, out_dir: Path) -> None:
+    folder = out_dir / "policies" / slug(run.label)
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic_parquet(run.requests, folder / "requests.parquet")
+    _atomic_parquet(run.iterations, folder / "iterations.parquet")
+    _atomic_write_text(folder / "summary.json", json.dumps(_jsonable(run.summary), indent=2))
+
+
+def write_summary(result: ExperimentResult, out_dir: Path) -> None:
+    frame = result.summary_frame()
+    _atomic_parquet(frame.reset_index(), out_dir / "summary.parquet")
+    payload = {
+        "policies": [run.label for run in result.runs],
+        "cost_model": result.setup.cost_model.source,
+        "summary": {label: _jsonable(row) for label, row in frame.to_dict(orient="index").items()},
+    }
+    _atomic_write_text(out_dir / "summary.json", json.dumps(payload, indent=2))
+
+
+def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
+    return {key: (None if isinstance(v, float) and not np.isfinite(v) else v) for key, v in values.items()}
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _atomic_parquet(frame: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    frame.to_parquet(tmp, index=False)
+    tmp.replace(path)
