@@ -54,7 +54,8 @@ SUMMARY_ROWS: tuple[tuple[str, str, str], ...] = (
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    console = Console()
+    # Piped output gets room for the wide tables instead of rich's 80-column fallback.
+    console = Console(width=None if sys.stdout.isatty() else 200)
     try:
         return int(args.handler(args, console))
     except InputError as exc:
@@ -140,7 +141,7 @@ def _summary_table(frame: pd.DataFrame, title: str) -> Table:
     return table
 
 
-def _fmt(value: float, fmt: str) -> str:
+def _fmt(value: object, fmt: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value)
 
 
@@ -160,13 +161,33 @@ def _check(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+# (catalog_summary column, header, format) of the rows `lynxsim models` prints
+MODEL_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("key", "model", "{}"),
+    ("layers", "layers", "{}"),
+    ("moe_layers", "MoE", "{}"),
+    ("experts", "experts", "{}"),
+    ("top_k", "k", "{}"),
+    ("shared_experts", "shared", "{}"),
+    ("expert_mb", "expert MB", "{:.1f}"),
+    ("total_params_b", "total B", "{:.2f}"),
+    ("active_params_b", "active B", "{:.2f}"),
+    ("published_total_b", "published B", "{:.1f}"),
+    ("total_rel_error", "error", "{:+.2%}"),
+    ("weight_gb", "weights GB", "{:.1f}"),
+    ("kv_bytes_per_token", "KV B/token", "{:,.0f}"),
+    ("lynx_alpha", "Lynx alpha", "{:g}"),
+    ("lynx_beta", "Lynx beta", "{:g}"),
+)
+
+
 def _models(args: argparse.Namespace, console: Console) -> int:
     frame = catalog_summary()
-    table = Table(title="lynxsim model catalog")
-    for column in frame.columns:
-        table.add_column(str(column), justify="left" if frame[column].dtype == object else "right")
-    for row in frame.itertuples(index=False):
-        table.add_row(*(_cell(v) for v in row))
+    table = Table(title="lynxsim model catalog (B = 1e9 parameters)")
+    for _, header, _ in MODEL_COLUMNS:
+        table.add_column(header, justify="left" if header == "model" else "right")
+    for _, row in frame.iterrows():
+        table.add_row(*(_fmt(row[column], fmt) for column, _, fmt in MODEL_COLUMNS))
     console.print(table)
     return 0
 
@@ -182,7 +203,7 @@ def _hardware(args: argparse.Namespace, console: Console) -> int:
             hw.name,
             f"{hw.memory_bytes / 1e9:.0f}",
             f"{hw.memory_bandwidth_bytes_per_s / 1e12:.2f}",
-            f"{hw.efficiency.sustained_bandwidth_bytes_per_s / 1e12:.2f}",
+            f"{hw.sustained_bandwidth_bytes_per_s / 1e12:.2f}",
             f"{hw.dense_bf16_flops_per_s / 1e12:.0f}",
             str(len(hw.measured.tables)),
         )
@@ -199,9 +220,3 @@ def _plot(args: argparse.Namespace, console: Console) -> int:
     paths = write_run_figures(load_run(run_dir), num_experts, run_dir / "figures")
     console.print(f"figures: {', '.join(str(p) for p in paths)}")
     return 0
-
-
-def _cell(value: object) -> str:
-    if isinstance(value, float):
-        return "-" if math.isnan(value) else f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
-    return "-" if value is None else str(value)

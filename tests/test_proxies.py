@@ -146,3 +146,13 @@ def test_activity_matches_selection_of_a_policy() -> None:
     np.testing.assert_array_equal(counts.sum(axis=-1), 16 * 2)
     for layer in range(4):
         np.testing.assert_array_equal(counts[layer], np.bincount(sel.expert_ids[layer].ravel(), minlength=8))
+
+
+def test_of_topk_equals_scoring_topk_itself() -> None:
+    from lynxsim.policies import make
+    from lynxsim.policies.proxies import QualityProxies, quality_proxies
+
+    logits = np.random.default_rng(0).normal(size=(3, 5, 8))
+    scored = quality_proxies(logits, make("topk").select(logits, 2), 2)
+    for got, want in zip(QualityProxies.of_topk(3), scored):
+        np.testing.assert_allclose(got, want)

@@ -124,7 +124,10 @@ class Replica:
         policy = step.policy if applied else step.baseline
         selection = policy.select(logits, step.top_k, renormalize=step.renormalize)
         counts = expert_token_counts(selection.expert_ids, logits.shape[-1])
-        proxies = quality_proxies(logits, selection, step.top_k)
+        if policy is step.baseline:
+            proxies = QualityProxies.of_topk(logits.shape[0])
+        else:
+            proxies = quality_proxies(logits, selection, step.top_k)
         decoding = np.asarray(batch.decoding)
         new_tokens = np.asarray(batch.new_tokens, dtype=np.int64)
         computed = np.asarray(batch.computed_before, dtype=np.int64)

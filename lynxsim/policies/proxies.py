@@ -29,6 +29,12 @@ class QualityProxies(NamedTuple):
     assignments_changed: np.ndarray
     assignments_dropped: np.ndarray
 
+    @classmethod
+    def of_topk(cls, num_layers: int) -> "QualityProxies":
+        """The proxies of top-k itself, per layer, without looking at logits: top-k is the reference."""
+        ones, zeros = np.ones(num_layers), np.zeros(num_layers)
+        return cls(ones, ones.copy(), zeros, zeros.copy())
+
 
 def quality_proxies(logits: np.ndarray, selection: Selection, top_k: int) -> QualityProxies:
     """Proxies of ``selection`` (ids ``[..., tokens, top_k]``) against top-k of ``logits`` (``[..., tokens,

@@ -1,0 +1,116 @@
+"""Whole runs: determinism, paired comparison, the run directory, and the CLI commands around it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lynxsim.cli import main
+from lynxsim.config import validate_experiment
+from lynxsim.runner import run_experiment
+
+SMALL = {
+    "name": "small",
+    "model": "qwen3-30b-a3b",
+    "hardware": "h200",
+    "workload": {
+        "arrival": {"kind": "poisson", "rate_per_s": 8.0},
+        "prompt_tokens": {"kind": "uniform", "low_tokens": 16, "high_tokens": 200},
+        "output_tokens": {"kind": "uniform", "low_tokens": 4, "high_tokens": 40},
+    },
+    "serving": {"max_num_seqs": 32, "max_num_batched_tokens": 512},
+    "policies": [{"name": "topk"}, {"name": "lynx"}],
+    "simulation": {"seed": 7, "num_requests": 40, "warmup_s": 0.5},
+}
+
+
+def run_small(tmp_path: Path | None = None, **changes: object) -> object:
+    config = validate_experiment({**SMALL, **changes})
+    return run_experiment(config, tmp_path)
+
+
+def test_same_seed_same_numbers() -> None:
+    first, second = run_small(), run_small()
+    for a, b in zip(first.runs, second.runs):  # type: ignore[attr-defined]
+        pd.testing.assert_frame_equal(a.requests, b.requests)
+        pd.testing.assert_frame_equal(a.iterations, b.iterations)
+
+
+def test_other_seed_other_numbers() -> None:
+    first = run_small()
+    other = run_small(simulation={**SMALL["simulation"], "seed": 8})  # type: ignore[dict-item]
+    assert not first.runs[0].requests["arrival_s"].equals(other.runs[0].requests["arrival_s"])  # type: ignore[attr-defined]
+
+
+def test_policies_see_the_same_requests_and_lynx_reads_fewer_experts() -> None:
+    result = run_small()
+    topk, lynx = result.runs  # type: ignore[attr-defined]
+    cols = ["request_id", "arrival_s", "prompt_tokens", "output_tokens"]
+    pd.testing.assert_frame_equal(topk.requests[cols], lynx.requests[cols])
+    assert (topk.requests["status"] == "finished").all() and (lynx.requests["status"] == "finished").all()
+    assert lynx.summary["mean_distinct_experts"] < topk.summary["mean_distinct_experts"]
+    assert lynx.summary["retained_mass"] < 1.0 == topk.summary["retained_mass"]
+    # prefill iterations run plain top-k under decode_only
+    mixed = lynx.iterations[~lynx.iterations["pure_decode"]]
+    assert not mixed["policy_applied"].any() and (mixed["mean_retained_mass"] == 1.0).all()
+
+
+def test_apply_to_all_changes_prefill_iterations() -> None:
+    result = run_small(policies=[{"name": "topk"}, {"name": "lynx", "apply_to": "all"}])
+    mixed = result.runs[1].iterations[~result.runs[1].iterations["pure_decode"]]  # type: ignore[attr-defined]
+    assert mixed["policy_applied"].all() and (mixed["mean_retained_mass"] < 1.0).any()
+
+
+def test_summary_ratios_against_first_policy() -> None:
+    frame = run_small().summary_frame()  # type: ignore[attr-defined]
+    assert frame.loc["topk", "tpot_p50_ms_ratio"] == 1.0
+    assert frame.loc["lynx", "tpot_p50_ms_ratio"] == pytest.approx(
+        frame.loc["lynx", "tpot_p50_ms"] / frame.loc["topk", "tpot_p50_ms"]
+    )
+
+
+def test_cli_run_writes_records_and_figures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(SMALL))
+    out = tmp_path / "run"
+    assert main(["run", str(path), "--out", str(out), "--set", "simulation.num_requests=15"]) == 0
+    printed = capsys.readouterr().out
+    assert "TPOT p50" in printed and "lynx / topk" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["policies"] == ["topk", "lynx"] and summary["cost_model"] == "roofline"
+    requests = pd.read_parquet(out / "policies" / "lynx" / "requests.parquet")
+    assert len(requests) == 15
+    iterations = pd.read_parquet(out / "policies" / "lynx" / "iterations.parquet")
+    assert len(iterations["distinct_experts"].iloc[0]) == 48  # one entry per MoE layer of Qwen3-30B-A3B
+    figures = sorted(p.name for p in (out / "figures").glob("*.png"))
+    assert figures == sorted(
+        ["tpot_cdf.png", "distinct_experts_per_layer.png", "latency_breakdown.png", "distinct_experts_vs_batch.png"]
+    )
+    for figure in figures:
+        (out / "figures" / figure).unlink()
+    assert main(["plot", str(out)]) == 0
+    assert len(list((out / "figures").glob("*.png"))) == 4
+
+
+def test_cli_listings(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models"]) == 0
+    assert "deepseek-v3" in capsys.readouterr().out
+    assert main(["hardware"]) == 0
+    assert "h200" in capsys.readouterr().out
+
+
+def test_plot_of_missing_run_is_an_input_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plot", str(tmp_path / "nothing")]) == 2
+    assert "summary.json" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point() -> None:
+    done = subprocess.run([sys.executable, "-m", "lynxsim", "--version"], capture_output=True, text=True, check=True)
+    assert done.stdout.startswith("lynxsim ")
