@@ -7,7 +7,7 @@ error names the key path and the YAML line it came from (``quickstart.yaml:14: w
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -64,6 +64,36 @@ class SyntheticRoutingConfig(SyntheticRoutingParams):
     """Router logits from lynxsim's seeded generator (see lynxsim/routing/synthetic.py for each parameter)."""
 
     kind: Literal["synthetic"] = "synthetic"
+
+
+class ProfileRoutingConfig(_Section):
+    """The seeded generator with parameters fitted to a recorded trace (``lynxsim routing fit``): a shipped
+    profile by name (traces/profiles/NAME.yaml) or a profile file."""
+
+    kind: Literal["profile"]
+    name: str | None = Field(default=None, description="shipped profile, e.g. flame-moe-290m")
+    path: Path | None = Field(default=None, description="routing profile YAML written by `lynxsim routing fit`")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ProfileRoutingConfig":
+        if (self.name is None) == (self.path is None):
+            raise ValueError("give exactly one of 'name' (shipped profile) or 'path' (profile file)")
+        return self
+
+
+class TraceRoutingConfig(_Section):
+    """Replay of recorded router outputs: each simulated request follows one recorded sequence in order."""
+
+    kind: Literal["trace"]
+    path: Path = Field(description="a lynxsim .npz trace, or a folder of FLAME-MoE layerNN.csv files")
+    fill: Literal["uniform", "tail", "floor"] = Field(
+        default="tail", description="how the logits a top-k-only trace lacks are filled in"
+    )
+
+
+RoutingConfig = Annotated[
+    Union[SyntheticRoutingConfig, ProfileRoutingConfig, TraceRoutingConfig], Field(discriminator="kind")
+]
 
 
 class ServingConfig(_Section):
@@ -124,7 +154,7 @@ class ExperimentConfig(_Section):
     model: ModelConfig
     hardware: HardwareConfig
     workload: WorkloadConfig
-    routing: SyntheticRoutingConfig = Field(default_factory=SyntheticRoutingConfig)
+    routing: RoutingConfig = Field(default_factory=SyntheticRoutingConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
     policies: list[PolicyConfig] = Field(min_length=1)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
@@ -185,11 +215,24 @@ def validate_experiment(
         line = _line_of(node, loc) if node is not None else None
         where = f"{source}:{line}: {key_path}" if line else (f"{source}: {key_path}" if source else key_path)
         raise InputError(where, _message(error)) from None
-    if base_dir is not None and config.model.hf_config is not None and not config.model.hf_config.is_absolute():
-        hf = base_dir / config.model.hf_config
-        cwd_hf = Path.cwd() / config.model.hf_config
-        chosen = cwd_hf if cwd_hf.exists() else hf
-        config = config.model_copy(update={"model": config.model.model_copy(update={"hf_config": chosen})})
+    if base_dir is not None:
+        config = _paths_relative_to(config, base_dir)
+    return config
+
+
+def _paths_relative_to(config: ExperimentConfig, base_dir: Path) -> ExperimentConfig:
+    """A relative file path in an experiment means the current directory if it exists there, else the
+    experiment file's folder (so experiments run from the repository root and from their own folder)."""
+
+    def resolve(path: Path) -> Path:
+        return path if path.is_absolute() or path.exists() else base_dir / path
+
+    if config.model.hf_config is not None:
+        model = config.model.model_copy(update={"hf_config": resolve(config.model.hf_config)})
+        config = config.model_copy(update={"model": model})
+    routing = config.routing
+    if isinstance(routing, (ProfileRoutingConfig, TraceRoutingConfig)) and routing.path is not None:
+        config = config.model_copy(update={"routing": routing.model_copy(update={"path": resolve(routing.path)})})
     return config
 
 

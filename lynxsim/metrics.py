@@ -143,3 +143,25 @@ def summarize(requests: pd.DataFrame, iterations: pd.DataFrame, *, warmup_s: flo
         else:
             summary[name] = float(np.average(applied[f"mean_{name}"], weights=tokens))
     return summary
+
+
+def layer_summary(iterations: pd.DataFrame, *, warmup_s: float) -> pd.DataFrame:
+    """Per MoE layer: mean distinct experts over pure-decode iterations and the token-weighted quality proxies
+    over the iterations the policy ran on (both after warm-up), so a user sees which layers a policy changes."""
+    window = iterations[iterations["start_s"] >= warmup_s] if len(iterations) else iterations
+    if not len(window):
+        return pd.DataFrame()
+    decode = window[window["pure_decode"]]
+    num_layers = len(window["distinct_experts"].iloc[0])
+    frame = pd.DataFrame({"moe_layer": np.arange(num_layers)})
+    frame["mean_distinct_experts"] = (
+        np.stack(decode["distinct_experts"].to_numpy()).mean(axis=0) if len(decode) else np.nan
+    )
+    applied = window[window["policy_applied"]]
+    tokens = (applied["prefill_tokens"] + applied["decode_tokens"]).to_numpy(dtype=float)
+    for name in PROXY_COLUMNS:
+        if tokens.sum() > 0:
+            frame[name] = np.average(np.stack(applied[name].to_numpy()), axis=0, weights=tokens)
+        else:
+            frame[name] = np.nan
+    return frame

@@ -22,6 +22,7 @@ FIGURE_NAMES = (
     "distinct_experts_per_layer.png",
     "latency_breakdown.png",
     "distinct_experts_vs_batch.png",
+    "latency_vs_quality.png",
 )
 
 
@@ -113,6 +114,45 @@ def distinct_experts_vs_batch(records: list[PolicyRecords], num_experts: int, pa
     _save(fig, path)
 
 
+def pareto_front(latency: np.ndarray, quality: np.ndarray) -> np.ndarray:
+    """Indices of the points no other point beats on both lower latency and higher quality, by latency."""
+    order = np.lexsort((-quality, latency))
+    front: list[int] = []
+    best_quality = -np.inf
+    for index in order:
+        if quality[index] > best_quality:
+            front.append(int(index))
+            best_quality = quality[index]
+    return np.asarray(front, dtype=np.int64)
+
+
+def latency_vs_quality(records: list[PolicyRecords], path: Path) -> None:
+    """Median TPOT against the retained top-k probability mass, one point per policy, with the Pareto front."""
+    points = []
+    for rec in records:
+        tpot = rec.requests["tpot_s"].dropna()
+        applied = rec.iterations[rec.iterations["policy_applied"]]
+        if len(tpot) and len(applied):
+            weights = (applied["prefill_tokens"] + applied["decode_tokens"]).to_numpy(dtype=float)
+            mass = float(np.average(applied["mean_retained_mass"], weights=weights))
+            points.append((rec.label, float(tpot.median() * 1e3), mass))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if points:
+        latency = np.array([p[1] for p in points])
+        quality = np.array([p[2] for p in points])
+        ax.scatter(quality, latency, zorder=3)
+        for label, lat, mass in points:
+            ax.annotate(label, (mass, lat), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        front = pareto_front(latency, quality)
+        ax.plot(quality[front], latency[front], color="grey", linestyle="--", label="Pareto front")
+        ax.legend()
+    ax.set_xlabel("retained top-k probability mass")
+    ax.set_ylabel("median TPOT (ms)")
+    ax.set_title("Latency vs routing quality")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
 def write_run_figures(records: list[PolicyRecords], num_experts: int, out_dir: Path) -> list[Path]:
     """All figures of one run into ``out_dir``; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -121,6 +161,7 @@ def write_run_figures(records: list[PolicyRecords], num_experts: int, out_dir: P
     distinct_experts_per_layer(records, num_experts, written[1])
     latency_breakdown(records, written[2])
     distinct_experts_vs_batch(records, num_experts, written[3])
+    latency_vs_quality(records, written[4])
     return written
 
 

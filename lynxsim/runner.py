@@ -26,7 +26,7 @@ from lynxsim.cost import CostModel
 from lynxsim.engine import BlockPool, Replica, RoutingStep, Scheduler
 from lynxsim.errors import InputError
 from lynxsim.hardware import HardwareProfile, load_hardware
-from lynxsim.metrics import requests_frame, summarize
+from lynxsim.metrics import layer_summary, requests_frame, summarize
 from lynxsim.models import ModelSpec, load_catalog_model, model_from_hf_config
 from lynxsim.policies import Policy, make
 from lynxsim.routing import SyntheticRouting
@@ -41,6 +41,7 @@ class PolicyRun:
     policy: PolicyConfig
     requests: pd.DataFrame
     iterations: pd.DataFrame
+    layers: pd.DataFrame
     summary: dict[str, float]
     wall_s: float
 
@@ -159,7 +160,8 @@ def simulate_policy(setup: Setup, label: str, entry: PolicyConfig, policy: Polic
     wall_s = time.perf_counter() - started
     summary["wall_s"] = wall_s
     summary["simulated_s_per_wall_s"] = end_s / wall_s if wall_s > 0 else np.nan
-    return PolicyRun(label, entry, requests, iterations, summary, wall_s)
+    layers = layer_summary(iterations, warmup_s=config.simulation.warmup_s)
+    return PolicyRun(label, entry, requests, iterations, layers, summary, wall_s)
 
 
 def run_experiment(
@@ -209,6 +211,7 @@ def write_policy_run(run: PolicyRun, out_dir: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     _atomic_parquet(run.requests, folder / "requests.parquet")
     _atomic_parquet(run.iterations, folder / "iterations.parquet")
+    _atomic_parquet(run.layers, folder / "layers.parquet")
     _atomic_write_text(folder / "summary.json", json.dumps(_jsonable(run.summary), indent=2))
 
 

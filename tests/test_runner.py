@@ -12,6 +12,7 @@ import pytest
 
 from lynxsim.cli import main
 from lynxsim.config import validate_experiment
+from lynxsim.plots import FIGURE_NAMES
 from lynxsim.runner import run_experiment
 
 SMALL = {
@@ -90,13 +91,13 @@ def test_cli_run_writes_records_and_figures(tmp_path: Path, capsys: pytest.Captu
     iterations = pd.read_parquet(out / "policies" / "lynx" / "iterations.parquet")
     assert len(iterations["distinct_experts"].iloc[0]) == 48  # one entry per MoE layer of Qwen3-30B-A3B
     figures = sorted(p.name for p in (out / "figures").glob("*.png"))
-    assert figures == sorted(
-        ["tpot_cdf.png", "distinct_experts_per_layer.png", "latency_breakdown.png", "distinct_experts_vs_batch.png"]
-    )
+    assert figures == sorted(FIGURE_NAMES)
+    layers = pd.read_parquet(out / "policies" / "lynx" / "layers.parquet")
+    assert len(layers) == 48 and (layers["retained_mass"] <= 1.0).all()
     for figure in figures:
         (out / "figures" / figure).unlink()
     assert main(["plot", str(out)]) == 0
-    assert len(list((out / "figures").glob("*.png"))) == 4
+    assert len(list((out / "figures").glob("*.png"))) == len(FIGURE_NAMES)
 
 
 def test_cli_listings(capsys: pytest.CaptureFixture[str]) -> None:
