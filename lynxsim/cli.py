@@ -24,6 +24,12 @@ from lynxsim.errors import InputError
 from lynxsim.hardware import hardware_names, load_hardware
 from lynxsim.models import catalog_summary
 from lynxsim.plots import load_run, write_run_figures
+from lynxsim.routing import RoutingTrace, import_flame
+from lynxsim.routing.compare import compare_figures, compare_routing
+from lynxsim.routing.fit import fit_routing, load_profile, save_profile
+from lynxsim.routing.loading import open_trace
+from lynxsim.routing.profiles import profile_path
+from lynxsim.routing.trace_format import DEFAULT_FILL, FILL_STRATEGIES
 from lynxsim.runner import PolicyRun, prepare, run_experiment
 
 # (summary key, label, format) of the rows `lynxsim run` prints
@@ -87,6 +93,22 @@ def _parser() -> argparse.ArgumentParser:
     hardware = commands.add_parser("hardware", help="list the hardware profiles")
     hardware.set_defaults(handler=_hardware)
 
+    routing = commands.add_parser("routing", help="recorded routing traces: import, fit the generator, compare")
+    routing_commands = routing.add_subparsers(dest="routing_command", required=True)
+    fit = routing_commands.add_parser("fit", help="fit the synthetic generator to a trace; write a routing profile")
+    _trace_arguments(fit)
+    fit.add_argument("--out", type=Path, required=True, help="routing profile YAML to write")
+    fit.set_defaults(handler=_routing_fit)
+    compare = routing_commands.add_parser("compare", help="a trace and a routing profile side by side")
+    _trace_arguments(compare)
+    compare.add_argument("--profile", required=True, help="shipped profile name or profile YAML path")
+    compare.add_argument("--out", type=Path, help="folder for the tables (CSV) and figures (PNG)")
+    compare.set_defaults(handler=_routing_compare)
+    convert = routing_commands.add_parser("import-flame", help="convert FLAME-MoE layerNN.csv files to lynxsim's format")
+    convert.add_argument("source", type=Path, help="folder of layerNN.csv files")
+    convert.add_argument("dest", type=Path, help=".npz file to write")
+    convert.set_defaults(handler=_routing_import_flame)
+
     plot = commands.add_parser("plot", help="redraw the figures of a run directory")
     plot.add_argument("run_dir", type=Path)
     plot.set_defaults(handler=_plot)
@@ -99,6 +121,71 @@ def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
         help="override a config key (repeatable), e.g. --set workload.arrival.rate_per_s=4",
     )
+
+
+def _trace_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("trace", type=Path, help="lynxsim .npz trace or folder of FLAME-MoE layerNN.csv files")
+    parser.add_argument("--top-k", type=int, help="experts per token (default: what the trace recorded)")
+    parser.add_argument("--fill", choices=FILL_STRATEGIES, default=DEFAULT_FILL, help="fill of top-k-only traces")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _trace_and_top_k(args: argparse.Namespace) -> tuple[RoutingTrace, int]:
+    trace = open_trace(args.trace, fill=args.fill)
+    top_k = args.top_k or trace.recorded_top_k
+    if top_k is None:
+        raise InputError("--top-k", f"{args.trace} holds full logits: say how many experts each token uses")
+    return trace, top_k
+
+
+def _routing_fit(args: argparse.Namespace, console: Console) -> int:
+    trace, top_k = _trace_and_top_k(args)
+    try:
+        fit = fit_routing(trace, top_k, seed=args.seed)
+    except ValueError as exc:
+        raise InputError(str(args.trace), str(exc)) from None
+    path = save_profile(fit.params, args.out, source_trace=trace, stats=fit.stats)
+    console.print(f"fitted {trace.name} ({trace.num_layers} layers, {trace.num_experts} experts, top-{top_k}): {path}")
+    return 0
+
+
+def _routing_compare(args: argparse.Namespace, console: Console) -> int:
+    trace, top_k = _trace_and_top_k(args)
+    profile = Path(args.profile)
+    params = load_profile(profile if profile.suffix in (".yaml", ".yml") else profile_path(args.profile))
+    try:
+        result = compare_routing(trace, params, top_k, seed=args.seed)
+    except ValueError as exc:
+        raise InputError(str(args.trace), str(exc)) from None
+    curve = result["distinct_experts"].groupby("batch_size")[["trace", "generator"]].mean()
+    table = Table(title=f"distinct experts per layer (mean over layers), top-{top_k}: {trace.name} vs {args.profile}")
+    for column in ("batch size", "trace", "generator", "gap"):
+        table.add_column(column, justify="right")
+    for size, row in curve.iterrows():
+        table.add_row(str(size), f"{row.trace:.2f}", f"{row.generator:.2f}", f"{row.generator / row.trace - 1:+.2%}")
+    console.print(table)
+    variability = result["variability"]
+    console.print(
+        f"per-batch load CV at batch {int(variability['batch_size'].iloc[0])}: trace "
+        f"{variability['trace_per_batch_cv'].mean():.3f}, generator {variability['generator_per_batch_cv'].mean():.3f}; "
+        f"aggregate: trace {variability['trace_aggregate_cv'].mean():.3f}, "
+        f"generator {variability['generator_aggregate_cv'].mean():.3f}"
+    )
+    gap = result["gap"]
+    console.print(gap.to_string(index=False))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name, frame in result.items():
+            frame.to_csv(args.out / f"{name}.csv", index=False)
+        paths = compare_figures(result, args.out)
+        console.print(f"tables and figures: {args.out} ({', '.join(p.name for p in paths)})")
+    return 0
+
+
+def _routing_import_flame(args: argparse.Namespace, console: Console) -> int:
+    path = import_flame(args.source, args.dest)
+    console.print(f"wrote {path}")
+    return 0
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:
@@ -123,7 +210,27 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+# (summary key, header, format) of the one-row-per-policy table printed for comparisons of many policies
+POLICY_ROW_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("tpot_p50_ms", "TPOT p50 ms", "{:.2f}"),
+    ("tpot_p50_ms_ratio", "ratio", "{:.3f}"),
+    ("tpot_p99_ms", "TPOT p99 ms", "{:.2f}"),
+    ("ttft_p50_ms", "TTFT p50 ms", "{:.1f}"),
+    ("output_tokens_per_s", "tokens/s", "{:.0f}"),
+    ("mean_decode_batch", "decode batch", "{:.1f}"),
+    ("mean_distinct_experts", "experts/layer", "{:.2f}"),
+    ("retained_mass", "retained mass", "{:.3f}"),
+    ("top1_kept", "top-1 kept", "{:.3f}"),
+    ("assignments_dropped", "dropped", "{:.3f}"),
+    ("requests_finished", "finished", "{:.0f}"),
+)
+WIDE_COMPARISON = 3
+"""Above this many policies, one row per policy reads better than one column per policy."""
+
+
 def _summary_table(frame: pd.DataFrame, title: str) -> Table:
+    if len(frame) > WIDE_COMPARISON:
+        return _policy_rows_table(frame, title)
     table = Table(title=title)
     table.add_column("metric")
     labels = list(frame.index)
@@ -138,6 +245,16 @@ def _summary_table(frame: pd.DataFrame, title: str) -> Table:
             if position:
                 cells.append(_fmt(frame.loc[label, f"{key}_ratio"], "{:.3f}"))
         table.add_row(*cells)
+    return table
+
+
+def _policy_rows_table(frame: pd.DataFrame, title: str) -> Table:
+    table = Table(title=f"{title}; ratio: against {frame.index[0]}")
+    table.add_column("policy")
+    for _, header, _ in POLICY_ROW_COLUMNS:
+        table.add_column(header, justify="right")
+    for label, row in frame.iterrows():
+        table.add_row(str(label), *(_fmt(row[key], fmt) for key, _, fmt in POLICY_ROW_COLUMNS))
     return table
 
 

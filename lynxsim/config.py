@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lynxsim.errors import InputError
 from lynxsim.routing.synthetic import SyntheticRoutingParams
+from lynxsim.routing.trace_format import DEFAULT_FILL, FillStrategy
 from lynxsim.workload.arrivals import ArrivalProcess
 from lynxsim.workload.lengths import LengthDistribution
 
@@ -86,9 +87,7 @@ class TraceRoutingConfig(_Section):
 
     kind: Literal["trace"]
     path: Path = Field(description="a lynxsim .npz trace, or a folder of FLAME-MoE layerNN.csv files")
-    fill: Literal["uniform", "tail", "floor"] = Field(
-        default="tail", description="how the logits a top-k-only trace lacks are filled in"
-    )
+    fill: FillStrategy = Field(default=DEFAULT_FILL, description="how the logits a top-k-only trace lacks are filled in")
 
 
 RoutingConfig = Annotated[
@@ -221,11 +220,13 @@ def validate_experiment(
 
 
 def _paths_relative_to(config: ExperimentConfig, base_dir: Path) -> ExperimentConfig:
-    """A relative file path in an experiment means the current directory if it exists there, else the
-    experiment file's folder (so experiments run from the repository root and from their own folder)."""
+    """A relative file path in an experiment is taken from the experiment file's folder when it exists there,
+    else from the current directory."""
 
     def resolve(path: Path) -> Path:
-        return path if path.is_absolute() or path.exists() else base_dir / path
+        if path.is_absolute() or not (base_dir / path).exists():
+            return path
+        return base_dir / path
 
     if config.model.hf_config is not None:
         model = config.model.model_copy(update={"hf_config": resolve(config.model.hf_config)})

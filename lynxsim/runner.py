@@ -21,15 +21,17 @@ import pandas as pd
 import yaml
 from pydantic import ValidationError
 
-from lynxsim.config import ExperimentConfig, PolicyConfig
+from lynxsim.config import ExperimentConfig, PolicyConfig, ProfileRoutingConfig, TraceRoutingConfig
 from lynxsim.cost import CostModel
 from lynxsim.engine import BlockPool, Replica, RoutingStep, Scheduler
 from lynxsim.errors import InputError
 from lynxsim.hardware import HardwareProfile, load_hardware
 from lynxsim.metrics import layer_summary, requests_frame, summarize
 from lynxsim.models import ModelSpec, load_catalog_model, model_from_hf_config
-from lynxsim.policies import Policy, make
-from lynxsim.routing import SyntheticRouting
+from lynxsim.policies import Policy, calibrate_if_needed, check_policy, make, needs_calibration
+from lynxsim.routing import RoutingSource, SyntheticRouting, TraceReplayRouting
+from lynxsim.routing.loading import open_trace
+from lynxsim.routing.profiles import load_routing_profile
 from lynxsim.workload import RequestSpec, generate_requests
 
 
@@ -56,6 +58,7 @@ class Setup:
     cost_model: CostModel
     kv_cache_blocks: int
     requests: list[RequestSpec]
+    routing: RoutingSource
     policies: list[tuple[str, PolicyConfig, Policy]]
 
 
@@ -108,6 +111,60 @@ def resolve_policy(index: int, entry: PolicyConfig, model: ModelSpec) -> Policy:
         raise InputError(f"policies[{index}]", str(exc)) from None
 
 
+CALIBRATION_REQUESTS = 64
+CALIBRATION_POSITIONS = 64
+CALIBRATION_REQUEST_ID_BASE = 1 << 40
+"""Calibration tokens come from request ids far above any workload's, so they never coincide with the tokens
+the simulation routes: 64 requests x 64 positions, 4,096 tokens, enough for per-layer medians and usage counts."""
+
+
+def build_routing(config: ExperimentConfig, model: ModelSpec) -> RoutingSource:
+    """The routing source of ``config.routing`` for ``model``, seeded from the experiment's seed."""
+    seed = int(np.random.SeedSequence([config.simulation.seed, 1]).generate_state(1)[0])
+    section = config.routing
+    if isinstance(section, TraceRoutingConfig):
+        trace = open_trace(section.path, fill=section.fill, where="routing.path")
+        try:
+            return TraceReplayRouting(trace, seed=seed, num_moe_layers=model.num_moe_layers, num_experts=model.num_experts)
+        except ValueError as exc:
+            raise InputError("routing.path", f"{exc} (model {model.name})") from None
+    if isinstance(section, ProfileRoutingConfig):
+        params = load_routing_profile(
+            section.name, section.path, num_moe_layers=model.num_moe_layers, num_experts=model.num_experts
+        )
+    else:
+        params = section
+    try:
+        return SyntheticRouting(model.num_moe_layers, model.num_experts, params, seed)
+    except ValueError as exc:
+        raise InputError("routing", str(exc)) from None
+
+
+def calibration_logits(routing: RoutingSource) -> np.ndarray:
+    """Router logits ``[layers, tokens, experts]`` of a calibration sample drawn from the routing source."""
+    request_ids = np.repeat(
+        CALIBRATION_REQUEST_ID_BASE + np.arange(CALIBRATION_REQUESTS, dtype=np.int64), CALIBRATION_POSITIONS
+    )
+    positions = np.tile(np.arange(CALIBRATION_POSITIONS, dtype=np.int64), CALIBRATION_REQUESTS)
+    return routing.logits(request_ids, positions)
+
+
+def prepare_policies(config: ExperimentConfig, model: ModelSpec, routing: RoutingSource) -> list[tuple[str, PolicyConfig, Policy]]:
+    """Build, calibrate (where a policy measures its parameters on a sample) and check every policy."""
+    built = [(entry.label or entry.name, entry, resolve_policy(i, entry, model)) for i, entry in enumerate(config.policies)]
+    sample = calibration_logits(routing) if any(needs_calibration(p) for _, _, p in built) else None
+    ready = []
+    for index, (label, entry, policy) in enumerate(built):
+        try:
+            if sample is not None:
+                policy = calibrate_if_needed(policy, sample, model.top_k)
+            check_policy(policy, model.num_moe_layers, model.num_experts, model.top_k)
+        except ValueError as exc:
+            raise InputError(f"policies[{index}]", str(exc)) from None
+        ready.append((label, entry, policy))
+    return ready
+
+
 def prepare(config: ExperimentConfig) -> Setup:
     """Resolve the config; every user-facing problem surfaces here, before any simulation starts."""
     model = resolve_model(config)
@@ -127,18 +184,17 @@ def prepare(config: ExperimentConfig) -> Setup:
         num_requests=sim.num_requests,
         duration_s=sim.duration_s,
     )
-    policies = [(entry.label or entry.name, entry, resolve_policy(i, entry, model)) for i, entry in enumerate(config.policies)]
-    return Setup(config, model, hardware, cost_model, kv_blocks, requests, policies)
+    routing = build_routing(config, model)
+    policies = prepare_policies(config, model, routing)
+    return Setup(config, model, hardware, cost_model, kv_blocks, requests, routing, policies)
 
 
 def simulate_policy(setup: Setup, label: str, entry: PolicyConfig, policy: Policy) -> PolicyRun:
     config = setup.config
     model = setup.model
     started = time.perf_counter()
-    routing_seed = int(np.random.SeedSequence([config.simulation.seed, 1]).generate_state(1)[0])
-    routing = SyntheticRouting(model.num_moe_layers, model.num_experts, config.routing, routing_seed)
     step = RoutingStep(
-        routing=routing,
+        routing=setup.routing,
         policy=policy,
         baseline=make("topk"),
         apply_to=entry.apply_to,

@@ -255,7 +255,7 @@ def test_select_rejects_bad_shape() -> None:
 
 
 def test_registry_names_and_make() -> None:
-    assert POLICY_NAMES == ("lynx", "topk")
+    assert POLICY_NAMES == ("capacity", "lynx", "oea", "prune", "skip", "topk", "topp", "vote")
     assert isinstance(make("topk"), TopK)
     lynx = make("lynx", alpha=3, beta=2)
     assert lynx == Lynx(alpha=3, beta=2) and lynx.name == "lynx"
@@ -266,7 +266,9 @@ def test_registry_names_and_make() -> None:
 
 
 def test_make_unknown_policy_names_known_ones() -> None:
-    with pytest.raises(ValueError, match=r"unknown policy 'lynks'; known policies: lynx, topk"):
+    with pytest.raises(
+        ValueError, match=r"unknown policy 'lynks'; known policies: capacity, lynx, oea, prune, skip, topk, topp, vote"
+    ):
         make("lynks")
 
 

@@ -103,9 +103,17 @@ def test_hash_of_structured_keys_is_uncorrelated() -> None:
         {"confidence_mean": float("nan")},
         {"popularity_skew": float("inf")},
         {"temperature": 1.0},
+        {"popularity_skew": [0.1, -0.1]},
+        {"confidence_mean": [1.0, 0.0]},
+        {"confidence_spread": [float("nan")]},
+        {"persistence": [0.2, 1.0]},
+        {"expert_bias": [[0.0, float("nan")]]},
+        {"expert_bias": [[0.0, 1.0], [0.0]]},
+        {"expert_bias": [[]]},
+        {"expert_bias": []},
     ],
 )
-def test_params_reject_bad_values(bad: dict[str, float]) -> None:
+def test_params_reject_bad_values(bad: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         SyntheticRoutingParams(**bad)
 
@@ -116,6 +124,70 @@ def test_params_are_frozen_and_documented() -> None:
         params.persistence = 0.5  # type: ignore[misc]
     for name, field in SyntheticRoutingParams.model_fields.items():
         assert field.description, name
+
+
+# ---------------------------------------------------------------- per-layer parameters and a measured bias
+
+PER_LAYER_FIELDS = ("popularity_skew", "confidence_mean", "confidence_spread", "persistence")
+
+
+@pytest.mark.parametrize("field", PER_LAYER_FIELDS)
+def test_a_list_of_one_repeated_value_is_the_scalar(field: str) -> None:
+    value = {"popularity_skew": 0.4, "confidence_mean": 1.7, "confidence_spread": 0.35, "persistence": 0.45}[field]
+    requests, positions = np.array([3, 3, 9, 12]), np.array([0, 1, 5, 2])
+    scalar = SyntheticRouting(3, 10, SyntheticRoutingParams(**{field: value}), seed=2).logits(requests, positions)
+    listed = SyntheticRouting(3, 10, SyntheticRoutingParams(**{field: [value] * 3}), seed=2).logits(requests, positions)
+    assert np.array_equal(scalar, listed)
+
+
+@pytest.mark.parametrize("field", PER_LAYER_FIELDS)
+def test_a_per_layer_list_must_name_every_layer(field: str) -> None:
+    params = SyntheticRoutingParams(**{field: [0.5, 0.5]})
+    SyntheticRouting(2, 8, params)
+    with pytest.raises(ValueError, match=f"{field} has 2 values, the model has 3 MoE layers"):
+        SyntheticRouting(3, 8, params)
+
+
+def test_expert_bias_must_match_the_model() -> None:
+    params = SyntheticRoutingParams(expert_bias=[[0.0] * 8] * 2)
+    SyntheticRouting(2, 8, params)
+    for layers, experts in ((3, 8), (2, 7)):
+        with pytest.raises(ValueError, match="expert_bias must be"):
+            SyntheticRouting(layers, experts, params)
+
+
+def test_per_layer_values_act_on_their_own_layer() -> None:
+    """Layer 0 flat, hesitant and forgetful; layer 1 skewed, confident and persistent."""
+    params = SyntheticRoutingParams(
+        popularity_skew=[0.0, 2.0], confidence_mean=[0.5, 3.0], confidence_spread=[0.0, 0.3], persistence=[0.0, 0.95]
+    )
+    source = SyntheticRouting(2, 8, params, seed=4)
+    requests, positions = np.repeat(np.arange(2000), 2), np.tile([5, 900], 2000)
+    logits = source.logits(requests, positions)
+    top1 = _softmax(logits).max(-1).mean(-1)
+    assert top1[0] < 0.3 < 0.6 < top1[1]
+    shares = np.stack([np.bincount(layer, minlength=8) / layer.size for layer in logits.argmax(-1)])
+    assert shares[0].max() < 0.15 and shares[1].max() > 0.3
+    top = np.sort(np.argsort(-logits, axis=-1)[..., :2], axis=-1)
+    same = (top[:, 0::2] == top[:, 1::2]).all(-1).mean(-1)
+    assert same[0] < 0.15 and same[1] > 0.5
+
+
+def test_expert_bias_replaces_the_random_bias() -> None:
+    """With unit confidence the logits are bias plus noise, so a given bias shows through exactly; the skew
+    that would scale a random bias is then ignored."""
+    bias = np.linspace(-1.0, 1.0, 6, dtype=np.float32).reshape(1, 6).repeat(2, axis=0)
+    bias[1] *= -1.0
+
+    def logits(expert_bias: list[list[float]], skew: float) -> np.ndarray:
+        params = SyntheticRoutingParams(
+            expert_bias=expert_bias, popularity_skew=skew, confidence_mean=1.0, confidence_spread=0.0
+        )
+        return SyntheticRouting(2, 6, params, seed=7).logits(np.arange(50), np.zeros(50, dtype=np.int64))
+
+    zero = np.zeros_like(bias).tolist()
+    assert np.allclose(logits(bias.tolist(), 0.1) - logits(zero, 0.1), bias[:, None, :], atol=1e-5)
+    assert np.array_equal(logits(bias.tolist(), 0.1), logits(bias.tolist(), 3.0))
 
 
 # ---------------------------------------------------------------- the routing source contract

@@ -10,6 +10,8 @@ For one layer's router logits ``L[B, E]`` of one decode batch::
 
 Each token's k votes are distinct, so ``kept`` always holds at least k experts and every token gets k
 distinct ids. Batches are vectorized over tokens and over stacked layers (each layer its own batch).
+``alpha`` and ``beta`` may be given per MoE layer (lists): the stacked input then carries each layer's own
+constants, still in one vectorized pass.
 
 Points the formula leaves open, decided here so that the result is deterministic and reduces to top-k:
 
@@ -29,17 +31,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from numbers import Real
+from typing import Any
 
 import numpy as np
 
 from lynxsim.policies.base import Selection
-from lynxsim.policies.topk import (
-    as_layer_batches,
-    chosen_exp,
-    partition_function,
-    topk_ids,
-    topk_mask,
-)
+from lynxsim.policies.params import layer_column, num_per_layer, parameter_error, require_layers, scalar_or_per_layer
+from lynxsim.policies.topk import as_layer_batches, selection_weights, topk_mask, topk_within
 
 _MIN_SUBNORMAL_LOG2 = 1074
 """float64's smallest positive value is 2**-1074: the deepest bin whose weight B**-d is still representable."""
@@ -50,66 +48,66 @@ class Lynx:
     """Lynx with its per-model constants: ``alpha`` (bins per unit of logit gap) and ``beta`` (deepest bin,
     a positive integer; ``None`` for no floor). The paper's published values are listed in DESIGN.md.
 
+    Either may be a list with one entry per MoE layer (stored as a tuple; ``beta`` entries may be ``None``);
+    ``select`` then needs the stacked ``[layers, tokens, experts]`` logits with that many layers (``ValueError``
+    otherwise), and two per-layer lists must have the same length.
+
     Treat instances as immutable. (Not a frozen dataclass only because the ``Policy`` protocol declares
     ``name`` as a plain attribute, which type checkers refuse to match with a frozen or class-level one.)
     """
 
-    alpha: float
-    beta: int | None
+    alpha: float | tuple[float, ...]
+    beta: int | None | tuple[int | None, ...]
     name: str = field(default="lynx", init=False, repr=False)
 
     def __post_init__(self) -> None:
-        alpha, beta = self.alpha, self.beta
-        if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha) or alpha <= 0:
-            raise ValueError(f"lynx parameter alpha must be a finite number > 0, got {alpha!r}")
-        self.alpha = float(alpha)
-        if beta is None:
-            return
-        # beta is the floor of *integer* bins; a fractional floor would create a bin between two integers.
-        if (
-            isinstance(beta, bool)
-            or not isinstance(beta, Real)
-            or not math.isfinite(beta)
-            or beta <= 0
-            or beta != int(beta)
-        ):
-            raise ValueError(f"lynx parameter beta must be a positive integer or None (no floor), got {beta!r}")
-        self.beta = int(beta)
+        try:
+            self.alpha = scalar_or_per_layer(self.alpha, _check_alpha)
+        except ValueError as exc:
+            raise parameter_error("lynx", "alpha", exc) from None
+        try:
+            self.beta = scalar_or_per_layer(self.beta, _check_beta)
+        except ValueError as exc:
+            raise parameter_error("lynx", "beta", exc) from None
+        try:
+            num_per_layer(self.alpha, self.beta)
+        except ValueError as exc:
+            raise ValueError(f"lynx parameters alpha and beta: {exc}") from None
+
+    @property
+    def num_layers(self) -> int | None:
+        """The MoE layer count the per-layer parameters fix; ``None`` when both are scalars."""
+        return num_per_layer(self.alpha, self.beta)
 
     def select(self, logits: np.ndarray, top_k: int, *, renormalize: bool = True) -> Selection:
         """Lynx ids (ordered by logit, ties by lower id; int64) and float64 weights: ``p / sum(p)`` over the
         chosen ids when renormalizing, else the re-softmax weights rescaled to the token's original top-k
         mass, ``w * (original top-k mass) / sum(w)``."""
         x, lead = as_layer_batches(logits, top_k)
-        num_layers, num_tokens, num_experts = x.shape
+        require_layers(self.name, self.num_layers, np.shape(logits), "alpha/beta")
+        num_layers, num_tokens, _ = x.shape
         out_shape = (*lead, num_tokens, top_k)
         if num_layers * num_tokens == 0:
             return Selection(np.zeros(out_shape, dtype=np.int64), np.zeros(out_shape, dtype=np.float64))
 
         votes = topk_mask(self.vote_scores(x), top_k, secondary=x)
-        kept = votes.any(axis=1, keepdims=True)
-        ids = topk_ids(np.where(kept, x, -np.inf), top_k)
-
-        numer = chosen_exp(x, ids)
-        chosen_sum = numer.sum(axis=-1, keepdims=True)
-        if renormalize:
-            weights = numer / chosen_sum
-        else:
-            # Original top-k numerators in descending order: the same values in the same order as a top-k
-            # call's, so a batch whose selection is its top-k gets a factor of exactly 1.0 and top-k's weights.
-            top = np.partition(x, num_experts - top_k, axis=-1)[..., num_experts - top_k :]
-            top_numer = np.exp(-np.sort(-top, axis=-1) - x.max(axis=-1, keepdims=True))
-            weights = numer / partition_function(x) * (top_numer.sum(axis=-1, keepdims=True) / chosen_sum)
+        kept = np.asarray(votes.any(axis=1, keepdims=True))
+        ids = topk_within(x, kept, top_k)  # each token voted k distinct experts: kept holds >= k, none DROPPED
+        weights = selection_weights(x, ids, renormalize, keep_topk_mass=True)
         return Selection(ids.reshape(out_shape), weights.reshape(out_shape))
 
     def vote_scores(self, x: np.ndarray) -> np.ndarray:
-        """``v[l, t, e]`` of the rule for float64 logits ``[layers, tokens, experts]`` (each layer one batch)."""
+        """``v[l, t, e]`` of the rule for float64 logits ``[layers, tokens, experts]`` (each layer one batch;
+        with per-layer parameters, ``layers`` must be their length)."""
         num_layers, num_tokens, num_experts = x.shape
         # In-place steps: this runs on every decode iteration over [layers, tokens, experts] arrays.
         q: np.ndarray = x - x.max(axis=-1, keepdims=True)
-        q *= self.alpha
+        q *= self.alpha if not isinstance(self.alpha, tuple) else layer_column(self.alpha, num_layers)
         np.ceil(q, out=q)
-        if self.beta is not None:
+        if isinstance(self.beta, tuple):  # per layer; a layer without a floor gets -inf
+            floors = tuple(-math.inf if b is None else -float(b) for b in self.beta)
+            np.maximum(q, layer_column(floors, num_layers), out=q)
+        elif self.beta is not None:
             np.maximum(q, -self.beta, out=q)
         if num_tokens == 1:
             return q  # no other tokens: popularity is 0
@@ -137,3 +135,21 @@ class Lynx:
         v /= num_tokens
         v += q
         return v
+
+
+def _check_alpha(alpha: Any) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"a finite number > 0, got {alpha!r}")
+    return float(alpha)
+
+
+def _check_beta(beta: Any) -> int | None:
+    if beta is None:
+        return None
+    # beta is the floor of *integer* bins; a fractional floor would create a bin between two integers.
+    if isinstance(beta, bool) or not isinstance(beta, Real) or not math.isfinite(beta):
+        raise ValueError(f"a positive integer or None (no floor), got {beta!r}")
+    value = float(beta)
+    if value <= 0 or not value.is_integer():
+        raise ValueError(f"a positive integer or None (no floor), got {beta!r}")
+    return int(value)

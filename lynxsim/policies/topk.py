@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lynxsim.policies.base import Selection
+from lynxsim.policies.base import DROPPED, Selection
 
 
 def as_layer_batches(logits: np.ndarray, top_k: int) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -39,6 +39,19 @@ def as_layer_batches(logits: np.ndarray, top_k: int) -> tuple[np.ndarray, tuple[
     if not np.isfinite(x).all():
         raise ValueError("logits must be finite (found NaN or infinity)")
     return x, lead
+
+
+def calibration_batches(policy: str, logits: np.ndarray, top_k: int) -> np.ndarray:
+    """Validate a ``calibrate`` call: float64 ``[layers, tokens, experts]`` with at least one token (a
+    statistic over no tokens has no value), checked like ``select``'s input."""
+    shape = np.shape(logits)
+    if len(shape) != 3 or shape[1] < 1:
+        raise ValueError(
+            f"policy {policy!r}: calibration logits must be [layers, tokens, experts] with at least one token, "
+            f"got shape {tuple(shape)}"
+        )
+    x, _ = as_layer_batches(logits, top_k)
+    return x
 
 
 def topk_mask(primary: np.ndarray, k: int, secondary: np.ndarray | None = None) -> np.ndarray:
@@ -95,6 +108,56 @@ def partition_function(x: np.ndarray) -> np.ndarray:
     """Softmax normalizer ``sum_e exp(logit - row max)``, ``[..., 1]``; only needed for unrenormalized weights."""
     total: np.ndarray = np.exp(x - x.max(axis=-1, keepdims=True)).sum(axis=-1, keepdims=True)
     return total
+
+
+def topk_within(x: np.ndarray, kept: np.ndarray, k: int) -> np.ndarray:
+    """Each token's best ``k`` experts inside ``kept`` (bool, broadcastable to ``x``: ``[layers, 1, experts]``
+    for a per-batch set), by logit descending, ties by lower id; int64 ``[..., k]``.
+
+    A token whose kept set holds fewer than ``k`` experts gets all of them, strongest first, and ``DROPPED``
+    in the remaining slots: used slots always come first. Shared by every policy that re-picks inside a set
+    (Lynx, OEA, vote, prune).
+    """
+    masked = np.where(kept, x, -np.inf)
+    ids = topk_ids(masked, k)
+    outside = np.isneginf(np.take_along_axis(masked, ids, axis=-1))  # logits are finite: -inf means not kept
+    if outside.any():
+        ids[outside] = DROPPED
+    return ids
+
+
+def selection_weights(x: np.ndarray, ids: np.ndarray, renormalize: bool, *, keep_topk_mass: bool = False) -> np.ndarray:
+    """float64 weights ``[..., k]`` of the chosen ``ids`` (``DROPPED`` slots get 0) from the softmax of ``x``.
+
+    * ``renormalize``: ``p / sum(p)`` over the token's used ids (all 0 for a token with none);
+    * else the raw ``p`` of each chosen id; with ``keep_topk_mass`` (policies that re-pick inside a kept
+      set: Lynx, OEA, vote, prune) rescaled so that they sum to the token's original top-k mass,
+      ``p * (top-k mass) / sum(p)`` (DESIGN.md's rule for Lynx).
+
+    The operations are those of ``TopK.select`` in the same order, so a selection equal to top-k gets
+    bit-identical weights (the top-k mass is summed in descending order, like the chosen ids, and its ratio
+    to the chosen mass is exactly 1.0).
+    """
+    used = ids != DROPPED
+    any_dropped = not used.all()
+    numer = chosen_exp(x, np.where(used, ids, 0) if any_dropped else ids)
+    if any_dropped:
+        numer[~used] = 0.0
+    chosen_sum = numer.sum(axis=-1, keepdims=True)
+    if any_dropped:
+        chosen_sum = np.where(chosen_sum > 0, chosen_sum, 1.0)  # a token with no used slot: weights stay 0
+    if renormalize:
+        weights: np.ndarray = numer / chosen_sum
+        return weights
+    weights = numer / partition_function(x)
+    if keep_topk_mass:
+        # Original top-k numerators in descending order: the same values in the same order as a top-k call's.
+        k = ids.shape[-1]
+        num_experts = x.shape[-1]
+        top = np.partition(x, num_experts - k, axis=-1)[..., num_experts - k :]
+        top_numer = np.exp(-np.sort(-top, axis=-1) - x.max(axis=-1, keepdims=True))
+        weights *= top_numer.sum(axis=-1, keepdims=True) / chosen_sum
+    return weights
 
 
 @dataclass

@@ -22,16 +22,24 @@ load in a layer, ``confidence_mean`` the typical spread of a token's logits (hen
 ``confidence_spread`` how much that spread varies between tokens, ``persistence`` how often two tokens of one
 request share experts. That keeps them identifiable when they are fitted to recorded traces.
 
+Real routers differ between layers (in FLAME-MoE-290M the median top-1 probability grows from 0.03 in the first
+MoE layer to 0.19 in the last, and tokens of one sequence share about three times as many experts beyond chance
+in the last as in the first), so ``popularity_skew``, ``confidence_mean``, ``confidence_spread`` and
+``persistence`` each take one value for every layer or a list with one value per MoE layer. ``expert_bias``, when
+given, is ``b`` itself (one row of per-expert biases per layer, e.g. measured from a recorded trace by
+``lynxsim.routing.fit``): it replaces the random draw, so that a fitted profile reproduces which experts of a
+layer are popular, not only how unequal they are.
+
 Every number is hashed from its name (see ``hashing``), so a token's logits do not depend on the batch.
 """
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
+from typing import Annotated
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lynxsim.routing.hashing import combine, derive_key, normals
 
@@ -42,59 +50,78 @@ _REQUEST_STREAM = 2
 _TOKEN_STREAM = 3
 _CONFIDENCE_STREAM = 4
 
+_PER_LAYER = (
+    " Either one value for every MoE layer or a list with one value per MoE layer (its length must equal the "
+    "model's MoE layer count)."
+)
+
 
 class SyntheticRoutingParams(BaseModel):
     """Shape of the synthetic router logits. Defaults mimic Mixtral-8x7B (8 experts, top-2); see each field."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    popularity_skew: float = Field(
+    popularity_skew: Annotated[float, Field(ge=0.0)] | list[Annotated[float, Field(ge=0.0)]] = Field(
         default=0.15,
-        ge=0.0,
         description=(
             "Standard deviation of the fixed per-(layer, expert) logit bias, in units of the per-token logit "
             "noise (dimensionless). 0 = every expert equally popular. Default 0.15: with 8 experts the most "
             "popular expert of a layer takes about 2x the top-1 share of the least popular one (about 18% vs 9%; "
             "measured), a mild imbalance such as load-balancing training leaves (Mixtral-8x7B's per-layer expert "
             "load is close to uniform: Jiang et al. 2024, arXiv 2401.04088, fig. 7). It costs little at "
-            "batch 16: 7.9 distinct experts of 8 for top-2, against 7.9 with no skew."
+            "batch 16: 7.9 distinct experts of 8 for top-2, against 7.9 with no skew. Ignored where "
+            "expert_bias is given." + _PER_LAYER
         ),
     )
-    confidence_mean: float = Field(
+    confidence_mean: Annotated[float, Field(gt=0.0)] | list[Annotated[float, Field(gt=0.0)]] = Field(
         default=1.4,
-        gt=0.0,
         description=(
             "Mean of the per-(token, layer) scale that multiplies the unit-variance logit structure, in logits "
             "(nats): about the standard deviation of one token's logits across experts. Larger = more peaked "
             "softmax, a more confident top-1. Default 1.4: with 8 experts and the other defaults, top-1 softmax "
             "probabilities have median 0.42, 10th-90th percentiles 0.27-0.70 and 72% of them in 0.3-0.7 "
-            "(measured), the range of Mixtral-8x7B's router."
+            "(measured), the range of Mixtral-8x7B's router." + _PER_LAYER
         ),
     )
-    confidence_spread: float = Field(
+    confidence_spread: Annotated[float, Field(ge=0.0)] | list[Annotated[float, Field(ge=0.0)]] = Field(
         default=0.2,
-        ge=0.0,
         description=(
             "Standard deviation of the natural log of the per-(token, layer) scale (dimensionless); the scale is "
             "log-normal with mean confidence_mean whatever the spread. 0 = every token equally peaked, apart "
             "from the randomness of its logits. Default 0.2: the scale ranges 0.7x-1.36x its mean between the "
             "5th and 95th percentiles, so confident and hesitant tokens coexist without widening the top-1 "
-            "probabilities past the 0.3-0.7 range (72% inside, against 76% with spread 0; measured)."
+            "probabilities past the 0.3-0.7 range (72% inside, against 76% with spread 0; measured)." + _PER_LAYER
         ),
     )
-    persistence: float = Field(
+    persistence: Annotated[float, Field(ge=0.0, lt=1.0)] | list[Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
         default=0.3,
-        ge=0.0,
-        lt=1.0,
         description=(
             "Share rho of the between-token logit variance that is fixed per request (dimensionless, [0, 1)): "
             "the correlation between the logits of two tokens of one request in one layer. 0 = independent "
             "tokens. Default 0.3: with 8 experts a request's tokens repeat their top-1 expert 24% of the time, "
             "against 13% at rho 0 (measured), close to the twice-chance repetition of consecutive tokens that "
             "Mixtral-8x7B shows in its middle and last layers (Jiang et al. 2024, arXiv 2401.04088, section 5). "
-            "The correlation does not decay with the distance between positions."
+            "The correlation does not decay with the distance between positions." + _PER_LAYER
         ),
     )
+    expert_bias: list[list[float]] | None = Field(
+        default=None,
+        description=(
+            "The per-(layer, expert) logit bias b itself, one row of num_experts values per MoE layer, in the unit "
+            "of popularity_skew; replaces the random draw when given. Measured from a recorded trace (lynxsim "
+            "routing fit), it makes the generator pick each expert of each layer about as often as the trace did. "
+            "Only differences within a row matter (adding a constant to a row changes no softmax). Default: none, "
+            "draw b at random with standard deviation popularity_skew."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _rectangular_bias(self) -> SyntheticRoutingParams:
+        if self.expert_bias is not None:
+            widths = {len(row) for row in self.expert_bias}
+            if len(widths) != 1 or 0 in widths:
+                raise ValueError("expert_bias must be a non-empty list of equally long, non-empty rows (one per layer)")
+        return self
 
 
 class SyntheticRouting:
@@ -132,9 +159,26 @@ class SyntheticRouting:
         self._token_key = derive_key(seed, _TOKEN_STREAM)
         self._confidence_key = derive_key(seed, _CONFIDENCE_STREAM)
         p = self.params
-        self._bias = (p.popularity_skew * normals(derive_key(seed, _BIAS_STREAM), self._counters))[:, :num_experts]
-        self._request_weight = np.float32(math.sqrt(p.persistence))
-        self._token_weight = np.float32(math.sqrt(1.0 - p.persistence))
+        if p.expert_bias is not None:
+            self._bias = np.asarray(p.expert_bias, dtype=np.float32)
+            if self._bias.shape != (num_moe_layers, num_experts):
+                raise ValueError(
+                    f"expert_bias must be {num_moe_layers} rows (MoE layers) of {num_experts} values (experts), "
+                    f"got {self._bias.shape[0]} rows of {self._bias.shape[1]}"
+                )
+        else:
+            skew = _per_layer(p.popularity_skew, "popularity_skew", num_moe_layers).astype(np.float32)
+            self._bias = (skew[:, None] * normals(derive_key(seed, _BIAS_STREAM), self._counters))[:, :num_experts]
+        # log s[l, t] = spread[l] * n + log(mean[l]) - spread[l]**2 / 2: the constants in float64, then float32 as
+        # the normals they transform.
+        spread = _per_layer(p.confidence_spread, "confidence_spread", num_moe_layers)
+        mean = _per_layer(p.confidence_mean, "confidence_mean", num_moe_layers)
+        self._log_scale_spread = spread.astype(np.float32)[:, None]
+        self._log_scale_offset = (np.log(mean) - spread**2 / 2).astype(np.float32)[:, None]
+        rho = _per_layer(p.persistence, "persistence", num_moe_layers)
+        self._persistent = bool((rho > 0.0).any())
+        self._request_weight = np.sqrt(rho).astype(np.float32)[:, None]  # [L, 1]: broadcasts over [R, L, E]
+        self._token_weight = np.sqrt(1.0 - rho).astype(np.float32)[:, None, None]  # over [L, T, E]
         self._request_cache: OrderedDict[int, np.ndarray] = OrderedDict()
         # An entry costs its float32 data plus about 256 bytes of array and dictionary bookkeeping.
         self._cache_capacity = max(0, request_cache_bytes) // (num_moe_layers * num_experts * 4 + 256)
@@ -171,7 +215,7 @@ class SyntheticRouting:
         64 tokens x 8 experts, 43 -> 22 ms for 58 x 256 x 256). A cached value is the one a fresh draw would
         give, so the cache cannot change a result.
         """
-        if self.params.persistence == 0.0:
+        if not self._persistent:
             return self._bias[:, None, :]
         unique, inverse = np.unique(requests, return_inverse=True)
         distinct = unique.size == requests.size
@@ -203,10 +247,18 @@ class SyntheticRouting:
         return z
 
     def _confidence(self, token_keys: np.ndarray) -> np.ndarray:
-        """Per-(layer, token) log-normal scale ``s[l, t]`` with mean ``confidence_mean``, as ``[L, T]``."""
-        p = self.params
+        """Per-(layer, token) log-normal scale ``s[l, t]`` with mean ``confidence_mean[l]``, as ``[L, T]``."""
         layers = np.arange((self.num_moe_layers + 1) // 2, dtype=np.uint64)
-        n = normals(combine(self._confidence_key, token_keys)[:, None], layers[None, :])[:, : self.num_moe_layers]
-        n *= np.float32(p.confidence_spread)
-        n += np.float32(math.log(p.confidence_mean) - p.confidence_spread**2 / 2)
-        return np.exp(n, out=n).T
+        n = normals(combine(self._confidence_key, token_keys)[:, None], layers[None, :])[:, : self.num_moe_layers].T
+        n *= self._log_scale_spread
+        n += self._log_scale_offset
+        return np.exp(n, out=n)
+
+
+def _per_layer(value: float | list[float], name: str, num_moe_layers: int) -> np.ndarray:
+    """A per-layer parameter as float64 ``[num_moe_layers]``; a list must give every MoE layer one value."""
+    if isinstance(value, list):
+        if len(value) != num_moe_layers:
+            raise ValueError(f"{name} has {len(value)} values, the model has {num_moe_layers} MoE layers")
+        return np.asarray(value, dtype=np.float64)
+    return np.full(num_moe_layers, value, dtype=np.float64)

@@ -29,6 +29,9 @@ class RoutingTrace:
     layer_ids: tuple[int, ...]  # the model's own index of each MoE layer
     recorded_top_k: int | None = None
     fill: str | None = None
+    license: str = ""  # the recording's licence, carried into every file written from this trace
+    model: str = ""  # the model (and checkpoint) the router outputs come from
+    notes: str = ""  # provenance that fits nowhere else: which rows of which upstream files, the token layout
 
     def __post_init__(self) -> None:
         if self.logits.ndim != 3:
@@ -52,7 +55,14 @@ class RoutingTrace:
         return int(self.logits.shape[2])
 
     def sequences(self) -> list[np.ndarray]:
-        """Token indices of each sequence, in position order (sequences in order of first appearance)."""
-        _, first = np.unique(self.sequence_ids, return_index=True)
-        order = self.sequence_ids[np.sort(first)]
-        return [np.flatnonzero(self.sequence_ids == s)[np.argsort(self.positions[self.sequence_ids == s], kind="stable")] for s in order]
+        """Token indices of each sequence, in position order (sequences in order of first appearance).
+
+        One stable sort of all tokens (O(T log T)), so a trace of many short sequences costs no more than one
+        long one.
+        """
+        _, first, inverse = np.unique(self.sequence_ids, return_index=True, return_inverse=True)
+        appearance = np.empty_like(first)
+        appearance[np.argsort(first, kind="stable")] = np.arange(first.size)
+        key = appearance[inverse.reshape(-1)]
+        order = np.lexsort((self.positions, key))
+        return np.split(order, np.cumsum(np.bincount(key, minlength=first.size))[:-1])
