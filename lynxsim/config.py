@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from lynxsim.errors import InputError
 from lynxsim.routing.synthetic import SyntheticRoutingParams
 from lynxsim.routing.trace_format import DEFAULT_FILL, FillStrategy
-from lynxsim.workload.arrivals import ArrivalProcess
-from lynxsim.workload.lengths import LengthDistribution
+from lynxsim.workload.arrivals import ArrivalProcess, TraceArrivals
+from lynxsim.workload.lengths import EmpiricalLength, LengthDistribution, PairedLengths
 
 
 class _Section(BaseModel):
@@ -54,11 +54,38 @@ class HardwareConfig(_Section):
 
 
 class WorkloadConfig(_Section):
-    """Arrivals and request lengths (tokens)."""
+    """Arrivals and request lengths (tokens).
+
+    Lengths come from exactly one place: ``paired_lengths`` (whole rows of a trace: each request's prompt and output
+    together), or ``prompt_tokens`` and ``output_tokens`` (each its own distribution). With ``trace`` arrivals
+    either may be left out: a length not given is the trace's own, row by row.
+    """
 
     arrival: ArrivalProcess
-    prompt_tokens: LengthDistribution
-    output_tokens: LengthDistribution
+    paired_lengths: PairedLengths | None = Field(
+        default=None, description="prompt and output lengths drawn together: rows of a trace, with replacement"
+    )
+    prompt_tokens: LengthDistribution | None = Field(default=None, validate_default=True)
+    output_tokens: LengthDistribution | None = Field(default=None, validate_default=True)
+
+    @field_validator("prompt_tokens", "output_tokens")
+    @classmethod
+    def _one_length_source(cls, value: Any, info: ValidationInfo) -> Any:
+        paired = info.data.get("paired_lengths")
+        arrival = info.data.get("arrival")
+        if value is not None and paired is not None:
+            raise ValueError(f"paired_lengths gives both lengths already: remove {info.field_name} (or paired_lengths)")
+        if value is None and paired is None and arrival is not None and not isinstance(arrival, TraceArrivals):
+            raise ValueError(
+                f"required: give {info.field_name} (or paired_lengths instead of prompt_tokens and output_tokens;"
+                " trace arrivals default to the trace's own lengths)"
+            )
+        return value
+
+    @property
+    def needs_request_count(self) -> bool:
+        """Random arrivals go on forever: they need simulation.num_requests or duration_s."""
+        return self.arrival.kind in ("poisson", "gamma")
 
 
 class SyntheticRoutingConfig(SyntheticRoutingParams):
@@ -126,8 +153,12 @@ class SimulationConfig(_Section):
     """How long to simulate and what to leave out of the statistics."""
 
     seed: int = Field(default=0, ge=0)
-    num_requests: int | None = Field(default=None, gt=0, description="requests to generate")
-    duration_s: float | None = Field(default=None, gt=0, description="generate arrivals during this many seconds")
+    num_requests: int | None = Field(
+        default=None, gt=0, description="requests to generate (trace and list arrivals: at most the first N)"
+    )
+    duration_s: float | None = Field(
+        default=None, gt=0, description="generate arrivals during this many seconds (trace arrivals: after scaling)"
+    )
     warmup_s: float = Field(default=0.0, ge=0, description="requests arriving earlier are left out of statistics")
     cutoff_s: float | None = Field(default=None, gt=0, description="stop the simulation here (default: drain)")
 
@@ -171,8 +202,10 @@ class ExperimentConfig(_Section):
     @model_validator(mode="after")
     def _request_count(self) -> "ExperimentConfig":
         given = self.simulation.num_requests is not None or self.simulation.duration_s is not None
-        if self.workload.arrival.kind == "poisson" and not given:
-            raise ValueError("simulation needs num_requests or duration_s with Poisson arrivals")
+        if self.workload.needs_request_count and not given:
+            raise ValueError(
+                f"simulation needs num_requests or duration_s with {self.workload.arrival.kind} arrivals"
+            )
         return self
 
 
@@ -234,6 +267,14 @@ def _paths_relative_to(config: ExperimentConfig, base_dir: Path) -> ExperimentCo
     routing = config.routing
     if isinstance(routing, (ProfileRoutingConfig, TraceRoutingConfig)) and routing.path is not None:
         config = config.model_copy(update={"routing": routing.model_copy(update={"path": resolve(routing.path)})})
+    workload = config.workload
+    updates = {
+        key: entry.model_copy(update={"path": resolve(entry.path)})
+        for key in ("arrival", "paired_lengths", "prompt_tokens", "output_tokens")
+        if isinstance(entry := getattr(workload, key), (TraceArrivals, PairedLengths, EmpiricalLength))
+    }
+    if updates:
+        config = config.model_copy(update={"workload": workload.model_copy(update=updates)})
     return config
 
 

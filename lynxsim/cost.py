@@ -14,12 +14,17 @@ numpy reductions. Each component is a method, so that a subclass driven by measu
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from lynxsim.errors import InputError
-from lynxsim.hardware import HardwareProfile
+from lynxsim.hardware import HardwareProfile, KernelTable
 from lynxsim.models.spec import BYTES_PER_WEIGHT, ModelSpec
 
 # Kernels whose fixed cost (``efficiency.kernel_launch_s``) is charged, per layer, counted as vLLM launches them
@@ -296,3 +301,383 @@ class CostModel:
                 ", leaving nothing for the KV cache",
             )
         return int(capacity)
+
+
+# ===== measured cost model =========================================================================================
+#
+# ``lynxsim calibrate`` times the per-layer units that a decoder iteration is made of, on a real GPU, and writes
+# one table per unit and model into the hardware profile, named ``<model-key>/<unit>``:
+#
+# | unit                | axes                              | what one entry times (one layer, or once per iteration) |
+# |---------------------|-----------------------------------|----------------------------------------------------------|
+# | `moe`               | tokens, distinct_experts          | the routed experts of one MoE layer: the fused MoE kernel over `tokens` tokens whose top-k choices activate `distinct_experts` experts |
+# | `attention_decode`  | batch, context_tokens             | one layer's attention core for `batch` decode rows that each attend to `context_tokens` KV entries |
+# | `attention_prefill` | chunk_tokens, context_tokens      | one layer's attention core for one prefill chunk of `chunk_tokens` new tokens after `context_tokens` cached ones |
+# | `dense_layer`       | tokens                            | everything else of one MoE layer: norms, QKV projection, rotary embedding, KV-cache write, output projection, router and top-k, shared experts, residual adds |
+# | `dense_ffn_layer`   | tokens                            | the same for a dense layer (a dense FFN instead of router and experts); only models with dense layers |
+# | `embedding`         | tokens                            | the input embedding lookup, once per iteration |
+# | `lm_head`           | sequences                         | final norm, LM head GEMM and greedy sampling over one row per sequence, once per iteration |
+# | `graph_launch`      | graphs                            | optional: the fixed GPU cost of launching one iteration's CUDA graph |
+#
+# An iteration is predicted as the sum of its units: every layer's attention (the decode rows as one call at
+# their mean context, plus one call per prefill chunk), every layer's dense part, every MoE layer's experts at
+# THAT layer's distinct expert count, the embedding and the LM head, plus the graph launch and the profile's
+# CPU-side ``iteration_overhead_s``.
+
+MEASURED_UNITS: dict[str, tuple[str, ...]] = {
+    "moe": ("tokens", "distinct_experts"),
+    "attention_decode": ("batch", "context_tokens"),
+    "attention_prefill": ("chunk_tokens", "context_tokens"),
+    "dense_layer": ("tokens",),
+    "dense_ffn_layer": ("tokens",),
+    "embedding": ("tokens",),
+    "lm_head": ("sequences",),
+    "graph_launch": ("graphs",),
+}
+"""Each measured unit and the axes of its table, in order."""
+
+OPTIONAL_UNITS = frozenset({"graph_launch"})
+
+# ModelSpec fields that do not change what a kernel computes: a model that differs from the calibrated catalog
+# shape only in these still uses the catalog key's tables.
+COST_NEUTRAL_FIELDS = frozenset(
+    {"name", "source", "lynx_alpha", "lynx_beta", "published_total_params", "published_total_params_source",
+     "renormalize"}
+)
+
+_TINY_S = 1e-12
+
+
+def table_name(model_key: str, unit: str) -> str:
+    """Name of a measured table in a hardware profile: ``<model-key>/<unit>``."""
+    if unit not in MEASURED_UNITS:
+        raise ValueError(f"unknown measured unit {unit!r}; known: {', '.join(MEASURED_UNITS)}")
+    return f"{model_key}/{unit}"
+
+
+def required_units(model: ModelSpec) -> tuple[str, ...]:
+    """The units a model's measured cost model needs (``dense_ffn_layer`` only where it has dense layers)."""
+    return tuple(
+        unit for unit in MEASURED_UNITS
+        if unit not in OPTIONAL_UNITS and (unit != "dense_ffn_layer" or model.num_dense_layers)
+    )
+
+
+class TableInterpolator:
+    """Latency at any point of a measured table: multilinear interpolation in log space, roofline-scaled
+    outside the grid.
+
+    * Coordinates: each axis is mapped to ``log(x)``, or to ``log(1 + x)`` when its grid starts at 0 (a prefill
+      chunk's cached context may be empty). Values: ``log(latency)``. Between grid points the interpolation is
+      multilinear in those coordinates (bilinear for two axes), so a latency that grows as a power of an axis
+      between two grid points (constant, linear, quadratic) is followed closely, it is exact at every grid
+      point, and it is monotone along an axis wherever the table is (a weighted mean of monotone neighbours,
+      under monotone maps).
+    * Outside the grid, the query is clamped to the grid's range on each axis, and the clamped point's latency
+      is scaled by the unit's roofline ``roofline(query) / roofline(clamped)`` (memory and compute terms plus the
+      launch cost), so that a batch twice the largest measured one costs what the roofline says twice the
+      batch costs, relative to a measured point. Without a roofline the clamped value is returned.
+    """
+
+    def __init__(self, table: KernelTable, roofline: Callable[..., np.ndarray] | None = None) -> None:
+        self.table = table
+        self.roofline = roofline
+        self.axes = tuple(np.asarray(values, dtype=np.float64) for values in table.axis_values)
+        self._lo = tuple(float(a[0]) for a in self.axes)
+        self._hi = tuple(float(a[-1]) for a in self.axes)
+        self._log1p = tuple(a[0] <= 0.0 for a in self.axes)
+        if any(a[0] < 0.0 for a in self.axes):
+            raise ValueError(f"measured table axes {table.axes} must be non-negative")
+        self._coords = tuple(np.log1p(a) if lp else np.log(a) for a, lp in zip(self.axes, self._log1p))
+        self._coord_lists = tuple(c.tolist() for c in self._coords)
+        self._values = np.log(np.maximum(np.asarray(table.latency_s, dtype=np.float64), _TINY_S)).reshape(table.shape)
+        self._flat = self._values.ravel().tolist()
+        self._strides = tuple(int(s // 8) for s in self._values.strides)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.axes)
+
+    def _bracket(self, axis: int, x: float) -> tuple[int, float]:
+        coords = self._coord_lists[axis]
+        if len(coords) == 1:
+            return 0, 0.0
+        u = math.log1p(x) if self._log1p[axis] else math.log(x)
+        i = bisect.bisect_right(coords, u) - 1
+        i = min(max(i, 0), len(coords) - 2)
+        return i, (u - coords[i]) / (coords[i + 1] - coords[i])
+
+    def scalar(self, *point: float) -> float:
+        """Latency (s) at one point; the fast path that the cost model calls per iteration."""
+        if len(point) != self.ndim:
+            raise ValueError(f"table has axes {self.table.axes}, got {len(point)} coordinates")
+        clamped = tuple(min(max(float(x), lo), hi) for x, lo, hi in zip(point, self._lo, self._hi))
+        brackets = [self._bracket(axis, x) for axis, x in enumerate(clamped)]
+        total = 0.0
+        for corner in itertools.product((0, 1), repeat=self.ndim):
+            weight = 1.0
+            offset = 0
+            for (i, w), bit, stride in zip(brackets, corner, self._strides):
+                if bit:
+                    if w == 0.0:
+                        weight = 0.0
+                        break
+                    weight *= w
+                else:
+                    weight *= 1.0 - w
+                offset += (i + bit) * stride
+            if weight:
+                total += weight * self._flat[offset]
+        value = math.exp(total)
+        if self.roofline is not None and clamped != tuple(float(x) for x in point):
+            denominator = float(self.roofline(*clamped))
+            if denominator > 0.0:
+                value *= float(self.roofline(*point)) / denominator
+        return value
+
+    def __call__(self, *points: ArrayLike) -> np.ndarray:
+        """Latency (s) at many points at once: one array per axis, broadcast together."""
+        if len(points) != self.ndim:
+            raise ValueError(f"table has axes {self.table.axes}, got {len(points)} coordinate arrays")
+        arrays = np.broadcast_arrays(*(np.asarray(p, dtype=np.float64) for p in points))
+        clamped = [np.clip(p, lo, hi) for p, lo, hi in zip(arrays, self._lo, self._hi)]
+        index, weight = [], []
+        for axis, c in enumerate(clamped):
+            coords = self._coords[axis]
+            if coords.size == 1:
+                index.append(np.zeros(c.shape, dtype=np.int64))
+                weight.append(np.zeros(c.shape))
+                continue
+            u = np.log1p(c) if self._log1p[axis] else np.log(c)
+            i = np.clip(np.searchsorted(coords, u, side="right") - 1, 0, coords.size - 2)
+            index.append(i)
+            weight.append((u - coords[i]) / (coords[i + 1] - coords[i]))
+        total = np.zeros(arrays[0].shape if arrays else ())
+        for corner in itertools.product((0, 1), repeat=self.ndim):
+            if any(bit and self._coords[a].size == 1 for a, bit in enumerate(corner)):
+                continue
+            w = np.ones_like(total)
+            for a, bit in enumerate(corner):
+                w = w * (weight[a] if bit else 1.0 - weight[a])
+            total = total + w * self._values[tuple(i + bit for i, bit in zip(index, corner))]
+        value = np.exp(total)
+        if self.roofline is not None:
+            outside = np.zeros(value.shape, dtype=bool)
+            for p, c in zip(arrays, clamped):
+                outside |= p != c
+            if outside.any():
+                numerator = np.asarray(self.roofline(*arrays), dtype=np.float64)
+                denominator = np.asarray(self.roofline(*clamped), dtype=np.float64)
+                ratio = np.divide(numerator, denominator, out=np.ones(value.shape), where=denominator > 0)
+                value = np.where(outside, value * ratio, value)
+        return value
+
+
+class UnitRooflines(CostModel):
+    """The roofline cost model, plus the roofline time of each measured unit (one layer of it, or once per
+    iteration), with the same formulas and constants as ``CostModel``'s components. The measured cost model
+    scales measured times with these outside a table's grid; a calibration dry run fills tables with them."""
+
+    def unit_roofline(self, unit: str) -> Callable[..., np.ndarray]:
+        """The roofline of ``unit`` (one of ``MEASURED_UNITS``) as a function of its table's axes."""
+        functions: dict[str, Callable[..., np.ndarray]] = {
+            "moe": self._moe_layer_roofline,
+            "attention_decode": self._decode_attention_layer_roofline,
+            "attention_prefill": self._prefill_attention_layer_roofline,
+            "dense_layer": self._dense_layer_roofline,
+            "dense_ffn_layer": self._dense_ffn_layer_roofline,
+            "embedding": self._embedding_roofline,
+            "lm_head": self._lm_head_roofline,
+            "graph_launch": lambda graphs: np.asarray(graphs, dtype=np.float64) * self._launch_s,
+        }
+        if unit not in functions:
+            raise ValueError(f"unknown measured unit {unit!r}; known: {', '.join(functions)}")
+        return functions[unit]
+
+    def _moe_layer_roofline(self, tokens: ArrayLike, distinct: ArrayLike) -> np.ndarray:
+        memory = np.asarray(distinct, dtype=np.float64) * self._expert_memory_s
+        compute = np.asarray(tokens, dtype=np.float64) * self.model.top_k * self._assignment_compute_s
+        return np.maximum(memory, compute) + MOE_KERNELS_PER_LAYER * self._launch_s
+
+    def _decode_attention_layer_roofline(self, batch: ArrayLike, context: ArrayLike) -> np.ndarray:
+        pairs = np.asarray(batch, dtype=np.float64) * np.asarray(context, dtype=np.float64)
+        memory = pairs * self._kv_bytes_per_token_layer / self._bandwidth
+        compute = pairs * self._decode_flops_per_pair / self._attention_flops_rate
+        return np.maximum(memory, compute) + self._attention_launch_s
+
+    def _prefill_attention_layer_roofline(self, chunk: ArrayLike, context: ArrayLike) -> np.ndarray:
+        c = np.asarray(chunk, dtype=np.float64)
+        ctx = np.asarray(context, dtype=np.float64)
+        memory = (c + ctx) * self._kv_bytes_per_token_layer / self._bandwidth
+        compute = c * (ctx + (c + 1.0) * 0.5) * self._prefill_flops_per_pair / self._attention_flops_rate
+        return np.maximum(memory, compute) + self._attention_launch_s
+
+    def _groups_roofline(self, groups: list[_GemmGroup], rows: ArrayLike) -> np.ndarray:
+        r = np.asarray(rows, dtype=np.float64)
+        total = np.zeros(r.shape)
+        for g in groups:
+            total = total + np.maximum(g.weight_bytes / self._bandwidth, g.flops_per_row * r / self._dense_flops_rate)
+            total = total + g.kernels * self._launch_s
+        return total
+
+    def _layer_groups(self, dense_ffn: bool) -> list[_GemmGroup]:
+        model = self.model
+        wbytes = model.weight_bytes_per_param
+        attention = self._dense_groups[0]
+        groups = [_GemmGroup(attention.weight_bytes, attention.flops_per_row, 1, attention.kernels, False)]
+        if dense_ffn:
+            groups.append(_GemmGroup(model.dense_ffn_params * wbytes, 2.0 * model.dense_ffn_params, 1, FFN_KERNELS, False))
+        else:
+            groups.append(_GemmGroup(model.router_params * wbytes, 2.0 * model.router_params, 1, ROUTER_KERNELS, False))
+            if model.num_shared_experts:
+                params = model.shared_experts_params
+                groups.append(_GemmGroup(params * wbytes, 2.0 * params, 1, FFN_KERNELS, False))
+        return groups
+
+    def _dense_layer_roofline(self, tokens: ArrayLike) -> np.ndarray:
+        return self._groups_roofline(self._layer_groups(dense_ffn=False), tokens)
+
+    def _dense_ffn_layer_roofline(self, tokens: ArrayLike) -> np.ndarray:
+        return self._groups_roofline(self._layer_groups(dense_ffn=True), tokens)
+
+    def _lm_head_roofline(self, sequences: ArrayLike) -> np.ndarray:
+        params = self.model.vocab_size * self.model.hidden_size
+        group = _GemmGroup(params * self.model.weight_bytes_per_param, 2.0 * params, 1, LM_HEAD_KERNELS, True)
+        return self._groups_roofline([group], sequences)
+
+    def _embedding_roofline(self, tokens: ArrayLike) -> np.ndarray:
+        row_bytes = 2.0 * self.model.hidden_size * self.model.weight_bytes_per_param  # read the row, write it
+        return np.asarray(tokens, dtype=np.float64) * row_bytes / self._bandwidth + self._launch_s
+
+
+class MeasuredCostModel(UnitRooflines):
+    """Iteration latency from kernel tables measured on a real GPU (``HardwareProfile.measured``), with the
+    roofline only where a query leaves a table's grid (see ``TableInterpolator``).
+
+    Prediction of one iteration, with L layers (of which M MoE layers and D dense ones), T tokens and S sequences:
+      attention = L * (attention_decode(decode rows, their mean context)  if any decode rows
+                       + sum over prefill chunks of attention_prefill(chunk, its cached context))
+      dense     = M * dense_layer(T) + D * dense_ffn_layer(T) + embedding(T) + lm_head(S)
+      moe       = sum over MoE layers l of moe(assignments_l / top_k, distinct experts of layer l)
+      overhead  = graph_launch (measured, where the profile has it) + efficiency.iteration_overhead_s (CPU side)
+    Each MoE layer is priced at its own distinct expert count, never at an average over layers.
+    """
+
+    source = "measured"
+
+    def __init__(self, model: ModelSpec, hardware: HardwareProfile, model_key: str) -> None:
+        super().__init__(model, hardware)
+        self.model_key = model_key
+        tables = hardware.measured.tables
+        missing = [table_name(model_key, u) for u in required_units(model) if table_name(model_key, u) not in tables]
+        if missing:
+            raise ValueError(f"hardware profile {hardware.name} lacks measured tables {', '.join(missing)}")
+        for unit, axes in MEASURED_UNITS.items():
+            name = table_name(model_key, unit)
+            if name in tables and tables[name].axes != axes:
+                raise ValueError(f"measured table {name} has axes {list(tables[name].axes)}, expected {list(axes)}")
+        self.units: dict[str, TableInterpolator] = {
+            unit: TableInterpolator(tables[table_name(model_key, unit)], self.unit_roofline(unit))
+            for unit in MEASURED_UNITS
+            if table_name(model_key, unit) in tables
+        }
+        self.gpu_overhead_s = self.units["graph_launch"].scalar(1.0) if "graph_launch" in self.units else 0.0
+        self.cpu_overhead_s = hardware.efficiency.iteration_overhead_s
+        self._overhead_s = self.gpu_overhead_s + self.cpu_overhead_s
+        self._dense_cache: dict[int, float] = {}
+        self._lm_head_cache: dict[int, float] = {}
+        self._moe_rows: dict[int, np.ndarray] = {}
+
+    # ----- components -----
+
+    def attention_time_s(self, batch: BatchShape) -> float:
+        """Every layer: the decode rows as one call at their mean context, plus one call per prefill chunk."""
+        layer_s = 0.0
+        decode = batch.decode_context_tokens
+        if decode.size:
+            layer_s += self.units["attention_decode"].scalar(decode.size, float(decode.mean()))
+        chunks = batch.prefill_chunk_tokens
+        if chunks.size == 1:
+            layer_s += self.units["attention_prefill"].scalar(chunks[0], batch.prefill_context_tokens[0])
+        elif chunks.size:
+            layer_s += float(self.units["attention_prefill"](chunks, batch.prefill_context_tokens).sum())
+        return self._num_layers * layer_s
+
+    def dense_time_s(self, batch: BatchShape) -> float:
+        """Every layer's dense part at the batch's token count, the embedding, and the LM head per sequence."""
+        tokens = batch.num_tokens
+        per_tokens = self._dense_cache.get(tokens)
+        if per_tokens is None:
+            per_tokens = self._num_moe_layers * self.units["dense_layer"].scalar(tokens)
+            if self.model.num_dense_layers:
+                per_tokens += self.model.num_dense_layers * self.units["dense_ffn_layer"].scalar(tokens)
+            per_tokens += self.units["embedding"].scalar(tokens)
+            self._dense_cache[tokens] = per_tokens
+        sequences = batch.num_sequences
+        head = self._lm_head_cache.get(sequences)
+        if head is None:
+            head = self._lm_head_cache[sequences] = self.units["lm_head"].scalar(sequences)
+        return per_tokens + head
+
+    def _moe_row(self, assignments: int) -> np.ndarray:
+        """moe(assignments / top_k, d) for d = 0 .. num_experts, cached per assignment count."""
+        row = self._moe_rows.get(assignments)
+        if row is None:
+            distinct = np.arange(self._num_experts + 1, dtype=np.float64)
+            row = self.units["moe"](np.full(distinct.shape, assignments / self.model.top_k), distinct)
+            self._moe_rows[assignments] = row
+        return row
+
+    def moe_time_s(self, expert_token_counts: np.ndarray) -> float:
+        """Sum over MoE layers of the measured MoE-layer time at that layer's token-expert assignments (over
+        top-k, as tokens) and that layer's distinct experts."""
+        counts = np.asarray(expert_token_counts)
+        if counts.shape != (self._num_moe_layers, self._num_experts):
+            raise ValueError(
+                f"expert_token_counts has shape {counts.shape}, expected "
+                f"(num_moe_layers, num_experts) = ({self._num_moe_layers}, {self._num_experts})"
+            )
+        distinct = np.add.reduce(counts > 0, axis=1)
+        assignments = np.add.reduce(counts, axis=1)
+        first = int(assignments[0])
+        if (assignments == first).all():
+            return float(self._moe_row(first)[distinct].sum())
+        return float(self.units["moe"](assignments / self.model.top_k, distinct).sum())
+
+    def per_layer_moe_s(self, expert_token_counts: np.ndarray) -> np.ndarray:
+        """The MoE time of each MoE layer (s), for validation reports."""
+        counts = np.asarray(expert_token_counts)
+        return self.units["moe"](counts.sum(axis=1) / self.model.top_k, (counts > 0).sum(axis=1))
+
+    def gpu_time_s(self, latency: LatencyBreakdown) -> float:
+        """The part of a predicted iteration that runs on the GPU: everything but the CPU-side overhead."""
+        return latency.total_s - self.cpu_overhead_s
+
+
+def calibrated_shape_matches(model: ModelSpec, model_key: str) -> bool:
+    """Whether ``model`` has the shape of catalog model ``model_key`` (the one calibration timed), up to
+    fields that change no kernel (``COST_NEUTRAL_FIELDS``)."""
+    from lynxsim.models.catalog import catalog_names, load_catalog_model
+
+    if model_key not in catalog_names():
+        return False
+    reference = load_catalog_model(model_key).model_dump(exclude=set(COST_NEUTRAL_FIELDS))
+    return model.model_dump(exclude=set(COST_NEUTRAL_FIELDS)) == reference
+
+
+def has_measured_tables(hardware: HardwareProfile, model: ModelSpec, model_key: str | None) -> bool:
+    """Whether ``hardware`` holds every table the measured cost model of ``model_key`` needs."""
+    if model_key is None:
+        return False
+    tables = hardware.measured.tables
+    return all(table_name(model_key, unit) in tables for unit in required_units(model))
+
+
+def make_cost_model(model: ModelSpec, hardware: HardwareProfile, model_key: str | None = None) -> CostModel:
+    """The cost model a run uses: ``MeasuredCostModel`` when ``hardware`` has every measured table of the
+    catalog model ``model_key`` and ``model`` has that model's calibrated shape, the roofline ``CostModel``
+    otherwise. Its ``source`` ("measured" or "roofline") is what the run summary reports as ``cost_model``."""
+    if has_measured_tables(hardware, model, model_key) and calibrated_shape_matches(model, model_key or ""):
+        assert model_key is not None
+        return MeasuredCostModel(model, hardware, model_key)
+    return CostModel(model, hardware)

@@ -171,19 +171,47 @@ class KernelTable(BaseModel):
         return self
 
 
+class TableFile(BaseModel):
+    """A file of measured tables that a profile lists in ``measured.table_files`` (``lynxsim calibrate`` writes
+    one per model, e.g. ``hw_profiles/h200.tables/mixtral-8x7b.yaml``), with the calibration run it came from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metadata: CalibrationMetadata
+    tables: dict[str, KernelTable] = Field(default_factory=dict)
+
+
 class MeasuredKernels(BaseModel):
-    """Kernel timing tables measured on a real GPU by calibration; empty until calibration has run."""
+    """Kernel timing tables measured on a real GPU by calibration; empty until calibration has run.
+
+    Tables are named ``<model-key>/<unit>`` (see ``lynxsim.cost.MEASURED_UNITS``). They are written inline
+    under ``tables`` or, to keep the profile readable, in separate files listed in ``table_files`` (paths
+    relative to the profile file); ``load_hardware`` reads those files and merges their tables into ``tables``,
+    recording each merged table's calibration run in ``table_metadata``.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     metadata: CalibrationMetadata | None = None
     tables: dict[str, KernelTable] = Field(default_factory=dict)
+    table_files: tuple[str, ...] = Field(default=(), description="table files, relative to the profile file")
+    table_metadata: dict[str, CalibrationMetadata] = Field(
+        default_factory=dict, description="calibration run of each table read from a table file (filled on load)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "MeasuredKernels":
         if self.tables and self.metadata is None:
             raise ValueError("measured tables need metadata (gpu_name, torch_version, cuda_version, date)")
         return self
+
+    def metadata_for(self, table: str) -> CalibrationMetadata | None:
+        """The calibration run that measured ``table``: its table file's, else the profile's."""
+        return self.table_metadata.get(table, self.metadata)
+
+    def model_keys(self) -> list[str]:
+        """Model keys that have at least one table (``<model-key>/<unit>``), sorted."""
+        return sorted({name.split("/", 1)[0] for name in self.tables if "/" in name})
 
 
 class HardwareProfile(BaseModel):
@@ -285,6 +313,7 @@ def _read_profile(path: Path) -> HardwareProfile:
         raise InputError(where, f"malformed YAML: {problem}") from exc
     if not isinstance(data, dict):
         raise InputError(str(path), f"a hardware profile is a mapping of keys to values, not {type(data).__name__}")
+    data = _merge_table_files(data, path)
     try:
         return HardwareProfile.model_validate(data)
     except ValidationError as exc:
@@ -295,6 +324,40 @@ def _read_profile(path: Path) -> HardwareProfile:
             rest = "; ".join(f"{_format_loc(e['loc'])}: {e['msg']}" for e in errors[1:])
             problem += f" (and {len(errors) - 1} more: {rest})"
         raise InputError(f"{path}: {_format_loc(first['loc'])}", problem) from exc
+
+
+def _merge_table_files(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Read the table files that ``measured.table_files`` lists (relative to ``path``) and merge their tables
+    into ``measured.tables``; a table named twice is an error, naming both places."""
+    measured = data.get("measured")
+    if not isinstance(measured, dict) or not measured.get("table_files"):
+        return data
+    files = measured["table_files"]
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise InputError(f"{path}: measured.table_files", "must be a list of file paths")
+    tables = dict(measured.get("tables") or {})
+    origin = {name: "measured.tables" for name in tables}
+    table_metadata: dict[str, Any] = {}
+    for relative in files:
+        file_path = path.parent / relative
+        try:
+            content = yaml.safe_load(file_path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise InputError(f"{path}: measured.table_files", f"cannot read {file_path}: {exc.strerror or exc}") from exc
+        except yaml.YAMLError as exc:
+            raise InputError(str(file_path), f"malformed YAML: {getattr(exc, 'problem', None) or exc}") from exc
+        try:
+            table_file = TableFile.model_validate(content)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise InputError(f"{file_path}: {_format_loc(first['loc'])}", first["msg"]) from exc
+        for name, table in table_file.tables.items():
+            if name in tables:
+                raise InputError(str(file_path), f"table {name!r} is also in {origin[name]}")
+            tables[name] = table.model_dump()
+            origin[name] = str(file_path)
+            table_metadata[name] = table_file.metadata.model_dump()
+    return {**data, "measured": {**measured, "tables": tables, "table_metadata": table_metadata}}
 
 
 def load_hardware(name_or_path: str | Path) -> HardwareProfile:

@@ -22,7 +22,7 @@ import yaml
 from pydantic import ValidationError
 
 from lynxsim.config import ExperimentConfig, PolicyConfig, ProfileRoutingConfig, TraceRoutingConfig
-from lynxsim.cost import CostModel
+from lynxsim.cost import CostModel, make_cost_model
 from lynxsim.engine import BlockPool, Replica, RoutingStep, Scheduler
 from lynxsim.errors import InputError
 from lynxsim.hardware import HardwareProfile, load_hardware
@@ -169,7 +169,7 @@ def prepare(config: ExperimentConfig) -> Setup:
     """Resolve the config; every user-facing problem surfaces here, before any simulation starts."""
     model = resolve_model(config)
     hardware = load_hardware(config.hardware.profile)
-    cost_model = CostModel(model, hardware)
+    cost_model = make_cost_model(model, hardware, config.model.name)
     serving = config.serving
     kv_bytes = cost_model.kv_cache_capacity_bytes(serving.gpu_memory_utilization, serving.activation_reserve_bytes)
     kv_blocks = int(kv_bytes // (serving.block_size_tokens * model.kv_bytes_per_token))
@@ -180,6 +180,7 @@ def prepare(config: ExperimentConfig) -> Setup:
         config.workload.arrival,
         config.workload.prompt_tokens,
         config.workload.output_tokens,
+        paired_lengths=config.workload.paired_lengths,
         seed=sim.seed,
         num_requests=sim.num_requests,
         duration_s=sim.duration_s,

@@ -1,17 +1,46 @@
 """Workloads: when requests arrive and how long their prompts and outputs are."""
 
-from lynxsim.workload.arrivals import ArrivalProcess, ListArrivals, PoissonArrivals
-from lynxsim.workload.lengths import FixedLength, LengthDistribution, LognormalLength, UniformLength
+from lynxsim.workload.arrivals import ArrivalProcess, GammaArrivals, ListArrivals, PoissonArrivals, TraceArrivals
+from lynxsim.workload.lengths import (
+    EmpiricalLength,
+    FixedLength,
+    LengthDistribution,
+    LognormalLength,
+    PairedLengths,
+    UniformLength,
+)
 from lynxsim.workload.requests import RequestSpec, generate_requests
+from lynxsim.workload.traces import (
+    RequestTrace,
+    TraceColumns,
+    TraceFile,
+    TraceNote,
+    load_azure_csv,
+    load_mooncake_jsonl,
+    load_trace,
+    load_trace_table,
+)
 
 __all__ = [
     "ArrivalProcess",
+    "EmpiricalLength",
     "FixedLength",
+    "GammaArrivals",
     "LengthDistribution",
     "ListArrivals",
     "LognormalLength",
+    "PairedLengths",
     "PoissonArrivals",
     "RequestSpec",
+    "RequestTrace",
+    "TraceArrivals",
+    "TraceColumns",
+    "TraceFile",
+    "TraceNote",
     "UniformLength",
     "generate_requests",
+    "load_azure_csv",
+    "load_mooncake_jsonl",
+    "load_trace",
+    "load_trace_table",
 ]

@@ -1,11 +1,37 @@
-"""Arrival processes: the times at which requests reach the server."""
+"""Arrival processes: the times at which requests reach the server.
+
+``poisson`` and ``gamma`` are renewal processes (independent, identically distributed inter-arrival times) drawn
+from the seed; ``list`` gives the times by hand; ``trace`` replays a recorded trace's timestamps, optionally sped
+up or slowed down (one factor for the whole trace, so its bursts keep their shape).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Literal, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from lynxsim.errors import InputError
+from lynxsim.workload.traces import RequestTrace, TraceFile, mean_rate_per_s
+
+
+def _renewal_times(
+    draw: Callable[[int], np.ndarray], rate_per_s: float, cv: float, num_requests: int | None, duration_s: float | None
+) -> np.ndarray:
+    """Arrival times from 0 of a renewal process whose gaps ``draw(n)`` returns: exactly ``num_requests`` of them,
+    or all that fall before ``duration_s``."""
+    if num_requests is not None:
+        return np.cumsum(draw(num_requests))
+    assert duration_s is not None
+    expected = rate_per_s * duration_s
+    draws = int(expected + 10.0 * max(cv, 1.0) * np.sqrt(expected) + 16)
+    times = np.cumsum(draw(draws))
+    while times[-1] < duration_s:  # the generous first draw almost never falls short
+        more = np.cumsum(draw(draws)) + times[-1]
+        times = np.concatenate([times, more])
+    return times[times < duration_s]
 
 
 class PoissonArrivals(BaseModel):
@@ -18,16 +44,28 @@ class PoissonArrivals(BaseModel):
 
     def times_s(self, rng: np.random.Generator, num_requests: int | None, duration_s: float | None) -> np.ndarray:
         """Arrival times from 0: exactly ``num_requests`` of them, or all that fall before ``duration_s``."""
-        if num_requests is not None:
-            return np.cumsum(rng.exponential(1.0 / self.rate_per_s, size=num_requests))
-        assert duration_s is not None
-        expected = self.rate_per_s * duration_s
-        draws = int(expected + 10.0 * np.sqrt(expected) + 16)
-        times = np.cumsum(rng.exponential(1.0 / self.rate_per_s, size=draws))
-        while times[-1] < duration_s:  # the generous first draw almost never falls short
-            more = np.cumsum(rng.exponential(1.0 / self.rate_per_s, size=draws)) + times[-1]
-            times = np.concatenate([times, more])
-        return times[times < duration_s]
+        return _renewal_times(
+            lambda n: rng.exponential(1.0 / self.rate_per_s, size=n), self.rate_per_s, 1.0, num_requests, duration_s
+        )
+
+
+class GammaArrivals(BaseModel):
+    """Renewal arrivals with gamma-distributed inter-arrival times of mean ``1 / rate_per_s`` and coefficient of
+    variation ``cv`` (standard deviation over mean): ``cv > 1`` is burstier than Poisson, ``cv < 1`` more regular,
+    ``cv = 1`` is Poisson (an exponential is a gamma of shape 1). Shape ``1 / cv**2``, scale ``cv**2 / rate``.
+    (vLLM's benchmark_serving calls ``1 / cv**2`` its ``burstiness``.)"""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["gamma"] = "gamma"
+    rate_per_s: float = Field(gt=0, description="mean arrivals per second")
+    cv: float = Field(gt=0, description="coefficient of variation of the inter-arrival times (1 = Poisson)")
+
+    def times_s(self, rng: np.random.Generator, num_requests: int | None, duration_s: float | None) -> np.ndarray:
+        shape = 1.0 / self.cv**2
+        scale = self.cv**2 / self.rate_per_s
+        return _renewal_times(
+            lambda n: rng.gamma(shape, scale, size=n), self.rate_per_s, self.cv, num_requests, duration_s
+        )
 
 
 class ListArrivals(BaseModel):
@@ -41,4 +79,64 @@ class ListArrivals(BaseModel):
         return np.sort(np.asarray(self.times_s, dtype=float))
 
 
-ArrivalProcess = Annotated[Union[PoissonArrivals, ListArrivals], Field(discriminator="kind")]
+class TraceArrivals(TraceFile):
+    """Replay of a trace's arrival times (seconds from its first request), from ``start_s`` on (trace time),
+    scaled by one factor: ``speedup`` divides every time; ``rate_per_s`` picks the factor that gives that mean
+    rate, ``(requests - 1) / span``, over the trace from ``start_s`` to its end. Neither: the recorded times."""
+
+    kind: Literal["trace"] = "trace"
+    speedup: float | None = Field(
+        default=None, gt=0, description="divide the trace's times by this (2 = twice the rate)"
+    )
+    rate_per_s: float | None = Field(
+        default=None, gt=0, description="scale the trace's times to this mean arrival rate"
+    )
+    start_s: float = Field(
+        default=0.0, ge=0, description="skip requests that arrive earlier (trace time, before scaling)"
+    )
+
+    @model_validator(mode="after")
+    def _one_scaling(self) -> "TraceArrivals":
+        if self.speedup is not None and self.rate_per_s is not None:
+            raise ValueError("give at most one of 'speedup' and 'rate_per_s' (both scale the trace's times)")
+        if self.columns is not None and self.columns.arrival is None:
+            raise ValueError("trace arrivals need the arrival time column: map columns.arrival")
+        return self
+
+    def select(
+        self, trace: RequestTrace, num_requests: int | None, duration_s: float | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(times_s, rows)``: the scaled arrival times from 0 (the window start) and the trace rows they are,
+        the first ``num_requests`` of them and those before ``duration_s`` (scaled time), where given."""
+        if trace.arrival_s is None:
+            raise InputError(trace.source, "the trace has no arrival times (map columns.arrival)")
+        first = int(np.searchsorted(trace.arrival_s, self.start_s, side="left"))
+        if first == len(trace):
+            raise InputError(
+                trace.source, f"start_s {self.start_s:g} s is after the trace's last arrival ({trace.span_s:.3f} s)"
+            )
+        times = trace.arrival_s[first:] - self.start_s
+        times = times * self.time_factor(trace.arrival_s[first:], trace.source)
+        rows = np.arange(first, len(trace))
+        if num_requests is not None:
+            times, rows = times[:num_requests], rows[:num_requests]
+        if duration_s is not None:
+            keep = times < duration_s
+            times, rows = times[keep], rows[keep]
+        return times, rows
+
+    def time_factor(self, arrival_s: np.ndarray, source: str = "") -> float:
+        """What every (window) time is multiplied by."""
+        if self.speedup is not None:
+            return 1.0 / self.speedup
+        if self.rate_per_s is not None:
+            rate = mean_rate_per_s(arrival_s)
+            if not np.isfinite(rate):
+                raise InputError(source, "rate_per_s needs at least two arrivals at different times in the trace")
+            return rate / self.rate_per_s
+        return 1.0
+
+
+ArrivalProcess = Annotated[
+    Union[PoissonArrivals, GammaArrivals, ListArrivals, TraceArrivals], Field(discriminator="kind")
+]

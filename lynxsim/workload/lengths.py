@@ -1,4 +1,9 @@
-"""Request-length distributions, used for both prompt and output lengths (in tokens)."""
+"""Request-length distributions (tokens), used for prompt and output lengths, and paired lengths from a trace.
+
+``fixed``, ``uniform``, ``lognormal``: parametric. ``empirical``: draws with replacement from one column of a
+trace (so it reproduces that column's distribution, but prompt and output are drawn independently).
+``PairedLengths`` draws whole trace rows with replacement, keeping each request's prompt and output together.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ from typing import Annotated, Literal, Union
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from lynxsim.workload.traces import TraceFile
 
 
 class FixedLength(BaseModel):
@@ -52,4 +59,41 @@ class LognormalLength(BaseModel):
         return np.clip(np.rint(draws), 1, self.max_tokens).astype(np.int64)
 
 
-LengthDistribution = Annotated[Union[FixedLength, UniformLength, LognormalLength], Field(discriminator="kind")]
+class EmpiricalLength(TraceFile):
+    """Lengths drawn with replacement from one column of a trace: ``column`` (``prompt`` or ``output``; default:
+    the column named like the slot it fills, so ``prompt_tokens`` samples prompts), clipped to ``max_tokens``."""
+
+    kind: Literal["empirical"] = "empirical"
+    column: Literal["prompt", "output"] | None = Field(default=None, description="trace column (default: the slot's)")
+    max_tokens: int | None = Field(default=None, gt=0, description="clip longer draws to this")
+
+    def sample(
+        self, rng: np.random.Generator, size: int, column: Literal["prompt", "output"] | None = None
+    ) -> np.ndarray:
+        name = self.column or column
+        if name is None:
+            raise ValueError("say which trace column to sample: column: prompt | output")
+        values = self.load().column(name)
+        draws = values[rng.integers(0, len(values), size=size)]
+        return np.minimum(draws, self.max_tokens) if self.max_tokens is not None else draws.copy()
+
+
+LengthDistribution = Annotated[
+    Union[FixedLength, UniformLength, LognormalLength, EmpiricalLength], Field(discriminator="kind")
+]
+
+
+class PairedLengths(TraceFile):
+    """Prompt and output lengths drawn together: whole rows of a trace, with replacement."""
+
+    @model_validator(mode="after")
+    def _both_columns(self) -> "PairedLengths":
+        if self.columns is not None and (self.columns.prompt is None or self.columns.output is None):
+            raise ValueError("paired lengths need both columns.prompt and columns.output")
+        return self
+
+    def sample(self, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+        trace = self.load()
+        prompts, outputs = trace.column("prompt"), trace.column("output")
+        rows = rng.integers(0, len(trace), size=size)
+        return prompts[rows], outputs[rows]

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
-from lynxsim.workload.arrivals import ListArrivals, PoissonArrivals
-from lynxsim.workload.lengths import FixedLength, LognormalLength, UniformLength
+from lynxsim.errors import InputError
+from lynxsim.workload.arrivals import GammaArrivals, ListArrivals, PoissonArrivals, TraceArrivals
+from lynxsim.workload.lengths import EmpiricalLength, FixedLength, LognormalLength, PairedLengths, UniformLength
+from lynxsim.workload.traces import RequestTrace, TraceFile
+
+Arrival = PoissonArrivals | GammaArrivals | ListArrivals | TraceArrivals
+Length = FixedLength | UniformLength | LognormalLength | EmpiricalLength
 
 
 @dataclass(frozen=True)
@@ -21,29 +27,88 @@ class RequestSpec:
 
 
 def generate_requests(
-    arrival: PoissonArrivals | ListArrivals,
-    prompt_tokens: FixedLength | UniformLength | LognormalLength,
-    output_tokens: FixedLength | UniformLength | LognormalLength,
+    arrival: Arrival,
+    prompt_tokens: Length | None = None,
+    output_tokens: Length | None = None,
     *,
+    paired_lengths: PairedLengths | None = None,
     seed: int,
     num_requests: int | None = None,
     duration_s: float | None = None,
 ) -> list[RequestSpec]:
-    """Draw the requests of one run. Arrival times, prompt lengths and output lengths each use their own
-    child stream of ``seed``, so changing one distribution leaves the other two unchanged."""
-    arrival_rng, prompt_rng, output_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
-    if isinstance(arrival, ListArrivals):
+    """Draw the requests of one run.
+
+    Arrival times, prompt lengths, output lengths and paired (prompt, output) rows each use their own child stream
+    of ``seed``, so changing one leaves the others unchanged. Lengths come from ``paired_lengths`` (whole trace
+    rows), or from ``prompt_tokens`` and ``output_tokens``; with ``trace`` arrivals, a length not given is the
+    trace's own, row by row. ``num_requests`` and ``duration_s`` bound the arrivals (trace and list arrivals:
+    the first ``num_requests`` and those before ``duration_s``, scaled time; either may be left out).
+    Errors in a trace file are ``InputError``s that name the workload key, the file and the line.
+    """
+    if paired_lengths is not None and (prompt_tokens is not None or output_tokens is not None):
+        raise ValueError("paired_lengths excludes prompt_tokens and output_tokens")
+    is_trace = isinstance(arrival, TraceArrivals)
+    if paired_lengths is None and not is_trace and (prompt_tokens is None or output_tokens is None):
+        raise ValueError("give prompt_tokens and output_tokens, or paired_lengths")
+    streams = np.random.SeedSequence(seed).spawn(4)  # children 0..2 are those of earlier versions' spawn(3)
+    arrival_rng, prompt_rng, output_rng, paired_rng = (np.random.default_rng(s) for s in streams)
+
+    rows: np.ndarray | None = None
+    trace: RequestTrace | None = None
+    if isinstance(arrival, TraceArrivals):
+        trace = _load(arrival, "workload.arrival")
+        times_s, rows = _located(lambda: arrival.select(trace, num_requests, duration_s), "workload.arrival")
+    elif isinstance(arrival, ListArrivals):
         times_s = arrival.times_s_array()
         if num_requests is not None:
             times_s = times_s[:num_requests]
         if duration_s is not None:
             times_s = times_s[times_s < duration_s]
     else:
+        if num_requests is None and duration_s is None:
+            raise ValueError(f"{arrival.kind} arrivals need num_requests or duration_s")
         times_s = arrival.times_s(arrival_rng, num_requests, duration_s)
     count = len(times_s)
-    prompts = prompt_tokens.sample(prompt_rng, count)
-    outputs = output_tokens.sample(output_rng, count)
+
+    if paired_lengths is not None:
+        _load(paired_lengths, "workload.paired_lengths")
+        prompts, outputs = _located(lambda: paired_lengths.sample(paired_rng, count), "workload.paired_lengths")
+    else:
+        prompts = _slot(prompt_tokens, "prompt", prompt_rng, count, trace, rows)
+        outputs = _slot(output_tokens, "output", output_rng, count, trace, rows)
     return [
-        RequestSpec(request_id=i, arrival_s=float(t), prompt_tokens=int(p), output_tokens=int(o))
-        for i, (t, p, o) in enumerate(zip(times_s, prompts, outputs))
+        RequestSpec(request_id=i, arrival_s=t, prompt_tokens=p, output_tokens=o)
+        for i, (t, p, o) in enumerate(
+            zip(np.asarray(times_s, dtype=float).tolist(), prompts.tolist(), outputs.tolist())
+        )
     ]
+
+
+def _slot(
+    dist: Length | None,
+    column: Literal["prompt", "output"],
+    rng: np.random.Generator,
+    count: int,
+    trace: RequestTrace | None,
+    rows: np.ndarray | None,
+) -> np.ndarray:
+    key = f"workload.{column}_tokens"
+    if dist is None:  # trace arrivals: the trace's own lengths, row by row
+        assert trace is not None and rows is not None
+        return _located(lambda: trace.column(column)[rows], key)
+    if isinstance(dist, EmpiricalLength):
+        _load(dist, key)
+        return _located(lambda: dist.sample(rng, count, column), key)
+    return dist.sample(rng, count)
+
+
+def _load(source: TraceFile, key: str) -> RequestTrace:
+    return _located(source.load, key)
+
+
+def _located(action, key: str):  # type: ignore[no-untyped-def]
+    """Run ``action``; an ``InputError`` it raises is prefixed with the workload key it concerns."""
+    try:
+        return action()
+    except InputError as exc:
+        raise InputError(f"{key}: {exc.where}" if exc.where else key, exc.problem) from None
