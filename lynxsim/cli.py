@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lynxsim import __version__
+from lynxsim.capacity import CapacityProbe, find_capacity
 from lynxsim.config import load_experiment
 from lynxsim.errors import InputError
 from lynxsim.hardware import hardware_names, load_hardware
@@ -36,6 +37,8 @@ from lynxsim.runner import PolicyRun, prepare, run_experiment
 SUMMARY_ROWS: tuple[tuple[str, str, str], ...] = (
     ("requests_finished", "requests finished", "{:.0f}"),
     ("requests_measured", "requests measured (after warm-up)", "{:.0f}"),
+    ("slo_attainment", "SLO attainment", "{:.3f}"),
+    ("goodput_rps", "goodput (req/s)", "{:.2f}"),
     ("ttft_p50_ms", "TTFT p50 (ms)", "{:.1f}"),
     ("ttft_p99_ms", "TTFT p99 (ms)", "{:.1f}"),
     ("tpot_p50_ms", "TPOT p50 (ms)", "{:.2f}"),
@@ -82,6 +85,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="run directory (default: output.dir of the experiment)")
     run.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     run.set_defaults(handler=_run)
+
+    capacity = commands.add_parser(
+        "capacity", help="per policy, the highest arrival rate that meets the experiment's SLO (bisection over rate)"
+    )
+    _experiment_arguments(capacity)
+    capacity.add_argument("--tolerance", type=float, default=0.02, help="relative width of the final rate bracket")
+    capacity.add_argument("--out", type=Path, help="folder for capacity.csv (default: output.dir of the experiment)")
+    capacity.set_defaults(handler=_capacity)
 
     check = commands.add_parser("check", help="validate an experiment and show what it resolves to")
     _experiment_arguments(check)
@@ -260,6 +271,59 @@ def _policy_rows_table(frame: pd.DataFrame, title: str) -> Table:
 
 def _fmt(value: object, fmt: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value)
+
+
+def _capacity(args: argparse.Namespace, console: Console) -> int:
+    config = load_experiment(args.experiment, args.overrides)
+    prepare(config)  # every configuration problem before the first probe
+    out_dir: Path = args.out or config.output.dir
+    slo = config.slo
+    targets = ", ".join(
+        f"{name} <= {value * 1e3:g} ms" for name, value in (("TTFT", slo.ttft_s), ("TPOT", slo.tpot_s)) if value
+    )
+
+    def report(label: str, probe: CapacityProbe) -> None:
+        verdict = "[green]meets[/]" if probe.meets_slo else "[red]misses[/]"
+        console.print(f"{label}: {probe.rate_per_s:.3f} req/s -> attainment {probe.slo_attainment:.3f} {verdict}")
+
+    results = [
+        find_capacity(config, index, rel_tolerance=args.tolerance, on_probe=report) for index in range(len(config.policies))
+    ]
+    table = Table(title=f"{config.name}: capacity at {slo.attainment:.0%} of requests with {targets}")
+    for column in ("policy", "req/s", "ratio", "attainment", "TPOT p99 ms", "TTFT p99 ms", "pure-decode", "probes"):
+        table.add_column(column, justify="left" if column == "policy" else "right")
+    rows = []
+    for result in results:
+        at = result.at_capacity
+        summary = at.summary if at is not None else {}
+        ratio = result.rate_per_s / results[0].rate_per_s if results[0].rate_per_s > 0 else float("nan")
+        rows.append(
+            {
+                "policy": result.label,
+                "capacity_rate_per_s": result.rate_per_s,
+                "ratio": ratio,
+                "slo_attainment": at.slo_attainment if at is not None else float("nan"),
+                "tpot_p99_ms": summary.get("tpot_p99_ms", float("nan")),
+                "ttft_p99_ms": summary.get("ttft_p99_ms", float("nan")),
+                "pure_decode_fraction": summary.get("pure_decode_fraction", float("nan")),
+                "probes": len(result.probes),
+            }
+        )
+        table.add_row(
+            result.label,
+            _fmt(result.rate_per_s, "{:.3f}"),
+            _fmt(ratio, "{:.3f}"),
+            _fmt(rows[-1]["slo_attainment"], "{:.3f}"),
+            _fmt(rows[-1]["tpot_p99_ms"], "{:.2f}"),
+            _fmt(rows[-1]["ttft_p99_ms"], "{:.1f}"),
+            _fmt(rows[-1]["pure_decode_fraction"], "{:.3f}"),
+            str(len(result.probes)),
+        )
+    console.print(table)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(out_dir / "capacity.csv", index=False)
+    console.print(f"capacity table: {out_dir / 'capacity.csv'}")
+    return 0
 
 
 def _check(args: argparse.Namespace, console: Console) -> int:

@@ -169,6 +169,21 @@ class SimulationConfig(_Section):
         return self
 
 
+class SLOConfig(_Section):
+    """Latency targets per request; a run reports the share of requests meeting all of them (attainment) and
+    their rate (goodput), and `lynxsim capacity` finds the highest arrival rate at which attainment holds."""
+
+    ttft_s: float | None = Field(default=None, gt=0, description="time-to-first-token target (s)")
+    tpot_s: float | None = Field(default=None, gt=0, description="time-per-output-token target (s)")
+    attainment: float = Field(default=0.99, gt=0, le=1, description="share of requests that must meet the targets")
+    max_scheduling_delay_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="capacity search only: a rate is sustainable while the p99 wait from arrival to first "
+        "scheduling stays under this (Vidur's capacity criterion, Agrawal et al., MLSys 2024, uses 5 s)",
+    )
+
+
 class OutputConfig(_Section):
     """Where results go."""
 
@@ -188,6 +203,7 @@ class ExperimentConfig(_Section):
     serving: ServingConfig = Field(default_factory=ServingConfig)
     policies: list[PolicyConfig] = Field(min_length=1)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+    slo: SLOConfig = Field(default_factory=SLOConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @field_validator("policies")

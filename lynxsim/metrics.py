@@ -84,6 +84,7 @@ def requests_frame(requests: list[Request], statuses: dict[int, str]) -> pd.Data
     nan = float("nan")
     arrival = np.array([r.spec.arrival_s for r in requests], dtype=float)
     first = np.array([nan if r.first_token_s is None else r.first_token_s for r in requests], dtype=float)
+    scheduled = np.array([nan if r.first_scheduled_s is None else r.first_scheduled_s for r in requests], dtype=float)
     finish = np.array([nan if r.finish_s is None else r.finish_s for r in requests], dtype=float)
     generated = np.array([r.generated_tokens for r in requests], dtype=np.int64)
     decode_steps = (generated - 1).astype(float)
@@ -98,6 +99,7 @@ def requests_frame(requests: list[Request], statuses: dict[int, str]) -> pd.Data
             "generated_tokens": generated,
             "first_token_s": first,
             "finish_s": finish,
+            "scheduling_delay_s": scheduled - arrival,
             "ttft_s": first - arrival,
             "tpot_s": tpot,
             "e2e_s": finish - arrival,
@@ -107,12 +109,42 @@ def requests_frame(requests: list[Request], statuses: dict[int, str]) -> pd.Data
     )
 
 
-def summarize(requests: pd.DataFrame, iterations: pd.DataFrame, *, warmup_s: float, end_s: float) -> dict[str, float]:
+def _percentile(values: pd.Series, q: float) -> float:
+    """The q-th percentile (the nearest value at or above it, so that an infinite value stays infinite rather than
+    interpolating to NaN); a request never scheduled waits forever."""
+    filled = values.fillna(np.inf).to_numpy()
+    return float(np.percentile(filled, q, method="higher")) if len(filled) else np.nan
+
+
+def slo_met(requests: pd.DataFrame, *, ttft_slo_s: float | None, tpot_slo_s: float | None) -> pd.Series:
+    """Per request: finished, with TTFT and TPOT within their targets (a target not set always holds; a
+    one-token output has no TPOT and meets any TPOT target). Unfinished requests never meet an SLO."""
+    met = requests["status"] == "finished"
+    if ttft_slo_s is not None:
+        met &= requests["ttft_s"] <= ttft_slo_s
+    if tpot_slo_s is not None:
+        met &= requests["tpot_s"].isna() | (requests["tpot_s"] <= tpot_slo_s)
+    return met
+
+
+def summarize(
+    requests: pd.DataFrame,
+    iterations: pd.DataFrame,
+    *,
+    warmup_s: float,
+    end_s: float,
+    ttft_slo_s: float | None = None,
+    tpot_slo_s: float | None = None,
+) -> dict[str, float]:
     """Headline numbers of one run. Latency percentiles cover finished requests that arrived after warm-up;
     throughput counts tokens sampled by iterations that started after warm-up; the routing figures (distinct
-    experts, quality proxies) average pure-decode iterations, where a decode-only policy acts."""
+    experts, quality proxies) average pure-decode iterations, where a decode-only policy acts. SLO attainment is
+    the share of requests arrived after warm-up that met every target (unfinished ones count as misses), and
+    goodput the rate of such requests over the measured window."""
     measured = requests[(requests["arrival_s"] >= warmup_s) & (requests["status"] == "finished")]
     window_s = max(end_s - warmup_s, 1e-12)
+    after_warmup = requests[requests["arrival_s"] >= warmup_s]
+    met = slo_met(after_warmup, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s)
     summary: dict[str, float] = {
         "requests_arrived": float(len(requests)),
         "requests_finished": float((requests["status"] == "finished").sum()),
@@ -121,6 +153,9 @@ def summarize(requests: pd.DataFrame, iterations: pd.DataFrame, *, warmup_s: flo
         "requests_measured": float(len(measured)),
         "preemptions": float(requests["preemptions"].sum()),
         "simulated_s": end_s,
+        "slo_attainment": float(met.mean()) if len(met) else np.nan,
+        "scheduling_delay_p99_s": _percentile(after_warmup["scheduling_delay_s"], 99),
+        "goodput_rps": float(met.sum()) / window_s,
     }
     for metric, scale, unit in (("ttft", 1e3, "ms"), ("tpot", 1e3, "ms"), ("e2e", 1.0, "s")):
         values = measured[f"{metric}_s"].dropna().to_numpy() * scale

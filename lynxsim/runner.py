@@ -213,7 +213,14 @@ def simulate_policy(setup: Setup, label: str, entry: PolicyConfig, policy: Polic
     end_s = replica.run(setup.requests, config.simulation.cutoff_s)
     requests = requests_frame(replica.arrived, replica.statuses)
     iterations = replica.log.frame()
-    summary = summarize(requests, iterations, warmup_s=config.simulation.warmup_s, end_s=end_s)
+    summary = summarize(
+        requests,
+        iterations,
+        warmup_s=config.simulation.warmup_s,
+        end_s=end_s,
+        ttft_slo_s=config.slo.ttft_s,
+        tpot_slo_s=config.slo.tpot_s,
+    )
     wall_s = time.perf_counter() - started
     summary["wall_s"] = wall_s
     summary["simulated_s_per_wall_s"] = end_s / wall_s if wall_s > 0 else np.nan

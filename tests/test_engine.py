@@ -104,6 +104,15 @@ def test_request_larger_than_cache_is_rejected() -> None:
     assert replica.statuses == {0: "rejected_exceeds_kv_cache", 1: "finished"}
 
 
+def test_scheduling_delay_is_the_wait_for_a_sequence_slot() -> None:
+    replica, _ = make_replica(max_seqs=1)
+    replica.run([spec(0, 0.0, prompt=4, output=3), spec(1, 0.0, prompt=4, output=3)], cutoff_s=None)
+    rows = requests_frame(replica.arrived, replica.statuses)
+    # request 1 waits for request 0's three iterations (1 s each) before its first scheduling
+    assert rows["scheduling_delay_s"].tolist() == [0.0, 3.0]
+    assert rows.loc[1, "ttft_s"] == 4.0
+
+
 def test_cutoff_reports_unfinished_requests() -> None:
     replica, _ = make_replica(max_seqs=1)
     replica.run([spec(0, 0.0, prompt=4, output=10), spec(1, 0.0, prompt=4, output=10)], cutoff_s=3.5)

@@ -88,7 +88,7 @@ class Replica:
 
     def _serve(self) -> Generator[simpy.Event, Any, None]:
         while True:
-            batch = self.scheduler.schedule()
+            batch = self.scheduler.schedule(self.env.now)
             if not batch.requests:
                 if self._arrivals_done and self.scheduler.is_idle:
                     return

@@ -22,6 +22,7 @@ class Request:
     generated_tokens: int = 0
     num_blocks: int = 0
     num_preemptions: int = 0
+    first_scheduled_s: float | None = None
     first_token_s: float | None = None
     finish_s: float | None = None
 

@@ -83,16 +83,16 @@ class Scheduler:
     def is_idle(self) -> bool:
         return not self.waiting and not self.running
 
-    def schedule(self) -> ScheduledBatch:
-        """The next iteration's batch (empty when there is nothing to compute)."""
+    def schedule(self, now_s: float) -> ScheduledBatch:
+        """The next iteration's batch, starting at ``now_s`` (empty when there is nothing to compute)."""
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         if self.chunked_prefill:
             budget, preempted = self._schedule_running(batch, budget)
             if not preempted:
-                self._admit_waiting(batch, budget, whole_prompts=False)
+                self._admit_waiting(batch, budget, now_s, whole_prompts=False)
             return batch
-        self._admit_waiting(batch, budget, whole_prompts=True)
+        self._admit_waiting(batch, budget, now_s, whole_prompts=True)
         if not batch.requests:
             self._schedule_running(batch, budget)
         return batch
@@ -136,7 +136,7 @@ class Scheduler:
             index += 1
         return budget, preempted
 
-    def _admit_waiting(self, batch: ScheduledBatch, budget: int, *, whole_prompts: bool) -> None:
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int, now_s: float, *, whole_prompts: bool) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             if whole_prompts and request.missing_tokens > budget:
@@ -145,6 +145,8 @@ class Scheduler:
             if not self.pool.try_grow(request, tokens):
                 return
             self.waiting.popleft()
+            if request.first_scheduled_s is None:
+                request.first_scheduled_s = now_s
             self.running.append(request)
             batch.add(request, tokens)
             budget -= tokens
