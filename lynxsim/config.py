@@ -133,6 +133,48 @@ class ServingConfig(_Section):
     activation_reserve_bytes: float = Field(default=2e9, ge=0, description="memory kept for activations")
 
 
+class DeploymentConfig(_Section):
+    """How many serving instances, in which roles, behind which request router (one co-located instance by
+    default). Every instance is one GPU holding the whole model, with its own KV cache sized by ``serving``."""
+
+    mode: Literal["colocated", "disaggregated"] = Field(
+        default="colocated",
+        description="colocated: every instance prefills and decodes (continuous batching, chunked prefill); "
+        "disaggregated: prefill instances compute prompts, then the KV cache moves to a decode instance",
+    )
+    replicas: int = Field(default=1, gt=0, description="colocated: number of instances")
+    prefill_instances: int = Field(default=1, gt=0, description="disaggregated: number of prefill instances")
+    decode_instances: int = Field(default=1, gt=0, description="disaggregated: number of decode instances")
+    router: Literal["round_robin", "least_outstanding"] = Field(
+        default="round_robin",
+        description="which instance receives a request: in turn, or the one with the fewest outstanding requests",
+    )
+    transfer_bandwidth_bytes_per_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="disaggregated: KV-cache transfer bandwidth, one direction (default: the hardware profile's "
+        "interconnect_bandwidth_bytes_per_s, i.e. NVLink within a node; across nodes use the NIC's, e.g. 50e9 for "
+        "400 Gb/s InfiniBand)",
+    )
+    transfer_latency_s: float = Field(default=0.0, ge=0, description="disaggregated: fixed cost of each KV transfer")
+
+    @model_validator(mode="after")
+    def _counts_of_the_mode(self) -> "DeploymentConfig":
+        other = ("prefill_instances", "decode_instances") if self.mode == "colocated" else ("replicas",)
+        stray = [key for key in other if key in self.model_fields_set]
+        if stray:
+            wanted = "replicas" if self.mode == "colocated" else "prefill_instances and decode_instances"
+            raise ValueError(f"{', '.join(stray)} does not apply to mode {self.mode} (it takes {wanted})")
+        return self
+
+    @property
+    def roles(self) -> list[Literal["colocated", "prefill", "decode"]]:
+        """Each instance's role, in instance-index order (prefill instances first)."""
+        if self.mode == "colocated":
+            return ["colocated"] * self.replicas
+        return ["prefill"] * self.prefill_instances + ["decode"] * self.decode_instances
+
+
 class PolicyConfig(BaseModel):
     """One selection policy to simulate: ``name`` plus that policy's parameters."""
 
@@ -201,6 +243,7 @@ class ExperimentConfig(_Section):
     workload: WorkloadConfig
     routing: RoutingConfig = Field(default_factory=SyntheticRoutingConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
+    deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
     policies: list[PolicyConfig] = Field(min_length=1)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
     slo: SLOConfig = Field(default_factory=SLOConfig)

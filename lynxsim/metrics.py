@@ -25,9 +25,12 @@ PROXY_COLUMNS = ("retained_mass", "top1_kept", "assignments_changed", "assignmen
 
 @dataclass
 class IterationLog:
-    """Growing columns of the per-iteration table; per-layer arrays are stacked at the end."""
+    """Growing columns of the per-iteration table of one serving instance; per-layer arrays are stacked at the
+    end, and the instance's index and role become constant columns there (nothing per row in the hot loop)."""
 
     num_moe_layers: int
+    instance: int = 0
+    role: str = "colocated"
     scalars: dict[str, list[float]] = field(default_factory=dict)
     distinct_experts: list[np.ndarray] = field(default_factory=list)
     proxies: dict[str, list[np.ndarray]] = field(default_factory=lambda: {name: [] for name in PROXY_COLUMNS})
@@ -68,6 +71,8 @@ class IterationLog:
         frame = pd.DataFrame({key: np.asarray(values) for key, values in self.scalars.items()})
         if frame.empty:
             return frame
+        frame["instance"] = np.full(len(frame), self.instance, dtype=np.int64)
+        frame["role"] = pd.Series([self.role] * len(frame), dtype=object)
         frame["pure_decode"] = frame["prefill_tokens"] == 0
         distinct = np.stack(self.distinct_experts)
         frame["mean_distinct_experts"] = distinct.mean(axis=1)
@@ -80,7 +85,11 @@ class IterationLog:
 
 
 def requests_frame(requests: list[Request], statuses: dict[int, str]) -> pd.DataFrame:
-    """One row per arrived request. ``status`` is ``finished``, or why it did not finish."""
+    """One row per arrived request. ``status`` is ``finished``, or why it did not finish. ``instance`` is the
+    instance the router gave it (-1: rejected), which computed its prompt: ``prefill_instance`` is the same;
+    ``decode_instance`` is the one that generated its other tokens (co-located: the same again; disaggregated: -1
+    until one was chosen). ``transfer_wait_s`` is the wait from its first token to the start of its KV-cache
+    transfer (for KV blocks on the decode instance), ``transfer_s`` the transfer itself (NaN: none)."""
     nan = float("nan")
     arrival = np.array([r.spec.arrival_s for r in requests], dtype=float)
     first = np.array([nan if r.first_token_s is None else r.first_token_s for r in requests], dtype=float)
@@ -88,6 +97,9 @@ def requests_frame(requests: list[Request], statuses: dict[int, str]) -> pd.Data
     finish = np.array([nan if r.finish_s is None else r.finish_s for r in requests], dtype=float)
     generated = np.array([r.generated_tokens for r in requests], dtype=np.int64)
     decode_steps = (generated - 1).astype(float)
+    instance = np.array([r.instance for r in requests], dtype=np.int64)
+    transfer_start = np.array([nan if r.transfer_start_s is None else r.transfer_start_s for r in requests], dtype=float)
+    transfer_end = np.array([nan if r.transfer_end_s is None else r.transfer_end_s for r in requests], dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
         tpot = np.where(decode_steps > 0, (finish - first) / decode_steps, nan)
     return pd.DataFrame(
@@ -104,6 +116,11 @@ def requests_frame(requests: list[Request], statuses: dict[int, str]) -> pd.Data
             "tpot_s": tpot,
             "e2e_s": finish - arrival,
             "preemptions": np.array([r.num_preemptions for r in requests], dtype=np.int64),
+            "instance": instance,
+            "prefill_instance": instance,
+            "decode_instance": np.array([r.decode_instance for r in requests], dtype=np.int64),
+            "transfer_wait_s": transfer_start - first,
+            "transfer_s": transfer_end - transfer_start,
             "status": pd.Series([statuses[r.request_id] for r in requests], dtype=object),
         }
     )
@@ -157,6 +174,10 @@ def summarize(
         "scheduling_delay_p99_s": _percentile(after_warmup["scheduling_delay_s"], 99),
         "goodput_rps": float(met.sum()) / window_s,
     }
+    # disaggregated serving: KV-cache transfers of requests arrived after warm-up (NaN when there were none)
+    for key, column in (("transfer_mean_ms", "transfer_s"), ("transfer_wait_mean_ms", "transfer_wait_s")):
+        values = after_warmup[column].dropna().to_numpy() if column in after_warmup else np.zeros(0)
+        summary[key] = float(values.mean()) * 1e3 if len(values) else np.nan
     for metric, scale, unit in (("ttft", 1e3, "ms"), ("tpot", 1e3, "ms"), ("e2e", 1.0, "s")):
         values = measured[f"{metric}_s"].dropna().to_numpy() * scale
         for q in (50, 90, 99):

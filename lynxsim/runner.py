@@ -18,12 +18,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import simpy
 import yaml
 from pydantic import ValidationError
 
 from lynxsim.config import ExperimentConfig, PolicyConfig, ProfileRoutingConfig, TraceRoutingConfig
 from lynxsim.cost import CostModel, make_cost_model
-from lynxsim.engine import BlockPool, Replica, RoutingStep, Scheduler
+from lynxsim.engine import BlockPool, Cluster, KVTransfer, Replica, Role, RoutingStep, Scheduler
 from lynxsim.errors import InputError
 from lynxsim.hardware import HardwareProfile, load_hardware
 from lynxsim.metrics import layer_summary, requests_frame, summarize
@@ -190,6 +191,38 @@ def prepare(config: ExperimentConfig) -> Setup:
     return Setup(config, model, hardware, cost_model, kv_blocks, requests, routing, policies)
 
 
+def build_instance(setup: Setup, step: RoutingStep, env: simpy.Environment, index: int, role: Role) -> Replica:
+    """One serving instance of the deployment: the one place that decides an instance's cost model and KV-cache
+    size. Today every instance, whatever its role, is one GPU holding the whole model (``setup.cost_model``,
+    ``setup.kv_cache_blocks``); per-role parallelism would build them here."""
+    serving = setup.config.serving
+    scheduler = Scheduler(
+        BlockPool(setup.kv_cache_blocks, serving.block_size_tokens),
+        max_num_seqs=serving.max_num_seqs,
+        max_num_batched_tokens=serving.max_num_batched_tokens,
+        chunked_prefill=serving.chunked_prefill,
+    )
+    return Replica(scheduler, setup.cost_model, step, setup.model.num_moe_layers, env=env, index=index, role=role)
+
+
+def kv_transfer(setup: Setup) -> KVTransfer:
+    """KV-cache transfers between disaggregated instances: the configured bandwidth, else the GPU's interconnect."""
+    deployment = setup.config.deployment
+    bandwidth = deployment.transfer_bandwidth_bytes_per_s or setup.hardware.interconnect_bandwidth_bytes_per_s
+    return KVTransfer(setup.model.kv_bytes_per_token, bandwidth, deployment.transfer_latency_s)
+
+
+def build_cluster(setup: Setup, step: RoutingStep) -> Cluster:
+    """The deployment's instances behind its router, ready to run the requests."""
+    deployment = setup.config.deployment
+    return Cluster.build(
+        deployment.roles,
+        lambda env, index, role: build_instance(setup, step, env, index, role),
+        router=deployment.router,
+        transfer=kv_transfer(setup) if deployment.mode == "disaggregated" else None,
+    )
+
+
 def simulate_policy(setup: Setup, label: str, entry: PolicyConfig, policy: Policy) -> PolicyRun:
     config = setup.config
     model = setup.model
@@ -202,17 +235,10 @@ def simulate_policy(setup: Setup, label: str, entry: PolicyConfig, policy: Polic
         top_k=model.top_k,
         renormalize=model.renormalize,
     )
-    serving = config.serving
-    scheduler = Scheduler(
-        BlockPool(setup.kv_cache_blocks, serving.block_size_tokens),
-        max_num_seqs=serving.max_num_seqs,
-        max_num_batched_tokens=serving.max_num_batched_tokens,
-        chunked_prefill=serving.chunked_prefill,
-    )
-    replica = Replica(scheduler, setup.cost_model, step, model.num_moe_layers)
-    end_s = replica.run(setup.requests, config.simulation.cutoff_s)
-    requests = requests_frame(replica.arrived, replica.statuses)
-    iterations = replica.log.frame()
+    cluster = build_cluster(setup, step)
+    end_s = cluster.run(setup.requests, config.simulation.cutoff_s)
+    requests = requests_frame(cluster.arrived, cluster.statuses)
+    iterations = cluster.iterations()
     summary = summarize(
         requests,
         iterations,
@@ -221,6 +247,7 @@ def simulate_policy(setup: Setup, label: str, entry: PolicyConfig, policy: Polic
         ttft_slo_s=config.slo.ttft_s,
         tpot_slo_s=config.slo.tpot_s,
     )
+    summary["instances"] = float(len(cluster.instances))
     wall_s = time.perf_counter() - started
     summary["wall_s"] = wall_s
     summary["simulated_s_per_wall_s"] = end_s / wall_s if wall_s > 0 else np.nan
@@ -266,7 +293,10 @@ def write_setup(setup: Setup, out_dir: Path) -> None:
         "cost_model": setup.cost_model.source,
         "kv_cache_blocks": setup.kv_cache_blocks,
         "requests": len(setup.requests),
+        "instances": setup.config.deployment.roles,
     }
+    if setup.config.deployment.mode == "disaggregated":
+        resolved["resolved"]["transfer_bandwidth_bytes_per_s"] = kv_transfer(setup).bandwidth_bytes_per_s
     _atomic_write_text(out_dir / "config.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
 

@@ -1,8 +1,24 @@
-"""The simpy side: request lifecycle, continuous-batching scheduler, KV-cache pool, one replica."""
+"""The simpy side: request lifecycle, continuous-batching scheduler, KV-cache pool, serving instances, and the
+cluster of instances behind a request router (co-located replicas, or disaggregated prefill and decode)."""
 
+from lynxsim.engine.cluster import ROUTERS, Cluster, KVTransfer, RequestRouter, make_router
 from lynxsim.engine.kv_cache import BlockPool
-from lynxsim.engine.replica import Replica, RoutingStep
+from lynxsim.engine.replica import ROLES, Replica, Role, RoutingStep
 from lynxsim.engine.request import Request
 from lynxsim.engine.scheduler import ScheduledBatch, Scheduler
 
-__all__ = ["BlockPool", "Replica", "Request", "RoutingStep", "ScheduledBatch", "Scheduler"]
+__all__ = [
+    "ROLES",
+    "ROUTERS",
+    "BlockPool",
+    "Cluster",
+    "KVTransfer",
+    "Replica",
+    "Request",
+    "RequestRouter",
+    "Role",
+    "RoutingStep",
+    "ScheduledBatch",
+    "Scheduler",
+    "make_router",
+]

@@ -34,6 +34,15 @@ class BlockPool:
         self.free_blocks += request.num_blocks
         request.num_blocks = 0
 
+    def take_over(self, request: Request) -> int:
+        """Detach ``request``'s blocks from it (they stay allocated here) and return their count, so that the
+        request can allocate blocks in another pool; ``free`` gives them back later."""
+        blocks, request.num_blocks = request.num_blocks, 0
+        return blocks
+
+    def free(self, blocks: int) -> None:
+        self.free_blocks += blocks
+
     @property
     def used_fraction(self) -> float:
         return 1.0 - self.free_blocks / self.num_blocks

@@ -25,6 +25,12 @@ class Request:
     first_scheduled_s: float | None = None
     first_token_s: float | None = None
     finish_s: float | None = None
+    # Where it ran (cluster-wide instance indices; -1: not yet) and, in disaggregated serving, when its KV cache
+    # moved from the prefill instance (``instance``) to ``decode_instance``.
+    instance: int = -1
+    decode_instance: int = -1
+    transfer_start_s: float | None = None
+    transfer_end_s: float | None = None
 
     @classmethod
     def arriving(cls, spec: RequestSpec) -> "Request":

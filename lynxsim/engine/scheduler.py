@@ -7,6 +7,11 @@ prefill chunks. Without chunked prefill (vLLM v0's default) an iteration is eith
 newly admitted requests, which takes priority, or a decode step of every running request: batches are pure.
 When the KV cache runs out, the most recently admitted running request is preempted: its blocks are freed and it
 goes back to the front of the queue, to recompute its prompt and generated tokens later (vLLM's recompute mode).
+
+In disaggregated serving the same scheduler runs both kinds of instance: a prefill instance hands each request
+off (``detach``) once its prompt is computed, and a decode instance receives requests whose KV cache is already
+computed elsewhere; while their KV cache is in transfer they hold blocks and a sequence slot (``num_receiving``)
+but are not scheduled.
 """
 
 from __future__ import annotations
@@ -67,17 +72,26 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.num_receiving = 0  # requests whose KV cache is being transferred in: they hold a sequence slot
 
-    def rejection_reason(self, request: Request) -> str | None:
-        """Why a request can never be served with these limits, or None if it can."""
-        if self.pool.blocks_for(request.max_tokens) > self.pool.num_blocks:
+    def rejection_reason(self, request: Request, max_tokens: int | None = None) -> str | None:
+        """Why a request can never be served with these limits, or None if it can. ``max_tokens``: the most
+        tokens the request will hold here (default all of them; a prefill instance holds only the prompt)."""
+        tokens = request.max_tokens if max_tokens is None else max_tokens
+        if self.pool.blocks_for(tokens) > self.pool.num_blocks:
             return "exceeds_kv_cache"
-        if not self.chunked_prefill and request.max_tokens > self.max_num_batched_tokens:
+        if not self.chunked_prefill and tokens > self.max_num_batched_tokens:
             return "exceeds_max_num_batched_tokens"
         return None
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
+
+    def detach(self, requests: list[Request]) -> None:
+        """Take running requests out of this scheduler, leaving their KV blocks allocated (a prefill instance
+        hands requests off this way; it frees their blocks once their KV cache has been transferred)."""
+        gone = {id(r) for r in requests}
+        self.running = [r for r in self.running if id(r) not in gone]
 
     @property
     def is_idle(self) -> bool:
@@ -137,12 +151,12 @@ class Scheduler:
         return budget, preempted
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: int, now_s: float, *, whole_prompts: bool) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) + self.num_receiving < self.max_num_seqs:
             request = self.waiting[0]
             if whole_prompts and request.missing_tokens > budget:
                 return
             tokens = min(request.missing_tokens, budget)
-            if not self.pool.try_grow(request, tokens):
+            if not self.pool.try_grow(request, request.num_computed_tokens + tokens):
                 return
             self.waiting.popleft()
             if request.first_scheduled_s is None:
