@@ -1,0 +1,261 @@
+"""Random weights of one decoder layer (and the LM head) in the kernels' layouts, built from a model shape.
+
+The kernels need tensors of the right shapes, dtypes and byte counts, not trained values: every matrix is
+drawn from N(0, std^2) with std 0.02 (typical of initialised transformer weights), so activations stay O(1)
+through a layer and bf16 rounding errors are representative. Norm weights are 1.
+
+Layouts (all row-major, ``[out_features, in_features]`` as ``torch.nn.functional.linear`` wants):
+
+=====================  ==========================================  ==========================================
+field                  shape                                       meaning
+=====================  ==========================================  ==========================================
+``input_norm``         ``[H]``                                     RMSNorm before attention
+``post_attn_norm``     ``[H]``                                     RMSNorm before the FFN / MoE
+``w_qkv``              ``[qkv_out, H]``                            fused Q, K, V projection (rows: Q, then K, V)
+``b_qkv``              ``[qkv_out]`` or None                       its bias (Qwen2-style attention bias)
+``w_o``                ``[H, Hq * Dv]``                            attention output projection
+``router``             ``[E, H]`` or None                          router GEMM (None on a dense layer)
+``w13``                ``[E, 2F, H]``                              routed experts, gate rows 0..F-1, up rows F..2F-1
+``w2``                 ``[E, H, F]``                               routed experts, down projection
+``shared_w13``         ``[2 * S * Fs, H]`` or None                 all S shared experts fused into one SwiGLU
+``shared_w2``          ``[H, S * Fs]`` or None                     (S experts of width Fs = one of width S * Fs)
+``dense_w13/dense_w2`` ``[2 Fd, H]`` / ``[H, Fd]`` or None         the dense FFN of a dense layer
+=====================  ==========================================  ==========================================
+
+Weight copies and the L2 cache: the H200 has a 60 MB L2. A kernel timed in a loop on ONE set of weights whose
+bytes fit in L2 (a Qwen3-30B-A3B expert is 9.4 MB; 4 of them fit) reads them from L2 after the first call
+and looks several times faster than in a real model, where each layer's weights are touched once per
+iteration and evicted by the other layers' weights. ``num_copies`` allocates that many independent copies of
+the layer; a timing loop that uses copy ``i % num_copies`` on call ``i`` puts ``num_copies`` layers' worth of
+bytes between two uses of the same weights, so they are always read from HBM. Pick
+``copies_to_defeat_l2(bytes_read_per_call)`` copies (4x the L2 by default) or more.
+
+MLA models (DeepSeek-V2/V3): the attention is approximated as multi-query attention (one KV head) with
+``Dqk = Dv = (kv_lora_rank + qk_rope_head_dim) / 2`` (rounded up to a multiple of 8), so K plus V hold the
+same bytes per token as MLA's compressed latent cache; the fused QKV projection is widened so that its weight
+bytes equal MLA's Q, KV-down and KV-up projections together (the extra output columns are computed and
+ignored). FLOPs of the absorbed MLA decode are therefore only approximated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+L2_CACHE_BYTES_H200 = 60 * 1024 * 1024  # 60 MB L2 reported by torch.cuda.get_device_properties on the H200
+WEIGHT_STD = 0.02
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """Plain numbers describing one decoder layer and the LM head; built from a ``ModelSpec`` with
+    :meth:`from_spec`, or directly (the device benchmark does, so it needs no pydantic)."""
+
+    hidden: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int  # query-key head width
+    v_head_dim: int
+    num_experts: int
+    top_k: int
+    expert_ffn: int
+    renormalize: bool = True
+    num_shared_experts: int = 0
+    shared_ffn: int = 0
+    dense_ffn: int = 0
+    vocab: int = 32000
+    attn_bias: bool = False
+    qkv_out: int = 0  # fused QKV projection width; 0: exactly Q + K + V
+    is_mla_approx: bool = False
+    name: str = ""
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def k_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def v_size(self) -> int:
+        return self.num_kv_heads * self.v_head_dim
+
+    @property
+    def qkv_size(self) -> int:
+        return max(self.qkv_out, self.q_size + self.k_size + self.v_size)
+
+    @property
+    def expert_params(self) -> int:
+        return 3 * self.hidden * self.expert_ffn
+
+    @property
+    def expert_bytes(self) -> int:
+        """bf16 bytes of one routed expert (gate, up, down)."""
+        return 2 * self.expert_params
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """bf16 KV-cache bytes of one token in one layer."""
+        return 2 * self.num_kv_heads * (self.head_dim + self.v_head_dim)
+
+    @classmethod
+    def from_spec(cls, spec: Any) -> "LayerShape":
+        """From a ``lynxsim.models.ModelSpec`` (duck-typed: only its attributes are read)."""
+        att = spec.attention
+        qkv_out = 0
+        if att.is_mla:
+            width = att.kv_lora_rank + att.qk_rope_head_dim
+            head_dim = v_head_dim = int(math.ceil(width / 2 / 8) * 8)
+            num_kv_heads = 1
+            o_params = att.num_heads * att.v_head_dim * spec.hidden_size
+            qkv_out = int(math.ceil((att.params(spec.hidden_size) - o_params) / spec.hidden_size))
+            mla = True
+        else:
+            head_dim, v_head_dim, num_kv_heads, mla = att.head_dim, att.head_dim, att.num_kv_heads, False
+        return cls(
+            hidden=spec.hidden_size,
+            num_heads=att.num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            v_head_dim=v_head_dim if not mla else head_dim,
+            num_experts=spec.num_experts,
+            top_k=spec.top_k,
+            expert_ffn=spec.expert_ffn_size,
+            renormalize=spec.renormalize,
+            num_shared_experts=spec.num_shared_experts,
+            shared_ffn=spec.shared_expert_ffn_size or 0,
+            dense_ffn=spec.dense_ffn_size or 0,
+            vocab=spec.vocab_size,
+            attn_bias=att.has_bias,
+            qkv_out=qkv_out,
+            is_mla_approx=mla,
+            name=spec.name,
+        )
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer's weights (see the module docstring for the layouts)."""
+
+    input_norm: torch.Tensor
+    post_attn_norm: torch.Tensor
+    w_qkv: torch.Tensor
+    b_qkv: torch.Tensor | None
+    w_o: torch.Tensor
+    router: torch.Tensor | None = None
+    w13: torch.Tensor | None = None
+    w2: torch.Tensor | None = None
+    shared_w13: torch.Tensor | None = None
+    shared_w2: torch.Tensor | None = None
+    dense_w13: torch.Tensor | None = None
+    dense_w2: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for f in fields(self) if (t := getattr(self, f.name)) is not None)
+
+
+@dataclass
+class ModelWeights:
+    """``num_copies`` independent copies of one decoder layer, plus the LM head and final norm (one copy:
+    the LM head is read once per iteration and is far larger than L2 for every catalog model)."""
+
+    shape: LayerShape
+    layers: list[LayerWeights]
+    lm_head: torch.Tensor | None
+    final_norm: torch.Tensor
+
+    @property
+    def num_copies(self) -> int:
+        return len(self.layers)
+
+    def layer(self, i: int) -> LayerWeights:
+        """Copy ``i % num_copies``: call with a running counter to rotate among copies."""
+        return self.layers[i % len(self.layers)]
+
+
+def copies_to_defeat_l2(bytes_read_per_call: float, l2_bytes: int = L2_CACHE_BYTES_H200, factor: float = 4.0) -> int:
+    """Copies needed so that ``factor`` x L2 bytes are read between two uses of the same copy."""
+    return max(1, int(math.ceil(factor * l2_bytes / max(bytes_read_per_call, 1.0))))
+
+
+def _randn(shape: tuple[int, ...], gen: torch.Generator, device: Any, dtype: torch.dtype, std: float) -> torch.Tensor:
+    # Drawn in float32 on the target device (fast on a GPU), then rounded to the kernel dtype.
+    t = torch.empty(shape, device=device, dtype=torch.float32)
+    t.normal_(0.0, std, generator=gen)
+    return t.to(dtype)
+
+
+def build_layer(
+    shape: LayerShape,
+    *,
+    moe: bool = True,
+    device: Any = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    std: float = WEIGHT_STD,
+    attention: bool = True,
+) -> LayerWeights:
+    """One layer: MoE (router, routed experts, shared experts if any) or dense (a SwiGLU FFN of ``dense_ffn``).
+    ``attention=False`` leaves the attention projections as 1-element placeholders (for MoE-only timing of
+    models whose full layer would not fit)."""
+    dev = torch.device(device)
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(seed)
+    H = shape.hidden
+
+    def r(*s: int) -> torch.Tensor:
+        return _randn(tuple(s), gen, dev, dtype, std)
+
+    ones = torch.ones(H, device=dev, dtype=dtype)
+    if attention:
+        w_qkv, w_o = r(shape.qkv_size, H), r(H, shape.num_heads * shape.v_head_dim)
+        b_qkv = r(shape.qkv_size) if shape.attn_bias else None
+    else:
+        w_qkv, w_o, b_qkv = r(1, 1), r(1, 1), None
+    lw = LayerWeights(input_norm=ones, post_attn_norm=ones.clone(), w_qkv=w_qkv, b_qkv=b_qkv, w_o=w_o)
+    if moe:
+        E, F = shape.num_experts, shape.expert_ffn
+        lw.router = r(E, H)
+        lw.w13 = r(E, 2 * F, H)
+        lw.w2 = r(E, H, F)
+        if shape.num_shared_experts:
+            Fs = shape.num_shared_experts * shape.shared_ffn
+            lw.shared_w13, lw.shared_w2 = r(2 * Fs, H), r(H, Fs)
+    else:
+        if not shape.dense_ffn:
+            raise ValueError("a dense layer needs shape.dense_ffn > 0")
+        lw.dense_w13, lw.dense_w2 = r(2 * shape.dense_ffn, H), r(H, shape.dense_ffn)
+    return lw
+
+
+def build_model_weights(
+    shape: LayerShape,
+    *,
+    num_copies: int = 1,
+    moe: bool = True,
+    device: Any = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    lm_head: bool = True,
+    attention: bool = True,
+) -> ModelWeights:
+    """``num_copies`` independently drawn copies of one layer (see the module docstring on L2), the LM head
+    ``[vocab, H]`` (if ``lm_head``) and the final norm."""
+    if num_copies < 1:
+        raise ValueError("num_copies must be >= 1")
+    layers = [
+        build_layer(shape, moe=moe, device=device, dtype=dtype, seed=seed + 1000 * i, attention=attention)
+        for i in range(num_copies)
+    ]
+    dev = torch.device(device)
+    head = None
+    if lm_head:
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(seed + 7)
+        head = _randn((shape.vocab, shape.hidden), gen, dev, dtype, WEIGHT_STD)
+    return ModelWeights(shape=shape, layers=layers, lm_head=head,
+                        final_norm=torch.ones(shape.hidden, device=dev, dtype=dtype))
