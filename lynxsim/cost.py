@@ -10,6 +10,11 @@ The cost model is a pure function, called once per simulated iteration (hundreds
 run), so per-model constants are computed once in ``CostModel.__init__`` and the per-call work is a handful of
 numpy reductions. Each component is a method, so that a subclass driven by measured kernel tables
 (``HardwareProfile.measured``) can replace one component at a time.
+
+``MeasuredCostModel`` (below) is that subclass: it prices each per-layer unit from tables that ``lynxsim
+calibrate`` timed on a real GPU, interpolated in log space, and uses the roofline only to extrapolate beyond a
+table's grid. ``make_cost_model`` picks it when the hardware profile has the tables of the run's catalog model,
+and the roofline ``CostModel`` otherwise; ``source`` says which ("measured" or "roofline").
 """
 
 from __future__ import annotations

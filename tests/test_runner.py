@@ -85,7 +85,8 @@ def test_cli_run_writes_records_and_figures(tmp_path: Path, capsys: pytest.Captu
     printed = capsys.readouterr().out
     assert "TPOT p50" in printed and "lynx / topk" in printed
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["policies"] == ["topk", "lynx"] and summary["cost_model"] == "roofline"
+    # Qwen3-30B-A3B on the H200: the shipped profile holds its measured kernel tables
+    assert summary["policies"] == ["topk", "lynx"] and summary["cost_model"] == "measured"
     requests = pd.read_parquet(out / "policies" / "lynx" / "requests.parquet")
     assert len(requests) == 15
     iterations = pd.read_parquet(out / "policies" / "lynx" / "iterations.parquet")

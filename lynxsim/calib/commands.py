@@ -1,0 +1,414 @@
+"""``lynxsim calibrate`` and ``lynxsim validate``: argparse wiring for ``lynxsim/cli.py``.
+
+``cli.py`` calls ``add_calibrate_parser(subparsers)`` and ``add_validate_parser(subparsers)``; each sets
+``handler(args, console) -> int`` as the other commands do. Importing this module never imports torch: the
+handlers import the GPU modules (``sweeps``, ``validate``) inside the handler, and only on the paths that time
+or execute kernels. ``--dry-run``, ``--merge`` and ``--record`` need no torch at all. The module also runs on
+its own (``python -m lynxsim.calib.commands calibrate ...``), which is how the GPU machine calls it.
+
+Typical use:
+  lynxsim calibrate --models mixtral-8x7b olmoe-1b-7b            # time the sweeps on this GPU, write hw_profiles/h200
+  lynxsim calibrate --merge tables/*.yaml                         # merge table files measured elsewhere
+  lynxsim calibrate --dry-run                                     # print the plan (points per table)
+  lynxsim validate --models olmoe-1b-7b --out docs                # simulate, execute on the GPU, compare, report
+  lynxsim validate --record iterations.npz                        # simulate and select only (no GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lynxsim.errors import InputError
+
+DEFAULT_CALIBRATION_MODELS = ("mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b", "deepseek-v2-lite")
+DEFAULT_VALIDATION_MODELS = ("mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b")
+DEFAULT_VALIDATION_POLICIES = ("topk", "lynx")
+
+
+# ----- shared helpers --------------------------------------------------------------------------------------------
+
+
+def profile_path(name_or_path: str) -> Path:
+    """The YAML file of a hardware profile given by key (``h200``) or path."""
+    from lynxsim.hardware import hardware_names, profile_dirs
+
+    candidate = Path(name_or_path)
+    if candidate.is_file():
+        return candidate
+    if "/" in name_or_path or candidate.suffix in (".yaml", ".yml"):
+        raise InputError(name_or_path, "hardware profile file not found")
+    for directory in profile_dirs():
+        path = directory / f"{name_or_path}.yaml"
+        if path.is_file():
+            return path
+    raise InputError("--profile", f"unknown hardware profile {name_or_path!r}; known: {', '.join(hardware_names())}")
+
+
+def _model(key: str) -> Any:
+    from lynxsim.models import load_catalog_model
+
+    return load_catalog_model(key)
+
+
+def shrunk_model(model: Any, factor: int) -> Any:
+    """``model`` with its widths divided by ``factor`` (hidden size, FFN widths, vocabulary, heads; layers and
+    experts kept, so a simulated run's expert counts still fit): for CPU smoke runs of the GPU code paths."""
+    if factor <= 1:
+        return model
+    from lynxsim.models.spec import ModelSpec
+
+    data = model.model_dump()
+    att = dict(data["attention"])
+    heads = max(1, att["num_heads"] // factor)
+    kv = max(1, min(att["num_kv_heads"], heads))
+    while heads % kv:
+        kv -= 1
+    att.update(num_heads=heads, num_kv_heads=kv, head_dim=max(16, att["head_dim"] // 4))
+    for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        if att.get(key):
+            att[key] = max(16, att[key] // 4)
+    data["attention"] = att
+    data["hidden_size"] = max(64, data["hidden_size"] // factor)
+    data["vocab_size"] = max(256, data["vocab_size"] // factor)
+    for key in ("expert_ffn_size", "shared_expert_ffn_size", "dense_ffn_size"):
+        if data.get(key):
+            data[key] = max(32, data[key] // factor)
+    data["name"] = f"{model.name} (widths / {factor})"
+    return ModelSpec.model_validate(data)
+
+
+def _metadata_now(gpu_name: str, torch_version: str, cuda_version: str, notes: str | None) -> Any:
+    from lynxsim.hardware import CalibrationMetadata
+
+    return CalibrationMetadata(
+        gpu_name=gpu_name, torch_version=torch_version, cuda_version=cuda_version, date=dt.date.today(), notes=notes
+    )
+
+
+def _print(console: Any, text: str) -> None:
+    if console is None:
+        print(text, flush=True)
+    else:
+        console.print(text, markup=False, highlight=False)
+
+
+# ----- calibrate -------------------------------------------------------------------------------------------------
+
+
+def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "calibrate",
+        help="time the model's kernels on this GPU and write measured tables into a hardware profile",
+        description="Time each measured unit (MoE layer, decode and prefill attention, dense layer, embedding, "
+        "LM head) over its grid with CUDA events on CUDA-graph replays, rotating among weight copies so that L2 "
+        "never serves weights; write the tables into the profile (one file per model beside it).",
+    )
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_CALIBRATION_MODELS), metavar="KEY",
+                        help="catalog keys (default: %(default)s)")
+    parser.add_argument("--profile", default="h200", help="hardware profile key or YAML path to write (default: h200)")
+    parser.add_argument("--grid", choices=("default", "tiny"), default="default", help="sweep grid (tiny: smoke test)")
+    parser.add_argument("--tables-out", type=Path, help="also write each model's table file into this folder")
+    parser.add_argument("--no-profile", action="store_true", help="do not modify the profile (use with --tables-out)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="no GPU: print the plan; with --tables-out, write tables filled with roofline values")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="TABLE_FILE",
+                        help="no GPU: merge table files (from --tables-out on another machine) into the profile")
+    parser.add_argument("--device", default="cuda", help="torch device (cpu: smoke run, no CUDA graphs or events)")
+    parser.add_argument("--shrink", type=int, default=1,
+                        help="divide model widths by this (CPU smoke runs; never written into the profile)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed graph replays per grid point (median)")
+    parser.add_argument("--budget-s", type=float, default=540.0, help="time limit of one model's sweep, in seconds")
+    parser.add_argument("--units", nargs="+", metavar="UNIT",
+                        help="time only these units (e.g. moe); the model's other tables in the profile are kept")
+    parser.add_argument("--moe-routing", choices=("random", "even"), default="random",
+                        help="how the MoE sweep routes tokens over the active experts (default: random, "
+                             "4 draws rotated; even: the committed 2026-11-28 tables)")
+    parser.set_defaults(handler=calibrate_command)
+    return parser
+
+
+def calibrate_command(args: argparse.Namespace, console: Any = None) -> int:
+    from lynxsim.calib.plan import plan_model, plan_summary
+    from lynxsim.calib.profile_io import (
+        merge_table_files,
+        table_file_text,
+        write_model_tables,
+    )
+
+    path = profile_path(args.profile)
+    if args.merge:
+        missing = [str(p) for p in args.merge if not p.is_file()]
+        if missing:
+            raise InputError("--merge", f"not found: {', '.join(missing)}")
+        for written in merge_table_files(path, list(args.merge)):
+            _print(console, f"merged into {path}: {written}")
+        return 0
+
+    specs = {key: shrunk_model(_model(key), args.shrink) for key in args.models}
+    plans = {key: plan_model(key, spec, args.grid) for key, spec in specs.items()}
+    if args.units:
+        from lynxsim.cost import MEASURED_UNITS
+
+        unknown = sorted(set(args.units) - set(MEASURED_UNITS))
+        if unknown:
+            raise InputError("--units", f"unknown units {unknown}; known: {', '.join(MEASURED_UNITS)}")
+        plans = {key: [p for p in model_plans if p.unit in args.units] for key, model_plans in plans.items()}
+    if args.dry_run:
+        for key, model_plans in plans.items():
+            _print(console, f"{key} ({specs[key].name}):\n{plan_summary(model_plans)}")
+        if args.tables_out is not None:
+            from lynxsim.calib.plan import roofline_tables
+            from lynxsim.hardware import load_hardware
+
+            hardware = load_hardware(path)
+            metadata = _metadata_now("dry run: roofline values, not measurements", "none", "none",
+                                     f"lynxsim calibrate --dry-run, grid {args.grid}")
+            args.tables_out.mkdir(parents=True, exist_ok=True)
+            for key, model_plans in plans.items():
+                tables = roofline_tables(model_plans, specs[key], hardware)
+                out = args.tables_out / f"{key}.yaml"
+                out.write_text(table_file_text(key, metadata, tables), encoding="utf-8")
+                _print(console, f"wrote {out}")
+        return 0
+
+    if args.shrink > 1 and not args.no_profile:
+        raise InputError("--shrink", "tables of shrunk models never go into a profile: add --no-profile (and --tables-out)")
+    from lynxsim.calib.sweeps import calibrate_model  # torch from here on
+
+    failed = []
+    for key, model_plans in plans.items():
+        started = time.perf_counter()
+        _print(console, f"calibrating {key}: {sum(p.num_points for p in model_plans)} grid points")
+        try:
+            metadata, tables = calibrate_model(
+                key, specs[key], model_plans, device=args.device, repeats=args.repeats, budget_s=args.budget_s,
+                log=lambda text: _print(console, text), moe_routing=args.moe_routing,
+            )
+        except Exception:  # noqa: BLE001  (one model's failure must not cost the others' device time)
+            import traceback
+
+            _print(console, f"FAILED {key}:\n{traceback.format_exc()}")
+            failed.append(key)
+            continue
+        _print(console, f"calibrated {key} in {time.perf_counter() - started:.1f} s")
+        if args.units:  # keep the model's other tables, measured earlier
+            from lynxsim.hardware import load_hardware
+
+            earlier = load_hardware(path).measured.tables
+            tables = {**{n: t for n, t in earlier.items() if n.startswith(f"{key}/")}, **tables}
+            metadata = metadata.model_copy(
+                update={"notes": f"{metadata.notes}; the other units' tables are kept from the earlier run"}
+            )
+        if args.tables_out is not None:
+            args.tables_out.mkdir(parents=True, exist_ok=True)
+            out = args.tables_out / f"{key}.yaml"
+            out.write_text(table_file_text(key, metadata, tables), encoding="utf-8")
+            _print(console, f"wrote {out}")
+        if not args.no_profile:
+            written = write_model_tables(path, key, tables, metadata)
+            _print(console, f"wrote {written} and {path}")
+    if failed:
+        _print(console, f"calibration failed for {', '.join(failed)}")
+        return 1
+    return 0
+
+
+# ----- validate --------------------------------------------------------------------------------------------------
+
+
+def add_validate_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "validate",
+        help="execute simulated iterations on the GPU and compare measured with predicted latency",
+        description="Simulate each model under each policy (a burst of 256 requests: decode batches 256 down to "
+        "1 and mixed prefill/decode iterations), pick iterations, execute each with the real kernels (all layers, "
+        "random weights, KV caches of the recorded lengths, the recorded per-layer expert assignment) as one CUDA "
+        "graph, and compare with the cost model's prediction. Writes validation.csv and validation.md.",
+    )
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_VALIDATION_MODELS), metavar="KEY")
+    parser.add_argument("--policies", nargs="+", default=list(DEFAULT_VALIDATION_POLICIES), metavar="NAME")
+    parser.add_argument("--profile", default="h200", help="hardware profile (its measured tables predict)")
+    parser.add_argument("--out", type=Path, default=Path("docs"), help="folder for validation.csv and validation.md")
+    parser.add_argument("--record", type=Path, metavar="NPZ",
+                        help="no GPU: simulate, select the iterations and save them to this file; then stop")
+    parser.add_argument("--iterations", type=Path, metavar="NPZ", help="iterations saved by --record (no simulation)")
+    parser.add_argument("--tables", nargs="+", type=Path, metavar="TABLE_FILE",
+                        help="predict from these table files instead of the profile's tables")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="no GPU: 'measure' each iteration with the roofline (tests the pipeline only)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--shrink", type=int, default=1, help="divide model widths by this (CPU smoke runs)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed replays per iteration (median)")
+    parser.add_argument("--limit", type=int, help="execute at most this many iterations per model and policy")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--requests", type=int, default=256, help="requests of the simulated burst (max decode batch)")
+    parser.set_defaults(handler=validate_command)
+    return parser
+
+
+def _cost_models(args: argparse.Namespace, specs: dict[str, Any]) -> dict[str, Any]:
+    """Per model, the cost model that predicts: from --tables files, else the profile's (measured where it has
+    the model's tables, roofline otherwise)."""
+    from lynxsim.cost import MeasuredCostModel, make_cost_model
+    from lynxsim.hardware import load_hardware
+
+    hardware = load_hardware(profile_path(args.profile))
+    if args.tables:
+        from lynxsim.calib.profile_io import read_table_file
+
+        merged: dict[str, Any] = {}
+        metadata = None
+        for path in args.tables:
+            _, metadata, tables = read_table_file(path)
+            merged.update(tables)
+        measured = hardware.measured.model_copy(update={"metadata": metadata, "tables": merged, "table_metadata": {}})
+        hardware = hardware.model_copy(update={"measured": measured})
+        return {key: MeasuredCostModel(spec, hardware, key) for key, spec in specs.items()}
+    if args.shrink > 1:
+        raise InputError("--shrink", "a shrunk model needs its own tables: give --tables")
+    return {key: make_cost_model(spec, hardware, key) for key, spec in specs.items()}
+
+
+def validate_command(args: argparse.Namespace, console: Any = None) -> int:
+    import pandas as pd
+
+    from lynxsim.calib.compare import (
+        error_summary,
+        summary_markdown,
+        with_errors,
+        write_csv,
+    )
+    from lynxsim.calib.iterations import (
+        load_iterations,
+        reprice,
+        save_iterations,
+        select_iterations,
+        simulate_and_record,
+        validation_config,
+    )
+
+    started = time.perf_counter()
+    specs = {key: shrunk_model(_model(key), args.shrink) for key in args.models}
+    if args.iterations is not None:
+        if not args.iterations.is_file():
+            raise InputError("--iterations", f"{args.iterations} not found")
+        cost_models = {} if args.record else _cost_models(args, specs)
+        chosen = load_iterations(args.iterations, cost_models or {k: _roofline(specs[k], args) for k in specs})
+        chosen = [it for it in chosen if it.policy in args.policies]
+    else:
+        chosen = []
+        for key in args.models:
+            config = validation_config(
+                key, str(profile_path(args.profile)), list(args.policies), seed=args.seed, requests=args.requests
+            )
+            recorded = simulate_and_record(config, key)
+            for label, iterations in recorded.items():
+                picked = select_iterations(iterations)
+                _print(console, f"{key} {label}: {len(iterations)} iterations simulated, {len(picked)} selected")
+                chosen.extend(picked)
+        if args.record is None:
+            cost_models = _cost_models(args, specs)
+            chosen = [it for m in args.models for it in reprice([c for c in chosen if c.model_key == m], cost_models[m])]
+    if args.limit is not None:
+        limited, seen = [], {}
+        for it in chosen:
+            group = (it.model_key, it.policy)
+            seen[group] = seen.get(group, 0) + 1
+            if seen[group] <= args.limit:
+                limited.append(it)
+        chosen = limited
+    if args.record is not None:
+        save_iterations(args.record, chosen)
+        _print(console, f"wrote {len(chosen)} iterations to {args.record}")
+        return 0
+
+    def write_outputs(measured: dict[tuple[str, str, int], float], environment: dict[str, str]) -> Any:
+        rows = []
+        for it in chosen:
+            if (it.model_key, it.policy, it.index) in measured:
+                row = it.row()
+                row["measured_s"] = measured[(it.model_key, it.policy, it.index)]
+                rows.append(row)
+        frame = with_errors(pd.DataFrame(rows))
+        summary = error_summary(frame)
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_csv(frame, args.out / "validation.csv")
+        from lynxsim.calib.report import validation_report
+        from lynxsim.hardware import load_hardware
+
+        measured_kernels = load_hardware(profile_path(args.profile)).measured
+        calibration = {key: measured_kernels.metadata_for(f"{key}/moe") for key in args.models
+                       if measured_kernels.metadata_for(f"{key}/moe") is not None and f"{key}/moe" in measured_kernels.tables}
+        report = validation_report(frame, summary, environment=environment, profile=str(profile_path(args.profile)),
+                                   wall_s=time.perf_counter() - started, dry_run=bool(args.dry_run),
+                                   calibration=calibration)
+        (args.out / "validation.md").write_text(report, encoding="utf-8")
+        return summary
+
+    measured: dict[tuple[str, str, int], float] = {}
+    if args.dry_run:
+        for key in args.models:
+            roofline = _roofline(specs[key], args)
+            for it in (c for c in chosen if c.model_key == key):
+                latency = roofline.iteration(it.shape, it.expert_token_counts.astype("int64"))
+                measured[(key, it.policy, it.index)] = latency.total_s - roofline.hardware.efficiency.iteration_overhead_s
+        environment = {"gpu_name": "dry run: roofline figures stand in for measurements", "torch_version": "none",
+                       "cuda_version": "none"}
+        summary = write_outputs(measured, environment)
+    else:
+        from lynxsim.calib.validate import execute_iterations  # torch from here on
+
+        environment = {}
+        summary = None
+        for key in args.models:  # results are written after each model, so an interrupted run keeps them
+            try:
+                done, environment = execute_iterations(
+                    [it for it in chosen if it.model_key == key], {key: specs[key]}, device=args.device,
+                    repeats=args.repeats, log=lambda text: _print(console, text),
+                )
+            except Exception:  # noqa: BLE001  (one model's failure must not cost the others' device time)
+                import traceback
+
+                _print(console, f"FAILED {key}:\n{traceback.format_exc()}")
+                continue
+            measured.update(done)
+            summary = write_outputs(measured, environment)
+        if summary is None:
+            _print(console, "validation failed for every model")
+            return 1
+    _print(console, summary_markdown(summary))
+    _print(console, f"wrote {args.out / 'validation.csv'} and {args.out / 'validation.md'}")
+    return 0
+
+
+def _roofline(model: Any, args: argparse.Namespace) -> Any:
+    from lynxsim.cost import CostModel
+    from lynxsim.hardware import load_hardware
+
+    return CostModel(model, load_hardware(profile_path(args.profile)))
+
+
+# ----- standalone entry point (the GPU machine calls this; lynxsim's cli.py wires the same parsers) ----------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lynxsim.calib.commands")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_calibrate_parser(subparsers)
+    add_validate_parser(subparsers)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args, None))
+    except InputError as exc:
+        print(f"lynxsim: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
