@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lynxsim import __version__
+from lynxsim.calib.commands import add_calibrate_parser, add_validate_parser
 from lynxsim.capacity import CapacityProbe, find_capacity
 from lynxsim.config import load_experiment
 from lynxsim.errors import InputError
@@ -119,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("source", type=Path, help="folder of layerNN.csv files")
     convert.add_argument("dest", type=Path, help=".npz file to write")
     convert.set_defaults(handler=_routing_import_flame)
+
+    add_calibrate_parser(commands)
+    add_validate_parser(commands)
 
     plot = commands.add_parser("plot", help="redraw the figures of a run directory")
     plot.add_argument("run_dir", type=Path)
