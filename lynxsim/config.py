@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from lynxsim.errors import InputError
+from lynxsim.yaml_input import error_message, read_yaml_mapping_with_nodes
 from lynxsim.routing.synthetic import SyntheticRoutingParams
 from lynxsim.routing.trace_format import DEFAULT_FILL, FillStrategy
 from lynxsim.workload.arrivals import ArrivalProcess, TraceArrivals
@@ -133,9 +134,41 @@ class ServingConfig(_Section):
     activation_reserve_bytes: float = Field(default=2e9, ge=0, description="memory kept for activations")
 
 
+class ParallelismConfig(_Section):
+    """How one instance splits the model over GPUs (see ``lynxsim.parallel``). An instance spans
+    ``max(tensor_parallel, expert_parallel)`` GPUs; attention and the dense layers run tensor-parallel over all of
+    them; the routed experts are TP-sharded when ``expert_parallel`` is 1 and placed whole on ``expert_parallel``
+    ranks otherwise (vLLM's ``--enable-expert-parallel``), so ``expert_parallel`` is 1 or the instance's GPU count."""
+
+    tensor_parallel: int = Field(default=1, ge=1, description="GPUs that attention and dense layers are split over")
+    expert_parallel: int = Field(default=1, ge=1, description="ranks the routed experts are placed on (1: TP-sharded)")
+
+    @field_validator("tensor_parallel", "expert_parallel", mode="before")
+    @classmethod
+    def _strict_int(cls, value: Any) -> Any:
+        if isinstance(value, (bool, str)) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"must be a whole number of GPUs, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "ParallelismConfig":
+        if self.expert_parallel > 1 and self.tensor_parallel not in (1, self.expert_parallel):
+            raise ValueError(
+                f"expert_parallel {self.expert_parallel} with tensor_parallel {self.tensor_parallel}: experts are placed "
+                "over all of an instance's GPUs, so tensor_parallel must be 1 or equal expert_parallel"
+            )
+        return self
+
+    @property
+    def gpus(self) -> int:
+        """GPUs per instance."""
+        return max(self.tensor_parallel, self.expert_parallel)
+
+
 class DeploymentConfig(_Section):
     """How many serving instances, in which roles, behind which request router (one co-located instance by
-    default). Every instance is one GPU holding the whole model, with its own KV cache sized by ``serving``."""
+    default). Every instance spans ``parallelism.gpus`` GPUs (one by default) holding the whole model, with its
+    own KV cache sized by ``serving``."""
 
     mode: Literal["colocated", "disaggregated"] = Field(
         default="colocated",
@@ -157,6 +190,9 @@ class DeploymentConfig(_Section):
         "400 Gb/s InfiniBand)",
     )
     transfer_latency_s: float = Field(default=0.0, ge=0, description="disaggregated: fixed cost of each KV transfer")
+    parallelism: ParallelismConfig = Field(
+        default_factory=ParallelismConfig, description="tensor/expert parallelism of every instance"
+    )
 
     @model_validator(mode="after")
     def _counts_of_the_mode(self) -> "DeploymentConfig":
@@ -275,19 +311,7 @@ class ExperimentConfig(_Section):
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read, override and validate an experiment file; every problem becomes an ``InputError``."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise InputError(str(path), f"cannot read experiment file ({exc.strerror})") from None
-    try:
-        root = yaml.compose(text)
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise InputError(where, f"malformed YAML ({getattr(exc, 'problem', None) or exc})") from None
-    if not isinstance(raw, dict):
-        raise InputError(str(path), "an experiment file must be a mapping of sections (model, hardware, ...)")
+    raw, root = read_yaml_mapping_with_nodes(path, "experiment file")
     for assignment in overrides or []:
         apply_override(raw, assignment)
     return validate_experiment(raw, source=path, node=root, base_dir=path.parent)
@@ -305,7 +329,7 @@ def validate_experiment(
         key_path = _key_path(loc, raw)
         line = _line_of(node, loc) if node is not None else None
         where = f"{source}:{line}: {key_path}" if line else (f"{source}: {key_path}" if source else key_path)
-        raise InputError(where, _message(error)) from None
+        raise InputError(where, error_message(error)) from None
     if base_dir is not None:
         config = _paths_relative_to(config, base_dir)
     return config
@@ -386,15 +410,6 @@ def _key_path(loc: tuple[Any, ...], raw: Any) -> str:
             continue
         parts.append(f"[{item}]" if isinstance(item, int) else ("." if parts else "") + str(item))
     return "".join(parts) or "(top level)"
-
-
-def _message(error: Any) -> str:
-    text = str(error["msg"])
-    if error["type"] == "extra_forbidden":
-        return "unknown key"
-    if text.startswith("Value error, "):
-        text = text[len("Value error, ") :]
-    return text
 
 
 def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:

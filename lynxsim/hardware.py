@@ -15,11 +15,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 import lynxsim
 from lynxsim.errors import InputError
+from lynxsim.yaml_input import read_yaml_mapping, validation_problem
 
 # The H200 SXM's measured sustained bandwidth over its datasheet bandwidth: a large device-to-device copy on a
 # real H200 moved 4.22e12 B/s counting bytes read plus written, against 4.8e12 B/s on the datasheet. Profiles
@@ -43,6 +43,11 @@ DEFAULT_KERNEL_LAUNCH_S = 5.0e-6
 # millisecond. Calibrate it against measured iteration times of the engine being modelled.
 DEFAULT_ITERATION_OVERHEAD_S = 0.5e-3
 
+# Fixed cost of one GPU-to-GPU collective (all-reduce, all-to-all) within a node, on top of its bytes over the
+# interconnect bandwidth. An assumption: NCCL's small-message all-reduce latency over NVLink within one node is
+# on the order of 10 us (nccl-tests all_reduce_perf at 8 B-64 KB on 8x H100/H200 NVLink reports about 8-20 us).
+DEFAULT_COLLECTIVE_LATENCY_S = 10e-6
+
 # The figures a profile's ``sources`` mapping must name, in the order a reader meets them.
 DATASHEET_FIGURES = (
     "memory_bytes",
@@ -56,6 +61,7 @@ EFFICIENCY_FIGURES = (
     "efficiency.flops_fraction",
     "efficiency.kernel_launch_s",
     "efficiency.iteration_overhead_s",
+    "efficiency.collective_latency_s",
 )
 FIGURE_NAMES = DATASHEET_FIGURES + EFFICIENCY_FIGURES
 
@@ -82,6 +88,10 @@ class Efficiency(BaseModel):
     )
     iteration_overhead_s: float = Field(
         default=DEFAULT_ITERATION_OVERHEAD_S, ge=0, description="fixed CPU/scheduler cost of one iteration"
+    )
+    collective_latency_s: float = Field(
+        default=DEFAULT_COLLECTIVE_LATENCY_S, ge=0,
+        description="fixed cost of one multi-GPU collective (all-reduce, all-to-all), on top of bytes / bandwidth",
     )
 
 
@@ -292,38 +302,13 @@ def hardware_names() -> list[str]:
     return sorted({p.stem for d in profile_dirs() if d.is_dir() for p in d.glob("*.yaml")})
 
 
-def _format_loc(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
-
-
 def _read_profile(path: Path) -> HardwareProfile:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InputError(str(path), f"cannot read hardware profile: {exc.strerror or exc}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise InputError(where, f"malformed YAML: {problem}") from exc
-    if not isinstance(data, dict):
-        raise InputError(str(path), f"a hardware profile is a mapping of keys to values, not {type(data).__name__}")
-    data = _merge_table_files(data, path)
+    data = _merge_table_files(read_yaml_mapping(path, "hardware profile"), path)
     try:
         return HardwareProfile.model_validate(data)
     except ValidationError as exc:
-        errors = exc.errors()
-        first = errors[0]
-        problem = first["msg"]
-        if len(errors) > 1:
-            rest = "; ".join(f"{_format_loc(e['loc'])}: {e['msg']}" for e in errors[1:])
-            problem += f" (and {len(errors) - 1} more: {rest})"
-        raise InputError(f"{path}: {_format_loc(first['loc'])}", problem) from exc
+        key_path, problem = validation_problem(exc)
+        raise InputError(f"{path}: {key_path}", problem) from None
 
 
 def _merge_table_files(data: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -341,16 +326,10 @@ def _merge_table_files(data: dict[str, Any], path: Path) -> dict[str, Any]:
     for relative in files:
         file_path = path.parent / relative
         try:
-            content = yaml.safe_load(file_path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise InputError(f"{path}: measured.table_files", f"cannot read {file_path}: {exc.strerror or exc}") from exc
-        except yaml.YAMLError as exc:
-            raise InputError(str(file_path), f"malformed YAML: {getattr(exc, 'problem', None) or exc}") from exc
-        try:
-            table_file = TableFile.model_validate(content)
+            table_file = TableFile.model_validate(read_yaml_mapping(file_path, "kernel table file"))
         except ValidationError as exc:
-            first = exc.errors()[0]
-            raise InputError(f"{file_path}: {_format_loc(first['loc'])}", first["msg"]) from exc
+            key_path, problem = validation_problem(exc)
+            raise InputError(f"{file_path}: {key_path}", problem) from None
         for name, table in table_file.tables.items():
             if name in tables:
                 raise InputError(str(file_path), f"table {name!r} is also in {origin[name]}")

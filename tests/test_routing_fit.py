@@ -186,7 +186,8 @@ def test_profile_round_trip(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
-        ("params: [1, 2\n", "not valid YAML"),
+        ("params: [1, 2\n", "malformed YAML"),
+        ("- just\n- a list\n", "must be a mapping"),
         ("format: something-else\n", "not a routing profile"),
         ("format: lynxsim-routing-profile\nformat_version: 9\n", "format_version must be 1"),
         ("format: lynxsim-routing-profile\nformat_version: 1\nparams: {persistence: 1.5}\n", "params.persistence"),

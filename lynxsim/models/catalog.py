@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 from pydantic import ValidationError
 
 from lynxsim.errors import InputError
+from lynxsim.yaml_input import read_yaml_mapping, validation_problem
 from lynxsim.models.spec import ModelSpec
 
 _CATALOG_DIR = "catalog"
@@ -41,34 +41,13 @@ def model_spec_from_dict(data: dict[str, Any], where: str) -> ModelSpec:
     try:
         return ModelSpec.model_validate(data)
     except ValidationError as err:
-        problems = err.errors()
-        first = problems[0]
-        key_path = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        problem = first["msg"]
-        if len(problems) > 1:
-            others = "; ".join(
-                f"{'.'.join(str(part) for part in p['loc']) or '(top level)'}: {p['msg']}" for p in problems[1:]
-            )
-            problem += f" (and {len(problems) - 1} more: {others})"
+        key_path, problem = validation_problem(err)
         raise InputError(f"{where}: {key_path}", problem) from None
 
 
 def load_model_file(path: str | Path) -> ModelSpec:
     """Read one model YAML file (a catalog entry or a user's own) into a ModelSpec."""
-    file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as err:
-        raise InputError(str(file), f"cannot read model file: {err.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{file}:{mark.line + 1}" if mark is not None else str(file)
-        raise InputError(where, f"invalid YAML: {getattr(err, 'problem', None) or err}") from None
-    if not isinstance(data, dict):
-        raise InputError(str(file), "a model file must be a mapping of ModelSpec fields")
-    return model_spec_from_dict(data, str(file))
+    return model_spec_from_dict(read_yaml_mapping(path, "model file"), str(path))
 
 
 @lru_cache(maxsize=None)

@@ -59,6 +59,7 @@ from pydantic import ValidationError
 
 from lynxsim import __version__
 from lynxsim.errors import InputError
+from lynxsim.yaml_input import read_yaml_mapping
 from lynxsim.routing.synthetic import SyntheticRouting, SyntheticRoutingParams
 from lynxsim.routing.trace import RoutingTrace
 
@@ -322,14 +323,8 @@ def load_profile(path: str | Path) -> SyntheticRoutingParams:
     A missing or malformed file raises ``InputError`` naming the file (and the bad key).
     """
     where = str(path)
-    try:
-        document = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise InputError(where, f"cannot read routing profile ({exc.strerror or exc})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise InputError(f"{where}:{mark.line + 1}" if mark else where, f"not valid YAML ({exc})") from None
-    if not isinstance(document, dict) or document.get("format") != PROFILE_FORMAT:
+    document = read_yaml_mapping(path, "routing profile")
+    if document.get("format") != PROFILE_FORMAT:
         raise InputError(where, f"not a routing profile (no 'format: {PROFILE_FORMAT}')")
     if document.get("format_version") != PROFILE_FORMAT_VERSION:
         found = document.get("format_version")

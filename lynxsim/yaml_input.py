@@ -1,0 +1,72 @@
+"""Reading a user's YAML file and reporting what is wrong in it, the same way for every kind of file.
+
+Experiments, hardware profiles, model files, routing profiles and kernel tables are all YAML mappings validated
+by pydantic; a problem in any of them must reach the user as one line naming the file, the line where YAML can
+tell it, and the key path, never as a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from lynxsim.errors import InputError
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """The mapping a YAML file holds; ``what`` names the kind of file in messages ("hardware profile")."""
+    return _parse(Path(path), what)[0]
+
+
+def read_yaml_mapping_with_nodes(path: str | Path, what: str) -> tuple[dict[str, Any], yaml.Node]:
+    """``read_yaml_mapping`` plus the composed node tree, whose marks give the line of every key."""
+    data, node = _parse(Path(path), what, compose=True)
+    assert node is not None
+    return data, node
+
+
+def _parse(path: Path, what: str, *, compose: bool = False) -> tuple[dict[str, Any], yaml.Node | None]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InputError(str(path), f"cannot read {what} ({exc.strerror or exc})") from None
+    try:
+        node = yaml.compose(text) if compose else None
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise InputError(where, f"malformed YAML ({getattr(exc, 'problem', None) or exc})") from None
+    if not isinstance(data, dict):
+        raise InputError(str(path), f"a {what} must be a mapping of keys to values, not {type(data).__name__}")
+    return data, node
+
+
+def loc_path(loc: tuple[Any, ...]) -> str:
+    """Pydantic's error location as a key path: ``a.b[2].c``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def error_message(error: Any) -> str:
+    """One pydantic error's message as a user reads it: "unknown key" for a key the schema lacks, and without
+    pydantic's "Value error, " prefix for the schema's own checks."""
+    if error["type"] == "extra_forbidden":
+        return "unknown key"
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
+def validation_problem(exc: ValidationError) -> tuple[str, str]:
+    """(key path, message) of a validation error's first problem, with how many more there are."""
+    errors = exc.errors()
+    first = errors[0]
+    message = error_message(first)
+    if len(errors) > 1:
+        rest = "; ".join(f"{loc_path(tuple(e['loc']))}: {e['msg']}" for e in errors[1:])
+        message += f" (and {len(errors) - 1} more: {rest})"
+    return loc_path(tuple(first["loc"])), message
