@@ -13,18 +13,16 @@ import simpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine_stubs import LAYERS, ConstantCost, routing_step, spec
+
 from lynxsim.config import DeploymentConfig, validate_experiment
-from lynxsim.cost import BatchShape, LatencyBreakdown
-from lynxsim.engine import BlockPool, Cluster, KVTransfer, Replica, Role, RoutingStep, Scheduler
+from lynxsim.engine import BlockPool, Cluster, KVTransfer, Replica, Role, Scheduler
 from lynxsim.engine.cluster import LeastOutstandingRouter, RoundRobinRouter
 from lynxsim.errors import InputError
 from lynxsim.metrics import requests_frame, summarize
-from lynxsim.policies import make
-from lynxsim.routing import SyntheticRouting, SyntheticRoutingParams
 from lynxsim.runner import run_experiment
 from lynxsim.workload import RequestSpec
 
-LAYERS, EXPERTS, TOP_K = 2, 8, 2
 ALLOWED_STATUSES = {
     "finished",
     "rejected_exceeds_kv_cache",
@@ -34,30 +32,6 @@ ALLOWED_STATUSES = {
     "cutoff_awaiting_transfer",
     "cutoff_transferring",
 }
-
-
-class ConstantCost:
-    """Every iteration takes ``latency_s``: makes timelines computable by hand."""
-
-    source = "constant"
-
-    def __init__(self, latency_s: float) -> None:
-        self.latency_s = latency_s
-
-    def iteration(self, batch: BatchShape, expert_token_counts: np.ndarray) -> LatencyBreakdown:
-        assert expert_token_counts.shape == (LAYERS, EXPERTS)
-        return LatencyBreakdown(attention_s=0.0, dense_s=0.0, moe_s=self.latency_s, communication_s=0.0, overhead_s=0.0)
-
-
-def routing_step(policy: str = "topk") -> RoutingStep:
-    return RoutingStep(
-        routing=SyntheticRouting(LAYERS, EXPERTS, SyntheticRoutingParams(), seed=3),
-        policy=make(policy, **({"alpha": 1.0, "beta": 2.0} if policy == "lynx" else {})),
-        baseline=make("topk"),
-        apply_to="decode_only",
-        top_k=TOP_K,
-        renormalize=True,
-    )
 
 
 def make_cluster(
@@ -84,10 +58,6 @@ def make_cluster(
         return Replica(scheduler, ConstantCost(latency_s), step, LAYERS, env=env, index=index, role=role)  # type: ignore[arg-type]
 
     return Cluster.build(roles, instance, router=router, transfer=transfer)  # type: ignore[arg-type]
-
-
-def spec(request_id: int, arrival_s: float, prompt: int, output: int) -> RequestSpec:
-    return RequestSpec(request_id=request_id, arrival_s=arrival_s, prompt_tokens=prompt, output_tokens=output)
 
 
 def check_accounting(

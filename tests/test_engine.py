@@ -2,33 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
+from engine_stubs import LAYERS, ConstantCost, routing_step, spec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lynxsim.cost import BatchShape, LatencyBreakdown
-from lynxsim.engine import BlockPool, Replica, RoutingStep, Scheduler
+from lynxsim.engine import BlockPool, Replica, Scheduler
 from lynxsim.metrics import requests_frame
-from lynxsim.policies import make
-from lynxsim.routing import SyntheticRouting, SyntheticRoutingParams
-from lynxsim.workload import RequestSpec
-
-LAYERS, EXPERTS, TOP_K = 2, 8, 2
-
-
-class ConstantCost:
-    """Every iteration takes ``latency_s``: makes timelines computable by hand."""
-
-    source = "constant"
-
-    def __init__(self, latency_s: float) -> None:
-        self.latency_s = latency_s
-        self.shapes: list[BatchShape] = []
-
-    def iteration(self, batch: BatchShape, expert_token_counts: np.ndarray) -> LatencyBreakdown:
-        assert expert_token_counts.shape == (LAYERS, EXPERTS)
-        self.shapes.append(batch)
-        return LatencyBreakdown(attention_s=0.0, dense_s=0.0, moe_s=self.latency_s, communication_s=0.0, overhead_s=0.0)
 
 
 def make_replica(
@@ -39,19 +18,7 @@ def make_replica(
     scheduler = Scheduler(
         BlockPool(blocks, block_size), max_num_seqs=max_seqs, max_num_batched_tokens=budget, chunked_prefill=chunked
     )
-    step = RoutingStep(
-        routing=SyntheticRouting(LAYERS, EXPERTS, SyntheticRoutingParams(), seed=3),
-        policy=make(policy, **({"alpha": 1.0, "beta": 2.0} if policy == "lynx" else {})),
-        baseline=make("topk"),
-        apply_to="decode_only",
-        top_k=TOP_K,
-        renormalize=True,
-    )
-    return Replica(scheduler, cost, step, LAYERS), cost  # type: ignore[arg-type]
-
-
-def spec(request_id: int, arrival_s: float, prompt: int, output: int) -> RequestSpec:
-    return RequestSpec(request_id=request_id, arrival_s=arrival_s, prompt_tokens=prompt, output_tokens=output)
+    return Replica(scheduler, cost, routing_step(policy), LAYERS), cost  # type: ignore[arg-type]
 
 
 def test_single_request_timeline() -> None:

@@ -106,22 +106,6 @@ def test_selection_contract(batch: tuple[np.ndarray, int], policy: TopK | Lynx, 
 
 
 @SETTINGS
-@given(batches(), policies, st.booleans())
-def test_deterministic_and_stacked_equals_per_layer(
-    batch: tuple[np.ndarray, int], policy: TopK | Lynx, renormalize: bool
-) -> None:
-    logits, top_k = batch
-    stacked = policy.select(logits, top_k, renormalize=renormalize)
-    again = policy.select(logits.copy(), top_k, renormalize=renormalize)
-    np.testing.assert_array_equal(stacked.expert_ids, again.expert_ids)
-    np.testing.assert_array_equal(stacked.weights, again.weights)
-    for layer in range(logits.shape[0]):
-        single = policy.select(logits[layer], top_k, renormalize=renormalize)
-        np.testing.assert_array_equal(stacked.expert_ids[layer], single.expert_ids)
-        np.testing.assert_array_equal(stacked.weights[layer], single.weights)
-
-
-@SETTINGS
 @given(batches(), st.booleans())
 def test_topk_is_stable_argsort(batch: tuple[np.ndarray, int], renormalize: bool) -> None:
     logits, top_k = batch
