@@ -31,6 +31,7 @@ class PolicyRecords:
     label: str
     requests: pd.DataFrame
     iterations: pd.DataFrame
+    summary: dict[str, float]
 
     @property
     def decode_iterations(self) -> pd.DataFrame:
@@ -45,6 +46,7 @@ def load_run(run_dir: Path) -> list[PolicyRecords]:
             label,
             pd.read_parquet(run_dir / "policies" / slug(label) / "requests.parquet"),
             pd.read_parquet(run_dir / "policies" / slug(label) / "iterations.parquet"),
+            json.loads((run_dir / "policies" / slug(label) / "summary.json").read_text()),
         )
         for label in order
     ]
@@ -127,15 +129,13 @@ def pareto_front(latency: np.ndarray, quality: np.ndarray) -> np.ndarray:
 
 
 def latency_vs_quality(records: list[PolicyRecords], path: Path) -> None:
-    """Median TPOT against the retained top-k probability mass, one point per policy, with the Pareto front."""
-    points = []
-    for rec in records:
-        tpot = rec.requests["tpot_s"].dropna()
-        applied = rec.iterations[rec.iterations["policy_applied"]]
-        if len(tpot) and len(applied):
-            weights = (applied["prefill_tokens"] + applied["decode_tokens"]).to_numpy(dtype=float)
-            mass = float(np.average(applied["mean_retained_mass"], weights=weights))
-            points.append((rec.label, float(tpot.median() * 1e3), mass))
+    """Median TPOT against the retained top-k probability mass, one point per policy, with the Pareto front; both
+    figures are the run summary's (requests and iterations after warm-up)."""
+    points = [
+        (rec.label, float(rec.summary["tpot_p50_ms"]), float(rec.summary["retained_mass"]))
+        for rec in records
+        if rec.summary.get("tpot_p50_ms") is not None and rec.summary.get("retained_mass") is not None
+    ]
     fig, ax = plt.subplots(figsize=(6, 4))
     if points:
         latency = np.array([p[1] for p in points])
