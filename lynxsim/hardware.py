@@ -61,7 +61,6 @@ EFFICIENCY_FIGURES = (
     "efficiency.flops_fraction",
     "efficiency.kernel_launch_s",
     "efficiency.iteration_overhead_s",
-    "efficiency.collective_latency_s",
 )
 FIGURE_NAMES = DATASHEET_FIGURES + EFFICIENCY_FIGURES
 

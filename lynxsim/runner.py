@@ -12,7 +12,7 @@ import json
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +23,12 @@ import yaml
 from pydantic import ValidationError
 
 from lynxsim.config import ExperimentConfig, PolicyConfig, ProfileRoutingConfig, TraceRoutingConfig
-from lynxsim.cost import CostModel, make_cost_model
+from lynxsim.cost import CostModel
 from lynxsim.engine import BlockPool, Cluster, KVTransfer, Replica, Role, RoutingStep, Scheduler
 from lynxsim.errors import InputError
 from lynxsim.hardware import HardwareProfile, load_hardware
 from lynxsim.metrics import layer_summary, requests_frame, summarize
+from lynxsim.parallel import ParallelPlan, make_instance_cost_model
 from lynxsim.models import ModelSpec, load_catalog_model, model_from_hf_config
 from lynxsim.policies import Policy, calibrate_if_needed, check_policy, make, needs_calibration
 from lynxsim.routing import RoutingSource, SyntheticRouting, TraceReplayRouting
@@ -61,6 +62,11 @@ class Setup:
     requests: list[RequestSpec]
     routing: RoutingSource
     policies: list[tuple[str, PolicyConfig, Policy]]
+    plan: ParallelPlan = field(default_factory=ParallelPlan)
+
+    @property
+    def gpus_per_instance(self) -> int:
+        return self.plan.gpus
 
 
 @dataclass(frozen=True)
@@ -170,12 +176,9 @@ def prepare(config: ExperimentConfig) -> Setup:
     """Resolve the config; every user-facing problem surfaces here, before any simulation starts."""
     model = resolve_model(config)
     hardware = load_hardware(config.hardware.profile)
-    cost_model = make_cost_model(model, hardware, config.model.name)
-    serving = config.serving
-    kv_bytes = cost_model.kv_cache_capacity_bytes(serving.gpu_memory_utilization, serving.activation_reserve_bytes)
-    kv_blocks = int(kv_bytes // (serving.block_size_tokens * model.kv_bytes_per_token))
-    if kv_blocks < 1:
-        raise InputError("serving.gpu_memory_utilization", "leaves no room for a single KV-cache block")
+    parallelism = config.deployment.parallelism
+    plan = ParallelPlan(parallelism.tensor_parallel, parallelism.expert_parallel)
+    cost_model, kv_blocks = instance_cost_and_kv(config, model, hardware, plan)
     sim = config.simulation
     requests = generate_requests(
         config.workload.arrival,
@@ -188,13 +191,33 @@ def prepare(config: ExperimentConfig) -> Setup:
     )
     routing = build_routing(config, model)
     policies = prepare_policies(config, model, routing)
-    return Setup(config, model, hardware, cost_model, kv_blocks, requests, routing, policies)
+    return Setup(config, model, hardware, cost_model, kv_blocks, requests, routing, policies, plan)
+
+
+def instance_cost_and_kv(
+    config: ExperimentConfig, model: ModelSpec, hardware: HardwareProfile, plan: ParallelPlan
+) -> tuple[CostModel, int]:
+    """The one place that decides an instance's cost model and KV-cache size (``build_instance`` uses both).
+
+    One GPU: ``make_cost_model`` and ``(memory * util - weights - reserve) / (block * kv_bytes_per_token)``
+    blocks. Over ``plan.gpus`` GPUs (``lynxsim.parallel``): every GPU holds its shard of the weights and its share
+    of each token's KV cache, so the blocks are ``(memory * util - weights_per_gpu - reserve) /
+    (block * kv_bytes_per_token_per_gpu)``: the token capacity grows with TP where KV heads split."""
+    cost_model = make_instance_cost_model(model, hardware, config.model.name, plan)
+    serving = config.serving
+    kv_bytes = cost_model.kv_cache_capacity_bytes(serving.gpu_memory_utilization, serving.activation_reserve_bytes)
+    kv_per_token = getattr(cost_model, "kv_bytes_per_token_per_gpu", model.kv_bytes_per_token)
+    kv_blocks = int(kv_bytes // (serving.block_size_tokens * kv_per_token))
+    if kv_blocks < 1:
+        raise InputError("serving.gpu_memory_utilization", "leaves no room for a single KV-cache block")
+    return cost_model, kv_blocks  # type: ignore[return-value]
 
 
 def build_instance(setup: Setup, step: RoutingStep, env: simpy.Environment, index: int, role: Role) -> Replica:
     """One serving instance of the deployment: the one place that decides an instance's cost model and KV-cache
-    size. Today every instance, whatever its role, is one GPU holding the whole model (``setup.cost_model``,
-    ``setup.kv_cache_blocks``); per-role parallelism would build them here."""
+    size. Every instance, whatever its role, spans ``setup.plan.gpus`` GPUs with the deployment's parallelism
+    (``setup.cost_model`` and ``setup.kv_cache_blocks``, from ``instance_cost_and_kv``); per-role parallelism
+    would build them here."""
     serving = setup.config.serving
     scheduler = Scheduler(
         BlockPool(setup.kv_cache_blocks, serving.block_size_tokens),
@@ -206,10 +229,16 @@ def build_instance(setup: Setup, step: RoutingStep, env: simpy.Environment, inde
 
 
 def kv_transfer(setup: Setup) -> KVTransfer:
-    """KV-cache transfers between disaggregated instances: the configured bandwidth, else the GPU's interconnect."""
+    """KV-cache transfers between disaggregated instances: the configured bandwidth, else the GPU's interconnect.
+
+    With tensor parallelism every GPU of the decode instance pulls its own share of the KV cache from its peer
+    on the prefill instance, over its own link, all in parallel: the transfer moves ``kv_bytes_per_token_per_gpu``
+    per token at the per-link bandwidth. With KV heads split (GQA, tp <= num_kv_heads) that is the whole cache
+    at ``bandwidth * tp``; replicated heads (tp > num_kv_heads) and MLA's replicated latent move more per link."""
     deployment = setup.config.deployment
     bandwidth = deployment.transfer_bandwidth_bytes_per_s or setup.hardware.interconnect_bandwidth_bytes_per_s
-    return KVTransfer(setup.model.kv_bytes_per_token, bandwidth, deployment.transfer_latency_s)
+    kv_per_token = getattr(setup.cost_model, "kv_bytes_per_token_per_gpu", setup.model.kv_bytes_per_token)
+    return KVTransfer(kv_per_token, bandwidth, deployment.transfer_latency_s)
 
 
 def build_cluster(setup: Setup, step: RoutingStep) -> Cluster:
@@ -248,6 +277,8 @@ def simulate_policy(setup: Setup, label: str, entry: PolicyConfig, policy: Polic
         tpot_slo_s=config.slo.tpot_s,
     )
     summary["instances"] = float(len(cluster.instances))
+    summary["gpus_per_instance"] = float(setup.plan.gpus)
+    summary["gpus"] = float(len(cluster.instances) * setup.plan.gpus)
     wall_s = time.perf_counter() - started
     summary["wall_s"] = wall_s
     summary["simulated_s_per_wall_s"] = end_s / wall_s if wall_s > 0 else np.nan
@@ -294,6 +325,8 @@ def write_setup(setup: Setup, out_dir: Path) -> None:
         "kv_cache_blocks": setup.kv_cache_blocks,
         "requests": len(setup.requests),
         "instances": setup.config.deployment.roles,
+        "gpus_per_instance": setup.plan.gpus,
+        "gpus": len(setup.config.deployment.roles) * setup.plan.gpus,
     }
     if setup.config.deployment.mode == "disaggregated":
         resolved["resolved"]["transfer_bandwidth_bytes_per_s"] = kv_transfer(setup).bandwidth_bytes_per_s

@@ -1,0 +1,315 @@
+"""Tensor and expert parallelism of one serving instance: what each GPU holds, what it computes, and what the
+GPUs exchange.
+
+The rule (``deployment.parallelism``): an instance spans ``gpus = max(tensor_parallel, expert_parallel)`` GPUs.
+
+* Attention and the dense layers always run tensor-parallel over all ``gpus`` (Megatron-style, as vLLM runs
+  them): each GPU holds ``num_heads / gpus`` query heads, ``num_kv_heads / gpus`` KV heads (one, replicated,
+  when ``gpus > num_kv_heads``, as vLLM replicates them; MLA's latent cache is replicated on every GPU, as in
+  vLLM), ``1 / gpus`` of the dense-FFN and shared-expert widths and of the vocabulary (LM head, embedding). The
+  router, the norms and MLA's down projections are replicated.
+* Routed experts: with ``expert_parallel == 1`` every expert is TP-sharded (``expert_ffn_size / gpus`` per
+  GPU). With ``expert_parallel > 1`` (which must then equal ``gpus``: ``tensor_parallel`` is 1 or
+  ``expert_parallel``; vLLM's ``--enable-expert-parallel``) each expert lives whole on one EP rank, placed by an
+  explicit ``placement`` array (expert -> rank; contiguous: expert ``e`` on rank ``e // (E / ep)``).
+
+Per-GPU compute: the roofline of a TP-sharded model is the one-GPU roofline of the *sharded* ``ModelSpec``
+(``shard_model``). The measured tables are timed at TP1, so for ``gpus > 1`` the measured model is used only
+where the profile holds tables of ``<model-key>@tp<gpus>`` (timed on one rank of that TP group); otherwise the
+roofline of the shard prices the iteration, and the run's ``cost_model`` string says so.
+
+Expert parallelism, per MoE layer ``l`` and rank ``r``: ``d[l, r]`` distinct experts of rank ``r`` with a token,
+``a[l, r]`` token-expert assignments on rank ``r``; rank time ``max(d * expert_bytes / bw, a * 2 * expert_params
+/ flops) + launch`` (roofline; the measured TP1 ``moe`` table at ``(a / top_k, d)`` where the profile has it);
+the layer's MoE time is its slowest rank's.
+
+Communication (``LatencyBreakdown.communication_s``), with ``B`` the interconnect bandwidth per GPU and
+direction, ``lat`` the profile's ``efficiency.collective_latency_s``, activations in bf16 (2 bytes):
+
+* all-reduce of ``T`` tokens (ring): ``2 * (g - 1) / g * T * hidden * 2 / B + lat``. Tensor parallelism runs two
+  per layer (after attention, after the FFN/MoE). With expert parallelism: one per layer after attention, one
+  per dense-FFN layer; the MoE layers' reduction is the combine below (shared experts' partial sums ride on it).
+* expert parallelism, per MoE layer: dispatch and combine all-to-all. Tokens are assumed to start evenly spread
+  over the ranks, so ``a[l, r] * (ep - 1) / ep`` of rank ``r``'s assignments arrive from other ranks (and return
+  in the combine); each collective takes its busiest rank's ``off_rank * hidden * 2 / B + lat``:
+  ``2 * (max_r a[l, r] * (ep - 1) / ep * hidden * 2 / B + lat)`` per layer.
+
+Memory, per GPU: ``memory * utilization - weights_per_gpu - activation_reserve``; the instance's KV cache holds
+that over ``kv_bytes_per_token_per_gpu`` tokens (the shard's KV bytes per token), so with KV heads split the
+token capacity grows with ``gpus`` (``gpus * memory * util - weights - reserve * gpus`` in total when nothing is
+replicated).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from lynxsim.cost import (
+    MOE_KERNELS_PER_LAYER,
+    BatchShape,
+    CostModel,
+    LatencyBreakdown,
+    MeasuredCostModel,
+    has_measured_tables,
+    make_cost_model,
+)
+from lynxsim.errors import InputError
+from lynxsim.hardware import HardwareProfile
+from lynxsim.models.spec import ModelSpec
+
+ACTIVATION_BYTES = 2  # bf16 activations on the wire
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """An instance's parallelism (see the module docstring for the rule)."""
+
+    tensor_parallel: int = 1
+    expert_parallel: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel", "expert_parallel"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.expert_parallel > 1 and self.tensor_parallel not in (1, self.expert_parallel):
+            raise ValueError("with expert_parallel > 1, tensor_parallel must be 1 or equal expert_parallel")
+
+    @property
+    def gpus(self) -> int:
+        return max(self.tensor_parallel, self.expert_parallel)
+
+    @property
+    def expert_parallel_on(self) -> bool:
+        return self.expert_parallel > 1
+
+
+def check_plan(model: ModelSpec, plan: ParallelPlan) -> None:
+    """Raise ``InputError`` (naming the config key) where ``model`` cannot be split as ``plan`` says."""
+    g = plan.gpus
+    attn = model.attention
+    if plan.expert_parallel_on and model.num_experts % plan.expert_parallel:
+        raise InputError(
+            "deployment.parallelism.expert_parallel",
+            f"{model.name}'s {model.num_experts} experts do not divide over {plan.expert_parallel} EP ranks",
+        )
+    if attn.num_heads % g:
+        raise InputError(
+            "deployment.parallelism.tensor_parallel",
+            f"{model.name}'s {attn.num_heads} attention heads do not split over {g} GPUs",
+        )
+    if not attn.is_mla:
+        kv = attn.num_kv_heads
+        if (kv >= g and kv % g) or (kv < g and g % kv):
+            raise InputError(
+                "deployment.parallelism.tensor_parallel",
+                f"{model.name}'s {kv} KV heads neither split over nor replicate evenly onto {g} GPUs",
+            )
+
+
+def shard_model(model: ModelSpec, plan: ParallelPlan) -> ModelSpec:
+    """The ``ModelSpec`` of what one GPU holds and computes (experts whole under expert parallelism)."""
+    g = plan.gpus
+    if g == 1:
+        return model
+    attn = model.attention
+    heads = attn.num_heads // g
+    if attn.is_mla:
+        kv_heads = 1  # MLA caches one latent per token, replicated on every rank; the field prices nothing
+    else:
+        kv_heads = max(1, attn.num_kv_heads // g)  # replicated (one per GPU) when g > num_kv_heads
+    data = model.model_dump()
+    data["name"] = f"{model.name} (1/{g} shard)"
+    data["attention"] = {**data["attention"], "num_heads": heads, "num_kv_heads": kv_heads}
+    data["vocab_size"] = math.ceil(model.vocab_size / g)
+    if model.dense_ffn_size:
+        data["dense_ffn_size"] = math.ceil(model.dense_ffn_size / g)
+    if model.shared_expert_ffn_size:
+        data["shared_expert_ffn_size"] = math.ceil(model.shared_expert_ffn_size / g)
+    if not plan.expert_parallel_on:
+        data["expert_ffn_size"] = math.ceil(model.expert_ffn_size / g)
+    return ModelSpec.model_validate(data)
+
+
+def expert_placement(num_experts: int, expert_parallel: int) -> np.ndarray:
+    """Rank of each expert, contiguous: expert ``e`` on rank ``e // (num_experts / expert_parallel)``. An explicit
+    array (rather than a formula at each use) so that a placement with replicas can replace it."""
+    if expert_parallel < 1 or num_experts % expert_parallel:
+        raise ValueError(f"{num_experts} experts do not divide over {expert_parallel} ranks")
+    return np.arange(num_experts, dtype=np.int64) // (num_experts // expert_parallel)
+
+
+def placement_matrix(placement: np.ndarray, ranks: int) -> np.ndarray:
+    """One-hot ``[experts, ranks]`` matrix of a placement: ``counts @ matrix`` sums per rank."""
+    matrix = np.zeros((placement.size, ranks), dtype=np.int64)
+    matrix[np.arange(placement.size), placement] = 1
+    return matrix
+
+
+def allreduce_time_s(message_bytes: float, gpus: int, bandwidth_bytes_per_s: float, latency_s: float) -> float:
+    """Ring all-reduce of ``message_bytes`` over ``gpus`` GPUs: ``2 (g - 1) / g * bytes / bandwidth + latency``."""
+    if gpus <= 1:
+        return 0.0
+    return 2.0 * (gpus - 1) / gpus * message_bytes / bandwidth_bytes_per_s + latency_s
+
+
+class ParallelCostModel:
+    """Iteration latency of one instance spread over ``plan.gpus`` GPUs: per-GPU compute from ``base`` (a cost
+    model of the shard), plus the MoE of the slowest EP rank, plus the collectives."""
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        hardware: HardwareProfile,
+        plan: ParallelPlan,
+        base: CostModel,
+        source: str,
+        moe_table: object | None = None,
+    ) -> None:
+        self.model = model
+        self.shard = base.model
+        self.hardware = hardware
+        self.plan = plan
+        self.base = base
+        self.source = source
+        self._moe_table = moe_table
+        self._bandwidth = hardware.interconnect_bandwidth_bytes_per_s
+        self._latency_s = hardware.efficiency.collective_latency_s
+        g = plan.gpus
+        self._token_bytes = float(model.hidden_size * ACTIVATION_BYTES)
+        if plan.expert_parallel_on:
+            allreduces = model.num_layers + model.num_dense_layers
+        else:
+            allreduces = 2 * model.num_layers
+        self._allreduces = allreduces
+        self._allreduce_bytes_s = 2.0 * (g - 1) / g * self._token_bytes / self._bandwidth  # per token
+        self.placement = expert_placement(model.num_experts, plan.expert_parallel)
+        self._onehot = placement_matrix(self.placement, plan.expert_parallel)
+        self.cpu_overhead_s = getattr(base, "cpu_overhead_s", hardware.efficiency.iteration_overhead_s)
+
+    # ----- components -----
+
+    def allreduce_time_s(self, batch: BatchShape) -> float:
+        """Every all-reduce of the iteration (each of all the batch's tokens)."""
+        return self._allreduces * (self._allreduce_bytes_s * batch.num_tokens + self._latency_s)
+
+    def rank_activity(self, expert_token_counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per MoE layer and EP rank: distinct experts with a token, and token-expert assignments."""
+        counts = np.asarray(expert_token_counts)
+        distinct = (counts > 0).astype(np.int64) @ self._onehot
+        assignments = counts.astype(np.int64) @ self._onehot
+        return distinct, assignments
+
+    def ep_moe_layer_s(self, expert_token_counts: np.ndarray) -> np.ndarray:
+        """Each MoE layer's routed-expert time: its slowest rank's."""
+        distinct, assignments = self.rank_activity(expert_token_counts)
+        if self._moe_table is not None:
+            rank_s = self._moe_table(assignments / self.model.top_k, distinct)  # type: ignore[operator]
+        else:
+            base = self.base
+            memory = distinct * base._expert_memory_s
+            compute = assignments * base._assignment_compute_s
+            rank_s = np.maximum(memory, compute) + MOE_KERNELS_PER_LAYER * base._launch_s
+        return np.max(rank_s, axis=1)
+
+    def all_to_all_time_s(self, expert_token_counts: np.ndarray) -> float:
+        """Dispatch and combine of every MoE layer (see the module docstring)."""
+        ep = self.plan.expert_parallel
+        _, assignments = self.rank_activity(expert_token_counts)
+        off_rank = assignments.max(axis=1) * ((ep - 1) / ep)
+        per_layer = 2.0 * (off_rank * self._token_bytes / self._bandwidth + self._latency_s)
+        return float(per_layer.sum())
+
+    def iteration(self, batch: BatchShape, expert_token_counts: np.ndarray) -> LatencyBreakdown:
+        if batch.num_tokens == 0:
+            raise ValueError("an iteration with no tokens has nothing to cost")
+        counts = np.asarray(expert_token_counts)
+        if counts.shape != (self.model.num_moe_layers, self.model.num_experts):
+            raise ValueError(
+                f"expert_token_counts has shape {counts.shape}, expected "
+                f"(num_moe_layers, num_experts) = ({self.model.num_moe_layers}, {self.model.num_experts})"
+            )
+        communication = self.allreduce_time_s(batch)
+        if self.plan.expert_parallel_on:
+            moe = float(self.ep_moe_layer_s(counts).sum())
+            communication += self.all_to_all_time_s(counts)
+        else:
+            moe = self.base.moe_time_s(counts)
+        return LatencyBreakdown(
+            attention_s=self.base.attention_time_s(batch),
+            dense_s=self.base.dense_time_s(batch),
+            moe_s=moe,
+            communication_s=communication,
+            overhead_s=self.base._overhead_s,
+        )
+
+    def gpu_time_s(self, latency: LatencyBreakdown) -> float:
+        return latency.total_s - self.cpu_overhead_s
+
+    # ----- memory -----
+
+    @property
+    def weight_bytes_per_gpu(self) -> float:
+        """The shard's weights; under expert parallelism, only the rank's own experts (the most any rank holds)."""
+        held = self.shard.weight_bytes
+        if self.plan.expert_parallel_on:
+            per_rank = int(np.bincount(self.placement, minlength=self.plan.expert_parallel).max())
+            held -= self.model.num_moe_layers * (self.model.num_experts - per_rank) * self.model.expert_bytes
+        return held
+
+    @property
+    def kv_bytes_per_token_per_gpu(self) -> float:
+        return self.shard.kv_bytes_per_token
+
+    def kv_cache_capacity_bytes(self, gpu_memory_utilization: float, activation_reserve_bytes: float) -> int:
+        """KV-cache bytes per GPU: ``memory * utilization - weights_per_gpu - activation reserve``."""
+        return _per_gpu_capacity(self, gpu_memory_utilization, activation_reserve_bytes)
+
+
+def _per_gpu_capacity(cost: ParallelCostModel, utilization: float, reserve: float) -> int:
+    # The same formula as CostModel.kv_cache_capacity_bytes, with this instance's per-GPU weights.
+    weights = cost.weight_bytes_per_gpu
+    if not 0.0 < utilization <= 1.0:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization}")
+    if reserve < 0:
+        raise ValueError(f"activation_reserve_bytes must be non-negative, got {reserve}")
+    usable = cost.hardware.memory_bytes * utilization
+    capacity = usable - weights - reserve
+    if capacity <= 0:
+        raise InputError(
+            "hardware",
+            f"{cost.model.name} weights {weights / 1e9:.1f} GB per GPU (over {cost.plan.gpus} GPUs) plus a "
+            f"{reserve / 1e9:.1f} GB activation reserve do not fit in {usable / 1e9:.1f} GB of {cost.hardware.name}",
+        )
+    return int(capacity)
+
+
+def make_instance_cost_model(
+    model: ModelSpec, hardware: HardwareProfile, model_key: str | None, plan: ParallelPlan
+) -> CostModel | ParallelCostModel:
+    """The cost model of one instance. One GPU: exactly ``make_cost_model``. More: a ``ParallelCostModel`` over
+    the shard's cost model, measured where the profile has ``<model-key>@tp<gpus>`` tables, roofline otherwise."""
+    if plan.gpus == 1:
+        return make_cost_model(model, hardware, model_key)
+    check_plan(model, plan)
+    shard = shard_model(model, plan)
+    g = plan.gpus
+    tp_key = f"{model_key}@tp{g}" if model_key else None
+    if tp_key and has_measured_tables(hardware, shard, tp_key):
+        base: CostModel = MeasuredCostModel(shard, hardware, tp_key)
+        source = f"measured ({tp_key} tables)"
+    else:
+        base = CostModel(shard, hardware)
+        source = "roofline"
+        if model_key and has_measured_tables(hardware, model, model_key):
+            source = f"roofline (tp{g}: the measured tables are TP1; no {tp_key} tables)"
+    moe_table = None
+    if plan.expert_parallel_on:
+        full = make_cost_model(model, hardware, model_key)
+        if isinstance(full, MeasuredCostModel):
+            moe_table = full.units["moe"]
+            source += f"; experts per EP rank: measured {model_key}/moe"
+    return ParallelCostModel(model, hardware, plan, base, source, moe_table)
