@@ -186,7 +186,7 @@ class DeploymentConfig(_Section):
         default=None,
         gt=0,
         description="disaggregated: KV-cache transfer bandwidth, one direction (default: the hardware profile's "
-        "interconnect_bandwidth_bytes_per_s, i.e. NVLink within a node; across nodes use the NIC's, e.g. 50e9 for "
+        "sustained interconnect, i.e. NVLink within a node; across nodes use the NIC's, e.g. 50e9 for "
         "400 Gb/s InfiniBand)",
     )
     transfer_latency_s: float = Field(default=0.0, ge=0, description="disaggregated: fixed cost of each KV transfer")

@@ -61,6 +61,8 @@ EFFICIENCY_FIGURES = (
     "efficiency.flops_fraction",
     "efficiency.kernel_launch_s",
     "efficiency.iteration_overhead_s",
+    "efficiency.collective_latency_s",
+    "efficiency.sustained_interconnect_bytes_per_s",
 )
 FIGURE_NAMES = DATASHEET_FIGURES + EFFICIENCY_FIGURES
 
@@ -91,6 +93,11 @@ class Efficiency(BaseModel):
     collective_latency_s: float = Field(
         default=DEFAULT_COLLECTIVE_LATENCY_S, ge=0,
         description="fixed cost of one multi-GPU collective (all-reduce, all-to-all), on top of bytes / bandwidth",
+    )
+    sustained_interconnect_bytes_per_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="per-GPU, per-direction bandwidth large collectives sustain; None: the datasheet interconnect",
     )
 
 
@@ -268,6 +275,13 @@ class HardwareProfile(BaseModel):
         otherwise the datasheet figure times the H200's measured-over-datasheet fraction."""
         measured = self.efficiency.sustained_bandwidth_bytes_per_s
         return measured if measured is not None else self.memory_bandwidth_bytes_per_s * SUSTAINED_BANDWIDTH_FRACTION
+
+    @property
+    def sustained_interconnect_bytes_per_s(self) -> float:
+        """GPU-to-GPU bandwidth the cost model moves activations and KV caches at: measured where the profile has
+        it, otherwise the datasheet's per-direction figure."""
+        measured = self.efficiency.sustained_interconnect_bytes_per_s
+        return measured if measured is not None else self.interconnect_bandwidth_bytes_per_s
 
     def peak_flops_per_s(self, dtype: str) -> float:
         """Dense tensor-core peak for GEMMs whose weights are stored in ``dtype``.

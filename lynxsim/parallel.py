@@ -176,7 +176,7 @@ class ParallelCostModel:
         self.base = base
         self.source = source
         self._moe_table = moe_table
-        self._bandwidth = hardware.interconnect_bandwidth_bytes_per_s
+        self._bandwidth = hardware.sustained_interconnect_bytes_per_s
         self._latency_s = hardware.efficiency.collective_latency_s
         g = plan.gpus
         self._token_bytes = float(model.hidden_size * ACTIVATION_BYTES)

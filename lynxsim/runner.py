@@ -236,7 +236,7 @@ def kv_transfer(setup: Setup) -> KVTransfer:
     per token at the per-link bandwidth. With KV heads split (GQA, tp <= num_kv_heads) that is the whole cache
     at ``bandwidth * tp``; replicated heads (tp > num_kv_heads) and MLA's replicated latent move more per link."""
     deployment = setup.config.deployment
-    bandwidth = deployment.transfer_bandwidth_bytes_per_s or setup.hardware.interconnect_bandwidth_bytes_per_s
+    bandwidth = deployment.transfer_bandwidth_bytes_per_s or setup.hardware.sustained_interconnect_bytes_per_s
     kv_per_token = getattr(setup.cost_model, "kv_bytes_per_token_per_gpu", setup.model.kv_bytes_per_token)
     return KVTransfer(kv_per_token, bandwidth, deployment.transfer_latency_s)
 

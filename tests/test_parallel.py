@@ -79,10 +79,10 @@ def test_tp2_halves_expert_bytes_and_adds_two_allreduces_per_layer():
     assert latency.moe_s == pytest.approx(moe_two)
     # all-reduce by hand: 2 per layer, 8 tokens * 4096 hidden * 2 bytes, ring factor 2 * (2 - 1) / 2 = 1
     message = 8 * 4096 * 2
-    per = message / H200.interconnect_bandwidth_bytes_per_s + H200.efficiency.collective_latency_s
+    per = message / H200.sustained_interconnect_bytes_per_s + H200.efficiency.collective_latency_s
     assert latency.communication_s == pytest.approx(2 * 32 * per)
-    assert allreduce_time_s(message, 2, H200.interconnect_bandwidth_bytes_per_s, 1e-5) == pytest.approx(
-        message / H200.interconnect_bandwidth_bytes_per_s + 1e-5
+    assert allreduce_time_s(message, 2, H200.sustained_interconnect_bytes_per_s, 1e-5) == pytest.approx(
+        message / H200.sustained_interconnect_bytes_per_s + 1e-5
     )
     assert cost.weight_bytes_per_gpu < 0.51 * MIXTRAL.weight_bytes
 
@@ -115,7 +115,7 @@ def test_ep_moe_time_is_the_slowest_ranks():
     latency = cost.iteration(batch, counts)
     assert latency.moe_s == pytest.approx(32 * rank0)
     # one all-reduce per layer (attention) + dispatch and combine per MoE layer at rank 0's 16 * 1/2 off-rank rows
-    bw_link, lat = H200.interconnect_bandwidth_bytes_per_s, H200.efficiency.collective_latency_s
+    bw_link, lat = H200.sustained_interconnect_bytes_per_s, H200.efficiency.collective_latency_s
     allreduce = 32 * (9 * 4096 * 2 / bw_link + lat)
     a2a = 32 * 2 * (8 * 4096 * 2 / bw_link + lat)
     assert latency.communication_s == pytest.approx(allreduce + a2a)
