@@ -17,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -190,21 +191,19 @@ class ModelSweep:
         return x, attn, cos, sin, k_pool, v_pool, slots
 
     def dense_layer(self, tokens: int) -> float:
-        layers = self.weights.layers
-        copies = len(layers)
-        x, attn, cos, sin, k_pool, v_pool, slots = self._dense_inputs(tokens, copies)
-        s = self.shape
-
-        def run(i: int) -> object:
-            lw = layers[i % copies]
-            _, k, v = units.attention_in(x, lw, s, cos, sin)
-            units.write_kv_paged(k, v, k_pool, v_pool, *slots[i % copies])
-            return units.attention_out(x, attn, lw, s)
-
-        return self._time(run, float(self.roof.unit_roofline("dense_layer")(tokens)), copies)
+        shape = self.shape
+        return self._decoder_layer_rest(
+            self.weights.layers, tokens, "dense_layer", lambda x, attn, lw: units.attention_out(x, attn, lw, shape)
+        )
 
     def dense_ffn_layer(self, tokens: int) -> float:
-        layers = self.dense_copies()
+        return self._decoder_layer_rest(self.dense_copies(), tokens, "dense_ffn_layer", units.ffn_out)
+
+    def _decoder_layer_rest(
+        self, layers: Sequence[Any], tokens: int, unit: str, finish: Callable[[Any, Any, Any], object]
+    ) -> float:
+        """Time everything of one decoder layer but attention itself: QKV with rotary and the KV-cache write,
+        then ``finish`` (the MoE layer's output GEMM, norm and router, or a dense layer's FFN)."""
         copies = len(layers)
         x, attn, cos, sin, k_pool, v_pool, slots = self._dense_inputs(tokens, copies)
         s = self.shape
@@ -213,9 +212,9 @@ class ModelSweep:
             lw = layers[i % copies]
             _, k, v = units.attention_in(x, lw, s, cos, sin)
             units.write_kv_paged(k, v, k_pool, v_pool, *slots[i % copies])
-            return units.ffn_out(x, attn, lw)
+            return finish(x, attn, lw)
 
-        return self._time(run, float(self.roof.unit_roofline("dense_ffn_layer")(tokens)), copies)
+        return self._time(run, float(self.roof.unit_roofline(unit)(tokens)), copies)
 
     def embedding(self, tokens: int, table: torch.Tensor) -> float:
         ids = torch.randint(0, table.shape[0], (tokens,), device=self.device, generator=self.gen)
