@@ -267,6 +267,11 @@ class CostModel:
 
     # ----- the iteration -----
 
+    def gpu_time_s(self, latency: LatencyBreakdown) -> float:
+        """The part of a predicted iteration that runs on the GPU: everything but the profile's CPU-side
+        ``iteration_overhead_s``, which no kernel measures (what validation compares with real execution)."""
+        return latency.total_s - self.hardware.efficiency.iteration_overhead_s
+
     def iteration(self, batch: BatchShape, expert_token_counts: np.ndarray) -> LatencyBreakdown:
         """Latency of one iteration that runs ``batch`` with ``expert_token_counts[layer, expert]`` tokens
         assigned to each routed expert of each MoE layer (rows may sum to less than tokens * top_k where a
@@ -653,10 +658,6 @@ class MeasuredCostModel(UnitRooflines):
         """The MoE time of each MoE layer (s), for validation reports."""
         counts = np.asarray(expert_token_counts)
         return self.units["moe"](counts.sum(axis=1) / self.model.top_k, (counts > 0).sum(axis=1))
-
-    def gpu_time_s(self, latency: LatencyBreakdown) -> float:
-        """The part of a predicted iteration that runs on the GPU: everything but the CPU-side overhead."""
-        return latency.total_s - self.cpu_overhead_s
 
 
 def calibrated_shape_matches(model: ModelSpec, model_key: str) -> bool:

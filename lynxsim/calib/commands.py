@@ -357,7 +357,7 @@ def validate_command(args: argparse.Namespace, console: Any = None) -> int:
             roofline = _roofline(specs[key], args)
             for it in (c for c in chosen if c.model_key == key):
                 latency = roofline.iteration(it.shape, it.expert_token_counts.astype("int64"))
-                measured[(key, it.policy, it.index)] = latency.total_s - roofline.hardware.efficiency.iteration_overhead_s
+                measured[(key, it.policy, it.index)] = roofline.gpu_time_s(latency)
         environment = {"gpu_name": "dry run: roofline figures stand in for measurements", "torch_version": "none",
                        "cuda_version": "none"}
         summary = write_outputs(measured, environment)

@@ -132,7 +132,6 @@ def simulate_and_record(config: ExperimentConfig, model_key: str) -> dict[str, l
     from lynxsim.runner import prepare, simulate_policy
 
     setup = prepare(config)
-    cpu_overhead_s = setup.hardware.efficiency.iteration_overhead_s
     out: dict[str, list[ValidationIteration]] = {}
     for label, entry, policy in setup.policies:
         recorder = RecordingCostModel(setup.cost_model)
@@ -140,7 +139,7 @@ def simulate_and_record(config: ExperimentConfig, model_key: str) -> dict[str, l
         out[label] = [
             ValidationIteration(
                 model_key=model_key, policy=label, index=i, shape=shape, expert_token_counts=counts,
-                predicted=latency, predicted_gpu_s=latency.total_s - cpu_overhead_s, cost_model=setup.cost_model.source,
+                predicted=latency, predicted_gpu_s=setup.cost_model.gpu_time_s(latency), cost_model=setup.cost_model.source,
             )
             for i, (shape, counts, latency) in enumerate(recorder.records)
         ]
@@ -196,12 +195,11 @@ def expert_assignment(counts: np.ndarray, tokens: int, top_k: int) -> np.ndarray
 
 def reprice(iterations: list[ValidationIteration], cost_model: CostModel) -> list[ValidationIteration]:
     """The same iterations priced by ``cost_model`` (e.g. after calibration has replaced the tables)."""
-    cpu_overhead_s = cost_model.hardware.efficiency.iteration_overhead_s
     out = []
     for it in iterations:
         latency = cost_model.iteration(it.shape, it.expert_token_counts.astype(np.int64))
         out.append(dataclasses.replace(
-            it, predicted=latency, predicted_gpu_s=latency.total_s - cpu_overhead_s, cost_model=cost_model.source
+            it, predicted=latency, predicted_gpu_s=cost_model.gpu_time_s(latency), cost_model=cost_model.source
         ))
     return out
 

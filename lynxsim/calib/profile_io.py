@@ -18,7 +18,6 @@ import yaml
 
 from lynxsim.hardware import (
     CalibrationMetadata,
-    HardwareProfile,
     KernelTable,
     TableFile,
     load_hardware,
@@ -183,7 +182,3 @@ def merge_table_files(profile_path: Path, paths: list[Path]) -> list[Path]:
         key, metadata, tables = read_table_file(path)
         written.append(write_model_tables(profile_path, key, tables, metadata))
     return written
-
-
-def profile_has_model(profile: HardwareProfile, model_key: str) -> bool:
-    return model_key in profile.measured.model_keys()
