@@ -8,7 +8,9 @@ each GPU's link, an all-to-all ``(g-1)/g``), which is the form ``lynxsim/paralle
     torchrun --nproc_per_node=2 benchmarks/collectives.py --out collectives.csv
 
 CUDA events around 50 back-to-back collectives after 10 warm-ups, median of 7 such runs, bf16 buffers of random
-data. Leaves NCCL's environment as the machine sets it (NVLink multicast stays off).
+data. Leaves NCCL's environment as the machine sets it (NVLink multicast stays off). With ``--graph`` the 50
+collectives are captured in one CUDA graph and the graph is replayed (a served decode iteration is a graph: no
+per-call CPU launch), which is the latency tensor parallelism pays inside an iteration.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ CALLS = 50
 RUNS = 7
 
 
-def time_collective(op: str, numel: int, world: int) -> float:
-    """Median seconds of one collective on a bf16 buffer of ``numel`` elements."""
+def time_collective(op: str, numel: int, world: int, graph: bool) -> float:
+    """Median seconds of one collective on a bf16 buffer of ``numel`` elements (launched one by one, or
+    replayed from a CUDA graph of ``CALLS`` of them)."""
     data = torch.randn(numel, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(data)
 
@@ -40,13 +43,25 @@ def time_collective(op: str, numel: int, world: int) -> float:
     for _ in range(10):
         once()
     torch.cuda.synchronize()
+    captured = None
+    if graph:
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            for _ in range(CALLS):
+                once()
+        captured.replay()
+        torch.cuda.synchronize()
     samples = []
     for _ in range(RUNS):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         dist.barrier()
+        torch.cuda.synchronize()
         start.record()
-        for _ in range(CALLS):
-            once()
+        if captured is not None:
+            captured.replay()
+        else:
+            for _ in range(CALLS):
+                once()
         end.record()
         torch.cuda.synchronize()
         samples.append(start.elapsed_time(end) / 1e3 / CALLS)
@@ -66,6 +81,7 @@ def fit(rows: list[dict[str, float]], op: str, world: int) -> tuple[float, float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="collectives.csv")
+    parser.add_argument("--graph", action="store_true", help="replay the collectives from one CUDA graph")
     args = parser.parse_args()
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -73,13 +89,13 @@ def main() -> None:
     rows = []
     for op in ("all_reduce", "all_to_all"):
         for size in SIZES_BYTES:
-            seconds = time_collective(op, size // 2, world)
-            rows.append({"op": op, "gpus": world, "bytes": size, "time_s": seconds})
+            seconds = time_collective(op, size // 2, world, args.graph)
+            rows.append({"op": op, "gpus": world, "bytes": size, "time_s": seconds, "graph": args.graph})
             if rank == 0:
                 print(f"{op:10} {size:>10} B  {seconds * 1e6:9.1f} us  {size / seconds / 1e9:7.1f} GB/s", flush=True)
     if rank == 0:
         with open(args.out, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["op", "gpus", "bytes", "time_s"])
+            writer = csv.DictWriter(handle, fieldnames=["op", "gpus", "bytes", "time_s", "graph"])
             writer.writeheader()
             writer.writerows(rows)
         for op in ("all_reduce", "all_to_all"):

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 import lynxsim
 from lynxsim.errors import InputError
+from lynxsim.interconnect import CollectiveCost, CollectiveTable
 from lynxsim.yaml_input import read_yaml_mapping, validation_problem
 
 # The H200 SXM's measured sustained bandwidth over its datasheet bandwidth: a large device-to-device copy on a
@@ -249,6 +250,9 @@ class HardwareProfile(BaseModel):
     sources: dict[str, str]
     efficiency: Efficiency = Field(default_factory=Efficiency)
     measured: MeasuredKernels = Field(default_factory=MeasuredKernels)
+    collectives: list[CollectiveTable] = Field(
+        default_factory=list, description="measured collective times (lynxsim.interconnect); one per (op, gpus)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "HardwareProfile":
@@ -262,6 +266,9 @@ class HardwareProfile(BaseModel):
         empty = [k for k, v in self.sources.items() if not v.strip()]
         if empty:
             raise ValueError(f"sources entries are empty: {', '.join(empty)}")
+        pairs = [(t.op, t.gpus) for t in self.collectives]
+        if len(set(pairs)) != len(pairs):
+            raise ValueError("collectives has two tables for the same (op, gpus)")
         if self.sustained_bandwidth_bytes_per_s > self.memory_bandwidth_bytes_per_s:
             raise ValueError(
                 f"efficiency.sustained_bandwidth_bytes_per_s ({self.sustained_bandwidth_bytes_per_s:.3g}) exceeds "
@@ -282,6 +289,13 @@ class HardwareProfile(BaseModel):
         it, otherwise the datasheet's per-direction figure."""
         measured = self.efficiency.sustained_interconnect_bytes_per_s
         return measured if measured is not None else self.interconnect_bandwidth_bytes_per_s
+
+    def collective_cost(self, gpus: int) -> CollectiveCost:
+        """What collectives among ``gpus`` GPUs cost: measured tables where the profile has them for that GPU
+        count, the collective latency plus bytes over the sustained interconnect bandwidth otherwise."""
+        return CollectiveCost(
+            self.collectives, gpus, self.efficiency.collective_latency_s, self.sustained_interconnect_bytes_per_s
+        )
 
     def peak_flops_per_s(self, dtype: str) -> float:
         """Dense tensor-core peak for GEMMs whose weights are stored in ``dtype``.

@@ -23,16 +23,19 @@ Expert parallelism, per MoE layer ``l`` and rank ``r``: ``d[l, r]`` distinct exp
 / flops) + launch`` (roofline; the measured TP1 ``moe`` table at ``(a / top_k, d)`` where the profile has it);
 the layer's MoE time is its slowest rank's.
 
-Communication (``LatencyBreakdown.communication_s``), with ``B`` the interconnect bandwidth per GPU and
-direction, ``lat`` the profile's ``efficiency.collective_latency_s``, activations in bf16 (2 bytes):
+Communication (``LatencyBreakdown.communication_s``): each collective is priced by the profile's
+``collective_cost(gpus)`` (``lynxsim.interconnect``): a measured table of time against per-GPU buffer bytes where
+the profile has one for this GPU count (the H200 profile has in-graph NCCL tables at 2 GPUs), else ``lat +
+wire_bytes / B`` (``lat`` the profile's ``efficiency.collective_latency_s``, ``B`` its sustained interconnect
+bandwidth per GPU and direction). Activations travel in bf16 (2 bytes per element):
 
-* all-reduce of ``T`` tokens (ring): ``2 * (g - 1) / g * T * hidden * 2 / B + lat``. Tensor parallelism runs two
-  per layer (after attention, after the FFN/MoE). With expert parallelism: one per layer after attention, one
-  per dense-FFN layer; the MoE layers' reduction is the combine below (shared experts' partial sums ride on it).
+* all-reduce of ``T`` tokens: a buffer of ``T * hidden * 2`` bytes. Tensor parallelism runs two per layer
+  (after attention, after the FFN/MoE). With expert parallelism: one per layer after attention, one per
+  dense-FFN layer; the MoE layers' reduction is the combine below (shared experts' partial sums ride on it).
 * expert parallelism, per MoE layer: dispatch and combine all-to-all. Tokens are assumed to start evenly spread
   over the ranks, so ``a[l, r] * (ep - 1) / ep`` of rank ``r``'s assignments arrive from other ranks (and return
-  in the combine); each collective takes its busiest rank's ``off_rank * hidden * 2 / B + lat``:
-  ``2 * (max_r a[l, r] * (ep - 1) / ep * hidden * 2 / B + lat)`` per layer.
+  in the combine); each collective is priced at its busiest rank's buffer, ``max_r a[l, r] * hidden * 2``
+  bytes, twice per layer.
 
 Memory, per GPU: ``memory * utilization - weights_per_gpu - activation_reserve``; the instance's KV cache holds
 that over ``kv_bytes_per_token_per_gpu`` tokens (the shard's KV bytes per token), so with KV heads split the
@@ -149,13 +152,6 @@ def placement_matrix(placement: np.ndarray, ranks: int) -> np.ndarray:
     return matrix
 
 
-def allreduce_time_s(message_bytes: float, gpus: int, bandwidth_bytes_per_s: float, latency_s: float) -> float:
-    """Ring all-reduce of ``message_bytes`` over ``gpus`` GPUs: ``2 (g - 1) / g * bytes / bandwidth + latency``."""
-    if gpus <= 1:
-        return 0.0
-    return 2.0 * (gpus - 1) / gpus * message_bytes / bandwidth_bytes_per_s + latency_s
-
-
 class ParallelCostModel:
     """Iteration latency of one instance spread over ``plan.gpus`` GPUs: per-GPU compute from ``base`` (a cost
     model of the shard), plus the MoE of the slowest EP rank, plus the collectives."""
@@ -176,16 +172,13 @@ class ParallelCostModel:
         self.base = base
         self.source = source
         self._moe_table = moe_table
-        self._bandwidth = hardware.sustained_interconnect_bytes_per_s
-        self._latency_s = hardware.efficiency.collective_latency_s
-        g = plan.gpus
+        self.collectives = hardware.collective_cost(plan.gpus)
         self._token_bytes = float(model.hidden_size * ACTIVATION_BYTES)
         if plan.expert_parallel_on:
             allreduces = model.num_layers + model.num_dense_layers
         else:
             allreduces = 2 * model.num_layers
         self._allreduces = allreduces
-        self._allreduce_bytes_s = 2.0 * (g - 1) / g * self._token_bytes / self._bandwidth  # per token
         self.placement = expert_placement(model.num_experts, plan.expert_parallel)
         self._onehot = placement_matrix(self.placement, plan.expert_parallel)
         self.cpu_overhead_s = getattr(base, "cpu_overhead_s", hardware.efficiency.iteration_overhead_s)
@@ -194,7 +187,8 @@ class ParallelCostModel:
 
     def allreduce_time_s(self, batch: BatchShape) -> float:
         """Every all-reduce of the iteration (each of all the batch's tokens)."""
-        return self._allreduces * (self._allreduce_bytes_s * batch.num_tokens + self._latency_s)
+        one = self.collectives.time_s("all_reduce", batch.num_tokens * self._token_bytes)
+        return self._allreduces * float(one)
 
     def rank_activity(self, expert_token_counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per MoE layer and EP rank: distinct experts with a token, and token-expert assignments."""
@@ -217,11 +211,9 @@ class ParallelCostModel:
 
     def all_to_all_time_s(self, expert_token_counts: np.ndarray) -> float:
         """Dispatch and combine of every MoE layer (see the module docstring)."""
-        ep = self.plan.expert_parallel
         _, assignments = self.rank_activity(expert_token_counts)
-        off_rank = assignments.max(axis=1) * ((ep - 1) / ep)
-        per_layer = 2.0 * (off_rank * self._token_bytes / self._bandwidth + self._latency_s)
-        return float(per_layer.sum())
+        busiest_bytes = assignments.max(axis=1) * self._token_bytes
+        return 2.0 * float(self.collectives.time_s("all_to_all", busiest_bytes).sum())
 
     def iteration(self, batch: BatchShape, expert_token_counts: np.ndarray) -> LatencyBreakdown:
         if batch.num_tokens == 0:

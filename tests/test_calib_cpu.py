@@ -378,3 +378,41 @@ def test_calibrate_units_option_is_validated(tmp_path: Path) -> None:
     profile = _profile_copy(tmp_path)
     assert main(["calibrate", "--models", "olmoe-1b-7b", "--units", "nope", "--dry-run", "--profile", str(profile)]) == 2
     assert main(["calibrate", "--models", "olmoe-1b-7b", "--units", "moe", "--dry-run", "--profile", str(profile)]) == 0
+
+
+def test_tensor_parallel_tables_then_validation_against_earlier_measurements(tmp_path: Path) -> None:
+    """``--tensor-parallel 2``: calibration writes the shard's ``<key>@tp2`` tables, the instance cost model
+    predicts from them plus the all-reduces, and ``--measured`` compares an earlier run's measurements with
+    today's predictions without a GPU (the iterations are matched by model, policy and index)."""
+    from lynxsim.calib.commands import main
+
+    profile = _profile_copy(tmp_path)
+    tables = tmp_path / "tables"
+    assert main(["calibrate", "--models", "olmoe-1b-7b", "--tensor-parallel", "2", "--dry-run",
+                 "--tables-out", str(tables), "--profile", str(profile)]) == 0
+    assert main(["calibrate", "--merge", str(tables / "olmoe-1b-7b@tp2.yaml"), "--profile", str(profile)]) == 0
+    assert load_hardware(profile).measured.model_keys() == ["olmoe-1b-7b@tp2"]
+    record = tmp_path / "it.npz"
+    common = ["--models", "olmoe-1b-7b", "--profile", str(profile), "--tensor-parallel", "2"]
+    assert main(["validate", *common, "--record", str(record), "--requests", "64"]) == 0
+    dry = tmp_path / "dry"
+    assert main(["validate", *common, "--iterations", str(record), "--dry-run", "--out", str(dry)]) == 0
+    frame = pd.read_csv(dry / "validation.csv")
+    assert set(frame["cost_model"]) == {"measured (olmoe-1b-7b@tp2 tables)"}
+    assert (frame["predicted_communication_s"] > 0).all()
+    # the dry run's "measurements", each doubled, read back: every prediction is now half the measurement
+    earlier = frame.assign(measured_s=2 * frame["measured_s"])
+    earlier.to_csv(tmp_path / "earlier.csv", index=False)
+    again = tmp_path / "again"
+    assert main(["validate", *common, "--iterations", str(record), "--measured", str(tmp_path / "earlier.csv"),
+                 "--out", str(again)]) == 0
+    redone = pd.read_csv(again / "validation.csv")
+    # (the CSV keeps 6 significant digits)
+    assert redone["error"].to_numpy() == pytest.approx(frame["predicted_s"] / (2 * frame["measured_s"]) - 1, rel=1e-4)
+    assert "Tensor parallelism (2 GPUs)" in (again / "validation.md").read_text()
+    # a measurement file that lacks an iteration, or the environment columns, is an input error
+    earlier.iloc[1:].to_csv(tmp_path / "short.csv", index=False)
+    assert main(["validate", *common, "--iterations", str(record), "--measured", str(tmp_path / "short.csv")]) == 2
+    earlier.drop(columns=["gpu_name"]).to_csv(tmp_path / "bare.csv", index=False)
+    assert main(["validate", *common, "--iterations", str(record), "--measured", str(tmp_path / "bare.csv")]) == 2
+    assert main(["calibrate", "--models", "olmoe-1b-7b", "--tensor-parallel", "3", "--dry-run"]) == 2

@@ -191,3 +191,38 @@ def test_calibrate_units_keeps_the_other_tables(tmp_path, monkeypatch) -> None:
     assert after.tables["olmoe-1b-7b/moe"].latency_s == pytest.approx([2 * v for v in before["olmoe-1b-7b/moe"].latency_s], rel=1e-3)
     assert after.tables["olmoe-1b-7b/lm_head"] == before["olmoe-1b-7b/lm_head"]
     assert "kept from the earlier run" in after.metadata_for("olmoe-1b-7b/moe").notes
+
+
+@pytest.mark.parametrize("model", [TINY, TINY_MLA], ids=["gqa", "mla-dense-shared"])
+def test_a_tensor_parallel_iteration_reduces_twice_per_layer(model: ModelSpec) -> None:
+    """Each layer's attention output and FFN/expert output are reduced over the TP group: 2 per layer, as the
+    instance cost model prices them (``ParallelCostModel``: 2 x num_layers all-reduces of [T, H])."""
+    from lynxsim.calib import units
+    from lynxsim.calib.validate import ModelOnDevice
+
+    reduced: list[tuple[int, ...]] = []
+
+    def count(partial: torch.Tensor) -> torch.Tensor:
+        reduced.append(tuple(partial.shape))
+        return partial
+
+    it = _iteration(model, _shapes()[1], 5, 0)
+    on_cpu = ModelOnDevice(model, torch.device("cpu"), units.pages_for([9, 12, 37]) + 4, reduce=count)
+    on_cpu.build(it, seed=0)(0)
+    assert reduced == [(it.shape.num_tokens, model.hidden_size)] * (2 * model.num_layers)
+
+
+def test_tensor_parallel_validation_runs_two_ranks_on_cpu() -> None:
+    """Two processes join a gloo group and execute the TP2 shard's iterations in step; rank 0's timings come
+    back for every iteration."""
+    from lynxsim.calib.validate import execute_iterations
+    from lynxsim.parallel import ParallelPlan, shard_model
+
+    shard = shard_model(TINY, ParallelPlan(tensor_parallel=2))
+    assert shard.attention.num_heads == 2 and shard.expert_ffn_size == 16
+    iterations = [_iteration(TINY, shape, seed, i) for i, (seed, shape) in enumerate(zip((1, 2), _shapes()))]
+    times, env = execute_iterations(iterations, {"tiny": shard}, device="cpu", repeats=1, tensor_parallel=2,
+                                    log=lambda _: None)
+    assert set(times) == {("tiny", "topk", 0), ("tiny", "topk", 1)}
+    assert all(t > 0 for t in times.values())
+    assert env["gpu_name"].startswith("2x CPU") and "gloo" in env["gpu_name"]

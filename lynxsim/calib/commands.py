@@ -12,6 +12,8 @@ Typical use:
   lynxsim calibrate --dry-run                                     # print the plan (points per table)
   lynxsim validate --models olmoe-1b-7b --out docs                # simulate, execute on the GPU, compare, report
   lynxsim validate --record iterations.npz                        # simulate and select only (no GPU)
+  lynxsim calibrate --models mixtral-8x7b --tensor-parallel 2      # tables of one TP2 rank: mixtral-8x7b@tp2
+  lynxsim validate --models mixtral-8x7b --tensor-parallel 2       # execute TP2 iterations on two GPUs (NCCL)
 """
 
 from __future__ import annotations
@@ -83,6 +85,31 @@ def shrunk_model(model: Any, factor: int) -> Any:
     return ModelSpec.model_validate(data)
 
 
+def _tp_plan(args: argparse.Namespace) -> Any:
+    from lynxsim.parallel import ParallelPlan
+
+    if args.tensor_parallel < 1:
+        raise InputError("--tensor-parallel", f"must be >= 1, got {args.tensor_parallel}")
+    return ParallelPlan(tensor_parallel=args.tensor_parallel)
+
+
+def _shard(model: Any, args: argparse.Namespace) -> Any:
+    """What one GPU of the ``--tensor-parallel`` group holds: the model itself at TP1."""
+    from lynxsim.parallel import check_plan, shard_model
+
+    plan = _tp_plan(args)
+    try:
+        check_plan(model, plan)
+    except InputError as exc:
+        raise InputError("--tensor-parallel", exc.problem) from None
+    return shard_model(model, plan)
+
+
+def _table_key(key: str, args: argparse.Namespace) -> str:
+    """Table names of a TP rank's shard: ``<model-key>@tp<G>``, as the instance cost model looks them up."""
+    return f"{key}@tp{args.tensor_parallel}" if args.tensor_parallel > 1 else key
+
+
 def _metadata_now(gpu_name: str, torch_version: str, cuda_version: str, notes: str | None) -> Any:
     from lynxsim.hardware import CalibrationMetadata
 
@@ -126,6 +153,8 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--budget-s", type=float, default=540.0, help="time limit of one model's sweep, in seconds")
     parser.add_argument("--units", nargs="+", metavar="UNIT",
                         help="time only these units (e.g. moe); the model's other tables in the profile are kept")
+    parser.add_argument("--tensor-parallel", type=int, default=1, metavar="G",
+                        help="time one rank's shard of a G-way tensor-parallel instance (tables <key>@tp<G>)")
     parser.add_argument("--moe-routing", choices=("random", "even"), default="random",
                         help="how the MoE sweep routes tokens over the active experts (default: random, "
                              "4 draws rotated; even: the committed 2026-11-28 tables)")
@@ -150,7 +179,7 @@ def calibrate_command(args: argparse.Namespace, console: Any = None) -> int:
             _print(console, f"merged into {path}: {written}")
         return 0
 
-    specs = {key: shrunk_model(_model(key), args.shrink) for key in args.models}
+    specs = {_table_key(key, args): _shard(shrunk_model(_model(key), args.shrink), args) for key in args.models}
     plans = {key: plan_model(key, spec, args.grid) for key, spec in specs.items()}
     if args.units:
         from lynxsim.cost import MEASURED_UNITS
@@ -242,21 +271,28 @@ def add_validate_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="predict from these table files instead of the profile's tables")
     parser.add_argument("--dry-run", action="store_true",
                         help="no GPU: 'measure' each iteration with the roofline (tests the pipeline only)")
+    parser.add_argument("--measured", type=Path, metavar="CSV",
+                        help="no GPU: take the measurements of an earlier validation.csv and compare them with "
+                             "today's predictions (after a recalibration or a cost-model change)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--shrink", type=int, default=1, help="divide model widths by this (CPU smoke runs)")
     parser.add_argument("--repeats", type=int, default=10, help="timed replays per iteration (median)")
     parser.add_argument("--limit", type=int, help="execute at most this many iterations per model and policy")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--requests", type=int, default=256, help="requests of the simulated burst (max decode batch)")
+    parser.add_argument("--tensor-parallel", type=int, default=1, metavar="G",
+                        help="simulate G-way tensor-parallel instances and execute them on G GPUs (NCCL)")
     parser.set_defaults(handler=validate_command)
     return parser
 
 
 def _cost_models(args: argparse.Namespace, specs: dict[str, Any]) -> dict[str, Any]:
     """Per model, the cost model that predicts: from --tables files, else the profile's (measured where it has
-    the model's tables, roofline otherwise)."""
-    from lynxsim.cost import MeasuredCostModel, make_cost_model
+    the model's tables, roofline otherwise); at --tensor-parallel G, the instance's (the shard's tables
+    ``<key>@tp<G>`` plus the all-reduces)."""
+    from lynxsim.cost import MeasuredCostModel
     from lynxsim.hardware import load_hardware
+    from lynxsim.parallel import make_instance_cost_model
 
     hardware = load_hardware(profile_path(args.profile))
     if args.tables:
@@ -269,10 +305,12 @@ def _cost_models(args: argparse.Namespace, specs: dict[str, Any]) -> dict[str, A
             merged.update(tables)
         measured = hardware.measured.model_copy(update={"metadata": metadata, "tables": merged, "table_metadata": {}})
         hardware = hardware.model_copy(update={"measured": measured})
-        return {key: MeasuredCostModel(spec, hardware, key) for key, spec in specs.items()}
-    if args.shrink > 1:
+        if args.tensor_parallel == 1:
+            return {key: MeasuredCostModel(spec, hardware, key) for key, spec in specs.items()}
+    elif args.shrink > 1:
         raise InputError("--shrink", "a shrunk model needs its own tables: give --tables")
-    return {key: make_cost_model(spec, hardware, key) for key, spec in specs.items()}
+    plan = _tp_plan(args)
+    return {key: make_instance_cost_model(spec, hardware, key, plan) for key, spec in specs.items()}
 
 
 def validate_command(args: argparse.Namespace, console: Any = None) -> int:
@@ -305,7 +343,8 @@ def validate_command(args: argparse.Namespace, console: Any = None) -> int:
         chosen = []
         for key in args.models:
             config = validation_config(
-                key, str(profile_path(args.profile)), list(args.policies), seed=args.seed, requests=args.requests
+                key, str(profile_path(args.profile)), list(args.policies), seed=args.seed, requests=args.requests,
+                tensor_parallel=args.tensor_parallel,
             )
             recorded = simulate_and_record(config, key)
             for label, iterations in recorded.items():
@@ -334,6 +373,7 @@ def validate_command(args: argparse.Namespace, console: Any = None) -> int:
             if (it.model_key, it.policy, it.index) in measured:
                 row = it.row()
                 row["measured_s"] = measured[(it.model_key, it.policy, it.index)]
+                row.update({column: environment.get(column, "") for column in ENVIRONMENT_COLUMNS})
                 rows.append(row)
         frame = with_errors(pd.DataFrame(rows))
         summary = error_summary(frame)
@@ -343,16 +383,27 @@ def validate_command(args: argparse.Namespace, console: Any = None) -> int:
         from lynxsim.hardware import load_hardware
 
         measured_kernels = load_hardware(profile_path(args.profile)).measured
-        calibration = {key: measured_kernels.metadata_for(f"{key}/moe") for key in args.models
-                       if measured_kernels.metadata_for(f"{key}/moe") is not None and f"{key}/moe" in measured_kernels.tables}
+        table_keys = [_table_key(key, args) for key in args.models]
+        calibration = {key: measured_kernels.metadata_for(f"{key}/moe") for key in table_keys
+                       if f"{key}/moe" in measured_kernels.tables
+                       and measured_kernels.metadata_for(f"{key}/moe") is not None}
         report = validation_report(frame, summary, environment=environment, profile=str(profile_path(args.profile)),
-                                   wall_s=time.perf_counter() - started, dry_run=bool(args.dry_run),
-                                   calibration=calibration)
+                                   wall_s=None if args.measured else time.perf_counter() - started,
+                                   dry_run=bool(args.dry_run),
+                                   calibration=calibration, extra=_tensor_parallel_note(args.tensor_parallel))
         (args.out / "validation.md").write_text(report, encoding="utf-8")
         return summary
 
     measured: dict[tuple[str, str, int], float] = {}
-    if args.dry_run:
+    if args.measured is not None:
+        measured, environment = read_measurements(args.measured)
+        missing = [(it.model_key, it.policy, it.index) for it in chosen
+                   if (it.model_key, it.policy, it.index) not in measured]
+        if missing:
+            raise InputError(str(args.measured),
+                             f"no measurement of {len(missing)} chosen iterations, e.g. {missing[0]}")
+        summary = write_outputs(measured, environment)
+    elif args.dry_run:
         for key in args.models:
             roofline = _roofline(specs[key], args)
             for it in (c for c in chosen if c.model_key == key):
@@ -369,8 +420,8 @@ def validate_command(args: argparse.Namespace, console: Any = None) -> int:
         for key in args.models:  # results are written after each model, so an interrupted run keeps them
             try:
                 done, environment = execute_iterations(
-                    [it for it in chosen if it.model_key == key], {key: specs[key]}, device=args.device,
-                    repeats=args.repeats, log=lambda text: _print(console, text),
+                    [it for it in chosen if it.model_key == key], {key: _shard(specs[key], args)}, device=args.device,
+                    repeats=args.repeats, log=lambda text: _print(console, text), tensor_parallel=args.tensor_parallel,
                 )
             except Exception:  # noqa: BLE001  (one model's failure must not cost the others' device time)
                 import traceback
@@ -387,11 +438,53 @@ def validate_command(args: argparse.Namespace, console: Any = None) -> int:
     return 0
 
 
+ENVIRONMENT_COLUMNS = ("gpu_name", "torch_version", "cuda_version")
+
+
+def _tensor_parallel_note(gpus: int) -> str:
+    """What a tensor-parallel validation adds to the method the report describes."""
+    if gpus == 1:
+        return ""
+    return (
+        f"**Tensor parallelism ({gpus} GPUs).** The simulated instance is {gpus}-way tensor-parallel; "
+        f"{gpus} processes, one per GPU, each hold one rank's shard (1/G of the heads, KV heads, expert and FFN widths and vocabulary) "
+        "and execute every iteration in step, with an NCCL all-reduce of the attention output and of the experts' "
+        "(or FFN's) output in every layer, captured in the iteration's CUDA graph; rank 0's median is the "
+        "measurement. The prediction is the instance cost model (`lynxsim/parallel.py`): the shard's measured tables "
+        f"(`<model>@tp{gpus}`, timed on one GPU) plus 2 all-reduces per layer priced by the profile's `collectives`."
+    )
+
+
+def read_measurements(path: Path) -> tuple[dict[tuple[str, str, int], float], dict[str, str]]:
+    """``measured_s`` per (model, policy, iteration) of an earlier validation.csv, and the environment it
+    records (its ``gpu_name``, ``torch_version`` and ``cuda_version`` columns)."""
+    import pandas as pd
+
+    if not path.is_file():
+        raise InputError("--measured", f"{path} not found")
+    frame = pd.read_csv(path)
+    needed = ["model", "policy", "iteration", "measured_s", *ENVIRONMENT_COLUMNS]
+    lacking = [c for c in needed if c not in frame.columns]
+    if lacking:
+        raise InputError(str(path), f"lacks columns {', '.join(lacking)}")
+    measured = {(str(r.model), str(r.policy), int(r.iteration)): float(r.measured_s) for r in frame.itertuples()}
+    first = frame.iloc[0] if len(frame) else None
+    environment = {c: str(first[c]) if first is not None else "" for c in ENVIRONMENT_COLUMNS}
+    environment["gpu_name"] = f"{environment['gpu_name']}, measured earlier ({path.name})"
+    return measured, environment
+
+
 def _roofline(model: Any, args: argparse.Namespace) -> Any:
+    """The roofline of one GPU, or of the --tensor-parallel instance (the shard's roofline plus all-reduces)."""
     from lynxsim.cost import CostModel
     from lynxsim.hardware import load_hardware
+    from lynxsim.parallel import ParallelCostModel
 
-    return CostModel(model, load_hardware(profile_path(args.profile)))
+    hardware = load_hardware(profile_path(args.profile))
+    if args.tensor_parallel == 1:
+        return CostModel(model, hardware)
+    base = CostModel(_shard(model, args), hardware)
+    return ParallelCostModel(model, hardware, _tp_plan(args), base, "roofline")
 
 
 # ----- standalone entry point (the GPU machine calls this; lynxsim's cli.py wires the same parsers) ----------------

@@ -91,6 +91,7 @@ class ValidationIteration:
             "predicted_attention_s": self.predicted.attention_s,
             "predicted_dense_s": self.predicted.dense_s,
             "predicted_moe_s": self.predicted.moe_s,
+            "predicted_communication_s": self.predicted.communication_s,
         }
 
 
@@ -108,9 +109,10 @@ def _policy_entry(model_key: str, name: str) -> dict[str, Any]:
 
 
 def validation_config(
-    model_key: str, hardware: str, policies: list[str], *, seed: int = 0, requests: int = VALIDATION_REQUESTS
+    model_key: str, hardware: str, policies: list[str], *, seed: int = 0, requests: int = VALIDATION_REQUESTS,
+    tensor_parallel: int = 1,
 ) -> ExperimentConfig:
-    """The validation workload for one model (see the module docstring)."""
+    """The validation workload for one model on one GPU or a TP group (see the module docstring)."""
     return ExperimentConfig.model_validate({
         "name": f"validate-{model_key}",
         "model": model_key,
@@ -121,6 +123,7 @@ def validation_config(
             "output_tokens": {"kind": "uniform", "low_tokens": 8, "high_tokens": 512},
         },
         "serving": {"max_num_seqs": 256, "max_num_batched_tokens": 2048, "chunked_prefill": True},
+        "deployment": {"parallelism": {"tensor_parallel": tensor_parallel}},
         "policies": [_policy_entry(model_key, name) for name in policies],
         "simulation": {"seed": seed},
         "output": {"figures": False},

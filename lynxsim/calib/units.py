@@ -16,11 +16,19 @@ code that validation executes. Both build every iteration from these functions; 
 (a dense layer's ``ffn_out`` replaces ``attention_out``'s router and shared experts with its SwiGLU FFN:
 ``dense_ffn_layer``), plus ``embed`` (``embedding``) before the first layer and ``head`` (``lm_head``: the
 last row of each sequence, final RMSNorm, LM-head GEMM, greedy argmax) after the last.
+
+Tensor parallelism: ``attention_out``, ``ffn_out`` and ``moe`` take a ``reduce`` function (identity on one GPU,
+an NCCL all-reduce over the TP group in a TP validation run) applied to the partial sums each rank produces
+before they enter the residual: the attention output GEMM and the FFN/experts output, two all-reduces of
+``[T, H]`` per layer as vLLM does. On a MoE layer with shared experts vLLM adds the shared output to the routed
+output and reduces once; here the shared output enters the residual unreduced and the routed output is reduced:
+the same bytes on the wire and the same number of collectives, which is what the timing needs.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +43,13 @@ from lynxsim.calib.plan import grouped_gemm_min_tokens
 ROPE_THETA = 1e6
 MAX_POSITIONS = 1 << 15
 PAGE_SIZE = 16
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def no_reduce(partial: torch.Tensor) -> torch.Tensor:
+    """One GPU holds the whole layer: its partial sums are already the sums."""
+    return partial
 
 
 @dataclass
@@ -85,11 +100,11 @@ def write_kv_paged(
 
 
 def attention_out(
-    x: torch.Tensor, attn: torch.Tensor, lw: LayerWeights, s: LayerShape
+    x: torch.Tensor, attn: torch.Tensor, lw: LayerWeights, s: LayerShape, reduce: Reduce = no_reduce
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Output GEMM into the residual, RMSNorm, router GEMM + softmax top-k, shared experts into the residual.
-    Returns (residual x, normed h for the experts, routing weights ``[T, k]``)."""
-    x = x + dense.o_proj(attn, lw.w_o)
+    """Output GEMM (reduced over the TP group) into the residual, RMSNorm, router GEMM + softmax top-k, shared
+    experts into the residual. Returns (residual x, normed h for the experts, routing weights ``[T, k]``)."""
+    x = x + reduce(dense.o_proj(attn, lw.w_o))
     h = dense.rms_norm(x, lw.post_attn_norm)
     weights, _, _ = dense.router_topk(h, lw.router, s.top_k, s.renormalize)
     if lw.shared_w13 is not None:
@@ -97,23 +112,27 @@ def attention_out(
     return x, h, weights
 
 
-def ffn_out(x: torch.Tensor, attn: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
-    """A dense layer after attention: output GEMM into the residual, RMSNorm, SwiGLU FFN into the residual."""
-    x = x + dense.o_proj(attn, lw.w_o)
+def ffn_out(x: torch.Tensor, attn: torch.Tensor, lw: LayerWeights, reduce: Reduce = no_reduce) -> torch.Tensor:
+    """A dense layer after attention: output GEMM into the residual, RMSNorm, SwiGLU FFN into the residual
+    (both outputs reduced over the TP group)."""
+    x = x + reduce(dense.o_proj(attn, lw.w_o))
     h = dense.rms_norm(x, lw.post_attn_norm)
-    return x + dense.swiglu_ffn(h, lw.dense_w13, lw.dense_w2)
+    return x + reduce(dense.swiglu_ffn(h, lw.dense_w13, lw.dense_w2))
 
 
-def moe(x: torch.Tensor, h: torch.Tensor, lw: LayerWeights, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def moe(
+    x: torch.Tensor, h: torch.Tensor, lw: LayerWeights, weights: torch.Tensor, ids: torch.Tensor,
+    reduce: Reduce = no_reduce,
+) -> torch.Tensor:
     """Routed experts with expert ids ``ids [T, k]``, added to the residual: the fused Triton MoE kernel below
     ``grouped_gemm_min_tokens`` tokens, torch's grouped GEMM from there on (``lynxsim.calib.plan``); on a CPU,
     for smoke runs, the float32 reference."""
     if h.device.type != "cuda":
-        return x + moe_reference(h, lw.w13, lw.w2, weights, ids).to(x.dtype)
+        return x + reduce(moe_reference(h, lw.w13, lw.w2, weights, ids).to(x.dtype))
     experts, k = lw.w13.shape[0], ids.shape[1]
     if h.shape[0] >= grouped_gemm_min_tokens(experts, k):
-        return x + moe_grouped_gemm(h, lw.w13, lw.w2, weights, ids)
-    return x + moe_fused(h, lw.w13, lw.w2, weights, ids)
+        return x + reduce(moe_grouped_gemm(h, lw.w13, lw.w2, weights, ids))
+    return x + reduce(moe_fused(h, lw.w13, lw.w2, weights, ids))
 
 
 def embed(

@@ -18,15 +18,27 @@ KV page pool per layer holds random values, and each iteration is built from its
 The iteration (embedding, all layers, head) is captured as one CUDA graph and the median of ``repeats`` replays,
 each between two CUDA events, is its measured latency: what the measured cost model predicts as the sum of its
 units plus one graph launch.
+
+Tensor parallelism (``tensor_parallel`` = G > 1): G processes, one per GPU, join an NCCL group; each holds the
+TP shard of the model (``lynxsim.parallel.shard_model``: 1/G of the heads, KV heads, FFN and expert widths and
+vocabulary) and executes the same iterations in the same order, with an all-reduce of the attention output and
+of the FFN/experts output of every layer (``lynxsim.calib.units``) captured into the graph. Rank 0's timings are
+the measurement (the collectives keep the ranks in step; rank 1's medians are logged beside them).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from lynxsim.calib import units
 from lynxsim.calib.iterations import ValidationIteration, expert_assignment
@@ -38,8 +50,11 @@ from lynxsim.models.spec import ModelSpec
 class ModelOnDevice:
     """All layers of one model with random weights, an embedding table, the LM head and per-layer KV pools."""
 
-    def __init__(self, model: ModelSpec, device: torch.device, pool_pages: int) -> None:
+    def __init__(
+        self, model: ModelSpec, device: torch.device, pool_pages: int, reduce: units.Reduce = units.no_reduce
+    ) -> None:
         self.model = model
+        self.reduce = reduce
         self.device = device
         self.shape = s = LayerShape.from_spec(model)
         dense = set(model.dense_layers)
@@ -103,6 +118,7 @@ class ModelOnDevice:
             for j, layer in enumerate(moe_layer)
         }
         attn = torch.empty(T, s.num_heads, s.v_head_dim, dtype=torch.bfloat16, device=dev)
+        reduce = self.reduce
 
         def run(_: int) -> Any:
             x, cos, sin = units.embed(token_ids, pos, self.embedding, self.rope)
@@ -115,10 +131,10 @@ class ModelOnDevice:
                     rows_ = slice(off, off + n)
                     units.prefill_attention(q[rows_], k[rows_], v[rows_], kb, vb, attn[rows_])
                 if self.is_moe[layer]:
-                    x, h, weights = units.attention_out(x, attn, lw, s)
-                    x = units.moe(x, h, lw, weights, ids[layer])
+                    x, h, weights = units.attention_out(x, attn, lw, s, reduce)
+                    x = units.moe(x, h, lw, weights, ids[layer], reduce)
                 else:
-                    x = units.ffn_out(x, attn, lw)
+                    x = units.ffn_out(x, attn, lw, reduce)
             return units.head(x, rows, self.lm_head, self.final_norm)
 
         return run
@@ -136,13 +152,29 @@ def execute_iterations(
     device: str = "cuda",
     repeats: int = 10,
     log: Callable[[str], None] = print,
+    tensor_parallel: int = 1,
 ) -> tuple[dict[tuple[str, str, int], float], dict[str, str]]:
-    """Measured seconds of every iteration, keyed by (model, policy, iteration index), and the environment."""
+    """Measured seconds of every iteration, keyed by (model, policy, iteration index), and the environment.
+    With ``tensor_parallel`` > 1, ``models`` holds the TP shards and the work runs on that many GPUs."""
+    if tensor_parallel > 1:
+        return _execute_tensor_parallel(iterations, models, tensor_parallel, device, repeats=repeats, log=log)
     dev = torch.device(device)
     if dev.type == "cuda":
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)
+    return _execute_on(dev, iterations, models, repeats=repeats, log=log), environment(dev)
+
+
+def _execute_on(
+    dev: torch.device,
+    iterations: list[ValidationIteration],
+    models: dict[str, ModelSpec],
+    *,
+    repeats: int,
+    log: Callable[[str], None],
+    reduce: units.Reduce = units.no_reduce,
+) -> dict[tuple[str, str, int], float]:
     measured: dict[tuple[str, str, int], float] = {}
     for key, model in models.items():
         mine = [it for it in iterations if it.model_key == key]
@@ -150,7 +182,7 @@ def execute_iterations(
             continue
         started = time.perf_counter()
         pages = max(units.pages_for(_lengths(it)) for it in mine)
-        on_device = ModelOnDevice(model, dev, pages + 16)
+        on_device = ModelOnDevice(model, dev, pages + 16, reduce)
         log(f"{key}: model on device in {time.perf_counter() - started:.1f} s; executing {len(mine)} iterations")
         for n, it in enumerate(mine):
             run = on_device.build(it, seed=n)
@@ -165,4 +197,70 @@ def execute_iterations(
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         log(f"{key}: validated in {time.perf_counter() - started:.1f} s")
-    return measured, environment(dev)
+    return measured
+
+
+def _all_reduce(partial: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(partial)
+    return partial
+
+
+def _tp_worker(
+    rank: int, world: int, port: int, device_type: str, iterations: list[ValidationIteration],
+    models: dict[str, ModelSpec], repeats: int, out_dir: str,
+) -> None:
+    """One TP rank: join the group (NCCL on GPU ``rank``; gloo on a CPU, for smoke runs), execute every
+    iteration, write its timings as JSON. Rank 0 logs."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if device_type == "cuda":
+        dev = torch.device("cuda", rank)
+        torch.cuda.set_device(dev)
+        dist.init_process_group("nccl", rank=rank, world_size=world, device_id=dev)
+    else:
+        dev = torch.device("cpu")
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        warm = torch.ones(1024, device=dev, dtype=torch.bfloat16)
+        dist.all_reduce(warm)  # the communicator exists before any graph capture
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+        def log(text: str) -> None:
+            if rank == 0:
+                print(text, flush=True)
+
+        measured = _execute_on(dev, iterations, models, repeats=repeats, log=log, reduce=_all_reduce)
+        rows = [[key, policy, index, seconds] for (key, policy, index), seconds in measured.items()]
+        payload = {"measured": rows, "environment": environment(dev)}
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(payload), encoding="utf-8")
+    finally:
+        dist.destroy_process_group()
+
+
+def _execute_tensor_parallel(
+    iterations: list[ValidationIteration],
+    models: dict[str, ModelSpec],
+    world: int,
+    device: str,
+    *,
+    repeats: int,
+    log: Callable[[str], None],
+) -> tuple[dict[tuple[str, str, int], float], dict[str, str]]:
+    device_type = torch.device(device).type
+    if device_type == "cuda" and torch.cuda.device_count() < world:
+        raise RuntimeError(f"tensor_parallel {world} needs {world} GPUs; this host has {torch.cuda.device_count()}")
+    port = 29500 + os.getpid() % 1000
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_tp_worker, args=(world, port, device_type, iterations, models, repeats, out_dir), nprocs=world,
+                 join=True)
+        results = [json.loads(Path(out_dir, f"rank{r}.json").read_text(encoding="utf-8")) for r in range(world)]
+    measured = {(k, p, int(i)): float(t) for k, p, i, t in results[0]["measured"]}
+    for r, result in enumerate(results[1:], start=1):
+        other = {(k, p, int(i)): float(t) for k, p, i, t in result["measured"]}
+        gaps = [abs(other[key] / measured[key] - 1) for key in measured if key in other]
+        if gaps:
+            log(f"tp rank {r} vs rank 0: median |difference| {sorted(gaps)[len(gaps) // 2]:.2%}, max {max(gaps):.2%}")
+    environment_0 = dict(results[0]["environment"])
+    backend = "NCCL" if device_type == "cuda" else "gloo"
+    environment_0["gpu_name"] = f"{world}x {environment_0['gpu_name']} (tensor parallel, {backend} all-reduce)"
+    return measured, environment_0
