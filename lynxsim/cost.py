@@ -120,6 +120,24 @@ class LatencyBreakdown:
 
 
 @dataclass(frozen=True)
+class ExpertActivity:
+    """What the cost of an iteration's routed experts depends on, per MoE layer: the distinct experts with at
+    least one token and the token-expert assignments; under expert parallelism the same per EP rank
+    (``[layers, ranks]``). A cost model builds it from tokens per expert (``CostModel.activity``); the statistical
+    routing mode samples it directly, without the per-expert counts."""
+
+    distinct: np.ndarray  # int [moe_layers]
+    assignments: np.ndarray  # int [moe_layers]
+    rank_distinct: np.ndarray | None = None  # int [moe_layers, ranks], expert parallelism only
+    rank_assignments: np.ndarray | None = None
+
+    @classmethod
+    def of_counts(cls, expert_token_counts: np.ndarray) -> ExpertActivity:
+        counts = np.asarray(expert_token_counts)
+        return cls(np.add.reduce(counts > 0, axis=-1), np.add.reduce(counts, axis=-1))
+
+
+@dataclass(frozen=True)
 class _GemmGroup:
     """One dense weight matrix group that every layer of a kind runs: its bytes, FLOPs per row, how many
     times per iteration it runs (layers), and whether its rows are tokens or sampled sequences."""
@@ -139,6 +157,9 @@ class CostModel:
     """
 
     source = "roofline"
+    needs_expert_counts = False
+    """Whether pricing needs each expert's tokens (``activity``), or only each layer's distinct experts and
+    assignments, which a top-k iteration whose union of experts fills early has without routing every token."""
 
     def __init__(self, model: ModelSpec, hardware: HardwareProfile) -> None:
         self.model = model
@@ -248,22 +269,30 @@ class CostModel:
         return total
 
     def moe_time_s(self, expert_token_counts: np.ndarray) -> float:
-        """Routed experts over all MoE layers, from tokens per expert per layer.
+        """Routed experts over all MoE layers, from tokens per expert per layer (see ``moe_activity_s``)."""
+        return self.moe_activity_s(self.activity(expert_token_counts))
 
-        Per layer: bytes = (experts with a token) * expert_bytes (each active expert's weights read once),
-        FLOPs = 2 * expert_params * (token-expert assignments), time = max(bytes / bandwidth,
-        FLOPs / (flops_fraction * peak in the expert dtype)) + launch. A layer with no tokens still launches
-        its kernels and costs only that.
-        """
+    def activity(self, expert_token_counts: np.ndarray) -> ExpertActivity:
+        """Distinct experts and assignments per MoE layer of ``expert_token_counts [layers, experts]``."""
         counts = np.asarray(expert_token_counts)
         if counts.shape != (self._num_moe_layers, self._num_experts):
             raise ValueError(
                 f"expert_token_counts has shape {counts.shape}, expected "
                 f"(num_moe_layers, num_experts) = ({self._num_moe_layers}, {self._num_experts})"
             )
-        memory_s = np.add.reduce(counts > 0, axis=1) * self._expert_memory_s
-        compute_s = np.add.reduce(counts, axis=1) * self._assignment_compute_s
-        return float(np.maximum(memory_s, compute_s, out=memory_s).sum()) + self._moe_layers_launch_s
+        return ExpertActivity.of_counts(counts)
+
+    def moe_activity_s(self, activity: ExpertActivity) -> float:
+        """Routed experts over all MoE layers.
+
+        Per layer: bytes = (experts with a token) * expert_bytes (each active expert's weights read once),
+        FLOPs = 2 * expert_params * (token-expert assignments), time = max(bytes / bandwidth,
+        FLOPs / (flops_fraction * peak in the expert dtype)) + launch. A layer with no tokens still launches
+        its kernels and costs only that.
+        """
+        memory_s = activity.distinct * self._expert_memory_s
+        compute_s = activity.assignments * self._assignment_compute_s
+        return float(np.maximum(memory_s, compute_s).sum()) + self._moe_layers_launch_s
 
     # ----- the iteration -----
 
@@ -276,12 +305,17 @@ class CostModel:
         """Latency of one iteration that runs ``batch`` with ``expert_token_counts[layer, expert]`` tokens
         assigned to each routed expert of each MoE layer (rows may sum to less than tokens * top_k where a
         policy dropped assignments)."""
+        return self.iteration_activity(batch, self.activity(expert_token_counts))
+
+    def iteration_activity(self, batch: BatchShape, activity: ExpertActivity) -> LatencyBreakdown:
+        """Latency of one iteration from its per-layer expert activity (what ``iteration`` computes from
+        tokens per expert, and what the statistical routing mode samples)."""
         if batch.num_tokens == 0:
             raise ValueError("an iteration with no tokens has nothing to cost")
         return LatencyBreakdown(
             attention_s=self.attention_time_s(batch),
             dense_s=self.dense_time_s(batch),
-            moe_s=self.moe_time_s(expert_token_counts),
+            moe_s=self.moe_activity_s(activity),
             communication_s=0.0,  # one GPU holds the whole model: nothing to exchange
             overhead_s=self._overhead_s,
         )
@@ -638,17 +672,10 @@ class MeasuredCostModel(UnitRooflines):
             self._moe_rows[assignments] = row
         return row
 
-    def moe_time_s(self, expert_token_counts: np.ndarray) -> float:
+    def moe_activity_s(self, activity: ExpertActivity) -> float:
         """Sum over MoE layers of the measured MoE-layer time at that layer's token-expert assignments (over
         top-k, as tokens) and that layer's distinct experts."""
-        counts = np.asarray(expert_token_counts)
-        if counts.shape != (self._num_moe_layers, self._num_experts):
-            raise ValueError(
-                f"expert_token_counts has shape {counts.shape}, expected "
-                f"(num_moe_layers, num_experts) = ({self._num_moe_layers}, {self._num_experts})"
-            )
-        distinct = np.add.reduce(counts > 0, axis=1)
-        assignments = np.add.reduce(counts, axis=1)
+        distinct, assignments = activity.distinct, activity.assignments
         first = int(assignments[0])
         if (assignments == first).all():
             return float(self._moe_row(first)[distinct].sum())

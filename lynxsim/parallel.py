@@ -54,6 +54,7 @@ from lynxsim.cost import (
     MOE_KERNELS_PER_LAYER,
     BatchShape,
     CostModel,
+    ExpertActivity,
     LatencyBreakdown,
     MeasuredCostModel,
     has_measured_tables,
@@ -190,6 +191,11 @@ class ParallelCostModel:
         one = self.collectives.time_s("all_reduce", batch.num_tokens * self._token_bytes)
         return self._allreduces * float(one)
 
+    @property
+    def needs_expert_counts(self) -> bool:
+        """Expert parallelism prices each rank, so it needs every expert's tokens, not only per-layer totals."""
+        return self.plan.expert_parallel_on
+
     def rank_activity(self, expert_token_counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per MoE layer and EP rank: distinct experts with a token, and token-expert assignments."""
         counts = np.asarray(expert_token_counts)
@@ -197,9 +203,25 @@ class ParallelCostModel:
         assignments = counts.astype(np.int64) @ self._onehot
         return distinct, assignments
 
-    def ep_moe_layer_s(self, expert_token_counts: np.ndarray) -> np.ndarray:
+    def activity(self, expert_token_counts: np.ndarray) -> ExpertActivity:
+        """Per MoE layer distinct experts and assignments, and per EP rank where experts are placed on ranks."""
+        counts = np.asarray(expert_token_counts)
+        if counts.shape != (self.model.num_moe_layers, self.model.num_experts):
+            raise ValueError(
+                f"expert_token_counts has shape {counts.shape}, expected "
+                f"(num_moe_layers, num_experts) = ({self.model.num_moe_layers}, {self.model.num_experts})"
+            )
+        whole = ExpertActivity.of_counts(counts)
+        if not self.plan.expert_parallel_on:
+            return whole
+        rank_distinct, rank_assignments = self.rank_activity(counts)
+        return ExpertActivity(whole.distinct, whole.assignments, rank_distinct, rank_assignments)
+
+    def ep_moe_layer_s(self, activity: ExpertActivity) -> np.ndarray:
         """Each MoE layer's routed-expert time: its slowest rank's."""
-        distinct, assignments = self.rank_activity(expert_token_counts)
+        distinct, assignments = activity.rank_distinct, activity.rank_assignments
+        if distinct is None or assignments is None:
+            raise ValueError("expert parallelism prices each rank: the activity needs its per-rank arrays")
         if self._moe_table is not None:
             rank_s = self._moe_table(assignments / self.model.top_k, distinct)  # type: ignore[operator]
         else:
@@ -209,27 +231,24 @@ class ParallelCostModel:
             rank_s = np.maximum(memory, compute) + MOE_KERNELS_PER_LAYER * base._launch_s
         return np.max(rank_s, axis=1)
 
-    def all_to_all_time_s(self, expert_token_counts: np.ndarray) -> float:
+    def all_to_all_time_s(self, activity: ExpertActivity) -> float:
         """Dispatch and combine of every MoE layer (see the module docstring)."""
-        _, assignments = self.rank_activity(expert_token_counts)
-        busiest_bytes = assignments.max(axis=1) * self._token_bytes
+        assert activity.rank_assignments is not None
+        busiest_bytes = activity.rank_assignments.max(axis=1) * self._token_bytes
         return 2.0 * float(self.collectives.time_s("all_to_all", busiest_bytes).sum())
 
     def iteration(self, batch: BatchShape, expert_token_counts: np.ndarray) -> LatencyBreakdown:
+        return self.iteration_activity(batch, self.activity(expert_token_counts))
+
+    def iteration_activity(self, batch: BatchShape, activity: ExpertActivity) -> LatencyBreakdown:
         if batch.num_tokens == 0:
             raise ValueError("an iteration with no tokens has nothing to cost")
-        counts = np.asarray(expert_token_counts)
-        if counts.shape != (self.model.num_moe_layers, self.model.num_experts):
-            raise ValueError(
-                f"expert_token_counts has shape {counts.shape}, expected "
-                f"(num_moe_layers, num_experts) = ({self.model.num_moe_layers}, {self.model.num_experts})"
-            )
         communication = self.allreduce_time_s(batch)
         if self.plan.expert_parallel_on:
-            moe = float(self.ep_moe_layer_s(counts).sum())
-            communication += self.all_to_all_time_s(counts)
+            moe = float(self.ep_moe_layer_s(activity).sum())
+            communication += self.all_to_all_time_s(activity)
         else:
-            moe = self.base.moe_time_s(counts)
+            moe = self.base.moe_activity_s(activity)
         return LatencyBreakdown(
             attention_s=self.base.attention_time_s(batch),
             dense_s=self.base.dense_time_s(batch),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lynxsim.cost import BatchShape, LatencyBreakdown
+from lynxsim.cost import BatchShape, ExpertActivity, LatencyBreakdown
 from lynxsim.engine import RoutingStep
 from lynxsim.policies import make
 from lynxsim.routing import SyntheticRouting, SyntheticRoutingParams
@@ -23,8 +23,12 @@ class ConstantCost:
         self.latency_s = latency_s
         self.shapes: list[BatchShape] = []
 
-    def iteration(self, batch: BatchShape, expert_token_counts: np.ndarray) -> LatencyBreakdown:
+    def activity(self, expert_token_counts: np.ndarray) -> ExpertActivity:
         assert expert_token_counts.shape == (LAYERS, EXPERTS)
+        return ExpertActivity.of_counts(expert_token_counts)
+
+    def iteration_activity(self, batch: BatchShape, activity: ExpertActivity) -> LatencyBreakdown:
+        assert activity.distinct.shape == (LAYERS,)
         self.shapes.append(batch)
         return LatencyBreakdown(attention_s=0.0, dense_s=0.0, moe_s=self.latency_s, communication_s=0.0, overhead_s=0.0)
 

@@ -220,7 +220,7 @@ def test_expert_assignment_reproduces_counts_with_distinct_experts_per_token() -
 
 
 class _Fixed(CostModel):
-    def iteration(self, batch, expert_token_counts):
+    def iteration_activity(self, batch, activity):
         return LatencyBreakdown(1e-3, 0.0, 0.0, 0.0, 0.0)
 
 
@@ -230,8 +230,9 @@ def test_recording_cost_model_keeps_the_engine_inputs() -> None:
     shape = BatchShape(decode_context_tokens=[5, 7])
     counts = np.zeros((model.num_moe_layers, model.num_experts), dtype=np.int64)
     counts[:, :8] = 2
-    assert recorder.iteration(shape, counts).total_s == 1e-3
+    assert recorder.iteration_activity(shape, recorder.activity(counts)).total_s == 1e-3
     assert recorder.records[0][0] is shape and recorder.records[0][1].dtype == np.int16
+    assert np.array_equal(recorder.records[0][1], counts)
     assert recorder.model is model  # everything else is the wrapped model's
 
 

@@ -25,23 +25,40 @@ from typing import Any
 import numpy as np
 
 from lynxsim.config import ExperimentConfig
-from lynxsim.cost import BatchShape, CostModel, LatencyBreakdown
+from lynxsim.cost import BatchShape, CostModel, ExpertActivity, LatencyBreakdown
 
 DECODE_BATCH_TARGETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 MIXED_ITERATIONS = 4
 VALIDATION_REQUESTS = 256
 
 
+@dataclass(frozen=True)
+class _RecordedActivity(ExpertActivity):
+    """An iteration's expert activity with the tokens per expert it was computed from."""
+
+    counts: np.ndarray | None = None
+
+
 class RecordingCostModel:
-    """Wraps a cost model; every ``iteration`` call is priced by the wrapped model and recorded."""
+    """Wraps a cost model; every iteration it prices is priced by the wrapped model and recorded with the tokens
+    per expert its activity came from."""
+
+    needs_expert_counts = True  # validation executes each expert's recorded tokens
 
     def __init__(self, inner: CostModel) -> None:
         self.inner = inner
         self.records: list[tuple[BatchShape, np.ndarray, LatencyBreakdown]] = []
 
-    def iteration(self, batch: BatchShape, expert_token_counts: np.ndarray) -> LatencyBreakdown:
-        latency = self.inner.iteration(batch, expert_token_counts)
-        self.records.append((batch, np.asarray(expert_token_counts).astype(np.int16), latency))
+    def activity(self, expert_token_counts: np.ndarray) -> ExpertActivity:
+        activity = self.inner.activity(expert_token_counts)
+        counts = np.asarray(expert_token_counts).astype(np.int16)
+        return _RecordedActivity(**{f.name: getattr(activity, f.name) for f in dataclasses.fields(activity)},
+                                 counts=counts)
+
+    def iteration_activity(self, batch: BatchShape, activity: ExpertActivity) -> LatencyBreakdown:
+        latency = self.inner.iteration_activity(batch, activity)
+        assert isinstance(activity, _RecordedActivity) and activity.counts is not None, "exact routing only"
+        self.records.append((batch, activity.counts, latency))
         return latency
 
     def __getattr__(self, name: str) -> Any:

@@ -36,6 +36,7 @@ Every arrived request ends in ``statuses``: ``finished``, ``rejected_<reason>``,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -169,6 +170,8 @@ class Cluster:
         self._arrivals_done = False
         self._done = self.env.event()
         self._held_blocks: dict[int, int] = {}  # request id -> blocks its prefill instance holds during the transfer
+        self.next_arrival_s = math.inf  # the arrival the arrival process waits for (inf: none left)
+        self.cutoff_s = math.inf
 
     @classmethod
     def build(
@@ -187,6 +190,7 @@ class Cluster:
 
     def run(self, specs: Sequence[RequestSpec], cutoff_s: float | None) -> float:
         """Simulate until every request is done (or ``cutoff_s``); returns the simulated end time in seconds."""
+        self.cutoff_s = math.inf if cutoff_s is None else cutoff_s
         self.env.process(self._arrivals(specs))
         for instance in self.instances:
             self.env.process(instance.serve())
@@ -196,11 +200,13 @@ class Cluster:
 
     def _arrivals(self, specs: Sequence[RequestSpec]) -> Generator[simpy.Event, Any, None]:
         for spec in specs:
+            self.next_arrival_s = spec.arrival_s
             if spec.arrival_s > self.env.now:
                 yield self.env.timeout(spec.arrival_s - self.env.now)
             request = Request.arriving(spec)
             self.arrived.append(request)
             self._route(request)
+        self.next_arrival_s = math.inf
         self._arrivals_done = True
         self._check_done()
 

@@ -12,7 +12,10 @@ recomputes the request's prompt and generated tokens on this instance).
 Each iteration the scheduler forms a batch; the routing source gives the router logits of exactly the batch's
 tokens for every MoE layer; the selection policy picks each token's experts (the configured policy on iterations
 it applies to, plain top-k on the others); the per-layer expert activity and the batch shape go to the cost model,
-whose latency is how long simulated time advances before the batch's tokens are sampled.
+whose latency is how long simulated time advances before the batch's tokens are sampled. In the statistical
+routing mode the per-layer activity is drawn from a table precomputed from the same routing source and policy
+(``lynxsim.routing.statistical``) instead. Stretches of pure-decode iterations that no scheduler decision can
+change are computed as one decode run (``lynxsim.engine.decode_run``), iteration by iteration but in one step.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import simpy
 
-from lynxsim.cost import BatchShape, CostModel, LatencyBreakdown
+from lynxsim.cost import BatchShape, CostModel, ExpertActivity, LatencyBreakdown
+from lynxsim.engine.decode_run import decode_run_length
 from lynxsim.engine.request import Request
 from lynxsim.engine.scheduler import ScheduledBatch, Scheduler
 from lynxsim.metrics import IterationLog
@@ -37,9 +41,14 @@ from lynxsim.workload.requests import RequestSpec
 
 if TYPE_CHECKING:  # the cluster drives its instances, so it imports this module
     from lynxsim.engine.cluster import Cluster
+    from lynxsim.routing.statistical import StatisticalRouting
 
 Role = Literal["colocated", "prefill", "decode"]
 ROLES: tuple[Role, ...] = ("colocated", "prefill", "decode")
+
+
+SATURATION_CHUNK_TOKENS = 256
+"""Tokens routed at a time when an iteration's top-k union may fill before its last token (``union_of_topk``)."""
 
 
 @dataclass(frozen=True)
@@ -52,15 +61,57 @@ class RoutingStep:
     apply_to: Literal["decode_only", "all"]
     top_k: int
     renormalize: bool
+    statistical: StatisticalRouting | None = None  # the statistical routing mode's tables; None: exact routing
+    seed: int = 0  # of the statistical mode's sampling
 
     def applies(self, batch: ScheduledBatch) -> bool:
         return self.apply_to == "all" or not batch.has_prefill
+
+    def union_of_topk(self, request_ids: np.ndarray, positions: np.ndarray, num_experts: int) -> np.ndarray | None:
+        """Distinct experts per MoE layer of a top-k-routed iteration, routing its tokens chunk by chunk and
+        stopping once every layer has all its experts active: later tokens cannot change a union that is full,
+        and top-k assigns exactly ``tokens * top_k``, so the iteration's activity is exact without routing a
+        long prefill chunk's every token. None when the union never fills (the caller routes everything)."""
+        active: np.ndarray | None = None
+        for start in range(0, request_ids.size, SATURATION_CHUNK_TOKENS):
+            end = start + SATURATION_CHUNK_TOKENS
+            logits = self.routing.logits(request_ids[start:end], positions[start:end])
+            ids = self.baseline.select(logits, self.top_k, renormalize=self.renormalize).expert_ids
+            chunk_active = expert_token_counts(ids, num_experts) > 0
+            active = chunk_active if active is None else active | chunk_active
+            if active.all():
+                return active.sum(axis=1)
+        return None
+
+    def route(
+        self, request_ids: np.ndarray, positions: np.ndarray, groups: int, applied: bool
+    ) -> tuple[list[np.ndarray], list[QualityProxies]]:
+        """Tokens per expert ``[layers, experts]`` and the quality proxies of ``groups`` batches whose tokens are
+        ``request_ids``/``positions`` in ``groups`` equal consecutive parts (one per iteration of a decode run)."""
+        logits = self.routing.logits(request_ids, positions)
+        layers, tokens, experts = logits.shape
+        per_group = logits.reshape(layers, groups, tokens // groups, experts)
+        policy = self.policy if applied else self.baseline
+        counts, proxies = [], []
+        for g in range(groups):
+            group_logits = per_group[:, g]
+            selection = policy.select(group_logits, self.top_k, renormalize=self.renormalize)
+            counts.append(expert_token_counts(selection.expert_ids, experts))
+            if policy is self.baseline:
+                proxies.append(QualityProxies.of_topk(layers))
+            else:
+                proxies.append(quality_proxies(group_logits, selection, self.top_k))
+        return counts, proxies
 
 
 class Replica:
     """One serving instance. ``run`` serves a list of arriving requests on this instance alone; after it every
     arrived request is in ``arrived`` with a status in ``statuses``: finished, rejected (can never fit) or cut off
     (running or waiting at the cut-off). In a ``Cluster`` the cluster holds those instead."""
+
+    decode_runs = True
+    """Compute stretches of pure-decode iterations as decode runs; False steps every iteration alone (the same
+    numbers, slower: the tests compare the two)."""
 
     def __init__(
         self,
@@ -89,6 +140,8 @@ class Replica:
         self.receiving: dict[int, Request] = {}  # decode role: KV cache in transfer to here, by request id
         self.cluster: Cluster | None = None  # set by the cluster this instance joins
         self._wakeup: simpy.Event | None = None
+        self._last_latency_s = 0.0
+        self._rng = np.random.default_rng([step.seed, index])  # the statistical mode's draws
 
     def run(self, specs: Sequence[RequestSpec], cutoff_s: float | None) -> float:
         """Simulate this instance alone until every request is done (or ``cutoff_s``); returns the simulated end
@@ -112,6 +165,11 @@ class Replica:
         assert cluster is not None, "an instance serves as part of a Cluster"
         hands_off = self.role == "prefill"
         while True:
+            run = self._decode_run_length(cluster)
+            if run > 1:
+                done = yield from self._decode_run(cluster, run)
+                if done:
+                    continue
             batch = self.scheduler.schedule(self.env.now)
             if self.incoming:
                 self._receive(cluster)
@@ -121,6 +179,7 @@ class Replica:
                 continue
             start_s = self.env.now
             applied, latency, distinct, proxies = self._execute(batch)
+            self._last_latency_s = latency.total_s
             yield self.env.timeout(latency.total_s)
             sampled, finished = self.scheduler.complete(batch, self.env.now)
             for request in finished:
@@ -170,19 +229,116 @@ class Replica:
         self.scheduler.running.append(request)
         self.wake()
 
+    def _decode_run_length(self, cluster: Cluster) -> int:
+        """Iterations of a decode run that may start now (see ``lynxsim.engine.decode_run``); 0: none."""
+        scheduler = self.scheduler
+        running = scheduler.running
+        if (
+            not self.decode_runs
+            or self.role != "colocated"
+            or not running
+            or scheduler.waiting
+            or len(running) > scheduler.max_num_batched_tokens
+            or not all(r.is_decoding for r in running)
+        ):
+            return 0
+        return decode_run_length(
+            running, scheduler.pool, last_latency_s=self._last_latency_s,
+            until_arrival_s=cluster.next_arrival_s - self.env.now,
+        )
+
+    def _decode_run(self, cluster: Cluster, length: int) -> Generator[simpy.Event, Any, bool]:
+        """Up to ``length`` pure-decode iterations of the running requests in one step; False (and nothing
+        done) when not even the first fits before the cut-off, so the caller steps one iteration instead."""
+        scheduler, step = self.scheduler, self.step
+        running = list(scheduler.running)
+        batch_size = len(running)
+        ids = np.fromiter((r.request_id for r in running), dtype=np.int64, count=batch_size)
+        contexts = np.fromiter((r.num_computed_tokens for r in running), dtype=np.int64, count=batch_size)
+        activities, distinct, proxies = self._activities(
+            np.tile(ids, length), (contexts[None, :] + np.arange(length)[:, None]).ravel(), length, True, batch_size
+        )
+        # Priced one iteration at a time, so that none is priced that does not happen: each must start before
+        # the next arrival (the first always does) and end by the cut-off.
+        start_s = self.env.now
+        end_s, starts, latencies = start_s, [], []
+        for j in range(length):
+            if j and end_s >= cluster.next_arrival_s:
+                break
+            shape = BatchShape(decode_context_tokens=contexts + (j + 1))
+            latency = self.cost_model.iteration_activity(shape, activities[j])
+            if end_s + latency.total_s > cluster.cutoff_s:
+                break
+            starts.append(end_s)
+            latencies.append(latency)
+            end_s += latency.total_s
+        used = len(latencies)
+        if used == 0:
+            return False
+        pool = scheduler.pool
+        used_blocks = pool.num_blocks - pool.free_blocks
+        grown = -(-(contexts[None, :] + np.arange(1, used + 1)[:, None]) // pool.block_size_tokens)
+        held = np.fromiter((r.num_blocks for r in running), dtype=np.int64, count=batch_size)
+        kv_used = (used_blocks + (grown - held[None, :]).clip(min=0).sum(axis=1)) / pool.num_blocks
+        self._last_latency_s = latencies[used - 1].total_s
+        yield self.env.timeout(end_s - start_s)
+        finished = []
+        for request in running:
+            request.num_computed_tokens += used
+            request.generated_tokens += used
+            request.num_tokens += used
+            grew = pool.try_grow(request, request.num_computed_tokens)
+            assert grew, "a decode run outgrew the KV cache it was sized for"
+            if request.is_finished:
+                request.finish_s = self.env.now
+                finished.append(request)
+        if finished:
+            released = 0
+            for request in finished:
+                released += request.num_blocks
+                pool.release(request)
+            kv_used[-1] -= released / pool.num_blocks
+            done = {id(r) for r in finished}
+            scheduler.running = [r for r in scheduler.running if id(r) not in done]
+            for request in finished:
+                cluster.finished(request, self)
+        for j in range(used):
+            self.log.append(
+                start_s=starts[j], latency=latencies[j], prefill_tokens=0, decode_tokens=batch_size,
+                sequences=batch_size, sampled_tokens=batch_size, policy_applied=True, distinct_experts=distinct[j],
+                proxies=proxies[j], kv_used_fraction=float(kv_used[j]),
+            )
+        return True
+
+    def _activities(
+        self, request_ids: np.ndarray, positions: np.ndarray, groups: int, applied: bool, tokens_per_group: int
+    ) -> tuple[list[ExpertActivity], list[np.ndarray], list[QualityProxies]]:
+        """Per group (iteration): its expert activity, distinct experts per layer, and quality proxies; routed
+        exactly, or drawn from the statistical mode's tables."""
+        step = self.step
+        if step.statistical is not None:
+            drawn = [step.statistical.sample(tokens_per_group, applied, self._rng) for _ in range(groups)]
+            return [a for a, _ in drawn], [a.distinct for a, _ in drawn], [p for _, p in drawn]
+        policy = step.policy if applied else step.baseline
+        if (
+            groups == 1
+            and policy is step.baseline
+            and request_ids.size > SATURATION_CHUNK_TOKENS
+            and not getattr(self.cost_model, "needs_expert_counts", False)
+        ):
+            distinct = step.union_of_topk(request_ids, positions, step.routing.num_experts)
+            if distinct is not None:
+                activity = ExpertActivity(distinct, np.full_like(distinct, request_ids.size * step.top_k))
+                return [activity], [distinct], [QualityProxies.of_topk(distinct.size)]
+        counts, proxies = step.route(request_ids, positions, groups, applied)
+        activities = [self.cost_model.activity(c) for c in counts]
+        return activities, [a.distinct for a in activities], proxies
+
     def _execute(self, batch: ScheduledBatch) -> tuple[bool, LatencyBreakdown, np.ndarray, QualityProxies]:
         """Route the batch's tokens through every MoE layer and price the iteration."""
-        step = self.step
         request_ids, positions = batch.token_ids()
-        logits = step.routing.logits(request_ids, positions)
-        applied = step.applies(batch)
-        policy = step.policy if applied else step.baseline
-        selection = policy.select(logits, step.top_k, renormalize=step.renormalize)
-        counts = expert_token_counts(selection.expert_ids, logits.shape[-1])
-        if policy is step.baseline:
-            proxies = QualityProxies.of_topk(logits.shape[0])
-        else:
-            proxies = quality_proxies(logits, selection, step.top_k)
+        applied = self.step.applies(batch)
+        activities, distinct, proxies = self._activities(request_ids, positions, 1, applied, positions.size)
         decoding = np.asarray(batch.decoding)
         new_tokens = np.asarray(batch.new_tokens, dtype=np.int64)
         computed = np.asarray(batch.computed_before, dtype=np.int64)
@@ -191,5 +347,5 @@ class Replica:
             prefill_context_tokens=computed[~decoding],
             decode_context_tokens=computed[decoding] + 1,
         )
-        latency = self.cost_model.iteration(shape, counts)
-        return applied, latency, (counts > 0).sum(axis=-1), proxies
+        latency = self.cost_model.iteration_activity(shape, activities[0])
+        return applied, latency, distinct[0], proxies[0]

@@ -1,0 +1,89 @@
+"""Decode runs (several pure-decode iterations computed in one step) change no number: the same experiment run
+with them and iteration by iteration gives the same requests and the same iterations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lynxsim.config import ExperimentConfig
+from lynxsim.engine.decode_run import kv_horizon
+from lynxsim.engine.kv_cache import BlockPool
+from lynxsim.engine.replica import Replica
+from lynxsim.runner import prepare, simulate_policy
+
+
+def _config(**serving: object) -> ExperimentConfig:
+    return ExperimentConfig.model_validate({
+        "name": "runs",
+        "model": "mixtral-8x7b",
+        "hardware": "h200",
+        "workload": {
+            "arrival": {"kind": "poisson", "rate_per_s": 6.0},
+            "prompt_tokens": {"kind": "uniform", "low_tokens": 16, "high_tokens": 600},
+            "output_tokens": {"kind": "uniform", "low_tokens": 2, "high_tokens": 200},
+        },
+        "serving": {"max_num_seqs": 64, **serving},
+        "policies": [{"name": "topk"}, {"name": "lynx"}],
+        "simulation": {"seed": 5, "num_requests": 60},
+        "output": {"figures": False},
+    })
+
+
+def _run(config: ExperimentConfig, runs: bool, monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
+    monkeypatch.setattr(Replica, "decode_runs", runs)
+    setup = prepare(config)
+    out = {}
+    for label, entry, policy in setup.policies:
+        run = simulate_policy(setup, label, entry, policy)
+        out[label] = (run.requests, run.iterations)
+    return out
+
+
+@pytest.mark.parametrize("serving", [{}, {"chunked_prefill": False}, {"gpu_memory_utilization": 0.64}],
+                         ids=["chunked", "no-chunking", "small-kv-cache"])
+def test_decode_runs_change_no_number(serving: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = _config(**serving)
+    stepped = _run(config, False, monkeypatch)
+    batched = _run(config, True, monkeypatch)
+    for label in stepped:
+        requests_a, iterations_a = stepped[label]
+        requests_b, iterations_b = batched[label]
+        assert len(iterations_a) == len(iterations_b) and len(requests_a) == len(requests_b)
+        for frame_a, frame_b in ((requests_a, requests_b), (iterations_a, iterations_b)):
+            for column in frame_a.columns:
+                a, b = frame_a[column].to_numpy(), frame_b[column].to_numpy()
+                if a.dtype == object and len(a) and isinstance(a[0], np.ndarray):
+                    assert all(np.allclose(x, y) for x, y in zip(a, b)), column
+                elif np.issubdtype(a.dtype, np.floating):
+                    assert np.allclose(a, b, rtol=1e-12, atol=1e-12, equal_nan=True), column
+                else:
+                    assert (a == b).all(), column
+
+
+def test_kv_horizon_by_hand() -> None:
+    pool = BlockPool(num_blocks=10, block_size_tokens=4)
+    pool.free_blocks = 2
+    # two requests holding 2 blocks each, at 7 and 8 cached tokens: iteration j grows them to 8 + j and 9 + j
+    contexts, held = np.array([7, 8]), np.array([2, 2])
+    # j=0: 8 -> 2 blocks, 9 -> 3 (1 new); j=1..3: 3 and 3 (2 new) ; j=4: 12 -> 3, 13 -> 4 (3 new > 2 free)
+    assert kv_horizon(pool, contexts, held, 10) == 4
+    assert kv_horizon(pool, contexts, held, 3) == 3
+
+
+def test_routing_a_prefill_until_its_top_k_union_fills_changes_no_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mixed iteration under top-k is routed 16 tokens at a time until every layer's union of experts is full;
+    the distinct experts and assignments, hence every latency, equal routing all its tokens."""
+    import lynxsim.engine.replica as replica
+
+    config = _config()
+    frames = {}
+    for chunk in (16, 10**9):
+        monkeypatch.setattr(replica, "SATURATION_CHUNK_TOKENS", chunk)
+        frames[chunk] = _run(config, True, monkeypatch)
+    for label in frames[16]:
+        early, full = frames[16][label][1], frames[10**9][label][1]
+        assert (early["prefill_tokens"] > 16).sum() > 10  # the early exit had work to do
+        assert np.array_equal(early["latency_s"].to_numpy(), full["latency_s"].to_numpy())
+        assert np.array_equal(np.stack(early["distinct_experts"]), np.stack(full["distinct_experts"]))
