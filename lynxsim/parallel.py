@@ -46,6 +46,7 @@ replicated).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -256,6 +257,24 @@ class ParallelCostModel:
             communication_s=communication,
             overhead_s=self.base._overhead_s,
         )
+
+    def decode_run(self, contexts: np.ndarray, activities: Sequence[ExpertActivity]) -> list[LatencyBreakdown]:
+        """``iteration_activity`` of each iteration of a decode run: the shard's attention and dense parts priced
+        together by the base model, the same all-reduces in every iteration (same tokens), the experts and
+        all-to-alls per iteration."""
+        base_runs = self.base.decode_run(contexts, activities)
+        allreduce = self.allreduce_time_s(BatchShape(decode_context_tokens=contexts + 1))
+        out = []
+        for latency, activity in zip(base_runs, activities):
+            moe, communication = latency.moe_s, allreduce
+            if self.plan.expert_parallel_on:
+                moe = float(self.ep_moe_layer_s(activity).sum())
+                communication += self.all_to_all_time_s(activity)
+            out.append(LatencyBreakdown(
+                attention_s=latency.attention_s, dense_s=latency.dense_s, moe_s=moe,
+                communication_s=communication, overhead_s=self.base._overhead_s,
+            ))
+        return out
 
     def gpu_time_s(self, latency: LatencyBreakdown) -> float:
         return latency.total_s - self.cpu_overhead_s

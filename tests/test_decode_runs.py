@@ -14,8 +14,9 @@ from lynxsim.engine.replica import Replica
 from lynxsim.runner import prepare, simulate_policy
 
 
-def _config(**serving: object) -> ExperimentConfig:
+def _config(parallelism: dict | None = None, **serving: object) -> ExperimentConfig:
     return ExperimentConfig.model_validate({
+        "deployment": {"parallelism": parallelism or {}},
         "name": "runs",
         "model": "mixtral-8x7b",
         "hardware": "h200",
@@ -41,10 +42,14 @@ def _run(config: ExperimentConfig, runs: bool, monkeypatch: pytest.MonkeyPatch) 
     return out
 
 
-@pytest.mark.parametrize("serving", [{}, {"chunked_prefill": False}, {"gpu_memory_utilization": 0.64}],
-                         ids=["chunked", "no-chunking", "small-kv-cache"])
-def test_decode_runs_change_no_number(serving: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    config = _config(**serving)
+@pytest.mark.parametrize(
+    ("parallelism", "serving"),
+    [({}, {}), ({}, {"chunked_prefill": False}), ({}, {"gpu_memory_utilization": 0.64}),
+     ({"tensor_parallel": 2, "expert_parallel": 2}, {})],
+    ids=["chunked", "no-chunking", "small-kv-cache", "ep2"],
+)
+def test_decode_runs_change_no_number(parallelism: dict, serving: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = _config(parallelism, **serving)
     stepped = _run(config, False, monkeypatch)
     batched = _run(config, True, monkeypatch)
     for label in stepped:
@@ -87,3 +92,32 @@ def test_routing_a_prefill_until_its_top_k_union_fills_changes_no_number(monkeyp
         assert (early["prefill_tokens"] > 16).sum() > 10  # the early exit had work to do
         assert np.array_equal(early["latency_s"].to_numpy(), full["latency_s"].to_numpy())
         assert np.array_equal(np.stack(early["distinct_experts"]), np.stack(full["distinct_experts"]))
+
+
+@pytest.mark.parametrize("parallelism", [{}, {"tensor_parallel": 2}, {"tensor_parallel": 2, "expert_parallel": 2}],
+                         ids=["one-gpu", "tp2", "ep2"])
+def test_decode_run_pricing_equals_pricing_one_iteration_at_a_time(parallelism: dict) -> None:
+    """Every cost model prices a decode run's iterations together to the same latencies as one by one."""
+    from lynxsim.cost import BatchShape, CostModel
+
+    cost = prepare(_config(parallelism)).cost_model
+    rng = np.random.default_rng(0)
+    contexts = rng.integers(1, 3000, size=24)
+    model_layers, experts = config_model_shape(cost)
+    activities = []
+    for _ in range(9):
+        counts = np.zeros((model_layers, experts), dtype=np.int64)
+        for layer in range(model_layers):
+            picks = rng.choice(experts, size=(contexts.size, 2), replace=True)
+            np.add.at(counts[layer], picks.ravel(), 1)
+        activities.append(cost.activity(counts))
+    together = cost.decode_run(contexts, activities)
+    for j, activity in enumerate(activities):
+        alone = cost.iteration_activity(BatchShape(decode_context_tokens=contexts + j + 1), activity)
+        assert together[j].as_dict() == pytest.approx(alone.as_dict(), rel=1e-12)
+    assert isinstance(cost, CostModel) == (not parallelism)
+
+
+def config_model_shape(cost: object) -> tuple[int, int]:
+    model = cost.model  # type: ignore[attr-defined]
+    return model.num_moe_layers, model.num_experts
