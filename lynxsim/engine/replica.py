@@ -33,7 +33,7 @@ from lynxsim.engine.decode_run import decode_run_length
 from lynxsim.engine.request import Request
 from lynxsim.engine.scheduler import ScheduledBatch, Scheduler
 from lynxsim.metrics import IterationLog
-from lynxsim.policies import Policy
+from lynxsim.policies import Policy, TopK
 from lynxsim.policies.activity import expert_token_counts
 from lynxsim.policies.proxies import QualityProxies, quality_proxies
 from lynxsim.routing.base import RoutingSource
@@ -97,7 +97,7 @@ class RoutingStep:
             group_logits = per_group[:, g]
             selection = policy.select(group_logits, self.top_k, renormalize=self.renormalize)
             counts.append(expert_token_counts(selection.expert_ids, experts))
-            if policy is self.baseline:
+            if isinstance(policy, TopK):  # the router's own choice: nothing given up
                 proxies.append(QualityProxies.of_topk(layers))
             else:
                 proxies.append(quality_proxies(group_logits, selection, self.top_k))
@@ -258,15 +258,22 @@ class Replica:
         activities, distinct, proxies = self._activities(
             np.tile(ids, length), (contexts[None, :] + np.arange(length)[:, None]).ravel(), length, True, batch_size
         )
-        # Priced one iteration at a time, so that none is priced that does not happen: each must start before
-        # the next arrival (the first always does) and end by the cut-off.
+        # Each iteration must start before the next arrival (the first always does) and end by the cut-off.
+        # A cost model that prices decode runs together prices all of them, the cut keeping those that happen;
+        # one without (e.g. validation's recorder, which must record only iterations that happen) is asked
+        # one iteration at a time.
+        price_run = getattr(self.cost_model, "decode_run", None)
+        priced = price_run(contexts, activities) if price_run is not None else None
         start_s = self.env.now
         end_s, starts, latencies = start_s, [], []
         for j in range(length):
             if j and end_s >= cluster.next_arrival_s:
                 break
-            shape = BatchShape(decode_context_tokens=contexts + (j + 1))
-            latency = self.cost_model.iteration_activity(shape, activities[j])
+            if priced is not None:
+                latency = priced[j]
+            else:
+                shape = BatchShape(decode_context_tokens=contexts + (j + 1))
+                latency = self.cost_model.iteration_activity(shape, activities[j])
             if end_s + latency.total_s > cluster.cutoff_s:
                 break
             starts.append(end_s)
