@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from lynxsim.errors import InputError
 from lynxsim.yaml_input import error_message, read_yaml_mapping_with_nodes
+from lynxsim.routing.statistical import DEFAULT_SAMPLES
 from lynxsim.routing.synthetic import SyntheticRoutingParams
 from lynxsim.routing.trace_format import DEFAULT_FILL, FillStrategy
 from lynxsim.workload.arrivals import ArrivalProcess, TraceArrivals
@@ -239,6 +240,14 @@ class SimulationConfig(_Section):
     )
     warmup_s: float = Field(default=0.0, ge=0, description="requests arriving earlier are left out of statistics")
     cutoff_s: float | None = Field(default=None, gt=0, description="stop the simulation here (default: drain)")
+    routing_mode: Literal["exact", "statistical"] = Field(
+        default="exact",
+        description="exact: route every iteration's tokens through the policy; statistical: draw each iteration's "
+        "expert activity from a table of batches routed once per policy (lynxsim.routing.statistical)",
+    )
+    statistical_samples: int = Field(
+        default=DEFAULT_SAMPLES, gt=0, description="statistical mode: batches tabulated per batch size (exact mode ignores it)"
+    )
 
     @model_validator(mode="after")
     def _length(self) -> "SimulationConfig":

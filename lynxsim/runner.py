@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import simpy
 import yaml
 from pydantic import ValidationError
 
-from lynxsim.config import ExperimentConfig, PolicyConfig, ProfileRoutingConfig, TraceRoutingConfig
+from lynxsim.config import ExperimentConfig, PolicyConfig, ProfileRoutingConfig, ServingConfig, TraceRoutingConfig
 from lynxsim.cost import CostModel
 from lynxsim.engine import BlockPool, Cluster, KVTransfer, Replica, Role, RoutingStep, Scheduler
 from lynxsim.errors import InputError
@@ -30,10 +31,11 @@ from lynxsim.hardware import HardwareProfile, load_hardware
 from lynxsim.metrics import layer_summary, requests_frame, summarize
 from lynxsim.parallel import ParallelPlan, make_instance_cost_model
 from lynxsim.models import ModelSpec, load_catalog_model, model_from_hf_config
-from lynxsim.policies import Policy, calibrate_if_needed, check_policy, make, needs_calibration
+from lynxsim.policies import Policy, TopK, calibrate_if_needed, check_policy, make, needs_calibration
 from lynxsim.routing import RoutingSource, SyntheticRouting, TraceReplayRouting
 from lynxsim.routing.loading import open_trace
 from lynxsim.routing.profiles import load_routing_profile
+from lynxsim.routing.statistical import ActivityTable, StatisticalRouting, build_activity_table, default_sizes
 from lynxsim.workload import RequestSpec, generate_requests
 
 
@@ -67,6 +69,12 @@ class Setup:
     @property
     def gpus_per_instance(self) -> int:
         return self.plan.gpus
+
+    @cached_property
+    def statistical_baseline(self) -> ActivityTable:
+        """Statistical routing mode: the top-k table, up to the largest iteration. Built on first use (a run
+        whose policies all apply to every iteration never needs it) and then shared by every policy."""
+        return build_statistical_table(self, make("topk"), with_prefill=True)
 
 
 @dataclass(frozen=True)
@@ -252,10 +260,60 @@ def build_cluster(setup: Setup, step: RoutingStep) -> Cluster:
     )
 
 
+STATISTICAL_SEED_STREAM = 2
+"""The statistical mode's seed is drawn from the experiment's under its own stream (the routing source's is 1)."""
+
+
+def statistical_seed(config: ExperimentConfig) -> int:
+    return int(np.random.SeedSequence([config.simulation.seed, STATISTICAL_SEED_STREAM]).generate_state(1)[0])
+
+
+def statistical_sizes(serving: ServingConfig, *, with_prefill: bool) -> np.ndarray:
+    """The grid of a statistical table (``default_sizes``) up to the most tokens an iteration it serves can hold:
+    ``max_num_batched_tokens``, or, for pure-decode iterations only (one token per sequence), at most
+    ``max_num_seqs`` of them."""
+    largest = serving.max_num_batched_tokens
+    if not with_prefill:
+        largest = min(largest, serving.max_num_seqs)
+    return default_sizes(largest)
+
+
+def build_statistical_table(setup: Setup, policy: Policy, *, with_prefill: bool) -> ActivityTable:
+    """``policy``'s table over the run's routing source, tabulated by the run's cost model; its batches hold one
+    token from each of up to ``max_num_seqs`` sequences, then a prefill chunk."""
+    config, model = setup.config, setup.model
+    return build_activity_table(
+        setup.routing,
+        policy,
+        top_k=model.top_k,
+        renormalize=model.renormalize,
+        activity=setup.cost_model.activity,
+        sizes=statistical_sizes(config.serving, with_prefill=with_prefill),
+        samples=config.simulation.statistical_samples,
+        seed=statistical_seed(config),
+        num_experts=model.num_experts,
+        max_sequences=config.serving.max_num_seqs,
+    )
+
+
+def statistical_routing(setup: Setup, entry: PolicyConfig, policy: Policy) -> StatisticalRouting | None:
+    """The tables a statistical-mode simulation of ``policy`` samples (None in exact mode). Top-k's own table
+    is the shared baseline; another policy's covers the iterations it applies to (pure decode by default)."""
+    if setup.config.simulation.routing_mode != "statistical":
+        return None
+    decode_only = entry.apply_to == "decode_only"
+    if isinstance(policy, TopK):
+        table = setup.statistical_baseline
+    else:
+        table = build_statistical_table(setup, policy, with_prefill=not decode_only)
+    return StatisticalRouting(table, setup.statistical_baseline if decode_only else None)
+
+
 def simulate_policy(setup: Setup, label: str, entry: PolicyConfig, policy: Policy) -> PolicyRun:
     config = setup.config
     model = setup.model
     started = time.perf_counter()
+    statistical = statistical_routing(setup, entry, policy)
     step = RoutingStep(
         routing=setup.routing,
         policy=policy,
@@ -263,6 +321,8 @@ def simulate_policy(setup: Setup, label: str, entry: PolicyConfig, policy: Polic
         apply_to=entry.apply_to,
         top_k=model.top_k,
         renormalize=model.renormalize,
+        statistical=statistical,
+        seed=statistical_seed(config),
     )
     cluster = build_cluster(setup, step)
     end_s = cluster.run(setup.requests, config.simulation.cutoff_s)
@@ -279,6 +339,10 @@ def simulate_policy(setup: Setup, label: str, entry: PolicyConfig, policy: Polic
     summary["instances"] = float(len(cluster.instances))
     summary["gpus_per_instance"] = float(setup.plan.gpus)
     summary["gpus"] = float(len(cluster.instances) * setup.plan.gpus)
+    if statistical is not None:  # paid before the simulation, inside wall_s; the baseline once per run
+        baseline = statistical.baseline
+        summary["routing_table_build_s"] = statistical.policy.build_s
+        summary["routing_baseline_table_build_s"] = baseline.build_s if baseline is not None else 0.0
     wall_s = time.perf_counter() - started
     summary["wall_s"] = wall_s
     summary["simulated_s_per_wall_s"] = end_s / wall_s if wall_s > 0 else np.nan
@@ -348,6 +412,7 @@ def write_summary(result: ExperimentResult, out_dir: Path) -> None:
     payload = {
         "policies": [run.label for run in result.runs],
         "cost_model": result.setup.cost_model.source,
+        "routing_mode": result.setup.config.simulation.routing_mode,
         "summary": {label: _jsonable(row) for label, row in frame.to_dict(orient="index").items()},
     }
     _atomic_write_text(out_dir / "summary.json", json.dumps(payload, indent=2))

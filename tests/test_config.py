@@ -164,3 +164,12 @@ def test_quickstart_is_valid() -> None:
     setup = prepare(load_experiment(REPO / "experiments" / "quickstart.yaml"))
     assert setup.model.num_experts == 8 and setup.model.top_k == 2
     assert [label for label, _, _ in setup.policies] == ["topk", "lynx"]
+
+
+def test_a_resolved_config_round_trips_through_its_dump() -> None:
+    """A validated config, dumped with the keys it was given, validates again to itself (a config rebuilt from a
+    dump, as sweeps rebuild them, is the same experiment; keys that do not apply stay errors, so unset defaults
+    are left out of the dump)."""
+    config = load_experiment(Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml")
+    again = type(config).model_validate(config.model_dump(exclude_unset=True))
+    assert again == config

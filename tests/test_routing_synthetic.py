@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import statistics
 import subprocess
 import sys
 
@@ -18,7 +19,9 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from lynxsim.routing import RoutingSource, SyntheticRouting, SyntheticRoutingParams
-from lynxsim.routing.hashing import combine, derive_key, normals, uniforms
+from lynxsim.routing.hashing import NORMAL_TABLE, combine, derive_key, exp_exact, normals, uniforms
+
+NORMAL_TABLE_SHA256 = "1cfbba1e07e34386a57626f82aeb43e6ed54ba70a3ea6b7d964dc66a841074a8"
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -55,10 +58,32 @@ def test_hash_is_elementwise_and_broadcasts() -> None:
     keys = combine(derive_key(7, 1), np.arange(5))
     counters = np.arange(6, dtype=np.uint64)
     full = normals(keys[:, None], counters[None, :])
-    assert full.shape == (5, 12) and full.dtype == np.float32
-    # One (key, counter) word drawn alone gives the same pair of normals as inside the full block.
+    assert full.shape == (5, 24) and full.dtype == np.float32
+    # One (key, counter) word drawn alone gives the same four normals as inside the full block.
     alone = normals(keys[3], counters[4:5])
-    assert np.array_equal(alone, full[3, [4, 10]])
+    assert np.array_equal(alone, full[3, 16:20])
+
+
+def test_normal_table_is_pinned() -> None:
+    """The table is computed in float64 by Python's statistics module and rounded to float32: the same bytes on
+    every machine, which this digest checks (a different table would change every synthetic logit)."""
+    assert NORMAL_TABLE.shape == (65536,) and NORMAL_TABLE.dtype == np.float32
+    assert hashlib.sha256(NORMAL_TABLE.astype("<f4").tobytes()).hexdigest() == NORMAL_TABLE_SHA256
+    assert np.array_equal(NORMAL_TABLE, -NORMAL_TABLE[::-1])  # symmetric, so the mean is exactly 0
+    assert NORMAL_TABLE[0] == np.float32(statistics.NormalDist().inv_cdf(0.5 / 65536))
+
+
+def test_each_quarter_of_a_word_indexes_the_table() -> None:
+    key, counter = derive_key(5, 9), 3
+    word = int(combine(np.uint64(key), counter))
+    expected = [NORMAL_TABLE[(word >> (16 * q)) & 0xFFFF] for q in range(4)]
+    assert np.array_equal(normals(key, np.array([counter])), expected)
+
+
+def test_exp_exact_is_exp() -> None:
+    x = np.linspace(-30.0, 30.0, 200_001)
+    assert np.abs(exp_exact(x) / np.exp(x) - 1.0).max() < 5e-16
+    assert exp_exact(np.zeros(1))[0] == 1.0
 
 
 def test_uniforms_are_uniform() -> None:
@@ -72,13 +97,15 @@ def test_uniforms_are_uniform() -> None:
 
 
 def test_normals_are_standard_normal() -> None:
-    z = normals(derive_key(3), np.arange(50_000)).astype(np.float64)  # 1e5 normals
+    z = normals(derive_key(3), np.arange(25_000)).astype(np.float64)  # 1e5 normals
     assert abs(z.mean()) < 0.015 and abs(z.std() - 1.0) < 0.015
     cdf = 0.5 * (1.0 + np.array([math.erf(x / math.sqrt(2.0)) for x in np.sort(z)]))
     grid = np.arange(1, z.size + 1) / z.size
     assert np.abs(grid - cdf).max() < 0.01
-    # The cosine and sine halves of Box-Muller are independent.
-    assert abs(np.corrcoef(z[:50_000], z[50_000:])[0, 1]) < 0.015
+    # The four normals of one word (its four 16-bit quarters) are independent.
+    quarters = z.reshape(-1, 4)
+    for a, b in ((0, 1), (1, 2), (2, 3), (0, 3)):
+        assert abs(np.corrcoef(quarters[:, a], quarters[:, b])[0, 1]) < 0.015
 
 
 def test_hash_of_structured_keys_is_uncorrelated() -> None:

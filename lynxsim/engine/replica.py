@@ -33,9 +33,9 @@ from lynxsim.engine.decode_run import decode_run_length
 from lynxsim.engine.request import Request
 from lynxsim.engine.scheduler import ScheduledBatch, Scheduler
 from lynxsim.metrics import IterationLog
-from lynxsim.policies import Policy, TopK
-from lynxsim.policies.activity import expert_token_counts
-from lynxsim.policies.proxies import QualityProxies, quality_proxies
+from lynxsim.policies import Policy
+from lynxsim.policies.kernels import route_counts
+from lynxsim.policies.proxies import QualityProxies
 from lynxsim.routing.base import RoutingSource
 from lynxsim.workload.requests import RequestSpec
 
@@ -67,7 +67,7 @@ class RoutingStep:
     def applies(self, batch: ScheduledBatch) -> bool:
         return self.apply_to == "all" or not batch.has_prefill
 
-    def union_of_topk(self, request_ids: np.ndarray, positions: np.ndarray, num_experts: int) -> np.ndarray | None:
+    def union_of_topk(self, request_ids: np.ndarray, positions: np.ndarray) -> np.ndarray | None:
         """Distinct experts per MoE layer of a top-k-routed iteration, routing its tokens chunk by chunk and
         stopping once every layer has all its experts active: later tokens cannot change a union that is full,
         and top-k assigns exactly ``tokens * top_k``, so the iteration's activity is exact without routing a
@@ -76,8 +76,7 @@ class RoutingStep:
         for start in range(0, request_ids.size, SATURATION_CHUNK_TOKENS):
             end = start + SATURATION_CHUNK_TOKENS
             logits = self.routing.logits(request_ids[start:end], positions[start:end])
-            ids = self.baseline.select(logits, self.top_k, renormalize=self.renormalize).expert_ids
-            chunk_active = expert_token_counts(ids, num_experts) > 0
+            chunk_active = route_counts(logits, self.baseline, self.top_k, self.renormalize)[0] > 0
             active = chunk_active if active is None else active | chunk_active
             if active.all():
                 return active.sum(axis=1)
@@ -92,16 +91,8 @@ class RoutingStep:
         layers, tokens, experts = logits.shape
         per_group = logits.reshape(layers, groups, tokens // groups, experts)
         policy = self.policy if applied else self.baseline
-        counts, proxies = [], []
-        for g in range(groups):
-            group_logits = per_group[:, g]
-            selection = policy.select(group_logits, self.top_k, renormalize=self.renormalize)
-            counts.append(expert_token_counts(selection.expert_ids, experts))
-            if isinstance(policy, TopK):  # the router's own choice: nothing given up
-                proxies.append(QualityProxies.of_topk(layers))
-            else:
-                proxies.append(quality_proxies(group_logits, selection, self.top_k))
-        return counts, proxies
+        counts, proxies = route_counts(per_group, policy, self.top_k, self.renormalize)
+        return list(counts), [QualityProxies(*(p[g] for p in proxies)) for g in range(groups)]
 
 
 class Replica:
@@ -333,7 +324,7 @@ class Replica:
             and request_ids.size > SATURATION_CHUNK_TOKENS
             and not getattr(self.cost_model, "needs_expert_counts", False)
         ):
-            distinct = step.union_of_topk(request_ids, positions, step.routing.num_experts)
+            distinct = step.union_of_topk(request_ids, positions)
             if distinct is not None:
                 activity = ExpertActivity(distinct, np.full_like(distinct, request_ids.size * step.top_k))
                 return [activity], [distinct], [QualityProxies.of_topk(distinct.size)]

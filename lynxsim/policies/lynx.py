@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cache
 from numbers import Real
 from typing import Any
 
@@ -113,13 +114,13 @@ class Lynx:
             return q  # no other tokens: popularity is 0
 
         # Depth d = -q >= 0 of every (token, expert); depths past float64's range share a last bin of weight 0.
-        cap = int(_MIN_SUBNORMAL_LOG2 // math.log2(num_tokens))
+        bin_weight = bin_weights(num_tokens)
+        cap = bin_weight.size - 2
         depth = np.negative(q)
         np.minimum(depth, cap + 1, out=depth)
         depth = depth.astype(np.int64)
         deepest = int(min(-q.min(), cap))
         num_bins = deepest + 2
-        bin_weight = np.append(float(num_tokens) ** -np.arange(deepest + 1, dtype=np.float64), 0.0)
         v: np.ndarray = np.take(bin_weight, depth)  # h = B ** q, for now
 
         # counts[l, e, d]: tokens of layer l whose bin for expert e is -d; one bincount for all layers.
@@ -135,6 +136,19 @@ class Lynx:
         v /= num_tokens
         v += q
         return v
+
+
+@cache
+def bin_weights(num_tokens: int) -> np.ndarray:
+    """float64 ``h`` of each depth ``d = -q`` for a batch of ``num_tokens >= 2``: ``B ** -d`` for ``d <= cap``,
+    the deepest depth whose weight float64 still represents, then one last entry 0 for every deeper bin.
+
+    One table per batch size, shared by ``vote_scores`` and the numba kernel (``selection_kernels``), so both
+    weigh every bin with the same bits."""
+    cap = int(_MIN_SUBNORMAL_LOG2 // math.log2(num_tokens))
+    weights = np.append(float(num_tokens) ** -np.arange(cap + 1, dtype=np.float64), 0.0)
+    weights.flags.writeable = False
+    return weights
 
 
 def _check_alpha(alpha: Any) -> float:

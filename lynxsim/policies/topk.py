@@ -31,14 +31,18 @@ def as_layer_batches(logits: np.ndarray, top_k: int) -> tuple[np.ndarray, tuple[
         raise ValueError(f"logits must be [tokens, experts] or [layers, tokens, experts], got shape {x.shape}")
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         raise ValueError(f"logits must be real numbers, got dtype {x.dtype}")
-    num_experts = x.shape[-1]
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k must be an integer in [1, {num_experts}] (the number of experts), got {top_k!r}")
+    check_top_k(top_k, x.shape[-1])
     lead = x.shape[:-2]
     x = np.ascontiguousarray(x, dtype=np.float64).reshape(math.prod(lead), *x.shape[-2:])
     if not np.isfinite(x).all():
         raise ValueError("logits must be finite (found NaN or infinity)")
     return x, lead
+
+
+def check_top_k(top_k: int, num_experts: int) -> None:
+    """``ValueError`` unless ``top_k`` is an integer (not a bool) in ``[1, num_experts]``."""
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be an integer in [1, {num_experts}] (the number of experts), got {top_k!r}")
 
 
 def calibration_batches(policy: str, logits: np.ndarray, top_k: int) -> np.ndarray:

@@ -6,9 +6,6 @@ order, the number of policies replayed, the worker process). The simulator compa
 pair by pair on the *same* tokens, so a token's numbers must be a function of its name only:
 ``(seed, stream, request id, position, layer, expert)``. Here every number is the hash of such a tuple,
 computed afresh, with no state: the same tuple gives the same bits in any batch, order or process.
-The integer hash is exact everywhere; the float32 ``log``/``sin``/``cos`` of the normals come from numpy,
-whose SIMD kernels may differ in the last bit between CPU instruction sets, so machines of different kinds
-can disagree by an ulp (enough to flip only an exact near-tie between two experts).
 
 The hash is the splitmix64 finalizer (Steele, Lea and Flood, "Fast splittable pseudorandom number
 generators", OOPSLA 2014; the constants are Vigna's Mix13 variant used by ``java.util.SplittableRandom``).
@@ -16,9 +13,41 @@ Keys are chained one word at a time, ``key' = mix64(key + word * GOLDEN)``: for 
 the splitmix64 stream seeded by that key and indexed by ``word``, which passes BigCrush, and ``mix64`` is a
 bijection, so distinct words under one key never collide. All arithmetic is numpy ``uint64``, which wraps
 modulo 2**64 as the algorithm requires.
+
+Normals come from a table, not from a transform such as Box-Muller. Each 16-bit quarter of a hash word
+indexes ``NORMAL_TABLE``, the 65,536 quantiles ``Phi^-1((i + 0.5) / 65536)`` of the standard normal, so one
+word gives four normals, a table read each, where Box-Muller computed a ``log``, a ``sqrt`` and a ``sin`` or
+``cos`` for every two (numpy: 1.5 against 3.5 ns per normal, measured on one core; the numba kernels of
+``synthetic_kernels`` draw them far faster still). And no transcendental function runs at draw time: a
+normal is integer arithmetic and a table read, so it is bit-identical on every machine and in every
+implementation (this numpy code and the numba kernels), where numpy's SIMD ``log``/``sin``/``cos`` could
+differ in the last bit between CPU instruction sets.
+
+The price is a discrete distribution with cut tails, which no router statistic can see:
+
+* 65,536 equally likely values, the ``i``-th at the probability centre of the ``i``-th of 65,536 equal
+  slices of the normal: the distribution function is within 0.5 / 65536 = 7.6e-6 of the normal's everywhere,
+  the sampling error of a distribution measured on 1e10 draws;
+* the tails are cut at the extreme quantile, ``|z| <= 4.32``: a normal lies beyond it with probability 1.5e-5,
+  and those draws land on the extreme values instead; the variance is 0.99998 instead of 1;
+* neighbouring levels are 4e-5 standard deviations apart at the centre and 3e-4 at two (``1.5e-5 / phi(z)``),
+  and a logit adds several normals with continuous weights (bias, request and token noise, scale), so its own
+  distribution is smooth at any resolution a softmax or a ranking looks at. Exact ties between two experts
+  of a token need equal levels in every term: with no popularity skew and no persistence (the only case where
+  the token noise alone decides), a token's 8th and 9th best of 256 experts tie in 0.2% of draws (measured;
+  none with the default parameters), and the lower id wins, which moves an expert's load by about 2e-4 of
+  itself, below the sampling error of a load measured on fewer than 1e8 tokens.
+
+The same concern makes the log-normal confidence scale exact: ``exp_exact`` is the exponential as a fixed
+sequence of float64 multiplications and additions (Cody-Waite range reduction, a degree-13 polynomial and a
+table of powers of two), so the numpy path and the numba kernel compute the same bits, on any machine, where
+``numpy.exp`` and libm's ``exp`` may disagree in the last place.
 """
 
 from __future__ import annotations
+
+import math
+import statistics
 
 import numpy as np
 
@@ -31,15 +60,32 @@ _U64_GOLDEN = np.uint64(_GOLDEN)
 _U64_MUL1 = np.uint64(_MUL1)
 _U64_MUL2 = np.uint64(_MUL2)
 
-# The hash and Box-Muller run on blocks of this many 64-bit words so that their ~25 elementwise passes stay
-# in the CPU's L2 cache: a 58x256x256 draw takes about 18 ms this way against 33 ms in whole-array passes
-# (measured); blocks of 2**13 to 2**18 words are all within noise of each other.
+# The hash runs on blocks of this many 64-bit words so that its ~10 elementwise passes stay in the CPU's L2
+# cache (a 58x256x256 Box-Muller draw took about 18 ms this way against 33 ms in whole-array passes;
+# measured); blocks of 2**13 to 2**18 words are all within noise of each other.
 _BLOCK_WORDS = 1 << 14
 
-_U24 = np.float32(2.0**-24)
-_ONE = np.float32(1.0)
-_MINUS_TWO = np.float32(-2.0)
-_TWO_PI = np.float32(2.0 * np.pi)
+NORMALS_PER_WORD = 4
+"""Normals drawn from one 64-bit hash word: one per 16-bit quarter."""
+
+_LEVELS = 1 << 16
+
+
+def _normal_table() -> np.ndarray:
+    """The standard normal's quantiles at the centres of 65,536 equal-probability slices, as float32.
+
+    ``statistics.NormalDist.inv_cdf`` (Wichura's AS241, accurate to about 1e-16) evaluated in float64 by Python
+    itself, then rounded once to float32: the same table on every machine (a last-bit difference of the float64
+    could only matter for a value within 1e-16 of a float32 rounding boundary; a test pins the table's digest).
+    """
+    inv_cdf = statistics.NormalDist().inv_cdf
+    table = np.array([inv_cdf((i + 0.5) / _LEVELS) for i in range(_LEVELS)], dtype=np.float64).astype(np.float32)
+    table.flags.writeable = False
+    return table
+
+
+NORMAL_TABLE: np.ndarray = _normal_table()
+"""float32 ``[65536]``: ``NORMAL_TABLE[i] = Phi^-1((i + 0.5) / 65536)``; exactly antisymmetric, ``|z| <= 4.32``."""
 
 
 def _mix64_scalar(z: int) -> int:
@@ -87,36 +133,12 @@ def uniforms(bits: np.ndarray) -> np.ndarray:
     return (top + 0.5) * 2.0**-53
 
 
-def _box_muller_block(bits: np.ndarray, out: np.ndarray) -> None:
-    """Two float32 normals per word into ``out[..., :n]`` (cosine half) and ``out[..., n:]`` (sine half).
-
-    Each word gives two 24-bit uniforms (float32 holds 24 significant bits, so more would be rounded
-    away): ``u1`` from bits 40-63 on (0, 1], ``u2`` from bits 8-31 on [0, 1), both exact in float32.
-    The smallest ``u1`` is 2**-24, so ``|z| <= 5.77``: tails beyond 5.77 standard deviations (probability
-    8e-9) are cut, which no router statistic can see.
-    """
-    n = bits.shape[-1]
-    # Narrow to int32 before converting to float: uint64 -> float32 has no SIMD path and is ~2x slower.
-    u1 = (bits >> np.uint64(40)).astype(np.int32).astype(np.float32)
-    u1 += _ONE
-    u1 *= _U24
-    radius = np.log(u1, out=u1)
-    radius *= _MINUS_TWO
-    np.sqrt(radius, out=radius)
-    theta = (bits.astype(np.uint32) >> np.uint32(8)).astype(np.int32).astype(np.float32)
-    theta *= _U24 * _TWO_PI
-    cos_half, sin_half = out[..., :n], out[..., n:]
-    np.cos(theta, out=cos_half)
-    cos_half *= radius
-    np.sin(theta, out=sin_half)
-    sin_half *= radius
-
-
 def normals(keys: np.ndarray | int, counters: np.ndarray | int) -> np.ndarray:
     """Standard normals hashed from ``keys`` and ``counters``, which broadcast to a shape ``S``.
 
-    Returns float32 of shape ``S[:-1] + (2 * S[-1],)``: the word of ``(key, counter)`` at position
-    ``[..., j]`` gives two independent normals (Box-Muller), placed at ``[..., j]`` and ``[..., S[-1] + j]``.
+    Returns float32 of shape ``S[:-1] + (4 * S[-1],)``: the word of ``(key, counter)`` at position ``[..., j]``
+    gives four independent normals, ``NORMAL_TABLE`` at its bits ``16q`` to ``16q + 15``, placed at
+    ``[..., 4 * j + q]`` for ``q = 0..3`` (the little-endian 16-bit view of the words, so no shuffle is needed).
     Each output is a function of its own key and counter only, which is what makes a draw for a token
     independent of the other tokens drawn with it.
     """
@@ -124,12 +146,53 @@ def normals(keys: np.ndarray | int, counters: np.ndarray | int) -> np.ndarray:
     c = np.asarray(counters).astype(np.uint64, copy=False)
     words = np.atleast_1d(k + c * _U64_GOLDEN)
     n = words.shape[-1]
-    out = np.empty(words.shape[:-1] + (2 * n,), dtype=np.float32)
+    out = np.empty(words.shape[:-1] + (NORMALS_PER_WORD * n,), dtype=np.float32)
     if out.size == 0:
         return out
-    word_rows, out_rows = words.reshape(-1, n), out.reshape(-1, 2 * n)
+    word_rows, out_rows = words.reshape(-1, n), out.reshape(-1, NORMALS_PER_WORD * n)
     step = max(1, _BLOCK_WORDS // n)
     for start in range(0, word_rows.shape[0], step):
         block = _mix64_inplace(word_rows[start : start + step])
-        _box_muller_block(block, out_rows[start : start + step])
+        # '<u8' then '<u2': the quarters in bit order whatever the machine's byte order (a no-op on little-endian).
+        quarters = block.astype("<u8", copy=False).view("<u2")
+        np.take(NORMAL_TABLE, quarters, out=out_rows[start : start + step], mode="clip")  # in range: skip the check
     return out
+
+
+# exp_exact: Cody-Waite reduction x = k * ln2 + r, |r| <= ln2 / 2, then exp(r) by Horner's rule on its Taylor
+# series to degree 13 (truncation error below 4e-18, under float64's 1.1e-16 rounding) and exp(x) = exp(r) * 2**k,
+# a product by a power of two, exact while it is a normal float64: hence the clamp to +-700 (exp(700) = 1e304).
+# _LN2_HI has 32 significant bits (fdlibm's split), so k * _LN2_HI is exact for |k| < 2**21.
+_INV_LN2 = 1.4426950408889634
+_LN2_HI = 6.93147180369123816490e-01
+_LN2_LO = 1.90821492927058770002e-10
+EXP_LIMIT = 700.0
+"""``exp_exact`` clamps its argument to ``[-EXP_LIMIT, EXP_LIMIT]``."""
+EXP_COEFFICIENTS: tuple[float, ...] = tuple(1.0 / math.factorial(n) for n in range(13, -1, -1))
+"""Taylor coefficients of exp, highest degree first (1/13!, ..., 1/1!, 1/0!), for Horner's rule."""
+EXP_REDUCTION: tuple[float, float, float] = (_INV_LN2, _LN2_HI, _LN2_LO)
+"""(1 / ln 2, ln 2 high part, ln 2 low part) of exp_exact's range reduction, for the numba kernel."""
+POWERS_OF_TWO: np.ndarray = np.ldexp(1.0, np.arange(-1022, 1024))
+"""float64 ``2**k`` at index ``k + 1022``, for every normal exponent ``k`` (a table read, where ``ldexp`` is a
+libm call in the numba kernel)."""
+POWERS_OF_TWO.flags.writeable = False
+
+
+def exp_exact(x: np.ndarray) -> np.ndarray:
+    """``exp(x)`` of float64 ``x`` (relative error about 2e-16; ``x`` clamped to ``[-700, 700]``) from IEEE
+    multiplications and additions alone.
+
+    Every step is one correctly rounded float64 operation, in a fixed order, so the result is the same bit for
+    bit on every machine and in the numba kernel that repeats these steps (``synthetic_kernels``), unlike
+    ``numpy.exp``, whose SIMD implementations and libm's may differ in the last place. The clamp changes no
+    float32 result: ``exp(+-700)`` is far outside float32's range.
+    """
+    x = np.clip(np.asarray(x, dtype=np.float64), -EXP_LIMIT, EXP_LIMIT)
+    k = np.floor(x * _INV_LN2 + 0.5)
+    r = (x - k * _LN2_HI) - k * _LN2_LO
+    p = np.full_like(r, EXP_COEFFICIENTS[0])
+    for c in EXP_COEFFICIENTS[1:]:
+        p *= r
+        p += c
+    result: np.ndarray = p * POWERS_OF_TWO[k.astype(np.intp) + 1022]
+    return result

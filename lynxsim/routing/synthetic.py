@@ -36,12 +36,14 @@ Every number is hashed from its name (see ``hashing``), so a token's logits do n
 from __future__ import annotations
 
 from collections import OrderedDict
+from types import ModuleType
 from typing import Annotated
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lynxsim.routing.hashing import combine, derive_key, normals
+from lynxsim.jit import kernels
+from lynxsim.routing.hashing import NORMAL_TABLE, NORMALS_PER_WORD, combine, derive_key, exp_exact, normals
 
 # Stream tags: each random quantity hashes under its own key, so that e.g. the confidence of token
 # (r, p) is unrelated to its noise even though both are keyed by (r, p).
@@ -132,6 +134,15 @@ class SyntheticRouting:
     on a miss. ``request_cache_bytes`` bounds the per-request cache (see ``_request_means``); the default,
     128 MiB, holds the means of about 2,200 requests of a 58-layer, 256-expert model, more than the
     running requests of one replica, and 0 disables it.
+
+    ``logits`` runs the numba kernels of ``synthetic_kernels`` where numba is available (see ``lynxsim.jit``)
+    and ``numpy_logits``, the reference, otherwise; the two give the same bits.
+
+    Where the normals come from (``hashing.normals``, four per hashed word): the word of counter
+    ``l * W + j`` (``W = ceil(E / 4)`` words per layer) under a token's key gives the token noise of experts
+    ``4j`` to ``4j + 3`` of layer ``l``; the same counters under a request's key give its ``z_req``, and under
+    the seed's bias key the bias. The confidence normal of layer ``l`` is quarter ``l % 4`` of word ``l // 4``
+    under ``combine(confidence key, token key)``.
     """
 
     def __init__(
@@ -151,13 +162,11 @@ class SyntheticRouting:
         self.num_experts = num_experts
         self.params = params if params is not None else SyntheticRoutingParams()
         self.seed = seed
-        # Counters of the (layer, expert-pair) words: each hashed word yields two normals (see
-        # hashing.normals), so a layer needs ceil(E / 2) words.
-        half = (num_experts + 1) // 2
-        self._counters = np.arange(num_moe_layers * half, dtype=np.uint64).reshape(num_moe_layers, half)
-        self._request_key = derive_key(seed, _REQUEST_STREAM)
-        self._token_key = derive_key(seed, _TOKEN_STREAM)
-        self._confidence_key = derive_key(seed, _CONFIDENCE_STREAM)
+        words = -(-num_experts // NORMALS_PER_WORD)
+        self._counters = np.arange(num_moe_layers * words, dtype=np.uint64).reshape(num_moe_layers, words)
+        self._request_key = np.uint64(derive_key(seed, _REQUEST_STREAM))
+        self._token_key = np.uint64(derive_key(seed, _TOKEN_STREAM))
+        self._confidence_key = np.uint64(derive_key(seed, _CONFIDENCE_STREAM))
         p = self.params
         if p.expert_bias is not None:
             self._bias = np.asarray(p.expert_bias, dtype=np.float32)
@@ -168,18 +177,22 @@ class SyntheticRouting:
                 )
         else:
             skew = _per_layer(p.popularity_skew, "popularity_skew", num_moe_layers).astype(np.float32)
-            self._bias = (skew[:, None] * normals(derive_key(seed, _BIAS_STREAM), self._counters))[:, :num_experts]
-        # log s[l, t] = spread[l] * n + log(mean[l]) - spread[l]**2 / 2: the constants in float64, then float32 as
-        # the normals they transform.
+            bias = skew[:, None] * normals(derive_key(seed, _BIAS_STREAM), self._counters)
+            self._bias = np.ascontiguousarray(bias[:, :num_experts])
+        # log s[l, t] = spread[l] * n + log(mean[l]) - spread[l]**2 / 2, all in float64 (see _confidence).
         spread = _per_layer(p.confidence_spread, "confidence_spread", num_moe_layers)
         mean = _per_layer(p.confidence_mean, "confidence_mean", num_moe_layers)
-        self._log_scale_spread = spread.astype(np.float32)[:, None]
-        self._log_scale_offset = (np.log(mean) - spread**2 / 2).astype(np.float32)[:, None]
+        self._log_scale_spread = spread
+        self._log_scale_offset = np.log(mean) - spread**2 / 2
         rho = _per_layer(p.persistence, "persistence", num_moe_layers)
         self._persistent = bool((rho > 0.0).any())
-        self._request_weight = np.sqrt(rho).astype(np.float32)[:, None]  # [L, 1]: broadcasts over [R, L, E]
-        self._token_weight = np.sqrt(1.0 - rho).astype(np.float32)[:, None, None]  # over [L, T, E]
-        self._request_cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._request_weight = np.sqrt(rho).astype(np.float32)  # [L]
+        self._token_weight = np.sqrt(1.0 - rho).astype(np.float32)  # [L]
+        # The request cache: request id -> slot of _pool [slots, L, E], in least-recently-used order.
+        self._request_cache: OrderedDict[int, int] = OrderedDict()
+        self._pool = np.empty((0, num_moe_layers, num_experts), dtype=np.float32)
+        self._free_slots: list[int] = []  # slots of evicted requests
+        self._slots_handed_out = 0  # slots [0, this) have held a request; the others were never used
         # An entry costs its float32 data plus about 256 bytes of array and dictionary bookkeeping.
         self._cache_capacity = max(0, request_cache_bytes) // (num_moe_layers * num_experts * 4 + 256)
 
@@ -188,71 +201,123 @@ class SyntheticRouting:
 
         Any int64 request ids and positions are valid names; the output is a new array the caller may modify.
         """
+        return self._logits(request_ids, positions, kernels("lynxsim.routing.synthetic_kernels"))
+
+    def numpy_logits(self, request_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """``logits`` computed by the numpy reference path, whether or not numba is available: the same bits
+        (what the tests check, and what the kernels are timed against)."""
+        return self._logits(request_ids, positions, None)
+
+    def _logits(self, request_ids: np.ndarray, positions: np.ndarray, fast: ModuleType | None) -> np.ndarray:
         requests = np.asarray(request_ids, dtype=np.int64)
         pos = np.asarray(positions, dtype=np.int64)
         if requests.ndim != 1 or requests.shape != pos.shape:
             raise ValueError(
                 f"request_ids and positions must be 1-D of one length, got shapes {requests.shape} and {pos.shape}"
             )
-        e = self.num_experts
+        num_layers, num_experts = self.num_moe_layers, self.num_experts
         if requests.size == 0:
-            return np.empty((self.num_moe_layers, 0, e), dtype=np.float32)
+            return np.empty((num_layers, 0, num_experts), dtype=np.float32)
+        means, slots = self._request_means(requests, fast)
+        if fast is not None:
+            out = np.empty((num_layers, requests.size, num_experts), dtype=np.float32)
+            fast.fill_logits(
+                requests, pos, slots, means, self._token_key, self._confidence_key, self._token_weight,
+                self._log_scale_spread, self._log_scale_offset, NORMAL_TABLE, out,
+            )
+            return out
         token_keys = combine(combine(self._token_key, requests), pos)
-        # Per-token noise, already scaled by sqrt(1 - rho); becomes the output in place.
-        out = normals(token_keys[None, :, None], self._counters[:, None, :])[:, :, :e]
-        out *= self._token_weight
-        out += self._request_means(requests)
+        # Per-token noise, scaled by sqrt(1 - rho), then shifted by the means and scaled: the output, in place.
+        out = normals(token_keys[None, :, None], self._counters[:, None, :])[:, :, :num_experts]
+        out *= self._token_weight[:, None, None]
+        out += means[slots].transpose(1, 0, 2)
         out *= self._confidence(token_keys)[:, :, None]
         return out
 
-    def _request_means(self, requests: np.ndarray) -> np.ndarray:
-        """``b[l, e] + sqrt(rho) * z_req[r, l, e]`` as ``[L, T, E]`` (or ``[L, 1, E]`` when rho is 0).
+    def _request_means(self, requests: np.ndarray, fast: ModuleType | None) -> tuple[np.ndarray, np.ndarray]:
+        """``b[l, e] + sqrt(rho) * z_req[r, l, e]`` of each token's request, as float32 ``means [slots, L, E]``
+        and int64 ``slot [T]`` (token ``t``'s mean is ``means[slot[t]]``); the bias alone when rho is 0.
 
         A request's mean is the same in every iteration of its life, so it is drawn once and kept in a
-        least-recently-used cache of at most ``request_cache_bytes`` between calls. Drawing it costs as much
-        as drawing the token noise, and a decode batch has one token per request, so the cache nearly halves
-        the cost of a decode iteration (measured side by side on one CPU core: 0.48 -> 0.27 ms for 32 layers x
-        64 tokens x 8 experts, 43 -> 22 ms for 58 x 256 x 256). A cached value is the one a fresh draw would
-        give, so the cache cannot change a result.
+        least-recently-used cache of at most ``request_cache_bytes`` between calls, in the slots of one pool
+        array that the kernels read in place (no per-call gather). Drawing it costs as much as drawing the
+        token noise, and a decode batch has one token per request, so the cache nearly halves the cost of a
+        decode iteration. A cached value is the one a fresh draw would give, so the cache cannot change a result.
         """
         if not self._persistent:
-            return self._bias[:, None, :]
-        unique, inverse = np.unique(requests, return_inverse=True)
-        distinct = unique.size == requests.size
-        # Decode batches (one token per request) are stacked in batch order and need no gather.
-        ids = requests.tolist() if distinct else unique.tolist()
+            return self._bias[None], np.zeros(requests.size, dtype=np.int64)
+        tokens = requests.tolist()
+        if len(dict.fromkeys(tokens)) == len(tokens):  # one token per request, as in decode: no inverse needed
+            unique, inverse = requests, None
+        else:
+            unique, inverse = np.unique(requests, return_inverse=True)
+            inverse = inverse.reshape(-1)
+            tokens = unique.tolist()
+        if len(tokens) > self._cache_capacity:  # more requests than the cache holds: draw them all afresh
+            means = np.empty((len(tokens), self.num_moe_layers, self.num_experts), dtype=np.float32)
+            self._draw_request_means(unique, means, np.arange(len(tokens), dtype=np.int64), fast)
+            return means, (np.arange(len(tokens), dtype=np.int64) if inverse is None else inverse)
         cache = self._request_cache
-        missing = [r for r in ids if r not in cache]
+        slots = np.empty(len(tokens), dtype=np.int64)
+        missing = []
+        for i, r in enumerate(tokens):
+            slot = cache.get(r)
+            if slot is None:
+                missing.append(i)
+            else:
+                cache.move_to_end(r)
+                slots[i] = slot
         if missing:
-            for r, drawn in zip(missing, self._draw_request_means(np.array(missing, dtype=np.int64))):
-                # A copy, so that evicting one request frees its memory (a view would pin the whole draw).
-                mean = drawn.copy()
-                mean.flags.writeable = False
-                cache[r] = mean
-        means = []
-        for r in ids:
-            cache.move_to_end(r)
-            means.append(cache[r])
-        while len(cache) > self._cache_capacity:
-            cache.popitem(last=False)
-        stacked = np.stack(means, axis=1)
-        return stacked if distinct else stacked[:, inverse.reshape(-1), :]
+            # Make room: the least recently used entries go first, and none of this batch's is among them
+            # (they were just moved to the end, and the batch fits in the cache).
+            for _ in range(len(cache) + len(missing) - self._cache_capacity):
+                self._free_slots.append(cache.popitem(last=False)[1])
+            new = np.array([self._allocate_slot() for _ in missing], dtype=np.int64)
+            slots[missing] = new
+            missing_requests = unique[missing]
+            self._draw_request_means(missing_requests, self._pool, new, fast)
+            cache.update(zip(missing_requests.tolist(), new.tolist()))
+        return self._pool, (slots if inverse is None else slots[inverse])
 
-    def _draw_request_means(self, requests: np.ndarray) -> np.ndarray:
-        """``b + sqrt(rho) * z_req`` for each of ``requests`` as ``[R, L, E]``."""
+    def _allocate_slot(self) -> int:
+        """A free slot of the pool, growing it (doubling, up to the cache's capacity) when none is free."""
+        if self._free_slots:
+            return self._free_slots.pop()
+        slot = self._slots_handed_out
+        self._slots_handed_out += 1
+        if slot == self._pool.shape[0]:
+            size = min(self._cache_capacity, max(16, 2 * slot))
+            grown = np.empty((size, self.num_moe_layers, self.num_experts), dtype=np.float32)
+            grown[:slot] = self._pool
+            self._pool = grown
+        return slot
+
+    def _draw_request_means(
+        self, requests: np.ndarray, out: np.ndarray, slots: np.ndarray, fast: ModuleType | None
+    ) -> None:
+        """``b + sqrt(rho) * z_req`` of each of ``requests`` into ``out[slots]`` (``[L, E]`` each)."""
+        if fast is not None:
+            fast.fill_request_means(
+                requests, self._request_key, self._bias, self._request_weight, NORMAL_TABLE, out, slots
+            )
+            return
         keys = combine(self._request_key, requests)
         z = normals(keys[:, None, None], self._counters[None, :, :])[:, :, : self.num_experts]
-        z *= self._request_weight
+        z *= self._request_weight[:, None]
         z += self._bias[None, :, :]
-        return z
+        out[slots] = z
 
     def _confidence(self, token_keys: np.ndarray) -> np.ndarray:
-        """Per-(layer, token) log-normal scale ``s[l, t]`` with mean ``confidence_mean[l]``, as ``[L, T]``."""
-        layers = np.arange((self.num_moe_layers + 1) // 2, dtype=np.uint64)
+        """Per-(layer, token) log-normal scale ``s[l, t]`` with mean ``confidence_mean[l]``, float32 ``[L, T]``.
+
+        ``exp(spread * n + offset)`` in float64 with ``hashing.exp_exact``, then rounded once to float32: the
+        numba kernel repeats these exact steps, which ``numpy.exp`` would not let it do bit for bit (nor would a
+        per-layer table of ``exp`` over the 65,536 normal levels: 15 MB for 58 layers, slower than computing).
+        """
+        layers = np.arange(-(-self.num_moe_layers // NORMALS_PER_WORD), dtype=np.uint64)
         n = normals(combine(self._confidence_key, token_keys)[:, None], layers[None, :])[:, : self.num_moe_layers].T
-        n *= self._log_scale_spread
-        n += self._log_scale_offset
-        return np.exp(n, out=n)
+        log_scale = n.astype(np.float64) * self._log_scale_spread[:, None] + self._log_scale_offset[:, None]
+        return exp_exact(log_scale).astype(np.float32)
 
 
 def _per_layer(value: float | list[float], name: str, num_moe_layers: int) -> np.ndarray:

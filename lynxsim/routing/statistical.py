@@ -1,0 +1,318 @@
+"""Statistical routing mode: sample each iteration's expert activity from a table built once per policy.
+
+In exact mode every iteration asks the routing source for the logits of its tokens and runs the policy on them;
+for a large model (DeepSeek-V3: 58 MoE layers of 256 experts) that is most of a simulation's wall time, and it
+is repeated for every point of a sweep. What the cost model needs from it, though, is only each MoE layer's
+``ExpertActivity`` (distinct experts and token-expert assignments, per EP rank under expert parallelism), and
+what the summary needs are the quality proxies. For a given routing source and policy both depend on the
+iteration mostly through its token count, so this mode measures their distribution once, for a grid of batch
+sizes, and each simulated iteration draws one sample.
+
+Building (``build_activity_table``). For each of ``samples`` samples, a pool of ``sizes[-1]`` tokens is routed,
+in one ``logits`` call per chunk of samples (as many as fit in ``logits_chunk_bytes``). The batch of size ``n`` of
+a sample is the first ``n`` tokens of its pool: each size's batches are fresh tokens, which is all a draw needs,
+at the routing cost of the largest size alone rather than of every size. A pool is laid out as vLLM fills an
+iteration: first one token from each of ``max_sequences`` synthetic requests (a decode batch: ids from
+``TABLE_REQUEST_ID_BASE``, a range no workload or calibration uses; positions drawn in ``[0, TABLE_POSITIONS)``),
+then, since no iteration holds more sequences, one request's prefill chunk at consecutive positions. A chunk's
+tokens share their request's routing where the router persists (synthetic ``persistence``, replayed traces), so
+they activate fewer distinct experts and load EP ranks more unevenly than as many unrelated tokens: with tokens
+all unrelated, DeepSeek-V3's EP8 mixed iterations came out 5% faster than exact mode and its TPOT 2-4% low.
+The policy then selects on each batch as its own batch (a batch-aware policy's choice depends on the whole
+batch), and the table keeps ``activity(counts)`` (the cost model's own reduction, so the per-rank arrays come with
+expert parallelism) and the proxies. Top-k chooses per token, so its table takes each pool's top-k choice once
+(``topk_mask``, the rule ``TopK.select`` applies) and accumulates counts over growing prefixes, and stores no
+proxies (those of top-k are 1, 1, 0, 0 by definition).
+
+Sampling (``ActivityTable.sample``). A token count on the grid draws one of its samples uniformly: the whole
+iteration's sample, every layer from the same batch, so the correlation between layers is kept. Between two grid
+sizes ``lo < n < hi`` it takes ``hi`` with probability ``(n - lo) / (hi - lo)``, else ``lo``, so the mean of any
+statistic is interpolated linearly between the grid points; the sample's assignments (per rank too) are rescaled
+by ``n / size`` (every policy assigns about ``top_k`` experts per token, so assignments scale with tokens) and
+its distinct experts are kept as they are (they do not scale).
+
+Where it departs from exact mode (measured in README, "Statistical routing mode"):
+
+* interpolation: distinct experts grow concavely with the batch, so between grid points (at most 10% apart
+  above 16 tokens) the linear mixture slightly underestimates the mean, and the per-layer spread is that of a
+  neighbouring size; proxies are taken from the neighbour as they are;
+* composition: a table batch is as many decode tokens as an iteration may hold plus one prefill chunk; a real
+  mixed iteration usually holds fewer decodes, and chunks of several prompts (whole prompts without chunked
+  prefill), so its tokens are a little more or less related than the table's; and successive iterations of one
+  simulation draw independent samples, where in exact mode they share their running requests;
+* pairing: exact mode gives every policy the same logits per token; here policies' tables are built from the
+  same tokens (same seed) and the engine's draws are seeded alike, but they coincide only while the policies'
+  iterations have the same token counts.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lynxsim.cost import ExpertActivity
+from lynxsim.policies import Policy, TopK
+from lynxsim.policies.activity import expert_token_counts
+from lynxsim.policies.proxies import QualityProxies, quality_proxies
+from lynxsim.policies.topk import topk_mask
+from lynxsim.routing.base import RoutingSource
+
+TABLE_REQUEST_ID_BASE = 1 << 41
+"""First request id of table tokens: above any workload's ids and the calibration sample's (from ``1 << 40``)."""
+TABLE_REQUEST_ID_STRIDE = 1 << 24
+"""Request ids of one sample's pool: ``base + sample * stride + [0, pool size)``; a pool is at most this long."""
+TABLE_POSITIONS = 2048
+"""Table tokens sit at positions drawn uniformly in ``[0, TABLE_POSITIONS)`` of their request."""
+DEFAULT_SAMPLES = 64
+EXACT_SIZES_UP_TO = 16
+"""Every batch size up to this is on the grid: that is where distinct experts change fastest with the batch."""
+GRID_STEP = 0.10
+"""Relative step of the grid above ``EXACT_SIZES_UP_TO``."""
+LOGITS_CHUNK_BYTES = 256 * 2**20
+"""Most float32 logits routed in one ``logits`` call while building (one sample's pool at the least)."""
+
+_PROXY_FIELDS = QualityProxies._fields
+
+
+def default_sizes(largest: int) -> np.ndarray:
+    """The default grid of batch sizes (tokens): every size ``1 .. 16``, then steps of about 10% up to
+    ``largest``, which is always the last point. 67 sizes for ``largest`` 2048, 45 for 256."""
+    if largest < 1:
+        raise ValueError(f"the largest batch must hold at least one token, got {largest}")
+    sizes = list(range(1, min(EXACT_SIZES_UP_TO, largest) + 1))
+    size = sizes[-1]
+    while size < largest:
+        size = min(largest, max(size + 1, round(size * (1.0 + GRID_STEP))))
+        sizes.append(size)
+    return np.asarray(sizes, dtype=np.int64)
+
+
+def _read_only(array: np.ndarray | None) -> np.ndarray | None:
+    if array is not None:
+        array.flags.writeable = False
+    return array
+
+
+@dataclass(frozen=True, eq=False)  # arrays have no truth value: tables compare by identity
+class ActivityTable:
+    """Per-MoE-layer expert activity and quality proxies of ``samples`` batches at each size of ``sizes``.
+
+    Arrays are indexed ``[size index, sample, layer]`` (``[..., rank]`` for the per-EP-rank arrays, present
+    when the cost model places experts on ranks). ``proxies`` stacks the four ``QualityProxies`` fields first;
+    ``None`` for the top-k policy, whose proxies are the reference values. Arrays are made read-only: ``sample``
+    returns views of them.
+    """
+
+    policy: str
+    sizes: np.ndarray  # int64 [sizes], strictly increasing
+    distinct: np.ndarray  # int16 [sizes, samples, layers]
+    assignments: np.ndarray  # int32 [sizes, samples, layers]
+    rank_distinct: np.ndarray | None  # int16 [sizes, samples, layers, ranks]
+    rank_assignments: np.ndarray | None  # int32 [sizes, samples, layers, ranks]
+    proxies: np.ndarray | None  # float64 [4, sizes, samples, layers]
+    build_s: float
+    _size_list: list[int] = field(init=False, repr=False)
+    _topk_proxies: QualityProxies = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        sizes = [int(s) for s in self.sizes]
+        if not sizes or sizes[0] < 1 or any(b <= a for a, b in itertools.pairwise(sizes)):
+            raise ValueError(f"sizes must be strictly increasing positive token counts, got {sizes}")
+        if self.distinct.shape[0] != len(sizes) or self.assignments.shape != self.distinct.shape:
+            raise ValueError(
+                f"distinct {self.distinct.shape} and assignments {self.assignments.shape} must both be "
+                f"[{len(sizes)} sizes, samples, layers]"
+            )
+        if (self.rank_distinct is None) != (self.rank_assignments is None):
+            raise ValueError("rank_distinct and rank_assignments come together (expert parallelism) or not at all")
+        for array in (self.sizes, self.distinct, self.assignments, self.rank_distinct, self.rank_assignments,
+                      self.proxies):
+            _read_only(array)
+        object.__setattr__(self, "_size_list", sizes)
+        ones = _read_only(np.ones(self.num_layers))
+        zeros = _read_only(np.zeros(self.num_layers))
+        object.__setattr__(self, "_topk_proxies", QualityProxies(ones, ones, zeros, zeros))
+
+    @property
+    def samples(self) -> int:
+        return int(self.distinct.shape[1])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.distinct.shape[2])
+
+    @property
+    def largest(self) -> int:
+        """The most tokens ``sample`` accepts."""
+        return self._size_list[-1]
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the table's arrays hold."""
+        arrays = (self.sizes, self.distinct, self.assignments, self.rank_distinct, self.rank_assignments, self.proxies)
+        return sum(a.nbytes for a in arrays if a is not None)
+
+    def sample(self, num_tokens: int, rng: np.random.Generator) -> tuple[ExpertActivity, QualityProxies]:
+        """One iteration of ``num_tokens`` tokens: a whole sample of a grid size (the size itself, or between two
+        grid sizes the lower or upper one with probability given by the position between them), assignments
+        rescaled to ``num_tokens`` (see the module docstring). Arrays are read-only views where nothing is
+        rescaled; ``ValueError`` outside ``[1, largest]``."""
+        sizes = self._size_list
+        if not 1 <= num_tokens <= sizes[-1]:
+            raise ValueError(f"the table covers 1 to {sizes[-1]} tokens per iteration, got {num_tokens}")
+        index = bisect.bisect_left(sizes, num_tokens)
+        size = sizes[index]
+        if size != num_tokens:
+            lower = sizes[index - 1]
+            if rng.random() * (size - lower) >= num_tokens - lower:  # the upper size with (n - lo) / (hi - lo)
+                index -= 1
+                size = lower
+        j = int(rng.integers(self.distinct.shape[1]))
+        distinct = self.distinct[index, j]
+        assignments = self.assignments[index, j]
+        rank_distinct = rank_assignments = None
+        if self.rank_distinct is not None and self.rank_assignments is not None:
+            rank_distinct = self.rank_distinct[index, j]
+            rank_assignments = self.rank_assignments[index, j]
+        if size != num_tokens:
+            scale = num_tokens / size
+            # A distinct expert holds at least one assignment, however the rescaling rounds.
+            assignments = np.maximum(np.rint(assignments * scale).astype(np.int64), distinct)
+            if rank_distinct is not None:
+                rank_assignments = np.maximum(np.rint(rank_assignments * scale).astype(np.int64), rank_distinct)
+        activity = ExpertActivity(distinct, assignments, rank_distinct, rank_assignments)
+        if self.proxies is None:
+            return activity, self._topk_proxies
+        proxies = self.proxies[:, index, j]
+        return activity, QualityProxies(proxies[0], proxies[1], proxies[2], proxies[3])
+
+
+@dataclass(frozen=True, eq=False)
+class StatisticalRouting:
+    """What an engine in statistical mode holds instead of routing: the policy's table, for the iterations the
+    policy applies to, and the top-k baseline's, for the others (mixed prefill/decode iterations under a
+    decode-only policy; ``None`` when the policy applies to every iteration). The random draws are the engine's
+    (one generator per instance), so that a run is reproducible whatever the instances' order of iterations."""
+
+    policy: ActivityTable
+    baseline: ActivityTable | None
+
+    def sample(
+        self, num_tokens: int, applied: bool, rng: np.random.Generator
+    ) -> tuple[ExpertActivity, QualityProxies]:
+        """Expert activity and proxies of one iteration of ``num_tokens`` tokens (``ActivityTable.sample``)."""
+        if applied:
+            return self.policy.sample(num_tokens, rng)
+        if self.baseline is None:
+            raise ValueError("this statistical routing has no baseline table: its policy applies to every iteration")
+        return self.baseline.sample(num_tokens, rng)
+
+
+def build_activity_table(
+    routing: RoutingSource,
+    policy: Policy,
+    *,
+    top_k: int,
+    renormalize: bool,
+    activity: Callable[[np.ndarray], ExpertActivity],
+    sizes: Sequence[int] | np.ndarray,
+    samples: int = DEFAULT_SAMPLES,
+    seed: int = 0,
+    num_experts: int,
+    max_sequences: int | None = None,
+    logits_chunk_bytes: int = LOGITS_CHUNK_BYTES,
+) -> ActivityTable:
+    """Route ``samples`` batches of every size of ``sizes`` through ``routing`` and ``policy`` and tabulate what
+    ``activity`` (the cost model's ``activity`` method) makes of their tokens per expert, with the quality
+    proxies (module docstring). A batch holds one token from each of up to ``max_sequences`` requests (default:
+    every token its own request), then one request's prefill chunk. ``seed`` draws the tokens' positions: the same
+    seed gives the same tokens, so tables of several policies built with one seed see the same batches.
+    ``build_s`` is the wall time taken."""
+    started = time.perf_counter()
+    size_array = np.array(sizes, dtype=np.int64)  # a copy: the table makes it read-only
+    grid = [int(s) for s in size_array]
+    if not grid or grid[0] < 1 or any(b <= a for a, b in itertools.pairwise(grid)):
+        raise ValueError(f"sizes must be strictly increasing positive token counts, got {grid}")
+    pool = grid[-1]
+    if pool > TABLE_REQUEST_ID_STRIDE:
+        raise ValueError(f"the largest size, {pool} tokens, exceeds the {TABLE_REQUEST_ID_STRIDE} a table supports")
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    sequences = pool if max_sequences is None else min(pool, max_sequences)
+    if sequences < 1:
+        raise ValueError(f"max_sequences must be >= 1, got {max_sequences}")
+    if routing.num_experts != num_experts:
+        raise ValueError(f"the routing source has {routing.num_experts} experts, the model {num_experts}")
+    layers = routing.num_moe_layers
+    tokenwise = isinstance(policy, TopK)
+    shape = (len(grid), samples, layers)
+    distinct = np.zeros(shape, dtype=np.int16)
+    assignments = np.zeros(shape, dtype=np.int32)
+    proxies = None if tokenwise else np.zeros((len(_PROXY_FIELDS), *shape), dtype=np.float64)
+    ranks: list[np.ndarray] = []  # rank_distinct, rank_assignments once the first activity shows ranks
+
+    def store(g: int, s: int, act: ExpertActivity) -> None:
+        distinct[g, s] = act.distinct
+        assignments[g, s] = act.assignments
+        if act.rank_distinct is not None and act.rank_assignments is not None:
+            if not ranks:
+                num_ranks = act.rank_distinct.shape[-1]
+                ranks.extend((np.zeros((*shape, num_ranks), dtype=np.int16),
+                              np.zeros((*shape, num_ranks), dtype=np.int32)))
+            ranks[0][g, s] = act.rank_distinct
+            ranks[1][g, s] = act.rank_assignments
+
+    bytes_per_pool = layers * pool * num_experts * 4
+    per_call = max(1, min(samples, logits_chunk_bytes // max(1, bytes_per_pool)))
+    for first in range(0, samples, per_call):
+        chunk = range(first, min(samples, first + per_call))
+        request_ids = np.concatenate([_pool_requests(s, pool, sequences) for s in chunk])
+        positions = np.concatenate([_pool_positions(seed, s, pool, sequences) for s in chunk])
+        logits = routing.logits(request_ids, positions)
+        for offset, s in enumerate(chunk):
+            tokens = logits[:, offset * pool : (offset + 1) * pool]
+            if tokenwise:
+                # Which experts each token picks is all the counts need: no weights, no ids in order.
+                chosen = topk_mask(tokens, top_k)
+                counts = np.zeros((layers, num_experts), dtype=np.int64)
+                done = 0
+                for g, size in enumerate(grid):  # counts of each prefix, grown from the previous one
+                    counts += np.count_nonzero(chosen[:, done:size], axis=1)
+                    done = size
+                    store(g, s, activity(counts))
+                continue
+            assert proxies is not None
+            for g, size in enumerate(grid):
+                batch = tokens[:, :size]
+                selection = policy.select(batch, top_k, renormalize=renormalize)
+                store(g, s, activity(expert_token_counts(selection.expert_ids, num_experts)))
+                proxies[:, g, s] = quality_proxies(batch, selection, top_k)
+    return ActivityTable(
+        policy=policy.name,
+        sizes=size_array,
+        distinct=distinct,
+        assignments=assignments,
+        rank_distinct=ranks[0] if ranks else None,
+        rank_assignments=ranks[1] if ranks else None,
+        proxies=proxies,
+        build_s=time.perf_counter() - started,
+    )
+
+
+def _pool_requests(sample: int, pool: int, sequences: int) -> np.ndarray:
+    """Request ids of a sample's pool: one per decode token, then the chunk's request (the next id) repeated."""
+    ids = TABLE_REQUEST_ID_BASE + sample * TABLE_REQUEST_ID_STRIDE + np.arange(pool, dtype=np.int64)
+    if sequences < pool:
+        ids[sequences:] = ids[sequences]
+    return ids
+
+
+def _pool_positions(seed: int, sample: int, pool: int, sequences: int) -> np.ndarray:
+    """Positions of a sample's pool: drawn for the decode tokens; the chunk's consecutive from a drawn start."""
+    drawn = np.random.default_rng([seed, sample]).integers(0, TABLE_POSITIONS, size=sequences + 1, dtype=np.int64)
+    return np.concatenate([drawn[:sequences], drawn[sequences] + np.arange(pool - sequences, dtype=np.int64)])

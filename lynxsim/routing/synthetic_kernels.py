@@ -1,0 +1,148 @@
+"""numba kernels of ``SyntheticRouting``: its logits and request means in one pass, bit for bit.
+
+``SyntheticRouting`` computes with numpy in whole-array steps (hash, table read, scale, add, scale), each a
+separate pass with its own per-call overhead; a decode iteration of a small batch spends most of its time
+in that overhead. These kernels walk the output once and do the same float32 operations in the same order
+(no ``fastmath``, so no reassociation and no fused multiply-adds), which makes their output identical to
+the numpy path's bit for bit: the numpy path is the reference, and tests compare the two.
+
+Imported only through ``lynxsim.jit.kernels`` (numba is heavy to import and may be switched off).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from lynxsim.routing.hashing import (
+    _GOLDEN,
+    _MUL1,
+    _MUL2,
+    EXP_COEFFICIENTS,
+    EXP_LIMIT,
+    EXP_REDUCTION,
+    NORMALS_PER_WORD,
+    POWERS_OF_TWO,
+)
+
+_U_GOLDEN = np.uint64(_GOLDEN)
+_U_MUL1 = np.uint64(_MUL1)
+_U_MUL2 = np.uint64(_MUL2)
+_U_MASK16 = np.uint64(0xFFFF)
+_INV_LN2, _LN2_HI, _LN2_LO = EXP_REDUCTION
+_EXP_LEADING = EXP_COEFFICIENTS[0]
+_EXP_REST = EXP_COEFFICIENTS[1:]
+
+
+@njit(inline="always")
+def _mix64(z: np.uint64) -> np.uint64:
+    """splitmix64's finalizer (``hashing._mix64_inplace``) on one word; uint64 arithmetic wraps."""
+    z = (z ^ (z >> np.uint64(30))) * _U_MUL1
+    z = (z ^ (z >> np.uint64(27))) * _U_MUL2
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(inline="always")
+def _chain(key: np.uint64, word: np.int64) -> np.uint64:
+    """``hashing.combine`` of one key and one (signed, reinterpreted modulo 2**64) word."""
+    return _mix64(key + np.uint64(word) * _U_GOLDEN)
+
+
+@njit(inline="always")
+def _quarter(word: np.uint64, quarter: np.int64) -> np.uint64:
+    """Bits ``16 * quarter`` to ``16 * quarter + 15`` of ``word``: the table index of its ``quarter``-th normal."""
+    return (word >> np.uint64(16 * quarter)) & _U_MASK16
+
+
+@njit(inline="always")
+def _exp_exact(x: float) -> float:
+    """``hashing.exp_exact`` on one float64, the same operations in the same order."""
+    x = min(max(x, -EXP_LIMIT), EXP_LIMIT)
+    k = np.floor(x * _INV_LN2 + 0.5)
+    r = (x - k * _LN2_HI) - k * _LN2_LO
+    p = _EXP_LEADING
+    for c in _EXP_REST:
+        p = p * r + c
+    return p * POWERS_OF_TWO[int(k) + 1022]
+
+
+@njit(cache=True)
+def fill_logits(
+    requests: np.ndarray,
+    positions: np.ndarray,
+    slots: np.ndarray,
+    means: np.ndarray,
+    token_key: np.uint64,
+    confidence_key: np.uint64,
+    token_weight: np.ndarray,
+    log_scale_spread: np.ndarray,
+    log_scale_offset: np.ndarray,
+    table: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """``out[l, t, e] = (z_tok * token_weight[l] + means[slots[t], l, e]) * s[l, t]`` in float32.
+
+    ``requests``/``positions``/``slots``: int64 ``[T]``; ``means``: float32 ``[P, L, E]`` (request means, or
+    the bias alone as ``[1, L, E]``); ``token_weight``: float32 ``[L]``; ``log_scale_*``: float64 ``[L]``;
+    ``table``: ``hashing.NORMAL_TABLE``; ``out``: float32 ``[L, T, E]``. The token and confidence normals are
+    hashed exactly as ``SyntheticRouting``'s numpy path hashes them (see there for the layout of the words).
+    """
+    num_layers, num_tokens, num_experts = out.shape
+    words = (num_experts + NORMALS_PER_WORD - 1) // NORMALS_PER_WORD
+    token_key = np.uint64(token_key)
+    confidence_key = np.uint64(confidence_key)
+    scale = np.empty(num_layers, dtype=np.float32)
+    for t in range(num_tokens):
+        key = _chain(_chain(token_key, requests[t]), positions[t])
+        # The token's scale in every layer first: independent iterations, which the CPU overlaps (the
+        # polynomial of one exp is a chain of dependent operations).
+        confidence_word_key = _mix64(confidence_key + key * _U_GOLDEN)
+        for w in range((num_layers + NORMALS_PER_WORD - 1) // NORMALS_PER_WORD):
+            confidence_word = _chain(confidence_word_key, w)
+            for q in range(NORMALS_PER_WORD):
+                layer = NORMALS_PER_WORD * w + q
+                if layer < num_layers:
+                    n = table[_quarter(confidence_word, q)]
+                    log_scale = log_scale_spread[layer] * np.float64(n) + log_scale_offset[layer]
+                    scale[layer] = np.float32(_exp_exact(log_scale))
+        mean = means[slots[t]]
+        for layer in range(num_layers):
+            weight = token_weight[layer]
+            s = scale[layer]
+            for j in range(words):
+                word = _chain(key, layer * words + j)
+                for q in range(NORMALS_PER_WORD):
+                    e = NORMALS_PER_WORD * j + q
+                    if e < num_experts:
+                        out[layer, t, e] = (table[_quarter(word, q)] * weight + mean[layer, e]) * s
+
+
+@njit(cache=True)
+def fill_request_means(
+    requests: np.ndarray,
+    request_key: np.uint64,
+    bias: np.ndarray,
+    request_weight: np.ndarray,
+    table: np.ndarray,
+    out: np.ndarray,
+    slots: np.ndarray,
+) -> None:
+    """``out[slots[i], l, e] = z_req * request_weight[l] + bias[l, e]`` in float32 for request ``requests[i]``.
+
+    ``requests``/``slots``: int64 ``[R]``; ``bias``: float32 ``[L, E]``; ``request_weight``: float32 ``[L]``;
+    ``out``: float32 ``[P, L, E]``, written only at the given slots.
+    """
+    num_layers, num_experts = bias.shape
+    words = (num_experts + NORMALS_PER_WORD - 1) // NORMALS_PER_WORD
+    request_key = np.uint64(request_key)
+    for i in range(requests.size):
+        key = _chain(request_key, requests[i])
+        dest = out[slots[i]]
+        for layer in range(num_layers):
+            weight = request_weight[layer]
+            for j in range(words):
+                word = _chain(key, layer * words + j)
+                for q in range(NORMALS_PER_WORD):
+                    e = NORMALS_PER_WORD * j + q
+                    if e < num_experts:
+                        dest[layer, e] = table[_quarter(word, q)] * weight + bias[layer, e]
