@@ -248,6 +248,11 @@ class SimulationConfig(_Section):
     statistical_samples: int = Field(
         default=DEFAULT_SAMPLES, gt=0, description="statistical mode: batches tabulated per batch size (exact mode ignores it)"
     )
+    statistical_cache: bool = Field(
+        default=True,
+        description="statistical mode: keep built tables on disk (LYNXSIM_CACHE_DIR, else ~/.cache/lynxsim) and "
+        "reuse them in later runs with the same routing, model, policy and grid",
+    )
 
     @model_validator(mode="after")
     def _length(self) -> "SimulationConfig":

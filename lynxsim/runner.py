@@ -8,6 +8,7 @@ being simulated.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -36,6 +37,7 @@ from lynxsim.routing import RoutingSource, SyntheticRouting, TraceReplayRouting
 from lynxsim.routing.loading import open_trace
 from lynxsim.routing.profiles import load_routing_profile
 from lynxsim.routing.statistical import ActivityTable, StatisticalRouting, build_activity_table, default_sizes
+from lynxsim.routing.table_cache import cached_table
 from lynxsim.workload import RequestSpec, generate_requests
 
 
@@ -280,20 +282,40 @@ def statistical_sizes(serving: ServingConfig, *, with_prefill: bool) -> np.ndarr
 
 def build_statistical_table(setup: Setup, policy: Policy, *, with_prefill: bool) -> ActivityTable:
     """``policy``'s table over the run's routing source, tabulated by the run's cost model; its batches hold one
-    token from each of up to ``max_num_seqs`` sequences, then a prefill chunk."""
+    token from each of up to ``max_num_seqs`` sequences, then a prefill chunk. Read from the table cache
+    (``lynxsim.routing.table_cache``) when an earlier run built the same table; ``build_s`` is what this run
+    spent on it (building, or reading)."""
     config, model = setup.config, setup.model
-    return build_activity_table(
-        setup.routing,
-        policy,
-        top_k=model.top_k,
-        renormalize=model.renormalize,
-        activity=setup.cost_model.activity,
-        sizes=statistical_sizes(config.serving, with_prefill=with_prefill),
-        samples=config.simulation.statistical_samples,
-        seed=statistical_seed(config),
-        num_experts=model.num_experts,
-        max_sequences=config.serving.max_num_seqs,
-    )
+    sizes = statistical_sizes(config.serving, with_prefill=with_prefill)
+    seed = statistical_seed(config)
+
+    def build() -> ActivityTable:
+        return build_activity_table(
+            setup.routing,
+            policy,
+            top_k=model.top_k,
+            renormalize=model.renormalize,
+            activity=setup.cost_model.activity,
+            sizes=sizes,
+            samples=config.simulation.statistical_samples,
+            seed=seed,
+            num_experts=model.num_experts,
+            max_sequences=config.serving.max_num_seqs,
+        )
+
+    parts = {
+        "routing": config.routing.model_dump(mode="json"),
+        "routing_seed": config.simulation.seed,
+        "model": model.model_dump(mode="json"),
+        "policy": repr(policy),
+        "expert_parallel": setup.plan.expert_parallel if setup.plan.expert_parallel_on else 1,
+        "sizes": sizes.tolist(),
+        "samples": config.simulation.statistical_samples,
+        "seed": seed,
+        "max_sequences": config.serving.max_num_seqs,
+    }
+    table, spent_s, cached = cached_table(parts, build, use_cache=config.simulation.statistical_cache)
+    return dataclasses.replace(table, build_s=spent_s, from_cache=cached)
 
 
 def statistical_routing(setup: Setup, entry: PolicyConfig, policy: Policy) -> StatisticalRouting | None:
@@ -342,6 +364,7 @@ def simulate_policy(setup: Setup, label: str, entry: PolicyConfig, policy: Polic
     if statistical is not None:  # paid before the simulation, inside wall_s; the baseline once per run
         baseline = statistical.baseline
         summary["routing_table_build_s"] = statistical.policy.build_s
+        summary["routing_table_cached"] = float(statistical.policy.from_cache)
         summary["routing_baseline_table_build_s"] = baseline.build_s if baseline is not None else 0.0
     wall_s = time.perf_counter() - started
     summary["wall_s"] = wall_s

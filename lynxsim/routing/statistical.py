@@ -57,8 +57,8 @@ import numpy as np
 
 from lynxsim.cost import ExpertActivity
 from lynxsim.policies import Policy, TopK
-from lynxsim.policies.activity import expert_token_counts
-from lynxsim.policies.proxies import QualityProxies, quality_proxies
+from lynxsim.policies.kernels import route_counts
+from lynxsim.policies.proxies import QualityProxies
 from lynxsim.policies.topk import topk_mask
 from lynxsim.routing.base import RoutingSource
 
@@ -116,6 +116,7 @@ class ActivityTable:
     rank_assignments: np.ndarray | None  # int32 [sizes, samples, layers, ranks]
     proxies: np.ndarray | None  # float64 [4, sizes, samples, layers]
     build_s: float
+    from_cache: bool = False  # read from lynxsim.routing.table_cache rather than built by this run
     _size_list: list[int] = field(init=False, repr=False)
     _topk_proxies: QualityProxies = field(init=False, repr=False)
 
@@ -288,10 +289,9 @@ def build_activity_table(
                 continue
             assert proxies is not None
             for g, size in enumerate(grid):
-                batch = tokens[:, :size]
-                selection = policy.select(batch, top_k, renormalize=renormalize)
-                store(g, s, activity(expert_token_counts(selection.expert_ids, num_experts)))
-                proxies[:, g, s] = quality_proxies(batch, selection, top_k)
+                counts, scored = route_counts(tokens[:, :size], policy, top_k, renormalize)
+                store(g, s, activity(counts))
+                proxies[:, g, s] = scored
     return ActivityTable(
         policy=policy.name,
         sizes=size_array,
