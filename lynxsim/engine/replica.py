@@ -241,7 +241,7 @@ class Replica:
     def _decode_run(self, cluster: Cluster, length: int) -> Generator[simpy.Event, Any, bool]:
         """Up to ``length`` pure-decode iterations of the running requests in one step; False (and nothing
         done) when not even the first fits before the cut-off, so the caller steps one iteration instead."""
-        scheduler, step = self.scheduler, self.step
+        scheduler = self.scheduler
         running = list(scheduler.running)
         batch_size = len(running)
         ids = np.fromiter((r.request_id for r in running), dtype=np.int64, count=batch_size)
@@ -280,14 +280,18 @@ class Replica:
         kv_used = (used_blocks + (grown - held[None, :]).clip(min=0).sum(axis=1)) / pool.num_blocks
         self._last_latency_s = latencies[used - 1].total_s
         yield self.env.timeout(end_s - start_s)
+        # What pool.try_grow would do request by request, at once: each request holds the blocks of its last
+        # iteration's length (decode_run_length sized the run so that they exist).
+        blocks = np.maximum(grown[used - 1], held)
+        pool.free_blocks -= int((blocks - held).sum())
+        assert pool.free_blocks >= 0, "a decode run outgrew the KV cache it was sized for"
         finished = []
-        for request in running:
+        for request, request_blocks in zip(running, blocks.tolist()):
             request.num_computed_tokens += used
             request.generated_tokens += used
             request.num_tokens += used
-            grew = pool.try_grow(request, request.num_computed_tokens)
-            assert grew, "a decode run outgrew the KV cache it was sized for"
-            if request.is_finished:
+            request.num_blocks = request_blocks
+            if request.generated_tokens >= request.spec.output_tokens:  # Request.is_finished, inlined
                 request.finish_s = self.env.now
                 finished.append(request)
         if finished:
