@@ -230,7 +230,7 @@ class Replica:
             or not running
             or scheduler.waiting
             or len(running) > scheduler.max_num_batched_tokens
-            or not all(r.is_decoding for r in running)
+            or not all(r.generated_tokens > 0 and r.num_tokens - r.num_computed_tokens == 1 for r in running)
         ):
             return 0
         return decode_run_length(

@@ -35,10 +35,12 @@ class ScheduledBatch:
     decoding: list[bool] = field(default_factory=list)
 
     def add(self, request: Request, tokens: int) -> None:
+        computed = request.num_computed_tokens
         self.requests.append(request)
         self.new_tokens.append(tokens)
-        self.computed_before.append(request.num_computed_tokens)
-        self.decoding.append(request.is_decoding)
+        self.computed_before.append(computed)
+        # Request.is_decoding, inlined: this runs for every running request in every iteration
+        self.decoding.append(request.generated_tokens > 0 and request.num_tokens - computed == 1)
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -117,14 +119,14 @@ class Scheduler:
         finished: list[Request] = []
         for request, tokens in zip(batch.requests, batch.new_tokens):
             request.num_computed_tokens += tokens
-            if request.missing_tokens:
-                continue  # a prompt chunk that is not the last one
+            if request.num_tokens != request.num_computed_tokens:
+                continue  # tokens still missing: a prompt chunk that is not the last one
             sampled += 1
             request.generated_tokens += 1
             request.num_tokens += 1
             if request.first_token_s is None:
                 request.first_token_s = now_s
-            if request.is_finished:
+            if request.generated_tokens >= request.spec.output_tokens:  # Request.is_finished, inlined (hot)
                 request.finish_s = now_s
                 self.pool.release(request)
                 finished.append(request)
@@ -136,10 +138,11 @@ class Scheduler:
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> tuple[int, bool]:
         preempted = False
         index = 0
+        pool = self.pool
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            tokens = min(request.missing_tokens, budget)
-            while not self.pool.try_grow(request, request.num_computed_tokens + tokens):
+            tokens = min(request.num_tokens - request.num_computed_tokens, budget)  # its missing tokens
+            while not pool.try_grow(request, request.num_computed_tokens + tokens):
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted = True
