@@ -34,7 +34,8 @@ def _run(config: dict, out: Path) -> tuple[pd.DataFrame, dict[str, dict[str, flo
     return pd.concat([run.iterations for run in result.runs]), summaries
 
 
-def test_a_second_run_reads_the_tables_and_gives_the_same_numbers(tmp_path: Path) -> None:
+def test_a_second_run_reads_the_tables_and_gives_the_same_numbers(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("LYNXSIM_CACHE_DIR", str(tmp_path / "cache"))  # empty, whatever other tests cached
     first, first_summary = _run(CONFIG, tmp_path / "a")
     files = sorted(cache_dir().glob("*.npz"))
     assert len(files) == 2  # the top-k baseline and lynx's own table

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -156,21 +155,19 @@ def test_num_requests_beyond_the_trace_takes_all() -> None:
     assert len(generate_requests(TraceArrivals(path=AZURE_CODE, format="azure"), seed=0, num_requests=50_000)) == 8819
 
 
-def test_generation_is_fast() -> None:
+def test_a_whole_trace_and_paired_gamma_arrivals_generate_every_request() -> None:
+    """(How fast is benchmarks/' business, not a timed test's.)"""
     from lynxsim.workload.traces import clear_trace_cache
 
     clear_trace_cache()
-    started = time.perf_counter()
-    requests = generate_requests(CONV_ARRIVALS, seed=0)
-    assert len(requests) == 19_366 and time.perf_counter() - started < 0.5
-    started = time.perf_counter()
-    generate_requests(
+    assert len(generate_requests(CONV_ARRIVALS, seed=0)) == 19_366
+    paired = generate_requests(
         GammaArrivals(rate_per_s=5.0, cv=2.0),
         paired_lengths=PairedLengths(path=AZURE_CONV, format="azure"),
         seed=0,
         num_requests=19_366,
     )
-    assert time.perf_counter() - started < 0.5
+    assert len(paired) == 19_366
 
 
 # ----- lengths --------------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -56,10 +55,7 @@ def test_azure_timestamps_parsed_exactly() -> None:
     assert trace.output_tokens[:3].tolist() == [10, 8, 27]
 
 
-def test_azure_load_is_fast_and_cached() -> None:
-    started = time.perf_counter()
-    load_azure_csv(AZURE_CONV)
-    assert time.perf_counter() - started < 0.5
+def test_azure_load_is_cached() -> None:
     source = TraceFile(path=AZURE_CONV, format="azure")
     first = load_trace(source)
     assert load_trace(TraceFile(path=AZURE_CONV, format="azure")) is first
