@@ -33,7 +33,7 @@ from lynxsim.engine.decode_run import decode_run_length
 from lynxsim.engine.request import Request
 from lynxsim.engine.scheduler import ScheduledBatch, Scheduler
 from lynxsim.metrics import IterationLog
-from lynxsim.policies import Policy
+from lynxsim.policies import Policy, TopK
 from lynxsim.policies.kernels import route_counts
 from lynxsim.policies.proxies import QualityProxies
 from lynxsim.routing.base import RoutingSource
@@ -324,7 +324,7 @@ class Replica:
         policy = step.policy if applied else step.baseline
         if (
             groups == 1
-            and policy is step.baseline
+            and isinstance(policy, TopK)  # the baseline, or top-k configured as the policy
             and request_ids.size > SATURATION_CHUNK_TOKENS
             and not getattr(self.cost_model, "needs_expert_counts", False)
         ):
