@@ -61,8 +61,8 @@ _U64_MUL1 = np.uint64(_MUL1)
 _U64_MUL2 = np.uint64(_MUL2)
 
 # The hash runs on blocks of this many 64-bit words so that its ~10 elementwise passes stay in the CPU's L2
-# cache (a 58x256x256 Box-Muller draw took about 18 ms this way against 33 ms in whole-array passes;
-# measured); blocks of 2**13 to 2**18 words are all within noise of each other.
+# cache (measured with the Box-Muller draw this module used before its table: a 58x256x256 draw took about 18 ms
+# this way against 33 ms in whole-array passes; blocks of 2**13 to 2**18 words were all within noise).
 _BLOCK_WORDS = 1 << 14
 
 NORMALS_PER_WORD = 4
