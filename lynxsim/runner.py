@@ -36,6 +36,7 @@ from lynxsim.policies import Policy, TopK, calibrate_if_needed, check_policy, ma
 from lynxsim.routing import RoutingSource, SyntheticRouting, TraceReplayRouting
 from lynxsim.routing.loading import open_trace
 from lynxsim.routing.profiles import load_routing_profile
+from lynxsim.engine.topk_unions import TopKUnions
 from lynxsim.routing.statistical import ActivityTable, StatisticalRouting, build_activity_table, default_sizes
 from lynxsim.routing.table_cache import cached_table
 from lynxsim.workload import RequestSpec, generate_requests
@@ -71,6 +72,14 @@ class Setup:
     @property
     def gpus_per_instance(self) -> int:
         return self.plan.gpus
+
+    @cached_property
+    def topk_unions(self) -> TopKUnions | None:
+        """Top-k unions of token blocks that the policies of this run share (``lynxsim.engine.topk_unions``):
+        only worth keeping when several policies route the same tokens."""
+        if len(self.policies) < 2:
+            return None
+        return TopKUnions(self.model.num_moe_layers, self.model.num_experts)
 
     @cached_property
     def statistical_baseline(self) -> ActivityTable:
@@ -345,6 +354,7 @@ def simulate_policy(setup: Setup, label: str, entry: PolicyConfig, policy: Polic
         renormalize=model.renormalize,
         statistical=statistical,
         seed=statistical_seed(config),
+        unions=setup.topk_unions,
     )
     cluster = build_cluster(setup, step)
     end_s = cluster.run(setup.requests, config.simulation.cutoff_s)

@@ -41,6 +41,7 @@ from lynxsim.workload.requests import RequestSpec
 
 if TYPE_CHECKING:  # the cluster drives its instances, so it imports this module
     from lynxsim.engine.cluster import Cluster
+    from lynxsim.engine.topk_unions import TopKUnions
     from lynxsim.routing.statistical import StatisticalRouting
 
 Role = Literal["colocated", "prefill", "decode"]
@@ -63,24 +64,33 @@ class RoutingStep:
     renormalize: bool
     statistical: StatisticalRouting | None = None  # the statistical routing mode's tables; None: exact routing
     seed: int = 0  # of the statistical mode's sampling
+    unions: TopKUnions | None = None  # top-k unions of token blocks, shared by the policies of one run
 
     def applies(self, batch: ScheduledBatch) -> bool:
         return self.apply_to == "all" or not batch.has_prefill
 
     def union_of_topk(self, request_ids: np.ndarray, positions: np.ndarray) -> np.ndarray | None:
-        """Distinct experts per MoE layer of a top-k-routed iteration, routing its tokens chunk by chunk and
-        stopping once every layer has all its experts active: later tokens cannot change a union that is full,
-        and top-k assigns exactly ``tokens * top_k``, so the iteration's activity is exact without routing a
-        long prefill chunk's every token. None when the union never fills (the caller routes everything)."""
+        """Distinct experts per MoE layer of a top-k-routed iteration, without routing every token where that can
+        be avoided: top-k assigns exactly ``tokens * top_k``, so the union of the tokens' experts is all the
+        iteration's activity needs. With the run's shared block unions (``unions``), whole blocks of a request's
+        tokens come from there; otherwise the tokens are routed chunk by chunk. Either way the routing stops once
+        every layer has all its experts active, since more tokens cannot change a full union. None when the
+        chunks never fill it (the caller then routes everything)."""
+        if self.unions is not None:
+            return self.unions.union(request_ids, positions, self._topk_active).sum(axis=1)
         active: np.ndarray | None = None
         for start in range(0, request_ids.size, SATURATION_CHUNK_TOKENS):
             end = start + SATURATION_CHUNK_TOKENS
-            logits = self.routing.logits(request_ids[start:end], positions[start:end])
-            chunk_active = route_counts(logits, self.baseline, self.top_k, self.renormalize)[0] > 0
+            chunk_active = self._topk_active(request_ids[start:end], positions[start:end])
             active = chunk_active if active is None else active | chunk_active
             if active.all():
                 return active.sum(axis=1)
         return None
+
+    def _topk_active(self, request_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Which experts of each layer the tokens' top-k choices use (``bool [layers, experts]``)."""
+        logits = self.routing.logits(request_ids, positions)
+        return route_counts(logits, self.baseline, self.top_k, self.renormalize)[0] > 0
 
     def route(
         self, request_ids: np.ndarray, positions: np.ndarray, groups: int, applied: bool
