@@ -8,7 +8,7 @@ groups of the same requests), priced iteration by iteration, and advanced with o
 the per-iteration Python work of the engine off the hot path without changing a number: each iteration keeps its
 own tokens, routing, expert activity and latency, and is recorded as its own row.
 
-Where a run stops (``decode_run_length``):
+Where a run stops (``plan_decode_run``):
 
 * the first completion: request ``r`` samples its last token in iteration ``output_tokens - generated - 1``, after
   which the batch changes;
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -47,16 +48,26 @@ def kv_horizon(pool: BlockPool, contexts: np.ndarray, held_blocks: np.ndarray, m
     return int(short[0]) if short.size else most
 
 
-def decode_run_length(
+class DecodeRun(NamedTuple):
+    """A decode run about to start: at most ``length`` iterations of the running requests, whose cached tokens
+    (``contexts``) and KV blocks (``held``) are read once, here, for sizing it and for running it."""
+
+    length: int
+    contexts: np.ndarray
+    held: np.ndarray
+
+
+def plan_decode_run(
     running: Sequence[Request], pool: BlockPool, *, last_latency_s: float, until_arrival_s: float
-) -> int:
-    """The most iterations a run starting now may take (0 or 1: no run, step iteration by iteration)."""
+) -> DecodeRun | None:
+    """The decode run that may start now, or None when it would be a single iteration (step it alone)."""
     remaining = min(r.spec.output_tokens - r.generated_tokens for r in running)
     most = min(remaining, MAX_RUN_ITERATIONS)
     if last_latency_s > 0 and math.isfinite(until_arrival_s):
         most = min(most, max(4, 2 * int(until_arrival_s / last_latency_s) + 2))
     if most <= 1:
-        return most
+        return None
     contexts = np.fromiter((r.num_computed_tokens for r in running), dtype=np.int64, count=len(running))
     held = np.fromiter((r.num_blocks for r in running), dtype=np.int64, count=len(running))
-    return kv_horizon(pool, contexts, held, most)
+    length = kv_horizon(pool, contexts, held, most)
+    return DecodeRun(length, contexts, held) if length > 1 else None

@@ -29,7 +29,7 @@ import numpy as np
 import simpy
 
 from lynxsim.cost import BatchShape, CostModel, ExpertActivity, LatencyBreakdown
-from lynxsim.engine.decode_run import decode_run_length
+from lynxsim.engine.decode_run import DecodeRun, plan_decode_run
 from lynxsim.engine.request import Request
 from lynxsim.engine.scheduler import ScheduledBatch, Scheduler
 from lynxsim.metrics import IterationLog
@@ -166,8 +166,8 @@ class Replica:
         assert cluster is not None, "an instance serves as part of a Cluster"
         hands_off = self.role == "prefill"
         while True:
-            run = self._decode_run_length(cluster)
-            if run > 1:
+            run = self._plan_decode_run(cluster)
+            if run is not None:
                 done = yield from self._decode_run(cluster, run)
                 if done:
                     continue
@@ -230,8 +230,8 @@ class Replica:
         self.scheduler.running.append(request)
         self.wake()
 
-    def _decode_run_length(self, cluster: Cluster) -> int:
-        """Iterations of a decode run that may start now (see ``lynxsim.engine.decode_run``); 0: none."""
+    def _plan_decode_run(self, cluster: Cluster) -> DecodeRun | None:
+        """The decode run that may start now (see ``lynxsim.engine.decode_run``); None: none."""
         scheduler = self.scheduler
         running = scheduler.running
         if (
@@ -242,20 +242,20 @@ class Replica:
             or len(running) > scheduler.max_num_batched_tokens
             or not all(r.generated_tokens > 0 and r.num_tokens - r.num_computed_tokens == 1 for r in running)
         ):
-            return 0
-        return decode_run_length(
+            return None
+        return plan_decode_run(
             running, scheduler.pool, last_latency_s=self._last_latency_s,
             until_arrival_s=cluster.next_arrival_s - self.env.now,
         )
 
-    def _decode_run(self, cluster: Cluster, length: int) -> Generator[simpy.Event, Any, bool]:
-        """Up to ``length`` pure-decode iterations of the running requests in one step; False (and nothing
+    def _decode_run(self, cluster: Cluster, run: DecodeRun) -> Generator[simpy.Event, Any, bool]:
+        """Up to ``run.length`` pure-decode iterations of the running requests in one step; False (and nothing
         done) when not even the first fits before the cut-off, so the caller steps one iteration instead."""
         scheduler = self.scheduler
         running = list(scheduler.running)
         batch_size = len(running)
+        length, contexts, held = run
         ids = np.fromiter((r.request_id for r in running), dtype=np.int64, count=batch_size)
-        contexts = np.fromiter((r.num_computed_tokens for r in running), dtype=np.int64, count=batch_size)
         activities, distinct, proxies = self._activities(
             np.tile(ids, length), (contexts[None, :] + np.arange(length)[:, None]).ravel(), length, True, batch_size
         )
@@ -286,12 +286,11 @@ class Replica:
         pool = scheduler.pool
         used_blocks = pool.num_blocks - pool.free_blocks
         grown = -(-(contexts[None, :] + np.arange(1, used + 1)[:, None]) // pool.block_size_tokens)
-        held = np.fromiter((r.num_blocks for r in running), dtype=np.int64, count=batch_size)
         kv_used = (used_blocks + (grown - held[None, :]).clip(min=0).sum(axis=1)) / pool.num_blocks
         self._last_latency_s = latencies[used - 1].total_s
         yield self.env.timeout(end_s - start_s)
         # What pool.try_grow would do request by request, at once: each request holds the blocks of its last
-        # iteration's length (decode_run_length sized the run so that they exist).
+        # iteration's length (plan_decode_run sized the run so that they exist).
         blocks = np.maximum(grown[used - 1], held)
         pool.free_blocks -= int((blocks - held).sum())
         assert pool.free_blocks >= 0, "a decode run outgrew the KV cache it was sized for"
