@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 from rich.console import Console
+from rich.progress import TaskID
 from rich.table import Table
 
 from lynxsim import __version__
@@ -33,6 +34,10 @@ from lynxsim.routing.loading import open_trace
 from lynxsim.routing.profiles import profile_path
 from lynxsim.routing.trace_format import DEFAULT_FILL, FILL_STRATEGIES
 from lynxsim.runner import PolicyRun, prepare, run_experiment
+from lynxsim.sweep.commands import add_sweep_parsers, plot_sweep
+from lynxsim.sweep.points import load_sweep
+from lynxsim.sweep.progress import run_progress
+from lynxsim.sweep.store import DATABASE_NAME
 
 # (summary key, label, format) of the rows `lynxsim run` prints
 SUMMARY_ROWS: tuple[tuple[str, str, str], ...] = (
@@ -123,9 +128,12 @@ def _parser() -> argparse.ArgumentParser:
 
     add_calibrate_parser(commands)
     add_validate_parser(commands)
+    add_sweep_parsers(commands)
 
-    plot = commands.add_parser("plot", help="redraw the figures of a run directory")
-    plot.add_argument("run_dir", type=Path)
+    plot = commands.add_parser("plot", help="redraw the figures of a run directory, or draw a sweep's figures")
+    plot.add_argument("run_dir", type=Path, help="run directory, or results folder of a sweep")
+    plot.add_argument("--metric", action="append", help="sweep: metric to draw against each swept key (repeatable)")
+    plot.add_argument("--x", action="append", help="sweep: swept key to put on the x axis (repeatable)")
     plot.set_defaults(handler=_plot)
     return parser
 
@@ -207,12 +215,22 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     config = load_experiment(args.experiment, args.overrides)
     out_dir: Path = args.out or config.output.dir
     started = time.perf_counter()
+    if config.sweep is not None:
+        console.print("[yellow]note[/]: running the base experiment; its 'sweep' section runs with lynxsim sweep")
 
     def report(run: PolicyRun) -> None:
         console.print(f"[green]done[/] {run.label}: {run.summary['simulated_s']:.1f} simulated s in {run.wall_s:.1f} s")
 
-    with console.status(f"simulating {len(config.policies)} policies of {config.name} ..."):
-        result = run_experiment(config, out_dir, on_policy_done=report)
+    progress = run_progress(console)
+    bars: dict[str, TaskID] = {}
+
+    def advance(label: str, arrived: int, total: int) -> None:
+        if label not in bars:
+            bars[label] = progress.add_task(label, total=total)
+        progress.update(bars[label], completed=arrived)
+
+    with progress:
+        result = run_experiment(config, out_dir, on_policy_done=report, on_arrivals=advance)
     frame = result.summary_frame()
     setup = result.setup
     title = f"{config.name}: {setup.model.name} on {setup.hardware.name} (cost model: {setup.cost_model.source})"
@@ -343,6 +361,9 @@ def _check(args: argparse.Namespace, console: Console) -> int:
     tokens = setup.kv_cache_blocks * config.serving.block_size_tokens
     console.print(f"KV cache: {setup.kv_cache_blocks} blocks ({tokens} tokens)")
     console.print(f"requests: {len(setup.requests)}; policies: {', '.join(label for label, _, _ in setup.policies)}")
+    if config.sweep is not None:
+        sweep = load_sweep(args.experiment, args.overrides)
+        console.print(f"sweep: {len(sweep.points)} points, {sweep.distinct_runs} distinct runs, over {', '.join(sweep.keys)}")
     return 0
 
 
@@ -398,6 +419,8 @@ def _hardware(args: argparse.Namespace, console: Console) -> int:
 
 def _plot(args: argparse.Namespace, console: Console) -> int:
     run_dir: Path = args.run_dir
+    if (run_dir / DATABASE_NAME).is_file():
+        return plot_sweep(run_dir, args.metric, args.x, console)
     if not (run_dir / "summary.json").is_file():
         raise InputError(str(run_dir), "not a finished run directory (no summary.json)")
     resolved = yaml.safe_load((run_dir / "config.resolved.yaml").read_text())

@@ -17,6 +17,7 @@ from lynxsim.yaml_input import error_message, read_yaml_mapping_with_nodes
 from lynxsim.routing.statistical import DEFAULT_SAMPLES
 from lynxsim.routing.synthetic import SyntheticRoutingParams
 from lynxsim.routing.trace_format import DEFAULT_FILL, FillStrategy
+from lynxsim.sweep.spec import SweepConfig
 from lynxsim.workload.arrivals import ArrivalProcess, TraceArrivals
 from lynxsim.workload.lengths import EmpiricalLength, LengthDistribution, PairedLengths
 
@@ -298,6 +299,9 @@ class ExperimentConfig(_Section):
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
     slo: SLOConfig = Field(default_factory=SLOConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    sweep: SweepConfig | None = Field(
+        default=None, description="keys to vary, one run per point (`lynxsim sweep`; `lynxsim run` ignores it)"
+    )
 
     @field_validator("policies")
     @classmethod
@@ -341,7 +345,7 @@ def validate_experiment(
         error = exc.errors()[0]
         loc = tuple(error["loc"])
         key_path = _key_path(loc, raw)
-        line = _line_of(node, loc) if node is not None else None
+        line = line_of(node, loc) if node is not None else None
         where = f"{source}:{line}: {key_path}" if line else (f"{source}: {key_path}" if source else key_path)
         raise InputError(where, error_message(error)) from None
     if base_dir is not None:
@@ -426,7 +430,7 @@ def _key_path(loc: tuple[Any, ...], raw: Any) -> str:
     return "".join(parts) or "(top level)"
 
 
-def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+def line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
     """1-based line of the deepest YAML node on ``loc``: the key itself when the key exists."""
     line = node.start_mark.line + 1 if node is not None else None
     for item in loc:

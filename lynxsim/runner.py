@@ -9,10 +9,11 @@ being simulated.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -340,7 +341,37 @@ def statistical_routing(setup: Setup, entry: PolicyConfig, policy: Policy) -> St
     return StatisticalRouting(table, setup.statistical_baseline if decode_only else None)
 
 
-def simulate_policy(setup: Setup, label: str, entry: PolicyConfig, policy: Policy) -> PolicyRun:
+ArrivalProgress = Callable[[int], None]
+"""Called with the number of requests that have arrived in the simulation so far: a long run's progress."""
+PROGRESS_EVERY_REQUESTS = 64
+
+
+class _ReportedArrivals(Sequence[RequestSpec]):
+    """A run's requests, reporting every ``PROGRESS_EVERY_REQUESTS`` how many the simulation has taken in. The
+    cluster consumes arrivals in simulated-time order, so this is the run's progress without a hook inside the
+    engine (the drain after the last arrival is the only part it does not see)."""
+
+    def __init__(self, specs: list[RequestSpec], report: ArrivalProgress) -> None:
+        self._specs = specs
+        self._report = report
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def __getitem__(self, index: int) -> RequestSpec:  # type: ignore[override]
+        return self._specs[index]
+
+    def __iter__(self) -> Iterator[RequestSpec]:
+        for position, spec in enumerate(self._specs):
+            if position % PROGRESS_EVERY_REQUESTS == 0:
+                self._report(position)
+            yield spec
+        self._report(len(self._specs))
+
+
+def simulate_policy(
+    setup: Setup, label: str, entry: PolicyConfig, policy: Policy, on_arrivals: ArrivalProgress | None = None
+) -> PolicyRun:
     config = setup.config
     model = setup.model
     started = time.perf_counter()
@@ -357,7 +388,8 @@ def simulate_policy(setup: Setup, label: str, entry: PolicyConfig, policy: Polic
         unions=setup.topk_unions,
     )
     cluster = build_cluster(setup, step)
-    end_s = cluster.run(setup.requests, config.simulation.cutoff_s)
+    specs = setup.requests if on_arrivals is None else _ReportedArrivals(setup.requests, on_arrivals)
+    end_s = cluster.run(specs, config.simulation.cutoff_s)
     requests = requests_frame(cluster.arrived, cluster.statuses)
     iterations = cluster.iterations()
     summary = summarize(
@@ -384,15 +416,22 @@ def simulate_policy(setup: Setup, label: str, entry: PolicyConfig, policy: Polic
 
 
 def run_experiment(
-    config: ExperimentConfig, out_dir: Path | None = None, on_policy_done: Callable[[PolicyRun], None] | None = None
+    config: ExperimentConfig,
+    out_dir: Path | None = None,
+    on_policy_done: Callable[[PolicyRun], None] | None = None,
+    on_arrivals: Callable[[str, int, int], None] | None = None,
 ) -> ExperimentResult:
-    """Simulate every policy of ``config``; with ``out_dir``, write each policy's records as soon as it ends."""
+    """Simulate every policy of ``config``; with ``out_dir``, write each policy's records as soon as it ends.
+    ``on_arrivals(label, arrived, total)`` follows each policy's progress."""
     setup = prepare(config)
     if out_dir is not None:
         write_setup(setup, out_dir)
     runs: list[PolicyRun] = []
     for label, entry, policy in setup.policies:
-        run = simulate_policy(setup, label, entry, policy)
+        progress = None
+        if on_arrivals is not None:
+            progress = functools.partial(on_arrivals, label, total=len(setup.requests))
+        run = simulate_policy(setup, label, entry, policy, progress)
         runs.append(run)
         if out_dir is not None:
             write_policy_run(run, out_dir)

@@ -61,6 +61,19 @@ def test_policies_see_the_same_requests_and_lynx_reads_fewer_experts() -> None:
     assert not mixed["policy_applied"].any() and (mixed["mean_retained_mass"] == 1.0).all()
 
 
+def test_progress_follows_arrivals_and_leaves_the_numbers_alone() -> None:
+    calls: list[tuple[str, int, int]] = []
+    config = validate_experiment(SMALL)
+    watched = run_experiment(config, on_arrivals=lambda label, arrived, total: calls.append((label, arrived, total)))
+    for label in ("topk", "lynx"):
+        counts = [arrived for name, arrived, total in calls if name == label]
+        assert counts[0] == 0 and counts[-1] == 40 and counts == sorted(counts)
+        assert {total for name, _, total in calls if name == label} == {40}
+    plain = run_small()
+    for a, b in zip(watched.runs, plain.runs):  # type: ignore[attr-defined]
+        pd.testing.assert_frame_equal(a.iterations, b.iterations)
+
+
 def test_apply_to_all_changes_prefill_iterations() -> None:
     result = run_small(policies=[{"name": "topk"}, {"name": "lynx", "apply_to": "all"}])
     mixed = result.runs[1].iterations[~result.runs[1].iterations["pure_decode"]]  # type: ignore[attr-defined]

@@ -1,0 +1,152 @@
+"""Figures of a sweep, drawn from its results store: what a policy buys as a swept key varies.
+
+Three kinds: a metric against a swept key, one line per policy (and per combination of the other swept keys);
+each policy's speed-up over the baseline policy (the first of the experiment) against batch size; and latency
+against routing quality with the Pareto front (lower latency, higher quality). Repeats of a point are averaged,
+with their range as error bars. Each figure's numbers are written beside it as CSV, so a figure can be checked
+or redrawn elsewhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+DEFAULT_METRICS = ("tpot_p50_ms", "tpot_p99_ms", "ttft_p99_ms", "output_tokens_per_s")
+BATCH_KEY = "serving.max_num_seqs"
+MAX_LINES = 12
+"""Above this many lines in one panel the other swept keys are averaged over instead of drawn apart."""
+
+
+def sweep_figures(
+    results: pd.DataFrame,
+    keys: list[str],
+    out_dir: Path,
+    *,
+    metrics: tuple[str, ...] = DEFAULT_METRICS,
+    x_keys: list[str] | None = None,
+    latency: str = "tpot_p50_ms",
+    quality: str = "retained_mass",
+) -> list[Path]:
+    """Every figure of a sweep's ``results`` view (swept ``keys`` as columns); returns the PNG paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    numeric = [k for k in keys if pd.api.types.is_numeric_dtype(results[k]) and results[k].nunique() > 1]
+    paths = []
+    for x_key in x_keys if x_keys is not None else numeric:
+        paths.append(metric_vs_key(results, keys, x_key, metrics, out_dir / f"{_file_part(x_key)}.png"))
+    paths.append(speedup_vs_batch(results, keys, latency, out_dir / "speedup_vs_batch.png"))
+    paths.append(latency_vs_quality(results, latency, quality, out_dir / "latency_vs_quality.png"))
+    return paths
+
+
+def metric_vs_key(
+    results: pd.DataFrame, keys: list[str], x_key: str, metrics: tuple[str, ...], path: Path
+) -> Path:
+    """One panel per metric; one line per policy and combination of the other swept keys."""
+    others = _line_keys(results, keys, x_key)
+    table = _mean_and_range(results, ["policy", *others, x_key], list(metrics))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for label, line in _lines(table, others):
+            line = line.sort_values(x_key)
+            ax.errorbar(
+                line[x_key], line[f"{metric}_mean"],
+                yerr=[line[f"{metric}_mean"] - line[f"{metric}_min"], line[f"{metric}_max"] - line[f"{metric}_mean"]],
+                marker="o", markersize=3, capsize=2, label=label,
+            )
+        ax.set_xlabel(x_key)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"metrics against {x_key}")
+    return _save(fig, table, path)
+
+
+def speedup_vs_batch(results: pd.DataFrame, keys: list[str], latency: str, path: Path) -> Path:
+    """Baseline latency over each policy's latency in the same run (a paired ratio), against the swept batch
+    limit when ``serving.max_num_seqs`` is swept, else against the baseline's measured mean decode batch."""
+    baseline = results[results["policy_position"] == 0].set_index("config_hash")
+    others = results[results["policy_position"] > 0].copy()
+    others["speedup"] = baseline.loc[others["config_hash"], latency].to_numpy() / others[latency].to_numpy()
+    x_key = BATCH_KEY if BATCH_KEY in keys else "baseline_decode_batch"
+    if x_key == "baseline_decode_batch":
+        others[x_key] = baseline.loc[others["config_hash"], "mean_decode_batch"].to_numpy()
+    line_keys = _line_keys(others, keys, x_key)
+    table = _mean_and_range(others, ["policy", *line_keys, x_key], ["speedup"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, line in _lines(table, line_keys):
+        line = line.sort_values(x_key)
+        ax.plot(line[x_key], line["speedup_mean"], marker="o", markersize=3, label=label)
+    ax.axhline(1.0, color="grey", linestyle=":")
+    base_label = results.loc[results["policy_position"] == 0, "policy"].iloc[0] if len(baseline) else "baseline"
+    ax.set_xlabel("max decode batch (max_num_seqs)" if x_key == BATCH_KEY else f"mean decode batch of {base_label}")
+    ax.set_ylabel(f"speed-up over {base_label} ({latency})")
+    ax.set_xscale("log", base=2)
+    ax.grid(alpha=0.3)
+    if len(table):
+        ax.legend(fontsize=7)
+    return _save(fig, table, path)
+
+
+def latency_vs_quality(results: pd.DataFrame, latency: str, quality: str, path: Path) -> Path:
+    """Every run and policy as a point; the Pareto front joins those no other point beats on both axes."""
+    table = results[["config_hash", "policy", latency, quality]].dropna().copy()
+    table["pareto"] = pareto_mask(table[quality].to_numpy(), table[latency].to_numpy())
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy, group in table.groupby("policy", sort=False):
+        ax.scatter(group[quality], group[latency], s=14, label=str(policy))
+    front = table[table["pareto"]].sort_values(quality)
+    ax.plot(front[quality], front[latency], color="black", linewidth=1, label="Pareto front")
+    ax.set_xlabel(f"{quality} (higher is better)")
+    ax.set_ylabel(f"{latency} (lower is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, table, path)
+
+
+def pareto_mask(quality: np.ndarray, latency: np.ndarray) -> np.ndarray:
+    """True where no other point has quality >= and latency <= with one of them strict."""
+    better_or_equal = (quality[None, :] >= quality[:, None]) & (latency[None, :] <= latency[:, None])
+    strictly = (quality[None, :] > quality[:, None]) | (latency[None, :] < latency[:, None])
+    return ~(better_or_equal & strictly).any(axis=1)
+
+
+def _line_keys(results: pd.DataFrame, keys: list[str], x_key: str) -> list[str]:
+    """The other swept keys that vary, if drawing them apart keeps the panel readable; else none (averaged)."""
+    varying = [k for k in keys if k != x_key and k in results and results[k].nunique() > 1]
+    lines = results[["policy", *varying]].drop_duplicates()
+    return varying if len(lines) <= MAX_LINES else []
+
+
+def _mean_and_range(frame: pd.DataFrame, by: list[str], metrics: list[str]) -> pd.DataFrame:
+    grouped = frame.groupby(by, sort=False, dropna=False)[metrics]
+    parts = [grouped.mean().add_suffix("_mean"), grouped.min().add_suffix("_min"), grouped.max().add_suffix("_max")]
+    return pd.concat(parts, axis=1).reset_index()
+
+
+def _lines(table: pd.DataFrame, line_keys: list[str]) -> list[tuple[str, pd.DataFrame]]:
+    by = ["policy", *line_keys]
+    out = []
+    for values, line in table.groupby(by, sort=False):
+        values = values if isinstance(values, tuple) else (values,)
+        extra = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(line_keys, values[1:]))
+        out.append((f"{values[0]} ({extra})" if extra else str(values[0]), line))
+    return out
+
+
+def _file_part(key: str) -> str:
+    return "metrics_vs_" + key.replace(".", "_")
+
+
+def _save(fig: plt.Figure, table: pd.DataFrame, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    table.to_csv(path.with_suffix(".csv"), index=False)
+    return path
