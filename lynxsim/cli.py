@@ -33,6 +33,7 @@ from lynxsim.routing.fit import fit_routing, load_profile, save_profile
 from lynxsim.routing.loading import open_trace
 from lynxsim.routing.profiles import profile_path
 from lynxsim.routing.trace_format import DEFAULT_FILL, FILL_STRATEGIES
+from lynxsim.report.commands import add_report_parser
 from lynxsim.runner import PolicyRun, prepare, run_experiment
 from lynxsim.sweep.commands import add_sweep_parsers, plot_sweep
 from lynxsim.sweep.points import load_sweep
@@ -129,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     add_calibrate_parser(commands)
     add_validate_parser(commands)
     add_sweep_parsers(commands)
+    add_report_parser(commands)
 
     plot = commands.add_parser("plot", help="redraw the figures of a run directory, or draw a sweep's figures")
     plot.add_argument("run_dir", type=Path, help="run directory, or results folder of a sweep")

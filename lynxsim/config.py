@@ -17,6 +17,7 @@ from lynxsim.yaml_input import error_message, read_yaml_mapping_with_nodes
 from lynxsim.routing.statistical import DEFAULT_SAMPLES
 from lynxsim.routing.synthetic import SyntheticRoutingParams
 from lynxsim.routing.trace_format import DEFAULT_FILL, FillStrategy
+from lynxsim.report.spec import ReportSection
 from lynxsim.sweep.spec import SweepConfig
 from lynxsim.workload.arrivals import ArrivalProcess, TraceArrivals
 from lynxsim.workload.lengths import EmpiricalLength, LengthDistribution, PairedLengths
@@ -49,6 +50,11 @@ class HardwareConfig(_Section):
     """Which GPU: a profile key in hw_profiles/ or a path to a profile YAML."""
 
     profile: str = Field(description="profile key (h200, h100-sxm, ...) or path to a YAML file")
+    measured_tables: bool = Field(
+        default=True,
+        description="false: price every kernel with the roofline even where the profile has measured tables, "
+        "so that a GPU with tables can be compared on equal terms with GPUs that have none",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -301,6 +307,9 @@ class ExperimentConfig(_Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     sweep: SweepConfig | None = Field(
         default=None, description="keys to vary, one run per point (`lynxsim sweep`; `lynxsim run` ignores it)"
+    )
+    report: ReportSection | None = Field(
+        default=None, description="how `lynxsim report` draws this sweep's results (other commands ignore it)"
     )
 
     @field_validator("policies")

@@ -29,7 +29,7 @@ from lynxsim.config import ExperimentConfig, PolicyConfig, ProfileRoutingConfig,
 from lynxsim.cost import CostModel
 from lynxsim.engine import BlockPool, Cluster, KVTransfer, Replica, Role, RoutingStep, Scheduler
 from lynxsim.errors import InputError
-from lynxsim.hardware import HardwareProfile, load_hardware
+from lynxsim.hardware import HardwareProfile, MeasuredKernels, load_hardware
 from lynxsim.metrics import layer_summary, requests_frame, summarize
 from lynxsim.parallel import ParallelPlan, make_instance_cost_model
 from lynxsim.models import ModelSpec, load_catalog_model, model_from_hf_config
@@ -196,6 +196,8 @@ def prepare(config: ExperimentConfig) -> Setup:
     """Resolve the config; every user-facing problem surfaces here, before any simulation starts."""
     model = resolve_model(config)
     hardware = load_hardware(config.hardware.profile)
+    if not config.hardware.measured_tables:
+        hardware = hardware.model_copy(update={"measured": MeasuredKernels()})
     parallelism = config.deployment.parallelism
     plan = ParallelPlan(parallelism.tensor_parallel, parallelism.expert_parallel)
     cost_model, kv_blocks = instance_cost_and_kv(config, model, hardware, plan)

@@ -129,3 +129,12 @@ def test_plot_of_missing_run_is_an_input_error(tmp_path: Path, capsys: pytest.Ca
 def test_python_dash_m_entry_point() -> None:
     done = subprocess.run([sys.executable, "-m", "lynxsim", "--version"], capture_output=True, text=True, check=True)
     assert done.stdout.startswith("lynxsim ")
+
+
+def test_measured_tables_can_be_switched_off_for_the_roofline() -> None:
+    from lynxsim.runner import prepare
+
+    measured = prepare(validate_experiment(SMALL))
+    roofline = prepare(validate_experiment({**SMALL, "hardware": {"profile": "h200", "measured_tables": False}}))
+    assert measured.cost_model.source == "measured" and roofline.cost_model.source == "roofline"
+    assert not roofline.hardware.measured.tables and measured.hardware.measured.tables

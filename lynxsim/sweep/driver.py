@@ -71,4 +71,4 @@ def _count(report: SweepReport, outcome: PointOutcome) -> None:
 
 
 def _config_json(config: ExperimentConfig) -> str:
-    return json.dumps(config.model_dump(mode="json", exclude={"sweep"}))
+    return json.dumps(config.model_dump(mode="json", exclude={"sweep", "report"}))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from lynxsim.runner import resolve_model
 from lynxsim.sweep.spec import SEED_KEY, SweepConfig, SweepPoint, derive_seed, expand
 from lynxsim.yaml_input import read_yaml_mapping_with_nodes
 
-HASH_EXCLUDES = {"name", "description", "output", "sweep"}
+HASH_EXCLUDES = {"name", "description", "output", "sweep", "report"}
 """Keys that do not change what a run computes: they stay out of the config hash."""
 
 
@@ -61,18 +62,23 @@ def config_hash(config: ExperimentConfig) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
+def load_sweep(
+    path: str | Path, overrides: list[str] | None = None, edit: Callable[[dict[str, Any]], None] | None = None
+) -> Sweep:
     """Read a sweep file (an experiment with a ``sweep:`` section), apply ``--set`` overrides to the base, and
-    resolve every point; every problem becomes an ``InputError`` naming the file, the line and the point."""
+    resolve every point; every problem becomes an ``InputError`` naming the file, the line and the point.
+    ``edit`` changes the raw mapping first (the report's quick mode shortens sweeps that way)."""
     path = Path(path)
     raw, root = read_yaml_mapping_with_nodes(path, "experiment file")
+    if edit is not None:
+        edit(raw)
     for assignment in overrides or []:
         apply_override(raw, assignment)
     base = validate_experiment(raw, source=path, node=root, base_dir=path.parent)
     if base.sweep is None:
         raise InputError(str(path), "has no 'sweep' section: say which keys to vary (see README, Sweeps)")
     spec = base.sweep
-    without_sweep = {key: value for key, value in raw.items() if key != "sweep"}
+    without_sweep = {key: value for key, value in raw.items() if key not in ("sweep", "report")}
     points = [_resolve_point(path, root, without_sweep, base, point) for point in expand(spec)]
     _check_catalog_names(path, root, spec, points)
     return Sweep(path, base, spec, points)

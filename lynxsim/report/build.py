@@ -1,0 +1,206 @@
+"""``lynxsim report DIR --out DOCS``: every experiment of DIR through the sweep machinery, then one README.
+
+Each experiment file (sorted by name) is a sweep with a ``report:`` section. Its runs go into a results store
+under ``--work`` (so a report interrupted or rebuilt reuses every finished run), its figure and table into the
+output folder, and its section into README.md. ``--quick`` shortens every sweep as its ``report.quick`` says:
+the same code paths in a few minutes, for CI. The paper's published numbers
+(``docs/results/paper_published.yaml``) are set beside lynxsim's where a section names them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich.console import Console
+
+from lynxsim.config import apply_override
+from lynxsim.errors import InputError
+from lynxsim.report.agreement import agreement_table, load_published
+from lynxsim.report.figures import FigureData, draw
+from lynxsim.report.spec import ReportSection
+from lynxsim.sweep.driver import SweepReport, run_sweep
+from lynxsim.sweep.points import Sweep, load_sweep
+from lynxsim.sweep.spec import SweepConfig
+from lynxsim.sweep.store import ResultsStore
+
+NEEDS_ITERATIONS = {"latency_vs_experts"}
+MARKDOWN_ROWS = 40
+"""A section's table is printed in the README up to this many rows; the CSV always has all of them."""
+
+
+@dataclass
+class SectionResult:
+    """One experiment's contribution to the report."""
+
+    stem: str
+    section: ReportSection
+    table: pd.DataFrame | None
+    sweep_report: SweepReport
+    wall_s: float
+    error: str | None = None
+    figure: Path | None = None
+
+
+@dataclass
+class Report:
+    sections: list[SectionResult] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+def experiment_files(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.glob("*.yaml") if p.is_file())
+    if not files:
+        raise InputError(str(folder), "holds no experiment files (*.yaml)")
+    return files
+
+
+def build_report(
+    folder: Path, out: Path, work: Path, *, quick: bool, workers: int, published_path: Path,
+    console: Console | None = None,
+) -> Report:
+    """Run every experiment of ``folder`` and write the figures, tables and README.md into ``out``."""
+    started = time.perf_counter()
+    files = experiment_files(folder)
+    sweeps = [(path, _load(path, quick)) for path in files]  # every file validated before the first run
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report()
+    for path, (sweep, section, labels) in sweeps:
+        if console is not None:
+            console.print(f"[bold]{path.name}[/]: {section.title} ({len(sweep.points)} points)")
+        report.sections.append(_section(path, sweep, section, labels, out, work / path.stem, workers, console))
+    published = load_published(published_path)
+    agreement = agreement_table(published, {s.stem: s.table for s in report.sections if s.table is not None})
+    agreement.to_csv(out / "agreement.csv", index=False)
+    report.wall_s = time.perf_counter() - started
+    (out / "README.md").write_text(_readme(report, agreement, folder, quick, published_path if published else None))
+    return report
+
+
+def _load(path: Path, quick: bool) -> tuple[Sweep, ReportSection, dict[str, dict[str, str]]]:
+    full = load_sweep(path)
+    section = full.base.report
+    if section is None:
+        raise InputError(str(path), "has no 'report' section: say which figure this experiment makes")
+    labels = _labels(full.spec, section)
+    if not quick:
+        return full, section, labels
+
+    def shorten(raw: dict[str, Any]) -> None:
+        for key, value in section.quick.set.items():
+            apply_override(raw, f"{key}={json.dumps(value)}")
+        if section.quick.sweep is not None:
+            raw["sweep"] = section.quick.sweep
+
+    return load_sweep(path, edit=shorten), section, labels
+
+
+def _labels(spec: SweepConfig, section: ReportSection) -> dict[str, dict[str, str]]:
+    """``report.labels`` as swept value (its text in the results store) -> label, from the full sweep."""
+    values: dict[str, list[Any]] = dict(spec.grid)
+    for group in spec.zip:
+        values.update(group)
+    labels = {}
+    for key, names in section.labels.items():
+        if key not in values or len(values[key]) != len(names):
+            raise InputError(f"report.labels.{key}", "needs one label per swept value of that key")
+        labels[key] = {(v if isinstance(v, str) else json.dumps(v)): name for v, name in zip(values[key], names)}
+    return labels
+
+
+def _section(
+    path: Path, sweep: Sweep, section: ReportSection, labels: dict[str, dict[str, str]], out: Path, store_dir: Path,
+    workers: int, console: Console | None,
+) -> SectionResult:
+    started = time.perf_counter()
+    records = "all" if section.figure in NEEDS_ITERATIONS else "none"
+    sweep_report = run_sweep(sweep, store_dir, workers=workers, records=records, console=console)
+    store = ResultsStore(store_dir)
+    results = store.query("SELECT * FROM results ORDER BY point, policy_position")
+    result = SectionResult(path.stem, section, None, sweep_report, 0.0)
+    if results.empty:
+        result.error = "every point failed: " + "; ".join(sorted(set(sweep_report.failures.values())))
+    else:
+        iterations = None
+        if section.figure in NEEDS_ITERATIONS:
+            facet = section.facet or "point"
+            iterations = store.query(
+                f'SELECT p."{facet}", i.* FROM iterations i JOIN points p USING (config_hash)'
+            )
+        figure = out / f"{path.stem}.png"
+        try:
+            result.table = draw(FigureData(results, iterations, section, labels), figure)
+            result.figure = figure
+        except (ValueError, KeyError) as exc:
+            result.error = f"{type(exc).__name__}: {exc}"
+    result.wall_s = time.perf_counter() - started
+    return result
+
+
+def _readme(report: Report, agreement: pd.DataFrame, folder: Path, quick: bool, published: Path | None) -> str:
+    mode = "quick mode (`--quick`: shortened sweeps, for CI; not the numbers to quote)" if quick else "full mode"
+    lines = [
+        "# lynxsim results: the Lynx paper's figures, and past them",
+        "",
+        f"Generated by `lynxsim report {folder} --out <this folder>{' --quick' if quick else ''}` on {date.today()}"
+        f" ({_commit()}), {mode}, in {report.wall_s / 60:.1f} min of wall time on this machine. Every figure is one"
+        f" experiment file of `{folder}` (a sweep plus a `report:` section); its numbers are in the CSV beside the"
+        " PNG. Costs come from the committed H200 kernel tables (`hw_profiles/h200.tables/`, measured and"
+        " validated on an H200); other GPUs and deployments without tables use the roofline, as each section says.",
+        "",
+    ]
+    for s in report.sections:
+        lines += [f"## {s.section.title}", "", f"`{s.stem}.yaml`: {len(s.sweep_report.failures)} failed of"
+                  f" {s.sweep_report.distinct_runs} runs, {s.wall_s:.0f} s.", ""]
+        if s.figure is not None:
+            lines += [f"![{s.section.title}]({s.figure.name})", "", f"Numbers: [{s.stem}.csv]({s.stem}.csv)", ""]
+        if s.section.text:
+            lines += [s.section.text.strip(), ""]
+        if s.table is not None:
+            lines += [_markdown(s.table.head(MARKDOWN_ROWS)), ""]
+        if s.error:
+            lines += [f"**Not drawn**: {s.error}", ""]
+        if s.sweep_report.failures:
+            lines += ["Failed runs:", ""] + [f"- `{h}`: {e}" for h, e in s.sweep_report.failures.items()] + [""]
+    lines += ["## Agreement with the paper", ""]
+    if published is not None and not agreement.empty:
+        lines += [
+            f"The paper's published figures (`{published}`: each with its version and where in the paper"
+            " it is) next to lynxsim's for the same settings. Only what could be read is listed: per-model"
+            " numbers of the paper's Table 2 and Figures 10-17 were not available to this project (the stored"
+            " copies of arXiv 2411.08982 hold the abstract only), so the comparison is against the ranges the"
+            " paper states.",
+            "",
+            _markdown(agreement),
+            "",
+        ]
+    else:
+        lines += ["No published figure could be compared in this build (no published-figures file, or none of the"
+                  " sections the comparisons read ran).", ""]
+    return "\n".join(lines)
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            return "-" if value != value else f"{value:.4g}"
+        return str(value).replace("|", "/")
+
+    header = "| " + " | ".join(map(str, table.columns)) + " |"
+    rule = "|" + "---|" * len(table.columns)
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([header, rule, *rows])
+
+
+def _commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        return f"lynxsim at {sha.stdout.strip()}"
+    except (OSError, subprocess.CalledProcessError):
+        return "lynxsim outside a git checkout"

@@ -1,0 +1,289 @@
+"""One function per figure kind of a ``report:`` section: results of a sweep in, PNG and CSV out.
+
+Each returns the figure's table (what the CSV beside the PNG holds) so that the report can quote its numbers
+in the text and the agreement table. The tables carry one row per line point, with the swept keys' labels.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from lynxsim.report.spec import ReportSection  # noqa: E402
+from lynxsim.sweep.figures import pareto_mask  # noqa: E402
+
+MAX_SCHEDULING_DELAY_S = 5.0
+"""A rate counts toward SLO throughput only while the p99 wait to first scheduling stays below this
+(Vidur's capacity criterion, Agrawal et al., MLSys 2024; the same as ``lynxsim capacity``)."""
+
+
+@dataclass(frozen=True)
+class FigureData:
+    """What a report section reads: the sweep's ``results`` view and, where a figure needs them, iterations."""
+
+    results: pd.DataFrame
+    iterations: pd.DataFrame | None
+    section: ReportSection
+    labels: dict[str, dict[str, str]]
+
+    def label(self, key: str, value: object) -> str:
+        """A swept value as the section names it (``labels``), else its short text."""
+        text = value if isinstance(value, str) else json.dumps(value)
+        return self.labels.get(key, {}).get(text, text if len(text) <= 40 else text[:37] + "...")
+
+
+def draw(data: FigureData, path: Path) -> pd.DataFrame:
+    """Draw ``data.section.figure`` into ``path`` (PNG) and its table beside it (CSV); return the table."""
+    table = KINDS[data.section.figure](data, path)
+    table.to_csv(path.with_suffix(".csv"), index=False)
+    return table
+
+
+def experts_vs_batch(data: FigureData, path: Path) -> pd.DataFrame:
+    section = data.section
+    x, facet = _required(section.x, "x"), _required(section.facet, "facet")
+    frame = data.results
+    table = frame[[facet, *section.lines, x, "policy", "mean_distinct_experts"]].copy()
+    table = _labelled(data, table, [facet, *section.lines])
+    panels = list(dict.fromkeys(table[facet]))
+    fig, axes = _panels(len(panels))
+    for ax, panel in zip(axes, panels):
+        part = table[table[facet] == panel]
+        for (line_label, policy), line in part.groupby(["line", "policy"], sort=False):
+            style = "-" if policy == part["policy"].iloc[0] else "--"
+            ax.plot(line[x], line["mean_distinct_experts"], style, marker="o", markersize=3, label=f"{policy}, {line_label}")
+        ax.set_xscale("log", base=2)
+        ax.set_title(str(panel))
+        ax.set_xlabel("decode batch size")
+        ax.set_ylabel("distinct experts per layer")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6)
+    _save(fig, path)
+    return table
+
+
+def latency_vs_experts(data: FigureData, path: Path) -> pd.DataFrame:
+    if data.iterations is None or data.iterations.empty:
+        raise ValueError("latency_vs_experts needs the sweep's iteration records")
+    facet = _required(data.section.facet, "facet")
+    its = data.iterations.copy()
+    its["kind"] = np.where(its["pure_decode"], "decode", "with prefill")
+    its["batch"] = np.where(its["pure_decode"], _batch_bucket(its["decode_tokens"].to_numpy()), "mixed")
+    its["experts"] = its["mean_distinct_experts"].round()
+    table = (
+        its.groupby([facet, "kind", "batch", "experts"], sort=True)
+        .agg(latency_ms=("latency_s", lambda s: float(s.mean()) * 1e3), iterations=("latency_s", "size"))
+        .reset_index()
+    )
+    table = table[table["iterations"] >= 5]
+    panels = list(dict.fromkeys(table[facet]))
+    fig, axes = _panels(len(panels))
+    for ax, panel in zip(axes, panels):
+        part = table[table[facet] == panel]
+        for (kind, batch), line in part.groupby(["kind", "batch"], sort=False):
+            label = f"decode, batch {batch}" if kind == "decode" else "with a prefill chunk"
+            ax.plot(line["experts"], line["latency_ms"], marker="o", markersize=3, label=label)
+        ax.set_title(str(panel))
+        ax.set_xlabel("distinct experts per layer (mean over layers)")
+        ax.set_ylabel("iteration latency (ms)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    _save(fig, path)
+    return table
+
+
+def tpot_table(data: FigureData, path: Path) -> pd.DataFrame:
+    """Per point: each policy's median and mean TPOT and the first policy's over each other policy's."""
+    section = data.section
+    frame = data.results
+    base = frame[frame["policy_position"] == 0].set_index("config_hash")
+    others = frame[frame["policy_position"] > 0].copy()
+    rows = pd.DataFrame(
+        {
+            **{key: others[key].to_numpy() for key in section.lines},
+            "policy": others["policy"].to_numpy(),
+            "baseline_tpot_p50_ms": base.loc[others["config_hash"], "tpot_p50_ms"].to_numpy(),
+            "tpot_p50_ms": others["tpot_p50_ms"].to_numpy(),
+            "baseline_tpot_mean_ms": base.loc[others["config_hash"], "tpot_mean_ms"].to_numpy(),
+            "tpot_mean_ms": others["tpot_mean_ms"].to_numpy(),
+            "baseline_decode_batch": base.loc[others["config_hash"], "mean_decode_batch"].to_numpy(),
+            "decode_batch": others["mean_decode_batch"].to_numpy(),
+            "pure_decode_fraction": others["pure_decode_fraction"].to_numpy(),
+        }
+    )
+    rows["median_speedup"] = rows["baseline_tpot_p50_ms"] / rows["tpot_p50_ms"]
+    rows["mean_speedup"] = rows["baseline_tpot_mean_ms"] / rows["tpot_mean_ms"]
+    rows = _labelled(data, rows, section.lines)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows) + 2), 4))
+    positions = np.arange(len(rows))
+    ax.bar(positions - 0.2, rows["median_speedup"], width=0.4, label="median TPOT")
+    ax.bar(positions + 0.2, rows["mean_speedup"], width=0.4, label="mean TPOT")
+    ax.axhline(1.0, color="grey", linestyle=":")
+    ax.set_xticks(positions, [f"{line}\n{policy}" for line, policy in zip(rows["line"], rows["policy"])], fontsize=7)
+    ax.set_ylabel(f"speed-up over {base['policy'].iloc[0] if len(base) else 'baseline'}")
+    low = min(0.95, float(rows[["median_speedup", "mean_speedup"]].min().min()) - 0.05) if len(rows) else 0.9
+    ax.set_ylim(low, None)
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")
+    _save(fig, path)
+    return rows
+
+
+def speedup_vs_batch(data: FigureData, path: Path) -> pd.DataFrame:
+    section = data.section
+    x = _required(section.x, "x")
+    frame = data.results
+    base = frame[frame["policy_position"] == 0].set_index("config_hash")
+    others = frame[frame["policy_position"] > 0].copy()
+    others["median_speedup"] = base.loc[others["config_hash"], "tpot_p50_ms"].to_numpy() / others["tpot_p50_ms"]
+    others["mean_speedup"] = base.loc[others["config_hash"], "tpot_mean_ms"].to_numpy() / others["tpot_mean_ms"]
+    others["baseline_decode_batch"] = base.loc[others["config_hash"], "mean_decode_batch"].to_numpy()
+    table = _labelled(data, others[[*section.lines, x, "policy", "median_speedup", "mean_speedup", "baseline_decode_batch"]], section.lines)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for (line_label, policy), line in table.groupby(["line", "policy"], sort=False):
+        ax.plot(line[x], line["median_speedup"], marker="o", markersize=3, label=f"{line_label} ({policy}), median")
+        ax.plot(line[x], line["mean_speedup"], ":", marker=".", markersize=3, label=f"{line_label} ({policy}), mean")
+    ax.axhline(1.0, color="grey", linestyle=":")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("maximum decode batch (max_num_seqs)")
+    ax.set_ylabel("TPOT speed-up over top-k")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    _save(fig, path)
+    return table
+
+
+def slo_throughput(data: FigureData, path: Path) -> pd.DataFrame:
+    """Per facet, policy and SLO: the highest rate meeting it, interpolated at the crossing of the swept rates."""
+    section = data.section
+    x, facet = _required(section.x, "x"), _required(section.facet, "facet")
+    rows = []
+    for (panel, policy), group in data.results.groupby([facet, "policy"], sort=False):
+        group = group.sort_values(x)
+        for slo_ms in section.slo_tpot_ms:
+            rate = capacity_at(
+                group[x].to_numpy(float), group["tpot_p99_ms"].to_numpy(float),
+                group["scheduling_delay_p99_s"].to_numpy(float), slo_ms,
+            )
+            rows.append({facet: panel, "policy": policy, "slo_tpot_p99_ms": slo_ms, "capacity_rate_per_s": rate})
+    table = pd.DataFrame(rows)
+    base_policy = data.results.loc[data.results["policy_position"] == 0, "policy"].iloc[0]
+    base = table[table["policy"] == base_policy].set_index([facet, "slo_tpot_p99_ms"])["capacity_rate_per_s"]
+    table["ratio_to_baseline"] = [
+        r / base.loc[(f, s)] if base.loc[(f, s)] > 0 else np.nan
+        for f, s, r in zip(table[facet], table["slo_tpot_p99_ms"], table["capacity_rate_per_s"])
+    ]
+    table = _labelled(data, table, [facet])
+    panels = list(dict.fromkeys(table[facet]))
+    fig, axes = _panels(len(panels))
+    for ax, panel in zip(axes, panels):
+        part = table[table[facet] == panel]
+        policies = list(dict.fromkeys(part["policy"]))
+        width = 0.8 / len(policies)
+        for i, policy in enumerate(policies):
+            rows_of = part[part["policy"] == policy]
+            ax.bar(np.arange(len(rows_of)) + i * width, rows_of["capacity_rate_per_s"], width=width, label=policy)
+        ax.set_xticks(np.arange(len(section.slo_tpot_ms)) + 0.4 - width / 2, [f"P99 TPOT <= {s:g} ms" for s in section.slo_tpot_ms])
+        ax.set_ylabel("highest arrival rate meeting it (req/s)")
+        ax.set_title(str(panel))
+        ax.legend()
+        ax.grid(alpha=0.3, axis="y")
+    _save(fig, path)
+    return table
+
+
+def capacity_at(rates: np.ndarray, tpot_p99_ms: np.ndarray, delay_p99_s: np.ndarray, slo_ms: float) -> float:
+    """Highest rate meeting the SLO on a sorted rate grid: the last meeting rate before the first failing one,
+    moved toward that failing rate by linear interpolation of P99 TPOT; 0 if the lowest rate fails."""
+    meets = (tpot_p99_ms <= slo_ms) & (delay_p99_s <= MAX_SCHEDULING_DELAY_S)
+    if not meets[0]:
+        return 0.0
+    failing = np.flatnonzero(~meets)
+    if not len(failing):
+        return float(rates[-1])
+    last, first_fail = failing[0] - 1, failing[0]
+    if delay_p99_s[first_fail] > MAX_SCHEDULING_DELAY_S or tpot_p99_ms[first_fail] <= tpot_p99_ms[last]:
+        return float(rates[last])
+    share = (slo_ms - tpot_p99_ms[last]) / (tpot_p99_ms[first_fail] - tpot_p99_ms[last])
+    return float(rates[last] + share * (rates[first_fail] - rates[last]))
+
+
+def policies(data: FigureData, path: Path) -> pd.DataFrame:
+    section = data.section
+    facet = _required(section.facet, "facet")
+    frame = data.results
+    base = frame[frame["policy_position"] == 0].set_index("config_hash")
+    table = frame[[facet, "policy", "policy_name", "tpot_p50_ms", "tpot_mean_ms", "mean_distinct_experts",
+                   "retained_mass", "top1_kept", "assignments_dropped"]].copy()
+    table["median_speedup"] = base.loc[frame["config_hash"], "tpot_p50_ms"].to_numpy() / frame["tpot_p50_ms"].to_numpy()
+    table = _labelled(data, table, [facet])
+    panels = list(dict.fromkeys(table[facet]))
+    fig, axes = _panels(len(panels))
+    for ax, panel in zip(axes, panels):
+        part = table[table[facet] == panel]
+        front = pareto_mask(part["retained_mass"].to_numpy(), part["tpot_p50_ms"].to_numpy())
+        for (_, row), on_front in zip(part.iterrows(), front):
+            ax.scatter(row["retained_mass"], row["tpot_p50_ms"], s=30, marker="o" if on_front else "x")
+            ax.annotate(str(row["policy"]), (row["retained_mass"], row["tpot_p50_ms"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+        ax.set_title(f"{panel} (o: on the Pareto front)")
+        ax.set_xlabel("retained top-k probability mass (higher is better)")
+        ax.set_ylabel("median TPOT (ms)")
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+    return table
+
+
+KINDS: dict[str, Callable[[FigureData, Path], pd.DataFrame]] = {
+    "experts_vs_batch": experts_vs_batch,
+    "latency_vs_experts": latency_vs_experts,
+    "tpot_table": tpot_table,
+    "speedup_vs_batch": speedup_vs_batch,
+    "slo_throughput": slo_throughput,
+    "policies": policies,
+}
+
+
+def _labelled(data: FigureData, table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Swept values replaced by their labels, and a ``line`` column naming each row's combination."""
+    table = table.copy()
+    for key in keys:
+        table[key] = [data.label(key, value) for value in table[key]]
+    table["line"] = table[keys].astype(str).agg(", ".join, axis=1) if keys else ""
+    return table
+
+
+def _batch_bucket(decode_tokens: np.ndarray) -> np.ndarray:
+    """Decode batches grouped by powers of two (1, 2-3, 4-7, ...), labelled by the bucket's lower end."""
+    return (2 ** np.floor(np.log2(np.maximum(decode_tokens, 1)))).astype(int).astype(str)
+
+
+def _required(value: str | None, name: str) -> str:
+    if value is None:
+        raise ValueError(f"this figure needs report.{name}")
+    return value
+
+
+def _panels(count: int) -> tuple[plt.Figure, list[plt.Axes]]:
+    columns = min(count, 3)
+    rows = -(-count // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.6 * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[count:]:
+        ax.set_visible(False)
+    return fig, flat[:count]
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

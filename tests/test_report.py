@@ -1,0 +1,100 @@
+"""``lynxsim report``: the quick report end to end (CI's run of it), and the pieces with hand-worked numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from lynxsim.cli import main
+from lynxsim.errors import InputError
+from lynxsim.report.agreement import _verdict, agreement_table, load_published
+from lynxsim.report.build import build_report
+from lynxsim.report.figures import capacity_at
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = ROOT / "experiments" / "paper"
+PUBLISHED = ROOT / "docs" / "results" / "paper_published.yaml"
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("report")
+    report = build_report(PAPER, out, out / "work", quick=True, workers=2, published_path=PUBLISHED)
+    failures = {s.stem: (s.error, s.sweep_report.failures) for s in report.sections if s.error or s.sweep_report.failures}
+    assert not failures
+    return out
+
+
+def test_quick_report_draws_every_experiment_with_its_numbers(quick_report: Path) -> None:
+    stems = [p.stem for p in sorted(PAPER.glob("*.yaml"))]
+    readme = (quick_report / "README.md").read_text()
+    for stem in stems:
+        assert (quick_report / f"{stem}.png").stat().st_size > 10_000
+        table = pd.read_csv(quick_report / f"{stem}.csv")
+        assert len(table) > 0
+        assert f"({stem}.png)" in readme
+    assert readme.count("\n## ") == len(stems) + 1  # one section per experiment, then the agreement
+
+
+def test_quick_report_numbers_behave(quick_report: Path) -> None:
+    experts = pd.read_csv(quick_report / "01_experts_vs_batch.csv")
+    topk = experts[experts["policy"] == "topk"]
+    lynx = experts[experts["policy"] == "lynx"].set_index(["model", "routing", "serving.max_num_seqs"])
+    # batch 1: a token uses exactly its top-k experts, under either policy
+    single = topk[topk["serving.max_num_seqs"] == 1]
+    assert set(single["mean_distinct_experts"].round(6)) == {2.0, 8.0}
+    # lynx never reads more experts than top-k in the same batch
+    paired = topk.set_index(["model", "routing", "serving.max_num_seqs"])["mean_distinct_experts"]
+    assert (lynx["mean_distinct_experts"] <= paired.loc[lynx.index] + 1e-9).all()
+    tpot = pd.read_csv(quick_report / "03_tpot_max_batch_16.csv")
+    assert (tpot["median_speedup"] > 1).all()
+    agreement = pd.read_csv(quick_report / "agreement.csv")
+    assert len(agreement) >= 3 and set(agreement["agrees"]) <= {"yes", "partly", "no"}
+
+
+def test_capacity_interpolates_at_the_crossing() -> None:
+    rates = np.array([1.0, 2.0, 3.0, 4.0])
+    tpot = np.array([10.0, 15.0, 25.0, 40.0])
+    delay = np.zeros(4)
+    assert capacity_at(rates, tpot, delay, 20.0) == pytest.approx(2.5)  # halfway from 15 to 25 ms
+    assert capacity_at(rates, tpot, delay, 50.0) == 4.0  # every swept rate meets it
+    assert capacity_at(rates, tpot, delay, 5.0) == 0.0  # even the lowest misses
+    overloaded = np.array([0.0, 0.0, 9.0, 9.0])
+    assert capacity_at(rates, tpot, overloaded, 30.0) == 2.0  # a queue that grows stops it at the last good rate
+
+
+def test_verdicts_against_a_published_range() -> None:
+    assert _verdict([1.09, 1.30], 1.12, 1.25) == "yes"
+    assert _verdict([1.09, 1.30], 1.20, 1.60) == "partly"
+    assert _verdict([1.09, 1.30], 1.60, 1.90) == "no"
+    assert _verdict([1.30], 1.35, 1.40) == "yes"  # within 10% of a single figure
+
+
+def test_agreement_rows_only_where_both_sides_exist() -> None:
+    published = load_published(PUBLISHED)
+    assert published is not None and "v3-abstract-throughput" in published
+    table = pd.DataFrame({"deployment.mode": ["colocated", "disaggregated"], "median_speedup": [1.1, 1.5]})
+    rows = agreement_table(published, {"03_tpot_max_batch_16": table})
+    assert list(rows["lynxsim"]) == ["1.10x", "1.50x"]
+    assert list(rows["agrees"]) == ["yes", "no"]  # 1.50 is past the published 1.30 by more than 10%
+    assert agreement_table(None, {"03_tpot_max_batch_16": table}).empty
+
+
+def test_report_of_a_folder_with_a_plain_experiment_is_exit_code_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = yaml.safe_load((PAPER / "06_expert_parallel.yaml").read_text())
+    del raw["report"]
+    (tmp_path / "x.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "out"), "--quick"]) == 2
+    assert "has no 'report' section" in capsys.readouterr().err
+
+
+def test_labels_need_one_per_value(tmp_path: Path) -> None:
+    raw = yaml.safe_load((PAPER / "06_expert_parallel.yaml").read_text())
+    raw["report"]["labels"] = {"deployment.parallelism": ["EP2"]}
+    (tmp_path / "x.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(InputError, match="report.labels.deployment.parallelism"):
+        build_report(tmp_path, tmp_path / "out", tmp_path / "work", quick=True, workers=1, published_path=PUBLISHED)
