@@ -27,6 +27,7 @@ from lynxsim.errors import InputError
 from lynxsim.hardware import hardware_names, load_hardware
 from lynxsim.models import catalog_summary
 from lynxsim.plots import load_run, write_run_figures
+from lynxsim.quality.commands import add_quality_parser
 from lynxsim.routing import RoutingTrace, import_flame
 from lynxsim.routing.compare import compare_figures, compare_routing
 from lynxsim.routing.fit import fit_routing, load_profile, save_profile
@@ -129,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_calibrate_parser(commands)
     add_validate_parser(commands)
+    add_quality_parser(commands)
     add_sweep_parsers(commands)
     add_report_parser(commands)
 
