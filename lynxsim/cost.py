@@ -45,6 +45,9 @@ ROUTER_KERNELS = 1
 LM_HEAD_KERNELS = 1
 
 
+_NO_TOKENS = np.zeros(0, dtype=np.int64)
+
+
 def _int_array(values: object, name: str) -> np.ndarray:
     array = np.asarray(values, dtype=np.int64)
     if array.ndim != 1:
@@ -82,6 +85,18 @@ class BatchShape:
         object.__setattr__(self, "prefill_chunk_tokens", chunks)
         object.__setattr__(self, "prefill_context_tokens", contexts)
         object.__setattr__(self, "decode_context_tokens", decode)
+
+    @classmethod
+    def trusted(
+        cls, prefill_chunk_tokens: np.ndarray, prefill_context_tokens: np.ndarray, decode_context_tokens: np.ndarray
+    ) -> BatchShape:
+        """A shape from one-dimensional int64 arrays that already hold the invariants ``__post_init__`` checks
+        (the engine's, built from its scheduler's state), without the checks: they cost as much as pricing."""
+        shape = object.__new__(cls)
+        object.__setattr__(shape, "prefill_chunk_tokens", prefill_chunk_tokens)
+        object.__setattr__(shape, "prefill_context_tokens", prefill_context_tokens)
+        object.__setattr__(shape, "decode_context_tokens", decode_context_tokens)
+        return shape
 
     @property
     def num_prefill_tokens(self) -> int:
@@ -472,6 +487,8 @@ class TableInterpolator:
         """Latency (s) at one point; the fast path that the cost model calls per iteration."""
         if len(point) != self.ndim:
             raise ValueError(f"table has axes {self.table.axes}, got {len(point)} coordinates")
+        if len(point) == 2:
+            return self._scalar_2d(float(point[0]), float(point[1]))
         clamped = tuple(min(max(float(x), lo), hi) for x, lo, hi in zip(point, self._lo, self._hi))
         brackets = [self._bracket(axis, x) for axis, x in enumerate(clamped)]
         total = 0.0
@@ -494,6 +511,41 @@ class TableInterpolator:
             denominator = float(self.roofline(*clamped))
             if denominator > 0.0:
                 value *= float(self.roofline(*point)) / denominator
+        return value
+
+    def _scalar_2d(self, x0: float, x1: float) -> float:
+        """``scalar`` of a two-axis table (attention, MoE: the lookups made every iteration), spelled out: the
+        same floating-point operations in the same order as the general loop over corners, without its
+        per-corner Python machinery."""
+        (lo0, lo1), (hi0, hi1) = self._lo, self._hi
+        c0 = min(max(x0, lo0), hi0)
+        c1 = min(max(x1, lo1), hi1)
+        i0, w0 = self._bracket(0, c0)
+        i1, w1 = self._bracket(1, c1)
+        s0, s1 = self._strides
+        flat = self._flat
+        base = i0 * s0 + i1 * s1
+        total = 0.0
+        weight = (1.0 - w0) * (1.0 - w1)
+        if weight:
+            total += weight * flat[base]
+        if w1 != 0.0:
+            weight = (1.0 - w0) * w1
+            if weight:
+                total += weight * flat[base + s1]
+        if w0 != 0.0:
+            weight = w0 * (1.0 - w1)
+            if weight:
+                total += weight * flat[base + s0]
+            if w1 != 0.0:
+                weight = w0 * w1
+                if weight:
+                    total += weight * flat[base + s0 + s1]
+        value = math.exp(total)
+        if self.roofline is not None and (c0 != x0 or c1 != x1):
+            denominator = float(self.roofline(c0, c1))
+            if denominator > 0.0:
+                value *= float(self.roofline(x0, x1)) / denominator
         return value
 
     def __call__(self, *points: ArrayLike) -> np.ndarray:
@@ -656,7 +708,8 @@ class MeasuredCostModel(UnitRooflines):
         layer_s = 0.0
         decode = batch.decode_context_tokens
         if decode.size:
-            layer_s += self.units["attention_decode"].scalar(decode.size, float(decode.mean()))
+            # the mean as np.mean computes it, bit for bit: an exact integer sum (far below 2**53) over the count
+            layer_s += self.units["attention_decode"].scalar(decode.size, int(decode.sum()) / decode.size)
         chunks = batch.prefill_chunk_tokens
         if chunks.size == 1:
             layer_s += self.units["attention_prefill"].scalar(chunks[0], batch.prefill_context_tokens[0])
@@ -703,14 +756,14 @@ class MeasuredCostModel(UnitRooflines):
         tokens in every iteration), the experts' rows of all iterations together, the attention per iteration
         (its context grows by one token each)."""
         batch = float(contexts.size)
-        mean_context = float(contexts.mean())
+        mean_context = int(contexts.sum()) / contexts.size  # np.mean's value (see attention_time_s)
         decode_table = self.units["attention_decode"]
         # One scalar lookup per iteration: a decode run is a few iterations, and the scalar path (5 us) beats a
         # vectorized call (60 us) below a dozen of them; it is also the very lookup iteration_activity makes.
         attention = [
             self._num_layers * decode_table.scalar(batch, mean_context + j) for j in range(1, len(activities) + 1)
         ]
-        dense = self.dense_time_s(BatchShape(decode_context_tokens=contexts + 1))
+        dense = self.dense_time_s(BatchShape.trusted(_NO_TOKENS, _NO_TOKENS, contexts + 1))
         distinct = np.stack([a.distinct for a in activities])
         assignments = np.stack([a.assignments for a in activities])
         first = int(assignments[0, 0])

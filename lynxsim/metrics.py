@@ -1,20 +1,19 @@
 """Per-request and per-iteration records, and the summary statistics computed from them.
 
-Records are kept as plain column lists while the simulation runs (appending a row must cost next to nothing in
-the hot loop) and become pandas DataFrames once at the end; the summary is computed from those frames only, so
+Records are kept in preallocated numpy columns while the simulation runs (appending a row must cost next to
+nothing in the hot loop) and become pandas DataFrames once at the end; the summary is computed from those frames only, so
 anything it reports can be recomputed by a user from the parquet files.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from lynxsim.cost import LatencyBreakdown
-from lynxsim.policies.proxies import QualityProxies
 
 if TYPE_CHECKING:  # the engine records into this module, so it cannot be imported from here at run time
     from lynxsim.engine.request import Request
@@ -23,17 +22,35 @@ BREAKDOWN_COLUMNS = ("attention_s", "dense_s", "moe_s", "communication_s", "over
 PROXY_COLUMNS = ("retained_mass", "top1_kept", "assignments_changed", "assignments_dropped")
 
 
-@dataclass
-class IterationLog:
-    """Growing columns of the per-iteration table of one serving instance; per-layer arrays are stacked at the
-    end, and the instance's index and role become constant columns there (nothing per row in the hot loop)."""
+SCALAR_COLUMNS: dict[str, type] = {
+    "start_s": np.float64,
+    "latency_s": np.float64,
+    "prefill_tokens": np.int64,
+    "decode_tokens": np.int64,
+    "sequences": np.int64,
+    "sampled_tokens": np.int64,
+    "policy_applied": np.bool_,
+    "kv_used_fraction": np.float64,
+    **{name: np.float64 for name in (*BREAKDOWN_COLUMNS, "total_s")},
+}
+"""The per-iteration table's scalar columns, in order, with their types."""
+INITIAL_ROWS = 1024
 
-    num_moe_layers: int
-    instance: int = 0
-    role: str = "colocated"
-    scalars: dict[str, list[float]] = field(default_factory=dict)
-    distinct_experts: list[np.ndarray] = field(default_factory=list)
-    proxies: dict[str, list[np.ndarray]] = field(default_factory=lambda: {name: [] for name in PROXY_COLUMNS})
+
+class IterationLog:
+    """The per-iteration table of one serving instance, growing in preallocated columns (one numpy array per
+    column, capacity doubled when full) rather than per-row Python objects: appending a row writes a few numbers,
+    appending a decode run writes its rows with one slice assignment per column. The instance's index and role
+    become constant columns in ``frame`` (nothing per row in the hot loop)."""
+
+    def __init__(self, num_moe_layers: int, *, instance: int = 0, role: str = "colocated") -> None:
+        self.num_moe_layers = num_moe_layers
+        self.instance = instance
+        self.role = role
+        self.rows = 0
+        self._scalars = {name: np.zeros(INITIAL_ROWS, dtype=dtype) for name, dtype in SCALAR_COLUMNS.items()}
+        self._distinct = np.zeros((INITIAL_ROWS, num_moe_layers), dtype=np.int16)  # distinct experts per layer
+        self._proxies = np.zeros((len(PROXY_COLUMNS), INITIAL_ROWS, num_moe_layers), dtype=np.float32)
 
     def append(
         self,
@@ -46,42 +63,91 @@ class IterationLog:
         sampled_tokens: int,
         policy_applied: bool,
         distinct_experts: np.ndarray,
-        proxies: QualityProxies,
+        proxies: np.ndarray,
         kv_used_fraction: float,
     ) -> None:
-        row: dict[str, float] = {
-            "start_s": start_s,
-            "latency_s": latency.total_s,
-            "prefill_tokens": prefill_tokens,
-            "decode_tokens": decode_tokens,
-            "sequences": sequences,
-            "sampled_tokens": sampled_tokens,
-            "policy_applied": policy_applied,
-            "kv_used_fraction": kv_used_fraction,
-        }
-        row.update(latency.as_dict())
-        for key, value in row.items():
-            self.scalars.setdefault(key, []).append(value)
-        self.distinct_experts.append(distinct_experts)
-        for name in PROXY_COLUMNS:
-            self.proxies[name].append(getattr(proxies, name))
+        """One iteration; ``distinct_experts`` per MoE layer, ``proxies`` ``[4, layers]`` (the ``QualityProxies``
+        fields in order)."""
+        i = self._reserve(1)
+        total_s = latency.total_s
+        values = (start_s, total_s, prefill_tokens, decode_tokens, sequences, sampled_tokens, policy_applied,
+                  kv_used_fraction, latency.attention_s, latency.dense_s, latency.moe_s, latency.communication_s,
+                  latency.overhead_s, total_s)
+        for column, value in zip(self._scalars.values(), values):
+            column[i] = value
+        self._distinct[i] = distinct_experts
+        self._proxies[:, i] = proxies
+
+    def append_decode_run(
+        self,
+        *,
+        start_s: np.ndarray,
+        latencies: Sequence[LatencyBreakdown],
+        sequences: int,
+        distinct_experts: np.ndarray,
+        proxies: np.ndarray,
+        kv_used_fraction: np.ndarray,
+    ) -> None:
+        """The iterations of a decode run: pure decode, every one of ``sequences`` requests sampling a token, the
+        policy applied; one entry of each argument per iteration (``distinct_experts`` ``[iterations, layers]``,
+        ``proxies`` ``[4, iterations, layers]``)."""
+        count = len(latencies)
+        i = self._reserve(count)
+        rows = slice(i, i + count)
+        columns = self._scalars
+        breakdown = np.array([(l.attention_s, l.dense_s, l.moe_s, l.communication_s, l.overhead_s, l.total_s)
+                              for l in latencies], dtype=np.float64)
+        columns["start_s"][rows] = start_s
+        columns["latency_s"][rows] = breakdown[:, -1]
+        columns["prefill_tokens"][rows] = 0
+        for name in ("decode_tokens", "sequences", "sampled_tokens"):
+            columns[name][rows] = sequences
+        columns["policy_applied"][rows] = True
+        columns["kv_used_fraction"][rows] = kv_used_fraction
+        for k, name in enumerate((*BREAKDOWN_COLUMNS, "total_s")):
+            columns[name][rows] = breakdown[:, k]
+        self._distinct[rows] = distinct_experts
+        self._proxies[:, rows] = proxies
+
+    def _reserve(self, count: int) -> int:
+        """Make room for ``count`` more rows; returns the first one's index."""
+        first = self.rows
+        needed = first + count
+        capacity = self._distinct.shape[0]
+        if needed > capacity:
+            capacity = max(2 * capacity, needed)
+            self._scalars = {name: _grown(column, capacity, 0) for name, column in self._scalars.items()}
+            self._distinct = _grown(self._distinct, capacity, 0)
+            self._proxies = _grown(self._proxies, capacity, 1)
+        self.rows = needed
+        return first
 
     def frame(self) -> pd.DataFrame:
         """One row per iteration; ``distinct_experts`` and the proxies hold one value per MoE layer."""
-        frame = pd.DataFrame({key: np.asarray(values) for key, values in self.scalars.items()})
-        if frame.empty:
-            return frame
-        frame["instance"] = np.full(len(frame), self.instance, dtype=np.int64)
-        frame["role"] = pd.Series([self.role] * len(frame), dtype=object)
+        n = self.rows
+        if not n:
+            return pd.DataFrame()
+        frame = pd.DataFrame({name: column[:n].copy() for name, column in self._scalars.items()})
+        frame["instance"] = np.full(n, self.instance, dtype=np.int64)
+        frame["role"] = pd.Series([self.role] * n, dtype=object)
         frame["pure_decode"] = frame["prefill_tokens"] == 0
-        distinct = np.stack(self.distinct_experts)
+        distinct = self._distinct[:n].copy()
         frame["mean_distinct_experts"] = distinct.mean(axis=1)
-        frame["distinct_experts"] = list(distinct.astype(np.int16))
-        for name in PROXY_COLUMNS:
-            per_layer = np.stack(self.proxies[name]).astype(np.float32)
+        frame["distinct_experts"] = list(distinct)
+        for k, name in enumerate(PROXY_COLUMNS):
+            per_layer = self._proxies[k, :n].copy()
             frame[f"mean_{name}"] = per_layer.mean(axis=1)
             frame[name] = list(per_layer)
         return frame
+
+
+def _grown(array: np.ndarray, capacity: int, axis: int) -> np.ndarray:
+    """``array`` with its ``axis`` lengthened to ``capacity``, the new rows zero."""
+    shape = list(array.shape)
+    shape[axis] = capacity
+    grown = np.zeros(shape, dtype=array.dtype)
+    grown[(slice(None),) * axis + (slice(0, array.shape[axis]),)] = array
+    return grown
 
 
 def requests_frame(requests: list[Request], statuses: dict[int, str]) -> pd.DataFrame:

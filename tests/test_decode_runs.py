@@ -8,13 +8,12 @@ import pandas as pd
 import pytest
 
 from lynxsim.config import ExperimentConfig
-from lynxsim.engine.decode_run import kv_horizon
-from lynxsim.engine.kv_cache import BlockPool
+from lynxsim.engine.decode_run import fitting_iterations, grown_blocks
 from lynxsim.engine.replica import Replica
 from lynxsim.runner import prepare, simulate_policy
 
 
-def _config(parallelism: dict | None = None, **serving: object) -> ExperimentConfig:
+def _config(parallelism: dict | None = None, simulation: dict | None = None, **serving: object) -> ExperimentConfig:
     return ExperimentConfig.model_validate({
         "deployment": {"parallelism": parallelism or {}},
         "name": "runs",
@@ -27,7 +26,7 @@ def _config(parallelism: dict | None = None, **serving: object) -> ExperimentCon
         },
         "serving": {"max_num_seqs": 64, **serving},
         "policies": [{"name": "topk"}, {"name": "lynx"}],
-        "simulation": {"seed": 5, "num_requests": 60},
+        "simulation": {"seed": 5, "num_requests": 60, **(simulation or {})},
         "output": {"figures": False},
     })
 
@@ -42,14 +41,21 @@ def _run(config: ExperimentConfig, runs: bool, monkeypatch: pytest.MonkeyPatch) 
     return out
 
 
+STATISTICAL = {"routing_mode": "statistical", "statistical_cache": False, "statistical_samples": 8}
+
+
 @pytest.mark.parametrize(
-    ("parallelism", "serving"),
-    [({}, {}), ({}, {"chunked_prefill": False}), ({}, {"gpu_memory_utilization": 0.64}),
-     ({"tensor_parallel": 2, "expert_parallel": 2}, {})],
-    ids=["chunked", "no-chunking", "small-kv-cache", "ep2"],
+    ("parallelism", "serving", "simulation"),
+    [({}, {}, {}), ({}, {"chunked_prefill": False}, {}), ({}, {"gpu_memory_utilization": 0.64}, {}),
+     ({"tensor_parallel": 2, "expert_parallel": 2}, {}, {}), ({}, {"gpu_memory_utilization": 0.64}, STATISTICAL)],
+    ids=["chunked", "no-chunking", "small-kv-cache", "ep2", "statistical"],
 )
-def test_decode_runs_change_no_number(parallelism: dict, serving: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    config = _config(parallelism, **serving)
+def test_decode_runs_change_no_number(
+    parallelism: dict, serving: dict, simulation: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Also in the statistical mode: its iterations draw from their instance's stream in order, whether a
+    decode run draws several at once or not."""
+    config = _config(parallelism, simulation, **serving)
     stepped = _run(config, False, monkeypatch)
     batched = _run(config, True, monkeypatch)
     for label in stepped:
@@ -68,13 +74,12 @@ def test_decode_runs_change_no_number(parallelism: dict, serving: dict, monkeypa
 
 
 def test_kv_horizon_by_hand() -> None:
-    pool = BlockPool(num_blocks=10, block_size_tokens=4)
-    pool.free_blocks = 2
-    # two requests holding 2 blocks each, at 7 and 8 cached tokens: iteration j grows them to 8 + j and 9 + j
-    contexts, held = np.array([7, 8]), np.array([2, 2])
-    # j=0: 8 -> 2 blocks, 9 -> 3 (1 new); j=1..3: 3 and 3 (2 new) ; j=4: 12 -> 3, 13 -> 4 (3 new > 2 free)
-    assert kv_horizon(pool, contexts, held, 10) == 4
-    assert kv_horizon(pool, contexts, held, 3) == 3
+    # two requests holding 2 blocks of 4 tokens each, at 7 and 8 cached tokens: iteration j grows them to 8 + j
+    # and 9 + j tokens; j=0: 8 -> 2 blocks, 9 -> 3 (1 new); j=1..3: 3 and 3 (2 new); j=4: 12 -> 3, 13 -> 4 (3 new)
+    grown = grown_blocks(4, np.array([7, 8]), np.array([2, 2]), 6)
+    assert grown.tolist() == [1, 2, 2, 2, 3, 4]
+    assert fitting_iterations(grown, 2) == 4  # 2 free blocks
+    assert fitting_iterations(grown[:3], 2) == 3
 
 
 def test_routing_a_prefill_until_its_top_k_union_fills_changes_no_number(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,8 +2,9 @@
 proxies (within 1e-6: the retained mass sums exponentials in another order).
 
 Synthetic logits: ``SyntheticRouting.logits`` (kernels) against ``numpy_logits``. Selection: ``route_counts``
-(kernels for top-k and Lynx) against ``numpy_route_counts``, which goes through ``select``, ``expert_token_counts``
-and ``quality_proxies`` as the engine did. Logits are drawn with many exact ties (a coarse grid) or without, so
+(kernels for top-k and Lynx: ``column_kernels`` for few experts, ``selection_kernels`` for many, and the two
+against each other, bit for bit) against ``numpy_route_counts``, which goes through ``select``,
+``expert_token_counts`` and ``quality_proxies`` as the engine did. Logits are drawn with many exact ties (a coarse grid) or without, so
 every tie rule of ``topk.py`` and ``lynx.py`` is exercised; the hand-worked Lynx batches of
 ``test_policy_lynx.py`` are run through both paths too.
 """
@@ -14,6 +15,7 @@ import hashlib
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -23,8 +25,9 @@ from test_policy_lynx import EXAMPLE1, EXAMPLE2, EXAMPLE3, EXAMPLE4, EXAMPLE5
 
 from lynxsim.jit import DISABLE_VARIABLE, kernels
 from lynxsim.policies import OEA, Lynx, Policy, Skip, TopK, Vote
+from lynxsim.policies import kernels as route_kernels
 from lynxsim.policies.activity import expert_token_counts
-from lynxsim.policies.kernels import numpy_route_counts, route_counts
+from lynxsim.policies.kernels import COLUMN_EXPERTS, numpy_route_counts, route_counts
 from lynxsim.policies.proxies import QualityProxies, quality_proxies
 from lynxsim.routing import SyntheticRouting, SyntheticRoutingParams
 
@@ -51,12 +54,14 @@ def _assert_same(logits: np.ndarray, policy: Policy, top_k: int) -> tuple[np.nda
 
 
 @st.composite
-def routed_batches(draw: st.DrawFn) -> tuple[np.ndarray, int]:
+def routed_batches(
+    draw: st.DrawFn, expert_counts: st.SearchStrategy[int] = st.sampled_from([2, 5, 8, 8, 64, 256])
+) -> tuple[np.ndarray, int]:
     """Logits ``[layers, groups, tokens, experts]`` (float32 or float64, tied or not) and a top_k in 1..8."""
     layers = draw(st.integers(1, 3))
     groups = draw(st.integers(1, 3))
     tokens = draw(st.sampled_from([1, 1, 2, 3, 7, 16, 33]))
-    experts = draw(st.sampled_from([2, 5, 8, 8, 64, 256]))
+    experts = draw(expert_counts)
     top_k = draw(st.integers(1, min(8, experts)))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     shape = (layers, groups, tokens, experts)
@@ -96,6 +101,39 @@ def test_topk_kernel_matches_select(batch: tuple[np.ndarray, int]) -> None:
     counts, proxies = _assert_same(logits, TopK(), top_k)
     assert (counts.sum(axis=-1) == logits.shape[2] * top_k).all()
     assert (proxies.retained_mass == 1.0).all() and (proxies.assignments_changed == 0.0).all()
+
+
+def _assert_rows_equal_columns(logits: np.ndarray, policy: Policy, top_k: int) -> None:
+    """route_counts gives the same counts and proxies, bit for bit, from column_kernels (few experts) and from
+    selection_kernels: a run's records do not depend on which of the two ranked its batches."""
+    assert logits.shape[-1] <= COLUMN_EXPERTS
+    columns = route_counts(logits, policy, top_k)
+    with mock.patch.object(route_kernels, "COLUMN_EXPERTS", 0):
+        rows = route_counts(logits, policy, top_k)
+    np.testing.assert_array_equal(columns[0], rows[0])
+    for name, got, want in zip(QualityProxies._fields, columns[1], rows[1]):
+        assert got.tobytes() == want.tobytes(), name
+
+
+FEW_EXPERTS = st.sampled_from([2, 3, 5, 8, 8, 16])
+
+
+@SETTINGS
+@given(batch=routed_batches(FEW_EXPERTS), data=st.data())
+def test_column_kernels_equal_row_kernels(batch: tuple[np.ndarray, int], data: st.DataObject) -> None:
+    logits, top_k = batch
+    _assert_rows_equal_columns(logits, data.draw(lynx_policies(logits.shape[0])), top_k)
+    _assert_rows_equal_columns(logits, TopK(), top_k)
+
+
+def test_column_kernel_hands_bins_past_the_table_to_the_row_kernel() -> None:
+    # Two tokens, no floor: a gap of 2,000 logits at alpha 1 is depth 2,000, past bin_weights(2)'s 1,074 depths.
+    logits = np.zeros((2, 1, 2, 8))
+    logits[1, 0, 1, 3] = 2000.0
+    logits[1, 0, 0, :] = np.arange(8.0)
+    for policy in (Lynx(alpha=1, beta=None), Lynx(alpha=[1.0, 1.0], beta=[None, 2])):
+        _assert_same(logits, policy, 2)
+        _assert_rows_equal_columns(logits, policy, 2)
 
 
 @pytest.mark.parametrize(
@@ -205,7 +243,8 @@ def test_synthetic_kernel_is_bit_identical(
         assert got.tobytes() == np.ascontiguousarray(want).tobytes()
 
 
-def test_synthetic_logits_without_numba() -> None:
+@pytest.mark.parametrize(("experts", "top_k"), [(64, 6), (8, 2)])  # selection_kernels, column_kernels
+def test_synthetic_logits_without_numba(experts: int, top_k: int) -> None:
     """LYNXSIM_NO_NUMBA=1 in a fresh process: no kernel is loaded, and the numpy path gives the kernels' bits."""
     code = (
         "import hashlib, numpy as np\n"
@@ -214,13 +253,13 @@ def test_synthetic_logits_without_numba() -> None:
         "from lynxsim.policies.kernels import route_counts\n"
         "from lynxsim.routing import SyntheticRouting\n"
         "assert kernels('lynxsim.routing.synthetic_kernels') is None\n"
-        "out = SyntheticRouting(5, 64, seed=9).logits(np.arange(12), np.full(12, 30))\n"
-        "counts, _ = route_counts(out, Lynx(alpha=1, beta=2), 6)\n"
+        f"out = SyntheticRouting(5, {experts}, seed=9).logits(np.arange(12), np.full(12, 30))\n"
+        f"counts, _ = route_counts(out, Lynx(alpha=1, beta=2), {top_k})\n"
         "print(hashlib.sha256(out.tobytes()).hexdigest(), hashlib.sha256(counts.tobytes()).hexdigest())\n"
     )
     env = {**os.environ, DISABLE_VARIABLE: "1"}
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
-    here = SyntheticRouting(5, 64, seed=9).logits(np.arange(12), np.full(12, 30))
-    counts, _ = route_counts(here, Lynx(alpha=1, beta=2), 6)
+    here = SyntheticRouting(5, experts, seed=9).logits(np.arange(12), np.full(12, 30))
+    counts, _ = route_counts(here, Lynx(alpha=1, beta=2), top_k)
     digests = [hashlib.sha256(here.tobytes()).hexdigest(), hashlib.sha256(counts.tobytes()).hexdigest()]
     assert child.stdout.split() == digests

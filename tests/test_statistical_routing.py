@@ -19,10 +19,12 @@ from lynxsim.models import load_catalog_model
 from lynxsim.parallel import ParallelPlan, make_instance_cost_model
 from lynxsim.policies import Policy, Selection, TopK, make
 from lynxsim.policies.activity import distinct_experts
+from lynxsim.policies.proxies import QualityProxies
 from lynxsim.routing import SyntheticRouting
 from lynxsim.routing.statistical import (
     ActivityTable,
     StatisticalRouting,
+    UniformStream,
     build_activity_table,
     default_sizes,
 )
@@ -61,6 +63,13 @@ def build(routing: object, policy: Policy, sizes: object, **kwargs: object) -> A
     return build_activity_table(routing, policy, sizes=sizes, **options)  # type: ignore[arg-type]
 
 
+def sample(table: ActivityTable, tokens: int, rng: np.random.Generator) -> tuple[ExpertActivity, QualityProxies]:
+    """One iteration of ``tokens`` tokens drawn from ``table`` with a fresh pair of uniforms."""
+    drawn = table.draw(tokens, rng.random((1, 2)))
+    proxies = np.broadcast_to(drawn.proxies, (4, 1, table.num_layers))[:, 0]
+    return drawn.activities[0], QualityProxies(*proxies)
+
+
 def mixtral_routing() -> tuple[SyntheticRouting, int, int]:
     model = load_catalog_model("mixtral-8x7b")
     return SyntheticRouting(model.num_moe_layers, model.num_experts, None, seed=11), model.num_experts, model.top_k
@@ -77,7 +86,7 @@ def test_known_answer_of_a_router_whose_tokens_all_agree(policy: Policy) -> None
     assert table.rank_distinct is None and table.rank_assignments is None
     rng = np.random.default_rng(0)
     for tokens in (1, 7, 17, 19, 33, 40):
-        activity, proxies = table.sample(tokens, rng)
+        activity, proxies = sample(table, tokens, rng)
         assert (activity.distinct == TOP_K).all() and (activity.assignments == tokens * TOP_K).all()
         np.testing.assert_allclose(proxies.retained_mass, 1.0)
         np.testing.assert_allclose(proxies.assignments_changed, 0.0)
@@ -115,7 +124,7 @@ def hand_table() -> ActivityTable:
 def test_between_grid_sizes_only_the_two_neighbours_with_linear_odds_and_rescaled_assignments() -> None:
     table = hand_table()
     rng = np.random.default_rng(5)
-    draws = [table.sample(5, rng)[0] for _ in range(4000)]
+    draws = [sample(table, 5, rng)[0] for _ in range(4000)]
     picked_upper = np.array([int(a.distinct[0]) == 2 for a in draws])
     assert {int(a.distinct[0]) for a in draws} == {1, 2}
     assert abs(picked_upper.mean() - 0.25) < 0.03  # (5 - 4) / (8 - 4); binomial sd 0.007
@@ -123,30 +132,54 @@ def test_between_grid_sizes_only_the_two_neighbours_with_linear_odds_and_rescale
         assert (activity.assignments == 50).all()  # 40 * 5/4 and 80 * 5/8
         assert activity.rank_assignments is not None
         assert (activity.rank_assignments[:, 1] == round(10 * 5 / (4 if activity.distinct[0] == 1 else 8))).all()
-    on_grid, _ = table.sample(8, rng)
+    on_grid, _ = sample(table, 8, rng)
     assert (on_grid.distinct == 2).all() and (on_grid.assignments == 80).all()
     for outside in (0, 9):
         with pytest.raises(ValueError, match="covers 1 to 8 tokens"):
-            table.sample(outside, rng)
+            sample(table, outside, rng)
 
 
-def test_tables_are_read_only() -> None:
+def test_tables_are_read_only_and_draws_are_copies() -> None:
     table = hand_table()
-    activity, _ = table.sample(4, np.random.default_rng(0))
-    with pytest.raises(ValueError, match="read-only"):
-        activity.distinct[0] = 5
+    activity, _ = sample(table, 4, np.random.default_rng(0))
+    activity.distinct[0] = 5
+    assert (table.distinct == np.stack([np.full((3, LAYERS), 1), np.full((3, LAYERS), 2)])).all()
     with pytest.raises(ValueError, match="read-only"):
         table.assignments[0, 0, 0] = 1
+
+
+def test_draws_of_several_iterations_are_the_draws_one_by_one() -> None:
+    """A decode run draws its iterations in one call: the same as drawing them one at a time."""
+    routing, experts, top_k = mixtral_routing()
+    table = build(routing, make("lynx", alpha=0.7, beta=1), default_sizes(40), top_k=top_k, num_experts=experts)
+    uniforms = np.random.default_rng(4).random((9, 2))
+    for tokens in (16, 29):
+        together = table.draw(tokens, uniforms)
+        for k in range(9):
+            alone = table.draw(tokens, uniforms[k : k + 1])
+            np.testing.assert_array_equal(together.activities[k].assignments, alone.activities[0].assignments)
+            np.testing.assert_array_equal(together.distinct[k], alone.distinct[0])
+            np.testing.assert_array_equal(together.proxies[:, k], alone.proxies[:, 0])
+
+
+def test_uniform_stream_hands_unused_draws_to_the_next_iteration() -> None:
+    stream, reference = UniformStream(np.random.default_rng(3)), np.random.default_rng(3).random((2048, 2))
+    np.testing.assert_array_equal(stream.peek(5), reference[:5])
+    stream.advance(2)  # a run planned 5 iterations and simulated 2
+    np.testing.assert_array_equal(stream.peek(1), reference[2:3])
+    stream.advance(1)
+    np.testing.assert_array_equal(stream.peek(1500), np.concatenate((reference[3:1024], np.random.default_rng(3)
+                                                                       .random((1024 + 1500, 2))[1024:1503])))
 
 
 def test_statistical_routing_picks_the_table_of_the_iteration() -> None:
     policy, baseline = hand_table(), build(SameChoiceRouting(), make("topk"), [4, 8])
     routing = StatisticalRouting(policy, baseline)
-    rng = np.random.default_rng(0)
-    assert (routing.sample(8, True, rng)[0].assignments == 80).all()
-    assert (routing.sample(8, False, rng)[0].assignments == 16).all()
+    uniforms = np.random.default_rng(0).random((1, 2))
+    assert (routing.draw(8, True, uniforms).activities[0].assignments == 80).all()
+    assert (routing.draw(8, False, uniforms).activities[0].assignments == 16).all()
     with pytest.raises(ValueError, match="no baseline table"):
-        StatisticalRouting(policy, None).sample(8, False, rng)
+        StatisticalRouting(policy, None).draw(8, False, uniforms)
 
 
 def test_same_seed_same_samples_other_seed_other_samples() -> None:
@@ -159,7 +192,7 @@ def test_same_seed_same_samples_other_seed_other_samples() -> None:
     for name in ("distinct", "assignments", "proxies"):
         np.testing.assert_array_equal(getattr(first, name), getattr(again, name))
     assert not np.array_equal(first.proxies, other.proxies)
-    draws = [[table.sample(n, np.random.default_rng(9)) for n in (3, 11, 40)] for table in (first, again)]
+    draws = [[sample(table, n, np.random.default_rng(9)) for n in (3, 11, 40)] for table in (first, again)]
     for (a, p), (b, q) in zip(*draws):
         np.testing.assert_array_equal(a.distinct, b.distinct)
         np.testing.assert_array_equal(a.assignments, b.assignments)
@@ -192,7 +225,7 @@ def test_sampled_distinct_experts_match_exact_routing_within_two_percent(policy:
     table = build(routing, policy, default_sizes(64), top_k=top_k, num_experts=experts, samples=64)
     rng = np.random.default_rng(1)
     for batch in (16, 64):
-        sampled = np.mean([table.sample(batch, rng)[0].distinct.mean() for _ in range(2000)])
+        sampled = np.mean([sample(table, batch, rng)[0].distinct.mean() for _ in range(2000)])
         batches = 48
         request_ids = (3 << 40) + np.arange(batches * batch, dtype=np.int64)
         positions = rng.integers(0, 2048, size=batches * batch)
@@ -215,7 +248,7 @@ def test_expert_parallel_tables_hold_per_rank_arrays_that_sum_to_the_layer() -> 
     np.testing.assert_array_equal(table.rank_distinct.sum(axis=-1), table.distinct)
     rng = np.random.default_rng(2)
     for tokens in (16, 17, 23):
-        activity, _ = table.sample(tokens, rng)
+        activity, _ = sample(table, tokens, rng)
         assert activity.rank_assignments is not None and activity.rank_distinct is not None
         assert activity.rank_assignments.shape == (model.num_moe_layers, 2)
         # Rescaled ranks are rounded one by one: their sum is the layer's up to half an assignment per rank.

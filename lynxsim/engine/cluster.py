@@ -268,7 +268,10 @@ class Cluster:
             self._done.succeed()
 
     def _mark_cut_off(self) -> None:
+        """Give every request still in the system its cut-off status, with its counters written back (a running
+        request's live in its scheduler's ``RunningSet``)."""
         for instance in self.instances:
+            instance.scheduler.running.write_back()
             for request in instance.scheduler.running:
                 self.statuses[request.request_id] = "cutoff_running"
             for request in instance.scheduler.waiting:

@@ -25,49 +25,56 @@ Where a run stops (``plan_decode_run``):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 
 from lynxsim.engine.kv_cache import BlockPool
-from lynxsim.engine.request import Request
+from lynxsim.engine.running import RunningSet
 
 MAX_RUN_ITERATIONS = 64
 """Most iterations routed in one call: long enough to amortise the per-call overhead, short enough that the
 ``[layers, iterations, batch, experts]`` logits of a 256-sequence DeepSeek-V3 batch stay within ~1 GB."""
 
 
-def kv_horizon(pool: BlockPool, contexts: np.ndarray, held_blocks: np.ndarray, most: int) -> int:
-    """How many decode iterations (at most ``most``) the pool can grow every request for: iteration ``j`` needs
-    ``blocks_for(context + j + 1)`` blocks per request."""
+def grown_blocks(block_size_tokens: int, contexts: np.ndarray, held_blocks: np.ndarray, most: int) -> np.ndarray:
+    """Blocks the requests hold beyond ``held_blocks`` after each of ``most`` decode iterations: iteration ``j``
+    (from 0) grows each request to ``context + j + 1`` tokens, ``blocks_for`` of that."""
     steps = np.arange(1, most + 1, dtype=np.int64)
-    needed = -(-(contexts[None, :] + steps[:, None]) // pool.block_size_tokens)  # [steps, requests]
-    extra = (needed - held_blocks[None, :]).clip(min=0).sum(axis=1)
-    short = np.flatnonzero(extra > pool.free_blocks)
-    return int(short[0]) if short.size else most
+    needed = -(-(contexts[None, :] + steps[:, None]) // block_size_tokens)  # [steps, requests]
+    return (needed - held_blocks[None, :]).clip(min=0).sum(axis=1)
+
+
+def fitting_iterations(grown: np.ndarray, free_blocks: int) -> int:
+    """How many decode iterations the pool can grow every request for, of those ``grown`` describes (blocks
+    held beyond the present ones after each): up to the first that needs more than ``free_blocks``."""
+    short = np.flatnonzero(grown > free_blocks)
+    return int(short[0]) if short.size else int(grown.size)
 
 
 class DecodeRun(NamedTuple):
     """A decode run about to start: at most ``length`` iterations of the running requests, whose cached tokens
-    (``contexts``) and KV blocks (``held``) are read once, here, for sizing it and for running it."""
+    (``contexts``) are read once, here, for sizing it and for running it; ``grown[j]`` is the KV blocks they
+    hold after iteration ``j`` beyond those they hold now."""
 
     length: int
     contexts: np.ndarray
-    held: np.ndarray
+    grown: np.ndarray
 
 
 def plan_decode_run(
-    running: Sequence[Request], pool: BlockPool, *, last_latency_s: float, until_arrival_s: float
+    running: RunningSet, pool: BlockPool, *, last_latency_s: float, until_arrival_s: float
 ) -> DecodeRun | None:
-    """The decode run that may start now, or None when it would be a single iteration (step it alone)."""
-    remaining = min(r.spec.output_tokens - r.generated_tokens for r in running)
+    """The decode run of every running request (all decoding) that may start now, or None when it would be a
+    single iteration (step it alone)."""
+    n = len(running)
+    remaining = int((running.output[:n] - running.generated[:n]).min())
     most = min(remaining, MAX_RUN_ITERATIONS)
     if last_latency_s > 0 and math.isfinite(until_arrival_s):
         most = min(most, max(4, 2 * int(until_arrival_s / last_latency_s) + 2))
     if most <= 1:
         return None
-    contexts = np.fromiter((r.num_computed_tokens for r in running), dtype=np.int64, count=len(running))
-    held = np.fromiter((r.num_blocks for r in running), dtype=np.int64, count=len(running))
-    length = kv_horizon(pool, contexts, held, most)
-    return DecodeRun(length, contexts, held) if length > 1 else None
+    contexts = running.computed[:n].copy()
+    grown = grown_blocks(pool.block_size_tokens, contexts, running.blocks[:n], most)
+    length = fitting_iterations(grown, pool.free_blocks)
+    return DecodeRun(length, contexts, grown[:length]) if length > 1 else None

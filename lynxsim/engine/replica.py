@@ -21,7 +21,7 @@ change are computed as one decode run (``lynxsim.engine.decode_run``), iteration
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -37,6 +37,7 @@ from lynxsim.policies import Policy, TopK
 from lynxsim.policies.kernels import route_counts
 from lynxsim.policies.proxies import QualityProxies
 from lynxsim.routing.base import RoutingSource
+from lynxsim.routing.statistical import ActivityDraws, UniformStream
 from lynxsim.workload.requests import RequestSpec
 
 if TYPE_CHECKING:  # the cluster drives its instances, so it imports this module
@@ -47,6 +48,8 @@ if TYPE_CHECKING:  # the cluster drives its instances, so it imports this module
 Role = Literal["colocated", "prefill", "decode"]
 ROLES: tuple[Role, ...] = ("colocated", "prefill", "decode")
 
+
+_NO_TOKENS = np.zeros(0, dtype=np.int64)
 
 SATURATION_CHUNK_TOKENS = 256
 """Tokens routed at a time when an iteration's top-k union may fill before its last token (``union_of_topk``)."""
@@ -94,15 +97,16 @@ class RoutingStep:
 
     def route(
         self, request_ids: np.ndarray, positions: np.ndarray, groups: int, applied: bool
-    ) -> tuple[list[np.ndarray], list[QualityProxies]]:
-        """Tokens per expert ``[layers, experts]`` and the quality proxies of ``groups`` batches whose tokens are
+    ) -> tuple[list[np.ndarray], np.ndarray]:
+        """Tokens per expert ``[layers, experts]`` and the quality proxies (``[4, groups, layers]``, the
+        ``QualityProxies`` fields in order) of ``groups`` batches whose tokens are
         ``request_ids``/``positions`` in ``groups`` equal consecutive parts (one per iteration of a decode run)."""
         logits = self.routing.logits(request_ids, positions)
         layers, tokens, experts = logits.shape
         per_group = logits.reshape(layers, groups, tokens // groups, experts)
         policy = self.policy if applied else self.baseline
         counts, proxies = route_counts(per_group, policy, self.top_k, self.renormalize)
-        return list(counts), [QualityProxies(*(p[g] for p in proxies)) for g in range(groups)]
+        return list(counts), np.asarray(proxies)
 
 
 class Replica:
@@ -142,7 +146,9 @@ class Replica:
         self.cluster: Cluster | None = None  # set by the cluster this instance joins
         self._wakeup: simpy.Event | None = None
         self._last_latency_s = 0.0
-        self._rng = np.random.default_rng([step.seed, index])  # the statistical mode's draws
+        self._uniforms = (  # the statistical mode's draws
+            UniformStream(np.random.default_rng([step.seed, index])) if step.statistical is not None else None
+        )
 
     def run(self, specs: Sequence[RequestSpec], cutoff_s: float | None) -> float:
         """Simulate this instance alone until every request is done (or ``cutoff_s``); returns the simulated end
@@ -165,16 +171,17 @@ class Replica:
         cluster = self.cluster
         assert cluster is not None, "an instance serves as part of a Cluster"
         hands_off = self.role == "prefill"
+        scheduler = self.scheduler
         while True:
             run = self._plan_decode_run(cluster)
             if run is not None:
                 done = yield from self._decode_run(cluster, run)
                 if done:
                     continue
-            batch = self.scheduler.schedule(self.env.now)
+            batch = scheduler.schedule(self.env.now)
             if self.incoming:
                 self._receive(cluster)
-            if not batch.requests:
+            if not len(batch):
                 self._wakeup = self.env.event()
                 yield self._wakeup
                 continue
@@ -182,27 +189,22 @@ class Replica:
             applied, latency, distinct, proxies = self._execute(batch)
             self._last_latency_s = latency.total_s
             yield self.env.timeout(latency.total_s)
-            sampled, finished = self.scheduler.complete(batch, self.env.now)
-            for request in finished:
+            completion = scheduler.complete(batch, self.env.now, hand_off=hands_off)
+            for request in completion.finished:
                 cluster.finished(request, self)
-            if hands_off and sampled:
-                prefilled = [r for r in batch.requests if r.generated_tokens and not r.is_finished]
-                if prefilled:
-                    self.scheduler.detach(prefilled)
-                    for request in prefilled:
-                        cluster.prefilled(request, self)
-            decode_tokens = sum(batch.decoding)
+            for request in completion.handed_off:
+                cluster.prefilled(request, self)
             self.log.append(
                 start_s=start_s,
                 latency=latency,
-                prefill_tokens=batch.num_tokens - decode_tokens,
-                decode_tokens=decode_tokens,
+                prefill_tokens=batch.num_tokens - batch.num_decode_tokens,
+                decode_tokens=batch.num_decode_tokens,
                 sequences=len(batch),
-                sampled_tokens=sampled,
+                sampled_tokens=completion.sampled,
                 policy_applied=applied,
                 distinct_experts=distinct,
                 proxies=proxies,
-                kv_used_fraction=self.scheduler.pool.used_fraction,
+                kv_used_fraction=scheduler.pool.used_fraction,
             )
 
     def _receive(self, cluster: Cluster) -> None:
@@ -240,7 +242,7 @@ class Replica:
             or not running
             or scheduler.waiting
             or len(running) > scheduler.max_num_batched_tokens
-            or not all(r.generated_tokens > 0 and r.num_tokens - r.num_computed_tokens == 1 for r in running)
+            or not running.all_decoding()
         ):
             return None
         return plan_decode_run(
@@ -252,84 +254,80 @@ class Replica:
         """Up to ``run.length`` pure-decode iterations of the running requests in one step; False (and nothing
         done) when not even the first fits before the cut-off, so the caller steps one iteration instead."""
         scheduler = self.scheduler
-        running = list(scheduler.running)
-        batch_size = len(running)
-        length, contexts, held = run
-        ids = np.fromiter((r.request_id for r in running), dtype=np.int64, count=batch_size)
+        batch_size = len(scheduler.running)
+        length, contexts, grown = run
+        ids = scheduler.running.ids[:batch_size]
         activities, distinct, proxies = self._activities(
-            np.tile(ids, length), (contexts[None, :] + np.arange(length)[:, None]).ravel(), length, True, batch_size
+            lambda: (np.tile(ids, length), (contexts[None, :] + np.arange(length)[:, None]).ravel()),
+            length, True, batch_size,
         )
-        # Each iteration must start before the next arrival (the first always does) and end by the cut-off.
-        # A cost model that prices decode runs together prices all of them, the cut keeping those that happen;
-        # one without (e.g. validation's recorder, which must record only iterations that happen) is asked
-        # one iteration at a time.
-        price_run = getattr(self.cost_model, "decode_run", None)
-        priced = price_run(contexts, activities) if price_run is not None else None
         start_s = self.env.now
-        end_s, starts, latencies = start_s, [], []
-        for j in range(length):
-            if j and end_s >= cluster.next_arrival_s:
-                break
-            if priced is not None:
-                latency = priced[j]
-            else:
-                shape = BatchShape(decode_context_tokens=contexts + (j + 1))
-                latency = self.cost_model.iteration_activity(shape, activities[j])
-            if end_s + latency.total_s > cluster.cutoff_s:
-                break
-            starts.append(end_s)
-            latencies.append(latency)
-            end_s += latency.total_s
+        latencies, ends = self._price_decode_run(cluster, contexts, activities, start_s)
         used = len(latencies)
         if used == 0:
             return False
+        if self._uniforms is not None:
+            self._uniforms.advance(used)
         pool = scheduler.pool
-        used_blocks = pool.num_blocks - pool.free_blocks
-        grown = -(-(contexts[None, :] + np.arange(1, used + 1)[:, None]) // pool.block_size_tokens)
-        kv_used = (used_blocks + (grown - held[None, :]).clip(min=0).sum(axis=1)) / pool.num_blocks
+        kv_used = (pool.num_blocks - pool.free_blocks + grown[:used]) / pool.num_blocks
         self._last_latency_s = latencies[used - 1].total_s
-        yield self.env.timeout(end_s - start_s)
-        # What pool.try_grow would do request by request, at once: each request holds the blocks of its last
-        # iteration's length (plan_decode_run sized the run so that they exist).
-        blocks = np.maximum(grown[used - 1], held)
-        pool.free_blocks -= int((blocks - held).sum())
-        assert pool.free_blocks >= 0, "a decode run outgrew the KV cache it was sized for"
-        finished = []
-        for request, request_blocks in zip(running, blocks.tolist()):
-            request.num_computed_tokens += used
-            request.generated_tokens += used
-            request.num_tokens += used
-            request.num_blocks = request_blocks
-            if request.generated_tokens >= request.spec.output_tokens:  # Request.is_finished, inlined
-                request.finish_s = self.env.now
-                finished.append(request)
+        yield self.env.timeout(float(ends[used]) - start_s)
+        finished, released = scheduler.advance_decode_run(used, self.env.now)
         if finished:
-            released = 0
-            for request in finished:
-                released += request.num_blocks
-                pool.release(request)
             kv_used[-1] -= released / pool.num_blocks
-            done = {id(r) for r in finished}
-            scheduler.running = [r for r in scheduler.running if id(r) not in done]
             for request in finished:
                 cluster.finished(request, self)
-        for j in range(used):
-            self.log.append(
-                start_s=starts[j], latency=latencies[j], prefill_tokens=0, decode_tokens=batch_size,
-                sequences=batch_size, sampled_tokens=batch_size, policy_applied=True, distinct_experts=distinct[j],
-                proxies=proxies[j], kv_used_fraction=float(kv_used[j]),
-            )
+        self.log.append_decode_run(
+            start_s=ends[:used], latencies=latencies, sequences=batch_size, distinct_experts=distinct[:used],
+            proxies=proxies[:, :used], kv_used_fraction=kv_used,
+        )
         return True
 
+    def _price_decode_run(
+        self, cluster: Cluster, contexts: np.ndarray, activities: Sequence[ExpertActivity], start_s: float
+    ) -> tuple[list[LatencyBreakdown], np.ndarray]:
+        """The latencies of the decode run's iterations that happen, and their start times followed by the last
+        one's end (``ends[j]``: iteration ``j`` starts, ``ends[j + 1]``: it ends). Each iteration must start
+        before the next arrival (the first always does) and end by the cut-off. A cost model that prices decode
+        runs together prices all of them, the cut keeping those that happen; one without (e.g. validation's
+        recorder, which must record only iterations that happen) is asked one iteration at a time."""
+        price_run = getattr(self.cost_model, "decode_run", None)
+        if price_run is not None:
+            latencies = price_run(contexts, activities)
+            # Sequential sums, as the clock advances: ends[j + 1] = ends[j] + latency j, bit for bit.
+            ends = np.add.accumulate(np.array([start_s, *(l.total_s for l in latencies)], dtype=np.float64))
+            happens = ends[1:] <= cluster.cutoff_s
+            happens[1:] &= ends[1:-1] < cluster.next_arrival_s
+            used = int(np.argmin(happens)) if not happens.all() else len(latencies)
+            return latencies[:used], ends[: used + 1]
+        end_s, starts, latencies = start_s, [start_s], []
+        for j, activity in enumerate(activities):
+            if j and end_s >= cluster.next_arrival_s:
+                break
+            shape = BatchShape.trusted(_NO_TOKENS, _NO_TOKENS, contexts + (j + 1))
+            latency = self.cost_model.iteration_activity(shape, activity)
+            if end_s + latency.total_s > cluster.cutoff_s:
+                break
+            latencies.append(latency)
+            end_s += latency.total_s
+            starts.append(end_s)
+        return latencies, np.array(starts, dtype=np.float64)
+
     def _activities(
-        self, request_ids: np.ndarray, positions: np.ndarray, groups: int, applied: bool, tokens_per_group: int
-    ) -> tuple[list[ExpertActivity], list[np.ndarray], list[QualityProxies]]:
-        """Per group (iteration): its expert activity, distinct experts per layer, and quality proxies; routed
-        exactly, or drawn from the statistical mode's tables."""
+        self,
+        token_ids: Callable[[], tuple[np.ndarray, np.ndarray]],
+        groups: int,
+        applied: bool,
+        tokens_per_group: int,
+    ) -> ActivityDraws:
+        """Per group (iteration): its expert activity, and the groups' distinct experts per layer and quality
+        proxies stacked; routed exactly (the tokens' request ids and positions from ``token_ids``, in ``groups``
+        equal consecutive parts), or drawn from the statistical mode's tables with the next ``groups`` pairs of
+        the instance's uniforms (the caller marks those of the iterations that happen used)."""
         step = self.step
         if step.statistical is not None:
-            drawn = [step.statistical.sample(tokens_per_group, applied, self._rng) for _ in range(groups)]
-            return [a for a, _ in drawn], [a.distinct for a, _ in drawn], [p for _, p in drawn]
+            return step.statistical.draw(tokens_per_group, applied, self._uniforms.peek(groups))
+        request_ids, positions = token_ids()
         policy = step.policy if applied else step.baseline
         if (
             groups == 1
@@ -340,23 +338,22 @@ class Replica:
             distinct = step.union_of_topk(request_ids, positions)
             if distinct is not None:
                 activity = ExpertActivity(distinct, np.full_like(distinct, request_ids.size * step.top_k))
-                return [activity], [distinct], [QualityProxies.of_topk(distinct.size)]
+                proxies = np.stack(QualityProxies.of_topk(distinct.size))[:, None, :]
+                return ActivityDraws([activity], distinct[None, :], proxies)
         counts, proxies = step.route(request_ids, positions, groups, applied)
         activities = [self.cost_model.activity(c) for c in counts]
-        return activities, [a.distinct for a in activities], proxies
+        return ActivityDraws(activities, np.stack([a.distinct for a in activities]), proxies)
 
-    def _execute(self, batch: ScheduledBatch) -> tuple[bool, LatencyBreakdown, np.ndarray, QualityProxies]:
+    def _execute(self, batch: ScheduledBatch) -> tuple[bool, LatencyBreakdown, np.ndarray, np.ndarray]:
         """Route the batch's tokens through every MoE layer and price the iteration."""
-        request_ids, positions = batch.token_ids()
         applied = self.step.applies(batch)
-        activities, distinct, proxies = self._activities(request_ids, positions, 1, applied, positions.size)
-        decoding = np.asarray(batch.decoding)
-        new_tokens = np.asarray(batch.new_tokens, dtype=np.int64)
-        computed = np.asarray(batch.computed_before, dtype=np.int64)
-        shape = BatchShape(
-            prefill_chunk_tokens=new_tokens[~decoding],
-            prefill_context_tokens=computed[~decoding],
-            decode_context_tokens=computed[decoding] + 1,
+        activities, distinct, proxies = self._activities(batch.token_ids, 1, applied, batch.num_tokens)
+        decoding = batch.decoding
+        prefill = ~decoding
+        shape = BatchShape.trusted(
+            batch.new_tokens[prefill], batch.computed_before[prefill], batch.computed_before[decoding] + 1
         )
         latency = self.cost_model.iteration_activity(shape, activities[0])
-        return applied, latency, distinct[0], proxies[0]
+        if self._uniforms is not None:
+            self._uniforms.advance(1)
+        return applied, latency, distinct[0], proxies[:, 0]

@@ -5,6 +5,10 @@ its KV cache. Each iteration computes some of the missing ones; when none are mi
 token. A prompt is then just many missing tokens, a decode step exactly one, and a preempted request (KV cache
 dropped, recomputed later) simply has all its tokens missing again: one rule covers prefill, chunked prefill,
 decode and recomputation.
+
+While a request runs, its counters (``num_tokens``, ``num_computed_tokens``, ``generated_tokens``, ``num_blocks``)
+live in its scheduler's ``RunningSet`` (lynxsim/engine/running.py) and are written back here when it leaves the
+running set or the simulation ends.
 """
 
 from __future__ import annotations

@@ -9,58 +9,69 @@ When the KV cache runs out, the most recently admitted running request is preemp
 goes back to the front of the queue, to recompute its prompt and generated tokens later (vLLM's recompute mode).
 
 In disaggregated serving the same scheduler runs both kinds of instance: a prefill instance hands each request
-off (``detach``) once its prompt is computed, and a decode instance receives requests whose KV cache is already
-computed elsewhere; while their KV cache is in transfer they hold blocks and a sequence slot (``num_receiving``)
-but are not scheduled.
+off (``complete(..., hand_off=True)``) once its prompt is computed, and a decode instance receives requests whose
+KV cache is already computed elsewhere; while their KV cache is in transfer they hold blocks and a sequence slot
+(``num_receiving``) but are not scheduled.
+
+The running requests are a ``RunningSet`` (parallel arrays, lynxsim/engine/running.py): the running part of a
+batch is sized, given its KV blocks and completed with a fixed number of numpy operations whatever the batch size.
+A batch is always a contiguous range of the running set (running requests are scheduled as a prefix, admitted ones
+are appended after them), which is what lets ``complete`` apply an iteration to array slices.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from lynxsim.engine.kv_cache import BlockPool
 from lynxsim.engine.request import Request
+from lynxsim.engine.running import RunningSet
+
+_NO_TOKENS = np.zeros(0, dtype=np.int64)
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class ScheduledBatch:
-    """One iteration: each request with the number of tokens it computes and how many it had computed."""
+    """One iteration: the running requests at positions ``first .. first + len - 1`` of the scheduler's running
+    set, each with the tokens it computes (``new_tokens``), the tokens it had computed (``computed_before``) and
+    whether it is a decode step (``decoding``: one missing token that it generated itself)."""
 
-    requests: list[Request] = field(default_factory=list)
-    new_tokens: list[int] = field(default_factory=list)
-    computed_before: list[int] = field(default_factory=list)
-    decoding: list[bool] = field(default_factory=list)
-
-    def add(self, request: Request, tokens: int) -> None:
-        computed = request.num_computed_tokens
-        self.requests.append(request)
-        self.new_tokens.append(tokens)
-        self.computed_before.append(computed)
-        # Request.is_decoding, inlined: this runs for every running request in every iteration
-        self.decoding.append(request.generated_tokens > 0 and request.num_tokens - computed == 1)
+    first: int
+    request_ids: np.ndarray
+    new_tokens: np.ndarray
+    computed_before: np.ndarray
+    decoding: np.ndarray
+    num_tokens: int
+    num_decode_tokens: int
 
     def __len__(self) -> int:
-        return len(self.requests)
+        return int(self.new_tokens.size)
 
     @property
     def has_prefill(self) -> bool:
-        return not all(self.decoding)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.new_tokens)
+        return self.num_decode_tokens < self.new_tokens.size
 
     def token_ids(self) -> tuple[np.ndarray, np.ndarray]:
         """(request id, position) of every token computed in this iteration, request by request."""
-        counts = np.asarray(self.new_tokens, dtype=np.int64)
-        request_ids = np.repeat(np.asarray([r.request_id for r in self.requests], dtype=np.int64), counts)
+        counts = self.new_tokens
+        request_ids = np.repeat(self.request_ids, counts)
         chunk_starts = np.cumsum(counts) - counts
-        offsets = np.asarray(self.computed_before, dtype=np.int64) - chunk_starts
-        positions = np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(offsets, counts)
+        offsets = self.computed_before - chunk_starts
+        positions = np.arange(self.num_tokens, dtype=np.int64) + np.repeat(offsets, counts)
         return request_ids, positions
+
+
+class Completion(NamedTuple):
+    """What a finished iteration did: tokens sampled, requests that finished, and (prefill instances) requests
+    whose prompt is computed, handed off to a decode instance; both lists in admission order."""
+
+    sampled: int
+    finished: list[Request]
+    handed_off: list[Request]
 
 
 class Scheduler:
@@ -72,7 +83,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.chunked_prefill = chunked_prefill
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.running = RunningSet(max_num_seqs)
         self.num_preemptions = 0
         self.num_receiving = 0  # requests whose KV cache is being transferred in: they hold a sequence slot
 
@@ -89,84 +100,178 @@ class Scheduler:
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
-    def detach(self, requests: list[Request]) -> None:
-        """Take running requests out of this scheduler, leaving their KV blocks allocated (a prefill instance
-        hands requests off this way; it frees their blocks once their KV cache has been transferred)."""
-        gone = {id(r) for r in requests}
-        self.running = [r for r in self.running if id(r) not in gone]
-
     @property
     def is_idle(self) -> bool:
         return not self.waiting and not self.running
 
     def schedule(self, now_s: float) -> ScheduledBatch:
         """The next iteration's batch, starting at ``now_s`` (empty when there is nothing to compute)."""
-        batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
+        first = 0
         if self.chunked_prefill:
-            budget, preempted = self._schedule_running(batch, budget)
+            tokens, budget, preempted = self._schedule_running(budget)
             if not preempted:
-                self._admit_waiting(batch, budget, now_s, whole_prompts=False)
-            return batch
-        self._admit_waiting(batch, budget, now_s, whole_prompts=True)
-        if not batch.requests:
-            self._schedule_running(batch, budget)
-        return batch
+                admitted, budget = self._admit_waiting(budget, now_s, whole_prompts=False)
+                if admitted:
+                    tokens = np.concatenate((tokens, np.asarray(admitted, dtype=np.int64)))
+        else:
+            first = len(self.running)
+            admitted, budget = self._admit_waiting(budget, now_s, whole_prompts=True)
+            tokens = np.asarray(admitted, dtype=np.int64)
+            if not admitted:
+                first = 0
+                tokens, budget, _ = self._schedule_running(budget)
+        return self._batch(first, tokens, self.max_num_batched_tokens - budget)
 
-    def complete(self, batch: ScheduledBatch, now_s: float) -> tuple[int, list[Request]]:
-        """Apply a finished iteration: returns the number of tokens sampled and the requests that finished."""
-        sampled = 0
+    def complete(self, batch: ScheduledBatch, now_s: float, *, hand_off: bool = False) -> Completion:
+        """Apply a finished iteration: each request's new tokens are computed; those with none missing sample a
+        token, and finish when it is their last. With ``hand_off`` (a prefill instance) every request with a
+        sampled token that has more to generate leaves too, its KV blocks still allocated in the pool (the
+        instance frees them once the KV cache has moved: ``BlockPool.take_over``)."""
+        running = self.running
+        span = slice(batch.first, batch.first + len(batch))
+        computed = running.computed[span]
+        computed += batch.new_tokens
+        sampled = computed == running.num_tokens[span]
+        count = int(np.count_nonzero(sampled))
+        if not count:
+            return Completion(0, [], [])
+        generated = running.generated[span]
+        generated += sampled
+        running.num_tokens[span] += sampled
+        for i in np.flatnonzero(sampled & (generated == 1)).tolist():  # a first token (kept through preemption)
+            running.requests[batch.first + i].first_token_s = now_s
+        leaving = sampled & (generated >= running.output[span])
+        if hand_off:
+            leaving |= generated > 0
+        if not leaving.any():
+            return Completion(count, [], [])
+        mask = np.zeros(len(running), dtype=bool)
+        mask[span] = leaving
+        finished, handed_off = self._leave(mask, now_s)
+        return Completion(count, finished, handed_off)
+
+    def advance_decode_run(self, steps: int, now_s: float) -> tuple[list[Request], int]:
+        """Apply ``steps`` pure-decode iterations of every running request at once (a decode run, sized by
+        ``lynxsim.engine.decode_run`` so that no request finishes before the last and the KV blocks exist):
+        what ``complete`` would do ``steps`` times. Returns the requests that finished with the last, and the KV
+        blocks their finishing freed."""
+        running = self.running
+        n = len(running)
+        running.computed[:n] += steps
+        running.generated[:n] += steps
+        running.num_tokens[:n] += steps
+        blocks = np.maximum(-(-running.computed[:n] // self.pool.block_size_tokens), running.blocks[:n])
+        self.pool.free_blocks -= int((blocks - running.blocks[:n]).sum())
+        assert self.pool.free_blocks >= 0, "a decode run outgrew the KV cache it was sized for"
+        running.blocks[:n] = blocks
+        finished = running.generated[:n] >= running.output[:n]
+        if not finished.any():
+            return [], 0
+        released = int(blocks[finished].sum())
+        return self._leave(finished, now_s)[0], released
+
+    def _leave(self, mask: np.ndarray, now_s: float) -> tuple[list[Request], list[Request]]:
+        """Remove the running requests of ``mask``: the finished ones (their blocks freed) and the others, handed
+        off with their blocks."""
         finished: list[Request] = []
-        for request, tokens in zip(batch.requests, batch.new_tokens):
-            request.num_computed_tokens += tokens
-            if request.num_tokens != request.num_computed_tokens:
-                continue  # tokens still missing: a prompt chunk that is not the last one
-            sampled += 1
-            request.generated_tokens += 1
-            request.num_tokens += 1
-            if request.first_token_s is None:
-                request.first_token_s = now_s
-            if request.generated_tokens >= request.spec.output_tokens:  # Request.is_finished, inlined (hot)
+        handed_off: list[Request] = []
+        for request in self.running.remove(mask):
+            if request.generated_tokens >= request.spec.output_tokens:  # Request.is_finished, inlined
                 request.finish_s = now_s
                 self.pool.release(request)
                 finished.append(request)
-        if finished:
-            done = {id(r) for r in finished}
-            self.running = [r for r in self.running if id(r) not in done]
-        return sampled, finished
+            else:
+                handed_off.append(request)
+        return finished, handed_off
 
-    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> tuple[int, bool]:
+    def _batch(self, first: int, tokens: np.ndarray, num_tokens: int) -> ScheduledBatch:
+        running = self.running
+        span = slice(first, first + tokens.size)
+        computed = running.computed[span].copy()
+        decoding = (running.generated[span] > 0) & (running.num_tokens[span] - computed == 1)
+        return ScheduledBatch(
+            first, running.ids[span].copy(), tokens, computed, decoding, num_tokens, int(np.count_nonzero(decoding))
+        )
+
+    def _schedule_running(self, budget: int) -> tuple[np.ndarray, int, bool]:
+        """Tokens for the first running requests while the budget lasts, each taking its missing tokens or what
+        is left, and the KV blocks for them: (tokens of the scheduled prefix, budget left, whether any request was
+        preempted). When the pool holds every block needed, all at once; otherwise request by request,
+        preempting the most recently admitted ones (``_schedule_running_preempting``)."""
+        running = self.running
+        n = len(running)
+        if not n or budget <= 0:
+            return _NO_TOKENS, budget, False
+        computed = running.computed[:n]
+        missing = running.num_tokens[:n] - computed
+        ends = np.cumsum(missing)
+        if ends[-1] <= budget:
+            tokens, left = missing, budget - int(ends[-1])
+        else:  # the first requests whose missing tokens start within the budget; the last takes what is left
+            count = int(np.searchsorted(ends - missing, budget))
+            tokens, left = missing[:count], 0
+            tokens[-1] -= int(ends[count - 1]) - budget
+        count = tokens.size
+        held = running.blocks[:count]
+        extra = -(-(computed[:count] + tokens) // self.pool.block_size_tokens) - held
+        np.maximum(extra, 0, out=extra)
+        needed = int(extra.sum())
+        if needed > self.pool.free_blocks:
+            return self._schedule_running_preempting(budget)
+        held += extra
+        self.pool.free_blocks -= needed
+        return tokens, left, False
+
+    def _schedule_running_preempting(self, budget: int) -> tuple[np.ndarray, int, bool]:
+        """``_schedule_running`` when the pool runs short: request by request, in admission order, each growing
+        its blocks; while the pool cannot grow one, the most recently admitted request is preempted (possibly
+        that one itself, which ends the scheduling of running requests)."""
+        running = self.running
+        tokens: list[int] = []
         preempted = False
         index = 0
-        pool = self.pool
-        while index < len(self.running) and budget > 0:
-            request = self.running[index]
-            tokens = min(request.num_tokens - request.num_computed_tokens, budget)  # its missing tokens
-            while not pool.try_grow(request, request.num_computed_tokens + tokens):
-                victim = self.running.pop()
-                self._preempt(victim)
+        while index < len(running) and budget > 0:
+            take = min(int(running.num_tokens[index] - running.computed[index]), budget)
+            while not self._try_grow(index, int(running.computed[index]) + take):
+                victim = len(running) - 1
+                self._preempt(running.pop())
                 preempted = True
-                if victim is request:
-                    return budget, preempted
-            batch.add(request, tokens)
-            budget -= tokens
+                if victim == index:
+                    return np.asarray(tokens, dtype=np.int64), budget, preempted
+            tokens.append(take)
+            budget -= take
             index += 1
-        return budget, preempted
+        return np.asarray(tokens, dtype=np.int64), budget, preempted
 
-    def _admit_waiting(self, batch: ScheduledBatch, budget: int, now_s: float, *, whole_prompts: bool) -> None:
+    def _try_grow(self, index: int, tokens: int) -> bool:
+        """``BlockPool.try_grow`` for the running request at ``index``."""
+        extra = self.pool.blocks_for(tokens) - int(self.running.blocks[index])
+        if extra > self.pool.free_blocks:
+            return False
+        if extra > 0:
+            self.pool.free_blocks -= extra
+            self.running.blocks[index] += extra
+        return True
+
+    def _admit_waiting(self, budget: int, now_s: float, *, whole_prompts: bool) -> tuple[list[int], int]:
+        """Admit waiting requests, in order, while the budget, the sequence limit and the KV cache allow: the
+        tokens each computes, and the budget left."""
+        admitted: list[int] = []
         while self.waiting and budget > 0 and len(self.running) + self.num_receiving < self.max_num_seqs:
             request = self.waiting[0]
             if whole_prompts and request.missing_tokens > budget:
-                return
+                break
             tokens = min(request.missing_tokens, budget)
             if not self.pool.try_grow(request, request.num_computed_tokens + tokens):
-                return
+                break
             self.waiting.popleft()
             if request.first_scheduled_s is None:
                 request.first_scheduled_s = now_s
             self.running.append(request)
-            batch.add(request, tokens)
+            admitted.append(tokens)
             budget -= tokens
+        return admitted, budget
 
     def _preempt(self, request: Request) -> None:
         self.pool.release(request)

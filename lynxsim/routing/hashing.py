@@ -173,8 +173,8 @@ EXP_COEFFICIENTS: tuple[float, ...] = tuple(1.0 / math.factorial(n) for n in ran
 EXP_REDUCTION: tuple[float, float, float] = (_INV_LN2, _LN2_HI, _LN2_LO)
 """(1 / ln 2, ln 2 high part, ln 2 low part) of exp_exact's range reduction, for the numba kernel."""
 POWERS_OF_TWO: np.ndarray = np.ldexp(1.0, np.arange(-1022, 1024))
-"""float64 ``2**k`` at index ``k + 1022``, for every normal exponent ``k`` (a table read, where ``ldexp`` is a
-libm call in the numba kernel)."""
+"""float64 ``2**k`` at index ``k + 1022``, for every normal exponent ``k``: ``exp_exact``'s last factor (the numba
+kernel builds the same numbers from their bits, which vectorizes where a table read does not)."""
 POWERS_OF_TWO.flags.writeable = False
 
 

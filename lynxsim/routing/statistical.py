@@ -24,12 +24,15 @@ expert parallelism) and the proxies. Top-k chooses per token, so its table takes
 (``topk_mask``, the rule ``TopK.select`` applies) and accumulates counts over growing prefixes, and stores no
 proxies (those of top-k are 1, 1, 0, 0 by definition).
 
-Sampling (``ActivityTable.sample``). A token count on the grid draws one of its samples uniformly: the whole
+Sampling (``ActivityTable.draw``). A token count on the grid draws one of its samples uniformly: the whole
 iteration's sample, every layer from the same batch, so the correlation between layers is kept. Between two grid
 sizes ``lo < n < hi`` it takes ``hi`` with probability ``(n - lo) / (hi - lo)``, else ``lo``, so the mean of any
 statistic is interpolated linearly between the grid points; the sample's assignments (per rank too) are rescaled
 by ``n / size`` (every policy assigns about ``top_k`` experts per token, so assignments scale with tokens) and
-its distinct experts are kept as they are (they do not scale).
+its distinct experts are kept as they are (they do not scale). Each iteration's draw takes a pair of uniforms
+from its instance's ``UniformStream``, the next pair not yet used, so that the engine draws the iterations of a
+decode run together, in one indexing of the table, and the draws are the same whether it groups iterations into
+decode runs or steps them one by one.
 
 Where it departs from exact mode (measured in README, "Statistical routing mode"):
 
@@ -52,6 +55,7 @@ import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -118,7 +122,8 @@ class ActivityTable:
     build_s: float
     from_cache: bool = False  # read from lynxsim.routing.table_cache rather than built by this run
     _size_list: list[int] = field(init=False, repr=False)
-    _topk_proxies: QualityProxies = field(init=False, repr=False)
+    _topk_proxies_array: np.ndarray = field(init=False, repr=False)  # [4, layers]: top-k's proxies, by definition
+    _flat: dict[str, np.ndarray] = field(init=False, repr=False)  # the arrays as [sizes * samples, ...] views
 
     def __post_init__(self) -> None:
         sizes = [int(s) for s in self.sizes]
@@ -135,9 +140,15 @@ class ActivityTable:
                       self.proxies):
             _read_only(array)
         object.__setattr__(self, "_size_list", sizes)
-        ones = _read_only(np.ones(self.num_layers))
-        zeros = _read_only(np.zeros(self.num_layers))
-        object.__setattr__(self, "_topk_proxies", QualityProxies(ones, ones, zeros, zeros))
+        reference = QualityProxies.of_topk(self.num_layers)
+        object.__setattr__(self, "_topk_proxies_array", _read_only(np.stack(reference)))
+        rows = len(sizes) * self.samples
+        flat = {name: getattr(self, name).reshape(rows, *getattr(self, name).shape[2:])
+                for name in ("distinct", "assignments", "rank_distinct", "rank_assignments")
+                if getattr(self, name) is not None}
+        if self.proxies is not None:
+            flat["proxies"] = self.proxies.reshape(len(_PROXY_FIELDS), rows, self.num_layers)
+        object.__setattr__(self, "_flat", flat)
 
     @property
     def samples(self) -> int:
@@ -149,7 +160,7 @@ class ActivityTable:
 
     @property
     def largest(self) -> int:
-        """The most tokens ``sample`` accepts."""
+        """The most tokens ``draw`` accepts."""
         return self._size_list[-1]
 
     @property
@@ -158,39 +169,90 @@ class ActivityTable:
         arrays = (self.sizes, self.distinct, self.assignments, self.rank_distinct, self.rank_assignments, self.proxies)
         return sum(a.nbytes for a in arrays if a is not None)
 
-    def sample(self, num_tokens: int, rng: np.random.Generator) -> tuple[ExpertActivity, QualityProxies]:
-        """One iteration of ``num_tokens`` tokens: a whole sample of a grid size (the size itself, or between two
-        grid sizes the lower or upper one with probability given by the position between them), assignments
-        rescaled to ``num_tokens`` (see the module docstring). Arrays are read-only views where nothing is
-        rescaled; ``ValueError`` outside ``[1, largest]``."""
+    def draw(self, num_tokens: int, uniforms: np.ndarray) -> ActivityDraws:
+        """Iterations of ``num_tokens`` tokens each, one per row of ``uniforms`` (``[iterations, 2]``, in
+        ``[0, 1)``): each a whole sample of a grid size (the size itself, or between two grid sizes the upper one
+        when ``uniforms[:, 0]`` falls below the position between them, else the lower one), sample
+        ``uniforms[:, 1] * samples`` of it, assignments rescaled to ``num_tokens`` (see the module docstring).
+        ``ValueError`` outside ``[1, largest]``."""
         sizes = self._size_list
         if not 1 <= num_tokens <= sizes[-1]:
             raise ValueError(f"the table covers 1 to {sizes[-1]} tokens per iteration, got {num_tokens}")
         index = bisect.bisect_left(sizes, num_tokens)
         size = sizes[index]
-        if size != num_tokens:
-            lower = sizes[index - 1]
-            if rng.random() * (size - lower) >= num_tokens - lower:  # the upper size with (n - lo) / (hi - lo)
-                index -= 1
-                size = lower
-        j = int(rng.integers(self.distinct.shape[1]))
-        distinct = self.distinct[index, j]
-        assignments = self.assignments[index, j]
+        lower = sizes[index - 1] if size != num_tokens else size
+        samples = self.samples
+        # Rows of the tables flattened to [sizes * samples, ...], one per iteration (a few: a Python loop is
+        # cheaper than numpy's per-call overhead), then one ``take`` per array reads every iteration.
+        rows: list[int] = []
+        scales: list[float] = []
+        for u_size, u_sample in uniforms.tolist():
+            if size != num_tokens and u_size * (size - lower) >= num_tokens - lower:  # lower: 1 - (n - lo) / (hi - lo)
+                rows.append((index - 1) * samples + int(u_sample * samples))
+                scales.append(num_tokens / lower)
+            else:
+                rows.append(index * samples + int(u_sample * samples))
+                scales.append(num_tokens / size)
+        scale = None if size == num_tokens else np.array(scales)[:, None]
+        flat = self._flat
+        distinct = flat["distinct"].take(rows, axis=0)
+        assignments = flat["assignments"].take(rows, axis=0)
         rank_distinct = rank_assignments = None
-        if self.rank_distinct is not None and self.rank_assignments is not None:
-            rank_distinct = self.rank_distinct[index, j]
-            rank_assignments = self.rank_assignments[index, j]
-        if size != num_tokens:
-            scale = num_tokens / size
+        if "rank_distinct" in flat:
+            rank_distinct = flat["rank_distinct"].take(rows, axis=0)
+            rank_assignments = flat["rank_assignments"].take(rows, axis=0)
+        if scale is not None:
             # A distinct expert holds at least one assignment, however the rescaling rounds.
             assignments = np.maximum(np.rint(assignments * scale).astype(np.int64), distinct)
-            if rank_distinct is not None:
-                rank_assignments = np.maximum(np.rint(rank_assignments * scale).astype(np.int64), rank_distinct)
-        activity = ExpertActivity(distinct, assignments, rank_distinct, rank_assignments)
-        if self.proxies is None:
-            return activity, self._topk_proxies
-        proxies = self.proxies[:, index, j]
-        return activity, QualityProxies(proxies[0], proxies[1], proxies[2], proxies[3])
+            if rank_distinct is not None and rank_assignments is not None:
+                rank_assignments = np.maximum(
+                    np.rint(rank_assignments * scale[:, :, None]).astype(np.int64), rank_distinct
+                )
+        activities = [
+            ExpertActivity(distinct[k], assignments[k],
+                           None if rank_distinct is None else rank_distinct[k],
+                           None if rank_assignments is None else rank_assignments[k])
+            for k in range(len(rows))
+        ]
+        proxies = self._topk_proxies_array[:, None, :] if self.proxies is None else flat["proxies"].take(rows, axis=1)
+        return ActivityDraws(activities, distinct, proxies)
+
+
+class ActivityDraws(NamedTuple):
+    """Iterations drawn from a table: each one's expert activity, and all of theirs distinct experts
+    (``[iterations, layers]``) and quality proxies (``[4, iterations, layers]``, the ``QualityProxies`` fields
+    in order; ``[4, 1, layers]`` where every iteration has the same, top-k's) stacked, as the engine records
+    them."""
+
+    activities: list[ExpertActivity]
+    distinct: np.ndarray
+    proxies: np.ndarray
+
+
+class UniformStream:
+    """The statistical mode's random numbers for one serving instance: a pair of uniforms in ``[0, 1)`` per
+    simulated iteration, generated ahead in blocks. An iteration's pair is the next one not yet used, so the
+    draws of iterations planned but not simulated (a decode run cut short by an arrival) pass on to the
+    iterations that happen: a run's numbers do not depend on how the engine groups its iterations."""
+
+    BLOCK = 1024
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self._rng = rng
+        self._buffer = np.zeros((0, 2))
+        self._next = 0
+
+    def peek(self, count: int) -> np.ndarray:
+        """The next ``count`` pairs (``[count, 2]``), left unused until ``advance``."""
+        if self._next + count > self._buffer.shape[0]:
+            fresh = self._rng.random((max(self.BLOCK, count), 2))
+            self._buffer = np.concatenate((self._buffer[self._next :], fresh))
+            self._next = 0
+        return self._buffer[self._next : self._next + count]
+
+    def advance(self, count: int) -> None:
+        """Mark the next ``count`` pairs used."""
+        self._next += count
 
 
 @dataclass(frozen=True, eq=False)
@@ -203,15 +265,14 @@ class StatisticalRouting:
     policy: ActivityTable
     baseline: ActivityTable | None
 
-    def sample(
-        self, num_tokens: int, applied: bool, rng: np.random.Generator
-    ) -> tuple[ExpertActivity, QualityProxies]:
-        """Expert activity and proxies of one iteration of ``num_tokens`` tokens (``ActivityTable.sample``)."""
+    def draw(self, num_tokens: int, applied: bool, uniforms: np.ndarray) -> ActivityDraws:
+        """Iterations of ``num_tokens`` tokens, one per row of ``uniforms`` (``ActivityTable.draw``), from the
+        policy's table where it ``applied``, else from the baseline's."""
         if applied:
-            return self.policy.sample(num_tokens, rng)
+            return self.policy.draw(num_tokens, uniforms)
         if self.baseline is None:
             raise ValueError("this statistical routing has no baseline table: its policy applies to every iteration")
-        return self.baseline.sample(num_tokens, rng)
+        return self.baseline.draw(num_tokens, uniforms)
 
 
 def build_activity_table(

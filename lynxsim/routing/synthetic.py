@@ -35,7 +35,6 @@ Every number is hashed from its name (see ``hashing``), so a token's logits do n
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from types import ModuleType
 from typing import Annotated
 
@@ -188,12 +187,17 @@ class SyntheticRouting:
         self._persistent = bool((rho > 0.0).any())
         self._request_weight = np.sqrt(rho).astype(np.float32)  # [L]
         self._token_weight = np.sqrt(1.0 - rho).astype(np.float32)  # [L]
-        # The request cache: request id -> slot of _pool [slots, L, E], in least-recently-used order.
-        self._request_cache: OrderedDict[int, int] = OrderedDict()
+        # The request cache: the cached request ids, sorted, and the slot of _pool [slots, L, E] holding each one's
+        # mean; per slot, the call that last read it (the least recently used are evicted first).
+        self._request_cache = np.empty(0, dtype=np.int64)
+        self._cached_slots = np.empty(0, dtype=np.int64)
         self._pool = np.empty((0, num_moe_layers, num_experts), dtype=np.float32)
+        self._last_use = np.empty(0, dtype=np.int64)
+        self._calls = 0
         self._free_slots: list[int] = []  # slots of evicted requests
         self._slots_handed_out = 0  # slots [0, this) have held a request; the others were never used
-        # An entry costs its float32 data plus about 256 bytes of array and dictionary bookkeeping.
+        # An entry counts as its float32 data plus 256 bytes of bookkeeping (what an entry of the dictionary that
+        # held the cache before cost: the same request_cache_bytes holds as many requests as it did).
         self._cache_capacity = max(0, request_cache_bytes) // (num_moe_layers * num_experts * 4 + 256)
 
     def logits(self, request_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -243,41 +247,52 @@ class SyntheticRouting:
         array that the kernels read in place (no per-call gather). Drawing it costs as much as drawing the
         token noise, and a decode batch has one token per request, so the cache nearly halves the cost of a
         decode iteration. A cached value is the one a fresh draw would give, so the cache cannot change a result.
+        The cache is looked up with whole-array operations (a sorted array of request ids), not request by
+        request: a decode run's call names a few hundred tokens, whose lookup one at a time in Python cost as much
+        as drawing their logits (measured).
         """
         if not self._persistent:
             return self._bias[None], np.zeros(requests.size, dtype=np.int64)
-        tokens = requests.tolist()
-        if len(dict.fromkeys(tokens)) == len(tokens):  # one token per request, as in decode: no inverse needed
-            unique, inverse = requests, None
-        else:
+        if requests.size > self._cache_capacity:
             unique, inverse = np.unique(requests, return_inverse=True)
-            inverse = inverse.reshape(-1)
-            tokens = unique.tolist()
-        if len(tokens) > self._cache_capacity:  # more requests than the cache holds: draw them all afresh
-            means = np.empty((len(tokens), self.num_moe_layers, self.num_experts), dtype=np.float32)
-            self._draw_request_means(unique, means, np.arange(len(tokens), dtype=np.int64), fast)
-            return means, (np.arange(len(tokens), dtype=np.int64) if inverse is None else inverse)
-        cache = self._request_cache
-        slots = np.empty(len(tokens), dtype=np.int64)
-        missing = []
-        for i, r in enumerate(tokens):
-            slot = cache.get(r)
-            if slot is None:
-                missing.append(i)
-            else:
-                cache.move_to_end(r)
-                slots[i] = slot
-        if missing:
-            # Make room: the least recently used entries go first, and none of this batch's is among them
-            # (they were just moved to the end, and the batch fits in the cache).
-            for _ in range(len(cache) + len(missing) - self._cache_capacity):
-                self._free_slots.append(cache.popitem(last=False)[1])
-            new = np.array([self._allocate_slot() for _ in missing], dtype=np.int64)
-            slots[missing] = new
-            missing_requests = unique[missing]
-            self._draw_request_means(missing_requests, self._pool, new, fast)
-            cache.update(zip(missing_requests.tolist(), new.tolist()))
-        return self._pool, (slots if inverse is None else slots[inverse])
+            if unique.size > self._cache_capacity:  # more requests than the cache holds: draw them all afresh
+                means = np.empty((unique.size, self.num_moe_layers, self.num_experts), dtype=np.float32)
+                self._draw_request_means(unique, means, np.arange(unique.size, dtype=np.int64), fast)
+                return means, inverse.reshape(-1)
+        self._calls += 1
+        slots = self._cached(requests)
+        missing = slots < 0
+        self._last_use[slots[~missing]] = self._calls
+        if missing.any():
+            new = np.unique(requests[missing])
+            self._evict(self._request_cache.size + new.size - self._cache_capacity)
+            new_slots = np.array([self._allocate_slot() for _ in range(new.size)], dtype=np.int64)
+            self._draw_request_means(new, self._pool, new_slots, fast)
+            self._last_use[new_slots] = self._calls
+            at = np.searchsorted(self._request_cache, new)
+            self._request_cache = np.insert(self._request_cache, at, new)
+            self._cached_slots = np.insert(self._cached_slots, at, new_slots)
+            slots[missing] = new_slots[np.searchsorted(new, requests[missing])]
+        return self._pool, slots
+
+    def _cached(self, requests: np.ndarray) -> np.ndarray:
+        """The pool slot of each request's cached mean, -1 where it is not cached."""
+        keys = self._request_cache
+        if keys.size == 0:
+            return np.full(requests.size, -1, dtype=np.int64)
+        at = np.minimum(np.searchsorted(keys, requests), keys.size - 1)
+        return np.where(keys[at] == requests, self._cached_slots[at], -1)
+
+    def _evict(self, count: int) -> None:
+        """Frees the slots of the ``count`` least recently used cached requests (none of this call's: they were
+        just marked used, and the call's requests fit in the cache)."""
+        if count <= 0:
+            return
+        last_use = self._last_use[self._cached_slots]
+        victims = np.argpartition(last_use, count - 1)[:count]
+        self._free_slots.extend(self._cached_slots[victims].tolist())
+        self._request_cache = np.delete(self._request_cache, victims)
+        self._cached_slots = np.delete(self._cached_slots, victims)
 
     def _allocate_slot(self) -> int:
         """A free slot of the pool, growing it (doubling, up to the cache's capacity) when none is free."""
@@ -290,6 +305,7 @@ class SyntheticRouting:
             grown = np.empty((size, self.num_moe_layers, self.num_experts), dtype=np.float32)
             grown[:slot] = self._pool
             self._pool = grown
+            self._last_use = np.append(self._last_use, np.zeros(size - slot, dtype=np.int64))
         return slot
 
     def _draw_request_means(
