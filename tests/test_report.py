@@ -18,12 +18,15 @@ from lynxsim.report.figures import capacity_at
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "experiments" / "paper"
 PUBLISHED = ROOT / "docs" / "results" / "paper_published.yaml"
+QUALITY = ROOT / "docs" / "quality.csv"
 
 
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("report")
-    report = build_report(PAPER, out, out / "work", quick=True, workers=2, published_path=PUBLISHED)
+    report = build_report(
+        PAPER, out, out / "work", quick=True, workers=2, published_path=PUBLISHED, quality_path=QUALITY
+    )
     failures = {s.stem: (s.error, s.sweep_report.failures) for s in report.sections if s.error or s.sweep_report.failures}
     assert not failures
     return out
@@ -52,8 +55,11 @@ def test_quick_report_numbers_behave(quick_report: Path) -> None:
     assert (lynx["mean_distinct_experts"] <= paired.loc[lynx.index] + 1e-9).all()
     tpot = pd.read_csv(quick_report / "03_tpot_max_batch_16.csv")
     assert (tpot["median_speedup"] > 1).all()
+    policies = pd.read_csv(quick_report / "08_policies.csv").set_index("policy")
+    assert policies.loc["topk", "measured_delta_loss_nats"] == 0  # the trained model's own baseline
+    assert policies.loc["lynx", "measured_delta_loss_nats"] > 0 and policies.loc["lynx", "trained_model"] == "qwen2moe-like"
     agreement = pd.read_csv(quick_report / "agreement.csv")
-    assert len(agreement) >= 3 and set(agreement["agrees"]) <= {"yes", "partly", "no"}
+    assert len(agreement) >= 3 and set(agreement["agrees"]) <= {"yes", "partly", "no (higher)", "no (lower)"}
 
 
 def test_capacity_interpolates_at_the_crossing() -> None:
@@ -70,7 +76,8 @@ def test_capacity_interpolates_at_the_crossing() -> None:
 def test_verdicts_against_a_published_range() -> None:
     assert _verdict([1.09, 1.30], 1.12, 1.25) == "yes"
     assert _verdict([1.09, 1.30], 1.20, 1.60) == "partly"
-    assert _verdict([1.09, 1.30], 1.60, 1.90) == "no"
+    assert _verdict([1.09, 1.30], 1.60, 1.90) == "no (higher)"
+    assert _verdict([1.09, 1.30], 0.80, 0.90) == "no (lower)"
     assert _verdict([1.30], 1.35, 1.40) == "yes"  # within 10% of a single figure
 
 
@@ -80,7 +87,7 @@ def test_agreement_rows_only_where_both_sides_exist() -> None:
     table = pd.DataFrame({"deployment.mode": ["colocated", "disaggregated"], "median_speedup": [1.1, 1.5]})
     rows = agreement_table(published, {"03_tpot_max_batch_16": table})
     assert list(rows["lynxsim"]) == ["1.10x", "1.50x"]
-    assert list(rows["agrees"]) == ["yes", "no"]  # 1.50 is past the published 1.30 by more than 10%
+    assert list(rows["agrees"]) == ["yes", "no (higher)"]  # 1.50 is past the published 1.30 by more than 10%
     assert agreement_table(None, {"03_tpot_max_batch_16": table}).empty
 
 

@@ -63,7 +63,7 @@ def experiment_files(folder: Path) -> list[Path]:
 
 def build_report(
     folder: Path, out: Path, work: Path, *, quick: bool, workers: int, published_path: Path,
-    console: Console | None = None,
+    quality_path: Path | None = None, console: Console | None = None,
 ) -> Report:
     """Run every experiment of ``folder`` and write the figures, tables and README.md into ``out``."""
     started = time.perf_counter()
@@ -71,10 +71,13 @@ def build_report(
     sweeps = [(path, _load(path, quick)) for path in files]  # every file validated before the first run
     out.mkdir(parents=True, exist_ok=True)
     report = Report()
+    quality = pd.read_csv(quality_path) if quality_path is not None and quality_path.is_file() else None
     for path, (sweep, section, labels) in sweeps:
         if console is not None:
             console.print(f"[bold]{path.name}[/]: {section.title} ({len(sweep.points)} points)")
-        report.sections.append(_section(path, sweep, section, labels, out, work / path.stem, workers, console))
+        report.sections.append(
+            _section(path, sweep, section, labels, quality, out, work / path.stem, workers, console)
+        )
     published = load_published(published_path)
     agreement = agreement_table(published, {s.stem: s.table for s in report.sections if s.table is not None})
     agreement.to_csv(out / "agreement.csv", index=False)
@@ -115,8 +118,8 @@ def _labels(spec: SweepConfig, section: ReportSection) -> dict[str, dict[str, st
 
 
 def _section(
-    path: Path, sweep: Sweep, section: ReportSection, labels: dict[str, dict[str, str]], out: Path, store_dir: Path,
-    workers: int, console: Console | None,
+    path: Path, sweep: Sweep, section: ReportSection, labels: dict[str, dict[str, str]],
+    quality: pd.DataFrame | None, out: Path, store_dir: Path, workers: int, console: Console | None,
 ) -> SectionResult:
     started = time.perf_counter()
     records = "all" if section.figure in NEEDS_ITERATIONS else "none"
@@ -135,7 +138,7 @@ def _section(
             )
         figure = out / f"{path.stem}.png"
         try:
-            result.table = draw(FigureData(results, iterations, section, labels), figure)
+            result.table = draw(FigureData(results, iterations, section, labels, quality), figure)
             result.figure = figure
         except (ValueError, KeyError) as exc:
             result.error = f"{type(exc).__name__}: {exc}"

@@ -12,6 +12,7 @@ from lynxsim.report.build import build_report
 from lynxsim.sweep.backends import default_workers
 
 DEFAULT_PUBLISHED = Path("docs/results/paper_published.yaml")
+DEFAULT_QUALITY = Path("docs/quality.csv")
 
 
 def add_report_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -26,6 +27,9 @@ def add_report_parser(commands: argparse._SubParsersAction) -> None:  # type: ig
     report.add_argument(
         "--published", type=Path, default=DEFAULT_PUBLISHED, help="the paper's published figures (YAML)"
     )
+    report.add_argument(
+        "--quality", type=Path, default=DEFAULT_QUALITY, help="measured loss changes of trained models (CSV)"
+    )
     report.set_defaults(handler=_report)
 
 
@@ -35,7 +39,8 @@ def _report(args: argparse.Namespace, console: Console) -> int:
         raise InputError("--workers", "must be at least 1")
     work = args.work or Path("runs/report-quick" if args.quick else "runs/report")
     report = build_report(
-        args.folder, args.out, work, quick=args.quick, workers=workers, published_path=args.published, console=console
+        args.folder, args.out, work, quick=args.quick, workers=workers, published_path=args.published,
+        quality_path=args.quality, console=console,
     )
     failed = [s.stem for s in report.sections if s.error or s.sweep_report.failures]
     console.print(f"report: {args.out / 'README.md'} ({len(report.sections)} sections, {report.wall_s / 60:.1f} min)")

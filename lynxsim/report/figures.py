@@ -21,6 +21,8 @@ import pandas as pd  # noqa: E402
 from lynxsim.report.spec import ReportSection  # noqa: E402
 from lynxsim.sweep.figures import pareto_mask  # noqa: E402
 
+FULL_CHUNK_SHARE = 0.9
+"""latency_vs_experts: a mixed iteration counts as carrying a full prefill chunk from this share of the largest."""
 MAX_SCHEDULING_DELAY_S = 5.0
 """A rate counts toward SLO throughput only while the p99 wait to first scheduling stays below this
 (Vidur's capacity criterion, Agrawal et al., MLSys 2024; the same as ``lynxsim capacity``)."""
@@ -34,6 +36,7 @@ class FigureData:
     iterations: pd.DataFrame | None
     section: ReportSection
     labels: dict[str, dict[str, str]]
+    quality: pd.DataFrame | None = None
 
     def label(self, key: str, value: object) -> str:
         """A swept value as the section names it (``labels``), else its short text."""
@@ -53,7 +56,7 @@ def experts_vs_batch(data: FigureData, path: Path) -> pd.DataFrame:
     x, facet = _required(section.x, "x"), _required(section.facet, "facet")
     frame = data.results
     table = frame[[facet, *section.lines, x, "policy", "mean_distinct_experts"]].copy()
-    table = _labelled(data, table, [facet, *section.lines])
+    table = _labelled(data, table, section.lines, also=[facet])
     panels = list(dict.fromkeys(table[facet]))
     fig, axes = _panels(len(panels))
     for ax, panel in zip(axes, panels):
@@ -66,7 +69,7 @@ def experts_vs_batch(data: FigureData, path: Path) -> pd.DataFrame:
         ax.set_xlabel("decode batch size")
         ax.set_ylabel("distinct experts per layer")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=6)
+        ax.legend(fontsize=6)
     _save(fig, path)
     return table
 
@@ -76,8 +79,12 @@ def latency_vs_experts(data: FigureData, path: Path) -> pd.DataFrame:
         raise ValueError("latency_vs_experts needs the sweep's iteration records")
     facet = _required(data.section.facet, "facet")
     its = data.iterations.copy()
+    # Mixed iterations are kept only with a (nearly) full prefill chunk: their time follows their tokens, so
+    # a fixed token count is what isolates the effect of the experts.
+    full_chunk = its.groupby(facet)["prefill_tokens"].transform("max") * FULL_CHUNK_SHARE
+    its = its[its["pure_decode"] | (its["prefill_tokens"] >= full_chunk)]
     its["kind"] = np.where(its["pure_decode"], "decode", "with prefill")
-    its["batch"] = np.where(its["pure_decode"], _batch_bucket(its["decode_tokens"].to_numpy()), "mixed")
+    its["batch"] = np.where(its["pure_decode"], _batch_bucket(its["decode_tokens"].to_numpy()), 0)
     its["experts"] = its["mean_distinct_experts"].round()
     table = (
         its.groupby([facet, "kind", "batch", "experts"], sort=True)
@@ -90,7 +97,7 @@ def latency_vs_experts(data: FigureData, path: Path) -> pd.DataFrame:
     for ax, panel in zip(axes, panels):
         part = table[table[facet] == panel]
         for (kind, batch), line in part.groupby(["kind", "batch"], sort=False):
-            label = f"decode, batch {batch}" if kind == "decode" else "with a prefill chunk"
+            label = f"decode, batch {batch}-{2 * batch - 1}" if kind == "decode" else "with a full prefill chunk"
             ax.plot(line["experts"], line["latency_ms"], marker="o", markersize=3, label=label)
         ax.set_title(str(panel))
         ax.set_xlabel("distinct experts per layer (mean over layers)")
@@ -225,6 +232,8 @@ def policies(data: FigureData, path: Path) -> pd.DataFrame:
     table = frame[[facet, "policy", "policy_name", "tpot_p50_ms", "tpot_mean_ms", "mean_distinct_experts",
                    "retained_mass", "top1_kept", "assignments_dropped"]].copy()
     table["median_speedup"] = base.loc[frame["config_hash"], "tpot_p50_ms"].to_numpy() / frame["tpot_p50_ms"].to_numpy()
+    if data.quality is not None and section.quality_models:
+        table = table.merge(_measured_loss(data.quality, section, facet), on=[facet, "policy_name"], how="left")
     table = _labelled(data, table, [facet])
     panels = list(dict.fromkeys(table[facet]))
     fig, axes = _panels(len(panels))
@@ -243,6 +252,23 @@ def policies(data: FigureData, path: Path) -> pd.DataFrame:
     return table
 
 
+def _measured_loss(quality: pd.DataFrame, section: ReportSection, facet: str) -> pd.DataFrame:
+    """Per simulated model and policy name: the trained model's measured loss change and accuracy change at
+    the section's batch, for the policy at its default parameters (docs/quality.csv, rows with ``sweep`` off)."""
+    rows = []
+    for simulated, trained in section.quality_models.items():
+        part = quality[(quality["model"] == trained) & ~quality["sweep"].astype(bool)
+                       & (quality["batch_size"] == section.quality_batch)]
+        for _, row in part.iterrows():
+            rows.append({
+                facet: simulated, "policy_name": row["policy"], "trained_model": trained,
+                "trained_policy": row["label"], "measured_delta_loss_nats": row["delta_loss_nats"],
+                "measured_delta_accuracy_pp": row["delta_accuracy"] * 100,  # stored as a fraction
+            })
+    return pd.DataFrame(rows, columns=[facet, "policy_name", "trained_model", "trained_policy",
+                                       "measured_delta_loss_nats", "measured_delta_accuracy_pp"])
+
+
 KINDS: dict[str, Callable[[FigureData, Path], pd.DataFrame]] = {
     "experts_vs_batch": experts_vs_batch,
     "latency_vs_experts": latency_vs_experts,
@@ -253,10 +279,11 @@ KINDS: dict[str, Callable[[FigureData, Path], pd.DataFrame]] = {
 }
 
 
-def _labelled(data: FigureData, table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Swept values replaced by their labels, and a ``line`` column naming each row's combination."""
+def _labelled(data: FigureData, table: pd.DataFrame, keys: list[str], also: list[str] | None = None) -> pd.DataFrame:
+    """Swept values of ``keys`` (and ``also``) replaced by their labels, and a ``line`` column naming each row's
+    combination of ``keys``."""
     table = table.copy()
-    for key in keys:
+    for key in [*keys, *(also or [])]:
         table[key] = [data.label(key, value) for value in table[key]]
     table["line"] = table[keys].astype(str).agg(", ".join, axis=1) if keys else ""
     return table
@@ -264,7 +291,7 @@ def _labelled(data: FigureData, table: pd.DataFrame, keys: list[str]) -> pd.Data
 
 def _batch_bucket(decode_tokens: np.ndarray) -> np.ndarray:
     """Decode batches grouped by powers of two (1, 2-3, 4-7, ...), labelled by the bucket's lower end."""
-    return (2 ** np.floor(np.log2(np.maximum(decode_tokens, 1)))).astype(int).astype(str)
+    return (2 ** np.floor(np.log2(np.maximum(decode_tokens, 1)))).astype(int)
 
 
 def _required(value: str | None, name: str) -> str:

@@ -43,4 +43,10 @@ class ReportSection(BaseModel):
     paper: list[str] = Field(
         default_factory=list, description="ids of docs/results/paper_published.yaml entries this figure reproduces"
     )
+    quality_models: dict[str, str] = Field(
+        default_factory=dict,
+        description="policies: simulated model -> trained model of docs/quality.csv whose measured loss change "
+        "is shown beside each policy (the same expert count and top-k where possible)",
+    )
+    quality_batch: int = Field(default=16, gt=0, description="policies: the decode batch of the measured loss")
     quick: QuickMode = Field(default_factory=QuickMode)
