@@ -108,39 +108,40 @@ def latency_vs_experts(data: FigureData, path: Path) -> pd.DataFrame:
     return table
 
 
+def against_baseline(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of every policy but the first (the baseline) of each run, with the baseline's TPOTs and decode
+    batch beside their own and the paired speed-ups: each run's baseline over the policy in the same run."""
+    base = frame[frame["policy_position"] == 0].set_index("config_hash")
+    others = frame[frame["policy_position"] > 0].copy()
+    for column, name in (("tpot_p50_ms", "baseline_tpot_p50_ms"), ("tpot_mean_ms", "baseline_tpot_mean_ms"),
+                         ("mean_decode_batch", "baseline_decode_batch")):
+        others[name] = base.loc[others["config_hash"], column].to_numpy()
+    others["median_speedup"] = others["baseline_tpot_p50_ms"] / others["tpot_p50_ms"]
+    others["mean_speedup"] = others["baseline_tpot_mean_ms"] / others["tpot_mean_ms"]
+    return others
+
+
 def tpot_table(data: FigureData, path: Path) -> pd.DataFrame:
     """Per point: each policy's median and mean TPOT and the first policy's over each other policy's."""
     section = data.section
-    frame = data.results
-    base = frame[frame["policy_position"] == 0].set_index("config_hash")
-    others = frame[frame["policy_position"] > 0].copy()
-    rows = pd.DataFrame(
-        {
-            **{key: others[key].to_numpy() for key in section.lines},
-            "policy": others["policy"].to_numpy(),
-            "baseline_tpot_p50_ms": base.loc[others["config_hash"], "tpot_p50_ms"].to_numpy(),
-            "tpot_p50_ms": others["tpot_p50_ms"].to_numpy(),
-            "baseline_tpot_mean_ms": base.loc[others["config_hash"], "tpot_mean_ms"].to_numpy(),
-            "tpot_mean_ms": others["tpot_mean_ms"].to_numpy(),
-            "baseline_decode_batch": base.loc[others["config_hash"], "mean_decode_batch"].to_numpy(),
-            "decode_batch": others["mean_decode_batch"].to_numpy(),
-            "pure_decode_fraction": others["pure_decode_fraction"].to_numpy(),
-        }
-    )
-    rows["median_speedup"] = rows["baseline_tpot_p50_ms"] / rows["tpot_p50_ms"]
-    rows["mean_speedup"] = rows["baseline_tpot_mean_ms"] / rows["tpot_mean_ms"]
-    rows = _labelled(data, rows, section.lines)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows) + 2), 4))
-    positions = np.arange(len(rows))
-    ax.bar(positions - 0.2, rows["median_speedup"], width=0.4, label="median TPOT")
-    ax.bar(positions + 0.2, rows["mean_speedup"], width=0.4, label="mean TPOT")
-    ax.axhline(1.0, color="grey", linestyle=":")
-    ax.set_xticks(positions, [f"{line}\n{policy}" for line, policy in zip(rows["line"], rows["policy"])], fontsize=7)
-    ax.set_ylabel(f"speed-up over {base['policy'].iloc[0] if len(base) else 'baseline'}")
+    paired = against_baseline(data.results).rename(columns={"mean_decode_batch": "decode_batch"})
+    columns = [*section.lines, "policy", "baseline_tpot_p50_ms", "tpot_p50_ms", "baseline_tpot_mean_ms",
+               "tpot_mean_ms", "baseline_decode_batch", "decode_batch", "pure_decode_fraction",
+               "median_speedup", "mean_speedup"]
+    base_policy = data.results.loc[data.results["policy_position"] == 0, "policy"]
+    rows = _labelled(data, paired[columns], section.lines)
+    # horizontal bars: one row per point and policy, its (long) label readable on the left
+    fig, ax = plt.subplots(figsize=(8.0, 1.2 + 0.42 * len(rows)))
+    positions = np.arange(len(rows))[::-1]
+    ax.barh(positions + 0.2, rows["median_speedup"], height=0.4, label="median TPOT")
+    ax.barh(positions - 0.2, rows["mean_speedup"], height=0.4, label="mean TPOT")
+    ax.axvline(1.0, color="grey", linestyle=":")
+    ax.set_yticks(positions, [f"{line} ({policy})" for line, policy in zip(rows["line"], rows["policy"])], fontsize=7)
+    ax.set_xlabel(f"speed-up over {base_policy.iloc[0] if len(base_policy) else 'baseline'}")
     low = min(0.95, float(rows[["median_speedup", "mean_speedup"]].min().min()) - 0.05) if len(rows) else 0.9
-    ax.set_ylim(low, None)
-    ax.legend()
-    ax.grid(alpha=0.3, axis="y")
+    ax.set_xlim(low, None)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="x")
     _save(fig, path)
     return rows
 
@@ -148,12 +149,7 @@ def tpot_table(data: FigureData, path: Path) -> pd.DataFrame:
 def speedup_vs_batch(data: FigureData, path: Path) -> pd.DataFrame:
     section = data.section
     x = _required(section.x, "x")
-    frame = data.results
-    base = frame[frame["policy_position"] == 0].set_index("config_hash")
-    others = frame[frame["policy_position"] > 0].copy()
-    others["median_speedup"] = base.loc[others["config_hash"], "tpot_p50_ms"].to_numpy() / others["tpot_p50_ms"]
-    others["mean_speedup"] = base.loc[others["config_hash"], "tpot_mean_ms"].to_numpy() / others["tpot_mean_ms"]
-    others["baseline_decode_batch"] = base.loc[others["config_hash"], "mean_decode_batch"].to_numpy()
+    others = against_baseline(data.results)
     table = _labelled(data, others[[*section.lines, x, "policy", "median_speedup", "mean_speedup", "baseline_decode_batch"]], section.lines)
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for (line_label, policy), line in table.groupby(["line", "policy"], sort=False):

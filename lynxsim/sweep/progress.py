@@ -12,26 +12,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 def sweep_progress(console: Console | None) -> Progress:
     """Runs done out of runs to do, failures so far, elapsed, ETA."""
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("[red]{task.fields[failed]} failed"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=console is None,
-    )
+    return _progress(console, TextColumn("[red]{task.fields[failed]} failed"))
 
 
 def run_progress(console: Console | None) -> Progress:
     """One bar per policy: requests arrived in the simulation out of the run's requests, elapsed, ETA."""
+    return _progress(console, TextColumn("requests arrived"))
+
+
+def _progress(console: Console | None, after_counts: TextColumn) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("requests arrived"),
+        after_counts,
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
