@@ -134,7 +134,8 @@ def _section(
         if section.figure in NEEDS_ITERATIONS:
             facet = section.facet or "point"
             iterations = store.query(
-                f'SELECT p."{facet}", i.* FROM iterations i JOIN points p USING (config_hash)'
+                f'SELECT p."{facet}", i.* FROM iterations i JOIN points p USING (config_hash) '
+                "ORDER BY i.config_hash, i.policy_dir, i.instance, i.start_s"  # a fixed order: sums repeat to the bit
             )
         figure = out / f"{path.stem}.png"
         try:
