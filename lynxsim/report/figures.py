@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from lynxsim.report.spec import ReportSection  # noqa: E402
-from lynxsim.sweep.figures import pareto_mask  # noqa: E402
+from lynxsim.sweep.figures import pareto_mask, with_baseline  # noqa: E402
 
 FULL_CHUNK_SHARE = 0.9
 """latency_vs_experts: a mixed iteration counts as carrying a full prefill chunk from this share of the largest."""
@@ -109,13 +109,10 @@ def latency_vs_experts(data: FigureData, path: Path) -> pd.DataFrame:
 
 
 def against_baseline(frame: pd.DataFrame) -> pd.DataFrame:
-    """The rows of every policy but the first (the baseline) of each run, with the baseline's TPOTs and decode
-    batch beside their own and the paired speed-ups: each run's baseline over the policy in the same run."""
-    base = frame[frame["policy_position"] == 0].set_index("config_hash")
-    others = frame[frame["policy_position"] > 0].copy()
-    for column, name in (("tpot_p50_ms", "baseline_tpot_p50_ms"), ("tpot_mean_ms", "baseline_tpot_mean_ms"),
-                         ("mean_decode_batch", "baseline_decode_batch")):
-        others[name] = base.loc[others["config_hash"], column].to_numpy()
+    """Every non-baseline policy's rows with the baseline's TPOTs and decode batch of the same run beside their
+    own (``with_baseline``) and the paired median and mean TPOT speed-ups."""
+    others = with_baseline(frame, ["tpot_p50_ms", "tpot_mean_ms", "mean_decode_batch"])
+    others = others.rename(columns={"baseline_mean_decode_batch": "baseline_decode_batch"})
     others["median_speedup"] = others["baseline_tpot_p50_ms"] / others["tpot_p50_ms"]
     others["mean_speedup"] = others["baseline_tpot_mean_ms"] / others["tpot_mean_ms"]
     return others

@@ -71,12 +71,9 @@ def metric_vs_key(
 def speedup_vs_batch(results: pd.DataFrame, keys: list[str], latency: str, path: Path) -> Path:
     """Baseline latency over each policy's latency in the same run (a paired ratio), against the swept batch
     limit when ``serving.max_num_seqs`` is swept, else against the baseline's measured mean decode batch."""
-    baseline = results[results["policy_position"] == 0].set_index("config_hash")
-    others = results[results["policy_position"] > 0].copy()
-    others["speedup"] = baseline.loc[others["config_hash"], latency].to_numpy() / others[latency].to_numpy()
-    x_key = BATCH_KEY if BATCH_KEY in keys else "baseline_decode_batch"
-    if x_key == "baseline_decode_batch":
-        others[x_key] = baseline.loc[others["config_hash"], "mean_decode_batch"].to_numpy()
+    others = with_baseline(results, [latency, "mean_decode_batch"])
+    others["speedup"] = others[f"baseline_{latency}"] / others[latency]
+    x_key = BATCH_KEY if BATCH_KEY in keys else "baseline_mean_decode_batch"
     line_keys = _line_keys(others, keys, x_key)
     table = _mean_and_range(others, ["policy", *line_keys, x_key], ["speedup"])
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -84,7 +81,8 @@ def speedup_vs_batch(results: pd.DataFrame, keys: list[str], latency: str, path:
         line = line.sort_values(x_key)
         ax.plot(line[x_key], line["speedup_mean"], marker="o", markersize=3, label=label)
     ax.axhline(1.0, color="grey", linestyle=":")
-    base_label = results.loc[results["policy_position"] == 0, "policy"].iloc[0] if len(baseline) else "baseline"
+    baselines = results.loc[results["policy_position"] == 0, "policy"]
+    base_label = baselines.iloc[0] if len(baselines) else "baseline"
     ax.set_xlabel("max decode batch (max_num_seqs)" if x_key == BATCH_KEY else f"mean decode batch of {base_label}")
     ax.set_ylabel(f"speed-up over {base_label} ({latency})")
     ax.set_xscale("log", base=2)
@@ -92,6 +90,16 @@ def speedup_vs_batch(results: pd.DataFrame, keys: list[str], latency: str, path:
     if len(table):
         ax.legend(fontsize=7)
     return _save(fig, table, path)
+
+
+def with_baseline(results: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """The rows of every policy but the first (the baseline) of each run, each with ``baseline_<column>``: that
+    column's value for the baseline policy of the same run, so that ratios between them are paired."""
+    baseline = results[results["policy_position"] == 0].set_index("config_hash")
+    others = results[results["policy_position"] > 0].copy()
+    for column in columns:
+        others[f"baseline_{column}"] = baseline.loc[others["config_hash"], column].to_numpy()
+    return others
 
 
 def latency_vs_quality(results: pd.DataFrame, latency: str, quality: str, path: Path) -> Path:
