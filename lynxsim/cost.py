@@ -24,6 +24,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -317,6 +318,44 @@ class CostModel:
         compute_s = activity.assignments * self._assignment_compute_s
         return float(np.maximum(memory_s, compute_s).sum()) + self._moe_layers_launch_s
 
+    def dense_parts_s(self, max_tokens: int, max_sequences: int) -> tuple[np.ndarray, np.ndarray]:
+        """``dense_time_s`` split into what depends on the batch's tokens and what on its sequences, tabulated:
+        ``dense_time_s(batch) == by_tokens[batch.num_tokens] + by_sequences[batch.num_sequences]`` (up to float
+        rounding), so that a compiled engine (lynxsim/engine/compiled) looks the dense part up instead of
+        recomputing it each iteration."""
+        tokens = np.arange(max_tokens + 1, dtype=np.float64)
+        sequences = np.arange(max_sequences + 1, dtype=np.float64)
+        by_tokens = np.full(tokens.shape, self._dense_launch_s)
+        by_sequences = np.zeros(sequences.shape)
+        for g in self._dense_groups:
+            rows = sequences if g.rows_are_sequences else tokens
+            part = g.repeats * np.maximum(g.weight_bytes / self._bandwidth, g.flops_per_row * rows / self._dense_flops_rate)
+            if g.rows_are_sequences:
+                by_sequences += part
+            else:
+                by_tokens += part
+        return by_tokens, by_sequences
+
+    def roofline_terms(self) -> dict[str, float]:
+        """The per-model constants of the attention and routed-expert roofline formulas (``attention_time_s``,
+        ``moe_activity_s`` and the units' rooflines), by name, for a compiled engine that evaluates the same
+        formulas outside this class."""
+        return {
+            "num_layers": float(self._num_layers),
+            "kv_bytes_per_token_layer": self._kv_bytes_per_token_layer,
+            "bandwidth_bytes_per_s": self._bandwidth,
+            "decode_flops_per_pair": self._decode_flops_per_pair,
+            "prefill_flops_per_pair": self._prefill_flops_per_pair,
+            "attention_flops_per_s": self._attention_flops_rate,
+            "attention_launch_s": self._attention_launch_s,
+            "expert_memory_s": self._expert_memory_s,
+            "assignment_compute_s": self._assignment_compute_s,
+            "moe_layer_launch_s": MOE_KERNELS_PER_LAYER * self._launch_s,
+            "moe_layers_launch_s": self._moe_layers_launch_s,
+            "top_k": float(self.model.top_k),
+            "overhead_s": self._overhead_s,
+        }
+
     # ----- the iteration -----
 
     def gpu_time_s(self, latency: LatencyBreakdown) -> float:
@@ -439,6 +478,17 @@ def required_units(model: ModelSpec) -> tuple[str, ...]:
     )
 
 
+class TableGrid(NamedTuple):
+    """A measured table as ``TableInterpolator`` interpolates it: per axis the grid coordinates (``log(x)``, or
+    ``log(1 + x)`` where ``log1p``), the log latencies on the grid, and each axis's range."""
+
+    coords: tuple[np.ndarray, ...]
+    log1p: tuple[bool, ...]
+    log_latency: np.ndarray
+    lo: tuple[float, ...]
+    hi: tuple[float, ...]
+
+
 class TableInterpolator:
     """Latency at any point of a measured table: multilinear interpolation in log space, roofline-scaled
     outside the grid.
@@ -473,6 +523,12 @@ class TableInterpolator:
     @property
     def ndim(self) -> int:
         return len(self.axes)
+
+    @property
+    def grid(self) -> TableGrid:
+        """The table in the coordinates ``scalar`` interpolates in, for a compiled engine that evaluates the same
+        interpolation (lynxsim/engine/compiled/pricing.py)."""
+        return TableGrid(self._coords, self._log1p, self._values, self._lo, self._hi)
 
     def _bracket(self, axis: int, x: float) -> tuple[int, float]:
         coords = self._coord_lists[axis]
@@ -719,7 +775,10 @@ class MeasuredCostModel(UnitRooflines):
 
     def dense_time_s(self, batch: BatchShape) -> float:
         """Every layer's dense part at the batch's token count, the embedding, and the LM head per sequence."""
-        tokens = batch.num_tokens
+        return self._per_tokens_s(batch.num_tokens) + self._lm_head_s(batch.num_sequences)
+
+    def _per_tokens_s(self, tokens: int) -> float:
+        """The dense layers and the embedding at ``tokens`` rows, cached per token count."""
         per_tokens = self._dense_cache.get(tokens)
         if per_tokens is None:
             per_tokens = self._num_moe_layers * self.units["dense_layer"].scalar(tokens)
@@ -727,11 +786,20 @@ class MeasuredCostModel(UnitRooflines):
                 per_tokens += self.model.num_dense_layers * self.units["dense_ffn_layer"].scalar(tokens)
             per_tokens += self.units["embedding"].scalar(tokens)
             self._dense_cache[tokens] = per_tokens
-        sequences = batch.num_sequences
+        return per_tokens
+
+    def _lm_head_s(self, sequences: int) -> float:
+        """The LM head at ``sequences`` sampled rows, cached per count."""
         head = self._lm_head_cache.get(sequences)
         if head is None:
             head = self._lm_head_cache[sequences] = self.units["lm_head"].scalar(sequences)
-        return per_tokens + head
+        return head
+
+    def dense_parts_s(self, max_tokens: int, max_sequences: int) -> tuple[np.ndarray, np.ndarray]:
+        """``CostModel.dense_parts_s`` from the measured units, the very values ``dense_time_s`` adds."""
+        by_tokens = np.array([0.0, *(self._per_tokens_s(t) for t in range(1, max_tokens + 1))])
+        by_sequences = np.array([0.0, *(self._lm_head_s(q) for q in range(1, max_sequences + 1))])
+        return by_tokens, by_sequences
 
     def _moe_row(self, assignments: int) -> np.ndarray:
         """moe(assignments / top_k, d) for d = 0 .. num_experts, cached per assignment count."""

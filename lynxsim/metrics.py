@@ -3,6 +3,11 @@
 Records are kept in preallocated numpy columns while the simulation runs (appending a row must cost next to
 nothing in the hot loop) and become pandas DataFrames once at the end; the summary is computed from those frames only, so
 anything it reports can be recomputed by a user from the parquet files.
+
+The per-layer columns of the iteration table (``PER_LAYER_COLUMNS``) are Arrow list columns (``pd.ArrowDtype``)
+over the log's 2-D arrays rather than one numpy array per row: a long run has ~10^5 rows, and making, filtering,
+stacking and converting (for parquet) that many small arrays was most of the time a run spent on its records.
+``per_layer`` gives such a column back as ``[rows, layers]``.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from lynxsim.cost import LatencyBreakdown
 
@@ -20,6 +26,8 @@ if TYPE_CHECKING:  # the engine records into this module, so it cannot be import
 
 BREAKDOWN_COLUMNS = ("attention_s", "dense_s", "moe_s", "communication_s", "overhead_s")
 PROXY_COLUMNS = ("retained_mass", "top1_kept", "assignments_changed", "assignments_dropped")
+PER_LAYER_COLUMNS = ("distinct_experts", *PROXY_COLUMNS)
+"""The iteration table's columns holding one value per MoE layer (Arrow list columns, see the module's note)."""
 
 
 SCALAR_COLUMNS: dict[str, type] = {
@@ -51,6 +59,29 @@ class IterationLog:
         self._scalars = {name: np.zeros(INITIAL_ROWS, dtype=dtype) for name, dtype in SCALAR_COLUMNS.items()}
         self._distinct = np.zeros((INITIAL_ROWS, num_moe_layers), dtype=np.int16)  # distinct experts per layer
         self._proxies = np.zeros((len(PROXY_COLUMNS), INITIAL_ROWS, num_moe_layers), dtype=np.float32)
+
+    @classmethod
+    def from_columns(
+        cls,
+        num_moe_layers: int,
+        scalars: dict[str, np.ndarray],
+        distinct_experts: np.ndarray,
+        proxies: np.ndarray,
+        *,
+        instance: int = 0,
+        role: str = "colocated",
+    ) -> IterationLog:
+        """A log holding rows recorded elsewhere (the compiled engine's): ``scalars`` every one of
+        ``SCALAR_COLUMNS`` in its type, ``distinct_experts`` ``[rows, layers]`` int16, ``proxies`` ``[4, rows,
+        layers]`` float32."""
+        if list(scalars) != list(SCALAR_COLUMNS):
+            raise ValueError(f"scalar columns {list(scalars)}, expected {list(SCALAR_COLUMNS)}")
+        log = cls(num_moe_layers, instance=instance, role=role)
+        log.rows = int(distinct_experts.shape[0])
+        log._scalars = scalars
+        log._distinct = distinct_experts
+        log._proxies = proxies
+        return log
 
     def append(
         self,
@@ -123,22 +154,54 @@ class IterationLog:
         return first
 
     def frame(self) -> pd.DataFrame:
-        """One row per iteration; ``distinct_experts`` and the proxies hold one value per MoE layer."""
+        """One row per iteration; ``distinct_experts`` and the proxies hold one value per MoE layer, as Arrow
+        lists (``list<int16>`` and ``list<float>``) over copies of the log's 2-D arrays."""
         n = self.rows
         if not n:
             return pd.DataFrame()
-        frame = pd.DataFrame({name: column[:n].copy() for name, column in self._scalars.items()})
-        frame["instance"] = np.full(n, self.instance, dtype=np.int64)
-        frame["role"] = pd.Series([self.role] * n, dtype=object)
-        frame["pure_decode"] = frame["prefill_tokens"] == 0
+        columns: dict[str, np.ndarray | pd.Series | pd.arrays.ArrowExtensionArray] = {
+            name: column[:n].copy() for name, column in self._scalars.items()
+        }
+        columns["instance"] = np.full(n, self.instance, dtype=np.int64)
+        columns["role"] = pd.Series([self.role] * n, dtype=object)
+        columns["pure_decode"] = columns["prefill_tokens"] == 0
         distinct = self._distinct[:n].copy()
-        frame["mean_distinct_experts"] = distinct.mean(axis=1)
-        frame["distinct_experts"] = list(distinct)
+        columns["mean_distinct_experts"] = distinct.mean(axis=1)
+        columns["distinct_experts"] = _list_column(distinct)
         for k, name in enumerate(PROXY_COLUMNS):
-            per_layer = self._proxies[k, :n].copy()
-            frame[f"mean_{name}"] = per_layer.mean(axis=1)
-            frame[name] = list(per_layer)
-        return frame
+            values = self._proxies[k, :n].copy()
+            columns[f"mean_{name}"] = values.mean(axis=1)
+            columns[name] = _list_column(values)
+        return pd.DataFrame(columns, copy=False)
+
+
+ARROW_LIST_MAX_VALUES = np.iinfo(np.int32).max
+"""An Arrow list array addresses its values with int32 offsets: a longer column is split into chunks."""
+
+
+def _list_column(values: np.ndarray) -> pd.arrays.ArrowExtensionArray:
+    """``values`` ``[rows, layers]`` as an Arrow list column sharing its memory (no per-row object is made), of
+    the element type the records files have always had (``list<int16>``, ``list<float>``)."""
+    rows, layers = values.shape
+    flat = values.reshape(-1)
+    rows_per_chunk = ARROW_LIST_MAX_VALUES // max(layers, 1)
+    chunks = []
+    for first in range(0, rows, rows_per_chunk):
+        count = min(rows_per_chunk, rows - first)
+        offsets = np.arange(count + 1, dtype=np.int32) * np.int32(layers)
+        chunk_values = flat[first * layers : (first + count) * layers]
+        chunks.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(chunk_values)))
+    return pd.arrays.ArrowExtensionArray(pa.chunked_array(chunks, type=pa.list_(pa.from_numpy_dtype(values.dtype))))
+
+
+def per_layer(column: pd.Series) -> np.ndarray:
+    """A per-layer column of an iteration table as ``[rows, layers]`` (``rows`` at least one). The Arrow list
+    columns of ``IterationLog.frame`` give their values without per-row work; a column of one array per row
+    (what ``pandas.read_parquet`` returns for a records file) is stacked."""
+    if isinstance(column.dtype, pd.ArrowDtype):
+        flat = [chunk.flatten().to_numpy() for chunk in pa.chunked_array(column).chunks]
+        return (flat[0] if len(flat) == 1 else np.concatenate(flat)).reshape(len(column), -1)  # one chunk: a view
+    return np.stack(column.to_numpy())
 
 
 def _grown(array: np.ndarray, capacity: int, axis: int) -> np.ndarray:
@@ -228,11 +291,13 @@ def summarize(
     window_s = max(end_s - warmup_s, 1e-12)
     after_warmup = requests[requests["arrival_s"] >= warmup_s]
     met = slo_met(after_warmup, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s)
+    # a handful of distinct statuses over ~10^4 requests: each is tested for a prefix once, not once per request
+    status_counts = requests["status"].value_counts()
     summary: dict[str, float] = {
         "requests_arrived": float(len(requests)),
         "requests_finished": float((requests["status"] == "finished").sum()),
-        "requests_unfinished": float(requests["status"].str.startswith("cutoff").sum()),
-        "requests_rejected": float(requests["status"].str.startswith("rejected").sum()),
+        "requests_unfinished": float(sum(n for status, n in status_counts.items() if status.startswith("cutoff"))),
+        "requests_rejected": float(sum(n for status, n in status_counts.items() if status.startswith("rejected"))),
         "requests_measured": float(len(measured)),
         "preemptions": float(requests["preemptions"].sum()),
         "simulated_s": end_s,
@@ -249,6 +314,10 @@ def summarize(
         for q in (50, 90, 99):
             summary[f"{metric}_p{q}_{unit}"] = float(np.percentile(values, q)) if len(values) else np.nan
         summary[f"{metric}_mean_{unit}"] = float(values.mean()) if len(values) else np.nan
+    # filtering copies every column kept: keep only those read below (not the per-layer lists, most of the table)
+    read = ("start_s", "sampled_tokens", "pure_decode", "decode_tokens", "prefill_tokens", "policy_applied",
+            "mean_distinct_experts", *(f"mean_{name}" for name in PROXY_COLUMNS))
+    iterations = iterations[[name for name in read if name in iterations.columns]]
     window = iterations[iterations["start_s"] >= warmup_s] if not iterations.empty else iterations
     summary["output_tokens_per_s"] = float(window["sampled_tokens"].sum()) / window_s if len(window) else 0.0
     summary["iterations"] = float(len(window))
@@ -270,20 +339,20 @@ def summarize(
 def layer_summary(iterations: pd.DataFrame, *, warmup_s: float) -> pd.DataFrame:
     """Per MoE layer: mean distinct experts over pure-decode iterations and the token-weighted quality proxies
     over the iterations the policy ran on (both after warm-up), so a user sees which layers a policy changes."""
-    window = iterations[iterations["start_s"] >= warmup_s] if len(iterations) else iterations
-    if not len(window):
+    if not len(iterations):
         return pd.DataFrame()
-    decode = window[window["pure_decode"]]
-    num_layers = len(window["distinct_experts"].iloc[0])
-    frame = pd.DataFrame({"moe_layer": np.arange(num_layers)})
-    frame["mean_distinct_experts"] = (
-        np.stack(decode["distinct_experts"].to_numpy()).mean(axis=0) if len(decode) else np.nan
-    )
-    applied = window[window["policy_applied"]]
-    tokens = (applied["prefill_tokens"] + applied["decode_tokens"]).to_numpy(dtype=float)
+    window = (iterations["start_s"] >= warmup_s).to_numpy()
+    if not window.any():
+        return pd.DataFrame()
+    decode = window & iterations["pure_decode"].to_numpy(dtype=bool)
+    distinct = per_layer(iterations["distinct_experts"])
+    frame = pd.DataFrame({"moe_layer": np.arange(distinct.shape[1])})
+    frame["mean_distinct_experts"] = distinct[decode].mean(axis=0) if decode.any() else np.nan
+    applied = window & iterations["policy_applied"].to_numpy(dtype=bool)
+    tokens = (iterations["prefill_tokens"] + iterations["decode_tokens"]).to_numpy(dtype=float)[applied]
     for name in PROXY_COLUMNS:
         if tokens.sum() > 0:
-            frame[name] = np.average(np.stack(applied[name].to_numpy()), axis=0, weights=tokens)
+            frame[name] = np.average(per_layer(iterations[name])[applied], axis=0, weights=tokens)
         else:
             frame[name] = np.nan
     return frame

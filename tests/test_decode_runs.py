@@ -33,6 +33,7 @@ def _config(parallelism: dict | None = None, simulation: dict | None = None, **s
 
 def _run(config: ExperimentConfig, runs: bool, monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
     monkeypatch.setattr(Replica, "decode_runs", runs)
+    monkeypatch.setenv("LYNXSIM_ENGINE", "simpy")  # the simpy engine's two ways (the compiled one: test_compiled_engine)
     setup = prepare(config)
     out = {}
     for label, entry, policy in setup.policies:

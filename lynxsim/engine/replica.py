@@ -95,6 +95,29 @@ class RoutingStep:
         logits = self.routing.logits(request_ids, positions)
         return route_counts(logits, self.baseline, self.top_k, self.renormalize)[0] > 0
 
+    def exact_activities(
+        self, cost_model: CostModel, request_ids: np.ndarray, positions: np.ndarray, groups: int, applied: bool
+    ) -> ActivityDraws:
+        """Exact routing of ``groups`` iterations whose tokens are ``request_ids``/``positions`` in equal
+        consecutive parts: each one's expert activity as ``cost_model`` reduces it, their distinct experts and
+        quality proxies stacked. A single top-k iteration stops routing once its union of experts is full, where
+        the cost model needs no per-expert counts (``union_of_topk``)."""
+        policy = self.policy if applied else self.baseline
+        if (
+            groups == 1
+            and isinstance(policy, TopK)  # the baseline, or top-k configured as the policy
+            and request_ids.size > SATURATION_CHUNK_TOKENS
+            and not getattr(cost_model, "needs_expert_counts", False)
+        ):
+            distinct = self.union_of_topk(request_ids, positions)
+            if distinct is not None:
+                activity = ExpertActivity(distinct, np.full_like(distinct, request_ids.size * self.top_k))
+                proxies = np.stack(QualityProxies.of_topk(distinct.size))[:, None, :]
+                return ActivityDraws([activity], distinct[None, :], proxies)
+        counts, proxies = self.route(request_ids, positions, groups, applied)
+        activities = [cost_model.activity(c) for c in counts]
+        return ActivityDraws(activities, np.stack([a.distinct for a in activities]), proxies)
+
     def route(
         self, request_ids: np.ndarray, positions: np.ndarray, groups: int, applied: bool
     ) -> tuple[list[np.ndarray], np.ndarray]:
@@ -328,21 +351,7 @@ class Replica:
         if step.statistical is not None:
             return step.statistical.draw(tokens_per_group, applied, self._uniforms.peek(groups))
         request_ids, positions = token_ids()
-        policy = step.policy if applied else step.baseline
-        if (
-            groups == 1
-            and isinstance(policy, TopK)  # the baseline, or top-k configured as the policy
-            and request_ids.size > SATURATION_CHUNK_TOKENS
-            and not getattr(self.cost_model, "needs_expert_counts", False)
-        ):
-            distinct = step.union_of_topk(request_ids, positions)
-            if distinct is not None:
-                activity = ExpertActivity(distinct, np.full_like(distinct, request_ids.size * step.top_k))
-                proxies = np.stack(QualityProxies.of_topk(distinct.size))[:, None, :]
-                return ActivityDraws([activity], distinct[None, :], proxies)
-        counts, proxies = step.route(request_ids, positions, groups, applied)
-        activities = [self.cost_model.activity(c) for c in counts]
-        return ActivityDraws(activities, np.stack([a.distinct for a in activities]), proxies)
+        return step.exact_activities(self.cost_model, request_ids, positions, groups, applied)
 
     def _execute(self, batch: ScheduledBatch) -> tuple[bool, LatencyBreakdown, np.ndarray, np.ndarray]:
         """Route the batch's tokens through every MoE layer and price the iteration."""

@@ -1,0 +1,44 @@
+"""The compiled engine: one co-located serving instance simulated in a numba loop.
+
+The simpy engine (``Cluster``, ``Replica``, ``Scheduler``) handles every deployment: replicas behind a router,
+disaggregated prefill and decode with KV-cache transfers, tensor and expert parallelism. Its cost per iteration
+is Python's: tens of microseconds of scheduling, pricing and bookkeeping, which bounds a simulation at a few
+hundred times real time however little the routing costs (the statistical mode). The most common deployment, one
+co-located instance priced by the one-GPU cost model (roofline or measured tables), is simulated here instead:
+the same decisions, restated over arrays and compiled (``kernel``), with the per-iteration latency from the same
+formulas (``pricing``). Exact routing still runs in Python between kernel calls, by the simpy engine's own
+routing code, a decode run's iterations together as there.
+
+The two engines give the same records (tests/test_compiled_engine.py compares every request and iteration
+column, within 1e-12 relative where float sums are ordered differently). ``runner.simulate_policy`` takes this
+engine wherever ``engine_for`` allows it; set ``LYNXSIM_ENGINE=simpy`` to always run the simpy engine, or
+``LYNXSIM_NO_NUMBA`` to run without numba at all.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from types import ModuleType
+
+from lynxsim.cost import CostModel, MeasuredCostModel
+from lynxsim.errors import InputError
+from lynxsim.jit import kernels
+
+ENGINE_VARIABLE = "LYNXSIM_ENGINE"
+"""``simpy`` forces the simpy engine; unset (or ``auto``) uses the compiled one wherever it applies."""
+
+
+def engine_for(cost_model: object, roles: Sequence[str], per_rank_tables: bool) -> ModuleType | None:
+    """The compiled engine's driver module (``lynxsim.engine.compiled.driver``) when it can simulate this
+    deployment: a single co-located instance, a one-GPU cost model (``CostModel`` or ``MeasuredCostModel``
+    exactly; the parallel cost model prices communication it does not), no per-EP-rank statistical tables,
+    numba available and not switched off. None: use the simpy engine."""
+    choice = os.environ.get(ENGINE_VARIABLE, "auto")
+    if choice not in ("auto", "simpy"):
+        raise InputError(ENGINE_VARIABLE, f"must be auto or simpy, got {choice!r}")
+    if choice == "simpy" or list(roles) != ["colocated"] or per_rank_tables:
+        return None
+    if type(cost_model) not in (CostModel, MeasuredCostModel):
+        return None
+    return kernels("lynxsim.engine.compiled.driver")

@@ -1,0 +1,257 @@
+"""Running one co-located instance on the compiled engine, and answering what its loop asks for.
+
+``simulate`` builds the arrays of ``kernel.simulate`` from the run's requests, scheduler limits, cost model and
+routing step, re-enters the kernel until it is done, and gives back what the simpy engine gives: the arrived
+requests (``Request`` objects with their final counters), their statuses, the instance's ``IterationLog`` and the
+simulated end time. Between two entries it routes exactly (``RoutingStep.exact_activities``, the simpy engine's
+own routing), grows the log, draws more uniforms, or reports progress.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from lynxsim.cost import CostModel
+from lynxsim.engine.compiled import kernel as k
+from lynxsim.engine.compiled.pricing import Pricing
+from lynxsim.engine.decode_run import MAX_RUN_ITERATIONS
+from lynxsim.engine.replica import RoutingStep
+from lynxsim.engine.request import Request
+from lynxsim.engine.scheduler import Scheduler
+from lynxsim.metrics import SCALAR_COLUMNS, IterationLog
+from lynxsim.routing.statistical import ActivityTable, UniformStream
+from lynxsim.workload.requests import RequestSpec
+
+INITIAL_LOG_ROWS = 1 << 14
+UNIFORM_BLOCK = 1 << 16
+"""Uniform pairs drawn at a time; the stream is the same whatever the block (``UniformStream``)."""
+PROGRESS_EVERY_REQUESTS = 64
+
+_STATUS_NAMES = {
+    k.ST_FINISHED: "finished",
+    k.ST_REJECTED_KV: "rejected_exceeds_kv_cache",
+    k.ST_REJECTED_BATCH: "rejected_exceeds_max_num_batched_tokens",
+    k.ST_CUTOFF_RUNNING: "cutoff_running",
+    k.ST_CUTOFF_WAITING: "cutoff_waiting",
+}
+_REJECT_CODES = {"exceeds_kv_cache": k.ST_REJECTED_KV, "exceeds_max_num_batched_tokens": k.ST_REJECTED_BATCH}
+
+
+class CompiledRun(NamedTuple):
+    """What the simpy ``Cluster`` of one instance would hold after ``run``."""
+
+    arrived: list[Request]
+    statuses: dict[int, str]
+    log: IterationLog
+    end_s: float
+
+
+def _table_arrays(table: ActivityTable) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A statistical table as the kernel draws from it: sizes, then distinct, assignments (``[rows, layers]``)
+    and proxies (``[4, rows, layers]``; no rows for top-k), writable copies of one dtype each."""
+    rows = table.sizes.size * table.samples
+    layers = table.num_layers
+    proxies = (np.zeros((4, 0, layers)) if table.proxies is None
+               else np.array(table.proxies, dtype=np.float64).reshape(4, rows, layers))
+    return (np.array(table.sizes, dtype=np.int64), np.array(table.distinct, dtype=np.int16).reshape(rows, layers),
+            np.array(table.assignments, dtype=np.int32).reshape(rows, layers), proxies)
+
+
+def simulate(
+    scheduler: Scheduler,
+    cost_model: CostModel,
+    step: RoutingStep,
+    num_moe_layers: int,
+    num_experts: int,
+    specs: Sequence[RequestSpec],
+    cutoff_s: float | None,
+    on_arrivals: Callable[[int], None] | None = None,
+) -> CompiledRun:
+    """Serve ``specs`` on one co-located instance with ``scheduler``'s limits (a fresh scheduler: its pool
+    full, nothing queued), priced by ``cost_model`` and routed by ``step``, until every request is done or
+    ``cutoff_s``. ``ValueError`` for a cost model without compiled pricing (the caller checks ``supports``)."""
+    pool = scheduler.pool
+    n = len(specs)
+    max_seqs = scheduler.max_num_seqs
+    pricing = Pricing.of(cost_model, max_tokens=scheduler.max_num_batched_tokens, max_sequences=max_seqs,
+                         num_experts=num_experts)
+    statistical = step.statistical
+    config = np.zeros(k.CONFIG_SIZE, dtype=np.int64)
+    config[k.K_BLOCKS] = pool.num_blocks
+    config[k.K_BLOCK_TOKENS] = pool.block_size_tokens
+    config[k.K_MAX_SEQS] = max_seqs
+    config[k.K_MAX_TOKENS] = scheduler.max_num_batched_tokens
+    config[k.K_CHUNKED] = scheduler.chunked_prefill
+    config[k.K_APPLY_ALL] = step.apply_to == "all"
+    config[k.K_STATISTICAL] = statistical is not None
+    config[k.K_PROGRESS_EVERY] = PROGRESS_EVERY_REQUESTS if on_arrivals is not None else 0
+    config[k.K_MAX_RUN] = MAX_RUN_ITERATIONS
+    config[k.K_TOP_K] = step.top_k
+
+    request_ids = np.array([spec.request_id for spec in specs], dtype=np.int64)
+    req_i = np.zeros((n, k.REQUEST_INTS), dtype=np.int64)
+    req_i[:, k.R_PROMPT] = [spec.prompt_tokens for spec in specs]
+    req_i[:, k.R_OUTPUT] = [spec.output_tokens for spec in specs]
+    req_i[:, k.R_TOKENS] = req_i[:, k.R_PROMPT]
+    arriving = [Request.arriving(spec) for spec in specs]
+    for i, request in enumerate(arriving):
+        reason = scheduler.rejection_reason(request)
+        if reason is not None:
+            req_i[i, k.R_REJECT] = _REJECT_CODES[reason]
+    req_f = np.full((n, k.REQUEST_FLOATS), np.nan)
+    req_f[:, k.RF_ARRIVAL] = [spec.arrival_s for spec in specs]
+
+    queue = np.zeros(n + 1, dtype=np.int64)
+    slots = np.zeros((k.SLOT_FIELDS, max_seqs), dtype=np.int64)
+    state = np.zeros(k.STATE_SIZE, dtype=np.int64)
+    state[k.S_FREE_BLOCKS] = pool.free_blocks
+    clock = np.zeros(k.CLOCK_SIZE)
+    batch_new = np.zeros(max(max_seqs, 1), dtype=np.int64)
+    batch_before = np.zeros_like(batch_new)
+    batch_decoding = np.zeros(batch_new.size, dtype=np.bool_)
+    route_distinct = np.zeros((MAX_RUN_ITERATIONS, num_moe_layers), dtype=np.int64)
+    route_assignments = np.zeros_like(route_distinct)
+    route_proxies = np.zeros((4, MAX_RUN_ITERATIONS, num_moe_layers))
+
+    if statistical is not None:
+        policy_table = _table_arrays(statistical.policy)
+        baseline = statistical.baseline if statistical.baseline is not None else statistical.policy
+        baseline_table = _table_arrays(baseline)
+        samples = np.array([statistical.policy.samples, baseline.samples], dtype=np.int64)
+        uniform_source = UniformStream(np.random.default_rng([step.seed, 0]))
+        uniforms = np.array(uniform_source.peek(UNIFORM_BLOCK))
+        uniform_source.advance(UNIFORM_BLOCK)
+    else:
+        empty = (np.ones(1, dtype=np.int64), np.zeros((0, num_moe_layers), dtype=np.int16),
+                 np.zeros((0, num_moe_layers), dtype=np.int32), np.zeros((4, 0, num_moe_layers)))
+        policy_table = baseline_table = empty
+        samples = np.ones(2, dtype=np.int64)
+        uniform_source = None
+        uniforms = np.zeros((0, 2))
+    state[k.S_UNIFORMS] = uniforms.shape[0]
+
+    log_f = np.zeros((9, INITIAL_LOG_ROWS))
+    log_i = np.zeros((5, INITIAL_LOG_ROWS), dtype=np.int64)
+    log_distinct = np.zeros((INITIAL_LOG_ROWS, num_moe_layers), dtype=np.int16)
+    log_proxies = np.zeros((4, INITIAL_LOG_ROWS, num_moe_layers), dtype=np.float32)
+    cutoff = math.inf if cutoff_s is None else float(cutoff_s)
+
+    if on_arrivals is not None:
+        on_arrivals(0)
+    while True:
+        code = k.simulate(
+            config, cutoff, req_i, req_f, queue, slots, state, clock, batch_new, batch_before, batch_decoding,
+            route_distinct, route_assignments, route_proxies, pricing, policy_table, baseline_table, samples,
+            uniforms, log_f, log_i, log_distinct, log_proxies,
+        )
+        if code == k.DONE:
+            break
+        if code == k.ROUTE or code == k.ROUTE_RUN:
+            _route(code, step, cost_model, request_ids, slots, state, batch_new, batch_before,
+                   route_distinct, route_assignments, route_proxies)
+        elif code == k.NEED_LOG:
+            log_f, log_i, log_distinct, log_proxies = (
+                _doubled(log_f, 1), _doubled(log_i, 1), _doubled(log_distinct, 0), _doubled(log_proxies, 1))
+        elif code == k.NEED_UNIFORMS:
+            assert uniform_source is not None
+            uniforms = np.array(uniform_source.peek(UNIFORM_BLOCK))
+            uniform_source.advance(UNIFORM_BLOCK)
+            state[k.S_UNIFORM_AT] = 0
+            state[k.S_UNIFORMS] = uniforms.shape[0]
+        elif code == k.PROGRESS:
+            assert on_arrivals is not None
+            on_arrivals(int(state[k.S_ARRIVED]))
+        elif code == k.TOO_MANY_TOKENS:
+            largest = statistical.policy.largest if statistical is not None else 0
+            raise ValueError(f"the statistical table covers 1 to {largest} tokens per iteration, got "
+                             f"{int(state[k.S_BATCH_TOKENS])}")
+        else:
+            raise RuntimeError(f"compiled engine returned unknown code {code}")
+    if on_arrivals is not None:
+        on_arrivals(n)
+    arrived = arriving[: int(state[k.S_ARRIVED])]
+    statuses: dict[int, str] = {}
+    for i, request in enumerate(arrived):
+        status = int(req_i[i, k.R_STATUS])
+        statuses[request.request_id] = _STATUS_NAMES[status]
+        _write_back(request, req_i[i], req_f[i], rejected=status in (k.ST_REJECTED_KV, k.ST_REJECTED_BATCH))
+    rows = int(state[k.S_ROWS])
+    log = IterationLog.from_columns(
+        num_moe_layers,
+        _scalar_columns(log_f[:, :rows], log_i[:, :rows]),
+        log_distinct[:rows],
+        log_proxies[:, :rows],
+    )
+    return CompiledRun(arrived, statuses, log, float(clock[k.C_END]))
+
+
+def _route(
+    code: int, step: RoutingStep, cost_model: CostModel, request_ids: np.ndarray, slots: np.ndarray,
+    state: np.ndarray, batch_new: np.ndarray, batch_before: np.ndarray, route_distinct: np.ndarray,
+    route_assignments: np.ndarray, route_proxies: np.ndarray,
+) -> None:
+    """Exact routing of what the kernel asked for, into the routing rows: one batch (``ROUTE``: the batch
+    buffers' requests, their new tokens after their cached ones), or a decode run (``ROUTE_RUN``: every running
+    request's next ``groups`` tokens, one group per iteration)."""
+    count = int(state[k.S_BATCH_LEN])
+    if code == k.ROUTE:
+        first = int(state[k.S_BATCH_FIRST])
+        ids = request_ids[slots[k.SL_REQUEST, first : first + count]]
+        new = batch_new[:count]
+        starts = np.cumsum(new) - new
+        token_requests = np.repeat(ids, new)
+        positions = np.arange(int(new.sum()), dtype=np.int64) + np.repeat(batch_before[:count] - starts, new)
+        groups = 1
+        applied = bool(state[k.S_APPLIED])
+    else:
+        groups = int(state[k.S_ROUTE_GROUPS])
+        ids = request_ids[slots[k.SL_REQUEST, :count]]
+        token_requests = np.tile(ids, groups)
+        positions = (batch_before[:count][None, :] + np.arange(groups)[:, None]).ravel()
+        applied = True
+    draws = step.exact_activities(cost_model, token_requests, positions, groups, applied)
+    for g, activity in enumerate(draws.activities):
+        route_distinct[g] = activity.distinct
+        route_assignments[g] = activity.assignments
+    route_proxies[:, :groups] = draws.proxies
+
+
+def _doubled(array: np.ndarray, axis: int) -> np.ndarray:
+    """``array`` with its ``axis`` twice as long, the new part zero."""
+    shape = list(array.shape)
+    shape[axis] *= 2
+    grown = np.zeros(shape, dtype=array.dtype)
+    grown[(slice(None),) * axis + (slice(0, array.shape[axis]),)] = array
+    return grown
+
+
+def _scalar_columns(log_f: np.ndarray, log_i: np.ndarray) -> dict[str, np.ndarray]:
+    """The kernel's log rows as ``IterationLog``'s scalar columns, in its order and types."""
+    values = {
+        "start_s": log_f[k.LF_START], "latency_s": log_f[k.LF_LATENCY], "prefill_tokens": log_i[k.LI_PREFILL],
+        "decode_tokens": log_i[k.LI_DECODE], "sequences": log_i[k.LI_SEQUENCES],
+        "sampled_tokens": log_i[k.LI_SAMPLED], "policy_applied": log_i[k.LI_APPLIED],
+        "kv_used_fraction": log_f[k.LF_KV_USED], "attention_s": log_f[k.LF_ATTENTION],
+        "dense_s": log_f[k.LF_DENSE], "moe_s": log_f[k.LF_MOE], "communication_s": log_f[k.LF_COMMUNICATION],
+        "overhead_s": log_f[k.LF_OVERHEAD], "total_s": log_f[k.LF_TOTAL],
+    }
+    return {name: values[name].astype(dtype) for name, dtype in SCALAR_COLUMNS.items()}
+
+
+def _write_back(request: Request, counters: np.ndarray, times: np.ndarray, *, rejected: bool) -> None:
+    """A request's final counters and times from the kernel's arrays; where it ran (instance 0) unless it was
+    rejected on arrival."""
+    request.num_tokens = int(counters[k.R_TOKENS])
+    request.num_computed_tokens = int(counters[k.R_COMPUTED])
+    request.generated_tokens = int(counters[k.R_GENERATED])
+    request.num_blocks = int(counters[k.R_BLOCKS])
+    request.num_preemptions = int(counters[k.R_PREEMPTIONS])
+    request.first_scheduled_s = None if math.isnan(times[k.RF_SCHEDULED]) else float(times[k.RF_SCHEDULED])
+    request.first_token_s = None if math.isnan(times[k.RF_FIRST_TOKEN]) else float(times[k.RF_FIRST_TOKEN])
+    request.finish_s = None if math.isnan(times[k.RF_FINISH]) else float(times[k.RF_FINISH])
+    if not rejected:
+        request.instance = request.decode_instance = 0

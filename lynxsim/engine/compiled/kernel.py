@@ -1,0 +1,548 @@
+"""The compiled engine's simulation loop: one co-located serving instance, iteration after iteration, in numba.
+
+It is the simpy engine (``Cluster`` of one ``Replica`` with its ``Scheduler``) restated over arrays, decision for
+decision: arrivals join the waiting queue (or are rejected), the scheduler forms each batch as vLLM does (running
+requests first, then admissions; chunked prefill or whole prompts; preemption of the most recently admitted when
+the KV cache runs short), the iteration is routed, priced (``pricing.price_iteration``), advanced and logged.
+What it cannot do here it asks the caller for and returns (``simulate`` is re-entered until ``DONE``):
+
+* ``ROUTE``: exact routing of the batch in the batch buffers (the caller routes it, fills routing row 0);
+* ``ROUTE_RUN``: exact routing of the next ``groups`` pure-decode iterations of the running requests (the caller
+  fills rows ``0 .. groups - 1``); the loop then takes each iteration's row while the batch stays that decode
+  batch, as the simpy engine's decode runs do (``lynxsim.engine.decode_run``);
+* ``NEED_LOG`` / ``NEED_UNIFORMS``: the iteration log or the statistical mode's uniforms need more room;
+* ``PROGRESS``: another ``progress_every`` requests arrived;
+* ``TOO_MANY_TOKENS``: a statistical table does not cover the batch (the caller raises the simpy path's error).
+
+In the statistical mode the activity is drawn here (``ActivityTable.draw``'s rule) and nothing is returned
+until the end. State lives in arrays that the caller keeps between calls (``state`` for counters, indexed by the
+``S_*`` constants; ``clock`` for times), so re-entering resumes exactly where the loop stopped.
+
+Ties: an arrival at the very time an iteration ends is admitted by the next iteration (simpy orders equal times
+by when each event was scheduled, which this loop does not track); an iteration ending exactly at the cut-off
+is completed. Both are measure-zero events in continuous time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from lynxsim.engine.compiled.pricing import Pricing, price_iteration
+
+# Return codes of ``simulate``.
+DONE, ROUTE, ROUTE_RUN, NEED_LOG, NEED_UNIFORMS, PROGRESS, TOO_MANY_TOKENS = 0, 1, 2, 3, 4, 5, 6
+
+# Request statuses (``req_i[R_STATUS]``); the driver names them.
+ST_NONE, ST_FINISHED, ST_REJECTED_KV, ST_REJECTED_BATCH, ST_CUTOFF_RUNNING, ST_CUTOFF_WAITING = 0, 1, 2, 3, 4, 5
+
+# Columns of the per-request integer array ``req_i`` (``[requests, REQUEST_INTS]``: a request's counters share a
+# cache line, since the loop visits requests, not counters).
+R_PROMPT, R_OUTPUT, R_TOKENS, R_COMPUTED, R_GENERATED, R_BLOCKS, R_PREEMPTIONS, R_STATUS, R_REJECT = range(9)
+REQUEST_INTS = 9
+# Columns of the per-request float array ``req_f``.
+RF_ARRIVAL, RF_SCHEDULED, RF_FIRST_TOKEN, RF_FINISH = range(4)
+REQUEST_FLOATS = 4
+
+# Rows of ``slots``, the running requests' counters in admission order (``[SLOT_FIELDS, max_num_seqs]``, the
+# first ``state[S_RUNNING]`` columns in use): the loop visits them every iteration, contiguously; a request's row
+# of ``req_i`` is stale while it runs and written back when it leaves (``lynxsim.engine.running``'s scheme).
+SL_REQUEST, SL_TOKENS, SL_COMPUTED, SL_GENERATED, SL_OUTPUT, SL_BLOCKS = range(6)
+SLOT_FIELDS = 6
+
+# Entries of ``state``.
+S_ARRIVED, S_WQ_HEAD, S_WQ_COUNT, S_RUNNING, S_FREE_BLOCKS, S_PHASE, S_EPOCH = 0, 1, 2, 3, 4, 5, 6
+S_RUN_EPOCH, S_RUN_LENGTH, S_RUN_AT, S_ROWS, S_UNIFORM_AT, S_UNIFORMS = 7, 8, 9, 10, 11, 12
+S_BATCH_LEN, S_BATCH_FIRST, S_BATCH_TOKENS, S_BATCH_DECODE, S_ROUTE_GROUPS, S_ROUTE_ROW = 13, 14, 15, 16, 17, 18
+S_PROGRESS_MARK, S_APPLIED = 19, 20
+STATE_SIZE = 21
+# Entries of ``clock``.
+C_NOW, C_END, C_LAST_LATENCY = 0, 1, 2
+CLOCK_SIZE = 3
+
+# Entries of ``config``.
+K_BLOCKS, K_BLOCK_TOKENS, K_MAX_SEQS, K_MAX_TOKENS, K_CHUNKED, K_APPLY_ALL, K_STATISTICAL, K_PROGRESS_EVERY = range(8)
+K_MAX_RUN, K_TOP_K = 8, 9
+CONFIG_SIZE = 10
+
+# Rows of the log's float array ``log_f`` and integer array ``log_i``.
+LF_START, LF_LATENCY, LF_KV_USED, LF_ATTENTION, LF_DENSE, LF_MOE, LF_COMMUNICATION, LF_OVERHEAD, LF_TOTAL = range(9)
+LI_PREFILL, LI_DECODE, LI_SEQUENCES, LI_SAMPLED, LI_APPLIED = range(5)
+
+
+@njit(inline="always")
+def _blocks_for(tokens: int, block_tokens: int) -> int:
+    return -(-tokens // block_tokens)
+
+
+@njit(inline="always")
+def _try_grow_slot(slots: np.ndarray, i: int, tokens: int, state: np.ndarray, block_tokens: int) -> bool:
+    """``BlockPool.try_grow`` for the running request in slot ``i``: enough blocks to cache ``tokens`` tokens,
+    or False (and no change)."""
+    extra = _blocks_for(tokens, block_tokens) - slots[SL_BLOCKS, i]
+    if extra > state[S_FREE_BLOCKS]:
+        return False
+    if extra > 0:
+        state[S_FREE_BLOCKS] -= extra
+        slots[SL_BLOCKS, i] += extra
+    return True
+
+
+@njit(inline="always")
+def _queue_at(queue: np.ndarray, state: np.ndarray, k: int) -> int:
+    return queue[(state[S_WQ_HEAD] + k) % queue.size]
+
+
+@njit(inline="always")
+def _push_back(queue: np.ndarray, state: np.ndarray, r: int) -> None:
+    queue[(state[S_WQ_HEAD] + state[S_WQ_COUNT]) % queue.size] = r
+    state[S_WQ_COUNT] += 1
+
+
+@njit(inline="always")
+def _push_front(queue: np.ndarray, state: np.ndarray, r: int) -> None:
+    state[S_WQ_HEAD] = (state[S_WQ_HEAD] - 1) % queue.size
+    queue[state[S_WQ_HEAD]] = r
+    state[S_WQ_COUNT] += 1
+
+
+@njit(inline="always")
+def _pop_front(queue: np.ndarray, state: np.ndarray) -> None:
+    state[S_WQ_HEAD] = (state[S_WQ_HEAD] + 1) % queue.size
+    state[S_WQ_COUNT] -= 1
+
+
+@njit(inline="always")
+def _write_back(req_i: np.ndarray, slots: np.ndarray, i: int) -> int:
+    """The counters of slot ``i`` back into its request's row (it leaves the running set); returns the request."""
+    r = slots[SL_REQUEST, i]
+    req_i[r, R_TOKENS] = slots[SL_TOKENS, i]
+    req_i[r, R_COMPUTED] = slots[SL_COMPUTED, i]
+    req_i[r, R_GENERATED] = slots[SL_GENERATED, i]
+    req_i[r, R_BLOCKS] = slots[SL_BLOCKS, i]
+    return r
+
+
+@njit(inline="always")
+def _preempt_last(req_i: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray) -> None:
+    """``Scheduler._preempt`` of the most recently admitted running request (recompute mode)."""
+    state[S_RUNNING] -= 1
+    r = _write_back(req_i, slots, state[S_RUNNING])
+    state[S_FREE_BLOCKS] += req_i[r, R_BLOCKS]
+    req_i[r, R_BLOCKS] = 0
+    req_i[r, R_COMPUTED] = 0
+    req_i[r, R_PREEMPTIONS] += 1
+    _push_front(queue, state, r)
+    state[S_EPOCH] += 1
+
+
+@njit(cache=True)
+def _schedule_running(
+    req_i: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray, config: np.ndarray,
+    batch_new: np.ndarray, grow: np.ndarray, budget: int,
+) -> tuple[int, int, bool]:
+    """``Scheduler._schedule_running`` (and its preempting variant): tokens for the first running requests into
+    ``batch_new``; returns (requests scheduled, budget left, whether any was preempted). ``grow``: scratch, the
+    blocks each scheduled request needs."""
+    n = state[S_RUNNING]
+    if n == 0 or budget <= 0:
+        return 0, budget, False
+    block_tokens = config[K_BLOCK_TOKENS]
+    count = 0
+    start = 0
+    needed = 0
+    for i in range(n):  # running requests whose missing tokens start within the budget
+        if start >= budget:
+            break
+        missing = slots[SL_TOKENS, i] - slots[SL_COMPUTED, i]
+        take = min(missing, budget - start)
+        batch_new[i] = take
+        start += missing
+        count += 1
+        tokens = slots[SL_COMPUTED, i] + take
+        held = slots[SL_BLOCKS, i]
+        extra = 0
+        if tokens > held * block_tokens:  # the division only where a request outgrows its blocks
+            extra = _blocks_for(tokens, block_tokens) - held
+        grow[i] = extra
+        needed += extra
+    left = budget - start if start <= budget else 0
+    if needed <= state[S_FREE_BLOCKS]:
+        if needed:
+            for i in range(count):
+                slots[SL_BLOCKS, i] += grow[i]
+            state[S_FREE_BLOCKS] -= needed
+        return count, left, False
+    # The pool runs short: request by request, preempting the most recently admitted while one cannot grow.
+    preempted = False
+    index = 0
+    left = budget
+    while index < state[S_RUNNING] and left > 0:
+        take = min(slots[SL_TOKENS, index] - slots[SL_COMPUTED, index], left)
+        while not _try_grow_slot(slots, index, slots[SL_COMPUTED, index] + take, state, block_tokens):
+            victim = state[S_RUNNING] - 1
+            _preempt_last(req_i, slots, queue, state)
+            preempted = True
+            if victim == index:
+                return index, left, preempted
+        batch_new[index] = take
+        left -= take
+        index += 1
+    return index, left, preempted
+
+
+@njit(cache=True)
+def _admit_waiting(
+    req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray,
+    config: np.ndarray, batch_new: np.ndarray, at: int, budget: int, now: float, whole_prompts: bool,
+) -> tuple[int, int]:
+    """``Scheduler._admit_waiting``: admissions appended to the running set and to ``batch_new`` from ``at``;
+    returns (requests admitted, budget left)."""
+    admitted = 0
+    block_tokens = config[K_BLOCK_TOKENS]
+    while state[S_WQ_COUNT] > 0 and budget > 0 and state[S_RUNNING] < config[K_MAX_SEQS]:
+        r = _queue_at(queue, state, 0)
+        missing = req_i[r, R_TOKENS] - req_i[r, R_COMPUTED]
+        if whole_prompts and missing > budget:
+            break
+        tokens = min(missing, budget)
+        extra = _blocks_for(req_i[r, R_COMPUTED] + tokens, block_tokens) - req_i[r, R_BLOCKS]
+        if extra > state[S_FREE_BLOCKS]:
+            break
+        if extra > 0:
+            state[S_FREE_BLOCKS] -= extra
+            req_i[r, R_BLOCKS] += extra
+        _pop_front(queue, state)
+        if math.isnan(req_f[r, RF_SCHEDULED]):
+            req_f[r, RF_SCHEDULED] = now
+        i = state[S_RUNNING]
+        slots[SL_REQUEST, i] = r
+        slots[SL_TOKENS, i] = req_i[r, R_TOKENS]
+        slots[SL_COMPUTED, i] = req_i[r, R_COMPUTED]
+        slots[SL_GENERATED, i] = req_i[r, R_GENERATED]
+        slots[SL_OUTPUT, i] = req_i[r, R_OUTPUT]
+        slots[SL_BLOCKS, i] = req_i[r, R_BLOCKS]
+        state[S_RUNNING] = i + 1
+        state[S_EPOCH] += 1
+        batch_new[at + admitted] = tokens
+        admitted += 1
+        budget -= tokens
+    return admitted, budget
+
+
+@njit(cache=True)
+def _schedule(
+    req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray,
+    config: np.ndarray, batch_new: np.ndarray, batch_before: np.ndarray, batch_decoding: np.ndarray,
+    grow: np.ndarray, now: float,
+) -> None:
+    """``Scheduler.schedule``: the next batch into the batch buffers and ``state[S_BATCH_*]`` (length 0: none)."""
+    budget = config[K_MAX_TOKENS]
+    first = 0
+    if config[K_CHUNKED]:
+        count, budget, preempted = _schedule_running(req_i, slots, queue, state, config, batch_new, grow, budget)
+        if not preempted:
+            admitted, budget = _admit_waiting(req_i, req_f, slots, queue, state, config, batch_new, count,
+                                              budget, now, False)
+            count += admitted
+    else:
+        first = state[S_RUNNING]
+        count, budget = _admit_waiting(req_i, req_f, slots, queue, state, config, batch_new, 0, budget, now, True)
+        if count == 0:
+            first = 0
+            count, budget, _ = _schedule_running(req_i, slots, queue, state, config, batch_new, grow, budget)
+    decode = 0
+    for i in range(count):
+        computed = slots[SL_COMPUTED, first + i]
+        batch_before[i] = computed
+        decoding = slots[SL_GENERATED, first + i] > 0 and slots[SL_TOKENS, first + i] - computed == 1
+        batch_decoding[i] = decoding
+        decode += decoding
+    state[S_BATCH_LEN] = count
+    state[S_BATCH_FIRST] = first
+    state[S_BATCH_TOKENS] = config[K_MAX_TOKENS] - budget
+    state[S_BATCH_DECODE] = decode
+
+
+@njit(cache=True)
+def _complete(
+    req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, state: np.ndarray, batch_new: np.ndarray,
+    now: float,
+) -> int:
+    """``Scheduler.complete`` of the batch in the buffers: returns the tokens sampled; finished requests leave
+    the running set (order kept), their blocks freed."""
+    first = state[S_BATCH_FIRST]
+    count = state[S_BATCH_LEN]
+    sampled = 0
+    leaving = 0
+    for b in range(count):
+        i = first + b
+        computed = slots[SL_COMPUTED, i] + batch_new[b]
+        slots[SL_COMPUTED, i] = computed
+        if computed == slots[SL_TOKENS, i]:
+            sampled += 1
+            generated = slots[SL_GENERATED, i] + 1
+            slots[SL_GENERATED, i] = generated
+            slots[SL_TOKENS, i] = computed + 1
+            if generated == 1:
+                req_f[slots[SL_REQUEST, i], RF_FIRST_TOKEN] = now
+            leaving += generated >= slots[SL_OUTPUT, i]
+    if leaving:
+        kept = 0
+        for i in range(state[S_RUNNING]):
+            if slots[SL_GENERATED, i] >= slots[SL_OUTPUT, i]:
+                r = _write_back(req_i, slots, i)
+                req_f[r, RF_FINISH] = now
+                state[S_FREE_BLOCKS] += req_i[r, R_BLOCKS]
+                req_i[r, R_BLOCKS] = 0
+                req_i[r, R_STATUS] = ST_FINISHED
+            else:
+                if kept != i:
+                    for field in range(SLOT_FIELDS):
+                        slots[field, kept] = slots[field, i]
+                kept += 1
+        state[S_RUNNING] = kept
+        state[S_EPOCH] += 1
+    return sampled
+
+
+@njit(cache=True)
+def _plan_run(slots: np.ndarray, state: np.ndarray, config: np.ndarray, clock: np.ndarray,
+              next_arrival_s: float) -> int:
+    """``plan_decode_run``: how many pure-decode iterations of the running requests to route together (0: none,
+    step the next iteration alone). Only where the simpy engine would start a decode run."""
+    n = state[S_RUNNING]
+    if n == 0 or state[S_WQ_COUNT] > 0 or n > config[K_MAX_TOKENS]:
+        return 0
+    remaining = 1 << 62
+    for i in range(n):
+        if not (slots[SL_GENERATED, i] > 0 and slots[SL_TOKENS, i] - slots[SL_COMPUTED, i] == 1):
+            return 0
+        remaining = min(remaining, slots[SL_OUTPUT, i] - slots[SL_GENERATED, i])
+    most = min(remaining, config[K_MAX_RUN])
+    last = clock[C_LAST_LATENCY]
+    until_arrival = next_arrival_s - clock[C_NOW]
+    if last > 0 and until_arrival < np.inf:
+        most = min(most, max(4, 2 * int(until_arrival / last) + 2))
+    if most <= 1:
+        return 0
+    block_tokens = config[K_BLOCK_TOKENS]
+    length = 0
+    for step in range(1, most + 1):  # up to the first iteration whose new blocks exceed the free ones
+        grown = 0
+        for i in range(n):
+            extra = _blocks_for(slots[SL_COMPUTED, i] + step, block_tokens) - slots[SL_BLOCKS, i]
+            if extra > 0:
+                grown += extra
+        if grown > state[S_FREE_BLOCKS]:
+            break
+        length = step
+    return length if length > 1 else 0
+
+
+@njit(inline="always")
+def _draw(
+    sizes: np.ndarray, distinct: np.ndarray, assignments: np.ndarray, proxies: np.ndarray, samples: int,
+    num_tokens: int, u_size: float, u_sample: float, out_distinct: np.ndarray, out_assignments: np.ndarray,
+    out_proxies: np.ndarray,
+) -> bool:
+    """``ActivityTable.draw`` of one iteration of ``num_tokens`` tokens; False outside the table. ``proxies``
+    with no rows: top-k's (1, 1, 0, 0)."""
+    if num_tokens < 1 or num_tokens > sizes[sizes.size - 1]:
+        return False
+    index = np.searchsorted(sizes, num_tokens, side="left")
+    size = sizes[index]
+    lower = sizes[index - 1] if size != num_tokens else size
+    if size != num_tokens and u_size * (size - lower) >= num_tokens - lower:
+        row = (index - 1) * samples + int(u_sample * samples)
+        scale = num_tokens / lower
+    else:
+        row = index * samples + int(u_sample * samples)
+        scale = num_tokens / size
+    for layer in range(distinct.shape[1]):
+        d = distinct[row, layer]
+        out_distinct[layer] = d
+        if size != num_tokens:
+            out_assignments[layer] = max(np.int64(np.rint(assignments[row, layer] * scale)), np.int64(d))
+        else:
+            out_assignments[layer] = assignments[row, layer]
+    if proxies.shape[1] == 0:
+        for layer in range(distinct.shape[1]):
+            out_proxies[0, layer] = 1.0
+            out_proxies[1, layer] = 1.0
+            out_proxies[2, layer] = 0.0
+            out_proxies[3, layer] = 0.0
+    else:
+        for k in range(4):
+            for layer in range(distinct.shape[1]):
+                out_proxies[k, layer] = proxies[k, row, layer]
+    return True
+
+
+@njit(cache=True)
+def _finish_cut_off(req_i: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray) -> None:
+    """The cut-off statuses, running requests' counters written back."""
+    for i in range(state[S_RUNNING]):
+        req_i[_write_back(req_i, slots, i), R_STATUS] = ST_CUTOFF_RUNNING
+    for k in range(state[S_WQ_COUNT]):
+        req_i[_queue_at(queue, state, k), R_STATUS] = ST_CUTOFF_WAITING
+
+
+@njit(cache=True)
+def simulate(
+    config: np.ndarray,
+    cutoff_s: float,
+    req_i: np.ndarray,
+    req_f: np.ndarray,
+    queue: np.ndarray,
+    slots: np.ndarray,
+    state: np.ndarray,
+    clock: np.ndarray,
+    batch_new: np.ndarray,
+    batch_before: np.ndarray,
+    batch_decoding: np.ndarray,
+    route_distinct: np.ndarray,
+    route_assignments: np.ndarray,
+    route_proxies: np.ndarray,
+    pricing: Pricing,
+    policy_table: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    baseline_table: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    samples: np.ndarray,
+    uniforms: np.ndarray,
+    log_f: np.ndarray,
+    log_i: np.ndarray,
+    log_distinct: np.ndarray,
+    log_proxies: np.ndarray,
+) -> int:
+    """Run the instance until it is done or needs the caller (the module docstring's return codes).
+
+    ``policy_table`` / ``baseline_table``: a statistical table's (sizes, distinct, assignments, proxies), the last
+    three flattened to ``[rows, layers]`` (``[4, rows, layers]``; no rows: top-k's); ``samples`` their sample
+    counts. ``route_*``: the exact routing rows the caller fills. ``log_*``: the iteration log's columns."""
+    num_requests = req_i.shape[0]
+    layers = log_distinct.shape[1]
+    chunks = np.empty(batch_new.size, dtype=np.int64)
+    chunk_contexts = np.empty(batch_new.size, dtype=np.int64)
+    price = np.empty(6)
+    grow = np.empty(batch_new.size, dtype=np.int64)
+    while True:
+        now = clock[C_NOW]
+        if state[S_PHASE] == 0:
+            # Arrivals up to now join the queue (simpy: before the iteration that starts now is formed).
+            while state[S_ARRIVED] < num_requests and req_f[state[S_ARRIVED], RF_ARRIVAL] <= now \
+                    and req_f[state[S_ARRIVED], RF_ARRIVAL] < cutoff_s:
+                r = state[S_ARRIVED]
+                state[S_ARRIVED] += 1
+                if req_i[r, R_REJECT] != ST_NONE:
+                    req_i[r, R_STATUS] = req_i[r, R_REJECT]
+                else:
+                    _push_back(queue, state, r)
+            if config[K_PROGRESS_EVERY] > 0 and state[S_ARRIVED] - state[S_PROGRESS_MARK] >= config[K_PROGRESS_EVERY]:
+                state[S_PROGRESS_MARK] = state[S_ARRIVED]
+                return PROGRESS
+            next_arrival_s = np.inf
+            if state[S_ARRIVED] < num_requests and req_f[state[S_ARRIVED], RF_ARRIVAL] < cutoff_s:
+                next_arrival_s = req_f[state[S_ARRIVED], RF_ARRIVAL]
+            if state[S_RUNNING] == 0 and state[S_WQ_COUNT] == 0:
+                if next_arrival_s < np.inf:
+                    clock[C_NOW] = next_arrival_s
+                    continue
+                clock[C_END] = cutoff_s if cutoff_s < np.inf else now
+                return DONE
+            if state[S_ROWS] >= log_f.shape[1]:
+                return NEED_LOG
+            if config[K_STATISTICAL] and state[S_UNIFORM_AT] >= state[S_UNIFORMS]:
+                return NEED_UNIFORMS
+            if not config[K_STATISTICAL] and state[S_RUN_AT] >= state[S_RUN_LENGTH]:
+                length = _plan_run(slots, state, config, clock, next_arrival_s)
+                if length > 0:
+                    n = state[S_RUNNING]
+                    for i in range(n):
+                        batch_before[i] = slots[SL_COMPUTED, i]
+                    state[S_BATCH_LEN] = n
+                    state[S_ROUTE_GROUPS] = length
+                    state[S_RUN_EPOCH] = state[S_EPOCH]
+                    state[S_RUN_LENGTH] = length
+                    state[S_RUN_AT] = 0
+                    return ROUTE_RUN
+            _schedule(req_i, req_f, slots, queue, state, config, batch_new, batch_before, batch_decoding, grow, now)
+            count = state[S_BATCH_LEN]
+            if count == 0:  # nothing fits: wait for the next arrival
+                if next_arrival_s < np.inf:
+                    clock[C_NOW] = max(now, next_arrival_s)
+                    continue
+                clock[C_END] = cutoff_s if cutoff_s < np.inf else now
+                _finish_cut_off(req_i, slots, queue, state)
+                return DONE
+            tokens = state[S_BATCH_TOKENS]
+            decode = state[S_BATCH_DECODE]
+            applied = config[K_APPLY_ALL] != 0 or decode == tokens
+            state[S_APPLIED] = applied
+            if config[K_STATISTICAL]:
+                at = state[S_UNIFORM_AT]
+                table = policy_table if applied else baseline_table
+                drawn = _draw(table[0], table[1], table[2], table[3], samples[0 if applied else 1], tokens,
+                              uniforms[at, 0], uniforms[at, 1], route_distinct[0], route_assignments[0],
+                              route_proxies[:, 0])
+                if not drawn:
+                    return TOO_MANY_TOKENS
+                state[S_UNIFORM_AT] = at + 1
+                state[S_ROUTE_ROW] = 0
+            elif (state[S_RUN_AT] < state[S_RUN_LENGTH] and state[S_RUN_EPOCH] == state[S_EPOCH]
+                  and count == state[S_RUNNING] and decode == count):
+                state[S_ROUTE_ROW] = state[S_RUN_AT]
+                state[S_RUN_AT] += 1
+            else:
+                state[S_RUN_LENGTH] = 0
+                state[S_RUN_AT] = 0
+                state[S_ROUTE_ROW] = 0
+                state[S_ROUTE_GROUPS] = 1
+                state[S_PHASE] = 1
+                return ROUTE
+        # Phase 1: the batch is routed (row S_ROUTE_ROW); price, advance, log.
+        state[S_PHASE] = 0
+        count = state[S_BATCH_LEN]
+        first = state[S_BATCH_FIRST]
+        decode_rows = 0
+        context_sum = 0
+        num_chunks = 0
+        for i in range(count):
+            if batch_decoding[i]:
+                decode_rows += 1
+                context_sum += batch_before[i] + 1
+            else:
+                chunks[num_chunks] = batch_new[i]
+                chunk_contexts[num_chunks] = batch_before[i]
+                num_chunks += 1
+        row = state[S_ROUTE_ROW]
+        tokens = state[S_BATCH_TOKENS]
+        price_iteration(pricing, decode_rows, context_sum, chunks, chunk_contexts, num_chunks, tokens, count,
+                        route_distinct[row], route_assignments[row], price)
+        total = price[5]
+        end = now + total
+        if end > cutoff_s:
+            clock[C_NOW] = cutoff_s
+            clock[C_END] = cutoff_s
+            _finish_cut_off(req_i, slots, queue, state)
+            return DONE
+        clock[C_NOW] = end
+        clock[C_LAST_LATENCY] = total
+        sampled = _complete(req_i, req_f, slots, state, batch_new, end)
+        at = state[S_ROWS]
+        log_f[LF_START, at] = now
+        log_f[LF_LATENCY, at] = total
+        log_f[LF_KV_USED, at] = 1.0 - state[S_FREE_BLOCKS] / config[K_BLOCKS]
+        for k in range(6):
+            log_f[LF_ATTENTION + k, at] = price[k]
+        log_i[LI_PREFILL, at] = tokens - state[S_BATCH_DECODE]
+        log_i[LI_DECODE, at] = state[S_BATCH_DECODE]
+        log_i[LI_SEQUENCES, at] = count
+        log_i[LI_SAMPLED, at] = sampled
+        log_i[LI_APPLIED, at] = state[S_APPLIED]
+        for layer in range(layers):
+            log_distinct[at, layer] = route_distinct[row, layer]
+            for k in range(4):
+                log_proxies[k, at, layer] = route_proxies[k, row, layer]
+        state[S_ROWS] = at + 1

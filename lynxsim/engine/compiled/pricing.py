@@ -1,0 +1,230 @@
+"""An iteration's latency inside the compiled engine: the cost model's formulas evaluated by numba.
+
+``CostModel`` (roofline) and ``MeasuredCostModel`` (kernel tables) price an iteration with a few Python calls
+each; the compiled engine (``lynxsim.engine.compiled.kernel``) cannot call back into Python per iteration, so this
+module evaluates the same formulas on arrays taken from the cost model once per run (``Pricing.of``):
+
+* the dense part is tabulated by token count and by sequence count (``CostModel.dense_parts_s``);
+* attention and the routed experts are evaluated per iteration: the roofline formulas of ``CostModel`` with its
+  constants (``CostModel.roofline_terms``), or, for a measured cost model, the bilinear log-space interpolation
+  of ``TableInterpolator.scalar`` on the same grids (``TableInterpolator.grid``) with the same roofline scaling
+  outside them. MoE values are cached per (assignments, distinct experts) as the measured model caches its rows.
+
+The operations are those of the Python cost model, in the same order where the Python code is scalar; where it
+sums arrays (numpy's pairwise summation over several prefill chunks or over layers) the sums here are sequential,
+so the two agree to a few units in the last place (the engine tests compare them at 1e-12). Imported only through
+``lynxsim.jit.kernels``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit
+
+from lynxsim.cost import CostModel, MeasuredCostModel, TableInterpolator
+
+ROOFLINE, MEASURED = 0, 1
+"""``Pricing.kind``: which formulas price attention and experts."""
+
+# Indices into ``Pricing.terms`` (the roofline constants, CostModel.roofline_terms).
+T_LAYERS, T_KV_BYTES, T_BANDWIDTH, T_DECODE_FLOPS, T_PREFILL_FLOPS, T_ATTENTION_FLOPS = 0, 1, 2, 3, 4, 5
+T_ATTENTION_LAUNCH, T_EXPERT_MEMORY, T_ASSIGNMENT_COMPUTE, T_MOE_LAYER_LAUNCH, T_MOE_LAYERS_LAUNCH = 6, 7, 8, 9, 10
+T_TOP_K, T_OVERHEAD = 11, 12
+_TERM_NAMES = (
+    "num_layers", "kv_bytes_per_token_layer", "bandwidth_bytes_per_s", "decode_flops_per_pair",
+    "prefill_flops_per_pair", "attention_flops_per_s", "attention_launch_s", "expert_memory_s",
+    "assignment_compute_s", "moe_layer_launch_s", "moe_layers_launch_s", "top_k", "overhead_s",
+)
+
+# Which unit's roofline scales a measured table outside its grid.
+UNIT_ATTENTION_DECODE, UNIT_ATTENTION_PREFILL, UNIT_MOE = 0, 1, 2
+
+
+class Grid(NamedTuple):
+    """A two-axis measured table as numba takes it: coordinates per axis, log latencies ``[n0, n1]``, and
+    ``meta`` = (log1p axis 0, log1p axis 1, lo 0, lo 1, hi 0, hi 1) as floats."""
+
+    coords0: np.ndarray
+    coords1: np.ndarray
+    log_latency: np.ndarray
+    meta: np.ndarray
+
+
+_NO_GRID = Grid(np.zeros(1), np.zeros(1), np.zeros((1, 1)), np.zeros(6))
+
+
+def _grid(interpolator: TableInterpolator) -> Grid:
+    grid = interpolator.grid
+    if len(grid.coords) != 2:
+        raise ValueError(f"the compiled engine interpolates two-axis tables, got {len(grid.coords)} axes")
+    meta = np.array([float(grid.log1p[0]), float(grid.log1p[1]), grid.lo[0], grid.lo[1], grid.hi[0], grid.hi[1]])
+    return Grid(np.ascontiguousarray(grid.coords[0]), np.ascontiguousarray(grid.coords[1]),
+                np.ascontiguousarray(grid.log_latency), meta)
+
+
+class Pricing(NamedTuple):
+    """Everything the compiled engine needs to price iterations of one cost model."""
+
+    kind: int
+    terms: np.ndarray  # float64, indexed by the T_* constants
+    dense_by_tokens_s: np.ndarray  # float64 [max_tokens + 1]
+    dense_by_sequences_s: np.ndarray  # float64 [max_sequences + 1]
+    attention_decode: Grid
+    attention_prefill: Grid
+    moe: Grid
+    moe_cache_s: np.ndarray  # float64 [max assignments + 1, experts + 1], NaN where not yet computed
+
+    @classmethod
+    def of(cls, cost_model: CostModel, *, max_tokens: int, max_sequences: int, num_experts: int) -> Pricing:
+        """The arrays of ``cost_model`` for batches of at most ``max_tokens`` tokens and ``max_sequences``
+        sequences. ``ValueError`` for a cost model whose formulas this module does not evaluate (the
+        parallel cost model): the engine then runs the simpy path."""
+        if type(cost_model) not in (CostModel, MeasuredCostModel):
+            raise ValueError(f"no compiled pricing for {type(cost_model).__name__}")
+        named = cost_model.roofline_terms()
+        terms = np.array([named[name] for name in _TERM_NAMES], dtype=np.float64)
+        by_tokens, by_sequences = cost_model.dense_parts_s(max_tokens, max_sequences)
+        top_k = int(named["top_k"])
+        cache = np.full((max_tokens * top_k + 2, num_experts + 1), np.nan)
+        if isinstance(cost_model, MeasuredCostModel):
+            units = cost_model.units
+            return cls(MEASURED, terms, by_tokens, by_sequences, _grid(units["attention_decode"]),
+                       _grid(units["attention_prefill"]), _grid(units["moe"]), cache)
+        return cls(ROOFLINE, terms, by_tokens, by_sequences, _NO_GRID, _NO_GRID, _NO_GRID, cache)
+
+
+@njit(inline="always")
+def _bracket(coords: np.ndarray, log1p: bool, x: float) -> tuple[int, float]:
+    """``TableInterpolator._bracket``: the grid cell of ``x`` along one axis and the position in it."""
+    n = coords.size
+    if n == 1:
+        return 0, 0.0
+    u = math.log1p(x) if log1p else math.log(x)
+    i = np.searchsorted(coords, u, side="right") - 1
+    i = min(max(i, 0), n - 2)
+    return i, (u - coords[i]) / (coords[i + 1] - coords[i])
+
+
+@njit(inline="always")
+def _unit_roofline(unit: int, terms: np.ndarray, x0: float, x1: float) -> float:
+    """The roofline of one measured unit (``UnitRooflines``'s formulas) at ``(x0, x1)``."""
+    if unit == UNIT_ATTENTION_DECODE:
+        pairs = x0 * x1
+        memory = pairs * terms[T_KV_BYTES] / terms[T_BANDWIDTH]
+        compute = pairs * terms[T_DECODE_FLOPS] / terms[T_ATTENTION_FLOPS]
+        return max(memory, compute) + terms[T_ATTENTION_LAUNCH]
+    if unit == UNIT_ATTENTION_PREFILL:
+        memory = (x0 + x1) * terms[T_KV_BYTES] / terms[T_BANDWIDTH]
+        compute = x0 * (x1 + (x0 + 1.0) * 0.5) * terms[T_PREFILL_FLOPS] / terms[T_ATTENTION_FLOPS]
+        return max(memory, compute) + terms[T_ATTENTION_LAUNCH]
+    memory = x1 * terms[T_EXPERT_MEMORY]
+    compute = x0 * terms[T_TOP_K] * terms[T_ASSIGNMENT_COMPUTE]
+    return max(memory, compute) + terms[T_MOE_LAYER_LAUNCH]
+
+
+@njit(inline="always")
+def interpolate(grid: Grid, unit: int, terms: np.ndarray, x0: float, x1: float) -> float:
+    """``TableInterpolator._scalar_2d``: the table's latency at ``(x0, x1)``, roofline-scaled outside it."""
+    coords0, coords1, values, meta = grid
+    c0 = min(max(x0, meta[2]), meta[4])
+    c1 = min(max(x1, meta[3]), meta[5])
+    i0, w0 = _bracket(coords0, meta[0] != 0.0, c0)
+    i1, w1 = _bracket(coords1, meta[1] != 0.0, c1)
+    total = 0.0
+    weight = (1.0 - w0) * (1.0 - w1)
+    if weight:
+        total += weight * values[i0, i1]
+    if w1 != 0.0:
+        weight = (1.0 - w0) * w1
+        if weight:
+            total += weight * values[i0, i1 + 1]
+    if w0 != 0.0:
+        weight = w0 * (1.0 - w1)
+        if weight:
+            total += weight * values[i0 + 1, i1]
+        if w1 != 0.0:
+            weight = w0 * w1
+            if weight:
+                total += weight * values[i0 + 1, i1 + 1]
+    value = math.exp(total)
+    if c0 != x0 or c1 != x1:
+        denominator = _unit_roofline(unit, terms, c0, c1)
+        if denominator > 0.0:
+            value *= _unit_roofline(unit, terms, x0, x1) / denominator
+    return value
+
+
+@njit(inline="always")
+def _moe_layer_s(pricing: Pricing, assignments: int, distinct: int) -> float:
+    """One MoE layer's measured time at its assignments and distinct experts, cached."""
+    cache = pricing.moe_cache_s
+    if assignments < cache.shape[0]:
+        value = cache[assignments, distinct]
+        if value == value:  # not NaN: computed before
+            return value
+    value = interpolate(pricing.moe, UNIT_MOE, pricing.terms, assignments / pricing.terms[T_TOP_K], float(distinct))
+    if assignments < cache.shape[0]:
+        cache[assignments, distinct] = value
+    return value
+
+
+@njit(cache=True)
+def price_iteration(
+    pricing: Pricing,
+    decode_rows: int,
+    decode_context_sum: int,
+    chunks: np.ndarray,
+    chunk_contexts: np.ndarray,
+    num_chunks: int,
+    tokens: int,
+    sequences: int,
+    distinct: np.ndarray,
+    assignments: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """``iteration_activity``: ``out`` = (attention, dense, moe, communication, overhead, total) seconds of an
+    iteration with ``decode_rows`` decode rows (their context lengths summing to ``decode_context_sum``, each row
+    counting the token it computes), prefill chunks ``chunks[:num_chunks]`` over cached contexts
+    ``chunk_contexts``, and per MoE layer ``distinct`` experts and ``assignments``."""
+    terms = pricing.terms
+    layers = terms[T_LAYERS]
+    if pricing.kind == MEASURED:
+        layer_s = 0.0
+        if decode_rows:
+            layer_s += interpolate(pricing.attention_decode, UNIT_ATTENTION_DECODE, terms, float(decode_rows),
+                                   decode_context_sum / decode_rows)
+        for c in range(num_chunks):
+            layer_s += interpolate(pricing.attention_prefill, UNIT_ATTENTION_PREFILL, terms, float(chunks[c]),
+                                   float(chunk_contexts[c]))
+        attention = layers * layer_s
+        moe = 0.0
+        for layer in range(distinct.size):
+            moe += _moe_layer_s(pricing, int(assignments[layer]), int(distinct[layer]))
+    else:
+        decode_kv = float(decode_context_sum)
+        prefill_kv = 0.0
+        prefill_pairs = 0.0
+        for c in range(num_chunks):
+            chunk = float(chunks[c])
+            context = float(chunk_contexts[c])
+            prefill_kv += context + chunk
+            prefill_pairs += chunk * (context + (chunk + 1.0) * 0.5)
+        layer_bytes = terms[T_KV_BYTES] * (decode_kv + prefill_kv)
+        layer_flops = terms[T_DECODE_FLOPS] * decode_kv + terms[T_PREFILL_FLOPS] * prefill_pairs
+        layer_s = max(layer_bytes / terms[T_BANDWIDTH], layer_flops / terms[T_ATTENTION_FLOPS])
+        attention = layers * (layer_s + terms[T_ATTENTION_LAUNCH])
+        moe = 0.0
+        for layer in range(distinct.size):
+            moe += max(distinct[layer] * terms[T_EXPERT_MEMORY], assignments[layer] * terms[T_ASSIGNMENT_COMPUTE])
+        moe += terms[T_MOE_LAYERS_LAUNCH]
+    dense = pricing.dense_by_tokens_s[tokens] + pricing.dense_by_sequences_s[sequences]
+    overhead = terms[T_OVERHEAD]
+    out[0] = attention
+    out[1] = dense
+    out[2] = moe
+    out[3] = 0.0
+    out[4] = overhead
+    out[5] = attention + dense + moe + 0.0 + overhead

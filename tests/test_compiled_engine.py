@@ -1,0 +1,135 @@
+"""The compiled engine (lynxsim/engine/compiled) against the simpy engine it restates: the same experiment gives
+the same requests, iterations and summary, for every scheduling mode, routing mode and cost model it covers; and
+the runner takes it exactly where it applies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lynxsim.config import ExperimentConfig
+from lynxsim.cost import CostModel
+from lynxsim.engine.compiled import ENGINE_VARIABLE, engine_for
+from lynxsim.errors import InputError
+from lynxsim.jit import kernels
+from lynxsim.metrics import PER_LAYER_COLUMNS, per_layer
+from lynxsim.runner import prepare, simulate_policy
+
+pytestmark = pytest.mark.skipif(
+    kernels("lynxsim.engine.compiled.driver") is None, reason="numba unavailable or LYNXSIM_NO_NUMBA set"
+)
+
+STATISTICAL = {"routing_mode": "statistical", "statistical_cache": False, "statistical_samples": 8}
+WALL_CLOCK = {"wall_s", "simulated_s_per_wall_s", "routing_table_build_s", "routing_baseline_table_build_s"}
+
+
+def _config(
+    *, simulation: dict | None = None, hardware: dict | None = None, policies: list[dict] | None = None,
+    **serving: object,
+) -> ExperimentConfig:
+    return ExperimentConfig.model_validate({
+        "name": "engines",
+        "model": "mixtral-8x7b",
+        "hardware": {"profile": "h200", **(hardware or {})},
+        "workload": {
+            "arrival": {"kind": "poisson", "rate_per_s": 6.0},
+            "prompt_tokens": {"kind": "uniform", "low_tokens": 16, "high_tokens": 600},
+            "output_tokens": {"kind": "uniform", "low_tokens": 2, "high_tokens": 200},
+        },
+        "serving": {"max_num_seqs": 64, **serving},
+        "policies": policies or [{"name": "topk"}, {"name": "lynx"}],
+        "simulation": {"seed": 5, "num_requests": 60, **(simulation or {})},
+        "output": {"figures": False},
+    })
+
+
+def _runs(config: ExperimentConfig, engine: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple]:
+    monkeypatch.setenv(ENGINE_VARIABLE, engine)
+    setup = prepare(config)
+    runs = {}
+    for label, entry, policy in setup.policies:
+        run = simulate_policy(setup, label, entry, policy)
+        runs[label] = (run.requests, run.iterations, run.summary)
+    return runs
+
+
+def _assert_same_frames(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    assert list(a.columns) == list(b.columns) and len(a) == len(b)
+    for column in a.columns:
+        if column in PER_LAYER_COLUMNS:
+            x, y = per_layer(a[column]), per_layer(b[column])
+        else:
+            x, y = a[column].to_numpy(), b[column].to_numpy()
+        if np.issubdtype(x.dtype, np.floating):
+            assert np.allclose(x, y, rtol=1e-12, atol=1e-12, equal_nan=True), column
+        else:
+            assert (x == y).all(), column
+
+
+CASES = {
+    "chunked": _config(),
+    "whole-prompts": _config(chunked_prefill=False),
+    "preempting": _config(gpu_memory_utilization=0.64),
+    "statistical": _config(simulation=STATISTICAL, gpu_memory_utilization=0.64),
+    "cut-off": _config(simulation={"cutoff_s": 5.0}),
+    "roofline": _config(hardware={"measured_tables": False}),
+    "policy-on-every-iteration": _config(policies=[{"name": "topk"}, {"name": "lynx", "apply_to": "all"}]),
+    "statistical-on-every-iteration": _config(
+        simulation=STATISTICAL, policies=[{"name": "lynx", "apply_to": "all"}], max_num_batched_tokens=512
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_compiled_engine_gives_the_simpy_engines_records(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = CASES[case]
+    simpy_runs = _runs(config, "simpy", monkeypatch)
+    compiled_runs = _runs(config, "auto", monkeypatch)
+    for label, (requests, iterations, summary) in simpy_runs.items():
+        compiled_requests, compiled_iterations, compiled_summary = compiled_runs[label]
+        _assert_same_frames(requests, compiled_requests)
+        _assert_same_frames(iterations, compiled_iterations)
+        for key, value in summary.items():
+            if key not in WALL_CLOCK:
+                assert np.isclose(value, compiled_summary[key], rtol=1e-9, equal_nan=True), key
+    if case == "preempting":  # the case exists to exercise preemption: make sure it does
+        assert max(summary["preemptions"] for _, _, summary in compiled_runs.values()) > 0
+    if case == "cut-off":
+        statuses = set(compiled_runs["topk"][0]["status"])
+        assert {"cutoff_running", "cutoff_waiting"} & statuses
+
+
+def test_compiled_engine_is_deterministic(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = CASES["statistical"]
+    first, second = _runs(config, "auto", monkeypatch), _runs(config, "auto", monkeypatch)
+    for label in first:
+        _assert_same_frames(first[label][1], second[label][1])
+
+
+def test_every_request_is_accounted_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Conservation: every arrived request ends with exactly one status, finished ones with all their tokens,
+    and the tokens sampled by the iterations are the tokens the requests generated."""
+    runs = _runs(CASES["preempting"], "auto", monkeypatch)
+    for requests, iterations, _ in runs.values():
+        assert requests["request_id"].is_unique and len(requests) == 60
+        finished = requests[requests["status"] == "finished"]
+        assert (finished["generated_tokens"] == finished["output_tokens"]).all()
+        assert iterations["sampled_tokens"].sum() == requests["generated_tokens"].sum()
+
+
+def test_engine_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled engine serves one co-located instance priced by a one-GPU cost model, nothing else; the
+    environment switch forces the simpy engine, and a wrong value is a user error."""
+    cost = prepare(_config()).cost_model
+    assert engine_for(cost, ["colocated"], per_rank_tables=False) is not None
+    assert engine_for(cost, ["colocated", "colocated"], per_rank_tables=False) is None
+    assert engine_for(cost, ["prefill", "decode"], per_rank_tables=False) is None
+    assert engine_for(cost, ["colocated"], per_rank_tables=True) is None
+    assert engine_for(object(), ["colocated"], per_rank_tables=False) is None
+    assert isinstance(cost, CostModel)
+    monkeypatch.setenv(ENGINE_VARIABLE, "simpy")
+    assert engine_for(cost, ["colocated"], per_rank_tables=False) is None
+    monkeypatch.setenv(ENGINE_VARIABLE, "fast")
+    with pytest.raises(InputError, match="LYNXSIM_ENGINE"):
+        engine_for(cost, ["colocated"], per_rank_tables=False)
