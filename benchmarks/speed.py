@@ -14,12 +14,15 @@ wall-clock figures understate the speed; "x per CPU s" (simulated seconds per CP
 better estimate of the speed on an idle core. Simulated seconds are, per policy, the simulated clock at its last
 event, summed over the policies of a scenario; iterations are the rows of each policy's iteration records.
 
-``--profile`` runs the children under cProfile (which slows Python-heavy code, so its wall times are not the
+``--warm`` times each scenario a second time in the same child ("warm x"): numba's kernels are then loaded (the
+first call of a compiled function in a process loads it from numba's cache, ~0.25 s for the compiled engine) and
+the data files are in the page cache, which is what every further run of a sweep worker costs; the targets are
+checked on the first (cold) run. ``--profile`` runs the children under cProfile (which slows Python-heavy code, so its wall times are not the
 speed figures) and splits the time into engine / routing / policy / cost model / records / other by the module of
 each function; ``--limit-sim-s N`` stops arrivals after N simulated seconds, for quick looks (the run then drains
 the requests already there, and every figure is partial).
 
-    python benchmarks/speed.py [--scenarios S1 S3] [--profile] [--limit-sim-s N] [--json PATH]
+    python benchmarks/speed.py [--scenarios S1 S3] [--profile] [--warm] [--limit-sim-s N] [--json PATH]
 """
 
 from __future__ import annotations
@@ -77,11 +80,15 @@ SCENARIOS = {
 # ----- the child: one scenario, timed and optionally profiled ----------------------------------------------------
 
 
-def run_child(path: Path, limit_sim_s: float | None, profile: bool, result_path: Path) -> None:
-    """Run one scenario in this process and write its figures to ``result_path`` (JSON)."""
+def run_child(path: Path, limit_sim_s: float | None, profile: bool, warm: bool, result_path: Path) -> None:
+    """Run one scenario in this process and write its figures to ``result_path`` (JSON); with ``warm``, run it
+    a second time in the same process and time that too."""
     import lynxsim
     from lynxsim.config import load_experiment
+    from lynxsim.jit import kernels
     from lynxsim.runner import PolicyRun, run_experiment
+
+    kernels("lynxsim.engine.compiled.driver")  # an import (numba's, ~0.25 s): "start s", as the other imports
 
     config = load_experiment(path)
     if limit_sim_s is not None:
@@ -103,7 +110,15 @@ def run_child(path: Path, limit_sim_s: float | None, profile: bool, result_path:
         if profiler is not None:
             profiler.disable()
         run_wall_s, run_cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
+    warm_figures: dict[str, float] = {}
+    if warm:
+        with tempfile.TemporaryDirectory(prefix="lynxsim-speed-") as out_dir:
+            started, cpu_started = time.perf_counter(), time.process_time()
+            run_experiment(config, Path(out_dir))
+            warm_figures = {"warm_wall_s": time.perf_counter() - started,
+                            "warm_cpu_s": time.process_time() - cpu_started}
     payload = {
+        **warm_figures,
         "lynxsim": str(Path(lynxsim.__file__).parent),
         "requests": len(result.setup.requests),
         "cost_model": result.setup.cost_model.source,
@@ -198,7 +213,7 @@ def describe(func: Func) -> str:
 # ----- the parent: scenarios in child processes, the tables ------------------------------------------------------
 
 
-def run_scenario(scenario: Scenario, limit_sim_s: float | None, profile: bool) -> dict[str, Any]:
+def run_scenario(scenario: Scenario, limit_sim_s: float | None, profile: bool, warm: bool) -> dict[str, Any]:
     """Run ``scenario`` in a fresh interpreter; its figures plus the child's peak RSS and whole wall time."""
     with tempfile.TemporaryDirectory(prefix="lynxsim-speed-result-") as folder:
         result_path = Path(folder) / "result.json"
@@ -207,6 +222,8 @@ def run_scenario(scenario: Scenario, limit_sim_s: float | None, profile: bool) -
             command += ["--limit-sim-s", str(limit_sim_s)]
         if profile:
             command.append("--profile")
+        if warm:
+            command.append("--warm")
         started = time.perf_counter()
         child = subprocess.Popen(command, env={**os.environ, **ONE_THREAD})
         _, status, usage = os.wait4(child.pid, 0)
@@ -229,7 +246,8 @@ def run_scenario(scenario: Scenario, limit_sim_s: float | None, profile: bool) -
         "iterations_per_wall_s": iterations / wall_s,
         "peak_rss_mb": usage.ru_maxrss * 1024 / 1e6,  # Linux reports KiB
         "cpu_share": result["run_cpu_s"] / wall_s,
-        "start_s": process_wall_s - wall_s,
+        "start_s": process_wall_s - wall_s - result.get("warm_wall_s", 0.0),
+        **({"x_real_time_warm": simulated_s / result["warm_wall_s"]} if "warm_wall_s" in result else {}),
     }
 
 
@@ -257,8 +275,10 @@ def check_targets(results: dict[str, dict[str, Any]]) -> None:
 
 def results_table(results: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=title)
+    warm = any("x_real_time_warm" in r for r in results)
     columns = ("scenario", "policies", "requests", "simulated s", "wall s", "x real time", "iterations",
-               "iter / wall s", "peak RSS MB", "CPU share", "x per CPU s", "start s", "target", "met?")
+               "iter / wall s", "peak RSS MB", "CPU share", "x per CPU s", "start s", *(("warm x",) if warm else ()),
+               "target", "met?")
     for column in columns:
         table.add_column(column, justify="left" if column in ("scenario", "target") else "right")
     for r in results:
@@ -267,7 +287,8 @@ def results_table(results: list[dict[str, Any]], title: str) -> Table:
             r["scenario"], str(len(r["policies"])), f"{r['requests']:,}", f"{r['simulated_s']:,.0f}",
             f"{r['run_wall_s']:,.1f}", ratio(r["x_real_time"]), f"{r['iterations']:,}",
             f"{r['iterations_per_wall_s']:,.0f}", f"{r['peak_rss_mb']:,.0f}", f"{r['cpu_share']:.0%}",
-            ratio(r["x_real_time_per_cpu_s"]),            f"{r['start_s']:.1f}", r["target"], met,
+            ratio(r["x_real_time_per_cpu_s"]), f"{r['start_s']:.1f}",
+            *((ratio(r["x_real_time_warm"]) if "x_real_time_warm" in r else "-",) if warm else ()), r["target"], met,
         )
     return table
 
@@ -324,11 +345,14 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="run under cProfile and split the time by module")
     parser.add_argument("--limit-sim-s", type=float, help="stop arrivals after this many simulated seconds (partial)")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--warm", action="store_true",
+                        help="also time a second run in the same process (\"warm x\"): what each further run of a "
+                             "sweep worker costs, without the process's one-time loading of numba's compiled kernels")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        run_child(args.child, args.limit_sim_s, args.profile, args.result)
+        run_child(args.child, args.limit_sim_s, args.profile, args.warm, args.result)
         return
 
     keys = list(dict.fromkeys(args.scenarios))
@@ -340,7 +364,7 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {}
     for key in keys:
         console.print(f"[bold]{key}[/bold]: {SCENARIOS[key].file} ...")
-        results[key] = run_scenario(SCENARIOS[key], args.limit_sim_s, args.profile)
+        results[key] = run_scenario(SCENARIOS[key], args.limit_sim_s, args.profile, args.warm)
     check_targets(results)
     meta = {**environment(next(iter(results.values()))["lynxsim"]), "load_average_1min_at_start": load_at_start}
 

@@ -796,10 +796,15 @@ class MeasuredCostModel(UnitRooflines):
         return head
 
     def dense_parts_s(self, max_tokens: int, max_sequences: int) -> tuple[np.ndarray, np.ndarray]:
-        """``CostModel.dense_parts_s`` from the measured units, the very values ``dense_time_s`` adds."""
-        by_tokens = np.array([0.0, *(self._per_tokens_s(t) for t in range(1, max_tokens + 1))])
-        by_sequences = np.array([0.0, *(self._lm_head_s(q) for q in range(1, max_sequences + 1))])
-        return by_tokens, by_sequences
+        """``CostModel.dense_parts_s`` from the measured units: ``dense_time_s``'s sum, each unit looked up at
+        every count at once (equal to its scalar lookups to the last few bits)."""
+        tokens = np.arange(1, max_tokens + 1, dtype=np.float64)
+        by_tokens = self._num_moe_layers * self.units["dense_layer"](tokens)
+        if self.model.num_dense_layers:
+            by_tokens += self.model.num_dense_layers * self.units["dense_ffn_layer"](tokens)
+        by_tokens += self.units["embedding"](tokens)
+        by_sequences = self.units["lm_head"](np.arange(1, max_sequences + 1, dtype=np.float64))
+        return np.concatenate(([0.0], by_tokens)), np.concatenate(([0.0], by_sequences))
 
     def _moe_row(self, assignments: int) -> np.ndarray:
         """moe(assignments / top_k, d) for d = 0 .. num_experts, cached per assignment count."""

@@ -59,6 +59,7 @@ class IterationLog:
         self._scalars = {name: np.zeros(INITIAL_ROWS, dtype=dtype) for name, dtype in SCALAR_COLUMNS.items()}
         self._distinct = np.zeros((INITIAL_ROWS, num_moe_layers), dtype=np.int16)  # distinct experts per layer
         self._proxies = np.zeros((len(PROXY_COLUMNS), INITIAL_ROWS, num_moe_layers), dtype=np.float32)
+        self._sealed = False  # holds rows recorded elsewhere (``from_columns``): nothing is appended, frames share them
 
     @classmethod
     def from_columns(
@@ -73,7 +74,8 @@ class IterationLog:
     ) -> IterationLog:
         """A log holding rows recorded elsewhere (the compiled engine's): ``scalars`` every one of
         ``SCALAR_COLUMNS`` in its type, ``distinct_experts`` ``[rows, layers]`` int16, ``proxies`` ``[4, rows,
-        layers]`` float32."""
+        layers]`` float32, all exactly ``rows`` long. The log takes them over (``frame`` shares their memory
+        rather than copying it) and accepts no further rows."""
         if list(scalars) != list(SCALAR_COLUMNS):
             raise ValueError(f"scalar columns {list(scalars)}, expected {list(SCALAR_COLUMNS)}")
         log = cls(num_moe_layers, instance=instance, role=role)
@@ -81,6 +83,7 @@ class IterationLog:
         log._scalars = scalars
         log._distinct = distinct_experts
         log._proxies = proxies
+        log._sealed = True
         return log
 
     def append(
@@ -142,6 +145,8 @@ class IterationLog:
 
     def _reserve(self, count: int) -> int:
         """Make room for ``count`` more rows; returns the first one's index."""
+        if self._sealed:
+            raise RuntimeError("this iteration log holds rows recorded elsewhere and takes no more")
         first = self.rows
         needed = first + count
         capacity = self._distinct.shape[0]
@@ -155,21 +160,23 @@ class IterationLog:
 
     def frame(self) -> pd.DataFrame:
         """One row per iteration; ``distinct_experts`` and the proxies hold one value per MoE layer, as Arrow
-        lists (``list<int16>`` and ``list<float>``) over copies of the log's 2-D arrays."""
+        lists (``list<int16>`` and ``list<float>``) over copies of the log's 2-D arrays (over the arrays
+        themselves for a log made by ``from_columns``)."""
         n = self.rows
         if not n:
             return pd.DataFrame()
+        own = (lambda array: array) if self._sealed else np.copy  # a growing log's buffers change later
         columns: dict[str, np.ndarray | pd.Series | pd.arrays.ArrowExtensionArray] = {
-            name: column[:n].copy() for name, column in self._scalars.items()
+            name: own(column[:n]) for name, column in self._scalars.items()
         }
         columns["instance"] = np.full(n, self.instance, dtype=np.int64)
         columns["role"] = pd.Series([self.role] * n, dtype=object)
         columns["pure_decode"] = columns["prefill_tokens"] == 0
-        distinct = self._distinct[:n].copy()
+        distinct = own(self._distinct[:n])
         columns["mean_distinct_experts"] = distinct.mean(axis=1)
         columns["distinct_experts"] = _list_column(distinct)
         for k, name in enumerate(PROXY_COLUMNS):
-            values = self._proxies[k, :n].copy()
+            values = own(self._proxies[k, :n])
             columns[f"mean_{name}"] = values.mean(axis=1)
             columns[name] = _list_column(values)
         return pd.DataFrame(columns, copy=False)
@@ -214,43 +221,76 @@ def _grown(array: np.ndarray, capacity: int, axis: int) -> np.ndarray:
 
 
 def requests_frame(requests: list[Request], statuses: dict[int, str]) -> pd.DataFrame:
-    """One row per arrived request. ``status`` is ``finished``, or why it did not finish. ``instance`` is the
-    instance the router gave it (-1: rejected), which computed its prompt: ``prefill_instance`` is the same;
-    ``decode_instance`` is the one that generated its other tokens (co-located: the same again; disaggregated: -1
-    until one was chosen). ``transfer_wait_s`` is the wait from its first token to the start of its KV-cache
-    transfer (for KV blocks on the decode instance), ``transfer_s`` the transfer itself (NaN: none)."""
+    """One row per arrived request (``request_table``), from the engine's ``Request`` objects."""
     nan = float("nan")
-    arrival = np.array([r.spec.arrival_s for r in requests], dtype=float)
-    first = np.array([nan if r.first_token_s is None else r.first_token_s for r in requests], dtype=float)
-    scheduled = np.array([nan if r.first_scheduled_s is None else r.first_scheduled_s for r in requests], dtype=float)
-    finish = np.array([nan if r.finish_s is None else r.finish_s for r in requests], dtype=float)
-    generated = np.array([r.generated_tokens for r in requests], dtype=np.int64)
-    decode_steps = (generated - 1).astype(float)
-    instance = np.array([r.instance for r in requests], dtype=np.int64)
-    transfer_start = np.array([nan if r.transfer_start_s is None else r.transfer_start_s for r in requests], dtype=float)
-    transfer_end = np.array([nan if r.transfer_end_s is None else r.transfer_end_s for r in requests], dtype=float)
+
+    def times(values: list[float | None]) -> np.ndarray:
+        return np.array([nan if v is None else v for v in values], dtype=float)
+
+    return request_table(
+        request_id=np.array([r.request_id for r in requests], dtype=np.int64),
+        arrival_s=np.array([r.spec.arrival_s for r in requests], dtype=float),
+        prompt_tokens=np.array([r.spec.prompt_tokens for r in requests], dtype=np.int64),
+        output_tokens=np.array([r.spec.output_tokens for r in requests], dtype=np.int64),
+        generated_tokens=np.array([r.generated_tokens for r in requests], dtype=np.int64),
+        first_scheduled_s=times([r.first_scheduled_s for r in requests]),
+        first_token_s=times([r.first_token_s for r in requests]),
+        finish_s=times([r.finish_s for r in requests]),
+        preemptions=np.array([r.num_preemptions for r in requests], dtype=np.int64),
+        instance=np.array([r.instance for r in requests], dtype=np.int64),
+        decode_instance=np.array([r.decode_instance for r in requests], dtype=np.int64),
+        transfer_start_s=times([r.transfer_start_s for r in requests]),
+        transfer_end_s=times([r.transfer_end_s for r in requests]),
+        status=[statuses[r.request_id] for r in requests],
+    )
+
+
+def request_table(
+    *,
+    request_id: np.ndarray,
+    arrival_s: np.ndarray,
+    prompt_tokens: np.ndarray,
+    output_tokens: np.ndarray,
+    generated_tokens: np.ndarray,
+    first_scheduled_s: np.ndarray,
+    first_token_s: np.ndarray,
+    finish_s: np.ndarray,
+    preemptions: np.ndarray,
+    instance: np.ndarray,
+    decode_instance: np.ndarray,
+    transfer_start_s: np.ndarray,
+    transfer_end_s: np.ndarray,
+    status: list[str],
+) -> pd.DataFrame:
+    """One row per arrived request, from per-request columns (times NaN where a request never got there).
+    ``status`` is ``finished``, or why it did not finish. ``instance`` is the instance the router gave it (-1:
+    rejected), which computed its prompt: ``prefill_instance`` is the same; ``decode_instance`` is the one that
+    generated its other tokens (co-located: the same again; disaggregated: -1 until one was chosen).
+    ``transfer_wait_s`` is the wait from its first token to the start of its KV-cache transfer (for KV blocks on
+    the decode instance), ``transfer_s`` the transfer itself (NaN: none)."""
+    decode_steps = (generated_tokens - 1).astype(float)
     with np.errstate(divide="ignore", invalid="ignore"):
-        tpot = np.where(decode_steps > 0, (finish - first) / decode_steps, nan)
+        tpot = np.where(decode_steps > 0, (finish_s - first_token_s) / decode_steps, np.nan)
     return pd.DataFrame(
         {
-            "request_id": np.array([r.request_id for r in requests], dtype=np.int64),
-            "arrival_s": arrival,
-            "prompt_tokens": np.array([r.spec.prompt_tokens for r in requests], dtype=np.int64),
-            "output_tokens": np.array([r.spec.output_tokens for r in requests], dtype=np.int64),
-            "generated_tokens": generated,
-            "first_token_s": first,
-            "finish_s": finish,
-            "scheduling_delay_s": scheduled - arrival,
-            "ttft_s": first - arrival,
+            "request_id": request_id,
+            "arrival_s": arrival_s,
+            "prompt_tokens": prompt_tokens,
+            "output_tokens": output_tokens,
+            "generated_tokens": generated_tokens,
+            "first_token_s": first_token_s,
+            "finish_s": finish_s,
+            "scheduling_delay_s": first_scheduled_s - arrival_s,
+            "ttft_s": first_token_s - arrival_s,
             "tpot_s": tpot,
-            "e2e_s": finish - arrival,
-            "preemptions": np.array([r.num_preemptions for r in requests], dtype=np.int64),
+            "e2e_s": finish_s - arrival_s,
+            "preemptions": preemptions,
             "instance": instance,
             "prefill_instance": instance,
-            "decode_instance": np.array([r.decode_instance for r in requests], dtype=np.int64),
-            "transfer_wait_s": transfer_start - first,
-            "transfer_s": transfer_end - transfer_start,
-            "status": pd.Series([statuses[r.request_id] for r in requests], dtype=object),
+            "decode_instance": decode_instance,
+            "transfer_wait_s": transfer_start_s - first_token_s,
+            "transfer_s": transfer_end_s - transfer_start_s,
+            "status": pd.Series(status, dtype=object),
         }
     )
 

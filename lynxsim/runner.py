@@ -404,8 +404,7 @@ def simulate_policy(
             build_scheduler(setup), setup.cost_model, step, model.num_moe_layers, model.num_experts, setup.requests,
             config.simulation.cutoff_s, on_arrivals,
         )
-        end_s, instances = outcome.end_s, 1
-        requests = requests_frame(outcome.arrived, outcome.statuses)
+        end_s, instances, requests = outcome.end_s, 1, outcome.requests
         iterations = outcome.log.frame()
     else:
         cluster = build_cluster(setup, step)

@@ -33,6 +33,9 @@ from lynxsim.engine.running import RunningSet
 
 _NO_TOKENS = np.zeros(0, dtype=np.int64)
 
+REJECTION_REASONS = ("exceeds_kv_cache", "exceeds_max_num_batched_tokens")
+"""Why a request can never be served (``Scheduler.rejection_reason``), in the order they are checked."""
+
 
 @dataclass(frozen=True, slots=True)
 class ScheduledBatch:
@@ -91,11 +94,17 @@ class Scheduler:
         """Why a request can never be served with these limits, or None if it can. ``max_tokens``: the most
         tokens the request will hold here (default all of them; a prefill instance holds only the prompt)."""
         tokens = request.max_tokens if max_tokens is None else max_tokens
-        if self.pool.blocks_for(tokens) > self.pool.num_blocks:
-            return "exceeds_kv_cache"
-        if not self.chunked_prefill and tokens > self.max_num_batched_tokens:
-            return "exceeds_max_num_batched_tokens"
-        return None
+        code = int(self.rejection_codes(np.array([tokens], dtype=np.int64))[0])
+        return REJECTION_REASONS[code - 1] if code else None
+
+    def rejection_codes(self, max_tokens: np.ndarray) -> np.ndarray:
+        """``rejection_reason`` of requests holding at most ``max_tokens`` tokens each, at once: 0 where one can
+        be served, else 1 + the index of its reason in ``REJECTION_REASONS`` (the first that applies)."""
+        codes = np.zeros(max_tokens.shape, dtype=np.int64)
+        if not self.chunked_prefill:
+            codes[max_tokens > self.max_num_batched_tokens] = 2
+        codes[-(-max_tokens // self.pool.block_size_tokens) > self.pool.num_blocks] = 1
+        return codes
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)

@@ -2,9 +2,10 @@
 
 ``simulate`` builds the arrays of ``kernel.simulate`` from the run's requests, scheduler limits, cost model and
 routing step, re-enters the kernel until it is done, and gives back what the simpy engine gives: the arrived
-requests (``Request`` objects with their final counters), their statuses, the instance's ``IterationLog`` and the
-simulated end time. Between two entries it routes exactly (``RoutingStep.exact_activities``, the simpy engine's
-own routing), grows the log, draws more uniforms, or reports progress.
+requests' records (the table ``metrics.requests_frame`` makes of the simpy engine's ``Request`` objects, made
+here from the kernel's arrays), the instance's ``IterationLog`` and the simulated end time. Between two entries
+it routes exactly (``RoutingStep.exact_activities``, the simpy engine's own routing), adds a part to the log,
+draws more uniforms, or reports progress.
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
+import pandas as pd
 
 from lynxsim.cost import CostModel
 from lynxsim.engine.compiled import kernel as k
 from lynxsim.engine.compiled.pricing import Pricing
 from lynxsim.engine.decode_run import MAX_RUN_ITERATIONS
 from lynxsim.engine.replica import RoutingStep
-from lynxsim.engine.request import Request
 from lynxsim.engine.scheduler import Scheduler
-from lynxsim.metrics import SCALAR_COLUMNS, IterationLog
+from lynxsim.metrics import SCALAR_COLUMNS, IterationLog, request_table
 from lynxsim.routing.statistical import ActivityTable, UniformStream
 from lynxsim.workload.requests import RequestSpec
 
@@ -38,14 +39,13 @@ _STATUS_NAMES = {
     k.ST_CUTOFF_RUNNING: "cutoff_running",
     k.ST_CUTOFF_WAITING: "cutoff_waiting",
 }
-_REJECT_CODES = {"exceeds_kv_cache": k.ST_REJECTED_KV, "exceeds_max_num_batched_tokens": k.ST_REJECTED_BATCH}
 
 
 class CompiledRun(NamedTuple):
-    """What the simpy ``Cluster`` of one instance would hold after ``run``."""
+    """What the simpy ``Cluster`` of one instance gives after ``run``: the arrived requests' records
+    (``metrics.requests_frame``'s table), the instance's iteration log, the simulated end time."""
 
-    arrived: list[Request]
-    statuses: dict[int, str]
+    requests: pd.DataFrame
     log: IterationLog
     end_s: float
 
@@ -97,11 +97,8 @@ def simulate(
     req_i[:, k.R_PROMPT] = [spec.prompt_tokens for spec in specs]
     req_i[:, k.R_OUTPUT] = [spec.output_tokens for spec in specs]
     req_i[:, k.R_TOKENS] = req_i[:, k.R_PROMPT]
-    arriving = [Request.arriving(spec) for spec in specs]
-    for i, request in enumerate(arriving):
-        reason = scheduler.rejection_reason(request)
-        if reason is not None:
-            req_i[i, k.R_REJECT] = _REJECT_CODES[reason]
+    rejections = scheduler.rejection_codes(req_i[:, k.R_PROMPT] + req_i[:, k.R_OUTPUT] - 1)  # Request.max_tokens
+    req_i[:, k.R_REJECT] = np.where(rejections > 0, rejections - 1 + k.ST_REJECTED_KV, k.ST_NONE)
     req_f = np.full((n, k.REQUEST_FLOATS), np.nan)
     req_f[:, k.RF_ARRIVAL] = [spec.arrival_s for spec in specs]
 
@@ -134,10 +131,8 @@ def simulate(
         uniforms = np.zeros((0, 2))
     state[k.S_UNIFORMS] = uniforms.shape[0]
 
-    log_f = np.zeros((9, INITIAL_LOG_ROWS))
-    log_i = np.zeros((5, INITIAL_LOG_ROWS), dtype=np.int64)
-    log_distinct = np.zeros((INITIAL_LOG_ROWS, num_moe_layers), dtype=np.int16)
-    log_proxies = np.zeros((4, INITIAL_LOG_ROWS, num_moe_layers), dtype=np.float32)
+    log_f, log_i, log_distinct, log_proxies = _log_part(INITIAL_LOG_ROWS, num_moe_layers)
+    filled: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # full parts of the log, in order
     cutoff = math.inf if cutoff_s is None else float(cutoff_s)
 
     if on_arrivals is not None:
@@ -153,9 +148,10 @@ def simulate(
         if code == k.ROUTE or code == k.ROUTE_RUN:
             _route(code, step, cost_model, request_ids, slots, state, batch_new, batch_before,
                    route_distinct, route_assignments, route_proxies)
-        elif code == k.NEED_LOG:
-            log_f, log_i, log_distinct, log_proxies = (
-                _doubled(log_f, 1), _doubled(log_i, 1), _doubled(log_distinct, 0), _doubled(log_proxies, 1))
+        elif code == k.NEED_LOG:  # keep the full part, go on in a fresh one twice as long (no copy)
+            filled.append((log_f, log_i, log_distinct, log_proxies))
+            log_f, log_i, log_distinct, log_proxies = _log_part(2 * log_f.shape[1], num_moe_layers)
+            state[k.S_ROWS] = 0
         elif code == k.NEED_UNIFORMS:
             assert uniform_source is not None
             uniforms = np.array(uniform_source.peek(UNIFORM_BLOCK))
@@ -173,20 +169,17 @@ def simulate(
             raise RuntimeError(f"compiled engine returned unknown code {code}")
     if on_arrivals is not None:
         on_arrivals(n)
-    arrived = arriving[: int(state[k.S_ARRIVED])]
-    statuses: dict[int, str] = {}
-    for i, request in enumerate(arrived):
-        status = int(req_i[i, k.R_STATUS])
-        statuses[request.request_id] = _STATUS_NAMES[status]
-        _write_back(request, req_i[i], req_f[i], rejected=status in (k.ST_REJECTED_KV, k.ST_REJECTED_BATCH))
+    arrived = int(state[k.S_ARRIVED])
+    requests = _request_table(request_ids[:arrived], req_i[:arrived], req_f[:arrived])
     rows = int(state[k.S_ROWS])
+    parts = [*filled, (log_f[:, :rows], log_i[:, :rows], log_distinct[:rows], log_proxies[:, :rows])]
     log = IterationLog.from_columns(
         num_moe_layers,
-        _scalar_columns(log_f[:, :rows], log_i[:, :rows]),
-        log_distinct[:rows],
-        log_proxies[:, :rows],
+        _scalar_columns(np.concatenate([p[0] for p in parts], axis=1), np.concatenate([p[1] for p in parts], axis=1)),
+        np.concatenate([p[2] for p in parts]),
+        np.concatenate([p[3] for p in parts], axis=1),
     )
-    return CompiledRun(arrived, statuses, log, float(clock[k.C_END]))
+    return CompiledRun(requests, log, float(clock[k.C_END]))
 
 
 def _route(
@@ -220,13 +213,10 @@ def _route(
     route_proxies[:, :groups] = draws.proxies
 
 
-def _doubled(array: np.ndarray, axis: int) -> np.ndarray:
-    """``array`` with its ``axis`` twice as long, the new part zero."""
-    shape = list(array.shape)
-    shape[axis] *= 2
-    grown = np.zeros(shape, dtype=array.dtype)
-    grown[(slice(None),) * axis + (slice(0, array.shape[axis]),)] = array
-    return grown
+def _log_part(rows: int, num_moe_layers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Empty log columns for ``rows`` iterations: floats, integers, distinct experts, proxies."""
+    return (np.zeros((9, rows)), np.zeros((5, rows), dtype=np.int64),
+            np.zeros((rows, num_moe_layers), dtype=np.int16), np.zeros((4, rows, num_moe_layers), dtype=np.float32))
 
 
 def _scalar_columns(log_f: np.ndarray, log_i: np.ndarray) -> dict[str, np.ndarray]:
@@ -242,16 +232,17 @@ def _scalar_columns(log_f: np.ndarray, log_i: np.ndarray) -> dict[str, np.ndarra
     return {name: values[name].astype(dtype) for name, dtype in SCALAR_COLUMNS.items()}
 
 
-def _write_back(request: Request, counters: np.ndarray, times: np.ndarray, *, rejected: bool) -> None:
-    """A request's final counters and times from the kernel's arrays; where it ran (instance 0) unless it was
-    rejected on arrival."""
-    request.num_tokens = int(counters[k.R_TOKENS])
-    request.num_computed_tokens = int(counters[k.R_COMPUTED])
-    request.generated_tokens = int(counters[k.R_GENERATED])
-    request.num_blocks = int(counters[k.R_BLOCKS])
-    request.num_preemptions = int(counters[k.R_PREEMPTIONS])
-    request.first_scheduled_s = None if math.isnan(times[k.RF_SCHEDULED]) else float(times[k.RF_SCHEDULED])
-    request.first_token_s = None if math.isnan(times[k.RF_FIRST_TOKEN]) else float(times[k.RF_FIRST_TOKEN])
-    request.finish_s = None if math.isnan(times[k.RF_FINISH]) else float(times[k.RF_FINISH])
-    if not rejected:
-        request.instance = request.decode_instance = 0
+def _request_table(request_ids: np.ndarray, req_i: np.ndarray, req_f: np.ndarray) -> pd.DataFrame:
+    """The arrived requests' records from the kernel's arrays (``metrics.request_table``): instance 0 for every
+    request but those rejected on arrival (-1)."""
+    status = req_i[:, k.R_STATUS]
+    instance = np.where((status == k.ST_REJECTED_KV) | (status == k.ST_REJECTED_BATCH), -1, 0)
+    never = np.full(request_ids.size, np.nan)
+    names = np.array([_STATUS_NAMES.get(code, "") for code in range(max(_STATUS_NAMES) + 1)], dtype=object)
+    return request_table(
+        request_id=request_ids, arrival_s=req_f[:, k.RF_ARRIVAL], prompt_tokens=req_i[:, k.R_PROMPT],
+        output_tokens=req_i[:, k.R_OUTPUT], generated_tokens=req_i[:, k.R_GENERATED],
+        first_scheduled_s=req_f[:, k.RF_SCHEDULED], first_token_s=req_f[:, k.RF_FIRST_TOKEN],
+        finish_s=req_f[:, k.RF_FINISH], preemptions=req_i[:, k.R_PREEMPTIONS], instance=instance,
+        decode_instance=instance, transfer_start_s=never, transfer_end_s=never, status=list(names[status]),
+    )

@@ -138,7 +138,7 @@ def _preempt_last(req_i: np.ndarray, slots: np.ndarray, queue: np.ndarray, state
     state[S_EPOCH] += 1
 
 
-@njit(cache=True)
+@njit(inline="always")
 def _schedule_running(
     req_i: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray, config: np.ndarray,
     batch_new: np.ndarray, grow: np.ndarray, budget: int,
@@ -193,7 +193,7 @@ def _schedule_running(
     return index, left, preempted
 
 
-@njit(cache=True)
+@njit(inline="always")
 def _admit_waiting(
     req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray,
     config: np.ndarray, batch_new: np.ndarray, at: int, budget: int, now: float, whole_prompts: bool,
@@ -232,7 +232,7 @@ def _admit_waiting(
     return admitted, budget
 
 
-@njit(cache=True)
+@njit(inline="always")
 def _schedule(
     req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray,
     config: np.ndarray, batch_new: np.ndarray, batch_before: np.ndarray, batch_decoding: np.ndarray,
@@ -266,7 +266,7 @@ def _schedule(
     state[S_BATCH_DECODE] = decode
 
 
-@njit(cache=True)
+@njit(inline="always")
 def _complete(
     req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, state: np.ndarray, batch_new: np.ndarray,
     now: float,
