@@ -84,17 +84,18 @@ def test_kv_horizon_by_hand() -> None:
 
 
 def test_routing_a_prefill_until_its_top_k_union_fills_changes_no_number(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A mixed iteration under top-k is routed 16 tokens at a time until every layer's union of experts is full;
-    the distinct experts and assignments, hence every latency, equal routing all its tokens."""
+    """A mixed iteration under top-k is routed in growing chunks from 4 tokens (2 assignments per expert) until
+    every layer's union of experts is full; the distinct experts and assignments, hence every latency, equal
+    routing all its tokens."""
     import lynxsim.engine.replica as replica
 
     config = _config()
     frames = {}
-    for chunk in (16, 10**9):
-        monkeypatch.setattr(replica, "SATURATION_CHUNK_TOKENS", chunk)
-        frames[chunk] = _run(config, True, monkeypatch)
-    for label in frames[16]:
-        early, full = frames[16][label][1], frames[10**9][label][1]
+    for per_expert in (2, 10**9):
+        monkeypatch.setattr(replica, "SATURATION_TOKENS_PER_EXPERT", per_expert)
+        frames[per_expert] = _run(config, True, monkeypatch)
+    for label in frames[2]:
+        early, full = frames[2][label][1], frames[10**9][label][1]
         assert (early["prefill_tokens"] > 16).sum() > 10  # the early exit had work to do
         assert np.array_equal(early["latency_s"].to_numpy(), full["latency_s"].to_numpy())
         assert np.array_equal(np.stack(early["distinct_experts"]), np.stack(full["distinct_experts"]))

@@ -51,8 +51,11 @@ ROLES: tuple[Role, ...] = ("colocated", "prefill", "decode")
 
 _NO_TOKENS = np.zeros(0, dtype=np.int64)
 
-SATURATION_CHUNK_TOKENS = 256
-"""Tokens routed at a time when an iteration's top-k union may fill before its last token (``union_of_topk``)."""
+SATURATION_TOKENS_PER_EXPERT = 8
+"""The first chunk routed when an iteration's top-k union may fill before its last token (``union_of_topk``) holds
+this many top-k assignments per expert (32 tokens for Mixtral's 8 experts and top-2, 256 for DeepSeek-V3): enough
+to fill a layer's union with high probability when routing is spread evenly. Each further chunk doubles, so an
+iteration routes at most about twice the tokens its union needs, in a few calls."""
 
 
 @dataclass(frozen=True)
@@ -82,13 +85,20 @@ class RoutingStep:
         if self.unions is not None:
             return self.unions.union(request_ids, positions, self._topk_active).sum(axis=1)
         active: np.ndarray | None = None
-        for start in range(0, request_ids.size, SATURATION_CHUNK_TOKENS):
-            end = start + SATURATION_CHUNK_TOKENS
+        start, size = 0, self.first_saturation_chunk
+        while start < request_ids.size:
+            end = start + size
             chunk_active = self._topk_active(request_ids[start:end], positions[start:end])
             active = chunk_active if active is None else active | chunk_active
             if active.all():
                 return active.sum(axis=1)
+            start, size = end, 2 * size
         return None
+
+    @property
+    def first_saturation_chunk(self) -> int:
+        """Tokens of the first chunk ``union_of_topk`` routes (``SATURATION_TOKENS_PER_EXPERT``)."""
+        return max(1, SATURATION_TOKENS_PER_EXPERT * self.routing.num_experts // self.top_k)
 
     def _topk_active(self, request_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Which experts of each layer the tokens' top-k choices use (``bool [layers, experts]``)."""
@@ -106,7 +116,7 @@ class RoutingStep:
         if (
             groups == 1
             and isinstance(policy, TopK)  # the baseline, or top-k configured as the policy
-            and request_ids.size > SATURATION_CHUNK_TOKENS
+            and request_ids.size > self.first_saturation_chunk
             and not getattr(cost_model, "needs_expert_counts", False)
         ):
             distinct = self.union_of_topk(request_ids, positions)
