@@ -165,7 +165,7 @@ class ParallelCostModel:
         plan: ParallelPlan,
         base: CostModel,
         source: str,
-        moe_table: object | None = None,
+        moe_model: MeasuredCostModel | None = None,
     ) -> None:
         self.model = model
         self.shard = base.model
@@ -173,7 +173,8 @@ class ParallelCostModel:
         self.plan = plan
         self.base = base
         self.source = source
-        self._moe_table = moe_table
+        self.moe_model = moe_model  # the whole model's measured cost model, whose ``moe`` table prices EP ranks
+        self._moe_table = moe_model.units["moe"] if moe_model is not None else None
         self.collectives = hardware.collective_cost(plan.gpus)
         self._token_bytes = float(model.hidden_size * ACTIVATION_BYTES)
         if plan.expert_parallel_on:
@@ -186,6 +187,17 @@ class ParallelCostModel:
         self.cpu_overhead_s = getattr(base, "cpu_overhead_s", hardware.efficiency.iteration_overhead_s)
 
     # ----- components -----
+
+    def communication_parts_s(self, max_tokens: int, max_assignments: int) -> tuple[np.ndarray, np.ndarray]:
+        """The collectives tabulated for a compiled engine (lynxsim/engine/compiled): every all-reduce of an
+        iteration by its token count (``[max_tokens + 1]``), and one all-to-all by its busiest rank's
+        assignments (``[max_assignments + 1]``, zero without expert parallelism)."""
+        tokens = np.arange(max_tokens + 1, dtype=np.int64)
+        allreduce = self._allreduces * self.collectives.time_s("all_reduce", tokens * self._token_bytes)
+        assignments = np.arange(max_assignments + 1, dtype=np.int64)
+        all_to_all = (self.collectives.time_s("all_to_all", assignments * self._token_bytes)
+                      if self.plan.expert_parallel_on else np.zeros(assignments.size))
+        return np.asarray(allreduce, dtype=np.float64), np.asarray(all_to_all, dtype=np.float64)
 
     def allreduce_time_s(self, batch: BatchShape) -> float:
         """Every all-reduce of the iteration (each of all the batch's tokens)."""
@@ -336,10 +348,10 @@ def make_instance_cost_model(
         source = "roofline"
         if model_key and has_measured_tables(hardware, model, model_key):
             source = f"roofline (tp{g}: the measured tables are TP1; no {tp_key} tables)"
-    moe_table = None
+    moe_model = None
     if plan.expert_parallel_on:
         full = make_cost_model(model, hardware, model_key)
         if isinstance(full, MeasuredCostModel):
-            moe_table = full.units["moe"]
+            moe_model = full
             source += f"; experts per EP rank: measured {model_key}/moe"
-    return ParallelCostModel(model, hardware, plan, base, source, moe_table)
+    return ParallelCostModel(model, hardware, plan, base, source, moe_model)

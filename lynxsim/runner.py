@@ -397,8 +397,7 @@ def simulate_policy(
         seed=statistical_seed(config),
         unions=setup.topk_unions,
     )
-    per_rank_tables = statistical is not None and statistical.policy.rank_distinct is not None
-    compiled = engine_for(setup.cost_model, config.deployment.roles, per_rank_tables)
+    compiled = engine_for(setup.cost_model, config.deployment.roles)
     if compiled is not None:
         outcome = compiled.simulate(
             build_scheduler(setup), setup.cost_model, step, model.num_moe_layers, model.num_experts, setup.requests,

@@ -14,6 +14,7 @@ from lynxsim.engine.compiled import ENGINE_VARIABLE, engine_for
 from lynxsim.errors import InputError
 from lynxsim.jit import kernels
 from lynxsim.metrics import PER_LAYER_COLUMNS, per_layer
+from lynxsim.parallel import ParallelCostModel
 from lynxsim.runner import prepare, simulate_policy
 
 pytestmark = pytest.mark.skipif(
@@ -26,10 +27,11 @@ WALL_CLOCK = {"wall_s", "simulated_s_per_wall_s", "routing_table_build_s", "rout
 
 def _config(
     *, simulation: dict | None = None, hardware: dict | None = None, policies: list[dict] | None = None,
-    **serving: object,
+    parallelism: dict | None = None, **serving: object,
 ) -> ExperimentConfig:
     return ExperimentConfig.model_validate({
         "name": "engines",
+        "deployment": {"parallelism": parallelism or {}},
         "model": "mixtral-8x7b",
         "hardware": {"profile": "h200", **(hardware or {})},
         "workload": {
@@ -78,6 +80,11 @@ CASES = {
     "statistical-on-every-iteration": _config(
         simulation=STATISTICAL, policies=[{"name": "lynx", "apply_to": "all"}], max_num_batched_tokens=512
     ),
+    "tensor-parallel": _config(parallelism={"tensor_parallel": 2}),
+    "expert-parallel": _config(parallelism={"tensor_parallel": 2, "expert_parallel": 2}),
+    "expert-parallel-roofline": _config(parallelism={"expert_parallel": 2}, hardware={"measured_tables": False}),
+    "expert-parallel-statistical": _config(parallelism={"tensor_parallel": 2, "expert_parallel": 2},
+                                           simulation=STATISTICAL),
 }
 
 
@@ -119,17 +126,18 @@ def test_every_request_is_accounted_for(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_engine_choice(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The compiled engine serves one co-located instance priced by a one-GPU cost model, nothing else; the
-    environment switch forces the simpy engine, and a wrong value is a user error."""
+    """The compiled engine serves one co-located instance priced by a one-GPU cost model or the parallel one
+    over it, nothing else; the environment switch forces the simpy engine, and a wrong value is a user error."""
     cost = prepare(_config()).cost_model
-    assert engine_for(cost, ["colocated"], per_rank_tables=False) is not None
-    assert engine_for(cost, ["colocated", "colocated"], per_rank_tables=False) is None
-    assert engine_for(cost, ["prefill", "decode"], per_rank_tables=False) is None
-    assert engine_for(cost, ["colocated"], per_rank_tables=True) is None
-    assert engine_for(object(), ["colocated"], per_rank_tables=False) is None
-    assert isinstance(cost, CostModel)
+    parallel = prepare(_config(parallelism={"tensor_parallel": 2, "expert_parallel": 2})).cost_model
+    assert isinstance(cost, CostModel) and isinstance(parallel, ParallelCostModel)
+    for model in (cost, parallel):
+        assert engine_for(model, ["colocated"]) is not None
+        assert engine_for(model, ["colocated", "colocated"]) is None
+        assert engine_for(model, ["prefill", "decode"]) is None
+    assert engine_for(object(), ["colocated"]) is None
     monkeypatch.setenv(ENGINE_VARIABLE, "simpy")
-    assert engine_for(cost, ["colocated"], per_rank_tables=False) is None
+    assert engine_for(cost, ["colocated"]) is None
     monkeypatch.setenv(ENGINE_VARIABLE, "fast")
     with pytest.raises(InputError, match="LYNXSIM_ENGINE"):
-        engine_for(cost, ["colocated"], per_rank_tables=False)
+        engine_for(cost, ["colocated"])

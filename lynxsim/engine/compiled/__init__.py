@@ -4,7 +4,8 @@ The simpy engine (``Cluster``, ``Replica``, ``Scheduler``) handles every deploym
 disaggregated prefill and decode with KV-cache transfers, tensor and expert parallelism. Its cost per iteration
 is Python's: tens of microseconds of scheduling, pricing and bookkeeping, which bounds a simulation at a few
 hundred times real time however little the routing costs (the statistical mode). The most common deployment, one
-co-located instance priced by the one-GPU cost model (roofline or measured tables), is simulated here instead:
+co-located instance (on one GPU, or on several with tensor and expert parallelism, priced by the one-GPU cost
+models or the parallel one over them), is simulated here instead:
 the same decisions, restated over arrays and compiled (``kernel``), with the per-iteration latency from the same
 formulas (``pricing``). Exact routing still runs in Python between kernel calls, by the simpy engine's own
 routing code, a decode run's iterations together as there.
@@ -24,21 +25,23 @@ from types import ModuleType
 from lynxsim.cost import CostModel, MeasuredCostModel
 from lynxsim.errors import InputError
 from lynxsim.jit import kernels
+from lynxsim.parallel import ParallelCostModel
 
 ENGINE_VARIABLE = "LYNXSIM_ENGINE"
 """``simpy`` forces the simpy engine; unset (or ``auto``) uses the compiled one wherever it applies."""
 
 
-def engine_for(cost_model: object, roles: Sequence[str], per_rank_tables: bool) -> ModuleType | None:
+def engine_for(cost_model: object, roles: Sequence[str]) -> ModuleType | None:
     """The compiled engine's driver module (``lynxsim.engine.compiled.driver``) when it can simulate this
-    deployment: a single co-located instance, a one-GPU cost model (``CostModel`` or ``MeasuredCostModel``
-    exactly; the parallel cost model prices communication it does not), no per-EP-rank statistical tables,
-    numba available and not switched off. None: use the simpy engine."""
+    deployment: a single co-located instance priced by a one-GPU cost model (``CostModel`` or
+    ``MeasuredCostModel`` exactly) or by a ``ParallelCostModel`` over one (tensor and expert parallelism), numba
+    available and not switched off. None: use the simpy engine."""
     choice = os.environ.get(ENGINE_VARIABLE, "auto")
     if choice not in ("auto", "simpy"):
         raise InputError(ENGINE_VARIABLE, f"must be auto or simpy, got {choice!r}")
-    if choice == "simpy" or list(roles) != ["colocated"] or per_rank_tables:
+    if choice == "simpy" or list(roles) != ["colocated"]:
         return None
-    if type(cost_model) not in (CostModel, MeasuredCostModel):
+    base = cost_model.base if isinstance(cost_model, ParallelCostModel) else cost_model
+    if type(base) not in (CostModel, MeasuredCostModel):
         return None
     return kernels("lynxsim.engine.compiled.driver")

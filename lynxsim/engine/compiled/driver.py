@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from lynxsim.cost import CostModel
+from lynxsim.parallel import ParallelCostModel
 from lynxsim.engine.compiled import kernel as k
 from lynxsim.engine.compiled.pricing import Pricing
 from lynxsim.engine.decode_run import MAX_RUN_ITERATIONS
@@ -50,20 +51,28 @@ class CompiledRun(NamedTuple):
     end_s: float
 
 
-def _table_arrays(table: ActivityTable) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """A statistical table as the kernel draws from it: sizes, then distinct, assignments (``[rows, layers]``)
-    and proxies (``[4, rows, layers]``; no rows for top-k), writable copies of one dtype each."""
+def _table_arrays(table: ActivityTable, ranks: int) -> tuple[np.ndarray, ...]:
+    """A statistical table as the kernel draws from it: sizes, then distinct, assignments (``[rows, layers]``),
+    proxies (``[4, rows, layers]``; no rows for top-k) and the per-EP-rank distinct experts and assignments
+    (``[rows, layers, ranks]``; no rows without expert parallelism), writable copies of one dtype each."""
     rows = table.sizes.size * table.samples
     layers = table.num_layers
     proxies = (np.zeros((4, 0, layers)) if table.proxies is None
                else np.array(table.proxies, dtype=np.float64).reshape(4, rows, layers))
+    if table.rank_distinct is None or table.rank_assignments is None:
+        rank_distinct = np.zeros((0, layers, max(ranks, 1)), dtype=np.int16)
+        rank_assignments = np.zeros((0, layers, max(ranks, 1)), dtype=np.int32)
+    else:
+        rank_distinct = np.array(table.rank_distinct, dtype=np.int16).reshape(rows, layers, -1)
+        rank_assignments = np.array(table.rank_assignments, dtype=np.int32).reshape(rows, layers, -1)
     return (np.array(table.sizes, dtype=np.int64), np.array(table.distinct, dtype=np.int16).reshape(rows, layers),
-            np.array(table.assignments, dtype=np.int32).reshape(rows, layers), proxies)
+            np.array(table.assignments, dtype=np.int32).reshape(rows, layers), proxies, rank_distinct,
+            rank_assignments)
 
 
 def simulate(
     scheduler: Scheduler,
-    cost_model: CostModel,
+    cost_model: CostModel | ParallelCostModel,
     step: RoutingStep,
     num_moe_layers: int,
     num_experts: int,
@@ -113,18 +122,23 @@ def simulate(
     route_distinct = np.zeros((MAX_RUN_ITERATIONS, num_moe_layers), dtype=np.int64)
     route_assignments = np.zeros_like(route_distinct)
     route_proxies = np.zeros((4, MAX_RUN_ITERATIONS, num_moe_layers))
+    ranks = pricing.ranks
+    route_rank_distinct = np.zeros((MAX_RUN_ITERATIONS, num_moe_layers, max(ranks, 1)), dtype=np.int64)
+    route_rank_assignments = np.zeros_like(route_rank_distinct)
 
     if statistical is not None:
-        policy_table = _table_arrays(statistical.policy)
+        policy_table = _table_arrays(statistical.policy, ranks)
         baseline = statistical.baseline if statistical.baseline is not None else statistical.policy
-        baseline_table = _table_arrays(baseline)
+        baseline_table = _table_arrays(baseline, ranks)
         samples = np.array([statistical.policy.samples, baseline.samples], dtype=np.int64)
         uniform_source = UniformStream(np.random.default_rng([step.seed, 0]))
         uniforms = np.array(uniform_source.peek(UNIFORM_BLOCK))
         uniform_source.advance(UNIFORM_BLOCK)
     else:
         empty = (np.ones(1, dtype=np.int64), np.zeros((0, num_moe_layers), dtype=np.int16),
-                 np.zeros((0, num_moe_layers), dtype=np.int32), np.zeros((4, 0, num_moe_layers)))
+                 np.zeros((0, num_moe_layers), dtype=np.int32), np.zeros((4, 0, num_moe_layers)),
+                 np.zeros((0, num_moe_layers, max(ranks, 1)), dtype=np.int16),
+                 np.zeros((0, num_moe_layers, max(ranks, 1)), dtype=np.int32))
         policy_table = baseline_table = empty
         samples = np.ones(2, dtype=np.int64)
         uniform_source = None
@@ -140,14 +154,15 @@ def simulate(
     while True:
         code = k.simulate(
             config, cutoff, req_i, req_f, queue, slots, state, clock, batch_new, batch_before, batch_decoding,
-            route_distinct, route_assignments, route_proxies, pricing, policy_table, baseline_table, samples,
+            route_distinct, route_assignments, route_proxies, route_rank_distinct, route_rank_assignments, pricing,
+            policy_table, baseline_table, samples,
             uniforms, log_f, log_i, log_distinct, log_proxies,
         )
         if code == k.DONE:
             break
         if code == k.ROUTE or code == k.ROUTE_RUN:
-            _route(code, step, cost_model, request_ids, slots, state, batch_new, batch_before,
-                   route_distinct, route_assignments, route_proxies)
+            _route(code, step, cost_model, request_ids, slots, state, batch_new, batch_before, route_distinct,
+                   route_assignments, route_proxies, route_rank_distinct, route_rank_assignments)
         elif code == k.NEED_LOG:  # keep the full part, go on in a fresh one twice as long (no copy)
             filled.append((log_f, log_i, log_distinct, log_proxies))
             log_f, log_i, log_distinct, log_proxies = _log_part(2 * log_f.shape[1], num_moe_layers)
@@ -183,9 +198,10 @@ def simulate(
 
 
 def _route(
-    code: int, step: RoutingStep, cost_model: CostModel, request_ids: np.ndarray, slots: np.ndarray,
+    code: int, step: RoutingStep, cost_model: CostModel | ParallelCostModel, request_ids: np.ndarray, slots: np.ndarray,
     state: np.ndarray, batch_new: np.ndarray, batch_before: np.ndarray, route_distinct: np.ndarray,
-    route_assignments: np.ndarray, route_proxies: np.ndarray,
+    route_assignments: np.ndarray, route_proxies: np.ndarray, route_rank_distinct: np.ndarray,
+    route_rank_assignments: np.ndarray,
 ) -> None:
     """Exact routing of what the kernel asked for, into the routing rows: one batch (``ROUTE``: the batch
     buffers' requests, their new tokens after their cached ones), or a decode run (``ROUTE_RUN``: every running
@@ -210,6 +226,9 @@ def _route(
     for g, activity in enumerate(draws.activities):
         route_distinct[g] = activity.distinct
         route_assignments[g] = activity.assignments
+        if activity.rank_distinct is not None and activity.rank_assignments is not None:
+            route_rank_distinct[g] = activity.rank_distinct
+            route_rank_assignments[g] = activity.rank_assignments
     route_proxies[:, :groups] = draws.proxies
 
 

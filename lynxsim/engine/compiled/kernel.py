@@ -344,12 +344,13 @@ def _plan_run(slots: np.ndarray, state: np.ndarray, config: np.ndarray, clock: n
 
 @njit(inline="always")
 def _draw(
-    sizes: np.ndarray, distinct: np.ndarray, assignments: np.ndarray, proxies: np.ndarray, samples: int,
-    num_tokens: int, u_size: float, u_sample: float, out_distinct: np.ndarray, out_assignments: np.ndarray,
-    out_proxies: np.ndarray,
+    sizes: np.ndarray, distinct: np.ndarray, assignments: np.ndarray, proxies: np.ndarray,
+    rank_distinct: np.ndarray, rank_assignments: np.ndarray, samples: int, num_tokens: int, u_size: float,
+    u_sample: float, out_distinct: np.ndarray, out_assignments: np.ndarray, out_proxies: np.ndarray,
+    out_rank_distinct: np.ndarray, out_rank_assignments: np.ndarray,
 ) -> bool:
     """``ActivityTable.draw`` of one iteration of ``num_tokens`` tokens; False outside the table. ``proxies``
-    with no rows: top-k's (1, 1, 0, 0)."""
+    with no rows: top-k's (1, 1, 0, 0); ``rank_*`` with no rows: no expert parallelism."""
     if num_tokens < 1 or num_tokens > sizes[sizes.size - 1]:
         return False
     index = np.searchsorted(sizes, num_tokens, side="left")
@@ -368,6 +369,16 @@ def _draw(
             out_assignments[layer] = max(np.int64(np.rint(assignments[row, layer] * scale)), np.int64(d))
         else:
             out_assignments[layer] = assignments[row, layer]
+    if rank_distinct.shape[0]:
+        for layer in range(distinct.shape[1]):
+            for rank in range(rank_distinct.shape[2]):
+                d = rank_distinct[row, layer, rank]
+                out_rank_distinct[layer, rank] = d
+                if size != num_tokens:
+                    scaled = np.int64(np.rint(rank_assignments[row, layer, rank] * scale))
+                    out_rank_assignments[layer, rank] = max(scaled, np.int64(d))
+                else:
+                    out_rank_assignments[layer, rank] = rank_assignments[row, layer, rank]
     if proxies.shape[1] == 0:
         for layer in range(distinct.shape[1]):
             out_proxies[0, layer] = 1.0
@@ -406,9 +417,11 @@ def simulate(
     route_distinct: np.ndarray,
     route_assignments: np.ndarray,
     route_proxies: np.ndarray,
+    route_rank_distinct: np.ndarray,
+    route_rank_assignments: np.ndarray,
     pricing: Pricing,
-    policy_table: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
-    baseline_table: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    policy_table: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    baseline_table: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     samples: np.ndarray,
     uniforms: np.ndarray,
     log_f: np.ndarray,
@@ -418,9 +431,11 @@ def simulate(
 ) -> int:
     """Run the instance until it is done or needs the caller (the module docstring's return codes).
 
-    ``policy_table`` / ``baseline_table``: a statistical table's (sizes, distinct, assignments, proxies), the last
-    three flattened to ``[rows, layers]`` (``[4, rows, layers]``; no rows: top-k's); ``samples`` their sample
-    counts. ``route_*``: the exact routing rows the caller fills. ``log_*``: the iteration log's columns."""
+    ``policy_table`` / ``baseline_table``: a statistical table's (sizes, distinct, assignments, proxies,
+    rank_distinct, rank_assignments), flattened to ``[rows, layers]`` (proxies ``[4, rows, layers]``, no rows:
+    top-k's; per EP rank ``[rows, layers, ranks]``, no rows: no expert parallelism); ``samples`` their sample
+    counts. ``route_*``: the routing rows (``[iterations, layers]``, per rank ``[iterations, layers, ranks]``)
+    the caller fills in exact mode. ``log_*``: the iteration log's columns."""
     num_requests = req_i.shape[0]
     layers = log_distinct.shape[1]
     chunks = np.empty(batch_new.size, dtype=np.int64)
@@ -483,9 +498,9 @@ def simulate(
             if config[K_STATISTICAL]:
                 at = state[S_UNIFORM_AT]
                 table = policy_table if applied else baseline_table
-                drawn = _draw(table[0], table[1], table[2], table[3], samples[0 if applied else 1], tokens,
-                              uniforms[at, 0], uniforms[at, 1], route_distinct[0], route_assignments[0],
-                              route_proxies[:, 0])
+                drawn = _draw(table[0], table[1], table[2], table[3], table[4], table[5], samples[0 if applied else 1],
+                              tokens, uniforms[at, 0], uniforms[at, 1], route_distinct[0], route_assignments[0],
+                              route_proxies[:, 0], route_rank_distinct[0], route_rank_assignments[0])
                 if not drawn:
                     return TOO_MANY_TOKENS
                 state[S_UNIFORM_AT] = at + 1
@@ -519,7 +534,8 @@ def simulate(
         row = state[S_ROUTE_ROW]
         tokens = state[S_BATCH_TOKENS]
         price_iteration(pricing, decode_rows, context_sum, chunks, chunk_contexts, num_chunks, tokens, count,
-                        route_distinct[row], route_assignments[row], price)
+                        route_distinct[row], route_assignments[row], route_rank_distinct[row],
+                        route_rank_assignments[row], price)
         total = price[5]
         end = now + total
         if end > cutoff_s:

@@ -1,14 +1,19 @@
 """An iteration's latency inside the compiled engine: the cost model's formulas evaluated by numba.
 
-``CostModel`` (roofline) and ``MeasuredCostModel`` (kernel tables) price an iteration with a few Python calls
-each; the compiled engine (``lynxsim.engine.compiled.kernel``) cannot call back into Python per iteration, so this
-module evaluates the same formulas on arrays taken from the cost model once per run (``Pricing.of``):
+``CostModel`` (roofline) and ``MeasuredCostModel`` (kernel tables), and ``ParallelCostModel`` over either (a
+shard's compute, the EP ranks' experts, the collectives), price an iteration with a few Python calls each; the
+compiled engine (``lynxsim.engine.compiled.kernel``) cannot call back into Python per iteration, so this module
+evaluates the same formulas on arrays taken from the cost model once per run (``Pricing.of``):
 
-* the dense part is tabulated by token count and by sequence count (``CostModel.dense_parts_s``);
+* the dense part is tabulated by token count and by sequence count (``CostModel.dense_parts_s``), and so are
+  the collectives: all-reduces by token count, an all-to-all by its busiest rank's assignments
+  (``ParallelCostModel.communication_parts_s``);
 * attention and the routed experts are evaluated per iteration: the roofline formulas of ``CostModel`` with its
   constants (``CostModel.roofline_terms``), or, for a measured cost model, the bilinear log-space interpolation
   of ``TableInterpolator.scalar`` on the same grids (``TableInterpolator.grid``) with the same roofline scaling
   outside them. MoE values are cached per (assignments, distinct experts) as the measured model caches its rows.
+  Under expert parallelism each rank is priced so (by the whole model's measured table where the parallel cost
+  model has one) and a layer takes its slowest rank's time.
 
 The operations are those of the Python cost model, in the same order where the Python code is scalar; where it
 sums arrays (numpy's pairwise summation over several prefill chunks or over layers) the sums here are sequential,
@@ -25,6 +30,7 @@ import numpy as np
 from numba import njit
 
 from lynxsim.cost import CostModel, MeasuredCostModel, TableInterpolator
+from lynxsim.parallel import ParallelCostModel
 
 ROOFLINE, MEASURED = 0, 1
 """``Pricing.kind``: which formulas price attention and experts."""
@@ -66,7 +72,9 @@ def _grid(interpolator: TableInterpolator) -> Grid:
 
 
 class Pricing(NamedTuple):
-    """Everything the compiled engine needs to price iterations of one cost model."""
+    """Everything the compiled engine needs to price iterations of one cost model: the one-GPU model's (or, for
+    a ``ParallelCostModel``, its shard's) attention, dense and expert formulas, the collectives tabulated, and,
+    under expert parallelism, how each EP rank's experts are priced (``ranks`` > 0)."""
 
     kind: int
     terms: np.ndarray  # float64, indexed by the T_* constants
@@ -75,25 +83,55 @@ class Pricing(NamedTuple):
     attention_decode: Grid
     attention_prefill: Grid
     moe: Grid
-    moe_cache_s: np.ndarray  # float64 [max assignments + 1, experts + 1], NaN where not yet computed
+    moe_cache_s: np.ndarray  # float64 [max assignments + 2, experts + 1], NaN where not yet computed
+    allreduce_by_tokens_s: np.ndarray  # float64 [max_tokens + 1]: every all-reduce of an iteration
+    ranks: int  # EP ranks; 0 without expert parallelism
+    rank_kind: int  # ROOFLINE or MEASURED: how an EP rank's experts are priced
+    rank_terms: np.ndarray  # the constants of the model whose units price a rank
+    rank_moe: Grid
+    rank_cache_s: np.ndarray  # like moe_cache_s, for ranks
+    all_to_all_by_assignments_s: np.ndarray  # float64 [max assignments + 2]: one all-to-all, by the busiest rank
 
     @classmethod
-    def of(cls, cost_model: CostModel, *, max_tokens: int, max_sequences: int, num_experts: int) -> Pricing:
+    def of(cls, cost_model: object, *, max_tokens: int, max_sequences: int, num_experts: int) -> Pricing:
         """The arrays of ``cost_model`` for batches of at most ``max_tokens`` tokens and ``max_sequences``
-        sequences. ``ValueError`` for a cost model whose formulas this module does not evaluate (the
-        parallel cost model): the engine then runs the simpy path."""
-        if type(cost_model) not in (CostModel, MeasuredCostModel):
+        sequences. ``ValueError`` for a cost model whose formulas this module does not evaluate (``supported``
+        says which; the engine then runs the simpy path)."""
+        if not supported(cost_model):
             raise ValueError(f"no compiled pricing for {type(cost_model).__name__}")
-        named = cost_model.roofline_terms()
+        base = cost_model.base if isinstance(cost_model, ParallelCostModel) else cost_model
+        assert isinstance(base, CostModel)
+        named = base.roofline_terms()
         terms = np.array([named[name] for name in _TERM_NAMES], dtype=np.float64)
-        by_tokens, by_sequences = cost_model.dense_parts_s(max_tokens, max_sequences)
-        top_k = int(named["top_k"])
-        cache = np.full((max_tokens * top_k + 2, num_experts + 1), np.nan)
-        if isinstance(cost_model, MeasuredCostModel):
-            units = cost_model.units
-            return cls(MEASURED, terms, by_tokens, by_sequences, _grid(units["attention_decode"]),
-                       _grid(units["attention_prefill"]), _grid(units["moe"]), cache)
-        return cls(ROOFLINE, terms, by_tokens, by_sequences, _NO_GRID, _NO_GRID, _NO_GRID, cache)
+        by_tokens, by_sequences = base.dense_parts_s(max_tokens, max_sequences)
+        max_assignments = max_tokens * int(named["top_k"]) + 1
+        kind, grids = ROOFLINE, (_NO_GRID, _NO_GRID, _NO_GRID)
+        if isinstance(base, MeasuredCostModel):
+            kind = MEASURED
+            grids = tuple(_grid(base.units[unit]) for unit in ("attention_decode", "attention_prefill", "moe"))
+        allreduce = np.zeros(max_tokens + 1)
+        all_to_all = np.zeros(max_assignments + 1)
+        ranks, rank_kind, rank_terms, rank_moe = 0, ROOFLINE, terms, _NO_GRID
+        if isinstance(cost_model, ParallelCostModel):
+            allreduce, all_to_all = cost_model.communication_parts_s(max_tokens, max_assignments)
+            if cost_model.plan.expert_parallel_on:
+                ranks = cost_model.plan.expert_parallel
+                if cost_model.moe_model is not None:  # the whole model's measured table prices each rank
+                    rank_kind = MEASURED
+                    rank_named = cost_model.moe_model.roofline_terms()
+                    rank_terms = np.array([rank_named[name] for name in _TERM_NAMES], dtype=np.float64)
+                    rank_moe = _grid(cost_model.moe_model.units["moe"])
+        return cls(kind, terms, by_tokens, by_sequences, *grids, np.full((max_assignments + 1, num_experts + 1), np.nan),
+                   allreduce, ranks, rank_kind, rank_terms, rank_moe,
+                   np.full((max_assignments + 1, num_experts + 1), np.nan) if ranks else np.zeros((1, 1)), all_to_all)
+
+
+def supported(cost_model: object) -> bool:
+    """Whether ``Pricing`` evaluates ``cost_model``: the one-GPU ``CostModel`` or ``MeasuredCostModel``, or a
+    ``ParallelCostModel`` over one of them (tensor and expert parallelism)."""
+    if isinstance(cost_model, ParallelCostModel):
+        return type(cost_model.base) in (CostModel, MeasuredCostModel)
+    return type(cost_model) in (CostModel, MeasuredCostModel)
 
 
 @njit(inline="always")
@@ -180,12 +218,16 @@ def price_iteration(
     sequences: int,
     distinct: np.ndarray,
     assignments: np.ndarray,
+    rank_distinct: np.ndarray,
+    rank_assignments: np.ndarray,
     out: np.ndarray,
 ) -> None:
     """``iteration_activity``: ``out`` = (attention, dense, moe, communication, overhead, total) seconds of an
     iteration with ``decode_rows`` decode rows (their context lengths summing to ``decode_context_sum``, each row
     counting the token it computes), prefill chunks ``chunks[:num_chunks]`` over cached contexts
-    ``chunk_contexts``, and per MoE layer ``distinct`` experts and ``assignments``."""
+    ``chunk_contexts``, and per MoE layer ``distinct`` experts and ``assignments`` (per EP rank:
+    ``rank_distinct``/``rank_assignments`` ``[layers, ranks]``, read only under expert parallelism, where the
+    layer's MoE time is its slowest rank's and each layer adds a dispatch and a combine all-to-all)."""
     terms = pricing.terms
     layers = terms[T_LAYERS]
     if pricing.kind == MEASURED:
@@ -222,11 +264,36 @@ def price_iteration(
         for layer in range(distinct.size):
             moe += max(distinct[layer] * terms[T_EXPERT_MEMORY], assignments[layer] * terms[T_ASSIGNMENT_COMPUTE])
         moe += terms[T_MOE_LAYERS_LAUNCH]
+    communication = pricing.allreduce_by_tokens_s[tokens]
+    if pricing.ranks:
+        moe = 0.0
+        all_to_all = 0.0
+        rank_terms = pricing.rank_terms
+        rank_cache = pricing.rank_cache_s
+        rank_grid = pricing.rank_moe
+        for layer in range(rank_distinct.shape[0]):
+            slowest = 0.0
+            busiest = 0
+            for rank in range(rank_distinct.shape[1]):
+                a = rank_assignments[layer, rank]
+                d = rank_distinct[layer, rank]
+                if pricing.rank_kind == MEASURED:
+                    value = rank_cache[a, d] if a < rank_cache.shape[0] else np.nan
+                    if value != value:  # NaN: not cached yet
+                        value = _moe_layer_s(rank_cache, rank_grid, rank_terms, a, d)
+                else:
+                    value = max(d * rank_terms[T_EXPERT_MEMORY], a * rank_terms[T_ASSIGNMENT_COMPUTE]) \
+                        + rank_terms[T_MOE_LAYER_LAUNCH]
+                slowest = max(slowest, value)
+                busiest = max(busiest, a)
+            moe += slowest
+            all_to_all += pricing.all_to_all_by_assignments_s[busiest]
+        communication += 2.0 * all_to_all
     dense = pricing.dense_by_tokens_s[tokens] + pricing.dense_by_sequences_s[sequences]
     overhead = terms[T_OVERHEAD]
     out[0] = attention
     out[1] = dense
     out[2] = moe
-    out[3] = 0.0
+    out[3] = communication
     out[4] = overhead
-    out[5] = attention + dense + moe + 0.0 + overhead
+    out[5] = attention + dense + moe + communication + overhead
