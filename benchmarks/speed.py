@@ -88,7 +88,10 @@ def run_child(path: Path, limit_sim_s: float | None, profile: bool, warm: bool, 
     from lynxsim.jit import kernels
     from lynxsim.runner import PolicyRun, run_experiment
 
-    kernels("lynxsim.engine.compiled.driver")  # an import (numba's, ~0.25 s): "start s", as the other imports
+    try:  # an import (numba's, ~0.25 s): "start s", as the other imports; absent from checkouts before it
+        kernels("lynxsim.engine.compiled.driver")
+    except ModuleNotFoundError:
+        pass
 
     config = load_experiment(path)
     if limit_sim_s is not None:

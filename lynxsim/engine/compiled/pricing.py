@@ -195,7 +195,7 @@ def interpolate(grid: Grid, unit: int, terms: np.ndarray, x0: float, x1: float) 
     return value
 
 
-@njit
+@njit(cache=True)
 def _moe_layer_s(cache: np.ndarray, grid: Grid, terms: np.ndarray, assignments: int, distinct: int) -> float:
     """One MoE layer's measured time at its assignments and distinct experts, remembered in ``cache`` (a miss:
     the caller looks there first, inline, since handing a function arrays takes a reference to each, tens of
