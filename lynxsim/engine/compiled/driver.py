@@ -99,7 +99,6 @@ def simulate(
     config[k.K_STATISTICAL] = statistical is not None
     config[k.K_PROGRESS_EVERY] = PROGRESS_EVERY_REQUESTS if on_arrivals is not None else 0
     config[k.K_MAX_RUN] = MAX_RUN_ITERATIONS
-    config[k.K_TOP_K] = step.top_k
 
     request_ids = np.array([spec.request_id for spec in specs], dtype=np.int64)
     req_i = np.zeros((n, k.REQUEST_INTS), dtype=np.int64)

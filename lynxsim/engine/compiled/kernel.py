@@ -64,8 +64,8 @@ CLOCK_SIZE = 3
 
 # Entries of ``config``.
 K_BLOCKS, K_BLOCK_TOKENS, K_MAX_SEQS, K_MAX_TOKENS, K_CHUNKED, K_APPLY_ALL, K_STATISTICAL, K_PROGRESS_EVERY = range(8)
-K_MAX_RUN, K_TOP_K = 8, 9
-CONFIG_SIZE = 10
+K_MAX_RUN = 8
+CONFIG_SIZE = 9
 
 # Rows of the log's float array ``log_f`` and integer array ``log_i``.
 LF_START, LF_LATENCY, LF_KV_USED, LF_ATTENTION, LF_DENSE, LF_MOE, LF_COMMUNICATION, LF_OVERHEAD, LF_TOTAL = range(9)
