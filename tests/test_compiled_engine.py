@@ -80,6 +80,12 @@ CASES = {
     "statistical-on-every-iteration": _config(
         simulation=STATISTICAL, policies=[{"name": "lynx", "apply_to": "all"}], max_num_batched_tokens=512
     ),
+    # one policy, synthetic routing, few experts: the loop routes (engine.compiled.routing), no driver calls
+    "routed-in-loop-lynx": _config(policies=[{"name": "lynx"}], gpu_memory_utilization=0.64),
+    "routed-in-loop-topk": _config(policies=[{"name": "topk"}]),
+    "routed-in-loop-lynx-everywhere": _config(policies=[{"name": "lynx", "apply_to": "all"}], chunked_prefill=False),
+    "routed-in-loop-tp2": _config(policies=[{"name": "lynx", "alpha": 1.5, "beta": 2}],
+                                  parallelism={"tensor_parallel": 2}),
     "tensor-parallel": _config(parallelism={"tensor_parallel": 2}),
     "expert-parallel": _config(parallelism={"tensor_parallel": 2, "expert_parallel": 2}),
     "expert-parallel-roofline": _config(parallelism={"expert_parallel": 2}, hardware={"measured_tables": False}),
@@ -141,3 +147,24 @@ def test_engine_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ENGINE_VARIABLE, "fast")
     with pytest.raises(InputError, match="LYNXSIM_ENGINE"):
         engine_for(cost, ["colocated"])
+
+
+def test_the_loop_routes_where_it_can(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Synthetic routing of one top-k or Lynx policy is routed inside the loop; several policies (which share
+    top-k unions), expert parallelism and the statistical mode are not."""
+    from lynxsim.engine.compiled.routing import fused_routing
+    from lynxsim.engine.replica import RoutingStep
+    from lynxsim.policies import make
+
+    def enabled(config: ExperimentConfig) -> bool:
+        setup = prepare(config)
+        label, entry, policy = setup.policies[-1]
+        model = setup.model
+        step = RoutingStep(setup.routing, policy, make("topk"), entry.apply_to, model.top_k, model.renormalize,
+                           unions=setup.topk_unions)
+        return fused_routing(step, setup.cost_model, np.arange(4), max_call_tokens=8, max_slots=4,
+                             max_batch_tokens=8).enabled
+
+    assert enabled(CASES["routed-in-loop-lynx"]) and enabled(CASES["routed-in-loop-tp2"])
+    assert not enabled(CASES["chunked"])  # two policies
+    assert not enabled(_config(policies=[{"name": "lynx"}], parallelism={"expert_parallel": 2}))

@@ -36,7 +36,7 @@ Every number is hashed from its name (see ``hashing``), so a token's logits do n
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -125,6 +125,24 @@ class SyntheticRoutingParams(BaseModel):
         return self
 
 
+class SyntheticGenerator(NamedTuple):
+    """A ``SyntheticRouting``'s parameters as its numba kernels take them (``SyntheticRouting.generator``):
+    whether requests have their own means (``persistent``; else every token's mean is the bias), the hash keys,
+    the bias ``[L, E]``, the per-layer weights of the request and token normals, the confidence scale's
+    log-normal parameters and the normal table."""
+
+    persistent: bool
+    request_key: np.uint64
+    token_key: np.uint64
+    confidence_key: np.uint64
+    bias: np.ndarray
+    request_weight: np.ndarray
+    token_weight: np.ndarray
+    log_scale_spread: np.ndarray
+    log_scale_offset: np.ndarray
+    normal_table: np.ndarray
+
+
 class SyntheticRouting:
     """Seeded synthetic router logits for ``num_moe_layers`` MoE layers of ``num_experts`` experts each.
 
@@ -199,6 +217,15 @@ class SyntheticRouting:
         # An entry counts as its float32 data plus 256 bytes of bookkeeping (what an entry of the dictionary that
         # held the cache before cost: the same request_cache_bytes holds as many requests as it did).
         self._cache_capacity = max(0, request_cache_bytes) // (num_moe_layers * num_experts * 4 + 256)
+
+    def generator(self) -> SyntheticGenerator:
+        """What the kernels of ``lynxsim.routing.synthetic_kernels`` draw this source's logits from, for compiled
+        code that calls them itself (the compiled engine routes in its own loop): the same arrays ``logits``
+        passes them, so the logits are the same bits."""
+        return SyntheticGenerator(
+            self._persistent, self._request_key, self._token_key, self._confidence_key, self._bias,
+            self._request_weight, self._token_weight, self._log_scale_spread, self._log_scale_offset, NORMAL_TABLE,
+        )
 
     def logits(self, request_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Float32 ``[num_moe_layers, tokens, num_experts]`` for tokens ``(request_ids[i], positions[i])``.

@@ -10,7 +10,9 @@ draws more uniforms, or reports progress.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -21,12 +23,41 @@ from lynxsim.cost import CostModel
 from lynxsim.parallel import ParallelCostModel
 from lynxsim.engine.compiled import kernel as k
 from lynxsim.engine.compiled.pricing import Pricing
+from lynxsim.engine.compiled.routing import fused_routing
 from lynxsim.engine.decode_run import MAX_RUN_ITERATIONS
 from lynxsim.engine.replica import RoutingStep
 from lynxsim.engine.scheduler import Scheduler
 from lynxsim.metrics import SCALAR_COLUMNS, IterationLog, request_table
 from lynxsim.routing.statistical import ActivityTable, UniformStream
 from lynxsim.workload.requests import RequestSpec
+
+def _drop_stale_loop_cache() -> None:
+    """numba keys a cached function by its own source file only, but the loop (``kernel.simulate``) carries the
+    compiled code of the functions it calls in other files (the pricing, the routing, the routing kernels): after
+    an edit of one of those, numba would load the old loop. So the loop's cache is flushed whenever the digest of
+    all those sources differs from the one recorded beside the cache."""
+    from lynxsim.engine.compiled import pricing, routing
+    from lynxsim.policies import column_kernels, selection_kernels
+    from lynxsim.routing import synthetic_kernels
+
+    sources = (k, pricing, routing, column_kernels, selection_kernels, synthetic_kernels)
+    digest = hashlib.sha256(b"".join(Path(str(m.__file__)).read_bytes() for m in sources)).hexdigest()
+    cache = k.simulate._cache  # numba's FunctionCache of the loop
+    marker = Path(cache.cache_path) / "simulate.sources.sha256"
+    try:
+        recorded = marker.read_text()
+    except OSError:
+        recorded = ""
+    if recorded != digest:
+        cache.flush()
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(digest)
+        except OSError:  # a read-only install: numba then keeps nothing on disk either
+            pass
+
+
+_drop_stale_loop_cache()
 
 INITIAL_LOG_ROWS = 1 << 14
 UNIFORM_BLOCK = 1 << 16
@@ -125,6 +156,10 @@ def simulate(
     route_rank_distinct = np.zeros((MAX_RUN_ITERATIONS, num_moe_layers, max(ranks, 1)), dtype=np.int64)
     route_rank_assignments = np.zeros_like(route_rank_distinct)
 
+    fused = fused_routing(
+        step, cost_model, request_ids, max_call_tokens=max(scheduler.max_num_batched_tokens, MAX_RUN_ITERATIONS * max_seqs),
+        max_slots=max_seqs, max_batch_tokens=max(scheduler.max_num_batched_tokens, max_seqs),
+    )
     if statistical is not None:
         policy_table = _table_arrays(statistical.policy, ranks)
         baseline = statistical.baseline if statistical.baseline is not None else statistical.policy
@@ -154,7 +189,7 @@ def simulate(
         code = k.simulate(
             config, cutoff, req_i, req_f, queue, slots, state, clock, batch_new, batch_before, batch_decoding,
             route_distinct, route_assignments, route_proxies, route_rank_distinct, route_rank_assignments, pricing,
-            policy_table, baseline_table, samples,
+            fused, policy_table, baseline_table, samples,
             uniforms, log_f, log_i, log_distinct, log_proxies,
         )
         if code == k.DONE:
@@ -175,6 +210,8 @@ def simulate(
         elif code == k.PROGRESS:
             assert on_arrivals is not None
             on_arrivals(int(state[k.S_ARRIVED]))
+        elif code == k.NON_FINITE:
+            raise ValueError("logits must be finite (found NaN or infinity)")
         elif code == k.TOO_MANY_TOKENS:
             largest = statistical.policy.largest if statistical is not None else 0
             raise ValueError(f"the statistical table covers 1 to {largest} tokens per iteration, got "

@@ -12,7 +12,11 @@ What it cannot do here it asks the caller for and returns (``simulate`` is re-en
   batch, as the simpy engine's decode runs do (``lynxsim.engine.decode_run``);
 * ``NEED_LOG`` / ``NEED_UNIFORMS``: the iteration log or the statistical mode's uniforms need more room;
 * ``PROGRESS``: another ``progress_every`` requests arrived;
-* ``TOO_MANY_TOKENS``: a statistical table does not cover the batch (the caller raises the simpy path's error).
+* ``TOO_MANY_TOKENS``: a statistical table does not cover the batch (the caller raises the simpy path's error);
+* ``NON_FINITE``: routing in the loop met non-finite logits (the caller raises ``route_counts``' error).
+
+Where ``routing.FusedRouting`` is enabled (synthetic routing, top-k or Lynx, few experts) the loop routes exact
+batches itself instead of returning ``ROUTE`` / ``ROUTE_RUN``, with the same kernels as the caller would.
 
 In the statistical mode the activity is drawn here (``ActivityTable.draw``'s rule) and nothing is returned
 until the end. State lives in arrays that the caller keeps between calls (``state`` for counters, indexed by the
@@ -31,9 +35,10 @@ import numpy as np
 from numba import njit
 
 from lynxsim.engine.compiled.pricing import Pricing, price_iteration
+from lynxsim.engine.compiled.routing import FusedRouting, admit_means, route
 
 # Return codes of ``simulate``.
-DONE, ROUTE, ROUTE_RUN, NEED_LOG, NEED_UNIFORMS, PROGRESS, TOO_MANY_TOKENS = 0, 1, 2, 3, 4, 5, 6
+DONE, ROUTE, ROUTE_RUN, NEED_LOG, NEED_UNIFORMS, PROGRESS, TOO_MANY_TOKENS, NON_FINITE = range(8)
 
 # Request statuses (``req_i[R_STATUS]``); the driver names them.
 ST_NONE, ST_FINISHED, ST_REJECTED_KV, ST_REJECTED_BATCH, ST_CUTOFF_RUNNING, ST_CUTOFF_WAITING = 0, 1, 2, 3, 4, 5
@@ -56,8 +61,8 @@ SLOT_FIELDS = 6
 S_ARRIVED, S_WQ_HEAD, S_WQ_COUNT, S_RUNNING, S_FREE_BLOCKS, S_PHASE, S_EPOCH = 0, 1, 2, 3, 4, 5, 6
 S_RUN_EPOCH, S_RUN_LENGTH, S_RUN_AT, S_ROWS, S_UNIFORM_AT, S_UNIFORMS = 7, 8, 9, 10, 11, 12
 S_BATCH_LEN, S_BATCH_FIRST, S_BATCH_TOKENS, S_BATCH_DECODE, S_ROUTE_GROUPS, S_ROUTE_ROW = 13, 14, 15, 16, 17, 18
-S_PROGRESS_MARK, S_APPLIED = 19, 20
-STATE_SIZE = 21
+S_PROGRESS_MARK, S_APPLIED, S_ADMITTED = 19, 20, 21
+STATE_SIZE = 22
 # Entries of ``clock``.
 C_NOW, C_END, C_LAST_LATENCY = 0, 1, 2
 CLOCK_SIZE = 3
@@ -238,9 +243,11 @@ def _schedule(
     config: np.ndarray, batch_new: np.ndarray, batch_before: np.ndarray, batch_decoding: np.ndarray,
     grow: np.ndarray, now: float,
 ) -> None:
-    """``Scheduler.schedule``: the next batch into the batch buffers and ``state[S_BATCH_*]`` (length 0: none)."""
+    """``Scheduler.schedule``: the next batch into the batch buffers and ``state[S_BATCH_*]`` (length 0: none);
+    ``state[S_ADMITTED]``: how many requests it admitted, the last running slots."""
     budget = config[K_MAX_TOKENS]
     first = 0
+    admitted = 0
     if config[K_CHUNKED]:
         count, budget, preempted = _schedule_running(req_i, slots, queue, state, config, batch_new, grow, budget)
         if not preempted:
@@ -250,9 +257,11 @@ def _schedule(
     else:
         first = state[S_RUNNING]
         count, budget = _admit_waiting(req_i, req_f, slots, queue, state, config, batch_new, 0, budget, now, True)
+        admitted = count
         if count == 0:
             first = 0
             count, budget, _ = _schedule_running(req_i, slots, queue, state, config, batch_new, grow, budget)
+    state[S_ADMITTED] = admitted
     decode = 0
     for i in range(count):
         computed = slots[SL_COMPUTED, first + i]
@@ -269,10 +278,11 @@ def _schedule(
 @njit(inline="always")
 def _complete(
     req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, state: np.ndarray, batch_new: np.ndarray,
-    now: float,
+    now: float, means: np.ndarray, move_means: bool,
 ) -> int:
     """``Scheduler.complete`` of the batch in the buffers: returns the tokens sampled; finished requests leave
-    the running set (order kept), their blocks freed."""
+    the running set (order kept), their blocks freed, and with ``move_means`` the running slots' request means
+    (``FusedRouting.means``) move with them."""
     first = state[S_BATCH_FIRST]
     count = state[S_BATCH_LEN]
     sampled = 0
@@ -302,6 +312,8 @@ def _complete(
                 if kept != i:
                     for field in range(SLOT_FIELDS):
                         slots[field, kept] = slots[field, i]
+                    if move_means:
+                        means[kept] = means[i]
                 kept += 1
         state[S_RUNNING] = kept
         state[S_EPOCH] += 1
@@ -312,7 +324,11 @@ def _complete(
 def _plan_run(slots: np.ndarray, state: np.ndarray, config: np.ndarray, clock: np.ndarray,
               next_arrival_s: float) -> int:
     """``plan_decode_run``: how many pure-decode iterations of the running requests to route together (0: none,
-    step the next iteration alone). Only where the simpy engine would start a decode run."""
+    step the next iteration alone). Only where the simpy engine would start a decode run; bounded by the
+    iterations that fit before the next arrival at the last iteration's latency, plus one (the simpy engine
+    routes up to twice as many: a Python routing call costs more than the iterations an arrival then wastes,
+    where routing in the loop (``routing.route``) costs less). The length changes what is routed ahead, never a
+    record."""
     n = state[S_RUNNING]
     if n == 0 or state[S_WQ_COUNT] > 0 or n > config[K_MAX_TOKENS]:
         return 0
@@ -325,7 +341,7 @@ def _plan_run(slots: np.ndarray, state: np.ndarray, config: np.ndarray, clock: n
     last = clock[C_LAST_LATENCY]
     until_arrival = next_arrival_s - clock[C_NOW]
     if last > 0 and until_arrival < np.inf:
-        most = min(most, max(4, 2 * int(until_arrival / last) + 2))
+        most = min(most, max(2, int(until_arrival / last) + 1))
     if most <= 1:
         return 0
     block_tokens = config[K_BLOCK_TOKENS]
@@ -420,6 +436,7 @@ def simulate(
     route_rank_distinct: np.ndarray,
     route_rank_assignments: np.ndarray,
     pricing: Pricing,
+    fused: FusedRouting,
     policy_table: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     baseline_table: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     samples: np.ndarray,
@@ -481,8 +498,14 @@ def simulate(
                     state[S_RUN_EPOCH] = state[S_EPOCH]
                     state[S_RUN_LENGTH] = length
                     state[S_RUN_AT] = 0
-                    return ROUTE_RUN
+                    if not fused.enabled:
+                        return ROUTE_RUN
+                    if not route(fused, slots[SL_REQUEST], 0, n, batch_new, batch_before, length, True,
+                                 route_distinct, route_assignments, route_proxies):
+                        return NON_FINITE
             _schedule(req_i, req_f, slots, queue, state, config, batch_new, batch_before, batch_decoding, grow, now)
+            if fused.enabled and state[S_ADMITTED]:
+                admit_means(fused, state[S_RUNNING] - state[S_ADMITTED], state[S_RUNNING], slots[SL_REQUEST])
             count = state[S_BATCH_LEN]
             if count == 0:  # nothing fits: wait for the next arrival
                 if next_arrival_s < np.inf:
@@ -514,8 +537,12 @@ def simulate(
                 state[S_RUN_AT] = 0
                 state[S_ROUTE_ROW] = 0
                 state[S_ROUTE_GROUPS] = 1
-                state[S_PHASE] = 1
-                return ROUTE
+                if not fused.enabled:
+                    state[S_PHASE] = 1
+                    return ROUTE
+                if not route(fused, slots[SL_REQUEST], state[S_BATCH_FIRST], count, batch_new, batch_before, 1,
+                             applied, route_distinct, route_assignments, route_proxies):
+                    return NON_FINITE
         # Phase 1: the batch is routed (row S_ROUTE_ROW); price, advance, log.
         state[S_PHASE] = 0
         count = state[S_BATCH_LEN]
@@ -545,7 +572,8 @@ def simulate(
             return DONE
         clock[C_NOW] = end
         clock[C_LAST_LATENCY] = total
-        sampled = _complete(req_i, req_f, slots, state, batch_new, end)
+        sampled = _complete(req_i, req_f, slots, state, batch_new, end, fused.means,
+                            fused.enabled and fused.persistent)
         at = state[S_ROWS]
         log_f[LF_START, at] = now
         log_f[LF_LATENCY, at] = total
