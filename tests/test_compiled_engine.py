@@ -168,3 +168,21 @@ def test_the_loop_routes_where_it_can(monkeypatch: pytest.MonkeyPatch) -> None:
     assert enabled(CASES["routed-in-loop-lynx"]) and enabled(CASES["routed-in-loop-tp2"])
     assert not enabled(CASES["chunked"])  # two policies
     assert not enabled(_config(policies=[{"name": "lynx"}], parallelism={"expert_parallel": 2}))
+
+
+def test_compiled_caches_are_flushed_when_a_source_they_carry_changes(tmp_path) -> None:  # noqa: ANN001
+    """numba would load a loop compiled against an older version of a kernel it calls: the digest check flushes
+    once per change of any source, and not again while nothing changes."""
+    from lynxsim.engine.compiled.driver import flush_if_sources_changed
+
+    sources = [tmp_path / "a.py", tmp_path / "b.py"]
+    for path in sources:
+        path.write_text("x = 1\n")
+    marker = tmp_path / "cache" / "digest"
+    flushes: list[int] = []
+    assert flush_if_sources_changed(sources, marker, lambda: flushes.append(1))  # nothing recorded yet
+    assert not flush_if_sources_changed(sources, marker, lambda: flushes.append(1))
+    sources[1].write_text("x = 2\n")
+    assert flush_if_sources_changed(sources, marker, lambda: flushes.append(1))
+    assert not flush_if_sources_changed(sources, marker, lambda: flushes.append(1))
+    assert len(flushes) == 2

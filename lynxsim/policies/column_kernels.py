@@ -190,11 +190,19 @@ def lynx_counts(
             for e in range(num_experts):
                 bins = depth[e]
                 total_weight = 0.0
-                for d in range(depths):
-                    at = 0
+                if depths <= 2:  # tokens at depth 1 are the sum of the depths: one pass, not one per depth
+                    deeper = 0
                     for t in range(num_tokens):
-                        at += bins[t] == d
-                    total_weight += at * bin_weight[d]
+                        deeper += bins[t]
+                    total_weight += (num_tokens - deeper) * bin_weight[0]
+                    if depths == 2:
+                        total_weight += deeper * bin_weight[1]
+                else:
+                    for d in range(depths):
+                        at = 0
+                        for t in range(num_tokens):
+                            at += bins[t] == d
+                        total_weight += at * bin_weight[d]
                 score[e] = total_weight
                 for d in range(depths):
                     table[e * depths + d] = (score[e] - bin_weight[d]) / num_tokens - d if num_tokens > 1 else -d
@@ -203,6 +211,12 @@ def lynx_counts(
                 bins = depth[e]
                 own_rank = rank[e]
                 order = key[e]
+                if depths <= 2:  # (the usual: beta = 1) a select rather than a table read, so the loop vectorizes
+                    shallow = place[e * depths] * num_experts + (num_experts - 1)
+                    step = (place[e * depths + depths - 1] - place[e * depths]) * num_experts
+                    for t in range(num_tokens):
+                        order[t] = shallow + bins[t] * step - own_rank[t]
+                    continue
                 for t in range(num_tokens):
                     order[t] = place[e * depths + bins[t]] * num_experts + (num_experts - 1 - own_rank[t])
             # Votes: each token's top-k by that order; kept = the experts with a vote.

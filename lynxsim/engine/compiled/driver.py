@@ -31,30 +31,49 @@ from lynxsim.metrics import SCALAR_COLUMNS, IterationLog, request_table
 from lynxsim.routing.statistical import ActivityTable, UniformStream
 from lynxsim.workload.requests import RequestSpec
 
-def _drop_stale_loop_cache() -> None:
-    """numba keys a cached function by its own source file only, but the loop (``kernel.simulate``) carries the
-    compiled code of the functions it calls in other files (the pricing, the routing, the routing kernels): after
-    an edit of one of those, numba would load the old loop. So the loop's cache is flushed whenever the digest of
-    all those sources differs from the one recorded beside the cache."""
-    from lynxsim.engine.compiled import pricing, routing
-    from lynxsim.policies import column_kernels, selection_kernels
-    from lynxsim.routing import synthetic_kernels
-
-    sources = (k, pricing, routing, column_kernels, selection_kernels, synthetic_kernels)
-    digest = hashlib.sha256(b"".join(Path(str(m.__file__)).read_bytes() for m in sources)).hexdigest()
-    cache = k.simulate._cache  # numba's FunctionCache of the loop
-    marker = Path(cache.cache_path) / "simulate.sources.sha256"
+def flush_if_sources_changed(sources: Sequence[Path], marker: Path, flush: Callable[[], None]) -> bool:
+    """Call ``flush`` when the digest of ``sources`` differs from the one recorded in ``marker`` (or none is),
+    then record it; whether it flushed. A marker that cannot be written (a read-only install, where numba keeps
+    nothing on disk either) is left as it is."""
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()
     try:
         recorded = marker.read_text()
     except OSError:
         recorded = ""
-    if recorded != digest:
-        cache.flush()
-        try:
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(digest)
-        except OSError:  # a read-only install: numba then keeps nothing on disk either
-            pass
+    if recorded == digest:
+        return False
+    flush()
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(digest)
+    except OSError:
+        pass
+    return True
+
+
+def _drop_stale_loop_cache() -> None:
+    """numba keys a cached function by its own source file only, but a compiled function carries the compiled code
+    of the functions it calls in other files (the loop in ``kernel``: the pricing, the routing; the routing: the
+    routing kernels): after an edit of one of those, numba would load the old code (measured: the loop kept an
+    edited Lynx kernel's old code). So the caches of every compiled function of this package are flushed whenever
+    the sources they carry change."""
+    from numba.core.registry import CPUDispatcher
+
+    from lynxsim.engine.compiled import pricing, routing
+    from lynxsim.policies import column_kernels, selection_kernels
+    from lynxsim.routing import synthetic_kernels
+
+    loop_modules = (k, pricing, routing)
+
+    def flush() -> None:
+        for module in loop_modules:
+            for function in vars(module).values():
+                if isinstance(function, CPUDispatcher) and function.py_func.__module__ == module.__name__:
+                    function._cache.flush()
+
+    sources = [Path(str(m.__file__)) for m in (*loop_modules, column_kernels, selection_kernels, synthetic_kernels)]
+    marker = Path(k.simulate._cache.cache_path) / "simulate.sources.sha256"  # beside numba's cache of the loop
+    flush_if_sources_changed(sources, marker, flush)
 
 
 _drop_stale_loop_cache()
