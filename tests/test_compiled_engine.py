@@ -27,12 +27,12 @@ WALL_CLOCK = {"wall_s", "simulated_s_per_wall_s", "routing_table_build_s", "rout
 
 def _config(
     *, simulation: dict | None = None, hardware: dict | None = None, policies: list[dict] | None = None,
-    parallelism: dict | None = None, **serving: object,
+    parallelism: dict | None = None, model: str = "mixtral-8x7b", **serving: object,
 ) -> ExperimentConfig:
     return ExperimentConfig.model_validate({
         "name": "engines",
         "deployment": {"parallelism": parallelism or {}},
-        "model": "mixtral-8x7b",
+        "model": model,
         "hardware": {"profile": "h200", **(hardware or {})},
         "workload": {
             "arrival": {"kind": "poisson", "rate_per_s": 6.0},
@@ -86,6 +86,7 @@ CASES = {
     "routed-in-loop-lynx-everywhere": _config(policies=[{"name": "lynx", "apply_to": "all"}], chunked_prefill=False),
     "routed-in-loop-tp2": _config(policies=[{"name": "lynx", "alpha": 1.5, "beta": 2}],
                                   parallelism={"tensor_parallel": 2}),
+    "routed-in-loop-many-experts": _config(policies=[{"name": "lynx", "alpha": 3, "beta": 4}], model="olmoe-1b-7b"),
     "tensor-parallel": _config(parallelism={"tensor_parallel": 2}),
     "expert-parallel": _config(parallelism={"tensor_parallel": 2, "expert_parallel": 2}),
     "expert-parallel-roofline": _config(parallelism={"expert_parallel": 2}, hardware={"measured_tables": False}),

@@ -15,7 +15,7 @@ What it cannot do here it asks the caller for and returns (``simulate`` is re-en
 * ``TOO_MANY_TOKENS``: a statistical table does not cover the batch (the caller raises the simpy path's error);
 * ``NON_FINITE``: routing in the loop met non-finite logits (the caller raises ``route_counts``' error).
 
-Where ``routing.FusedRouting`` is enabled (synthetic routing, top-k or Lynx, few experts) the loop routes exact
+Where ``routing.FusedRouting`` is enabled (synthetic routing, one top-k or Lynx policy) the loop routes exact
 batches itself instead of returning ``ROUTE`` / ``ROUTE_RUN``, with the same kernels as the caller would.
 
 In the statistical mode the activity is drawn here (``ActivityTable.draw``'s rule) and nothing is returned
@@ -489,6 +489,9 @@ def simulate(
                 return NEED_UNIFORMS
             if not config[K_STATISTICAL] and state[S_RUN_AT] >= state[S_RUN_LENGTH]:
                 length = _plan_run(slots, state, config, clock, next_arrival_s)
+                if fused.enabled and length > 0:  # as many iterations as the loop's logits scratch holds
+                    length = min(length, fused.token_requests.size // state[S_RUNNING])
+                    length = length if length > 1 else 0
                 if length > 0:
                     n = state[S_RUNNING]
                     for i in range(n):

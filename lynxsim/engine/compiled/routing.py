@@ -4,15 +4,16 @@ Between two kernel calls the driver routes a batch in Python (``RoutingStep.exac
 tokens' ids, the synthetic source's request-mean cache, the policy's dispatch and the reduction to each layer's
 expert activity cost about 100 us per call, against about as much for the numba kernels that do the arithmetic,
 and a run makes one call per decode run and per mixed iteration (38,000 for Mixtral-8x7B on the Azure conv
-trace). Where the routing source is ``SyntheticRouting``, the policy top-k or Lynx with at most
-``COLUMN_EXPERTS`` experts (the column kernels), and the policies of the run do not share top-k unions
-(``TopKUnions``, several policies), the loop calls those same kernels itself:
+trace). Where the routing source is ``SyntheticRouting``, the policy top-k or Lynx, the policies of the run do
+not share top-k unions (``TopKUnions``, several policies) and there is no expert parallelism (whose per-rank
+activity the driver takes from the cost model), the loop calls those same kernels itself:
 
 * the synthetic logits (``synthetic_kernels.fill_logits``), with each running request's mean kept in its running
   slot (``fill_request_means`` when it is admitted; moved with it when the running set closes up), where the
   Python source keeps them in a least-recently-used cache: the same values either way;
-* the policy's counts and proxies (``column_kernels.topk_counts`` / ``lynx_counts``, Lynx's bin weights tabulated
-  per batch size by ``lynx.bin_weights``);
+* the policy's counts and proxies (``topk_counts`` / ``lynx_counts`` of ``column_kernels`` up to
+  ``COLUMN_EXPERTS`` experts, of ``selection_kernels`` above, as ``route_counts`` picks them; Lynx's bin weights
+  tabulated per batch size by ``lynx.bin_weights``);
 * a top-k iteration routed in doubling chunks until every layer's union of experts is full, as
   ``RoutingStep.union_of_topk`` does (the counts of top-k add up over chunks, so an iteration whose union never
   fills has its full counts at the end).
@@ -32,7 +33,7 @@ from numba import njit
 from lynxsim.engine.decode_run import MAX_RUN_ITERATIONS
 from lynxsim.parallel import ParallelCostModel
 from lynxsim.policies import Lynx, TopK
-from lynxsim.policies.column_kernels import lynx_counts, topk_counts
+from lynxsim.policies import column_kernels, selection_kernels
 from lynxsim.policies.kernels import COLUMN_EXPERTS
 from lynxsim.policies.lynx import bin_weights
 from lynxsim.policies.params import require_layers
@@ -41,6 +42,12 @@ from lynxsim.routing.synthetic_kernels import fill_logits, fill_request_means
 
 if TYPE_CHECKING:  # the engine package imports this module's package
     from lynxsim.engine.replica import RoutingStep
+
+
+LOGITS_SCRATCH_BYTES = 64 * 2**20
+"""The loop's float32 logits scratch holds at least the largest batch and otherwise this much: a decode run is
+routed in parts of as many iterations as fit (Mixtral-8x7B: 65,536 tokens, 64 iterations of 256 sequences;
+Qwen3-30B-A3B: 2,730 tokens)."""
 
 
 class FusedRouting(NamedTuple):
@@ -159,8 +166,13 @@ def route(
             n = max(per_group, 2)
             weights = fused.bin_weights[fused.bin_offsets[n] : fused.bin_offsets[n + 1]]
             retained, top1, changed = fused.retained[:groups], fused.top1[:groups], fused.changed[:groups]
-            if not lynx_counts(batches, fused.top_k, fused.alpha, fused.floor, weights, counts, retained, top1,
-                               changed):
+            if num_experts <= COLUMN_EXPERTS:
+                finite = column_kernels.lynx_counts(batches, fused.top_k, fused.alpha, fused.floor, weights, counts,
+                                                    retained, top1, changed)
+            else:
+                finite = selection_kernels.lynx_counts(batches, fused.top_k, fused.alpha, fused.floor, weights,
+                                                       counts, retained, top1, changed)
+            if not finite:
                 return False
             for g in range(groups):
                 for layer in range(num_layers):
@@ -169,7 +181,7 @@ def route(
                     out_proxies[2, g, layer] = changed[g, layer]
                     out_proxies[3, g, layer] = 0.0
         else:
-            if not topk_counts(batches, fused.top_k, counts):
+            if not _topk_counts(batches, fused.top_k, counts):
                 return False
             _topk_proxies(out_proxies, groups, num_layers)
     for g in range(groups):
@@ -200,7 +212,15 @@ def _topk_tokens(fused: FusedRouting, start: int, end: int, counts: np.ndarray) 
     size = end - start
     x = fused.logits[: num_layers * size * num_experts]
     _fill(fused, start, end, x.reshape((num_layers, size, num_experts)))
-    return topk_counts(x.reshape((num_layers, 1, size, num_experts)), fused.top_k, counts)
+    return _topk_counts(x.reshape((num_layers, 1, size, num_experts)), fused.top_k, counts)
+
+
+@njit(inline="always")
+def _topk_counts(logits: np.ndarray, top_k: int, counts: np.ndarray) -> bool:
+    """The top-k kernel ``route_counts`` picks for the expert count (``COLUMN_EXPERTS``)."""
+    if logits.shape[3] <= COLUMN_EXPERTS:
+        return column_kernels.topk_counts(logits, top_k, counts)
+    return selection_kernels.topk_counts(logits, top_k, counts)
 
 
 @njit(inline="always")
@@ -229,7 +249,6 @@ def fused_routing(
         and isinstance(routing, SyntheticRouting)
         and step.unions is None
         and type(step.policy) in (TopK, Lynx)
-        and num_experts <= COLUMN_EXPERTS
         and not expert_parallel  # per-rank loads: the driver's path, through the cost model's activity
     )
     if not enabled:
@@ -248,6 +267,9 @@ def fused_routing(
         tables = [np.zeros(0), np.zeros(0), *(bin_weights(n) for n in range(2, max_batch_tokens + 1))]
         offsets = np.concatenate(([0], np.cumsum([t.size for t in tables]))).astype(np.int64)
         weights = np.concatenate(tables)
+    # The scratch holds the largest batch, and as many decode iterations as LOGITS_SCRATCH_BYTES allow.
+    max_call_tokens = min(max_call_tokens,
+                          max(max_batch_tokens, LOGITS_SCRATCH_BYTES // (4 * num_layers * num_experts)))
     means = (np.zeros((max_slots, num_layers, num_experts), dtype=np.float32) if generator.persistent
              else np.array(generator.bias[None]))
     return FusedRouting(
