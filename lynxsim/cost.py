@@ -329,7 +329,8 @@ class CostModel:
         by_sequences = np.zeros(sequences.shape)
         for g in self._dense_groups:
             rows = sequences if g.rows_are_sequences else tokens
-            part = g.repeats * np.maximum(g.weight_bytes / self._bandwidth, g.flops_per_row * rows / self._dense_flops_rate)
+            per_row_s = g.flops_per_row * rows / self._dense_flops_rate
+            part = g.repeats * np.maximum(g.weight_bytes / self._bandwidth, per_row_s)
             if g.rows_are_sequences:
                 by_sequences += part
             else:

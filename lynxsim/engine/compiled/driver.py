@@ -132,7 +132,8 @@ def simulate(
 ) -> CompiledRun:
     """Serve ``specs`` on one co-located instance with ``scheduler``'s limits (a fresh scheduler: its pool
     full, nothing queued), priced by ``cost_model`` and routed by ``step``, until every request is done or
-    ``cutoff_s``. ``ValueError`` for a cost model without compiled pricing (the caller checks ``supports``)."""
+    ``cutoff_s``. ``ValueError`` for a cost model without compiled pricing (the runner asks
+    ``lynxsim.engine.compiled.engine_for`` first)."""
     pool = scheduler.pool
     n = len(specs)
     max_seqs = scheduler.max_num_seqs
@@ -175,10 +176,9 @@ def simulate(
     route_rank_distinct = np.zeros((MAX_RUN_ITERATIONS, num_moe_layers, max(ranks, 1)), dtype=np.int64)
     route_rank_assignments = np.zeros_like(route_rank_distinct)
 
-    fused = fused_routing(
-        step, cost_model, request_ids, max_call_tokens=max(scheduler.max_num_batched_tokens, MAX_RUN_ITERATIONS * max_seqs),
-        max_slots=max_seqs, max_batch_tokens=max(scheduler.max_num_batched_tokens, max_seqs),
-    )
+    largest_batch = max(scheduler.max_num_batched_tokens, max_seqs)
+    fused = fused_routing(step, cost_model, request_ids, max_slots=max_seqs, max_batch_tokens=largest_batch,
+                          max_call_tokens=max(largest_batch, MAX_RUN_ITERATIONS * max_seqs))
     if statistical is not None:
         policy_table = _table_arrays(statistical.policy, ranks)
         baseline = statistical.baseline if statistical.baseline is not None else statistical.policy
@@ -208,8 +208,7 @@ def simulate(
         code = k.simulate(
             config, cutoff, req_i, req_f, queue, slots, state, clock, batch_new, batch_before, batch_decoding,
             route_distinct, route_assignments, route_proxies, route_rank_distinct, route_rank_assignments, pricing,
-            fused, policy_table, baseline_table, samples,
-            uniforms, log_f, log_i, log_distinct, log_proxies,
+            fused, policy_table, baseline_table, samples, uniforms, log_f, log_i, log_distinct, log_proxies,
         )
         if code == k.DONE:
             break

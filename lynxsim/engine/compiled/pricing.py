@@ -121,9 +121,10 @@ class Pricing(NamedTuple):
                     rank_named = cost_model.moe_model.roofline_terms()
                     rank_terms = np.array([rank_named[name] for name in _TERM_NAMES], dtype=np.float64)
                     rank_moe = _grid(cost_model.moe_model.units["moe"])
-        return cls(kind, terms, by_tokens, by_sequences, *grids, np.full((max_assignments + 1, num_experts + 1), np.nan),
-                   allreduce, ranks, rank_kind, rank_terms, rank_moe,
-                   np.full((max_assignments + 1, num_experts + 1), np.nan) if ranks else np.zeros((1, 1)), all_to_all)
+        cache = np.full((max_assignments + 1, num_experts + 1), np.nan)
+        rank_cache = np.full((max_assignments + 1, num_experts + 1), np.nan) if ranks else np.zeros((1, 1))
+        return cls(kind, terms, by_tokens, by_sequences, *grids, cache, allreduce, ranks, rank_kind, rank_terms,
+                   rank_moe, rank_cache, all_to_all)
 
 
 def supported(cost_model: object) -> bool:

@@ -115,9 +115,10 @@ def route(
     out_proxies: np.ndarray,
 ) -> bool:
     """Route ``groups`` iterations into rows ``0 .. groups - 1`` of the ``out_*`` routing rows (``slot_requests``:
-    each running slot's request index): one batch (``groups`` 1: the running slots ``first .. first + count - 1``, each computing ``batch_new`` tokens after its
-    ``batch_before`` cached ones) or a decode run (every one of the ``count`` running slots' next ``groups``
-    tokens, one group per iteration). False: non-finite logits (the caller raises ``route_counts``' error)."""
+    each running slot's request index): one batch (``groups`` 1: the running slots ``first .. first + count - 1``,
+    each computing ``batch_new`` tokens after its ``batch_before`` cached ones) or a decode run (every one of the
+    ``count`` running slots' next ``groups`` tokens, one group per iteration). False: non-finite logits (the
+    caller raises ``route_counts``' error)."""
     num_layers, num_experts = fused.bias.shape
     tokens = 0
     if groups == 1:
@@ -296,6 +297,7 @@ def _placeholder(num_layers: int, num_experts: int) -> FusedRouting:
         np.zeros(num_layers), np.zeros(1, dtype=np.float32), np.zeros(1, dtype=np.int64),
         np.zeros((1, num_layers, num_experts), dtype=np.float32), np.zeros(num_layers), np.zeros(num_layers),
         np.zeros(1), np.zeros(2, dtype=np.int64), np.zeros(1, dtype=np.float32), np.zeros(1, dtype=np.int64),
-        np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64), np.zeros((1, num_layers, num_experts), dtype=np.int32),
+        np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64),
+        np.zeros((1, num_layers, num_experts), dtype=np.int32),
         np.zeros((1, num_layers)), np.zeros((1, num_layers)), np.zeros((1, num_layers)),
     )
