@@ -31,17 +31,20 @@ ENGINE_VARIABLE = "LYNXSIM_ENGINE"
 """``simpy`` forces the simpy engine; unset (or ``auto``) uses the compiled one wherever it applies."""
 
 
+def supported(cost_model: object) -> bool:
+    """Whether the compiled engine prices ``cost_model`` (``pricing.Pricing``): the one-GPU ``CostModel`` or
+    ``MeasuredCostModel``, or a ``ParallelCostModel`` over one of them (tensor and expert parallelism)."""
+    base = cost_model.base if isinstance(cost_model, ParallelCostModel) else cost_model
+    return type(base) in (CostModel, MeasuredCostModel)
+
+
 def engine_for(cost_model: object, roles: Sequence[str]) -> ModuleType | None:
     """The compiled engine's driver module (``lynxsim.engine.compiled.driver``) when it can simulate this
-    deployment: a single co-located instance priced by a one-GPU cost model (``CostModel`` or
-    ``MeasuredCostModel`` exactly) or by a ``ParallelCostModel`` over one (tensor and expert parallelism), numba
-    available and not switched off. None: use the simpy engine."""
+    deployment: a single co-located instance priced by a ``supported`` cost model, numba available and not
+    switched off. None: use the simpy engine."""
     choice = os.environ.get(ENGINE_VARIABLE, "auto")
     if choice not in ("auto", "simpy"):
         raise InputError(ENGINE_VARIABLE, f"must be auto or simpy, got {choice!r}")
-    if choice == "simpy" or list(roles) != ["colocated"]:
-        return None
-    base = cost_model.base if isinstance(cost_model, ParallelCostModel) else cost_model
-    if type(base) not in (CostModel, MeasuredCostModel):
+    if choice == "simpy" or list(roles) != ["colocated"] or not supported(cost_model):
         return None
     return kernels("lynxsim.engine.compiled.driver")

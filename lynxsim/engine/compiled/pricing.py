@@ -30,6 +30,7 @@ import numpy as np
 from numba import njit
 
 from lynxsim.cost import CostModel, MeasuredCostModel, TableInterpolator
+from lynxsim.engine.compiled import supported
 from lynxsim.parallel import ParallelCostModel
 
 ROOFLINE, MEASURED = 0, 1
@@ -125,14 +126,6 @@ class Pricing(NamedTuple):
         rank_cache = np.full((max_assignments + 1, num_experts + 1), np.nan) if ranks else np.zeros((1, 1))
         return cls(kind, terms, by_tokens, by_sequences, *grids, cache, allreduce, ranks, rank_kind, rank_terms,
                    rank_moe, rank_cache, all_to_all)
-
-
-def supported(cost_model: object) -> bool:
-    """Whether ``Pricing`` evaluates ``cost_model``: the one-GPU ``CostModel`` or ``MeasuredCostModel``, or a
-    ``ParallelCostModel`` over one of them (tensor and expert parallelism)."""
-    if isinstance(cost_model, ParallelCostModel):
-        return type(cost_model.base) in (CostModel, MeasuredCostModel)
-    return type(cost_model) in (CostModel, MeasuredCostModel)
 
 
 @njit(inline="always")
