@@ -151,8 +151,8 @@ def test_engine_choice(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_the_loop_routes_where_it_can(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Synthetic routing of one top-k or Lynx policy is routed inside the loop; several policies (which share
-    top-k unions), expert parallelism and the statistical mode are not."""
+    """Synthetic routing of a top-k or Lynx policy is routed inside the loop, also when several policies share
+    top-k unions of few experts; not many experts' shared unions, nor expert parallelism."""
     from lynxsim.engine.compiled.routing import fused_routing
     from lynxsim.engine.replica import RoutingStep
     from lynxsim.policies import make
@@ -167,7 +167,10 @@ def test_the_loop_routes_where_it_can(monkeypatch: pytest.MonkeyPatch) -> None:
                              max_batch_tokens=8).enabled
 
     assert enabled(CASES["routed-in-loop-lynx"]) and enabled(CASES["routed-in-loop-tp2"])
-    assert not enabled(CASES["chunked"])  # two policies
+    assert enabled(CASES["chunked"])  # two policies sharing the unions of 8 experts
+    assert enabled(CASES["routed-in-loop-many-experts"])  # one policy of 64 experts
+    many = [{"name": "topk"}, {"name": "lynx", "alpha": 3, "beta": 4}]
+    assert not enabled(_config(policies=many, model="olmoe-1b-7b"))  # two policies sharing 64 experts' unions
     assert not enabled(_config(policies=[{"name": "lynx"}], parallelism={"expert_parallel": 2}))
 
 

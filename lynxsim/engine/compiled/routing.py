@@ -4,9 +4,13 @@ Between two kernel calls the driver routes a batch in Python (``RoutingStep.exac
 tokens' ids, the synthetic source's request-mean cache, the policy's dispatch and the reduction to each layer's
 expert activity cost about 100 us per call, against about as much for the numba kernels that do the arithmetic,
 and a run makes one call per decode run and per mixed iteration (38,000 for Mixtral-8x7B on the Azure conv
-trace). Where the routing source is ``SyntheticRouting``, the policy top-k or Lynx, the policies of the run do
-not share top-k unions (``TopKUnions``, several policies) and there is no expert parallelism (whose per-rank
-activity the driver takes from the cost model), the loop calls those same kernels itself:
+trace). Where the routing source is ``SyntheticRouting``, the policy top-k or Lynx and there is no expert
+parallelism (whose per-rank activity the driver takes from the cost model), the loop calls those same kernels
+itself, unless the run's policies share top-k unions (``TopKUnions``: several policies) of more than
+``COLUMN_EXPERTS`` experts. Those unions route a prompt once per run rather than once per policy, which pays where
+a top-k union needs many tokens to fill (Qwen3-30B-A3B's 128 experts: 20 policies took 130 s with them against
+177 s routed in the loop) but not for few experts, whose unions fill within a few dozen tokens (Mixtral-8x7B: the
+100-point two-policy sweep of ``benchmarks/sweep_scaling.py`` took 33 s routed in the loop against 54 s):
 
 * the synthetic logits (``synthetic_kernels.fill_logits``), with each running request's mean kept in its running
   slot (``fill_request_means`` when it is admitted; moved with it when the running set closes up), where the
@@ -248,8 +252,8 @@ def fused_routing(
     enabled = (
         step.statistical is None
         and isinstance(routing, SyntheticRouting)
-        and step.unions is None
         and type(step.policy) in (TopK, Lynx)
+        and (step.unions is None or num_experts <= COLUMN_EXPERTS)
         and not expert_parallel  # per-rank loads: the driver's path, through the cost model's activity
     )
     if not enabled:
