@@ -23,18 +23,18 @@ from lynxsim import __version__
 from lynxsim.calib.commands import add_calibrate_parser, add_validate_parser
 from lynxsim.capacity import CapacityProbe, find_capacity
 from lynxsim.config import load_experiment
-from lynxsim.errors import InputError
+from lynxsim.errors import InputError, exit_code
 from lynxsim.hardware import hardware_names, load_hardware
 from lynxsim.models import catalog_summary
 from lynxsim.plots import load_run, write_run_figures
 from lynxsim.quality.commands import add_quality_parser
+from lynxsim.report.commands import add_report_parser
 from lynxsim.routing import RoutingTrace, import_flame
 from lynxsim.routing.compare import compare_figures, compare_routing
 from lynxsim.routing.fit import fit_routing, load_profile, save_profile
 from lynxsim.routing.loading import open_trace
 from lynxsim.routing.profiles import profile_path
 from lynxsim.routing.trace_format import DEFAULT_FILL, FILL_STRATEGIES
-from lynxsim.report.commands import add_report_parser
 from lynxsim.runner import PolicyRun, prepare, run_experiment
 from lynxsim.sweep.commands import add_sweep_parsers, plot_sweep
 from lynxsim.sweep.points import load_sweep
@@ -74,10 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Piped output gets room for the wide tables instead of rich's 80-column fallback.
     console = Console(width=None if sys.stdout.isatty() else 200)
     try:
-        return int(args.handler(args, console))
-    except InputError as exc:
-        print(f"lynxsim: error: {exc}", file=sys.stderr)
-        return 2
+        return exit_code(lambda: args.handler(args, console))
     except KeyboardInterrupt:
         print("lynxsim: interrupted (records of finished policies are on disk)", file=sys.stderr)
         return 130

@@ -7,6 +7,9 @@ so bad input never reaches the user as a traceback.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 
 class InputError(Exception):
     """Bad user input: ``where`` names the key path or ``file:line``, ``problem`` says what is wrong."""
@@ -15,3 +18,13 @@ class InputError(Exception):
         super().__init__(f"{where}: {problem}" if where else problem)
         self.where = where
         self.problem = problem
+
+
+def exit_code(handler: Callable[[], int]) -> int:
+    """Run a command's ``handler`` and return its exit code; bad input ends it with one line on stderr and exit
+    code 2 (every command line of the project: ``lynxsim``, and the calibration and quality modules run alone)."""
+    try:
+        return int(handler())
+    except InputError as exc:
+        print(f"lynxsim: error: {exc}", file=sys.stderr)
+        return 2

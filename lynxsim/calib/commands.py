@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lynxsim.errors import InputError
+from lynxsim.errors import InputError, exit_code
 
 DEFAULT_CALIBRATION_MODELS = ("mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b", "deepseek-v2-lite")
 DEFAULT_VALIDATION_MODELS = ("mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b")
@@ -496,11 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_calibrate_parser(subparsers)
     add_validate_parser(subparsers)
     args = parser.parse_args(argv)
-    try:
-        return int(args.handler(args, None))
-    except InputError as exc:
-        print(f"lynxsim: error: {exc}", file=sys.stderr)
-        return 2
+    return exit_code(lambda: args.handler(args, None))
 
 
 if __name__ == "__main__":

@@ -78,3 +78,10 @@ def plan_decode_run(
     grown = grown_blocks(pool.block_size_tokens, contexts, running.blocks[:n], most)
     length = fitting_iterations(grown, pool.free_blocks)
     return DecodeRun(length, contexts, grown[:length]) if length > 1 else None
+
+
+def run_token_ids(request_ids: np.ndarray, contexts: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(request id, position) of the tokens of ``length`` decode iterations of requests ``request_ids`` with
+    ``contexts`` cached tokens: iteration by iteration, each the requests in order (iteration ``j`` computes
+    position ``context + j``), as one routing call takes them."""
+    return np.tile(request_ids, length), (contexts[None, :] + np.arange(length)[:, None]).ravel()

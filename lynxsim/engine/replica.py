@@ -29,7 +29,7 @@ import numpy as np
 import simpy
 
 from lynxsim.cost import BatchShape, CostModel, ExpertActivity, LatencyBreakdown
-from lynxsim.engine.decode_run import DecodeRun, plan_decode_run
+from lynxsim.engine.decode_run import DecodeRun, plan_decode_run, run_token_ids
 from lynxsim.engine.request import Request
 from lynxsim.engine.scheduler import ScheduledBatch, Scheduler
 from lynxsim.metrics import IterationLog
@@ -291,7 +291,7 @@ class Replica:
         length, contexts, grown = run
         ids = scheduler.running.ids[:batch_size]
         activities, distinct, proxies = self._activities(
-            lambda: (np.tile(ids, length), (contexts[None, :] + np.arange(length)[:, None]).ravel()),
+            lambda: run_token_ids(ids, contexts, length),
             length, True, batch_size,
         )
         start_s = self.env.now

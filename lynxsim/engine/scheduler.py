@@ -60,12 +60,19 @@ class ScheduledBatch:
 
     def token_ids(self) -> tuple[np.ndarray, np.ndarray]:
         """(request id, position) of every token computed in this iteration, request by request."""
-        counts = self.new_tokens
-        request_ids = np.repeat(self.request_ids, counts)
-        chunk_starts = np.cumsum(counts) - counts
-        offsets = self.computed_before - chunk_starts
-        positions = np.arange(self.num_tokens, dtype=np.int64) + np.repeat(offsets, counts)
-        return request_ids, positions
+        return batch_token_ids(self.request_ids, self.new_tokens, self.computed_before)
+
+
+def batch_token_ids(
+    request_ids: np.ndarray, new_tokens: np.ndarray, computed_before: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(request id, position) of every token of a batch whose requests ``request_ids`` compute ``new_tokens``
+    tokens each after their ``computed_before`` cached ones, request by request (both engines route these)."""
+    request_tokens = np.repeat(request_ids, new_tokens)
+    chunk_starts = np.cumsum(new_tokens) - new_tokens
+    offsets = computed_before - chunk_starts
+    positions = np.arange(int(new_tokens.sum()), dtype=np.int64) + np.repeat(offsets, new_tokens)
+    return request_tokens, positions
 
 
 class Completion(NamedTuple):

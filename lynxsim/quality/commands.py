@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from lynxsim.errors import InputError
+from lynxsim.errors import InputError, exit_code
 from lynxsim.quality.corpus import (
     CALIBRATION_SEQUENCES,
     DEFAULT_TEXT_PATH,
@@ -235,11 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lynxsim.quality.commands")
     add_quality_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["quality", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.handler(args, None))
-    except InputError as exc:
-        print(f"lynxsim: error: {exc}", file=sys.stderr)
-        return 2
+    return exit_code(lambda: args.handler(args, None))
 
 
 if __name__ == "__main__":

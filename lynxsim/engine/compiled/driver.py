@@ -12,24 +12,25 @@ from __future__ import annotations
 
 import hashlib
 import math
-from pathlib import Path
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from lynxsim.cost import CostModel
-from lynxsim.parallel import ParallelCostModel
 from lynxsim.engine.compiled import kernel as k
 from lynxsim.engine.compiled.pricing import Pricing
 from lynxsim.engine.compiled.routing import fused_routing
-from lynxsim.engine.decode_run import MAX_RUN_ITERATIONS
+from lynxsim.engine.decode_run import MAX_RUN_ITERATIONS, run_token_ids
 from lynxsim.engine.replica import RoutingStep
-from lynxsim.engine.scheduler import Scheduler
+from lynxsim.engine.scheduler import Scheduler, batch_token_ids
 from lynxsim.metrics import SCALAR_COLUMNS, IterationLog, request_table
+from lynxsim.parallel import ParallelCostModel
 from lynxsim.routing.statistical import ActivityTable, UniformStream
 from lynxsim.workload.requests import RequestSpec
+
 
 def flush_if_sources_changed(sources: Sequence[Path], marker: Path, flush: Callable[[], None]) -> bool:
     """Call ``flush`` when the digest of ``sources`` differs from the one recorded in ``marker`` (or none is),
@@ -264,17 +265,13 @@ def _route(
     if code == k.ROUTE:
         first = int(state[k.S_BATCH_FIRST])
         ids = request_ids[slots[k.SL_REQUEST, first : first + count]]
-        new = batch_new[:count]
-        starts = np.cumsum(new) - new
-        token_requests = np.repeat(ids, new)
-        positions = np.arange(int(new.sum()), dtype=np.int64) + np.repeat(batch_before[:count] - starts, new)
+        token_requests, positions = batch_token_ids(ids, batch_new[:count], batch_before[:count])
         groups = 1
         applied = bool(state[k.S_APPLIED])
     else:
         groups = int(state[k.S_ROUTE_GROUPS])
         ids = request_ids[slots[k.SL_REQUEST, :count]]
-        token_requests = np.tile(ids, groups)
-        positions = (batch_before[:count][None, :] + np.arange(groups)[:, None]).ravel()
+        token_requests, positions = run_token_ids(ids, batch_before[:count], groups)
         applied = True
     draws = step.exact_activities(cost_model, token_requests, positions, groups, applied)
     for g, activity in enumerate(draws.activities):

@@ -549,7 +549,6 @@ def simulate(
         # Phase 1: the batch is routed (row S_ROUTE_ROW); price, advance, log.
         state[S_PHASE] = 0
         count = state[S_BATCH_LEN]
-        first = state[S_BATCH_FIRST]
         decode_rows = 0
         context_sum = 0
         num_chunks = 0

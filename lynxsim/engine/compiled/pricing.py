@@ -240,7 +240,7 @@ def price_iteration(
             a = assignments[layer]
             d = distinct[layer]
             value = cache[a, d] if a < cache.shape[0] else np.nan
-            moe += value if value == value else _moe_layer_s(cache, grid, terms, a, d)  # NaN: not cached yet
+            moe += _moe_layer_s(cache, grid, terms, a, d) if math.isnan(value) else value  # NaN: not cached yet
     else:
         decode_kv = float(decode_context_sum)
         prefill_kv = 0.0
@@ -273,7 +273,7 @@ def price_iteration(
                 d = rank_distinct[layer, rank]
                 if pricing.rank_kind == MEASURED:
                     value = rank_cache[a, d] if a < rank_cache.shape[0] else np.nan
-                    if value != value:  # NaN: not cached yet
+                    if math.isnan(value):  # not cached yet
                         value = _moe_layer_s(rank_cache, rank_grid, rank_terms, a, d)
                 else:
                     value = max(d * rank_terms[T_EXPERT_MEMORY], a * rank_terms[T_ASSIGNMENT_COMPUTE]) \

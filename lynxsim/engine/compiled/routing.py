@@ -36,8 +36,7 @@ from numba import njit
 
 from lynxsim.engine.decode_run import MAX_RUN_ITERATIONS
 from lynxsim.parallel import ParallelCostModel
-from lynxsim.policies import Lynx, TopK
-from lynxsim.policies import column_kernels, selection_kernels
+from lynxsim.policies import Lynx, TopK, column_kernels, selection_kernels
 from lynxsim.policies.kernels import COLUMN_EXPERTS
 from lynxsim.policies.lynx import bin_weights
 from lynxsim.policies.params import require_layers
@@ -269,7 +268,9 @@ def fused_routing(
         betas = policy.beta if isinstance(policy.beta, tuple) else (policy.beta,) * num_layers
         alpha = np.array(alphas, dtype=np.float64)
         floor = np.array([-math.inf if b is None else -float(b) for b in betas])
-        tables = [np.zeros(0), np.zeros(0), *(bin_weights(n) for n in range(2, max_batch_tokens + 1))]
+        # Lynx selects on pure-decode batches (one token per running slot) unless it applies to every batch
+        largest = max_batch_tokens if step.apply_to == "all" else min(max_batch_tokens, max_slots)
+        tables = [np.zeros(0), np.zeros(0), *(bin_weights(n) for n in range(2, largest + 1))]
         offsets = np.concatenate(([0], np.cumsum([t.size for t in tables]))).astype(np.int64)
         weights = np.concatenate(tables)
     # The scratch holds the largest batch, and as many decode iterations as LOGITS_SCRATCH_BYTES allow.
