@@ -358,7 +358,11 @@ def _check(args: argparse.Namespace, console: Console) -> int:
         f"model {model.name}: {model.total_params / 1e9:.1f} B params, {model.weight_bytes / 1e9:.1f} GB weights, "
         f"{model.num_moe_layers} MoE layers x {model.num_experts} experts, top-{model.top_k}"
     )
-    console.print(f"hardware {setup.hardware.name}; cost model: {setup.cost_model.source}")
+    overhead_ms = setup.hardware.efficiency.iteration_overhead_s * 1e3
+    console.print(
+        f"hardware {setup.hardware.name}; cost model: {setup.cost_model.source}; host overhead {overhead_ms:g} ms"
+        " per iteration"
+    )
     tokens = setup.kv_cache_blocks * config.serving.block_size_tokens
     console.print(f"KV cache: {setup.kv_cache_blocks} blocks ({tokens} tokens)")
     console.print(f"requests: {len(setup.requests)}; policies: {', '.join(label for label, _, _ in setup.policies)}")

@@ -10,7 +10,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from lynxsim.errors import InputError
 from lynxsim.yaml_input import error_message, read_yaml_mapping_with_nodes
@@ -21,6 +31,13 @@ from lynxsim.report.spec import ReportSection
 from lynxsim.sweep.spec import SweepConfig
 from lynxsim.workload.arrivals import ArrivalProcess, TraceArrivals
 from lynxsim.workload.lengths import EmpiricalLength, LengthDistribution, PairedLengths
+
+
+SHORTHAND_KEYS = {"model": "name", "hardware": "profile"}
+"""Top-level sections that may be written as one string, and the key that string stands for
+(``hardware: h200`` is ``hardware: {profile: h200}``); ``apply_override`` expands them so that ``--set`` and sweep
+keys can reach their sub-keys (``hardware.overrides.efficiency.iteration_overhead_s``) whichever way the file
+wrote the section."""
 
 
 class _Section(BaseModel):
@@ -37,13 +54,36 @@ class ModelConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _from_string(cls, value: Any) -> Any:
-        return {"name": value} if isinstance(value, str) else value
+        return {SHORTHAND_KEYS["model"]: value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
         if (self.name is None) == (self.hf_config is None):
             raise ValueError("give exactly one of 'name' (catalog key) or 'hf_config' (path to config.json)")
         return self
+
+
+class EfficiencyOverrides(_Section):
+    """The profile's ``efficiency`` figures an experiment may replace (None: the profile's own).
+
+    Only the host overhead is here: it is a property of the serving engine (how much CPU work per iteration it
+    leaves on the GPU's critical path; README, "Host overhead"), not of the GPU, so one profile must serve both
+    an engine that overlaps that work and one that does not. The GPU's own figures are measured and stay the
+    profile's."""
+
+    iteration_overhead_s: float | None = Field(
+        default=None,
+        ge=0,
+        allow_inf_nan=False,
+        description="CPU time per iteration that the GPU waits for (s), replacing efficiency.iteration_overhead_s",
+    )
+
+
+class HardwareOverrides(_Section):
+    """Profile fields an experiment replaces, at the profile's own key paths (``efficiency.iteration_overhead_s``
+    in the profile is ``hardware.overrides.efficiency.iteration_overhead_s`` in an experiment)."""
+
+    efficiency: EfficiencyOverrides = Field(default_factory=EfficiencyOverrides)
 
 
 class HardwareConfig(_Section):
@@ -55,11 +95,24 @@ class HardwareConfig(_Section):
         description="false: price every kernel with the roofline even where the profile has measured tables, "
         "so that a GPU with tables can be compared on equal terms with GPUs that have none",
     )
+    overrides: HardwareOverrides = Field(
+        default_factory=HardwareOverrides, description="profile figures this experiment replaces"
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _from_string(cls, value: Any) -> Any:
-        return {"profile": value} if isinstance(value, str) else value
+        return {SHORTHAND_KEYS["hardware"]: value} if isinstance(value, str) else value
+
+    @model_serializer(mode="wrap")
+    def _without_empty_overrides(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Leave ``overrides`` out of the dump when it replaces nothing: a config that sets none dumps, and so
+        hashes (``lynxsim.sweep.points.config_hash``), as it did before overrides existed, and its stored sweep
+        runs stay valid."""
+        data = handler(self)
+        if self.overrides == HardwareOverrides():
+            data.pop("overrides", None)
+        return data
 
 
 class WorkloadConfig(_Section):
@@ -389,7 +442,9 @@ def _paths_relative_to(config: ExperimentConfig, base_dir: Path) -> ExperimentCo
 
 
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
-    """Apply ``a.b.c=value`` (value parsed as YAML; list items by index: ``policies.1.alpha=0.5``)."""
+    """Apply ``a.b.c=value`` (value parsed as YAML; list items by index: ``policies.1.alpha=0.5``). A section
+    written as one string (``hardware: h200``) is expanded to its mapping (``SHORTHAND_KEYS``) when a key below
+    it is set."""
     key, sep, value_text = assignment.partition("=")
     if not sep or not key.strip():
         raise InputError(f"--set {assignment}", "expected KEY.PATH=VALUE")
@@ -416,6 +471,8 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
                 child = target.get(part)
                 if child is None:
                     child = target[part] = {}
+                elif depth == 0 and isinstance(child, str) and part in SHORTHAND_KEYS:
+                    child = target[part] = {SHORTHAND_KEYS[part]: child}
                 elif not isinstance(child, (dict, list)):
                     raise InputError(where, f"is {child!r}, which has no sub-keys")
                 target = child

@@ -355,6 +355,11 @@ class CostModel:
             "moe_layers_launch_s": self._moe_layers_launch_s,
             "top_k": float(self.model.top_k),
             "overhead_s": self._overhead_s,
+            # the attention units' extra work (UnitRooflines: MLA's kv_b inside attention; none here)
+            "attention_unit_bytes": 0.0,
+            "attention_unit_flops_per_row": 0.0,
+            "decode_attention_unit_launch_s": self._attention_launch_s,
+            "prefill_attention_unit_launch_s": self._attention_launch_s,
         }
 
     # ----- the iteration -----
@@ -434,6 +439,7 @@ class CostModel:
 # | `embedding`         | tokens                            | the input embedding lookup, once per iteration |
 # | `lm_head`           | sequences                         | final norm, LM head GEMM and greedy sampling over one row per sequence, once per iteration |
 # | `graph_launch`      | graphs                            | optional: the fixed GPU cost of launching one iteration's CUDA graph |
+# | `dense_layer_gemms` | tokens                            | diagnostic, never priced (``DIAGNOSTIC_UNITS``): the GEMMs of `dense_layer` alone, timed the same way, the floor its fused ops are compared with (docs/kernel_efficiency.md) |
 #
 # An iteration is predicted as the sum of its units: every layer's attention (the decode rows as one call at
 # their mean context, plus one call per prefill chunk), every layer's dense part, every MoE layer's experts at
@@ -454,6 +460,10 @@ MEASURED_UNITS: dict[str, tuple[str, ...]] = {
 
 OPTIONAL_UNITS = frozenset({"graph_launch"})
 
+DIAGNOSTIC_UNITS: dict[str, tuple[str, ...]] = {"dense_layer_gemms": ("tokens",)}
+"""Units calibration times only to judge the kernels (``lynxsim.calib.efficiency``), with the axes of their
+tables. They are not in ``MEASURED_UNITS``: no cost model prices them, and ``MeasuredCostModel`` reads none."""
+
 # ModelSpec fields that do not change what a kernel computes: a model that differs from the calibrated catalog
 # shape only in these still uses the catalog key's tables.
 COST_NEUTRAL_FIELDS = frozenset(
@@ -465,9 +475,10 @@ _TINY_S = 1e-12
 
 
 def table_name(model_key: str, unit: str) -> str:
-    """Name of a measured table in a hardware profile: ``<model-key>/<unit>``."""
-    if unit not in MEASURED_UNITS:
-        raise ValueError(f"unknown measured unit {unit!r}; known: {', '.join(MEASURED_UNITS)}")
+    """Name of a measured (or diagnostic) table in a hardware profile: ``<model-key>/<unit>``."""
+    if unit not in MEASURED_UNITS and unit not in DIAGNOSTIC_UNITS:
+        known = ", ".join([*MEASURED_UNITS, *DIAGNOSTIC_UNITS])
+        raise ValueError(f"unknown measured unit {unit!r}; known: {known}")
     return f"{model_key}/{unit}"
 
 
@@ -643,81 +654,252 @@ class TableInterpolator:
         return value
 
 
-class UnitRooflines(CostModel):
-    """The roofline cost model, plus the roofline time of each measured unit (one layer of it, or once per
-    iteration), with the same formulas and constants as ``CostModel``'s components. The measured cost model
-    scales measured times with these outside a table's grid; a calibration dry run fills tables with them."""
+ACTIVATION_BYTES = 2.0
+"""Bytes of one activation element: every calibrated unit runs bf16 activations, whatever its weights' dtype."""
 
-    def unit_roofline(self, unit: str) -> Callable[..., np.ndarray]:
-        """The roofline of ``unit`` (one of ``MEASURED_UNITS``) as a function of its table's axes."""
-        functions: dict[str, Callable[..., np.ndarray]] = {
-            "moe": self._moe_layer_roofline,
-            "attention_decode": self._decode_attention_layer_roofline,
-            "attention_prefill": self._prefill_attention_layer_roofline,
-            "dense_layer": self._dense_layer_roofline,
-            "dense_ffn_layer": self._dense_ffn_layer_roofline,
-            "embedding": self._embedding_roofline,
-            "lm_head": self._lm_head_roofline,
-            "graph_launch": lambda graphs: np.asarray(graphs, dtype=np.float64) * self._launch_s,
+TOKEN_ID_BYTES = 8.0
+"""Bytes of one token id (int64): the embedding's input rows and the LM head's sampled tokens."""
+
+# MLA models as calibration runs them (weight-absorbed decode, unabsorbed prefill; lynxsim/calib/kernels/mla.py):
+# the per-head up-projections of the latent (kv_b: W_UK and W_UV) run inside the attention units.
+MLA_DECODE_ATTENTION_KERNELS = 3  # q_nope absorbed through W_UK, latent attention, output un-absorbed by W_UV
+MLA_PREFILL_ATTENTION_KERNELS = 2  # the latent decompressed by kv_b, causal attention
+MLA_PROJECTION_KERNELS_OUTSIDE_Q = 2  # kv_a and the output projection (kv_b runs in the attention units)
+
+
+class UnitWork(NamedTuple):
+    """The least one call of a measured unit must do, at one or many grid points (arrays broadcast together).
+
+    ``streamed_bytes``: weights, KV-cache entries and embedding rows, each read (or, for the embedding, written)
+    once: what the roofline prices, as ``CostModel``'s components do. ``activation_bytes``: the activations
+    the unit's GEMM or attention kernels read and write at its boundary, each once. The roofline leaves them
+    out, so that a measured table's out-of-grid scaling stays the very formula the compiled engine restates
+    from ``roofline_terms`` (lynxsim/engine/compiled/pricing.py); the efficiency floors count them.
+    """
+
+    streamed_bytes: np.ndarray
+    activation_bytes: np.ndarray
+    flops: np.ndarray
+
+    @property
+    def total_bytes(self) -> np.ndarray:
+        """Every byte the unit must move through device memory: the efficiency table's byte count."""
+        return self.streamed_bytes + self.activation_bytes
+
+
+class UnitRooflines(CostModel):
+    """The roofline cost model, plus the work and the roofline time of each measured unit (one layer of it, or
+    once per iteration). Each unit's work is stated once (``unit_work_parts``); its roofline and its efficiency
+    floors (``lynxsim.calib.efficiency``) are both computed from that statement, so they cannot disagree. The
+    measured cost model scales measured times with the rooflines outside a table's grid; a calibration dry run
+    fills tables with them; calibration sizes its timing loops by them.
+
+    Work per call, with H heads (one rank's), hidden size h, bf16 activations (2 bytes an element):
+      moe(T, d)               streamed d * expert_bytes; activations 2 * T * h * 2 (token rows in, combined out);
+                              FLOPs 2 * expert_params * T * top_k
+      attention_decode(B, C)  streamed B * C * kv_bytes_per_token_layer; activations B * H * (qk_dim + v_dim) * 2
+                              (q in, output out); FLOPs B * C * decode_flops_per_pair
+      attention_prefill(T, C) streamed (C + T) * kv_bytes_per_token_layer; activations T * H * (qk_dim + v_dim) * 2;
+                              FLOPs T * (C + (T + 1) / 2) * prefill_flops_per_pair (causal pairs)
+      dense_layer(T)          streamed P * weight_bytes with P = attention projections + router + shared
+                              experts; FLOPs 2 * P * T; activations T * [(2 h + H qk_dim + H v_dim) * 2
+                              + kv_bytes_per_token_layer] (the stream row in and out, q out to attention, the
+                              attention output in, the new KV entry written)
+      dense_ffn_layer(T)      the same with P = attention projections + dense FFN
+      dense_layer_gemms(T)    the GEMMs of dense_layer alone: dense_layer's weights, FLOPs and boundary activations
+      embedding(T)            streamed T * h * (weight_bytes + 2) (rows read, rows written); activations T * 8
+                              (token ids in); no FLOPs
+      lm_head(S)              streamed vocab * h * weight_bytes; activations S * (h * 2 + 8) (rows in, token ids
+                              out; a fused GEMM + argmax need not write the logits); FLOPs 2 * vocab * h * S
+    MLA models (``attention.is_mla``; R = kv_lora_rank, Dn, Dr, Dv the nope, rope and value head dims) run
+    the per-head up-projection kv_b (H * (Dn + Dv) * R weights) inside the attention units, as calibration's
+    MLA kernels do: attention_decode adds the kv_b weights to its streamed bytes and 2 * B * H * R * (Dn + Dv)
+    FLOPs (q_nope absorbed through W_UK, the output un-absorbed through W_UV) to the latent attention's;
+    attention_prefill adds the kv_b weights and 2 * (C + T) * R * H * (Dn + Dv) FLOPs (the latent of every
+    attended token decompressed); dense_layer and dense_ffn_layer leave kv_b out. ``CostModel`` itself (the
+    iteration roofline and ``roofline_terms``) still prices kv_b with the dense GEMMs, once per layer at the
+    batch's rows; so for MLA models the units' rooflines no longer sum to ``CostModel``'s (for GQA models they
+    do, up to rounding, the embedding aside, which CostModel leaves out). The compiled engine restates the
+    attention rooflines from ``roofline_terms`` in their GQA form (lynxsim/engine/compiled/pricing.py,
+    ``_unit_roofline``), so for an MLA model it scales a measured attention table outside its grid differently
+    from ``MeasuredCostModel``.
+
+    Roofline of a unit: max(streamed_bytes / sustained bandwidth, FLOPs / sustained FLOP/s of the unit's dtype)
+    + its weight- or KV-streaming kernels * kernel_launch_s (``unit_kernels``). The GEMM units' (dense_layer,
+    dense_ffn_layer, lm_head) equals ``CostModel``'s per-GEMM sum of maxima: every GEMM of one dtype turns
+    compute-bound at the same row count, so the sum of maxima is the maximum of the sums.
+    """
+
+    def __init__(self, model: ModelSpec, hardware: HardwareProfile) -> None:
+        super().__init__(model, hardware)
+        attn = model.attention
+        wbytes = model.weight_bytes_per_param
+        self._expert_flops_rate = hardware.sustained_flops_per_s(model.expert_weight_dtype or model.weight_dtype)
+        if attn.is_mla:
+            assert attn.kv_lora_rank and attn.qk_nope_head_dim and attn.v_head_dim
+            kv_b_params = attn.num_heads * (attn.qk_nope_head_dim + attn.v_head_dim) * attn.kv_lora_rank
+            projection_kernels = (2 if attn.q_lora_rank else 1) + MLA_PROJECTION_KERNELS_OUTSIDE_Q
+            self._decode_attention_kernels = MLA_DECODE_ATTENTION_KERNELS
+            self._prefill_attention_kernels = MLA_PREFILL_ATTENTION_KERNELS
+        else:
+            kv_b_params = 0
+            projection_kernels = GQA_PROJECTION_KERNELS
+            self._decode_attention_kernels = self._prefill_attention_kernels = ATTENTION_KERNELS_PER_LAYER
+        self._kv_b_bytes = kv_b_params * wbytes
+        self._kv_b_flops_per_row = 2.0 * kv_b_params  # absorption of a decode row, or decompression of a latent
+        projection_params = model.attention_params - kv_b_params
+        self._dense_layer_params = projection_params + model.router_params + model.shared_experts_params
+        self._dense_ffn_layer_params = projection_params + model.dense_ffn_params
+        self._dense_layer_kernels = (projection_kernels + ROUTER_KERNELS
+                                     + (FFN_KERNELS if model.num_shared_experts else 0))
+        self._dense_ffn_layer_kernels = projection_kernels + FFN_KERNELS
+        self._lm_head_params = model.vocab_size * model.hidden_size
+        heads_width = attn.num_heads * (attn.qk_head_dim + attn.v_dim)
+        self._attention_activation_bytes_per_row = heads_width * ACTIVATION_BYTES
+        self._layer_activation_bytes_per_row = ((2 * model.hidden_size + heads_width) * ACTIVATION_BYTES
+                                                + self._kv_bytes_per_token_layer)
+        self._embedding_row_bytes = model.hidden_size * (wbytes + ACTIVATION_BYTES)
+        self._lm_head_activation_bytes_per_row = model.hidden_size * ACTIVATION_BYTES + TOKEN_ID_BYTES
+
+    def roofline_terms(self) -> dict[str, float]:
+        """``CostModel.roofline_terms`` with the attention units' own work: for MLA models the kv_b weights
+        each attention call reads and the FLOPs per decode row (absorption) or attended row (decompression),
+        and each attention unit's kernels (the compiled engine scales measured tables with these)."""
+        return {
+            **super().roofline_terms(),
+            "attention_unit_bytes": self._kv_b_bytes,
+            "attention_unit_flops_per_row": self._kv_b_flops_per_row,
+            "decode_attention_unit_launch_s": self._decode_attention_kernels * self._launch_s,
+            "prefill_attention_unit_launch_s": self._prefill_attention_kernels * self._launch_s,
+        }
+
+    def unit_work_parts(self, unit: str) -> Callable[..., UnitWork]:
+        """The work of ``unit`` (a measured or diagnostic unit, not ``graph_launch``, which times a launch and
+        no work) as a function of its table's axes, split into what the roofline prices and what it does not."""
+        functions: dict[str, Callable[..., UnitWork]] = {
+            "moe": self._moe_work,
+            "attention_decode": self._decode_attention_work,
+            "attention_prefill": self._prefill_attention_work,
+            "dense_layer": self._dense_layer_work,
+            "dense_ffn_layer": self._dense_ffn_layer_work,
+            "dense_layer_gemms": self._dense_layer_work,
+            "embedding": self._embedding_work,
+            "lm_head": self._lm_head_work,
         }
         if unit not in functions:
-            raise ValueError(f"unknown measured unit {unit!r}; known: {', '.join(functions)}")
+            raise ValueError(f"unit {unit!r} has no work to count; units with work: {', '.join(functions)}")
         return functions[unit]
 
-    def _moe_layer_roofline(self, tokens: ArrayLike, distinct: ArrayLike) -> np.ndarray:
-        memory = np.asarray(distinct, dtype=np.float64) * self._expert_memory_s
-        compute = np.asarray(tokens, dtype=np.float64) * self.model.top_k * self._assignment_compute_s
-        return np.maximum(memory, compute) + MOE_KERNELS_PER_LAYER * self._launch_s
+    def unit_work(self, unit: str) -> Callable[..., tuple[np.ndarray, np.ndarray]]:
+        """(bytes, FLOPs) of ``unit`` as a function of its table's axes: the fewest bytes it must move through
+        device memory (each weight and KV byte read once, activations read or written once) and its FLOPs."""
+        parts = self.unit_work_parts(unit)
 
-    def _decode_attention_layer_roofline(self, batch: ArrayLike, context: ArrayLike) -> np.ndarray:
-        pairs = np.asarray(batch, dtype=np.float64) * np.asarray(context, dtype=np.float64)
-        memory = pairs * self._kv_bytes_per_token_layer / self._bandwidth
-        compute = pairs * self._decode_flops_per_pair / self._attention_flops_rate
-        return np.maximum(memory, compute) + self._attention_launch_s
+        def work(*axes: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+            w = parts(*axes)
+            return w.total_bytes, w.flops
 
-    def _prefill_attention_layer_roofline(self, chunk: ArrayLike, context: ArrayLike) -> np.ndarray:
+        return work
+
+    def unit_flops_per_s(self, unit: str) -> float:
+        """The sustained FLOP/s a unit's FLOPs run at: the experts' dtype for ``moe``, bf16 for attention (its
+        operands are bf16 activations and KV entries), the weights' dtype for every GEMM unit."""
+        if unit == "moe":
+            return self._expert_flops_rate
+        if unit in ("attention_decode", "attention_prefill"):
+            return self._attention_flops_rate
+        return self._dense_flops_rate
+
+    def unit_kernels(self, unit: str) -> int:
+        """Weight- or KV-streaming kernels of one call of ``unit``, each charged ``kernel_launch_s``."""
+        kernels = {
+            "moe": MOE_KERNELS_PER_LAYER,
+            "attention_decode": self._decode_attention_kernels,
+            "attention_prefill": self._prefill_attention_kernels,
+            "dense_layer": self._dense_layer_kernels,
+            "dense_ffn_layer": self._dense_ffn_layer_kernels,
+            "dense_layer_gemms": self._dense_layer_kernels,
+            "embedding": 1,
+            "lm_head": LM_HEAD_KERNELS,
+        }
+        if unit not in kernels:
+            raise ValueError(f"unit {unit!r} has no kernels to count; units with kernels: {', '.join(kernels)}")
+        return kernels[unit]
+
+    def unit_roofline(self, unit: str) -> Callable[..., np.ndarray]:
+        """The roofline time of ``unit`` (one of ``MEASURED_UNITS`` or ``DIAGNOSTIC_UNITS``) as a function of
+        its table's axes: max(streamed bytes / bandwidth, FLOPs / sustained FLOP/s) + launches; for
+        ``graph_launch`` one launch per graph."""
+        if unit == "graph_launch":
+            return lambda graphs: np.asarray(graphs, dtype=np.float64) * self._launch_s
+        parts = self.unit_work_parts(unit)
+        bandwidth = self._bandwidth
+        flops_rate = self.unit_flops_per_s(unit)
+        launch_s = self.unit_kernels(unit) * self._launch_s
+
+        def roofline(*axes: ArrayLike) -> np.ndarray:
+            w = parts(*axes)
+            return np.maximum(w.streamed_bytes / bandwidth, w.flops / flops_rate) + launch_s
+
+        return roofline
+
+    # ----- each unit's work -----
+
+    def _moe_work(self, tokens: ArrayLike, distinct: ArrayLike) -> UnitWork:
+        t = np.asarray(tokens, dtype=np.float64)
+        d = np.asarray(distinct, dtype=np.float64)
+        return UnitWork(
+            streamed_bytes=d * self.model.expert_bytes,
+            activation_bytes=t * (2.0 * self.model.hidden_size * ACTIVATION_BYTES),
+            flops=t * self.model.top_k * (2.0 * self.model.expert_params),
+        )
+
+    def _decode_attention_work(self, batch: ArrayLike, context: ArrayLike) -> UnitWork:
+        b = np.asarray(batch, dtype=np.float64)
+        pairs = b * np.asarray(context, dtype=np.float64)
+        return UnitWork(
+            streamed_bytes=pairs * self._kv_bytes_per_token_layer + self._kv_b_bytes,
+            activation_bytes=b * self._attention_activation_bytes_per_row,
+            flops=pairs * self._decode_flops_per_pair + b * self._kv_b_flops_per_row,
+        )
+
+    def _prefill_attention_work(self, chunk: ArrayLike, context: ArrayLike) -> UnitWork:
         c = np.asarray(chunk, dtype=np.float64)
         ctx = np.asarray(context, dtype=np.float64)
-        memory = (c + ctx) * self._kv_bytes_per_token_layer / self._bandwidth
-        compute = c * (ctx + (c + 1.0) * 0.5) * self._prefill_flops_per_pair / self._attention_flops_rate
-        return np.maximum(memory, compute) + self._attention_launch_s
+        rows = c + ctx
+        return UnitWork(
+            streamed_bytes=rows * self._kv_bytes_per_token_layer + self._kv_b_bytes,
+            activation_bytes=c * self._attention_activation_bytes_per_row,
+            flops=c * (ctx + (c + 1.0) * 0.5) * self._prefill_flops_per_pair + rows * self._kv_b_flops_per_row,
+        )
 
-    def _groups_roofline(self, groups: list[_GemmGroup], rows: ArrayLike) -> np.ndarray:
-        r = np.asarray(rows, dtype=np.float64)
-        total = np.zeros(r.shape)
-        for g in groups:
-            total = total + np.maximum(g.weight_bytes / self._bandwidth, g.flops_per_row * r / self._dense_flops_rate)
-            total = total + g.kernels * self._launch_s
-        return total
+    def _gemm_layer_work(self, params: int, tokens: ArrayLike) -> UnitWork:
+        t = np.asarray(tokens, dtype=np.float64)
+        return UnitWork(
+            streamed_bytes=np.full(t.shape, params * self.model.weight_bytes_per_param),
+            activation_bytes=t * self._layer_activation_bytes_per_row,
+            flops=2.0 * params * t,
+        )
 
-    def _layer_groups(self, dense_ffn: bool) -> list[_GemmGroup]:
-        model = self.model
-        wbytes = model.weight_bytes_per_param
-        attention = self._dense_groups[0]
-        groups = [_GemmGroup(attention.weight_bytes, attention.flops_per_row, 1, attention.kernels, False)]
-        if dense_ffn:
-            groups.append(_GemmGroup(model.dense_ffn_params * wbytes, 2.0 * model.dense_ffn_params, 1, FFN_KERNELS, False))
-        else:
-            groups.append(_GemmGroup(model.router_params * wbytes, 2.0 * model.router_params, 1, ROUTER_KERNELS, False))
-            if model.num_shared_experts:
-                params = model.shared_experts_params
-                groups.append(_GemmGroup(params * wbytes, 2.0 * params, 1, FFN_KERNELS, False))
-        return groups
+    def _dense_layer_work(self, tokens: ArrayLike) -> UnitWork:
+        return self._gemm_layer_work(self._dense_layer_params, tokens)
 
-    def _dense_layer_roofline(self, tokens: ArrayLike) -> np.ndarray:
-        return self._groups_roofline(self._layer_groups(dense_ffn=False), tokens)
+    def _dense_ffn_layer_work(self, tokens: ArrayLike) -> UnitWork:
+        return self._gemm_layer_work(self._dense_ffn_layer_params, tokens)
 
-    def _dense_ffn_layer_roofline(self, tokens: ArrayLike) -> np.ndarray:
-        return self._groups_roofline(self._layer_groups(dense_ffn=True), tokens)
+    def _lm_head_work(self, sequences: ArrayLike) -> UnitWork:
+        s = np.asarray(sequences, dtype=np.float64)
+        return UnitWork(
+            streamed_bytes=np.full(s.shape, self._lm_head_params * self.model.weight_bytes_per_param),
+            activation_bytes=s * self._lm_head_activation_bytes_per_row,
+            flops=2.0 * self._lm_head_params * s,
+        )
 
-    def _lm_head_roofline(self, sequences: ArrayLike) -> np.ndarray:
-        params = self.model.vocab_size * self.model.hidden_size
-        group = _GemmGroup(params * self.model.weight_bytes_per_param, 2.0 * params, 1, LM_HEAD_KERNELS, True)
-        return self._groups_roofline([group], sequences)
-
-    def _embedding_roofline(self, tokens: ArrayLike) -> np.ndarray:
-        row_bytes = 2.0 * self.model.hidden_size * self.model.weight_bytes_per_param  # read the row, write it
-        return np.asarray(tokens, dtype=np.float64) * row_bytes / self._bandwidth + self._launch_s
+    def _embedding_work(self, tokens: ArrayLike) -> UnitWork:
+        t = np.asarray(tokens, dtype=np.float64)
+        return UnitWork(
+            streamed_bytes=t * self._embedding_row_bytes, activation_bytes=t * TOKEN_ID_BYTES, flops=np.zeros(t.shape)
+        )
 
 
 class MeasuredCostModel(UnitRooflines):
@@ -735,11 +917,15 @@ class MeasuredCostModel(UnitRooflines):
 
     source = "measured"
 
-    def __init__(self, model: ModelSpec, hardware: HardwareProfile, model_key: str) -> None:
+    def __init__(self, model: ModelSpec, hardware: HardwareProfile, model_key: str,
+                 units: Sequence[str] | None = None) -> None:
+        """``units``: the tables it must have, by default ``required_units(model)`` (an expert-parallel shard's
+        base model leaves out ``moe``: its ranks' experts are priced by the instance, ``lynxsim.parallel``)."""
         super().__init__(model, hardware)
         self.model_key = model_key
         tables = hardware.measured.tables
-        missing = [table_name(model_key, u) for u in required_units(model) if table_name(model_key, u) not in tables]
+        needed = units or required_units(model)
+        missing = [table_name(model_key, u) for u in needed if table_name(model_key, u) not in tables]
         if missing:
             raise ValueError(f"hardware profile {hardware.name} lacks measured tables {', '.join(missing)}")
         for unit, axes in MEASURED_UNITS.items():
@@ -751,6 +937,9 @@ class MeasuredCostModel(UnitRooflines):
             for unit in MEASURED_UNITS
             if table_name(model_key, unit) in tables
         }
+        # The routed experts' time at (tokens, distinct): the measured table, or, for a base model whose experts
+        # are priced elsewhere (an expert-parallel shard's), the roofline, which then only fills the fields.
+        self._moe_unit: Callable[..., np.ndarray] = self.units.get("moe") or self.unit_roofline("moe")
         self.gpu_overhead_s = self.units["graph_launch"].scalar(1.0) if "graph_launch" in self.units else 0.0
         self.cpu_overhead_s = hardware.efficiency.iteration_overhead_s
         self._overhead_s = self.gpu_overhead_s + self.cpu_overhead_s
@@ -812,7 +1001,7 @@ class MeasuredCostModel(UnitRooflines):
         row = self._moe_rows.get(assignments)
         if row is None:
             distinct = np.arange(self._num_experts + 1, dtype=np.float64)
-            row = self.units["moe"](np.full(distinct.shape, assignments / self.model.top_k), distinct)
+            row = self._moe_unit(np.full(distinct.shape, assignments / self.model.top_k), distinct)
             self._moe_rows[assignments] = row
         return row
 
@@ -823,7 +1012,7 @@ class MeasuredCostModel(UnitRooflines):
         first = int(assignments[0])
         if (assignments == first).all():
             return float(self._moe_row(first)[distinct].sum())
-        return float(self.units["moe"](assignments / self.model.top_k, distinct).sum())
+        return float(self._moe_unit(assignments / self.model.top_k, distinct).sum())
 
     def decode_run(self, contexts: np.ndarray, activities: Sequence[ExpertActivity]) -> list[LatencyBreakdown]:
         """``iteration_activity`` of each iteration of a decode run: the dense part looked up once (the same
@@ -844,7 +1033,7 @@ class MeasuredCostModel(UnitRooflines):
         if (assignments == first).all():
             moe = self._moe_row(first)[distinct].sum(axis=1)
         else:
-            moe = self.units["moe"](assignments / self.model.top_k, distinct).sum(axis=1)
+            moe = self._moe_unit(assignments / self.model.top_k, distinct).sum(axis=1)
         return [
             LatencyBreakdown(attention_s=float(a), dense_s=dense, moe_s=float(m), communication_s=0.0,
                              overhead_s=self._overhead_s)
@@ -854,7 +1043,7 @@ class MeasuredCostModel(UnitRooflines):
     def per_layer_moe_s(self, expert_token_counts: np.ndarray) -> np.ndarray:
         """The MoE time of each MoE layer (s), for validation reports."""
         counts = np.asarray(expert_token_counts)
-        return self.units["moe"](counts.sum(axis=1) / self.model.top_k, (counts > 0).sum(axis=1))
+        return self._moe_unit(counts.sum(axis=1) / self.model.top_k, (counts > 0).sum(axis=1))
 
 
 def calibrated_shape_matches(model: ModelSpec, model_key: str) -> bool:
@@ -868,12 +1057,14 @@ def calibrated_shape_matches(model: ModelSpec, model_key: str) -> bool:
     return model.model_dump(exclude=set(COST_NEUTRAL_FIELDS)) == reference
 
 
-def has_measured_tables(hardware: HardwareProfile, model: ModelSpec, model_key: str | None) -> bool:
-    """Whether ``hardware`` holds every table the measured cost model of ``model_key`` needs."""
+def has_measured_tables(hardware: HardwareProfile, model: ModelSpec, model_key: str | None,
+                        units: Sequence[str] | None = None) -> bool:
+    """Whether ``hardware`` holds every table the measured cost model of ``model_key`` needs (``units``, by
+    default ``required_units(model)``)."""
     if model_key is None:
         return False
     tables = hardware.measured.tables
-    return all(table_name(model_key, unit) in tables for unit in required_units(model))
+    return all(table_name(model_key, unit) in tables for unit in (units or required_units(model)))
 
 
 def make_cost_model(model: ModelSpec, hardware: HardwareProfile, model_key: str | None = None) -> CostModel:

@@ -38,10 +38,13 @@ DEFAULT_FLOPS_FRACTION = 0.78
 # batch 64.
 DEFAULT_KERNEL_LAUNCH_S = 5.0e-6
 
-# Per-iteration CPU work that the GPU waits for (scheduling, input preparation, sampling bookkeeping). An
+# Per-iteration CPU work that the GPU waits for (scheduling, input preparation, the sampled tokens' return). An
 # assumption, not a measurement: engines that overlap it with the GPU (SGLang's zero-overhead scheduler, LMSYS
-# blog 2024-12-04; TensorRT-LLM's overlap scheduler) hide nearly all of it, unoverlapped engines pay around a
-# millisecond. Calibrate it against measured iteration times of the engine being modelled.
+# blog 2024-12-04; vLLM's async scheduling; TensorRT-LLM's overlap scheduler) hide nearly all of it, while a
+# synchronous loop measured 5-6 ms between decode steps at batch 256 (vLLM, vllm-project/vllm issue 10634);
+# the README's "Host overhead" has the sources. An engine property, so an experiment may replace it
+# (``hardware.overrides.efficiency.iteration_overhead_s``); calibrate it against measured iteration times of the
+# engine being modelled.
 DEFAULT_ITERATION_OVERHEAD_S = 0.5e-3
 
 # Fixed cost of one GPU-to-GPU collective (all-reduce, all-to-all) within a node, on top of its bytes over the
@@ -89,7 +92,8 @@ class Efficiency(BaseModel):
         default=DEFAULT_KERNEL_LAUNCH_S, ge=0, description="fixed cost of one weight- or KV-streaming kernel"
     )
     iteration_overhead_s: float = Field(
-        default=DEFAULT_ITERATION_OVERHEAD_S, ge=0, description="fixed CPU/scheduler cost of one iteration"
+        default=DEFAULT_ITERATION_OVERHEAD_S, ge=0, allow_inf_nan=False,
+        description="fixed CPU/scheduler cost of one iteration",
     )
     collective_latency_s: float = Field(
         default=DEFAULT_COLLECTIVE_LATENCY_S, ge=0,

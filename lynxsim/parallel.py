@@ -20,8 +20,9 @@ roofline of the shard prices the iteration, and the run's ``cost_model`` string 
 
 Expert parallelism, per MoE layer ``l`` and rank ``r``: ``d[l, r]`` distinct experts of rank ``r`` with a token,
 ``a[l, r]`` token-expert assignments on rank ``r``; rank time ``max(d * expert_bytes / bw, a * 2 * expert_params
-/ flops) + launch`` (roofline; the measured TP1 ``moe`` table at ``(a / top_k, d)`` where the profile has it);
-the layer's MoE time is its slowest rank's.
+/ flops) + launch`` (roofline), or a measured ``moe`` table at ``(a / top_k, d)``: one EP rank's own
+(``<model-key>@ep<N>/moe``: its E/N experts timed on one GPU, ``lynxsim calibrate --expert-parallel N``) where
+the profile has it, else the whole model's TP1 table; the layer's MoE time is its slowest rank's.
 
 Communication (``LatencyBreakdown.communication_s``): each collective is priced by the profile's
 ``collective_cost(gpus)`` (``lynxsim.interconnect``): a measured table of time against per-GPU buffer bytes where
@@ -58,8 +59,12 @@ from lynxsim.cost import (
     ExpertActivity,
     LatencyBreakdown,
     MeasuredCostModel,
+    TableInterpolator,
+    UnitRooflines,
+    calibrated_shape_matches,
     has_measured_tables,
     make_cost_model,
+    required_units,
 )
 from lynxsim.errors import InputError
 from lynxsim.hardware import HardwareProfile
@@ -165,7 +170,7 @@ class ParallelCostModel:
         plan: ParallelPlan,
         base: CostModel,
         source: str,
-        moe_model: MeasuredCostModel | None = None,
+        moe_table: TableInterpolator | None = None,
     ) -> None:
         self.model = model
         self.shard = base.model
@@ -173,8 +178,9 @@ class ParallelCostModel:
         self.plan = plan
         self.base = base
         self.source = source
-        self.moe_model = moe_model  # the whole model's measured cost model, whose ``moe`` table prices EP ranks
-        self._moe_table = moe_model.units["moe"] if moe_model is not None else None
+        self.rank_moe_table = moe_table  # the measured table that prices one EP rank's experts, if any
+        # the constants its roofline extrapolates with: the whole model's (a rank's experts are whole)
+        self.rank_roofline_terms = UnitRooflines(model, hardware).roofline_terms() if moe_table is not None else None
         self.collectives = hardware.collective_cost(plan.gpus)
         self._token_bytes = float(model.hidden_size * ACTIVATION_BYTES)
         if plan.expert_parallel_on:
@@ -235,8 +241,8 @@ class ParallelCostModel:
         distinct, assignments = activity.rank_distinct, activity.rank_assignments
         if distinct is None or assignments is None:
             raise ValueError("expert parallelism prices each rank: the activity needs its per-rank arrays")
-        if self._moe_table is not None:
-            rank_s = self._moe_table(assignments / self.model.top_k, distinct)  # type: ignore[operator]
+        if self.rank_moe_table is not None:
+            rank_s = self.rank_moe_table(assignments / self.model.top_k, distinct)
         else:
             base = self.base
             memory = distinct * base._expert_memory_s
@@ -333,25 +339,36 @@ def make_instance_cost_model(
     model: ModelSpec, hardware: HardwareProfile, model_key: str | None, plan: ParallelPlan
 ) -> CostModel | ParallelCostModel:
     """The cost model of one instance. One GPU: exactly ``make_cost_model``. More: a ``ParallelCostModel`` over
-    the shard's cost model, measured where the profile has ``<model-key>@tp<gpus>`` tables, roofline otherwise."""
+    the shard's cost model, measured where the profile has ``<model-key>@tp<gpus>`` tables, roofline otherwise.
+    Under expert parallelism the shard's own ``moe`` table is not needed (its experts are whole, on their
+    ranks): each rank's experts are priced by ``<model-key>@ep<gpus>/moe`` (one rank's E/ep experts, timed on
+    one GPU) where the profile has it, else by the whole model's measured ``moe`` table, else the roofline."""
     if plan.gpus == 1:
         return make_cost_model(model, hardware, model_key)
     check_plan(model, plan)
     shard = shard_model(model, plan)
     g = plan.gpus
     tp_key = f"{model_key}@tp{g}" if model_key else None
-    if tp_key and has_measured_tables(hardware, shard, tp_key):
-        base: CostModel = MeasuredCostModel(shard, hardware, tp_key)
+    shard_units = tuple(u for u in required_units(shard) if not (plan.expert_parallel_on and u == "moe"))
+    if tp_key and has_measured_tables(hardware, shard, tp_key, shard_units) and calibrated_shape_matches(
+            model, model_key or ""):
+        base: CostModel = MeasuredCostModel(shard, hardware, tp_key, shard_units)
         source = f"measured ({tp_key} tables)"
     else:
         base = CostModel(shard, hardware)
         source = "roofline"
         if model_key and has_measured_tables(hardware, model, model_key):
             source = f"roofline (tp{g}: the measured tables are TP1; no {tp_key} tables)"
-    moe_model = None
+    moe_table = None
     if plan.expert_parallel_on:
-        full = make_cost_model(model, hardware, model_key)
-        if isinstance(full, MeasuredCostModel):
-            moe_model = full
-            source += f"; experts per EP rank: measured {model_key}/moe"
-    return ParallelCostModel(model, hardware, plan, base, source, moe_model)
+        ep_table = f"{model_key}@ep{plan.expert_parallel}/moe" if model_key else None
+        if ep_table and ep_table in hardware.measured.tables and calibrated_shape_matches(model, model_key or ""):
+            moe_table = TableInterpolator(hardware.measured.tables[ep_table],
+                                          UnitRooflines(model, hardware).unit_roofline("moe"))
+            source += f"; experts per EP rank: measured {ep_table}"
+        else:
+            full = make_cost_model(model, hardware, model_key)
+            if isinstance(full, MeasuredCostModel):
+                moe_table = full.units["moe"]
+                source += f"; experts per EP rank: measured {model_key}/moe (all experts on one GPU)"
+    return ParallelCostModel(model, hardware, plan, base, source, moe_table)

@@ -123,6 +123,19 @@ def resolve_model(config: ExperimentConfig) -> ModelSpec:
         raise InputError(where, str(error["msg"]).removeprefix("Value error, ")) from None
 
 
+def resolve_hardware(config: ExperimentConfig) -> HardwareProfile:
+    """The experiment's hardware profile as the experiment prices it: without its measured tables when
+    ``measured_tables`` is false, and with the efficiency figures of ``overrides`` in place of the profile's."""
+    section = config.hardware
+    hardware = load_hardware(section.profile)
+    if not section.measured_tables:
+        hardware = hardware.model_copy(update={"measured": MeasuredKernels()})
+    replaced = section.overrides.efficiency.model_dump(exclude_none=True)
+    if replaced:
+        hardware = hardware.model_copy(update={"efficiency": hardware.efficiency.model_copy(update=replaced)})
+    return hardware
+
+
 def resolve_policy(index: int, entry: PolicyConfig, model: ModelSpec) -> Policy:
     """Build one policy; Lynx's (alpha, beta) default to the model's published constants."""
     params = entry.params
@@ -198,9 +211,7 @@ def prepare_policies(config: ExperimentConfig, model: ModelSpec, routing: Routin
 def prepare(config: ExperimentConfig) -> Setup:
     """Resolve the config; every user-facing problem surfaces here, before any simulation starts."""
     model = resolve_model(config)
-    hardware = load_hardware(config.hardware.profile)
-    if not config.hardware.measured_tables:
-        hardware = hardware.model_copy(update={"measured": MeasuredKernels()})
+    hardware = resolve_hardware(config)
     parallelism = config.deployment.parallelism
     plan = ParallelPlan(parallelism.tensor_parallel, parallelism.expert_parallel)
     cost_model, kv_blocks = instance_cost_and_kv(config, model, hardware, plan)
@@ -477,6 +488,7 @@ def write_setup(setup: Setup, out_dir: Path) -> None:
     resolved["resolved"] = {
         "model": setup.model.model_dump(mode="json"),
         "hardware": setup.hardware.name,
+        "iteration_overhead_s": setup.hardware.efficiency.iteration_overhead_s,
         "cost_model": setup.cost_model.source,
         "kv_cache_blocks": setup.kv_cache_blocks,
         "requests": len(setup.requests),

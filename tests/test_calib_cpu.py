@@ -47,6 +47,7 @@ from lynxsim.calib.profile_io import (
     write_model_tables,
 )
 from lynxsim.cost import (
+    DIAGNOSTIC_UNITS,
     MEASURED_UNITS,
     BatchShape,
     CostModel,
@@ -74,7 +75,7 @@ def test_plan_covers_every_unit_with_valid_axes(key: str) -> None:
     assert ("dense_ffn_layer" in units) == bool(model.num_dense_layers)
     for plan in plans:
         assert plan.name == f"{key}/{plan.unit}"
-        assert plan.axes == MEASURED_UNITS[plan.unit]
+        assert plan.axes == {**MEASURED_UNITS, **DIAGNOSTIC_UNITS}[plan.unit]
         for values in plan.axis_values:
             assert list(values) == sorted(set(values))
         assert len(list(plan.points())) == plan.num_points

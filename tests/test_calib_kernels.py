@@ -123,12 +123,13 @@ def test_layer_shape_from_spec_and_builder():
     mix = LayerShape.from_spec(models.load_catalog_model("mixtral-8x7b"))
     assert (mix.hidden, mix.num_experts, mix.top_k, mix.expert_ffn) == (4096, 8, 2, 14336)
     assert mix.expert_bytes == 3 * 4096 * 14336 * 2
-    assert mix.kv_bytes_per_token == 2 * 8 * 128 * 2
+    assert mix.kv_bytes_per_token() == 2 * 8 * 128 * 2
     ds = models.load_catalog_model("deepseek-v2-lite")
     dsl = LayerShape.from_spec(ds)
     assert dsl.is_mla_approx and dsl.num_kv_heads == 1
     # MLA approximation keeps the latent cache's bytes per token (576 elements, bf16)
-    assert dsl.kv_bytes_per_token == 2 * (512 + 64)
+    assert dsl.kv_bytes_per_token("reference") == dsl.kv_bytes_per_token("production") == 2 * (512 + 64)
+    assert dsl.mla is not None and (dsl.mla.num_heads, dsl.mla.kv_lora_rank) == (16, 512)
     assert dsl.qkv_size * dsl.hidden >= ds.attention_params - ds.attention.num_heads * 128 * ds.hidden_size
     tiny = LayerShape(hidden=32, num_heads=4, num_kv_heads=2, head_dim=8, v_head_dim=8, num_experts=4, top_k=2,
                       expert_ffn=16, num_shared_experts=2, shared_ffn=8, dense_ffn=24, vocab=50)
@@ -252,39 +253,6 @@ def test_attention_prefill_cpu(T, C, Hq, Hkv, D):
     # the last query sees everything, the first one C + 1 keys
     first = att.attention_prefill_reference(q[:1], k[: C + 1], v[: C + 1])
     assert rel_err(att.attention_prefill(q, k, v)[:1], first) < BF16_BOUND
-
-
-# ------------------------------------------------------------------------------------------------ layer units
-
-@needs_triton
-def test_layer_blocks_cpu():
-    """The composed units run end to end and the MoE block matches a float64 recomputation."""
-    if HAS_CUDA:
-        pytest.skip("interpreter test")
-    from lynxsim.calib.kernels import layer
-
-    shape = LayerShape(hidden=64, num_heads=4, num_kv_heads=2, head_dim=16, v_head_dim=16, num_experts=4, top_k=2,
-                       expert_ffn=32, num_shared_experts=1, shared_ffn=16, dense_ffn=48, vocab=40)
-    mw = build_model_weights(shape, seed=3)
-    lw = mw.layer(0)
-    gen = torch.Generator().manual_seed(11)
-    x = torch.randn(3, 64, generator=gen).bfloat16()
-    cache = att.make_paged_kv_cache([5, 9, 2], 2, 16, page_size=4, spare_tokens=1)
-    y = layer.attention_block_decode(lw, shape, x, cache)
-    assert y.shape == (3, 64) and cache.seq_lens.tolist() == [6, 10, 3]
-    yp = layer.attention_block_prefill(lw, shape, x, torch.randn(4, 2, 16).bfloat16(), torch.randn(4, 2, 16).bfloat16())
-    assert yp.shape == (3, 64)
-    for impl in ("fused", "grouped_gemm"):
-        out, ids = layer.moe_block(lw, shape, x, impl=impl)
-        h = dense.rms_norm(x, lw.post_attn_norm)
-        w, ids_ref, _ = dense.router_topk(h, lw.router, 2, True)
-        ref = x.double() + moe.moe_reference(h, lw.w13, lw.w2, w, ids_ref, dtype=torch.float64) + \
-            dense.swiglu_ffn(h.double(), lw.shared_w13.double(), lw.shared_w2.double())
-        assert torch.equal(ids, ids_ref)
-        assert rel_err(out, ref) < BF16_BOUND
-    dl = build_model_weights(shape, moe=False, lm_head=False).layer(0)
-    assert layer.dense_ffn_block(dl, x).shape == (3, 64)
-    assert layer.lm_head_block(x, mw.lm_head, mw.final_norm).shape == (3, 40)
 
 
 # ------------------------------------------------------------------------------------------------ GPU

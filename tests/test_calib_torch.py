@@ -24,8 +24,8 @@ TINY = ModelSpec(
 )
 TINY_MLA = ModelSpec(
     name="tiny-mla", source="test", num_layers=2, dense_layers=(0,), hidden_size=64, vocab_size=256,
-    attention=AttentionSpec(num_heads=4, num_kv_heads=4, head_dim=24, kv_lora_rank=32, qk_nope_head_dim=16,
-                            qk_rope_head_dim=8, v_head_dim=16),
+    attention=AttentionSpec(num_heads=4, num_kv_heads=4, head_dim=32, kv_lora_rank=32, qk_nope_head_dim=16,
+                            qk_rope_head_dim=16, v_head_dim=16),
     dense_ffn_size=96, num_experts=8, top_k=2, expert_ffn_size=32, num_shared_experts=1, shared_expert_ffn_size=32,
     renormalize=False,
 )

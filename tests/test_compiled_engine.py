@@ -27,7 +27,8 @@ WALL_CLOCK = {"wall_s", "simulated_s_per_wall_s", "routing_table_build_s", "rout
 
 def _config(
     *, simulation: dict | None = None, hardware: dict | None = None, policies: list[dict] | None = None,
-    parallelism: dict | None = None, model: str = "mixtral-8x7b", **serving: object,
+    parallelism: dict | None = None, model: str = "mixtral-8x7b", longest_prompt_tokens: int = 600,
+    **serving: object,
 ) -> ExperimentConfig:
     return ExperimentConfig.model_validate({
         "name": "engines",
@@ -36,7 +37,7 @@ def _config(
         "hardware": {"profile": "h200", **(hardware or {})},
         "workload": {
             "arrival": {"kind": "poisson", "rate_per_s": 6.0},
-            "prompt_tokens": {"kind": "uniform", "low_tokens": 16, "high_tokens": 600},
+            "prompt_tokens": {"kind": "uniform", "low_tokens": 16, "high_tokens": longest_prompt_tokens},
             "output_tokens": {"kind": "uniform", "low_tokens": 2, "high_tokens": 200},
         },
         "serving": {"max_num_seqs": 64, **serving},
@@ -92,6 +93,10 @@ CASES = {
     "expert-parallel-roofline": _config(parallelism={"expert_parallel": 2}, hardware={"measured_tables": False}),
     "expert-parallel-statistical": _config(parallelism={"tensor_parallel": 2, "expert_parallel": 2},
                                            simulation=STATISTICAL),
+    # MLA: the attention units' kv_b work scales a measured table outside its grid (long prompts leave it)
+    "mla-measured": _config(model="deepseek-v2-lite", max_num_batched_tokens=4096, simulation={"num_requests": 30},
+                            longest_prompt_tokens=12000,
+                            policies=[{"name": "topk"}, {"name": "lynx", "alpha": 1, "beta": 2}]),
 }
 
 

@@ -13,7 +13,8 @@ from lynxsim.cli import main
 from lynxsim.errors import InputError
 from lynxsim.report.agreement import _verdict, agreement_table, load_published
 from lynxsim.report.build import build_report
-from lynxsim.report.figures import capacity_at
+from lynxsim.report.figures import FigureData, capacity_at, draw
+from lynxsim.report.spec import ReportSection
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "experiments" / "paper"
@@ -58,6 +59,12 @@ def test_quick_report_numbers_behave(quick_report: Path) -> None:
     policies = pd.read_csv(quick_report / "08_policies.csv").set_index("policy")
     assert policies.loc["topk", "measured_delta_loss_nats"] == 0  # the trained model's own baseline
     assert policies.loc["lynx", "measured_delta_loss_nats"] > 0 and policies.loc["lynx", "trained_model"] == "qwen2moe-like"
+    overhead = pd.read_csv(quick_report / "10_host_overhead.csv")
+    for _, line in overhead.groupby("model"):
+        line = line.sort_values("overhead_ms")
+        assert line["median_speedup"].iloc[0] == pytest.approx(line["diluted_speedup"].iloc[0])
+        assert line["median_speedup"].iloc[-1] < line["median_speedup"].iloc[0]  # overhead dilutes Lynx's gain
+        assert (line["tpot_p50_ms"].diff().dropna() > 0).all()
     agreement = pd.read_csv(quick_report / "agreement.csv")
     assert len(agreement) >= 3 and set(agreement["agrees"]) <= {"yes", "partly", "no (higher)", "no (lower)"}
 
@@ -71,6 +78,25 @@ def test_capacity_interpolates_at_the_crossing() -> None:
     assert capacity_at(rates, tpot, delay, 5.0) == 0.0  # even the lowest misses
     overloaded = np.array([0.0, 0.0, 9.0, 9.0])
     assert capacity_at(rates, tpot, overloaded, 30.0) == 2.0  # a queue that grows stops it at the last good rate
+
+
+def test_speedup_vs_overhead_with_hand_worked_numbers(tmp_path: Path) -> None:
+    key = "hardware.overrides.efficiency.iteration_overhead_s"
+    results = pd.DataFrame({  # two runs, at 0 and 1 ms of host overhead, each with top-k and Lynx
+        "config_hash": ["a", "a", "b", "b"], key: [0.0, 0.0, 0.001, 0.001], "model": ["m"] * 4,
+        "policy": ["topk", "lynx"] * 2, "policy_position": [0, 1] * 2,
+        "tpot_p50_ms": [10.0, 8.0, 11.0, 9.5], "tpot_mean_ms": [10.0, 8.0, 12.0, 10.0],
+        "mean_decode_batch": [16.0, 12.0, 16.0, 13.0], "mean_distinct_experts": [60.0, 30.0, 60.0, 32.0],
+    })
+    section = ReportSection(title="t", figure="speedup_vs_overhead", x=key, lines=["model"])
+    table = draw(FigureData(results, None, section, {}), tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 10_000 and (tmp_path / "f.csv").is_file()
+    assert table["overhead_ms"].tolist() == [0.0, 1.0]
+    assert table["median_speedup"].tolist() == pytest.approx([10 / 8, 11 / 9.5])
+    assert table["mean_speedup"].tolist() == pytest.approx([10 / 8, 12 / 10])
+    # 1 ms added to both of the first run's medians: (10 + 1) / (8 + 1); Lynx's batch grew, so it measured less
+    assert table["diluted_speedup"].tolist() == pytest.approx([10 / 8, 11 / 9])
+    assert table["decode_batch"].tolist() == [12.0, 13.0] and table["distinct_experts"].tolist() == [30.0, 32.0]
 
 
 def test_verdicts_against_a_published_range() -> None:

@@ -14,6 +14,9 @@ Typical use:
   lynxsim validate --record iterations.npz                        # simulate and select only (no GPU)
   lynxsim calibrate --models mixtral-8x7b --tensor-parallel 2      # tables of one TP2 rank: mixtral-8x7b@tp2
   lynxsim validate --models mixtral-8x7b --tensor-parallel 2       # execute TP2 iterations on two GPUs (NCCL)
+  lynxsim calibrate --models qwen3-30b-a3b --expert-parallel 4     # one EP4 rank's MoE table: qwen3-30b-a3b@ep4
+  lynxsim calibrate --kernels reference --tables-out ref/ --no-profile   # the first, unfused kernels, to compare
+  lynxsim calibrate --efficiency docs                             # no GPU: docs/kernel_efficiency.{md,csv}
 """
 
 from __future__ import annotations
@@ -106,8 +109,24 @@ def _shard(model: Any, args: argparse.Namespace) -> Any:
 
 
 def _table_key(key: str, args: argparse.Namespace) -> str:
-    """Table names of a TP rank's shard: ``<model-key>@tp<G>``, as the instance cost model looks them up."""
+    """Table names of a TP rank's shard, ``<model-key>@tp<G>``, or of an EP rank's experts, ``<model-key>@ep<N>``,
+    as the instance cost model looks them up."""
+    if getattr(args, "expert_parallel", 1) > 1:
+        return f"{key}@ep{args.expert_parallel}"
     return f"{key}@tp{args.tensor_parallel}" if args.tensor_parallel > 1 else key
+
+
+def _expert_parallel(model: Any, args: argparse.Namespace) -> Any:
+    """The model whose EP rank ``--expert-parallel`` times (the whole model: a rank holds whole experts)."""
+    if args.expert_parallel < 1:
+        raise InputError("--expert-parallel", f"must be >= 1, got {args.expert_parallel}")
+    if args.tensor_parallel > 1:
+        raise InputError("--expert-parallel", "an EP rank's experts are whole: give --tensor-parallel or "
+                                              "--expert-parallel, not both (the rank's attention is a TP shard)")
+    if model.num_experts % args.expert_parallel:
+        raise InputError("--expert-parallel", f"{model.name}'s {model.num_experts} experts do not divide over "
+                                              f"{args.expert_parallel} ranks")
+    return model
 
 
 def _metadata_now(gpu_name: str, torch_version: str, cuda_version: str, notes: str | None) -> Any:
@@ -155,6 +174,15 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="time only these units (e.g. moe); the model's other tables in the profile are kept")
     parser.add_argument("--tensor-parallel", type=int, default=1, metavar="G",
                         help="time one rank's shard of a G-way tensor-parallel instance (tables <key>@tp<G>)")
+    parser.add_argument("--expert-parallel", type=int, default=1, metavar="N",
+                        help="time one rank's MoE of an N-way expert-parallel instance: E/N whole experts "
+                             "(table <key>@ep<N>/moe; the rank's attention and dense parts are <key>@tp<N>)")
+    parser.add_argument("--kernels", choices=("production", "reference"), default="production",
+                        help="production (default): fused ops around cuBLAS GEMMs and real MLA, as vLLM runs a "
+                             "layer on Hopper; reference: the first, unfused torch path, kept to compare")
+    parser.add_argument("--efficiency", type=Path, metavar="DIR",
+                        help="no GPU: write DIR/kernel_efficiency.md and .csv (each table's time against its byte "
+                             "and FLOP floors) from the profile's tables, then stop")
     parser.add_argument("--moe-routing", choices=("random", "even"), default="random",
                         help="how the MoE sweep routes tokens over the active experts (default: random, "
                              "4 draws rotated; even: the committed 2026-11-28 tables)")
@@ -179,14 +207,26 @@ def calibrate_command(args: argparse.Namespace, console: Any = None) -> int:
             _print(console, f"merged into {path}: {written}")
         return 0
 
-    specs = {_table_key(key, args): _shard(shrunk_model(_model(key), args.shrink), args) for key in args.models}
-    plans = {key: plan_model(key, spec, args.grid) for key, spec in specs.items()}
-    if args.units:
-        from lynxsim.cost import MEASURED_UNITS
+    if args.efficiency is not None:
+        from lynxsim.calib.efficiency import write_efficiency
 
-        unknown = sorted(set(args.units) - set(MEASURED_UNITS))
+        for written in write_efficiency(path, None, args.efficiency):
+            _print(console, f"wrote {written}")
+        return 0
+
+    if args.expert_parallel > 1:
+        specs = {_table_key(key, args): _expert_parallel(shrunk_model(_model(key), args.shrink), args)
+                 for key in args.models}
+    else:
+        specs = {_table_key(key, args): _shard(shrunk_model(_model(key), args.shrink), args) for key in args.models}
+    plans = {key: plan_model(key, spec, args.grid, expert_parallel=args.expert_parallel) for key, spec in specs.items()}
+    if args.units:
+        from lynxsim.cost import DIAGNOSTIC_UNITS, MEASURED_UNITS
+
+        known = [*MEASURED_UNITS, *DIAGNOSTIC_UNITS]
+        unknown = sorted(set(args.units) - set(known))
         if unknown:
-            raise InputError("--units", f"unknown units {unknown}; known: {', '.join(MEASURED_UNITS)}")
+            raise InputError("--units", f"unknown units {unknown}; known: {', '.join(known)}")
         plans = {key: [p for p in model_plans if p.unit in args.units] for key, model_plans in plans.items()}
     if args.dry_run:
         for key, model_plans in plans.items():
@@ -217,7 +257,8 @@ def calibrate_command(args: argparse.Namespace, console: Any = None) -> int:
         try:
             metadata, tables = calibrate_model(
                 key, specs[key], model_plans, device=args.device, repeats=args.repeats, budget_s=args.budget_s,
-                log=lambda text: _print(console, text), moe_routing=args.moe_routing,
+                log=lambda text: _print(console, text), moe_routing=args.moe_routing, kernels=args.kernels,
+                expert_parallel=args.expert_parallel,
             )
         except Exception:  # noqa: BLE001  (one model's failure must not cost the others' device time)
             import traceback
@@ -282,6 +323,12 @@ def add_validate_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--requests", type=int, default=256, help="requests of the simulated burst (max decode batch)")
     parser.add_argument("--tensor-parallel", type=int, default=1, metavar="G",
                         help="simulate G-way tensor-parallel instances and execute them on G GPUs (NCCL)")
+    parser.add_argument("--shard-on-one-gpu", action="store_true",
+                        help="with --tensor-parallel G: execute one rank's shard on one GPU, without the "
+                             "collectives, and compare with the prediction minus its communication (checks the "
+                             "shard's tables where G GPUs are not at hand)")
+    parser.add_argument("--kernels", choices=("production", "reference"), default="production",
+                        help="the kernel set that executes the iterations (as calibrate's --kernels)")
     parser.set_defaults(handler=validate_command)
     return parser
 
@@ -354,6 +401,10 @@ def validate_command(args: argparse.Namespace, console: Any = None) -> int:
         if args.record is None:
             cost_models = _cost_models(args, specs)
             chosen = [it for m in args.models for it in reprice([c for c in chosen if c.model_key == m], cost_models[m])]
+    if args.shard_on_one_gpu:
+        if args.tensor_parallel < 2:
+            raise InputError("--shard-on-one-gpu", "needs --tensor-parallel G with G >= 2")
+        chosen = [_without_communication(it) for it in chosen]
     if args.limit is not None:
         limited, seen = [], {}
         for it in chosen:
@@ -390,7 +441,8 @@ def validate_command(args: argparse.Namespace, console: Any = None) -> int:
         report = validation_report(frame, summary, environment=environment, profile=str(profile_path(args.profile)),
                                    wall_s=None if args.measured else time.perf_counter() - started,
                                    dry_run=bool(args.dry_run),
-                                   calibration=calibration, extra=_tensor_parallel_note(args.tensor_parallel))
+                                   calibration=calibration,
+                                   extra=_tensor_parallel_note(args.tensor_parallel, args.shard_on_one_gpu))
         (args.out / "validation.md").write_text(report, encoding="utf-8")
         return summary
 
@@ -419,10 +471,15 @@ def validate_command(args: argparse.Namespace, console: Any = None) -> int:
         summary = None
         for key in args.models:  # results are written after each model, so an interrupted run keeps them
             try:
+                gpus = 1 if args.shard_on_one_gpu else args.tensor_parallel
                 done, environment = execute_iterations(
                     [it for it in chosen if it.model_key == key], {key: _shard(specs[key], args)}, device=args.device,
-                    repeats=args.repeats, log=lambda text: _print(console, text), tensor_parallel=args.tensor_parallel,
+                    repeats=args.repeats, log=lambda text: _print(console, text), tensor_parallel=gpus,
+                    kernels=args.kernels,
                 )
+                if args.shard_on_one_gpu:
+                    environment = {**environment, "gpu_name": f"{environment['gpu_name']} (one TP"
+                                                              f"{args.tensor_parallel} rank's shard, no collectives)"}
             except Exception:  # noqa: BLE001  (one model's failure must not cost the others' device time)
                 import traceback
 
@@ -441,10 +498,26 @@ def validate_command(args: argparse.Namespace, console: Any = None) -> int:
 ENVIRONMENT_COLUMNS = ("gpu_name", "torch_version", "cuda_version")
 
 
-def _tensor_parallel_note(gpus: int) -> str:
+def _without_communication(it: Any) -> Any:
+    """An iteration of a tensor-parallel instance as one rank's shard executes it alone: its prediction less
+    the collectives (which the shard, run on one GPU, does not execute)."""
+    import dataclasses
+
+    return dataclasses.replace(it, predicted_gpu_s=it.predicted_gpu_s - it.predicted.communication_s)
+
+
+def _tensor_parallel_note(gpus: int, shard_on_one_gpu: bool = False) -> str:
     """What a tensor-parallel validation adds to the method the report describes."""
     if gpus == 1:
         return ""
+    if shard_on_one_gpu:
+        return (
+            f"**One rank of a {gpus}-way tensor-parallel instance, on one GPU.** The simulated instance is "
+            f"{gpus}-way tensor-parallel; one GPU executes one rank's shard (1/{gpus} of the heads, expert and FFN "
+            "widths and vocabulary; MLA's latent cache whole, as every rank holds it) without the all-reduces, and "
+            f"the prediction it is compared with is the instance's minus its communication: the shard's tables "
+            f"(`<model>@tp{gpus}`) are checked, the collectives are not (issue: multi-GPU validation)."
+        )
     return (
         f"**Tensor parallelism ({gpus} GPUs).** The simulated instance is {gpus}-way tensor-parallel; "
         f"{gpus} processes, one per GPU, each hold one rank's shard (1/G of the heads, KV heads, expert and FFN widths and vocabulary) "

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lynxsim.cost import MEASURED_UNITS, UnitRooflines, required_units, table_name
+from lynxsim.cost import DIAGNOSTIC_UNITS, MEASURED_UNITS, UnitRooflines, required_units, table_name
 from lynxsim.hardware import HardwareProfile, KernelTable
 from lynxsim.models.spec import ModelSpec
 
@@ -81,6 +81,8 @@ UNIT_DESCRIPTIONS = {
     "embedding": "input embedding lookup, once per iteration",
     "lm_head": "final RMSNorm, LM-head GEMM and greedy sampling over one row per sequence, once per iteration",
     "graph_launch": "replay of a CUDA graph holding one tiny kernel: the fixed GPU cost of launching an iteration",
+    "dense_layer_gemms": "diagnostic, never priced: the GEMMs of dense_layer alone (attention projections, router, "
+                         "shared experts), timed the same way, for docs/kernel_efficiency.md",
 }
 
 
@@ -178,10 +180,18 @@ def _axis(values: tuple[int, ...], grid: str, tiny: tuple[int, ...]) -> tuple[in
     return tiny if grid == "tiny" else values
 
 
-def plan_model(model_key: str, model: ModelSpec, grid: str = "default") -> list[TablePlan]:
-    """Every table calibration measures for one model shape (``required_units`` plus ``graph_launch``)."""
+def plan_model(model_key: str, model: ModelSpec, grid: str = "default", *, expert_parallel: int = 1) -> list[TablePlan]:
+    """Every table calibration measures for one model shape (``required_units``, ``graph_launch`` and the
+    diagnostic ``dense_layer_gemms``), or with ``expert_parallel`` > 1 the ``moe`` table of one EP rank: its
+    ``E / expert_parallel`` experts, from one active expert up to all of them (a rank may see any number)."""
     if grid not in GRIDS:
         raise ValueError(f"unknown grid {grid!r}; known: {', '.join(GRIDS)}")
+    if expert_parallel > 1:
+        local = model.num_experts // expert_parallel
+        axes = (_axis(moe_token_grid(local, model.top_k), grid, (1, 8, 64)), distinct_expert_grid(local, 1, grid))
+        description = (f"routed experts of one expert-parallel rank (EP{expert_parallel}: {local} of "
+                       f"{model.num_experts} experts, whole): {UNIT_DESCRIPTIONS['moe'].split(': ', 1)[1]}")
+        return [TablePlan(model_key, "moe", MEASURED_UNITS["moe"], axes, description)]
     axes_values: dict[str, tuple[tuple[int, ...], ...]] = {
         "moe": (
             _axis(moe_token_grid(model.num_experts, model.top_k), grid, (1, 8, 64)),
@@ -194,10 +204,12 @@ def plan_model(model_key: str, model: ModelSpec, grid: str = "default") -> list[
         "embedding": (_axis((1, 16, 64, 256, 1024, 2048), grid, (1, 64)),),
         "lm_head": (_axis(DECODE_TOKENS, grid, (1, 8, 16)),),
         "graph_launch": ((1,),),
+        "dense_layer_gemms": (_axis(DECODE_TOKENS + LARGE_TOKENS, grid, (1, 8, 64)),),
     }
-    units = [*required_units(model), "graph_launch"]
+    units = [*required_units(model), "graph_launch", *DIAGNOSTIC_UNITS]
+    all_axes = {**MEASURED_UNITS, **DIAGNOSTIC_UNITS}
     return [
-        TablePlan(model_key, unit, MEASURED_UNITS[unit], axes_values[unit], UNIT_DESCRIPTIONS[unit])
+        TablePlan(model_key, unit, all_axes[unit], axes_values[unit], UNIT_DESCRIPTIONS[unit])
         for unit in units
     ]
 

@@ -79,17 +79,24 @@ def _routing_weights(tokens: int, k: int, device: torch.device, gen: torch.Gener
 
 
 class ModelSweep:
-    """The weights and helpers shared by the sweeps of one model."""
+    """The weights and helpers shared by the sweeps of one model (or of one expert-parallel rank's experts:
+    ``expert_parallel`` > 1 builds only ``E / expert_parallel`` whole experts, no attention)."""
 
     def __init__(self, key: str, model: ModelSpec, device: torch.device, repeats: int, budget: _Budget,
-                 log: Callable[[str], None], moe_routing: str = "random") -> None:
+                 log: Callable[[str], None], moe_routing: str = "random", kernels: str = "production",
+                 expert_parallel: int = 1) -> None:
         if moe_routing not in MOE_ROUTINGS:
             raise ValueError(f"moe_routing must be one of {MOE_ROUTINGS}")
         self.moe_routing = moe_routing
         self.key = key
         self.model = model
         self.device = device
-        self.shape = LayerShape.from_spec(model)
+        self.expert_parallel = expert_parallel
+        shape = LayerShape.from_spec(model)
+        if expert_parallel > 1:
+            shape = dataclasses.replace(shape, num_experts=shape.num_experts // expert_parallel)
+        self.shape = shape
+        self.kernels = units.make_kernels(kernels, shape, device)
         self.repeats = repeats
         self.budget = budget
         self.log = log
@@ -97,142 +104,195 @@ class ModelSweep:
         self.gen = torch.Generator(device=device)
         self.gen.manual_seed(1234)
         s = self.shape
-        dense_bytes = 2 * (s.qkv_size * s.hidden + s.hidden * s.num_heads * s.v_head_dim + s.num_experts * s.hidden
-                           + 3 * s.hidden * s.num_shared_experts * s.shared_ffn)
         moe_bytes = s.top_k * s.expert_bytes
-        self.copies = min(MAX_COPIES, max(2, copies_to_defeat_l2(min(dense_bytes, moe_bytes))))
-        self.weights = build_model_weights(s, num_copies=self.copies, moe=True, device=device, lm_head=False)
-        self.dense_weights = None
-        self.rope = units.Rope.build(s.head_dim, device)
+        if expert_parallel > 1:  # one EP rank's experts only
+            self.copies = min(MAX_COPIES, max(2, copies_to_defeat_l2(moe_bytes)))
+            self.weights = build_model_weights(s, num_copies=self.copies, moe=True, device=device, lm_head=False,
+                                               attention=False, kernels=kernels)
+        else:
+            first = build_layer(s, moe=True, device=device, kernels=kernels)
+            dense_bytes = first.nbytes() - first.w13.numel() * 2 - first.w2.numel() * 2
+            del first
+            self.copies = min(MAX_COPIES, max(2, copies_to_defeat_l2(min(dense_bytes, moe_bytes))))
+            self.weights = build_model_weights(s, num_copies=self.copies, moe=True, device=device, lm_head=False,
+                                               kernels=kernels)
+        self.dense_weights: list | None = None
 
     def dense_copies(self) -> list:
         """Copies of a dense (FFN) layer, built on first use (models with dense layers only)."""
         if self.dense_weights is None:
             s = self.shape
-            dense_bytes = 2 * (s.qkv_size * s.hidden + 3 * s.hidden * s.dense_ffn)
-            copies = min(MAX_COPIES, max(2, copies_to_defeat_l2(dense_bytes)))
-            self.dense_weights = [build_layer(s, moe=False, device=self.device, seed=77 + i) for i in range(copies)]
+            first = build_layer(s, moe=False, device=self.device, seed=77, kernels=self.kernels.name)
+            copies = min(MAX_COPIES, max(2, copies_to_defeat_l2(first.nbytes())))
+            self.dense_weights = [first] + [
+                build_layer(s, moe=False, device=self.device, seed=77 + i, kernels=self.kernels.name)
+                for i in range(1, copies)
+            ]
         return self.dense_weights
 
     def _time(self, run: Callable[[int], object], estimate_s: float, copies: int) -> float:
         n = invocations_for(estimate_s, copies) if self.device.type == "cuda" else 2  # CPU: smoke runs only
         return time_callable(run, invocations=n, device=self.device, repeats=self.budget.current_repeats()).median_s
 
+    def _hidden(self, tokens: int) -> units.Hidden:
+        """A stream of ``tokens`` rows as the kernel set carries it between sub-layers (random values)."""
+        x = _randn((tokens, self.shape.hidden), self.device, self.gen)
+        residual = _randn((tokens, self.shape.hidden), self.device, self.gen) if self.kernels.name == "production" else None
+        return units.Hidden(x, residual)
+
     # ----- units -----
 
     def moe(self, tokens: int, distinct: int) -> float:
+        """Routed experts at ``tokens * top_k`` token-expert assignments over exactly ``distinct`` experts. For an
+        expert-parallel rank (``E / ep`` experts) a token holds at most ``min(top_k, distinct)`` of the rank's
+        experts, so the same assignments are spread over more token rows (the kernel's work follows the
+        assignments and the experts; ``ParallelCostModel`` looks a rank up at its assignments over top-k)."""
         s = self.shape
-        t = feasible_tokens(tokens, distinct, s.top_k)
+        k_local = min(s.top_k, distinct)
+        t = math.ceil(feasible_tokens(tokens, distinct, s.top_k) * s.top_k / k_local)
         if self.moe_routing == "even":
-            draws = [np.asarray(even_assignment(t, distinct, s.top_k), dtype=np.int32)]
+            draws = [np.asarray(even_assignment(t, distinct, k_local), dtype=np.int32)]
         else:
             rng = np.random.default_rng([t, distinct, 17])
-            draws = [random_assignment(t, distinct, s.top_k, rng) for _ in range(ROUTING_DRAWS)]
+            draws = [random_assignment(t, distinct, k_local, rng) for _ in range(ROUTING_DRAWS)]
         ids = [torch.from_numpy(d).to(self.device) for d in draws]
-        w = _routing_weights(t, s.top_k, self.device, self.gen)
-        x = _randn((t, s.hidden), self.device, self.gen)
+        w = _routing_weights(t, k_local, self.device, self.gen)
+        hidden = self._hidden(t)
         h = _randn((t, s.hidden), self.device, self.gen)
+        shared = _randn((t, s.hidden), self.device, self.gen) if s.num_shared_experts else None
         layers = self.weights.layers
+        k = self.kernels
 
         def run(i: int) -> object:
-            return units.moe(x, h, layers[i % len(layers)], w, ids[i % len(ids)])
+            return k.moe(hidden, h, layers[i % len(layers)], w, ids[i % len(ids)], shared)
 
         rotation = max(len(layers), len(ids))
         return self._time(run, float(self.roof.unit_roofline("moe")(t, distinct)), rotation)
 
-    def attention_decode(self, batch: int, context: int, pools: tuple[torch.Tensor, torch.Tensor]) -> float:
+    def _query(self, tokens: int) -> units.Query:
+        """Random queries in the kernel set's layout (MLA: the un-absorbed q_nope and the roped q_pe)."""
         s = self.shape
-        k_pool, v_pool = pools
-        kv_bytes = batch * context * s.kv_bytes_per_token
+        if self.kernels.name == "production" and s.mla is not None:
+            m = s.mla
+            return (_randn((tokens, m.num_heads, m.qk_nope_head_dim), self.device, self.gen),
+                    _randn((tokens, m.num_heads, m.qk_rope_head_dim), self.device, self.gen))
+        return _randn((tokens, s.num_heads, s.head_dim), self.device, self.gen)
+
+    def _attention_out(self, tokens: int) -> torch.Tensor:
+        heads, dv = self.kernels.attention_heads()
+        return torch.empty(tokens, heads, dv, dtype=torch.bfloat16, device=self.device)
+
+    def attention_decode(self, batch: int, context: int, pool: units.KVPool) -> float:
+        k = self.kernels
+        kv_bytes = batch * context * k.kv_bytes_per_token()
         copies = min(MAX_COPIES, max(2, copies_to_defeat_l2(kv_bytes)))
         per_copy = units.pages_for([context] * batch)
-        copies = min(copies, k_pool.shape[0] // per_copy)
+        copies = min(copies, pool.k.shape[0] // per_copy)
         caches = []
-        perm = torch.randperm(k_pool.shape[0], generator=torch.Generator().manual_seed(batch * 7919 + context))
+        perm = torch.randperm(pool.k.shape[0], generator=torch.Generator().manual_seed(batch * 7919 + context))
         need = math.ceil(context / units.PAGE_SIZE)
         for c in range(copies):
             pages = perm[c * per_copy:(c + 1) * per_copy].view(batch, need).to(torch.int32).to(self.device)
             lens = torch.full((batch,), context, dtype=torch.int32, device=self.device)
-            caches.append(units.paged_cache(k_pool, v_pool, pages, lens, context))
-        q = _randn((batch, s.num_heads, s.head_dim), self.device, self.gen)
-        out = torch.empty(batch, s.num_heads, s.v_head_dim, dtype=torch.bfloat16, device=self.device)
+            caches.append(units.DecodeCache(pages, lens, context))
+        q = self._query(batch)
+        out = self._attention_out(batch)
+        layers = self.weights.layers
+        rows = slice(0, batch)
 
         def run(i: int) -> object:
-            return units.decode_attention(q, caches[i % copies], out)
+            return k.decode_attention(q, rows, layers[i % len(layers)], pool, caches[i % copies], out)
 
-        return self._time(run, float(self.roof.unit_roofline("attention_decode")(batch, context)), copies)
+        estimate = float(self.roof.unit_roofline("attention_decode")(batch, context))
+        return self._time(run, estimate, max(copies, len(layers)))
 
     def attention_prefill(self, chunk: int, context: int) -> float:
-        s = self.shape
-        kv_bytes = (context + chunk) * s.kv_bytes_per_token
+        k = self.kernels
+        kv_bytes = (context + chunk) * k.kv_bytes_per_token()
         copies = min(MAX_COPIES, max(2, copies_to_defeat_l2(kv_bytes)))
-        ks = [_randn((context + chunk, s.num_kv_heads, s.head_dim), self.device, self.gen) for _ in range(copies)]
-        vs = [_randn((context + chunk, s.num_kv_heads, s.v_head_dim), self.device, self.gen) for _ in range(copies)]
-        q = _randn((chunk, s.num_heads, s.head_dim), self.device, self.gen)
-        k_new = _randn((chunk, s.num_kv_heads, s.head_dim), self.device, self.gen)
-        v_new = _randn((chunk, s.num_kv_heads, s.v_head_dim), self.device, self.gen)
-        out = torch.empty(chunk, s.num_heads, s.v_head_dim, dtype=torch.bfloat16, device=self.device)
+        buffers = [k.new_pool((context + chunk,), self.device, self.gen) for _ in range(copies)]
+        pages = units.pages_for([chunk])
+        pool = k.new_pool((pages, units.PAGE_SIZE), self.device, self.gen)
+        chunk_slots = torch.arange(chunk, device=self.device)
+        q = self._query(chunk)
+        out = self._attention_out(chunk)
+        layers = self.weights.layers
+        rows = slice(0, chunk)
 
         def run(i: int) -> object:
-            return units.prefill_attention(q, k_new, v_new, ks[i % copies], vs[i % copies], out)
+            return k.prefill_attention(q, rows, layers[i % len(layers)], pool, chunk_slots, buffers[i % copies], out)
 
-        return self._time(run, float(self.roof.unit_roofline("attention_prefill")(chunk, context)), copies)
+        estimate = float(self.roof.unit_roofline("attention_prefill")(chunk, context))
+        return self._time(run, estimate, max(copies, len(layers)))
 
-    def _dense_inputs(self, tokens: int, copies: int) -> tuple:
-        s = self.shape
-        x = _randn((tokens, s.hidden), self.device, self.gen)
-        attn = _randn((tokens, s.num_heads, s.v_head_dim), self.device, self.gen)
+    def _layer_inputs(self, tokens: int, copies: int) -> tuple:
+        """A stream, an attention output, positions, and a KV pool with each copy's own slots for the tokens."""
+        hidden = self._hidden(tokens)
+        attn = self._attention_out(tokens).normal_(generator=self.gen)
         positions = torch.randint(0, 4096, (tokens,), device=self.device, generator=self.gen)
-        cos, sin = units.rope_tables(self.rope, positions)
+        pos = self.kernels.positions(positions)
         pages_per_copy = math.ceil(tokens / units.PAGE_SIZE)
-        k_pool, v_pool = units.random_pool(pages_per_copy * copies, s, self.device, self.gen)
+        pool = self.kernels.new_pool((pages_per_copy * copies, units.PAGE_SIZE), self.device, self.gen)
         rows = torch.arange(tokens, device=self.device)
-        slots = [(c * pages_per_copy + rows // units.PAGE_SIZE, rows % units.PAGE_SIZE) for c in range(copies)]
-        return x, attn, cos, sin, k_pool, v_pool, slots
+        slots = [c * pages_per_copy * units.PAGE_SIZE + rows for c in range(copies)]
+        return hidden, attn, pos, pool, slots
 
     def dense_layer(self, tokens: int) -> float:
-        shape = self.shape
-        return self._decoder_layer_rest(
-            self.weights.layers, tokens, "dense_layer", lambda x, attn, lw: units.attention_out(x, attn, lw, shape)
-        )
+        k = self.kernels
+        return self._decoder_layer_rest(self.weights.layers, tokens, "dense_layer",
+                                        lambda hidden, attn, lw: k.attention_out(hidden, attn, lw))
 
     def dense_ffn_layer(self, tokens: int) -> float:
-        return self._decoder_layer_rest(self.dense_copies(), tokens, "dense_ffn_layer", units.ffn_out)
+        return self._decoder_layer_rest(self.dense_copies(), tokens, "dense_ffn_layer", self.kernels.ffn_out)
 
     def _decoder_layer_rest(
         self, layers: Sequence[Any], tokens: int, unit: str, finish: Callable[[Any, Any, Any], object]
     ) -> float:
-        """Time everything of one decoder layer but attention itself: QKV with rotary and the KV-cache write,
-        then ``finish`` (the MoE layer's output GEMM, norm and router, or a dense layer's FFN)."""
+        """Time everything of one decoder layer but attention itself: norm, QKV with rotary and the KV-cache
+        write, then ``finish`` (the MoE layer's output GEMM, norm, router and shared experts, or a dense
+        layer's FFN)."""
         copies = len(layers)
-        x, attn, cos, sin, k_pool, v_pool, slots = self._dense_inputs(tokens, copies)
-        s = self.shape
+        hidden, attn, pos, pool, slots = self._layer_inputs(tokens, copies)
+        k = self.kernels
 
         def run(i: int) -> object:
             lw = layers[i % copies]
-            _, k, v = units.attention_in(x, lw, s, cos, sin)
-            units.write_kv_paged(k, v, k_pool, v_pool, *slots[i % copies])
-            return finish(x, attn, lw)
+            after, _ = k.attention_in(hidden, lw, pos, pool, slots[i % copies])
+            return finish(after, attn, lw)
 
         return self._time(run, float(self.roof.unit_roofline(unit)(tokens)), copies)
+
+    def dense_layer_gemms(self, tokens: int) -> float:
+        """The GEMMs of ``dense_layer`` alone, timed the same way (a diagnostic: the floor the fused path is
+        compared with in docs/kernel_efficiency.md; the cost model never reads it)."""
+        layers = self.weights.layers
+        h = _randn((tokens, self.shape.hidden), self.device, self.gen)
+        attn = self._attention_out(tokens).normal_(generator=self.gen)
+        k = self.kernels
+
+        def run(i: int) -> object:
+            return k.gemms(h, attn, layers[i % len(layers)])
+
+        return self._time(run, float(self.roof.unit_roofline("dense_layer_gemms")(tokens)), len(layers))
 
     def embedding(self, tokens: int, table: torch.Tensor) -> float:
         ids = torch.randint(0, table.shape[0], (tokens,), device=self.device, generator=self.gen)
         positions = torch.randint(0, 4096, (tokens,), device=self.device, generator=self.gen)
+        k = self.kernels
 
         def run(i: int) -> object:
-            return units.embed(ids, positions, table, self.rope)
+            return k.embed(ids, positions, table)
 
         return self._time(run, float(self.roof.unit_roofline("embedding")(tokens)), 1)
 
     def lm_head(self, sequences: int, heads: list[torch.Tensor]) -> float:
-        s = self.shape
-        x = _randn((sequences, s.hidden), self.device, self.gen)
+        hidden = self._hidden(sequences)
         rows = torch.arange(sequences, device=self.device)
         norm = self.weights.final_norm
+        k = self.kernels
 
         def run(i: int) -> object:
-            return units.head(x, rows, heads[i % len(heads)], norm)
+            return k.head(hidden, rows, heads[i % len(heads)], norm)
 
         return self._time(run, float(self.roof.unit_roofline("lm_head")(sequences)), len(heads))
 
@@ -282,16 +342,19 @@ def calibrate_model(
     budget_s: float = 540.0,
     log: Callable[[str], None] = print,
     moe_routing: str = "random",
+    kernels: str = "production",
+    expert_parallel: int = 1,
 ) -> tuple[CalibrationMetadata, dict[str, KernelTable]]:
-    """Time every planned table of one model; returns this run's metadata and the tables. The MoE token axis is
-    refined at the fused kernel's configuration changes (``refine_moe_plan``) on a GPU."""
+    """Time every planned table of one model (with ``expert_parallel`` > 1: one EP rank's ``moe`` table) with the
+    kernel set ``kernels``; returns this run's metadata and the tables. The MoE token axis is refined at the
+    fused kernel's configuration changes (``refine_moe_plan``) on a GPU."""
     dev = torch.device(device)
     if dev.type == "cuda":
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)
     budget = _Budget(budget_s, repeats, log)
-    sweep = ModelSweep(key, model, dev, repeats, budget, log, moe_routing)
+    sweep = ModelSweep(key, model, dev, repeats, budget, log, moe_routing, kernels, expert_parallel)
     if dev.type == "cuda":
         plans = [refine_moe_plan(p, sweep.shape) if p.unit == "moe" else p for p in plans]
     log(f"  {key}: {sweep.copies} layer copies of {sweep.weights.layers[0].nbytes() / 1e9:.2f} GB")
@@ -304,7 +367,7 @@ def calibrate_model(
         if plan.unit == "attention_decode":
             most = max(b * c for b in plan.axis_values[0] for c in plan.axis_values[1])
             pages = 2 * units.pages_for([most]) + 2 * plan.axis_values[0][-1]
-            extra["pools"] = units.random_pool(pages, s, dev, sweep.gen)
+            extra["pool"] = sweep.kernels.new_pool((pages, units.PAGE_SIZE), dev, sweep.gen)
         elif plan.unit == "embedding":
             extra["table"] = _randn((s.vocab, s.hidden), dev, sweep.gen, std=0.02)
         elif plan.unit == "lm_head":
@@ -328,7 +391,9 @@ def calibrate_model(
     env = environment(dev)
     routing = ("tokens split evenly over the distinct experts" if moe_routing == "even"
                else f"{ROUTING_DRAWS} random routings over the distinct experts rotated")
-    notes = (f"lynxsim calibrate: {sweep.copies} weight copies rotated within each CUDA graph; MoE: {routing}; "
+    scope = f"one EP{expert_parallel} rank's {s.num_experts} experts; " if expert_parallel > 1 else ""
+    notes = (f"lynxsim calibrate --kernels {kernels}: {scope}{sweep.copies} weight copies rotated within each CUDA "
+             f"graph; MoE: {routing}; "
              f"median of {repeats} replays; units {', '.join(p.unit for p in plans)}; "
              f"sweep {time.perf_counter() - budget.started:.0f} s")
     metadata = CalibrationMetadata(**env, date=time.strftime("%Y-%m-%d"), notes=notes)

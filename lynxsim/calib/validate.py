@@ -48,17 +48,21 @@ from lynxsim.models.spec import ModelSpec
 
 
 class ModelOnDevice:
-    """All layers of one model with random weights, an embedding table, the LM head and per-layer KV pools."""
+    """All layers of one model with random weights, an embedding table, the LM head and per-layer KV pools,
+    run by one kernel set (``lynxsim.calib.units``)."""
 
     def __init__(
-        self, model: ModelSpec, device: torch.device, pool_pages: int, reduce: units.Reduce = units.no_reduce
+        self, model: ModelSpec, device: torch.device, pool_pages: int, reduce: units.Reduce = units.no_reduce,
+        kernels: str = "production",
     ) -> None:
         self.model = model
         self.reduce = reduce
         self.device = device
         self.shape = s = LayerShape.from_spec(model)
+        self.kernels = units.make_kernels(kernels, s, device)
         dense = set(model.dense_layers)
-        self.layers = [build_layer(s, moe=i not in dense, device=device, seed=i) for i in range(model.num_layers)]
+        self.layers = [build_layer(s, moe=i not in dense, device=device, seed=i, kernels=kernels)
+                       for i in range(model.num_layers)]
         self.is_moe = [i not in dense for i in range(model.num_layers)]
         gen = torch.Generator(device=device)
         gen.manual_seed(99)
@@ -66,9 +70,8 @@ class ModelOnDevice:
         self.embedding = self._randn((s.vocab, s.hidden), 0.02)
         self.lm_head = self._randn((s.vocab, s.hidden), 0.02)
         self.final_norm = torch.ones(s.hidden, device=device, dtype=torch.bfloat16)
-        self.rope = units.Rope.build(s.head_dim, device)
         self.pool_pages = pool_pages
-        self.pools = [units.random_pool(pool_pages, s, device, gen) for _ in range(model.num_layers)]
+        self.pools = [self.kernels.new_pool((pool_pages, units.PAGE_SIZE), device, gen) for _ in range(model.num_layers)]
 
     def _randn(self, shape: tuple[int, ...], std: float = 1.0) -> torch.Tensor:
         t = torch.empty(shape, device=self.device, dtype=torch.float32)
@@ -77,7 +80,7 @@ class ModelOnDevice:
 
     def build(self, it: ValidationIteration, seed: int) -> Callable[[int], Any]:
         """The iteration as a function (no host synchronisation inside, so it can be captured)."""
-        s, dev, model = self.shape, self.device, self.model
+        s, dev, model, k = self.shape, self.device, self.model, self.kernels
         shape = it.shape
         decode = shape.decode_context_tokens.tolist()
         chunks = shape.prefill_chunk_tokens.tolist()
@@ -96,46 +99,41 @@ class ModelOnDevice:
         # one block table over every sequence (decode rows, then prefill sequences up to their chunk's end):
         # every new token's K/V goes to its paged slot, as a server writes it; decode rows read their pages
         lengths = decode + [c + n for n, c in zip(chunks, contexts)]
-        table, lens, _ = units.block_table(lengths, self.pool_pages, dev, seed=seed)
-        slot_page, slot_offset = [], []
+        table, lens = units.block_table(lengths, self.pool_pages, dev, seed=seed)
         table_cpu = table.cpu()
+        slots: list[int] = []
         for row, (first, n) in enumerate([(d - 1, 1) for d in decode] + list(zip(contexts, chunks))):
-            for p in range(first, first + n):
-                slot_page.append(int(table_cpu[row, p // units.PAGE_SIZE]))
-                slot_offset.append(p % units.PAGE_SIZE)
-        write = (torch.tensor(slot_page, dtype=torch.int64, device=dev),
-                 torch.tensor(slot_offset, dtype=torch.int64, device=dev))
-        caches = [units.paged_cache(k, v, table[:B], lens[:B], max(decode)) for k, v in self.pools] if B else []
-        buffers = [
-            [(self._randn((c + n, s.num_kv_heads, s.head_dim)), self._randn((c + n, s.num_kv_heads, s.v_head_dim)))
-             for n, c in zip(chunks, contexts)]
-            for _ in range(model.num_layers)
-        ]
+            slots.extend(units.token_slots(table_cpu, row, first, n))
+        write = torch.tensor(slots, dtype=torch.int64, device=dev)
+        chunk_slots = [write[off:off + n] for off, n in zip(offsets, chunks)]
+        cache = units.DecodeCache(table[:B], lens[:B], max(decode)) if B else None
+        buffers = [[k.new_pool((c + n,), dev, self.gen) for n, c in zip(chunks, contexts)]
+                   for _ in range(model.num_layers)]
         moe_layer = [i for i, m in enumerate(self.is_moe) if m]
         counts = it.expert_token_counts
         ids = {
             layer: torch.from_numpy(expert_assignment(counts[j], T, s.top_k)).to(dev)
             for j, layer in enumerate(moe_layer)
         }
-        attn = torch.empty(T, s.num_heads, s.v_head_dim, dtype=torch.bfloat16, device=dev)
+        heads, dv = k.attention_heads()
+        attn = torch.empty(T, heads, dv, dtype=torch.bfloat16, device=dev)
         reduce = self.reduce
 
         def run(_: int) -> Any:
-            x, cos, sin = units.embed(token_ids, pos, self.embedding, self.rope)
+            hidden, positions_ = k.embed(token_ids, pos, self.embedding)
             for layer, lw in enumerate(self.layers):
-                q, k, v = units.attention_in(x, lw, s, cos, sin)
-                units.write_kv_paged(k, v, *self.pools[layer], *write)
-                if B:
-                    units.decode_attention(q[:B], caches[layer], attn[:B])
-                for (kb, vb), off, n in zip(buffers[layer], offsets, chunks):
-                    rows_ = slice(off, off + n)
-                    units.prefill_attention(q[rows_], k[rows_], v[rows_], kb, vb, attn[rows_])
+                pool = self.pools[layer]
+                hidden, q = k.attention_in(hidden, lw, positions_, pool, write)
+                if cache is not None:
+                    k.decode_attention(q, slice(0, B), lw, pool, cache, attn[:B])
+                for context, off, n, slots_ in zip(buffers[layer], offsets, chunks, chunk_slots):
+                    k.prefill_attention(q, slice(off, off + n), lw, pool, slots_, context, attn[off:off + n])
                 if self.is_moe[layer]:
-                    x, h, weights = units.attention_out(x, attn, lw, s, reduce)
-                    x = units.moe(x, h, lw, weights, ids[layer], reduce)
+                    hidden, h, weights, _, shared = k.attention_out(hidden, attn, lw, reduce)
+                    hidden = k.moe(hidden, h, lw, weights, ids[layer], shared, reduce)
                 else:
-                    x = units.ffn_out(x, attn, lw, reduce)
-            return units.head(x, rows, self.lm_head, self.final_norm)
+                    hidden = k.ffn_out(hidden, attn, lw, reduce)
+            return k.head(hidden, rows, self.lm_head, self.final_norm)
 
         return run
 
@@ -153,17 +151,19 @@ def execute_iterations(
     repeats: int = 10,
     log: Callable[[str], None] = print,
     tensor_parallel: int = 1,
+    kernels: str = "production",
 ) -> tuple[dict[tuple[str, str, int], float], dict[str, str]]:
     """Measured seconds of every iteration, keyed by (model, policy, iteration index), and the environment.
     With ``tensor_parallel`` > 1, ``models`` holds the TP shards and the work runs on that many GPUs."""
     if tensor_parallel > 1:
-        return _execute_tensor_parallel(iterations, models, tensor_parallel, device, repeats=repeats, log=log)
+        return _execute_tensor_parallel(iterations, models, tensor_parallel, device, repeats=repeats, log=log,
+                                        kernels=kernels)
     dev = torch.device(device)
     if dev.type == "cuda":
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)
-    return _execute_on(dev, iterations, models, repeats=repeats, log=log), environment(dev)
+    return _execute_on(dev, iterations, models, repeats=repeats, log=log, kernels=kernels), environment(dev)
 
 
 def _execute_on(
@@ -174,6 +174,7 @@ def _execute_on(
     repeats: int,
     log: Callable[[str], None],
     reduce: units.Reduce = units.no_reduce,
+    kernels: str = "production",
 ) -> dict[tuple[str, str, int], float]:
     measured: dict[tuple[str, str, int], float] = {}
     for key, model in models.items():
@@ -182,7 +183,7 @@ def _execute_on(
             continue
         started = time.perf_counter()
         pages = max(units.pages_for(_lengths(it)) for it in mine)
-        on_device = ModelOnDevice(model, dev, pages + 16, reduce)
+        on_device = ModelOnDevice(model, dev, pages + 16, reduce, kernels)
         log(f"{key}: model on device in {time.perf_counter() - started:.1f} s; executing {len(mine)} iterations")
         for n, it in enumerate(mine):
             run = on_device.build(it, seed=n)
@@ -207,7 +208,7 @@ def _all_reduce(partial: torch.Tensor) -> torch.Tensor:
 
 def _tp_worker(
     rank: int, world: int, port: int, device_type: str, iterations: list[ValidationIteration],
-    models: dict[str, ModelSpec], repeats: int, out_dir: str,
+    models: dict[str, ModelSpec], repeats: int, out_dir: str, kernels: str,
 ) -> None:
     """One TP rank: join the group (NCCL on GPU ``rank``; gloo on a CPU, for smoke runs), execute every
     iteration, write its timings as JSON. Rank 0 logs."""
@@ -229,7 +230,7 @@ def _tp_worker(
             if rank == 0:
                 print(text, flush=True)
 
-        measured = _execute_on(dev, iterations, models, repeats=repeats, log=log, reduce=_all_reduce)
+        measured = _execute_on(dev, iterations, models, repeats=repeats, log=log, reduce=_all_reduce, kernels=kernels)
         rows = [[key, policy, index, seconds] for (key, policy, index), seconds in measured.items()]
         payload = {"measured": rows, "environment": environment(dev)}
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(payload), encoding="utf-8")
@@ -245,13 +246,14 @@ def _execute_tensor_parallel(
     *,
     repeats: int,
     log: Callable[[str], None],
+    kernels: str,
 ) -> tuple[dict[tuple[str, str, int], float], dict[str, str]]:
     device_type = torch.device(device).type
     if device_type == "cuda" and torch.cuda.device_count() < world:
         raise RuntimeError(f"tensor_parallel {world} needs {world} GPUs; this host has {torch.cuda.device_count()}")
     port = 29500 + os.getpid() % 1000
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_tp_worker, args=(world, port, device_type, iterations, models, repeats, out_dir), nprocs=world,
+        mp.spawn(_tp_worker, args=(world, port, device_type, iterations, models, repeats, out_dir, kernels), nprocs=world,
                  join=True)
         results = [json.loads(Path(out_dir, f"rank{r}.json").read_text(encoding="utf-8")) for r in range(world)]
     measured = {(k, p, int(i)): float(t) for k, p, i, t in results[0]["measured"]}

@@ -40,7 +40,9 @@ class _Config:
         return default if value is None else value
 
 
-def _gqa_attention(cfg: _Config, *, head_dim_key_required: bool, has_bias: bool) -> dict[str, Any]:
+def _gqa_attention(
+    cfg: _Config, *, head_dim_key_required: bool, has_bias: bool, qk_norm: bool = False
+) -> dict[str, Any]:
     num_heads = cfg.req("num_attention_heads")
     if head_dim_key_required:
         head_dim = cfg.req("head_dim")
@@ -51,6 +53,7 @@ def _gqa_attention(cfg: _Config, *, head_dim_key_required: bool, has_bias: bool)
         "num_kv_heads": cfg.req("num_key_value_heads"),
         "head_dim": head_dim,
         "has_bias": has_bias,
+        "qk_norm": qk_norm,
     }
 
 
@@ -85,6 +88,7 @@ def _qwen_moe(cfg: _Config) -> dict[str, Any]:
             cfg,
             head_dim_key_required=qwen3,
             has_bias=cfg.opt("attention_bias", False) if qwen3 else cfg.opt("qkv_bias", True),
+            qk_norm=qwen3,  # Qwen3MoeAttention's q_norm/k_norm; Qwen2-MoE has none
         ),
         "num_experts": num_experts,
         "top_k": cfg.req("num_experts_per_tok"),
@@ -155,7 +159,8 @@ def _deepseek(cfg: _Config) -> dict[str, Any]:
 def _olmoe(cfg: _Config) -> dict[str, Any]:
     return {
         "num_layers": cfg.req("num_hidden_layers"),
-        "attention": _gqa_attention(cfg, head_dim_key_required=False, has_bias=cfg.opt("attention_bias", False)),
+        "attention": _gqa_attention(cfg, head_dim_key_required=False, has_bias=cfg.opt("attention_bias", False),
+                                    qk_norm=True),  # OlmoeAttention's q_norm/k_norm
         "num_experts": cfg.req("num_experts"),
         "top_k": cfg.req("num_experts_per_tok"),
         "expert_ffn_size": cfg.req("intermediate_size"),

@@ -35,6 +35,14 @@ class AttentionSpec(BaseModel):
     qk_rope_head_dim: int | None = Field(default=None, gt=0)
     v_head_dim: int | None = Field(default=None, gt=0)
     has_bias: bool = False
+    qk_norm: bool = Field(
+        default=False,
+        description=(
+            "whether q and k pass an RMSNorm before the rotary embedding (Qwen3-MoE per head, OLMoE over the "
+            "whole projection): one more elementwise pass that production engines fuse with the rotary; its "
+            "weights (a few thousand per layer) are not counted in params"
+        ),
+    )
 
     @property
     def is_mla(self) -> bool:

@@ -162,6 +162,54 @@ def speedup_vs_batch(data: FigureData, path: Path) -> pd.DataFrame:
     return table
 
 
+def speedup_vs_overhead(data: FigureData, path: Path) -> pd.DataFrame:
+    """Speed-up against the host overhead per iteration (``x``: a swept key in seconds, drawn in ms), and
+    beside it each policy's median TPOT.
+
+    ``diluted_speedup`` is what the speed-up would be if the overhead only added itself to every iteration
+    (each request's TPOT then grows by exactly the overhead added): the median TPOTs at the smallest swept
+    overhead, both raised by the overhead added since. Where the measured speed-up departs from it, the batches
+    changed (``baseline_decode_batch``, ``decode_batch``, and with them the policy's ``distinct_experts`` per
+    layer): longer iterations let more requests run at once."""
+    section = data.section
+    x = _required(section.x, "x")
+    others = against_baseline(data.results).rename(
+        columns={"mean_decode_batch": "decode_batch", "mean_distinct_experts": "distinct_experts"}
+    )
+    others["overhead_ms"] = others[x].astype(float) * 1e3
+    columns = [*section.lines, "overhead_ms", "policy", "baseline_tpot_p50_ms", "tpot_p50_ms", "median_speedup",
+               "mean_speedup", "baseline_decode_batch", "decode_batch", "distinct_experts"]
+    table = _labelled(data, others[columns], section.lines)
+    table = table.sort_values(["line", "policy", "overhead_ms"], kind="stable")
+    at_least = table.groupby(["line", "policy"], sort=False).transform("first")  # each line at its least overhead
+    added_ms = table["overhead_ms"] - at_least["overhead_ms"]
+    diluted = (at_least["baseline_tpot_p50_ms"] + added_ms) / (at_least["tpot_p50_ms"] + added_ms)
+    table.insert(table.columns.get_loc("baseline_decode_batch"), "diluted_speedup", diluted)
+    base_policy = data.results.loc[data.results["policy_position"] == 0, "policy"].iloc[0]
+    fig, (gain, tpot) = plt.subplots(1, 2, figsize=(11, 4))
+    for (line_label, policy), line in table.groupby(["line", "policy"], sort=False):
+        drawn = gain.plot(line["overhead_ms"], line["median_speedup"], marker="o", markersize=3,
+                          label=f"{line_label} ({policy}), median")
+        color = drawn[0].get_color()
+        gain.plot(line["overhead_ms"], line["mean_speedup"], ":", marker=".", markersize=3, color=color,
+                  label=f"{line_label} ({policy}), mean")
+        gain.plot(line["overhead_ms"], line["diluted_speedup"], "--", color=color, alpha=0.5,
+                  label=f"{line_label}: overhead added, batches unchanged")
+        tpot.plot(line["overhead_ms"], line["baseline_tpot_p50_ms"], "--", marker="o", markersize=3, color=color,
+                  label=f"{line_label}, {base_policy}")
+        tpot.plot(line["overhead_ms"], line["tpot_p50_ms"], marker="o", markersize=3, color=color,
+                  label=f"{line_label}, {policy}")
+    gain.axhline(1.0, color="grey", linestyle=":")
+    gain.set_ylabel(f"TPOT speed-up over {base_policy}")
+    tpot.set_ylabel("median TPOT (ms)")
+    for ax in (gain, tpot):
+        ax.set_xlabel("host (CPU) overhead per iteration (ms)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    _save(fig, path)
+    return table
+
+
 def slo_throughput(data: FigureData, path: Path) -> pd.DataFrame:
     """Per facet, policy and SLO: the highest rate meeting it, interpolated at the crossing of the swept rates."""
     section = data.section
@@ -267,6 +315,7 @@ KINDS: dict[str, Callable[[FigureData, Path], pd.DataFrame]] = {
     "latency_vs_experts": latency_vs_experts,
     "tpot_table": tpot_table,
     "speedup_vs_batch": speedup_vs_batch,
+    "speedup_vs_overhead": speedup_vs_overhead,
     "slo_throughput": slo_throughput,
     "policies": policies,
 }

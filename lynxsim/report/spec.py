@@ -12,7 +12,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 FigureKind = Literal[
-    "experts_vs_batch", "latency_vs_experts", "tpot_table", "speedup_vs_batch", "slo_throughput", "policies"
+    "experts_vs_batch", "latency_vs_experts", "tpot_table", "speedup_vs_batch", "speedup_vs_overhead",
+    "slo_throughput", "policies",
 ]
 
 

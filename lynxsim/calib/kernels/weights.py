@@ -30,11 +30,13 @@ the layer; a timing loop that uses copy ``i % num_copies`` on call ``i`` puts ``
 bytes between two uses of the same weights, so they are always read from HBM. Pick
 ``copies_to_defeat_l2(bytes_read_per_call)`` copies (4x the L2 by default) or more.
 
-MLA models (DeepSeek-V2/V3): the attention is approximated as multi-query attention (one KV head) with
-``Dqk = Dv = (kv_lora_rank + qk_rope_head_dim) / 2`` (rounded up to a multiple of 8), so K plus V hold the
-same bytes per token as MLA's compressed latent cache; the fused QKV projection is widened so that its weight
-bytes equal MLA's Q, KV-down and KV-up projections together (the extra output columns are computed and
-ignored). FLOPs of the absorbed MLA decode are therefore only approximated.
+MLA models (DeepSeek-V2/V3) have two layouts, one per kernel set (``lynxsim.calib.units``). The production
+kernels run real MLA (``lynxsim.calib.kernels.mla``: a compressed latent KV cache, absorbed decode, unabsorbed
+prefill), with the weights in ``LayerWeights.mla``. The reference kernels keep the first approximation: multi-
+query attention (one KV head) with ``Dqk = Dv = (kv_lora_rank + qk_rope_head_dim) / 2`` (rounded up to a
+multiple of 8), so K plus V hold the same bytes per token as MLA's latent cache, and a fused QKV projection
+widened so that its weight bytes equal MLA's Q, KV-down and KV-up projections together (the extra output
+columns are computed and ignored).
 """
 
 from __future__ import annotations
@@ -44,6 +46,12 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+
+from lynxsim.calib.kernels.mla import MlaDims, MlaWeights, build_mla_weights
+
+KERNEL_SETS = ("production", "reference")
+"""The two ways calibration and validation can run a layer (``lynxsim.calib.units``): ``production`` (fused ops
+around cuBLAS GEMMs, real MLA: what vLLM runs on Hopper) and ``reference`` (the first, unfused torch path)."""
 
 L2_CACHE_BYTES_H200 = 60 * 1024 * 1024  # 60 MB L2 reported by torch.cuda.get_device_properties on the H200
 WEIGHT_STD = 0.02
@@ -69,8 +77,14 @@ class LayerShape:
     vocab: int = 32000
     attn_bias: bool = False
     qkv_out: int = 0  # fused QKV projection width; 0: exactly Q + K + V
-    is_mla_approx: bool = False
+    is_mla_approx: bool = False  # the reference kernels' single-KV-head stand-in for MLA (fields above)
     name: str = ""
+    qk_norm: bool = False  # q/k RMSNorm before the rotary embedding (Qwen3, OLMoE)
+    scoring: str = "softmax"  # router scores: "softmax" or "sigmoid" (DeepSeek-V3, with a correction bias)
+    correction_bias: bool = False  # DeepSeek-V3's per-expert selection bias
+    num_expert_groups: int = 1  # group-limited top-k (DeepSeek-V2/V3); 1: plain top-k
+    topk_groups: int = 1
+    mla: MlaDims | None = None  # real MLA dimensions (production kernels), None for GQA models
 
     @property
     def q_size(self) -> int:
@@ -97,9 +111,10 @@ class LayerShape:
         """bf16 bytes of one routed expert (gate, up, down)."""
         return 2 * self.expert_params
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """bf16 KV-cache bytes of one token in one layer."""
+    def kv_bytes_per_token(self, kernels: str = "production") -> int:
+        """bf16 KV-cache bytes of one token in one layer (MLA's latent row with the production kernels)."""
+        if kernels == "production" and self.mla is not None:
+            return self.mla.kv_bytes_per_token
         return 2 * self.num_kv_heads * (self.head_dim + self.v_head_dim)
 
     @classmethod
@@ -107,6 +122,7 @@ class LayerShape:
         """From a ``lynxsim.models.ModelSpec`` (duck-typed: only its attributes are read)."""
         att = spec.attention
         qkv_out = 0
+        mla_dims = MlaDims.from_spec(spec) if att.is_mla else None
         if att.is_mla:
             width = att.kv_lora_rank + att.qk_rope_head_dim
             head_dim = v_head_dim = int(math.ceil(width / 2 / 8) * 8)
@@ -134,6 +150,12 @@ class LayerShape:
             qkv_out=qkv_out,
             is_mla_approx=mla,
             name=spec.name,
+            qk_norm=bool(getattr(att, "qk_norm", False)),
+            scoring="sigmoid" if spec.router in ("sigmoid", "grouped_topk") else "softmax",
+            correction_bias=spec.router == "grouped_topk",
+            num_expert_groups=spec.num_expert_groups or 1,
+            topk_groups=spec.topk_groups or 1,
+            mla=mla_dims,
         )
 
 
@@ -143,10 +165,14 @@ class LayerWeights:
 
     input_norm: torch.Tensor
     post_attn_norm: torch.Tensor
-    w_qkv: torch.Tensor
+    w_qkv: torch.Tensor | None  # None where ``mla`` holds the attention (production MLA)
     b_qkv: torch.Tensor | None
-    w_o: torch.Tensor
+    w_o: torch.Tensor | None
     router: torch.Tensor | None = None
+    router_bias: torch.Tensor | None = None  # float32 [E]: DeepSeek-V3's selection (correction) bias
+    q_norm: torch.Tensor | None = None  # [D], models with q/k norm
+    k_norm: torch.Tensor | None = None
+    mla: MlaWeights | None = None
     w13: torch.Tensor | None = None
     w2: torch.Tensor | None = None
     shared_w13: torch.Tensor | None = None
@@ -155,7 +181,14 @@ class LayerWeights:
     dense_w2: torch.Tensor | None = None
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for f in fields(self) if (t := getattr(self, f.name)) is not None)
+        total = 0
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+            elif isinstance(value, MlaWeights):
+                total += value.nbytes()
+        return total
 
 
 @dataclass
@@ -198,10 +231,14 @@ def build_layer(
     seed: int = 0,
     std: float = WEIGHT_STD,
     attention: bool = True,
+    kernels: str = "production",
 ) -> LayerWeights:
     """One layer: MoE (router, routed experts, shared experts if any) or dense (a SwiGLU FFN of ``dense_ffn``).
     ``attention=False`` leaves the attention projections as 1-element placeholders (for MoE-only timing of
-    models whose full layer would not fit)."""
+    models whose full layer would not fit). ``kernels`` picks the attention layout of MLA models (module
+    docstring)."""
+    if kernels not in KERNEL_SETS:
+        raise ValueError(f"kernels must be one of {KERNEL_SETS}, got {kernels!r}")
     dev = torch.device(device)
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed)
@@ -211,15 +248,24 @@ def build_layer(
         return _randn(tuple(s), gen, dev, dtype, std)
 
     ones = torch.ones(H, device=dev, dtype=dtype)
-    if attention:
+    mla = None
+    if not attention:
+        w_qkv, w_o, b_qkv = r(1, 1), r(1, 1), None
+    elif kernels == "production" and shape.mla is not None:
+        w_qkv = w_o = b_qkv = None
+        mla = build_mla_weights(shape.mla, device=dev, generator=gen, dtype=dtype, std=std)
+    else:
         w_qkv, w_o = r(shape.qkv_size, H), r(H, shape.num_heads * shape.v_head_dim)
         b_qkv = r(shape.qkv_size) if shape.attn_bias else None
-    else:
-        w_qkv, w_o, b_qkv = r(1, 1), r(1, 1), None
-    lw = LayerWeights(input_norm=ones, post_attn_norm=ones.clone(), w_qkv=w_qkv, b_qkv=b_qkv, w_o=w_o)
+    lw = LayerWeights(input_norm=ones, post_attn_norm=ones.clone(), w_qkv=w_qkv, b_qkv=b_qkv, w_o=w_o, mla=mla)
+    if shape.qk_norm and attention:
+        lw.q_norm = torch.ones(shape.head_dim, device=dev, dtype=dtype)
+        lw.k_norm = torch.ones(shape.head_dim, device=dev, dtype=dtype)
     if moe:
         E, F = shape.num_experts, shape.expert_ffn
         lw.router = r(E, H)
+        if shape.correction_bias:
+            lw.router_bias = torch.empty(E, device=dev, dtype=torch.float32).normal_(0.0, 0.1, generator=gen)
         lw.w13 = r(E, 2 * F, H)
         lw.w2 = r(E, H, F)
         if shape.num_shared_experts:
@@ -242,13 +288,15 @@ def build_model_weights(
     seed: int = 0,
     lm_head: bool = True,
     attention: bool = True,
+    kernels: str = "production",
 ) -> ModelWeights:
     """``num_copies`` independently drawn copies of one layer (see the module docstring on L2), the LM head
     ``[vocab, H]`` (if ``lm_head``) and the final norm."""
     if num_copies < 1:
         raise ValueError("num_copies must be >= 1")
     layers = [
-        build_layer(shape, moe=moe, device=device, dtype=dtype, seed=seed + 1000 * i, attention=attention)
+        build_layer(shape, moe=moe, device=device, dtype=dtype, seed=seed + 1000 * i, attention=attention,
+                    kernels=kernels)
         for i in range(num_copies)
     ]
     dev = torch.device(device)

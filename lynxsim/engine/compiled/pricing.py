@@ -40,10 +40,13 @@ ROOFLINE, MEASURED = 0, 1
 T_LAYERS, T_KV_BYTES, T_BANDWIDTH, T_DECODE_FLOPS, T_PREFILL_FLOPS, T_ATTENTION_FLOPS = 0, 1, 2, 3, 4, 5
 T_ATTENTION_LAUNCH, T_EXPERT_MEMORY, T_ASSIGNMENT_COMPUTE, T_MOE_LAYER_LAUNCH, T_MOE_LAYERS_LAUNCH = 6, 7, 8, 9, 10
 T_TOP_K, T_OVERHEAD = 11, 12
+T_ATTENTION_UNIT_BYTES, T_ATTENTION_UNIT_FLOPS, T_DECODE_UNIT_LAUNCH, T_PREFILL_UNIT_LAUNCH = 13, 14, 15, 16
 _TERM_NAMES = (
     "num_layers", "kv_bytes_per_token_layer", "bandwidth_bytes_per_s", "decode_flops_per_pair",
     "prefill_flops_per_pair", "attention_flops_per_s", "attention_launch_s", "expert_memory_s",
     "assignment_compute_s", "moe_layer_launch_s", "moe_layers_launch_s", "top_k", "overhead_s",
+    "attention_unit_bytes", "attention_unit_flops_per_row", "decode_attention_unit_launch_s",
+    "prefill_attention_unit_launch_s",
 )
 
 # Which unit's roofline scales a measured table outside its grid.
@@ -109,7 +112,9 @@ class Pricing(NamedTuple):
         kind, grids = ROOFLINE, (_NO_GRID, _NO_GRID, _NO_GRID)
         if isinstance(base, MeasuredCostModel):
             kind = MEASURED
-            grids = tuple(_grid(base.units[unit]) for unit in ("attention_decode", "attention_prefill", "moe"))
+            # an expert-parallel shard's base has no moe table: its ranks' experts are priced below
+            grids = tuple(_grid(base.units[unit]) if unit in base.units else _NO_GRID
+                          for unit in ("attention_decode", "attention_prefill", "moe"))
         allreduce = np.zeros(max_tokens + 1)
         all_to_all = np.zeros(max_assignments + 1)
         ranks, rank_kind, rank_terms, rank_moe = 0, ROOFLINE, terms, _NO_GRID
@@ -117,11 +122,12 @@ class Pricing(NamedTuple):
             allreduce, all_to_all = cost_model.communication_parts_s(max_tokens, max_assignments)
             if cost_model.plan.expert_parallel_on:
                 ranks = cost_model.plan.expert_parallel
-                if cost_model.moe_model is not None:  # the whole model's measured table prices each rank
+                if cost_model.rank_moe_table is not None:  # a measured table prices each rank
                     rank_kind = MEASURED
-                    rank_named = cost_model.moe_model.roofline_terms()
+                    rank_named = cost_model.rank_roofline_terms
+                    assert rank_named is not None
                     rank_terms = np.array([rank_named[name] for name in _TERM_NAMES], dtype=np.float64)
-                    rank_moe = _grid(cost_model.moe_model.units["moe"])
+                    rank_moe = _grid(cost_model.rank_moe_table)
         cache = np.full((max_assignments + 1, num_experts + 1), np.nan)
         rank_cache = np.full((max_assignments + 1, num_experts + 1), np.nan) if ranks else np.zeros((1, 1))
         return cls(kind, terms, by_tokens, by_sequences, *grids, cache, allreduce, ranks, rank_kind, rank_terms,
@@ -145,13 +151,15 @@ def _unit_roofline(unit: int, terms: np.ndarray, x0: float, x1: float) -> float:
     """The roofline of one measured unit (``UnitRooflines``'s formulas) at ``(x0, x1)``."""
     if unit == UNIT_ATTENTION_DECODE:
         pairs = x0 * x1
-        memory = pairs * terms[T_KV_BYTES] / terms[T_BANDWIDTH]
-        compute = pairs * terms[T_DECODE_FLOPS] / terms[T_ATTENTION_FLOPS]
-        return max(memory, compute) + terms[T_ATTENTION_LAUNCH]
+        memory = (pairs * terms[T_KV_BYTES] + terms[T_ATTENTION_UNIT_BYTES]) / terms[T_BANDWIDTH]
+        compute = (pairs * terms[T_DECODE_FLOPS] + x0 * terms[T_ATTENTION_UNIT_FLOPS]) / terms[T_ATTENTION_FLOPS]
+        return max(memory, compute) + terms[T_DECODE_UNIT_LAUNCH]
     if unit == UNIT_ATTENTION_PREFILL:
-        memory = (x0 + x1) * terms[T_KV_BYTES] / terms[T_BANDWIDTH]
-        compute = x0 * (x1 + (x0 + 1.0) * 0.5) * terms[T_PREFILL_FLOPS] / terms[T_ATTENTION_FLOPS]
-        return max(memory, compute) + terms[T_ATTENTION_LAUNCH]
+        rows = x0 + x1
+        memory = (rows * terms[T_KV_BYTES] + terms[T_ATTENTION_UNIT_BYTES]) / terms[T_BANDWIDTH]
+        pairs = x0 * (x1 + (x0 + 1.0) * 0.5)
+        compute = (pairs * terms[T_PREFILL_FLOPS] + rows * terms[T_ATTENTION_UNIT_FLOPS]) / terms[T_ATTENTION_FLOPS]
+        return max(memory, compute) + terms[T_PREFILL_UNIT_LAUNCH]
     memory = x1 * terms[T_EXPERT_MEMORY]
     compute = x0 * terms[T_TOP_K] * terms[T_ASSIGNMENT_COMPUTE]
     return max(memory, compute) + terms[T_MOE_LAYER_LAUNCH]

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# How the H200 profile's measured tables are made: `lynxsim calibrate` (production kernels) for every deployment
+# the experiments use, one process per table key (a CUDA fault in one cannot spoil the next), each written into
+# hw_profiles/h200.yaml and hw_profiles/h200.tables/ as soon as it is measured.
+#
+#   hw_profiles/calibrate_h200.sh JOB ...     JOB = MODEL[:tpG|:epN][:nomoe]
+#     MODEL            every table of the catalog model on one GPU
+#     MODEL:tp4        one rank's shard of a 4-way tensor-parallel instance (tables MODEL@tp4)
+#     MODEL:ep4        one rank's experts of a 4-way expert-parallel instance (table MODEL@ep4/moe)
+#     MODEL:tp4:nomoe  the shard without its moe table (an EP instance's attention and dense parts)
+#
+# Needs an H200 (it refuses another GPU: these tables are the H200 profile's), torch and triton. OUT (default
+# /tmp/calibration) receives the log and, after each job, a tarball of the profile and its tables.
+set -u
+OUT=${OUT:-/tmp/calibration}
+mkdir -p "$OUT"
+LOG="$OUT/calibration_log.txt"
+GPU=$(python3 -c 'import torch; print(torch.cuda.get_device_name())')
+echo "$(date -u +%FT%TZ) GPU: $GPU" | tee -a "$LOG"
+case "$GPU" in
+  *H200*) ;;
+  *) echo "not an H200 ($GPU): these tables belong to the H200 profile" | tee -a "$LOG"; exit 3 ;;
+esac
+NON_MOE_UNITS=(attention_decode attention_prefill dense_layer dense_ffn_layer embedding lm_head graph_launch
+               dense_layer_gemms)
+for job in "$@"; do
+  IFS=: read -r model parallel units <<< "$job"
+  args=(--models "$model" --budget-s "${BUDGET_S:-150}" --repeats "${REPEATS:-7}")
+  case "$parallel" in
+    tp*) args+=(--tensor-parallel "${parallel#tp}") ;;
+    ep*) args+=(--expert-parallel "${parallel#ep}") ;;
+  esac
+  if [ "${units:-}" = nomoe ] || [ "$parallel" = nomoe ]; then args+=(--units "${NON_MOE_UNITS[@]}"); fi
+  started=$(date +%s)
+  if timeout "${JOB_TIMEOUT_S:-300}" python3 -m lynxsim.calib.commands calibrate "${args[@]}" >> "$LOG" 2>&1; then
+    echo "$(date -u +%FT%TZ) done $job in $(( $(date +%s) - started )) s" | tee -a "$LOG"
+  else
+    echo "$(date -u +%FT%TZ) FAILED $job after $(( $(date +%s) - started )) s" | tee -a "$LOG"
+  fi
+  tar czf "$OUT/tables.tgz" hw_profiles/h200.yaml hw_profiles/h200.tables
+done
