@@ -276,3 +276,22 @@ def test_expert_parallel_rank_table(tmp_path: Path) -> None:
     roof = UnitRooflines(model, H200)
     first = rows.iloc[0]
     assert first["bytes"] == float(roof.unit_work("moe")(first["timed_tokens"], first["distinct_experts"])[0])
+
+
+def test_kernel_set_comparison_reads_both_sets_at_the_same_points() -> None:
+    """A table set that is exactly twice another gives ratio 2 at every compared unit and count, and the
+    MoE point is the typical distinct-expert count of that many tokens (Mixtral: 2 at 1 token, 8 at 64)."""
+    from lynxsim.calib.efficiency import COMPARED_COUNTS, _typical_distinct, comparison_markdown, kernel_set_comparison
+    from lynxsim.hardware import KernelTable, load_hardware
+
+    hardware = load_hardware("h200")
+    current = {n: t for n, t in hardware.measured.tables.items() if n.startswith("mixtral-8x7b/")}
+    doubled = {n: KernelTable(description=t.description, axes=t.axes, axis_values=t.axis_values,
+                              latency_s=tuple(2 * v for v in t.latency_s)) for n, t in current.items()}
+    frame = kernel_set_comparison(doubled, current, lambda key: UnitRooflines(model_for_key(key), hardware))
+    assert set(frame["unit"]) == {"dense_layer", "attention_decode", "moe", "lm_head"}
+    assert len(frame) == 4 * len(COMPARED_COUNTS)
+    assert np.allclose(frame["ratio"], 2.0)
+    mixtral = model_for_key("mixtral-8x7b")
+    assert _typical_distinct(mixtral, 1) == 2 and _typical_distinct(mixtral, 64) == 8
+    assert "| mixtral-8x7b | moe |" in "\n".join(comparison_markdown(frame, "earlier"))

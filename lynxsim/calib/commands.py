@@ -32,7 +32,9 @@ from typing import Any
 from lynxsim.errors import InputError, exit_code
 
 DEFAULT_CALIBRATION_MODELS = ("mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b", "deepseek-v2-lite")
-DEFAULT_VALIDATION_MODELS = ("mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b")
+DEFAULT_VALIDATION_MODELS = ("mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b", "deepseek-v2-lite")
+DEFAULT_REFERENCE_TABLES = Path("docs/measurements/reference_kernels_h200")
+"""The H200 tables of the reference (unfused) kernel set, measured 2026-11-28, kept to compare with."""
 DEFAULT_VALIDATION_POLICIES = ("topk", "lynx")
 
 
@@ -183,6 +185,9 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--efficiency", type=Path, metavar="DIR",
                         help="no GPU: write DIR/kernel_efficiency.md and .csv (each table's time against its byte "
                              "and FLOP floors) from the profile's tables, then stop")
+    parser.add_argument("--reference-tables", type=Path, metavar="DIR",
+                        help="with --efficiency: table files timed with another kernel set on the same GPU, "
+                             "compared unit by unit (default: docs/measurements/reference_kernels_h200 if present)")
     parser.add_argument("--moe-routing", choices=("random", "even"), default="random",
                         help="how the MoE sweep routes tokens over the active experts (default: random, "
                              "4 draws rotated; even: the committed 2026-11-28 tables)")
@@ -210,7 +215,12 @@ def calibrate_command(args: argparse.Namespace, console: Any = None) -> int:
     if args.efficiency is not None:
         from lynxsim.calib.efficiency import write_efficiency
 
-        for written in write_efficiency(path, None, args.efficiency):
+        reference = args.reference_tables
+        if reference is None and DEFAULT_REFERENCE_TABLES.is_dir():
+            reference = DEFAULT_REFERENCE_TABLES
+        elif reference is not None and not reference.is_dir():
+            raise InputError("--reference-tables", f"{reference} is not a folder of table files")
+        for written in write_efficiency(path, None, args.efficiency, reference):
             _print(console, f"wrote {written}")
         return 0
 

@@ -30,15 +30,15 @@ assignments spread over more token rows; its work is counted at the same assignm
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from lynxsim.calib.plan import feasible_tokens
-from lynxsim.cost import DIAGNOSTIC_UNITS, MEASURED_UNITS, UnitRooflines, table_name
-from lynxsim.hardware import HardwareProfile, load_hardware
+from lynxsim.cost import DIAGNOSTIC_UNITS, MEASURED_UNITS, TableInterpolator, UnitRooflines, table_name
+from lynxsim.hardware import HardwareProfile, KernelTable, load_hardware
 from lynxsim.models import load_catalog_model
 from lynxsim.models.spec import ModelSpec
 from lynxsim.parallel import ParallelPlan, shard_model
@@ -441,9 +441,83 @@ def efficiency_markdown(rows: pd.DataFrame, summary: pd.DataFrame, *, hardware: 
     return "\n".join(lines)
 
 
-def write_efficiency(profile_path: Path, keys: Sequence[str] | None, out_dir: Path) -> tuple[Path, Path]:
+COMPARED_COUNTS = (1, 16, 64)
+"""Token counts (decode batch sizes) at which ``kernel_set_comparison`` sets two table sets side by side."""
+COMPARED_CONTEXT_TOKENS = 1024
+"""The context of every decode row in that comparison's attention column."""
+
+
+def _typical_distinct(model: ModelSpec, tokens: int) -> int:
+    """Distinct experts that ``tokens`` tokens activate when each picks its top-k uniformly at random:
+    ``E (1 - (1 - k / E)^tokens)``, the MoE point a decode batch of that size typically prices."""
+    e, k = model.num_experts, model.top_k
+    return int(round(e * (1.0 - (1.0 - k / e) ** tokens)))
+
+
+def kernel_set_comparison(current: dict[str, KernelTable], earlier: dict[str, KernelTable],
+                          rooflines_for: Callable[[str], UnitRooflines]) -> pd.DataFrame:
+    """Per model key both table sets hold and per count in ``COMPARED_COUNTS``: ``dense_layer``, decode
+    attention (that many rows at ``COMPARED_CONTEXT_TOKENS``), ``moe`` (that many tokens over their typical
+    distinct experts) and ``lm_head`` (that many sequences), in seconds per layer (per iteration for the LM
+    head), from each set, interpolated as the cost model does."""
+    rows = []
+    keys = sorted({n.split("/", 1)[0] for n in current} & {n.split("/", 1)[0] for n in earlier})
+    for key in keys:
+        model = model_for_key(key)
+        rooflines = rooflines_for(key)
+        for count in COMPARED_COUNTS:
+            points = {"dense_layer": (count,), "attention_decode": (count, COMPARED_CONTEXT_TOKENS),
+                      "moe": (count, _typical_distinct(model, count)), "lm_head": (count,)}
+            for unit, point in points.items():
+                name = table_name(key, unit)
+                if name not in current or name not in earlier:
+                    continue
+                roofline = rooflines.unit_roofline(unit)
+                now = TableInterpolator(current[name], roofline).scalar(*point)
+                before = TableInterpolator(earlier[name], roofline).scalar(*point)
+                rows.append({"model": key, "unit": unit, "count": count, "point": point, "earlier_s": before,
+                             "current_s": now, "ratio": now / before})
+    return pd.DataFrame(rows)
+
+
+def comparison_markdown(frame: pd.DataFrame, earlier_label: str) -> list[str]:
+    """The comparison as a markdown section (empty where no model key is in both sets)."""
+    if frame.empty:
+        return []
+    lines = [
+        "## Production kernels against the reference kernels",
+        "",
+        f"The same units timed with the production kernel set (this profile) and with the reference set "
+        f"({earlier_label}: the first, unfused torch path, `lynxsim calibrate --kernels reference`), both on the "
+        f"H200, at decode batches of {', '.join(str(c) for c in COMPARED_COUNTS)}: the dense part of one layer, "
+        f"one layer's decode attention over {COMPARED_CONTEXT_TOKENS} tokens of context per row, one MoE layer over "
+        "the distinct experts that many tokens typically activate (uniform top-k routing), and the LM head. "
+        "Microseconds; ratio = production / reference. MLA models' reference attention is the single-KV-head "
+        "stand-in, and its dense part held the latent up-projection that production runs in attention.",
+        "",
+        "| model | unit | " + " | ".join(f"{c}: reference | {c}: production | {c}: ratio" for c in COMPARED_COUNTS)
+        + " |",
+        "|---|---|" + "---:|---:|---:|" * len(COMPARED_COUNTS),
+    ]
+    for (model, unit), group in frame.groupby(["model", "unit"], sort=True):
+        cells = []
+        by_count = {int(r["count"]): r for _, r in group.iterrows()}
+        for count in COMPARED_COUNTS:
+            r = by_count.get(count)
+            cells += (["—"] * 3 if r is None else
+                      [_us(r["earlier_s"]), _us(r["current_s"]), f"{r['ratio']:.2f}"])
+        lines.append(f"| {model} | {unit} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def write_efficiency(profile_path: Path, keys: Sequence[str] | None, out_dir: Path,
+                     reference_tables: Path | None = None) -> tuple[Path, Path]:
     """Write ``kernel_efficiency.csv`` and ``kernel_efficiency.md`` into ``out_dir`` for the tables of ``keys``
-    (None: every model key) in the profile at ``profile_path``; returns both paths."""
+    (None: every model key) in the profile at ``profile_path``; returns both paths. ``reference_tables``: a
+    folder of table files timed with another kernel set on the same GPU (``--kernels reference``), compared
+    unit by unit in the report."""
+    from lynxsim.calib.profile_io import read_table_file
+
     hardware = load_hardware(profile_path)
     rows = efficiency_rows(hardware, keys)
     summary = efficiency_summary(rows)
@@ -451,7 +525,25 @@ def write_efficiency(profile_path: Path, keys: Sequence[str] | None, out_dir: Pa
     csv_path = out_dir / "kernel_efficiency.csv"
     md_path = out_dir / "kernel_efficiency.md"
     rows.to_csv(csv_path, index=False, float_format="%.6g")
-    label = f"`{profile_path.as_posix()}`"
-    md_path.write_text(efficiency_markdown(rows, summary, hardware=hardware, profile_label=label) + "\n",
-                       encoding="utf-8")
+    label = f"`{_shown(profile_path)}`"
+    text = efficiency_markdown(rows, summary, hardware=hardware, profile_label=label)
+    if reference_tables is not None:
+        earlier: dict[str, KernelTable] = {}
+        for path in sorted(reference_tables.glob("*.yaml")):
+            earlier.update(read_table_file(path)[2])
+        comparison = kernel_set_comparison(hardware.measured.tables, earlier,
+                                           lambda key: UnitRooflines(model_for_key(key), hardware))
+        section = comparison_markdown(comparison, f"`{_shown(reference_tables)}`")
+        head, method = text.split("\n## Method", 1) if "\n## Method" in text else (text, "")
+        text = head + "\n".join(section) + ("\n## Method" + method if method else "")
+    md_path.write_text(text + "\n", encoding="utf-8")
     return csv_path, md_path
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory where it lies below it (reports name files by their place in
+    the repository, not on the machine that wrote them)."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()

@@ -29,15 +29,19 @@ METHOD = """\
    1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256 (the nearest batch the run had), and four
    mixed prefill/decode iterations spread over the run. `lynx` acts on pure-decode iterations only, as in the paper,
    so the mixed iterations of both policies use top-k routing.
-2. **Executed with the real kernels** (`lynxsim/calib/validate.py`): every layer of the model with its own random
-   bf16 weights; paged KV caches holding each sequence's recorded context; per layer RMSNorm, fused QKV GEMM,
-   rotary embedding, KV-cache write, attention (split-KV decode kernel for the decode rows, FlashAttention prefill
-   per chunk), output GEMM, RMSNorm, router GEMM with softmax top-k, shared experts where the model has them, and
-   the routed experts (the fused Triton MoE kernel; torch's grouped GEMM once a batch gives the experts 256 tokens
-   each on average), fed with an expert assignment that reproduces that layer's recorded token counts
-   exactly (so each layer activates the distinct experts the policy chose); then final norm, LM head and greedy
-   sampling. The whole iteration is captured as one CUDA graph (as vLLM captures its decode batches), replayed
-   after warm-up, and timed with CUDA events; the measurement is the median of the replays.
+2. **Executed with the real kernels** (`lynxsim/calib/validate.py`, the production kernel set of
+   `lynxsim/calib/units.py`, the layer as vLLM runs it on Hopper): every layer of the model with its own random
+   bf16 weights; paged KV caches holding each sequence's recorded context; per layer a fused residual-add
+   RMSNorm, the QKV GEMM (cuBLAS), one fused kernel for q/k RMSNorm (Qwen3, OLMoE), rotary embedding and the
+   paged KV-cache write, attention (split-KV decode kernel for the decode rows, FlashAttention prefill per
+   chunk; for DeepSeek-V2-family models real MLA: a latent cache, weight-absorbed decode, unabsorbed prefill),
+   output GEMM, fused residual-add RMSNorm, router GEMM with one fused (grouped) top-k kernel, shared experts
+   (GEMM, fused SiLU-and-mul, GEMM) where the model has them, and the routed experts (the fused Triton MoE kernel;
+   torch's grouped GEMM once a batch gives the experts 256 tokens each on average), fed with an expert assignment
+   that reproduces that layer's recorded token counts exactly (so each layer activates the distinct experts the
+   policy chose); then the final fused norm, LM head and greedy sampling. The whole iteration is captured as one
+   CUDA graph (as vLLM captures its decode batches), replayed after warm-up, and timed with CUDA events; the
+   measurement is the median of the replays.
 3. **Predicted by the measured cost model** (`lynxsim/cost.py`, `MeasuredCostModel`) from the tables in
    `hw_profiles/h200.tables/`: the sum of the per-layer units that calibration timed the same way (CUDA-graph
    replays, rotating among weight copies so that L2 never serves weights), each MoE layer at its own distinct
