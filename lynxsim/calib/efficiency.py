@@ -131,6 +131,7 @@ def _unit_rows(key: str, unit: str, hardware: HardwareProfile, rooflines: UnitRo
     frame["efficiency"] = floor_s / measured_s
     frame["bandwidth_fraction"] = byte_floor_s / measured_s
     frame["bound"] = np.where(byte_floor_s >= flop_floor_s, "bytes", "flops")
+    frame["launch_floor_s"] = rooflines.unit_kernels(unit) * hardware.efficiency.kernel_launch_s
     metadata = hardware.measured.metadata_for(name)
     frame["gpu"] = metadata.gpu_name if metadata is not None else ""
     return frame
@@ -154,7 +155,10 @@ def efficiency_rows(hardware: HardwareProfile, keys: Sequence[str] | None = None
 
 
 def _bytes_dominated(rows: pd.DataFrame) -> pd.Series:
-    return rows["byte_floor_s"] >= BYTES_DOMINATE_FACTOR * rows["flop_floor_s"]
+    """Points whose byte floor is at least ``BYTES_DOMINATE_FACTOR`` times both their FLOP floor and their
+    kernels' fixed launch cost: where streaming the bytes, not arithmetic or launching, sets the time."""
+    other = np.maximum(rows["flop_floor_s"], rows["launch_floor_s"])
+    return rows["byte_floor_s"] >= BYTES_DOMINATE_FACTOR * other
 
 
 def _decode_region(rows: pd.DataFrame) -> pd.Series:
@@ -294,7 +298,9 @@ def _moe_section(rows: pd.DataFrame, summary: pd.DataFrame, listed: int = 12) ->
         "",
         f"Target: the MoE unit reaches at least {MOE_BANDWIDTH_TARGET:.0%} of the measured copy bandwidth wherever "
         "the active experts' bytes dominate. A grid point's bytes *dominate* where its byte floor is at least "
-        f"{BYTES_DOMINATE_FACTOR:g}x its FLOP floor; the fraction of copy bandwidth reached is byte floor / "
+        f"{BYTES_DOMINATE_FACTOR:g}x both its FLOP floor and its kernels' fixed launch cost (the unit's "
+        "weight-streaming kernels times the profile's measured `kernel_launch_s`; below that a handful of experts "
+        "is read in the time the launches take); the fraction of copy bandwidth reached is byte floor / "
         f"measured time. The decode region is tokens <= {DECODE_MAX_ROWS}.",
         "",
         "| model | bytes-dominated points | median fraction | min fraction | share >= target | "
@@ -324,10 +330,42 @@ def _moe_section(rows: pd.DataFrame, summary: pd.DataFrame, listed: int = 12) ->
             more = f"; {len(failing) - listed} more in kernel_efficiency.csv" if len(failing) > listed else ""
             verdicts.append(f"- {model}: NOT met at {len(failing)} of {len(points)} bytes-dominated points "
                             f"({in_decode} of them at <= {DECODE_MAX_ROWS} tokens), worst first: {shown}{more}.")
+    lines += ["", *_router_like_table(dominated)]
     missing = [k for k in MOE_TARGET_KEYS if k not in set(rows.loc[rows["unit"] == "moe", "model"])]
     if missing:
         verdicts.append(f"- Not in this profile, so not reported: {', '.join(missing)} (calibrate them to add them).")
     return lines + ([""] + verdicts if verdicts else []) + [""]
+
+
+def _router_like(points: pd.DataFrame) -> pd.Series:
+    """Whether each MoE point activates at least as many experts as its tokens typically do under uniform top-k
+    routing (``_typical_distinct``): the points a decode batch's layers price. The grid also holds points of
+    many tokens over few experts (every token routed into the same handful), which no trained router produces
+    and which the kernel serves with few programs per expert."""
+    typical = [_typical_distinct(model_for_key(str(m)), max(1, int(t)))
+               for m, t in zip(points["model"], points["tokens"])]
+    return points["distinct_experts"] >= np.asarray(typical, dtype=np.float64)
+
+
+def _router_like_table(dominated: pd.DataFrame) -> list[str]:
+    """The bytes-dominated MoE points that a router's routing reaches (``_router_like``), per model."""
+    lines = [
+        "The same target over the bytes-dominated points a router's routing reaches: at least as many distinct "
+        "experts as that many tokens activate under uniform top-k routing (the points a decode batch prices; "
+        "the rest of the grid routes many tokens into a few experts).",
+        "",
+        "| model | router-like points | median fraction | min fraction | share >= target | target there |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for model, group in dominated.groupby("model", sort=True):
+        part = group[_router_like(group)]
+        if part.empty:
+            continue
+        fractions = part["bandwidth_fraction"]
+        lines.append(f"| {model} | {len(part)} | {_pct(fractions.median())} | {_pct(fractions.min())} | "
+                     f"{_pct(float((fractions >= MOE_BANDWIDTH_TARGET).mean()))} | "
+                     f"{_met(bool((fractions >= MOE_BANDWIDTH_TARGET).all()))} |")
+    return lines
 
 
 def _unit_summary_table(summary: pd.DataFrame, units: Sequence[str]) -> list[str]:
