@@ -10,22 +10,25 @@
 #     MODEL:tp4:nomoe  the shard without its moe table (an EP instance's attention and dense parts)
 #
 # Needs an H200 (it refuses another GPU: these tables are the H200 profile's), torch and triton. OUT (default
-# /tmp/calibration) receives the log and, after each job, a tarball of the profile and its tables.
+# /tmp/calibration) receives the log and, after each job, a tarball of the profile and its tables. PROFILE=h100-sxm
+# (and an H100) writes that profile's tables instead.
 set -u
 OUT=${OUT:-/tmp/calibration}
 mkdir -p "$OUT"
 LOG="$OUT/calibration_log.txt"
 GPU=$(python3 -c 'import torch; print(torch.cuda.get_device_name())')
 echo "$(date -u +%FT%TZ) GPU: $GPU" | tee -a "$LOG"
-case "$GPU" in
-  *H200*) ;;
-  *) echo "not an H200 ($GPU): these tables belong to the H200 profile" | tee -a "$LOG"; exit 3 ;;
+PROFILE=${PROFILE:-h200}
+case "$PROFILE:$GPU" in
+  h200:*H200*|h100-sxm:*H100*) ;;
+  *) echo "profile $PROFILE does not describe this GPU ($GPU): its tables must come from its own GPU" | tee -a "$LOG"
+     exit 3 ;;
 esac
 NON_MOE_UNITS=(attention_decode attention_prefill dense_layer dense_ffn_layer embedding lm_head graph_launch
                dense_layer_gemms)
 for job in "$@"; do
   IFS=: read -r model parallel units <<< "$job"
-  args=(--models "$model" --budget-s "${BUDGET_S:-150}" --repeats "${REPEATS:-7}")
+  args=(--models "$model" --profile "$PROFILE" --budget-s "${BUDGET_S:-150}" --repeats "${REPEATS:-7}")
   case "$parallel" in
     tp*) args+=(--tensor-parallel "${parallel#tp}") ;;
     ep*) args+=(--expert-parallel "${parallel#ep}") ;;
@@ -37,5 +40,5 @@ for job in "$@"; do
   else
     echo "$(date -u +%FT%TZ) FAILED $job after $(( $(date +%s) - started )) s" | tee -a "$LOG"
   fi
-  tar czf "$OUT/tables.tgz" hw_profiles/h200.yaml hw_profiles/h200.tables
+  tar czf "$OUT/tables.tgz" "hw_profiles/$PROFILE.yaml" "hw_profiles/$PROFILE.tables"
 done
