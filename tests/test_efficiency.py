@@ -295,3 +295,5 @@ def test_kernel_set_comparison_reads_both_sets_at_the_same_points() -> None:
     mixtral = model_for_key("mixtral-8x7b")
     assert _typical_distinct(mixtral, 1) == 2 and _typical_distinct(mixtral, 64) == 8
     assert "| mixtral-8x7b | moe |" in "\n".join(comparison_markdown(frame, "earlier"))
+    same = kernel_set_comparison(current, current, lambda key: UnitRooflines(model_for_key(key), hardware))
+    assert same.empty and comparison_markdown(same, "itself") == []  # the very same tables: no section

@@ -501,6 +501,8 @@ def kernel_set_comparison(current: dict[str, KernelTable], earlier: dict[str, Ke
     rows = []
     keys = sorted({n.split("/", 1)[0] for n in current} & {n.split("/", 1)[0] for n in earlier})
     for key in keys:
+        if all(current[n] == earlier.get(n) for n in current if n.startswith(f"{key}/")):
+            continue  # the very same tables: nothing to compare
         model = model_for_key(key)
         rooflines = rooflines_for(key)
         for count in COMPARED_COUNTS:
