@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from lynxsim.calib.kernels import attention as attn_kernels
 from lynxsim.calib.kernels import dense, fused, mla
 from lynxsim.calib.kernels.moe import moe_fused, moe_grouped_gemm, moe_reference
+from lynxsim.calib.kernels.paging import shuffled_block_table
 from lynxsim.calib.kernels.weights import KERNEL_SETS, LayerShape, LayerWeights
 from lynxsim.calib.plan import grouped_gemm_min_tokens
 
@@ -472,21 +473,10 @@ def pages_for(lengths: list[int], page_size: int = PAGE_SIZE) -> int:
 
 def block_table(lengths: list[int], num_pages: int, device: torch.device, seed: int = 0,
                 page_size: int = PAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pages for sequences of ``lengths`` tokens drawn at random from a pool of ``num_pages`` (as a long-running
-    server's allocator leaves them): ``(block_table [B, max pages] int32, seq_lens [B] int32)``."""
-    need = [max(1, math.ceil(n / page_size)) for n in lengths]
-    if sum(need) > num_pages:
-        raise ValueError(f"{sum(need)} pages needed, pool has {num_pages}")
-    gen = torch.Generator()
-    gen.manual_seed(seed)
-    perm = torch.randperm(num_pages, generator=gen)[: sum(need)]
-    table = torch.zeros(len(lengths), max(need), dtype=torch.int32)
-    i = 0
-    for b, p in enumerate(need):
-        table[b, :p] = perm[i:i + p].to(torch.int32)
-        i += p
-    lens = torch.tensor(lengths, dtype=torch.int32)
-    return table.to(device), lens.to(device)
+    """Pages for sequences of ``lengths`` tokens drawn at random from a pool of ``num_pages``
+    (``paging.shuffled_block_table``): ``(block_table [B, max pages] int32, seq_lens [B] int32)``."""
+    table = shuffled_block_table([max(1, math.ceil(n / page_size)) for n in lengths], num_pages, seed)
+    return table.to(device), torch.tensor(lengths, dtype=torch.int32).to(device)
 
 
 def token_slots(table: torch.Tensor, row: int, first: int, count: int, page_size: int = PAGE_SIZE) -> list[int]:

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lynxsim.calib.kernels.paging import shuffled_block_table
+
 
 @dataclass
 class PagedKVCache:
@@ -79,14 +81,7 @@ def make_paged_kv_cache(
     v = torch.empty(num_pages, page_size, num_kv_heads, dv, device=dev, dtype=torch.float32)
     k.normal_(generator=gen)
     v.normal_(generator=gen)
-    cpu_gen = torch.Generator()
-    cpu_gen.manual_seed(seed)
-    perm = torch.randperm(num_pages, generator=cpu_gen) if shuffle_pages else torch.arange(num_pages)
-    table = torch.zeros(len(seq_lens), max(pages_per_seq), dtype=torch.int32)
-    i = 0
-    for b, n in enumerate(pages_per_seq):
-        table[b, :n] = perm[i:i + n].to(torch.int32)
-        i += n
+    table = shuffled_block_table(pages_per_seq, num_pages, seed, shuffle_pages)
     return PagedKVCache(k.to(dtype), v.to(dtype), table.to(dev),
                         torch.tensor(seq_lens, dtype=torch.int32, device=dev), max(seq_lens) + spare_tokens)
 

@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from lynxsim.calib.kernels import dense
+from lynxsim.calib.kernels.paging import shuffled_block_table
 
 RMS_EPS = 1e-6  # DeepSeek-V2/V3 rms_norm_eps
 BF16_BYTES = 2
@@ -227,14 +228,7 @@ def make_mla_cache(seq_lens: Sequence[int], dims: MlaDims, *, page_size: int = 6
     gen.manual_seed(seed)
     kv = torch.empty(num_pages, page_size, dims.cache_row_elements, device=dev, dtype=torch.float32)
     kv.normal_(generator=gen)
-    cpu_gen = torch.Generator()
-    cpu_gen.manual_seed(seed)
-    perm = torch.randperm(num_pages, generator=cpu_gen) if shuffle_pages else torch.arange(num_pages)
-    table = torch.zeros(len(seq_lens), max(pages_per_seq), dtype=torch.int32)
-    i = 0
-    for b, n in enumerate(pages_per_seq):
-        table[b, :n] = perm[i:i + n].to(torch.int32)
-        i += n
+    table = shuffled_block_table(pages_per_seq, num_pages, seed, shuffle_pages)
     return MlaPagedCache(kv.to(dtype), table.to(dev), torch.tensor(list(seq_lens), dtype=torch.int32, device=dev),
                          max(seq_lens) + spare_tokens)
 
