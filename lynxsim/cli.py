@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 from rich.console import Console
@@ -34,6 +35,7 @@ from lynxsim.routing.compare import compare_figures, compare_routing
 from lynxsim.routing.fit import fit_routing, load_profile, save_profile
 from lynxsim.routing.loading import open_trace
 from lynxsim.routing.profiles import profile_path
+from lynxsim.routing.statistics import is_statistics_file
 from lynxsim.routing.trace_format import DEFAULT_FILL, FILL_STRATEGIES
 from lynxsim.runner import PolicyRun, prepare, run_experiment
 from lynxsim.sweep.commands import add_sweep_parsers, plot_sweep
@@ -111,10 +113,17 @@ def _parser() -> argparse.ArgumentParser:
 
     routing = commands.add_parser("routing", help="recorded routing traces: import, fit the generator, compare")
     routing_commands = routing.add_subparsers(dest="routing_command", required=True)
-    fit = routing_commands.add_parser("fit", help="fit the synthetic generator to a trace; write a routing profile")
+    fit = routing_commands.add_parser(
+        "fit", help="fit the synthetic generator to a trace or to a routing statistics file; write a routing profile")
     _trace_arguments(fit)
     fit.add_argument("--out", type=Path, required=True, help="routing profile YAML to write")
+    fit.add_argument("--check", type=Path,
+                     help="statistics file: another one, held out of the fit, to measure the fitted generator against")
     fit.set_defaults(handler=_routing_fit)
+    evidence = routing_commands.add_parser(
+        "evidence", help="write routing_evidence.md: each model's routing profile against its statistics")
+    evidence.add_argument("--out", type=Path, default=Path("docs"), help="folder for the page and its figures")
+    evidence.set_defaults(handler=_routing_evidence)
     compare = routing_commands.add_parser("compare", help="a trace and a routing profile side by side")
     _trace_arguments(compare)
     compare.add_argument("--profile", required=True, help="shipped profile name or profile YAML path")
@@ -163,6 +172,21 @@ def _trace_and_top_k(args: argparse.Namespace) -> tuple[RoutingTrace, int]:
 
 
 def _routing_fit(args: argparse.Namespace, console: Console) -> int:
+    if is_statistics_file(args.trace):
+        from lynxsim.routing.evidence_report import fit_and_save
+
+        if args.check is not None and not is_statistics_file(args.check):
+            raise InputError("--check", f"{args.check} is not a routing statistics file")
+        result = fit_and_save(args.trace, args.out, check_path=args.check, seed=args.seed)
+        console.print(f"fitted {args.trace} ({result.model}): {args.out}")
+        for label, residuals in (("fit data", result.fit), ("check data", result.check)):
+            for r in residuals:
+                console.print(f"  {label}: {r.name}: data {np.mean(r.data):.3f}, generator {np.mean(r.generator):.3f} "
+                              f"({r.unit}; largest layer error {np.abs(r.relative_error()).max():.1%})",
+                              markup=False, highlight=False)
+        return 0
+    if args.check is not None:
+        raise InputError("--check", "only a statistics fit takes a check file")
     trace, top_k = _trace_and_top_k(args)
     try:
         fit = fit_routing(trace, top_k, seed=args.seed)
@@ -170,6 +194,13 @@ def _routing_fit(args: argparse.Namespace, console: Console) -> int:
         raise InputError(str(args.trace), str(exc)) from None
     path = save_profile(fit.params, args.out, source_trace=trace, stats=fit.stats)
     console.print(f"fitted {trace.name} ({trace.num_layers} layers, {trace.num_experts} experts, top-{top_k}): {path}")
+    return 0
+
+
+def _routing_evidence(args: argparse.Namespace, console: Console) -> int:
+    from lynxsim.routing.evidence_report import write_evidence
+
+    console.print(f"wrote {write_evidence(args.out)}")
     return 0
 
 
@@ -236,6 +267,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     setup = result.setup
     title = f"{config.name}: {setup.model.name} on {setup.hardware.name} (cost model: {setup.cost_model.source})"
     console.print(_summary_table(frame, title))
+    console.print(f"routing: {setup.routing_evidence}", markup=False, highlight=False)
     if config.output.figures and not args.no_figures:
         records = load_run(out_dir)
         paths = write_run_figures(records, setup.model.num_experts, out_dir / "figures")
@@ -363,6 +395,7 @@ def _check(args: argparse.Namespace, console: Console) -> int:
         f"hardware {setup.hardware.name}; cost model: {setup.cost_model.source}; host overhead {overhead_ms:g} ms"
         " per iteration"
     )
+    console.print(f"routing: {setup.routing_evidence}", markup=False, highlight=False)
     tokens = setup.kv_cache_blocks * config.serving.block_size_tokens
     console.print(f"KV cache: {setup.kv_cache_blocks} blocks ({tokens} tokens)")
     console.print(f"requests: {len(setup.requests)}; policies: {', '.join(label for label, _, _ in setup.policies)}")

@@ -179,8 +179,17 @@ class TraceRoutingConfig(_Section):
     fill: FillStrategy = Field(default=DEFAULT_FILL, description="how the logits a top-k-only trace lacks are filled in")
 
 
+class ModelRoutingConfig(_Section):
+    """The model's own routing, the default: its shipped routing profile (``traces/profiles/<catalog key>.yaml``,
+    the generator fitted to the model's published routing statistics) where the catalog model has one, else the
+    plain generator with its defaults (an assumption, which the run's ``routing_evidence`` states)."""
+
+    kind: Literal["model"] = "model"
+
+
 RoutingConfig = Annotated[
-    Union[SyntheticRoutingConfig, ProfileRoutingConfig, TraceRoutingConfig], Field(discriminator="kind")
+    Union[ModelRoutingConfig, SyntheticRoutingConfig, ProfileRoutingConfig, TraceRoutingConfig],
+    Field(discriminator="kind"),
 ]
 
 
@@ -351,7 +360,7 @@ class ExperimentConfig(_Section):
     model: ModelConfig
     hardware: HardwareConfig
     workload: WorkloadConfig
-    routing: RoutingConfig = Field(default_factory=SyntheticRoutingConfig)
+    routing: RoutingConfig = Field(default_factory=ModelRoutingConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
     deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
     policies: list[PolicyConfig] = Field(min_length=1)

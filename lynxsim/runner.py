@@ -27,7 +27,14 @@ import simpy
 import yaml
 from pydantic import ValidationError
 
-from lynxsim.config import ExperimentConfig, PolicyConfig, ProfileRoutingConfig, ServingConfig, TraceRoutingConfig
+from lynxsim.config import (
+    ExperimentConfig,
+    ModelRoutingConfig,
+    PolicyConfig,
+    ProfileRoutingConfig,
+    ServingConfig,
+    TraceRoutingConfig,
+)
 from lynxsim.cost import CostModel
 from lynxsim.engine import BlockPool, Cluster, KVTransfer, Replica, Role, RoutingStep, Scheduler
 from lynxsim.errors import InputError
@@ -38,7 +45,10 @@ from lynxsim.models import ModelSpec, load_catalog_model, model_from_hf_config
 from lynxsim.policies import Policy, TopK, calibrate_if_needed, check_policy, make, needs_calibration
 from lynxsim.routing import RoutingSource, SyntheticRouting, TraceReplayRouting
 from lynxsim.routing.loading import open_trace
+from lynxsim.routing.evidence import model_profile, routing_evidence
 from lynxsim.routing.profiles import load_routing_profile
+from lynxsim.routing.router import group_limit_of
+from lynxsim.routing.synthetic import SyntheticRoutingParams
 from lynxsim.engine.compiled import engine_for
 from lynxsim.engine.topk_unions import TopKUnions
 from lynxsim.routing.statistical import ActivityTable, StatisticalRouting, build_activity_table, default_sizes
@@ -72,6 +82,11 @@ class Setup:
     routing: RoutingSource
     policies: list[tuple[str, PolicyConfig, Policy]]
     plan: ParallelPlan = field(default_factory=ParallelPlan)
+
+    @property
+    def routing_evidence(self) -> str:
+        """What stands behind this run's routing (``lynxsim.routing.evidence``)."""
+        return routing_evidence(self.config.routing, self.config.model.name, self.model.name)
 
     @property
     def gpus_per_instance(self) -> int:
@@ -175,10 +190,15 @@ def build_routing(config: ExperimentConfig, model: ModelSpec) -> RoutingSource:
         params = load_routing_profile(
             section.name, section.path, num_moe_layers=model.num_moe_layers, num_experts=model.num_experts
         )
+    elif isinstance(section, ModelRoutingConfig):
+        own = model_profile(config.model.name)
+        params = (load_routing_profile(None, own, num_moe_layers=model.num_moe_layers, num_experts=model.num_experts)
+                  if own is not None else SyntheticRoutingParams())
     else:
         params = section
     try:
-        return SyntheticRouting(model.num_moe_layers, model.num_experts, params, seed)
+        return SyntheticRouting(model.num_moe_layers, model.num_experts, params, seed,
+                                group_limit=group_limit_of(model))
     except ValueError as exc:
         raise InputError("routing", str(exc)) from None
 
@@ -490,6 +510,7 @@ def write_setup(setup: Setup, out_dir: Path) -> None:
         "hardware": setup.hardware.name,
         "iteration_overhead_s": setup.hardware.efficiency.iteration_overhead_s,
         "cost_model": setup.cost_model.source,
+        "routing_evidence": setup.routing_evidence,
         "kv_cache_blocks": setup.kv_cache_blocks,
         "requests": len(setup.requests),
         "instances": setup.config.deployment.roles,
@@ -517,6 +538,7 @@ def write_summary(result: ExperimentResult, out_dir: Path) -> None:
         "policies": [run.label for run in result.runs],
         "cost_model": result.setup.cost_model.source,
         "routing_mode": result.setup.config.simulation.routing_mode,
+        "routing_evidence": result.setup.routing_evidence,
         "summary": {label: _jsonable(row) for label, row in frame.to_dict(orient="index").items()},
     }
     _atomic_write_text(out_dir / "summary.json", json.dumps(payload, indent=2))

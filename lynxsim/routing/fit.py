@@ -170,10 +170,11 @@ def fit_routing(trace: RoutingTrace, top_k: int, *, seed: int = 0) -> RoutingFit
     sequence_index = np.unique(trace.sequence_ids, return_inverse=True)[1].reshape(-1)
     counts = selection_counts(ids, trace.num_experts)
     layers, experts = trace.num_layers, trace.num_experts
-    unit = _unit_noise(layers, experts, seed)
+    unit = unit_noise(layers, experts, seed)
 
-    measured_bias, residual = _fit_bias(counts, unit, top_k)
-    persistence, excess_trace, excess_generator = _fit_persistence(ids, sequence_index, measured_bias, top_k, seed)
+    measured_bias, residual = fit_bias(counts, unit, top_k)
+    excess_trace = overlap_excess(ids, sequence_index, experts)
+    persistence, excess_generator = fit_persistence(excess_trace, measured_bias, top_k, seed)
     skew, cv_trace, cv_generator = _fit_skew(counts, trace, persistence, top_k, seed)
     spread_measured = measured_bias.std(axis=-1)
     shrink = np.divide(skew, spread_measured, out=np.zeros_like(skew), where=spread_measured > 0)
@@ -300,11 +301,11 @@ def save_profile(
         "# lynxsim routing profile: parameters of lynxsim's synthetic router fitted to a recorded routing trace.\n"
         "# Written by lynxsim.routing.fit.save_profile; see lynxsim/routing/fit.py for how each one was fitted.\n"
     )
-    target.write_text(header + yaml.dump(document, Dumper=_ProfileDumper, sort_keys=False, width=120))
+    target.write_text(header + yaml.dump(document, Dumper=ProfileDumper, sort_keys=False, width=120))
     return target
 
 
-class _ProfileDumper(yaml.SafeDumper):
+class ProfileDumper(yaml.SafeDumper):
     """Mappings in block style, lists of numbers on one line each: a profile reads as a table, one layer's
     expert biases per row."""
 
@@ -314,7 +315,7 @@ def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
     return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flat)
 
 
-_ProfileDumper.add_representer(list, _represent_list)
+ProfileDumper.add_representer(list, _represent_list)
 
 
 def load_profile(path: str | Path) -> SyntheticRoutingParams:
@@ -358,15 +359,15 @@ def _rounded(values: np.ndarray) -> list[float]:
     return [round(float(v), _DECIMALS) for v in values]
 
 
-def _unit_noise(layers: int, experts: int, seed: int) -> np.ndarray:
-    """float32 ``[layers, _UNIT_NOISE_TOKENS, experts]``: the generator's ``z`` for independent tokens.
+def unit_noise(layers: int, experts: int, seed: int, tokens: int = _UNIT_NOISE_TOKENS) -> np.ndarray:
+    """float32 ``[layers, tokens, experts]``: the generator's ``z`` for independent tokens.
 
     The generator with zero bias, unit confidence and no persistence returns its noise ``z`` exactly; adding a
     bias ``b`` then gives, bit for bit, its logits with that bias, so one draw serves every candidate ``b``.
     """
     unit = SyntheticRoutingParams(popularity_skew=0.0, confidence_mean=1.0, confidence_spread=0.0, persistence=0.0)
-    tokens = np.arange(_UNIT_NOISE_TOKENS, dtype=np.int64)
-    return SyntheticRouting(layers, experts, unit, seed, request_cache_bytes=0).logits(tokens, np.zeros_like(tokens))
+    ids = np.arange(tokens, dtype=np.int64)
+    return SyntheticRouting(layers, experts, unit, seed, request_cache_bytes=0).logits(ids, np.zeros_like(ids))
 
 
 def _smoothed_frequency(counts: np.ndarray, top_k: int) -> np.ndarray:
@@ -375,7 +376,7 @@ def _smoothed_frequency(counts: np.ndarray, top_k: int) -> np.ndarray:
     return top_k * counts / counts.sum(axis=-1, keepdims=True)
 
 
-def _fit_bias(counts: np.ndarray, unit: np.ndarray, top_k: int) -> tuple[np.ndarray, float]:
+def fit_bias(counts: np.ndarray, unit: np.ndarray, top_k: int) -> tuple[np.ndarray, float]:
     """``b[l, e]`` (mean 0 per layer) whose generator selection frequencies match ``counts``; and the largest
     remaining ``|log f_generator - log f_trace|``."""
     log_target = np.log(_smoothed_frequency(counts, top_k))
@@ -393,11 +394,9 @@ def _fit_bias(counts: np.ndarray, unit: np.ndarray, top_k: int) -> tuple[np.ndar
     return bias, residual
 
 
-def _fit_persistence(
-    ids: np.ndarray, sequence_index: np.ndarray, bias: np.ndarray, top_k: int, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-layer persistence whose generator draws give the trace's excess overlap; the per-layer excess
-    overlap of the trace and of the generator at the (rounded) fitted persistence.
+def fit_persistence(target: np.ndarray, bias: np.ndarray, top_k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-layer persistence whose generator draws give the excess overlaps ``target [L]``; and the generator's
+    excess overlap at the (rounded) fitted persistence.
 
     The layers of one generator draw are independent, so one draw per step bisects every layer at once; the
     excess overlap rises with the persistence, from about 0 (independent tokens) to nearly k.
@@ -412,7 +411,6 @@ def _fit_persistence(
         logits = SyntheticRouting(layers, experts, params, seed, request_cache_bytes=0).logits(requests, positions)
         return overlap_excess(top_k_experts(logits, top_k)[0], requests, experts)
 
-    target = overlap_excess(ids, sequence_index, experts)
     low, high = np.zeros(layers), np.full(layers, _MAX_PERSISTENCE)
     for _ in range(_BISECTION_STEPS):
         middle = 0.5 * (low + high)
@@ -420,7 +418,7 @@ def _fit_persistence(
         low, high = np.where(below, middle, low), np.where(below, high, middle)
     # Outside the generator's range the bisection runs to an end of [0, _MAX_PERSISTENCE], which rounding keeps.
     persistence = np.round(0.5 * (low + high), _DECIMALS)
-    return persistence, target, generated(persistence)
+    return persistence, generated(persistence)
 
 
 def _fit_skew(

@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lynxsim.jit import kernels
 from lynxsim.routing.hashing import NORMAL_TABLE, NORMALS_PER_WORD, combine, derive_key, exp_exact, normals
+from lynxsim.routing.router import GroupLimit
 
 # Stream tags: each random quantity hashes under its own key, so that e.g. the confidence of token
 # (r, p) is unrelated to its noise even though both are keyed by (r, p).
@@ -170,6 +171,7 @@ class SyntheticRouting:
         seed: int = 0,
         *,
         request_cache_bytes: int = 128 * 2**20,
+        group_limit: GroupLimit | None = None,
     ) -> None:
         if num_moe_layers < 1:
             raise ValueError(f"num_moe_layers must be >= 1, got {num_moe_layers}")
@@ -179,6 +181,12 @@ class SyntheticRouting:
         self.num_experts = num_experts
         self.params = params if params is not None else SyntheticRoutingParams()
         self.seed = seed
+        if group_limit is not None and group_limit.num_groups > 1:
+            if num_experts % group_limit.num_groups or num_experts // group_limit.num_groups < 2:
+                raise ValueError(f"{num_experts} experts do not split into {group_limit.num_groups} groups of 2 or more")
+        else:
+            group_limit = None
+        self.group_limit = group_limit  # the model's group-limited routing (lynxsim.routing.router), if any
         words = -(-num_experts // NORMALS_PER_WORD)
         self._counters = np.arange(num_moe_layers * words, dtype=np.uint64).reshape(num_moe_layers, words)
         self._request_key = np.uint64(derive_key(seed, _REQUEST_STREAM))
@@ -252,9 +260,11 @@ class SyntheticRouting:
         means, slots = self._request_means(requests, fast)
         if fast is not None:
             out = np.empty((num_layers, requests.size, num_experts), dtype=np.float32)
+            limit = self.group_limit
             fast.fill_logits(
                 requests, pos, slots, means, self._token_key, self._confidence_key, self._token_weight,
                 self._log_scale_spread, self._log_scale_offset, NORMAL_TABLE, out,
+                limit.num_groups if limit else 1, limit.topk_groups if limit else 1, limit.score_code if limit else 0,
             )
             return out
         token_keys = combine(combine(self._token_key, requests), pos)
@@ -263,7 +273,7 @@ class SyntheticRouting:
         out *= self._token_weight[:, None, None]
         out += means[slots].transpose(1, 0, 2)
         out *= self._confidence(token_keys)[:, :, None]
-        return out
+        return self.group_limit.apply(out) if self.group_limit is not None else out
 
     def _request_means(self, requests: np.ndarray, fast: ModuleType | None) -> tuple[np.ndarray, np.ndarray]:
         """``b[l, e] + sqrt(rho) * z_req[r, l, e]`` of each token's request, as float32 ``means [slots, L, E]``

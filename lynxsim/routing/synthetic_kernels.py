@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from lynxsim.routing.router import MASKED_GAP
 from lynxsim.routing.hashing import (
     _GOLDEN,
     _MUL1,
@@ -24,6 +25,7 @@ from lynxsim.routing.hashing import (
     NORMALS_PER_WORD,
 )
 
+_MASKED_GAP = np.float32(MASKED_GAP)
 _U_GOLDEN = np.uint64(_GOLDEN)
 _U_MUL1 = np.uint64(_MUL1)
 _U_MUL2 = np.uint64(_MUL2)
@@ -81,6 +83,42 @@ def _exp_exact(x: np.ndarray, exponent: np.ndarray, out: np.ndarray) -> None:
         out[i] = np.float32(x[i] * powers[i])
 
 
+@njit(inline="always")
+def _limit_groups(row: np.ndarray, num_groups: np.int64, topk_groups: np.int64, score_code: np.int64,
+                  scores: np.ndarray, kept: np.ndarray) -> None:
+    """``lynxsim.routing.router.GroupLimit.apply`` on one token's logits ``row [E]``, in place, with the same
+    float32 operations: group scores (best logit, or best plus second best), the best ``topk_groups`` groups
+    (ties to the lower index), every other expert set to the row's best logit minus ``MASKED_GAP``."""
+    size = row.size // num_groups
+    best = row[0]
+    for e in range(1, row.size):
+        if row[e] > best:
+            best = row[e]
+    for g in range(num_groups):
+        first = row[g * size]
+        second = np.float32(-np.inf)
+        for e in range(g * size + 1, (g + 1) * size):
+            v = row[e]
+            if v > first:
+                second = first
+                first = v
+            elif v > second:
+                second = v
+        scores[g] = first if score_code == 0 else first + second
+        kept[g] = False
+    for _ in range(topk_groups):
+        pick = -1
+        for g in range(num_groups):
+            if not kept[g] and (pick < 0 or scores[g] > scores[pick]):
+                pick = g
+        kept[pick] = True
+    floor = best - _MASKED_GAP
+    for g in range(num_groups):
+        if not kept[g]:
+            for e in range(g * size, (g + 1) * size):
+                row[e] = floor
+
+
 @njit(cache=True)
 def fill_logits(
     requests: np.ndarray,
@@ -94,14 +132,21 @@ def fill_logits(
     log_scale_offset: np.ndarray,
     table: np.ndarray,
     out: np.ndarray,
+    num_groups: np.int64 = 1,
+    topk_groups: np.int64 = 1,
+    group_score: np.int64 = 0,
 ) -> None:
-    """``out[l, t, e] = (z_tok * token_weight[l] + means[slots[t], l, e]) * s[l, t]`` in float32.
+    """``out[l, t, e] = (z_tok * token_weight[l] + means[slots[t], l, e]) * s[l, t]`` in float32, then, with
+    ``num_groups`` > 1, each token's experts outside its best ``topk_groups`` groups masked
+    (``lynxsim.routing.router``; ``group_score`` 0 scores a group by its best logit, 1 by its two best).
 
     ``requests``/``positions``/``slots``: int64 ``[T]``; ``means``: float32 ``[P, L, E]`` (request means, or
     the bias alone as ``[1, L, E]``); ``token_weight``: float32 ``[L]``; ``log_scale_*``: float64 ``[L]``;
     ``table``: ``hashing.NORMAL_TABLE``; ``out``: float32 ``[L, T, E]``. The token and confidence normals are
     hashed exactly as ``SyntheticRouting``'s numpy path hashes them (see there for the layout of the words).
     """
+    group_scores = np.empty(max(num_groups, 1), dtype=np.float32)
+    kept = np.empty(max(num_groups, 1), dtype=np.bool_)
     num_layers, num_tokens, num_experts = out.shape
     words = (num_experts + NORMALS_PER_WORD - 1) // NORMALS_PER_WORD
     token_key = np.uint64(token_key)
@@ -131,6 +176,8 @@ def fill_logits(
                     e = NORMALS_PER_WORD * j + q
                     if e < num_experts:
                         out[layer, t, e] = (table[_quarter(word, q)] * weight + mean[layer, e]) * s
+            if num_groups > 1:
+                _limit_groups(out[layer, t], num_groups, topk_groups, group_score, group_scores, kept)
 
 
 @njit(cache=True)

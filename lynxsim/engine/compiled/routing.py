@@ -251,6 +251,7 @@ def fused_routing(
     enabled = (
         step.statistical is None
         and isinstance(routing, SyntheticRouting)
+        and routing.group_limit is None  # group-limited routers: the driver draws through SyntheticRouting
         and type(step.policy) in (TopK, Lynx)
         and (step.unions is None or num_experts <= COLUMN_EXPERTS)
         and not expert_parallel  # per-rank loads: the driver's path, through the cost model's activity
