@@ -42,6 +42,9 @@ def test_quick_report_draws_every_experiment_with_its_numbers(quick_report: Path
         assert len(table) > 0
         assert f"({stem}.png)" in readme
     assert readme.count("\n## ") == len(stems) + 1  # one section per experiment, then the agreement
+    # every section states its routing evidence; a catalog model with a profile is routed by it by default
+    assert readme.count("Routing evidence (") == len(stems)
+    assert "qwen3-30b-a3b: Qwen3-30B-A3B's profile: fitted to real routing statistics" in readme
 
 
 def test_quick_report_numbers_behave(quick_report: Path) -> None:

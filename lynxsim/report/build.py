@@ -46,6 +46,7 @@ class SectionResult:
     wall_s: float
     error: str | None = None
     figure: Path | None = None
+    routing_evidence: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -126,7 +127,7 @@ def _section(
     sweep_report = run_sweep(sweep, store_dir, workers=workers, records=records, console=console)
     store = ResultsStore(store_dir)
     results = store.query("SELECT * FROM results ORDER BY point, policy_position")
-    result = SectionResult(path.stem, section, None, sweep_report, 0.0)
+    result = SectionResult(path.stem, section, None, sweep_report, 0.0, routing_evidence=_routing_evidence(sweep))
     if results.empty:
         result.error = "every point failed: " + "; ".join(sorted(set(sweep_report.failures.values())))
     else:
@@ -145,6 +146,18 @@ def _section(
             result.error = f"{type(exc).__name__}: {exc}"
     result.wall_s = time.perf_counter() - started
     return result
+
+
+def _routing_evidence(sweep: Sweep) -> list[str]:
+    """What stands behind the routing of the section's runs, one line per distinct (model, routing) pair."""
+    from lynxsim.runner import resolve_model
+    from lynxsim.routing.evidence import routing_evidence
+
+    seen: dict[str, None] = {}
+    for point in sweep.points:
+        config = point.config
+        seen[f"{config.model.name or 'model'}: {routing_evidence(config.routing, config.model.name, resolve_model(config).name)}"] = None
+    return list(seen)
 
 
 def _readme(report: Report, agreement: pd.DataFrame, folder: Path, quick: bool, published: Path | None) -> str:
@@ -169,6 +182,9 @@ def _readme(report: Report, agreement: pd.DataFrame, folder: Path, quick: bool, 
             lines += [f"![{s.section.title}]({s.figure.name})", "", f"Numbers: [{s.stem}.csv]({s.stem}.csv)", ""]
         if s.section.text:
             lines += [s.section.text.strip(), ""]
+        if s.routing_evidence:
+            lines += ["Routing evidence ([docs/routing_evidence.md](../routing_evidence.md)):", ""]
+            lines += [f"- {line}" for line in s.routing_evidence] + [""]
         if s.table is not None:
             lines += [_markdown(s.table.head(MARKDOWN_ROWS)), ""]
         if s.error:

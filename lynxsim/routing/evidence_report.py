@@ -256,6 +256,12 @@ def write_evidence(out_dir: Path) -> Path:
                       "generator's (0 identical, 1 disjoint) and the coefficient of variation over experts.", "",
                       "| statistic | layers | median distance | largest distance | CV data / generator |",
                       "|---|---:|---:|---:|---|", *distribution_rows, ""]
+            for r in evidence.fit + evidence.check:
+                if r.distance is not None:
+                    where = "check data" if r in evidence.check else "fit data"
+                    per_layer = ", ".join(f"{layer}: {d:.3f}" for layer, d in zip(r.layers, r.distance))
+                    lines += [f"- {r.name} ({where}), distance per MoE layer: {per_layer}"]
+            lines.append("")
         others = [r for r in evidence.fit + evidence.check
                   if not r.name.startswith("batch_distinct") and r.distance is None]
         for r in others:
