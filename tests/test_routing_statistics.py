@@ -19,7 +19,7 @@ import yaml
 from lynxsim.errors import InputError
 from lynxsim.policies import Lynx, TopK
 from lynxsim.routing.fit_statistics import batch_distinct, fit_statistics, generator_residuals
-from lynxsim.routing.router import GroupLimit, group_limit_of
+from lynxsim.routing.router import GroupLimit, group_limit_of, sigmoid_exact
 from lynxsim.routing.statistics import RoutingStatistics, load_statistics, shipped_statistics
 from lynxsim.routing.synthetic import SyntheticRouting, SyntheticRoutingParams
 
@@ -112,10 +112,11 @@ def test_fit_reproduces_selection_frequencies_and_top2_weights() -> None:
 
 
 def test_group_limit_keeps_every_token_in_its_best_groups_and_both_paths_agree() -> None:
-    """DeepSeek-V3's router: 16 experts in 4 groups, the best 2 (by the sum of their two best logits) eligible.
+    """DeepSeek-V3's router: 16 experts in 4 groups, the best 2 (by the sum of their two best sigmoid scores)
+    eligible.
     Every top-k lies in them, masked experts sit MASKED_GAP below the best, and the numba kernel gives the numpy
     reference's bits."""
-    limit = GroupLimit(4, 2, "top2_sum")
+    limit = GroupLimit(4, 2, "top2_sigmoid_sum")
     routing = SyntheticRouting(3, 16, SyntheticRoutingParams(persistence=0.4), 2, group_limit=limit)
     requests = np.repeat(np.arange(40, dtype=np.int64), 3)
     positions = np.tile(np.arange(3, dtype=np.int64), 40)
@@ -124,8 +125,8 @@ def test_group_limit_keeps_every_token_in_its_best_groups_and_both_paths_agree()
     assert np.array_equal(fast, reference)
     plain = SyntheticRouting(3, 16, SyntheticRoutingParams(persistence=0.4), 2).numpy_logits(requests, positions)
     grouped = plain.reshape(3, -1, 4, 4)
-    two = np.sort(grouped, axis=-1)[..., -2:].sum(axis=-1)
-    best_groups = np.argsort(-two, axis=-1, kind="stable")[..., :2]
+    two = sigmoid_exact(np.sort(grouped, axis=-1)[..., -2:])
+    best_groups = np.argsort(-(two[..., 1] + two[..., 0]), axis=-1, kind="stable")[..., :2]
     group = np.arange(16) // 4
     eligible = (group[None, None, :, None] == best_groups[:, :, None, :]).any(axis=-1)  # [layers, tokens, experts]
     ids = np.argsort(-fast, axis=-1)[..., :4]
@@ -138,7 +139,7 @@ def test_group_limit_keeps_every_token_in_its_best_groups_and_both_paths_agree()
 def test_only_deepseek_v3_routing_is_group_limited() -> None:
     from lynxsim.models import load_catalog_model
 
-    assert group_limit_of(load_catalog_model("deepseek-v3")) == GroupLimit(8, 4, "top2_sum")
+    assert group_limit_of(load_catalog_model("deepseek-v3")) == GroupLimit(8, 4, "top2_sigmoid_sum")
     assert group_limit_of(load_catalog_model("deepseek-coder-v2")) is None  # evidence: see group_limit_of
     assert group_limit_of(load_catalog_model("mixtral-8x7b")) is None
     with pytest.raises(ValueError, match="topk_groups"):

@@ -11,9 +11,11 @@ groups gets the token's best logit minus ``MASKED_GAP``, so no top-k can choose 
 below 1e-27 of the best expert's, and every policy downstream (top-k, Lynx, the others) sees the token's
 eligible experts only, as the model's router does.
 
-Simplifications, stated where the profiles and docs use them: a sigmoid router's group score is taken as the
-sum of its two best *logits* (not of their sigmoid scores plus DeepSeek-V3's selection bias; the bias is part
-of each expert's popularity in the generator's ``expert_bias``), and Lynx bins the gate logits of a sigmoid
+A sigmoid router's group score is the sum of its two best experts' sigmoid scores, computed with
+``hashing.exp_exact`` so that the kernels repeat it bit for bit. Simplifications, stated where the profiles and
+docs use them: DeepSeek-V3's per-expert selection bias is not a separate term (it is part of each expert's
+popularity, the generator's ``expert_bias``, and so ranks the experts by the biased score), and Lynx bins the
+gate logits of a sigmoid
 router as it bins a softmax router's (DeepSeek-V3's weights are its sigmoid scores renormalised over the chosen
 experts, which the softmax of the chosen experts' logits only approximates). For Lynx a masked expert lies in
 the deepest bin, like any expert far below the token's best: the batch's popularity can still move a token
@@ -30,11 +32,14 @@ from typing import Any
 
 import numpy as np
 
+from lynxsim.routing.hashing import exp_exact
+
 MASKED_GAP = np.float32(64.0)
 """How far below a token's best logit its ineligible experts are put (nats): exp(-64) ~ 1.6e-28."""
 
-GROUP_SCORES = ("max", "top2_sum")
-"""How a group is scored: by its best expert's logit, or by the sum of its two best."""
+GROUP_SCORES = ("max", "top2_sigmoid_sum")
+"""How a group is scored: by its best expert's logit (a softmax router: the best probability), or by the sum of
+its two best experts' sigmoid scores (DeepSeek-V3's ``noaux_tc``)."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,8 @@ class GroupLimit:
             scores = grouped.max(axis=-1)
         else:
             two = np.sort(grouped, axis=-1)[..., -2:]
-            scores = two[..., 1] + two[..., 0]
+            sig = sigmoid_exact(two)
+            scores = sig[..., 1] + sig[..., 0]
         # the best groups, ties to the lower group index (a stable sort of the negated scores)
         order = np.argsort(-scores, axis=-1, kind="stable")
         eligible = np.zeros(scores.shape, dtype=bool)
@@ -85,6 +91,13 @@ class GroupLimit:
         floor = np.broadcast_to(masked[..., None], grouped.shape)
         np.copyto(grouped, floor, where=~eligible[..., None])
         return logits
+
+
+def sigmoid_exact(x: np.ndarray) -> np.ndarray:
+    """float32 ``1 / (1 + exp(-x))`` of float32 ``x``, its exponential from ``hashing.exp_exact`` rounded to
+    float32 and the rest in float32 operations: the same bits as the kernels' (``synthetic_kernels``)."""
+    e = exp_exact(-np.asarray(x, dtype=np.float64)).astype(np.float32)
+    return np.float32(1.0) / (np.float32(1.0) + e)
 
 
 def group_limit_of(model: Any) -> GroupLimit | None:
@@ -99,4 +112,4 @@ def group_limit_of(model: Any) -> GroupLimit | None:
     groups, kept = getattr(model, "num_expert_groups", None), getattr(model, "topk_groups", None)
     if getattr(model, "router", None) != "grouped_topk" or not groups or groups < 2 or kept is None or kept >= groups:
         return None
-    return GroupLimit(int(groups), int(kept), "top2_sum")
+    return GroupLimit(int(groups), int(kept), "top2_sigmoid_sum")

@@ -84,11 +84,21 @@ def _exp_exact(x: np.ndarray, exponent: np.ndarray, out: np.ndarray) -> None:
 
 
 @njit(inline="always")
+def _sigmoid_exact(x: np.float32, work: np.ndarray, exponent: np.ndarray, out: np.ndarray) -> np.float32:
+    """``router.sigmoid_exact`` of one float32: ``exp_exact(-x)`` rounded to float32, then ``1 / (1 + e)``."""
+    work[0] = -np.float64(x)
+    _exp_exact(work, exponent, out)
+    return np.float32(1.0) / (np.float32(1.0) + out[0])
+
+
+@njit(inline="always")
 def _limit_groups(row: np.ndarray, num_groups: np.int64, topk_groups: np.int64, score_code: np.int64,
-                  scores: np.ndarray, kept: np.ndarray) -> None:
+                  scores: np.ndarray, kept: np.ndarray, work: np.ndarray, exponent: np.ndarray,
+                  out: np.ndarray) -> None:
     """``lynxsim.routing.router.GroupLimit.apply`` on one token's logits ``row [E]``, in place, with the same
-    float32 operations: group scores (best logit, or best plus second best), the best ``topk_groups`` groups
-    (ties to the lower index), every other expert set to the row's best logit minus ``MASKED_GAP``."""
+    float32 operations: group scores (best logit, or the sum of the two best sigmoid scores), the best
+    ``topk_groups`` groups (ties to the lower index), every other expert set to the row's best logit minus
+    ``MASKED_GAP``."""
     size = row.size // num_groups
     best = row[0]
     for e in range(1, row.size):
@@ -104,7 +114,11 @@ def _limit_groups(row: np.ndarray, num_groups: np.int64, topk_groups: np.int64, 
                 first = v
             elif v > second:
                 second = v
-        scores[g] = first if score_code == 0 else first + second
+        if score_code == 0:
+            scores[g] = first
+        else:
+            low = _sigmoid_exact(second, work, exponent, out)
+            scores[g] = low + _sigmoid_exact(first, work, exponent, out)
         kept[g] = False
     for _ in range(topk_groups):
         pick = -1
@@ -138,7 +152,8 @@ def fill_logits(
 ) -> None:
     """``out[l, t, e] = (z_tok * token_weight[l] + means[slots[t], l, e]) * s[l, t]`` in float32, then, with
     ``num_groups`` > 1, each token's experts outside its best ``topk_groups`` groups masked
-    (``lynxsim.routing.router``; ``group_score`` 0 scores a group by its best logit, 1 by its two best).
+    (``lynxsim.routing.router``; ``group_score`` 0 scores a group by its best logit, 1 by the sum of its two best
+    sigmoid scores).
 
     ``requests``/``positions``/``slots``: int64 ``[T]``; ``means``: float32 ``[P, L, E]`` (request means, or
     the bias alone as ``[1, L, E]``); ``token_weight``: float32 ``[L]``; ``log_scale_*``: float64 ``[L]``;
@@ -147,6 +162,9 @@ def fill_logits(
     """
     group_scores = np.empty(max(num_groups, 1), dtype=np.float32)
     kept = np.empty(max(num_groups, 1), dtype=np.bool_)
+    sigmoid_work = np.empty(1)
+    sigmoid_exponent = np.empty(1, dtype=np.int64)
+    sigmoid_out = np.empty(1, dtype=np.float32)
     num_layers, num_tokens, num_experts = out.shape
     words = (num_experts + NORMALS_PER_WORD - 1) // NORMALS_PER_WORD
     token_key = np.uint64(token_key)
@@ -177,7 +195,8 @@ def fill_logits(
                     if e < num_experts:
                         out[layer, t, e] = (table[_quarter(word, q)] * weight + mean[layer, e]) * s
             if num_groups > 1:
-                _limit_groups(out[layer, t], num_groups, topk_groups, group_score, group_scores, kept)
+                _limit_groups(out[layer, t], num_groups, topk_groups, group_score, group_scores, kept,
+                              sigmoid_work, sigmoid_exponent, sigmoid_out)
 
 
 @njit(cache=True)
