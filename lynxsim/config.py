@@ -27,8 +27,8 @@ from lynxsim.yaml_input import error_message, read_yaml_mapping_with_nodes
 from lynxsim.routing.statistical import DEFAULT_SAMPLES
 from lynxsim.routing.synthetic import SyntheticRoutingParams
 from lynxsim.routing.trace_format import DEFAULT_FILL, FillStrategy
-from lynxsim.report.spec import ReportSection
-from lynxsim.sweep.spec import SweepConfig
+from lynxsim.sections.report import ReportSection
+from lynxsim.sections.sweep import SweepConfig
 from lynxsim.workload.arrivals import ArrivalProcess, TraceArrivals
 from lynxsim.workload.lengths import EmpiricalLength, LengthDistribution, PairedLengths
 

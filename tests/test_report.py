@@ -14,7 +14,7 @@ from lynxsim.errors import InputError
 from lynxsim.report.agreement import _verdict, agreement_table, load_published
 from lynxsim.report.build import build_report
 from lynxsim.report.figures import FigureData, capacity_at, draw
-from lynxsim.report.spec import ReportSection
+from lynxsim.sections.report import ReportSection
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "experiments" / "paper"

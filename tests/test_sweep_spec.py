@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from lynxsim.cli import main
 from lynxsim.errors import InputError
 from lynxsim.sweep.points import config_hash, load_sweep
-from lynxsim.sweep.spec import SweepConfig, SweepPoint, derive_seed, expand
+from lynxsim.sections.sweep import SweepConfig, SweepPoint, derive_seed, expand
 
 BASE = {
     "name": "tiny",

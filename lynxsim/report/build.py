@@ -24,10 +24,10 @@ from lynxsim.config import apply_override
 from lynxsim.errors import InputError
 from lynxsim.report.agreement import agreement_table, load_published
 from lynxsim.report.figures import FigureData, draw
-from lynxsim.report.spec import ReportSection
+from lynxsim.sections.report import ReportSection
 from lynxsim.sweep.driver import SweepReport, run_sweep
 from lynxsim.sweep.points import Sweep, load_sweep
-from lynxsim.sweep.spec import SweepConfig
+from lynxsim.sections.sweep import SweepConfig
 from lynxsim.sweep.store import ResultsStore
 
 NEEDS_ITERATIONS = {"latency_vs_experts"}

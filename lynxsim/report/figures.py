@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from lynxsim.report.spec import ReportSection  # noqa: E402
+from lynxsim.sections.report import ReportSection  # noqa: E402
 from lynxsim.sweep.figures import pareto_mask, with_baseline  # noqa: E402
 
 FULL_CHUNK_SHARE = 0.9

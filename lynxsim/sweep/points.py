@@ -22,7 +22,7 @@ from lynxsim.config import ExperimentConfig, line_of, apply_override, validate_e
 from lynxsim.errors import InputError
 from lynxsim.hardware import load_hardware
 from lynxsim.runner import resolve_model
-from lynxsim.sweep.spec import SEED_KEY, SweepConfig, SweepPoint, derive_seed, expand
+from lynxsim.sections.sweep import SEED_KEY, SweepConfig, SweepPoint, derive_seed, expand
 from lynxsim.yaml_input import read_yaml_mapping_with_nodes
 
 HASH_EXCLUDES = {"name", "description", "output", "sweep", "report"}
