@@ -13,33 +13,25 @@ CUDA.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 
 torch = pytest.importorskip("torch")
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+from kernel_checks import (  # noqa: E402  (switches the interpreter on before the kernels are imported)
+    BF16_BOUND,
+    HAS_CUDA,
+    HAS_TRITON,
+    cpu_only,
+    gpu,
+    needs_cuda,
+    rel_err,
+)
 
 from lynxsim.calib.kernels import fused  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-cpu_only = pytest.mark.skipif(HAS_CUDA, reason="interpreter test; the gpu tests cover CUDA")
 
-BF16_BOUND = 1e-2
 DEV = "cuda" if HAS_CUDA else "cpu"
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double().cpu(), ref.double().cpu()
-    assert torch.isfinite(out).all(), "non-finite output (an element left unwritten?)"
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def assert_bf16_equal(out: torch.Tensor, ref: torch.Tensor) -> None:

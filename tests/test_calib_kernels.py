@@ -10,17 +10,18 @@ bf16 operands with float32 accumulation land between 1e-3 and 1e-2.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 
 torch = pytest.importorskip("torch")
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+from kernel_checks import (  # noqa: E402  (switches the interpreter on before the kernels are imported)
+    BF16_BOUND,
+    HAS_CUDA,
+    gpu,
+    needs_cuda,
+    needs_triton,
+    rel_err,
+)
 
 from lynxsim.calib.kernels import attention as att  # noqa: E402
 from lynxsim.calib.kernels import dense, moe  # noqa: E402
@@ -29,18 +30,6 @@ from lynxsim.calib.kernels.weights import (  # noqa: E402
     build_model_weights,
     copies_to_defeat_l2,
 )
-
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-
-BF16_BOUND = 1e-2
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double().cpu(), ref.double().cpu()
-    assert torch.isfinite(out).all(), "non-finite output"
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def random_routing(T: int, E: int, k: int, gen: torch.Generator, renormalize: bool = True):

@@ -9,33 +9,23 @@ TP4 shard on CUDA, including a CUDA-graph capture, and are skipped without a GPU
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 
 torch = pytest.importorskip("torch")
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+from kernel_checks import (  # noqa: E402  (switches the interpreter on before the kernels are imported)
+    BF16_BOUND,
+    cpu_only,
+    gpu,
+    needs_cuda,
+    needs_triton,
+    rel_err,
+)
 
 from lynxsim.calib.kernels import mla  # noqa: E402
 
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-cpu_only = pytest.mark.skipif(HAS_CUDA, reason="interpreter test; the gpu tests cover CUDA")
 
-BF16_BOUND = 1e-2
 SENTINEL = -7.0  # exactly representable in bf16; never produced by a normed, roped row of these inputs
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double().cpu(), ref.double().cpu()
-    assert torch.isfinite(out).all(), "non-finite output"
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def small_dims(H: int = 4, q_lora: int = 0) -> mla.MlaDims:

@@ -14,6 +14,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from kernel_checks import rel_err  # noqa: E402  (switches the interpreter on before the kernels are imported)
+
 from lynxsim.calib import units  # noqa: E402
 from lynxsim.calib.kernels.weights import LayerShape, build_layer  # noqa: E402
 from lynxsim.models.spec import AttentionSpec, ModelSpec  # noqa: E402
@@ -30,12 +32,6 @@ MLA = ModelSpec(
     num_experts=8, top_k=2, expert_ffn_size=32, renormalize=False, router="softmax", num_expert_groups=4,
     topk_groups=2,
 )
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all()
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def _inputs(shape: LayerShape, kernels: units.LayerKernels, decode_lens: list[int], seed: int):
@@ -116,7 +112,8 @@ def test_production_mla_layer_matches_the_unabsorbed_reference() -> None:
     assert rel_err(out, ref) < 1e-2
     # the production set's MoE layer runs end to end with group-limited routing
     _, h, weights, ids, shared = kernels.attention_out(hidden, out, lw)
-    assert ids.shape == (2, 2) and torch.allclose(weights.sum(-1), weights.sum(-1))
+    # renormalize is off for this model: each token's weights are its chosen experts' softmax mass, in (0, 1]
+    assert ids.shape == (2, 2) and (weights > 0).all() and (weights.sum(-1) <= 1 + 1e-6).all()
     groups = (ids // 2).tolist()  # 8 experts in 4 groups of 2: each token's experts lie in <= 2 groups
     assert all(len(set(g)) <= 2 for g in groups)
 

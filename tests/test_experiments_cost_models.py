@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from lynxsim.config import load_experiment
+from lynxsim.models import load_catalog_model
 from lynxsim.parallel import ParallelPlan, make_instance_cost_model
 from lynxsim.runner import resolve_hardware, resolve_model
 from lynxsim.sweep.points import load_sweep
@@ -53,10 +54,7 @@ def test_every_experiment_point_is_priced_by_measured_tables(path: Path) -> None
 
 def test_a_deployment_without_tables_is_caught() -> None:
     """The check above can fail: an EP8 DeepSeek-V3 instance on the H200 profile has no tables."""
-    config = load_experiment(EXPERIMENTS[0]).model_copy()
-    hardware = resolve_hardware(config)
-    from lynxsim.models import load_catalog_model
-
+    hardware = resolve_hardware(load_experiment(EXPERIMENTS[0]))
     model = load_catalog_model("deepseek-v3")
     cost = make_instance_cost_model(model, hardware, "deepseek-v3", ParallelPlan(expert_parallel=8))
     assert cost.source.startswith("roofline")

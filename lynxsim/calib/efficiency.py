@@ -342,8 +342,8 @@ def _router_like(points: pd.DataFrame) -> pd.Series:
     routing (``_typical_distinct``): the points a decode batch's layers price. The grid also holds points of
     many tokens over few experts (every token routed into the same handful), which no trained router produces
     and which the kernel serves with few programs per expert."""
-    typical = [_typical_distinct(model_for_key(str(m)), max(1, int(t)))
-               for m, t in zip(points["model"], points["tokens"])]
+    models = {key: model_for_key(str(key)) for key in points["model"].unique()}
+    typical = [_typical_distinct(models[m], max(1, int(t))) for m, t in zip(points["model"], points["tokens"])]
     return points["distinct_experts"] >= np.asarray(typical, dtype=np.float64)
 
 

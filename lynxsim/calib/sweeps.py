@@ -26,6 +26,8 @@ import torch
 from lynxsim.calib import units
 from lynxsim.calib.kernels.weights import (
     LayerShape,
+    LayerWeights,
+    ModelWeights,
     build_layer,
     build_model_weights,
     copies_to_defeat_l2,
@@ -78,6 +80,15 @@ def _routing_weights(tokens: int, k: int, device: torch.device, gen: torch.Gener
     return w / w.sum(-1, keepdim=True)
 
 
+def _layer_copies(build: Callable[[int], LayerWeights], bytes_read: Callable[[LayerWeights], float]
+                  ) -> list[LayerWeights]:
+    """``build(0)``, then as many more copies (``build(i)``) as keep ``copies_to_defeat_l2`` of the bytes one
+    timed call reads from a copy (``bytes_read`` of the first), between 2 and ``MAX_COPIES``."""
+    first = build(0)
+    copies = min(MAX_COPIES, max(2, copies_to_defeat_l2(bytes_read(first))))
+    return [first, *(build(i) for i in range(1, copies))]
+
+
 class ModelSweep:
     """The weights and helpers shared by the sweeps of one model (or of one expert-parallel rank's experts:
     ``expert_parallel`` > 1 builds only ``E / expert_parallel`` whole experts, no attention)."""
@@ -110,24 +121,21 @@ class ModelSweep:
             self.weights = build_model_weights(s, num_copies=self.copies, moe=True, device=device, lm_head=False,
                                                attention=False, kernels=kernels)
         else:
-            first = build_layer(s, moe=True, device=device, kernels=kernels)
-            dense_bytes = first.nbytes() - first.w13.numel() * 2 - first.w2.numel() * 2
-            del first
-            self.copies = min(MAX_COPIES, max(2, copies_to_defeat_l2(min(dense_bytes, moe_bytes))))
-            self.weights = build_model_weights(s, num_copies=self.copies, moe=True, device=device, lm_head=False,
-                                               kernels=kernels)
+            # the dense part's bytes read from the first copy (MLA's differ by kernel set), the rest built after
+            layers = _layer_copies(
+                lambda i: build_layer(s, moe=True, device=device, seed=1000 * i, kernels=kernels),
+                lambda lw: min(lw.nbytes() - (lw.w13.numel() + lw.w2.numel()) * lw.w13.element_size(), moe_bytes))
+            self.copies = len(layers)
+            self.weights = ModelWeights(s, layers, None, torch.ones(s.hidden, device=device, dtype=torch.bfloat16))
         self.dense_weights: list | None = None
 
     def dense_copies(self) -> list:
         """Copies of a dense (FFN) layer, built on first use (models with dense layers only)."""
         if self.dense_weights is None:
-            s = self.shape
-            first = build_layer(s, moe=False, device=self.device, seed=77, kernels=self.kernels.name)
-            copies = min(MAX_COPIES, max(2, copies_to_defeat_l2(first.nbytes())))
-            self.dense_weights = [first] + [
-                build_layer(s, moe=False, device=self.device, seed=77 + i, kernels=self.kernels.name)
-                for i in range(1, copies)
-            ]
+            s, name = self.shape, self.kernels.name
+            self.dense_weights = _layer_copies(
+                lambda i: build_layer(s, moe=False, device=self.device, seed=77 + i, kernels=name),
+                lambda lw: lw.nbytes())
         return self.dense_weights
 
     def _time(self, run: Callable[[int], object], estimate_s: float, copies: int) -> float:

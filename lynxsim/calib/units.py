@@ -43,7 +43,6 @@ unreduced and reduces the routed output: the same bytes on the wire and the same
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,6 +53,7 @@ from lynxsim.calib.kernels import attention as attn_kernels
 from lynxsim.calib.kernels import dense, fused, mla
 from lynxsim.calib.kernels.moe import moe_fused, moe_grouped_gemm, moe_reference
 from lynxsim.calib.kernels.paging import shuffled_block_table
+from lynxsim.calib.kernels.triton_mode import triton_runs
 from lynxsim.calib.kernels.weights import KERNEL_SETS, LayerShape, LayerWeights
 from lynxsim.calib.plan import grouped_gemm_min_tokens
 
@@ -70,25 +70,19 @@ def no_reduce(partial: torch.Tensor) -> torch.Tensor:
     return partial
 
 
-def _triton_runs(t: torch.Tensor) -> bool:
-    """Whether Triton kernels can run on ``t``'s device: on a GPU, or on the CPU under Triton's interpreter
-    (tests). Elsewhere (a CPU smoke run of the commands) the fused ops' torch references stand in."""
-    return t.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 # ----- the production set's fused ops, with their torch references standing in where Triton cannot run -------------
 
 
 def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    if _triton_runs(x):
+    if triton_runs(x):
         return fused.add_rms_norm(x, residual, weight, NORM_EPS)
     normed, summed = fused.add_rms_norm_reference(x, residual, weight, NORM_EPS)
     return normed.to(x.dtype), summed
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    if _triton_runs(x):
+    if triton_runs(x):
         return fused.rms_norm(x, weight, NORM_EPS)
     return fused.rms_norm_reference(x, weight, NORM_EPS).to(x.dtype)
 
@@ -98,7 +92,7 @@ def _qk_norm_rope_cache(qkv: torch.Tensor, s: LayerShape, lw: LayerWeights, cos_
     assert pool.v is not None
     shapes = dict(num_heads=s.num_heads, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim, v_head_dim=s.v_head_dim,
                   q_norm=lw.q_norm, k_norm=lw.k_norm, cos_sin_cache=cos_sin, positions=positions)
-    if _triton_runs(qkv):
+    if triton_runs(qkv):
         return fused.qk_norm_rope_cache(qkv, **shapes, k_cache=pool.k, v_cache=pool.v, slot_mapping=slots,
                                         eps=NORM_EPS)
     q, k, v = fused.qk_norm_rope_reference(qkv, **shapes, eps=NORM_EPS)
@@ -110,14 +104,14 @@ def _qk_norm_rope_cache(qkv: torch.Tensor, s: LayerShape, lw: LayerWeights, cos_
 def _topk(logits: torch.Tensor, s: LayerShape, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     options = dict(renormalize=s.renormalize, scoring=s.scoring, correction_bias=bias,
                    num_groups=s.num_expert_groups, topk_groups=s.topk_groups)
-    if _triton_runs(logits):
+    if triton_runs(logits):
         return fused.topk_softmax(logits, s.top_k, **options)
     weights, ids = fused.topk_softmax_reference(logits, s.top_k, **options)
     return weights.float(), ids.to(torch.int32)
 
 
 def _silu_and_mul(h: torch.Tensor) -> torch.Tensor:
-    return fused.silu_and_mul(h) if _triton_runs(h) else fused.silu_and_mul_reference(h).to(h.dtype)
+    return fused.silu_and_mul(h) if triton_runs(h) else fused.silu_and_mul_reference(h).to(h.dtype)
 
 
 # ----- the state an iteration carries between units ---------------------------------------------------------------
@@ -349,7 +343,7 @@ class ProductionKernels(ReferenceKernels):
     def _mla_project(self, h: torch.Tensor, lw: LayerWeights, pos: Positions, pool: KVPool,
                      slots: torch.Tensor) -> Query:
         assert lw.mla is not None and self.shape.mla is not None
-        if _triton_runs(h):
+        if triton_runs(h):
             return mla.mla_project(h, lw.mla, self.shape.mla, cos_sin_cache=self.cos_sin, positions=pos.positions,
                                    kv_cache=pool.k, slot_mapping=slots, norm=_rms_norm)
         q_nope, q_pe, row = mla.mla_project_reference(h, lw.mla, self.shape.mla, cos_sin_cache=self.cos_sin,
@@ -365,7 +359,7 @@ class ProductionKernels(ReferenceKernels):
         assert isinstance(q, tuple) and lw.mla is not None
         q_nope, q_pe = _rows(q, rows)
         where = dict(kv_cache=pool.k, block_table=cache.block_table, seq_lens=cache.seq_lens)
-        if _triton_runs(q_nope):
+        if triton_runs(q_nope):
             mla.mla_decode(q_nope, q_pe, lw.mla, self.shape.mla, **where, max_seq_len=cache.max_len, out=out)
         else:
             out.copy_(mla.mla_decode_reference(q_nope, q_pe, lw.mla, self.shape.mla, **where))
@@ -427,15 +421,18 @@ class ProductionKernels(ReferenceKernels):
             outs = [F.linear(q_a, m.w_q_b)]
         else:
             outs = [F.linear(h, m.w_q), F.linear(h, m.w_kv_a)]
-        outs += [F.linear(attn.reshape(attn.shape[0], -1), m.w_o), F.linear(h, lw.router)]
-        if lw.shared_w13 is not None:
-            outs.append(F.linear(F.linear(h, lw.shared_w13)[:, : lw.shared_w2.shape[1]], lw.shared_w2))
-        return outs
+        return [*outs, F.linear(attn.reshape(attn.shape[0], -1), m.w_o), *_router_and_shared_gemms(h, lw)]
 
 
 def _gqa_gemms(h: torch.Tensor, attn: torch.Tensor, lw: LayerWeights) -> object:
     """QKV, output, router and shared-expert GEMMs of one GQA layer, nothing between them."""
-    outs = [F.linear(h, lw.w_qkv, lw.b_qkv), F.linear(attn.reshape(attn.shape[0], -1), lw.w_o), F.linear(h, lw.router)]
+    return [F.linear(h, lw.w_qkv, lw.b_qkv), F.linear(attn.reshape(attn.shape[0], -1), lw.w_o),
+            *_router_and_shared_gemms(h, lw)]
+
+
+def _router_and_shared_gemms(h: torch.Tensor, lw: LayerWeights) -> list[torch.Tensor]:
+    """The router GEMM and, where the layer has shared experts, their two GEMMs (the activation left out)."""
+    outs = [F.linear(h, lw.router)]
     if lw.shared_w13 is not None:
         outs.append(F.linear(F.linear(h, lw.shared_w13)[:, : lw.shared_w2.shape[1]], lw.shared_w2))
     return outs

@@ -111,14 +111,10 @@ def _batch_table(evidence: ModelEvidence, residuals: list[StatisticResidual], la
     for r in residuals:
         if not r.name.startswith("batch_distinct") or len(r.data) != evidence.stats.num_moe_layers:
             continue
-        data, gen = group_means(r.data), group_means(r.generator)
-        groups = LAYER_GROUPS if evidence.stats.num_moe_layers >= 59 else ()
+        data, gen = group_means(r.data), group_means(r.generator)  # the groups a model's depth reaches
         cells = " | ".join(f"{d:.1f} / {g:.1f} ({_pct(g / d - 1)})" for d, g in zip(data, gen))
         overall = f"{np.mean(r.data):.2f} / {np.mean(r.generator):.2f} ({_pct(np.mean(r.generator) / np.mean(r.data) - 1)})"
-        if groups:
-            lines.append(f"| {label} | {r.name} | {overall} | {cells} |")
-        else:
-            lines.append(f"| {label} | {r.name} | {overall} | |")
+        lines.append(f"| {label} | {r.name} | {overall} | {cells} |")
     return lines
 
 
@@ -151,7 +147,7 @@ def _distribution_table(residuals: list[StatisticResidual]) -> list[str]:
 
 def _figure(evidence: ModelEvidence, out_dir: Path) -> Path:
     """Per statistic, data against generator over MoE layers (fit data solid, check data open)."""
-    panels = [r for r in evidence.fit] + [r for r in evidence.check]
+    panels = evidence.fit + evidence.check
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.4 * len(panels)), squeeze=False)
     for ax, r in zip(axes[:, 0], panels):
         check = r in evidence.check

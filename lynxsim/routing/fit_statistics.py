@@ -14,9 +14,10 @@ generator's default and are reported as assumed. In order:
    the experts' popularity is and on nothing else the generator has (the top-k ignores the confidence scale,
    and persistence only ties tokens of one request). Bisection per layer; the union shrinks as the skew grows.
 2. confidence: ``batch_distinct`` under Lynx gives ``confidence_mean``: Lynx keeps fewer experts the flatter the
-   router (more of a token's experts share its best bins), so the union after Lynx grows with the scale.
-   Bisection per layer. ``mean_probability`` gives it too (least squares of the log mean probability of every
-   expert, over a grid of scales), and ``top2_weight`` gives the mean and the spread of the scale together (the
+   router (more of a token's experts share its best bins) over the range trained routers lie in; Lynx's union
+   is not monotone in the scale over all of it, so each layer's scale is read off a scanned curve
+   (``_match_on_rising_branch``). ``mean_probability`` gives it too (the least total variation between the
+   data's and the generator's mean probability of every expert, over a grid of scales), and ``top2_weight`` gives the mean and the spread of the scale together (the
    logit of ``w1 / (w1 + w2)`` is the scale times the gap between a token's two best logits: least squares over
    its quartiles). The spread is otherwise assumed (the default).
 3. persistence: ``overlap_excess`` (``fit.fit_persistence``); ``repeat_top1`` is reported, not fitted.
@@ -120,15 +121,13 @@ def _limited(logits: np.ndarray, limit: GroupLimit | None) -> np.ndarray:
     return limit.apply(np.ascontiguousarray(logits)) if limit is not None else logits
 
 
-def _bisect(low: np.ndarray, high: np.ndarray, rising: bool, target: np.ndarray,
-            value: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """Per-layer bisection of ``value(x) == target`` on ``[low, high]`` (``value`` rising or falling in x)."""
+def _bisect_falling(low: np.ndarray, high: np.ndarray, target: np.ndarray,
+                    value: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Per-layer bisection of ``value(x) == target`` on ``[low, high]``, ``value`` falling in x."""
     for _ in range(_BISECTION_STEPS):
         middle = 0.5 * (low + high)
-        below = value(middle) < target
-        if not rising:
-            below = ~below
-        low, high = np.where(below, middle, low), np.where(below, high, middle)
+        above = value(middle) >= target
+        low, high = np.where(above, middle, low), np.where(above, high, middle)
     return 0.5 * (low + high)
 
 
@@ -138,13 +137,15 @@ LYNX_SCALE_GRID = np.linspace(np.log(0.05), np.log(20.0), 31)
 
 def _match_on_rising_branch(target: np.ndarray, union: Callable[[np.ndarray], np.ndarray], layers: int) -> np.ndarray:
     """Per layer, the log scale at which ``union`` (Lynx's distinct experts) equals ``target``, on the branch
-    where it rises with the scale. Lynx's union is not monotone in the scale: a router so flat that every expert
-    shares the token's best bin gives every expert the same popularity, so Lynx keeps each token's own top-k;
-    as the scale grows the union first falls (a token's best bin narrows to a set the batch's tokens share
-    unevenly, and popularity concentrates the votes), then rises back to top-k's (each token's best experts
-    stand alone). Of the two scales that may match, the one on the rising branch, the more confident router, is
-    taken; a target below the curve's minimum gets the minimum (the residual then says so)."""
-    # the union falls as the scale grows over the grid's range (see above): read the curve from its flat end
+    that runs from the curve's lowest point up to its peak. Lynx's union is not monotone in the scale. A router
+    so flat that every expert shares the token's best bin gives every expert the same popularity, so Lynx keeps
+    each token's own top-k (top-k's union); as the scale grows the best bin narrows to a few experts the batch's
+    tokens share unevenly and popularity concentrates the votes (the lowest point); the union then rises as each
+    token's best experts stand further apart; and a router so confident that only the token's first expert is
+    above the floor bin (beta) lets popularity pick the rest from the other tokens' first experts, so the union
+    falls again. (DeepSeek-Coder-V2's shape, one layer, alpha 1, beta 2: 71 experts at scale 0.1, 13 at 0.3, 55
+    at 1.8, 19 at 20.) The rising branch is the one whose routers are moderately confident, as trained routers
+    of many experts are; a target outside it gets the nearer end (the residual then says so)."""
     curve = np.stack([union(np.full(layers, g)) for g in LYNX_SCALE_GRID], axis=1)  # [L, G]
     lowest = curve.argmin(axis=1)
     fitted = np.empty(layers)
@@ -196,7 +197,7 @@ def fit_statistics(stats: RoutingStatistics, *, group_limit: GroupLimit | None =
                                      entry.batch_size, TopK(), k) for d in draws]
             return np.mean(unions, axis=0)
 
-        skew = _bisect(np.zeros(layers), np.full(layers, _MAX_SKEW), False, target, topk_union)
+        skew = _bisect_falling(np.zeros(layers), np.full(layers, _MAX_SKEW), target, topk_union)
         evidence["popularity_skew"] = (f"fitted to batch_distinct under top-k at batch {entry.batch_size} "
                                        f"({entry.steps} steps)")
     if bias is None and "popularity_skew" not in evidence:
@@ -256,20 +257,20 @@ def _fit_scale_to_mean_probability(block: Any, base: np.ndarray, spread: np.ndar
     carry the probability, not by the rarely chosen ones whose small means a log error would weigh alike)."""
     ids = block.layer_ids(layers)
     target = np.asarray(block.mean) / np.asarray(block.mean).sum(axis=1, keepdims=True)
-    grid = np.linspace(*_LOG_SCALE_RANGE, 61)
-    error = np.empty((len(ids), grid.size))
-    for j, log_m in enumerate(grid):
-        scaled = base[ids] * _scales(np.full(len(ids), log_m), spread[ids], normal)[:, :, None]
-        probs = _softmax(_limited(scaled.astype(np.float32), limit)).mean(axis=1)
-        error[:, j] = 0.5 * np.abs(probs - target).sum(axis=-1)
-    best = grid[error.argmin(axis=1)]
+
+    def distances(log_means: np.ndarray) -> np.ndarray:
+        """``[len(ids), M]``: each layer's distance to the data at each of its candidate log scales ``[l, M]``."""
+        out = np.empty(log_means.shape)
+        for j in range(log_means.shape[1]):
+            scaled = base[ids] * _scales(log_means[:, j], spread[ids], normal)[:, :, None]
+            probs = _softmax(_limited(scaled.astype(np.float32), limit)).mean(axis=1)
+            out[:, j] = 0.5 * np.abs(probs - target).sum(axis=-1)
+        return out
+
+    coarse = np.tile(np.linspace(*_LOG_SCALE_RANGE, 61), (len(ids), 1))
+    best = coarse[np.arange(len(ids)), distances(coarse).argmin(axis=1)]
     fine = best[:, None] + np.linspace(-0.1, 0.1, 11)[None, :]
-    error = np.empty(fine.shape)
-    for j in range(fine.shape[1]):
-        scaled = base[ids] * _scales(fine[:, j], spread[ids], normal)[:, :, None]
-        probs = _softmax(_limited(scaled.astype(np.float32), limit)).mean(axis=1)
-        error[:, j] = 0.5 * np.abs(probs - target).sum(axis=-1)
-    fitted = fine[np.arange(len(ids)), error.argmin(axis=1)]
+    fitted = fine[np.arange(len(ids)), distances(fine).argmin(axis=1)]
     return np.interp(np.arange(layers), ids, fitted)
 
 

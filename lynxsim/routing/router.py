@@ -61,13 +61,11 @@ class GroupLimit:
         """The score as the kernels take it: 0 max, 1 top-2 sum."""
         return GROUP_SCORES.index(self.score)
 
-    def check(self, num_experts: int, top_k: int) -> None:
-        """``ValueError`` where the experts do not split into equal groups, or the kept groups hold fewer than
-        ``top_k`` experts."""
-        if num_experts % self.num_groups:
-            raise ValueError(f"{num_experts} experts do not split into {self.num_groups} equal groups")
-        if self.topk_groups * (num_experts // self.num_groups) < top_k:
-            raise ValueError(f"{self.topk_groups} of {self.num_groups} groups hold fewer than top-{top_k} experts")
+    def check(self, num_experts: int) -> None:
+        """``ValueError`` where ``num_experts`` do not split into equal groups of two or more (a group's score
+        may read its two best experts)."""
+        if num_experts % self.num_groups or num_experts // self.num_groups < 2:
+            raise ValueError(f"{num_experts} experts do not split into {self.num_groups} groups of 2 or more")
 
     def apply(self, logits: np.ndarray) -> np.ndarray:
         """Mask, in place, every expert outside each token's best groups of ``logits [L, T, E]`` (float32);

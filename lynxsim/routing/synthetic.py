@@ -182,8 +182,7 @@ class SyntheticRouting:
         self.params = params if params is not None else SyntheticRoutingParams()
         self.seed = seed
         if group_limit is not None and group_limit.num_groups > 1:
-            if num_experts % group_limit.num_groups or num_experts // group_limit.num_groups < 2:
-                raise ValueError(f"{num_experts} experts do not split into {group_limit.num_groups} groups of 2 or more")
+            group_limit.check(num_experts)
         else:
             group_limit = None
         self.group_limit = group_limit  # the model's group-limited routing (lynxsim.routing.router), if any

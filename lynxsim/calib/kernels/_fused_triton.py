@@ -33,6 +33,20 @@ import triton.language as tl
 
 
 @triton.jit
+def _load_with_residual(x_row, r_row, ro_row, offs, m, HAS_RES: tl.constexpr):
+    """Loads a chunk of ``x`` as float32; with ``HAS_RES`` adds the residual, stores the sum rounded to the
+    residual dtype as the new residual and returns that *rounded* sum (what vLLM's fused_add_rms_norm
+    normalises)."""
+    z = tl.load(x_row + offs, mask=m, other=0.0).to(tl.float32)
+    if HAS_RES:
+        z = z + tl.load(r_row + offs, mask=m, other=0.0).to(tl.float32)
+        zr = z.to(ro_row.dtype.element_ty)
+        tl.store(ro_row + offs, zr, mask=m)
+        z = zr.to(tl.float32)
+    return z
+
+
+@triton.jit
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     N, stride_x, stride_r, stride_o, stride_ro, eps,
@@ -46,12 +60,7 @@ def _rms_norm_kernel(
     if ONE_PASS:
         offs = tl.arange(0, BLOCK)
         m = offs < N
-        z = tl.load(x_row + offs, mask=m, other=0.0).to(tl.float32)
-        if HAS_RES:
-            z = z + tl.load(r_row + offs, mask=m, other=0.0).to(tl.float32)
-            zr = z.to(res_out_ptr.dtype.element_ty)
-            tl.store(ro_row + offs, zr, mask=m)
-            z = zr.to(tl.float32)
+        z = _load_with_residual(x_row, r_row, ro_row, offs, m, HAS_RES)
         rstd = tl.rsqrt(tl.sum(z * z, axis=0) / N + eps)
         w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
         tl.store(o_row + offs, (z * rstd * w).to(out_ptr.dtype.element_ty), mask=m)
@@ -60,12 +69,7 @@ def _rms_norm_kernel(
         for c in range(0, N, BLOCK):
             offs = c + tl.arange(0, BLOCK)
             m = offs < N
-            z = tl.load(x_row + offs, mask=m, other=0.0).to(tl.float32)
-            if HAS_RES:
-                z = z + tl.load(r_row + offs, mask=m, other=0.0).to(tl.float32)
-                zr = z.to(res_out_ptr.dtype.element_ty)
-                tl.store(ro_row + offs, zr, mask=m)
-                z = zr.to(tl.float32)
+            z = _load_with_residual(x_row, r_row, ro_row, offs, m, HAS_RES)
             acc += z * z
         # the second pass reads what the first one stored (the residual may alias its input)
         tl.debug_barrier()

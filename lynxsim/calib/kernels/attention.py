@@ -30,13 +30,13 @@ bytes per token as MLA's latent cache (see :class:`lynxsim.calib.kernels.weights
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from lynxsim.calib.kernels.paging import shuffled_block_table
+from lynxsim.calib.kernels.triton_mode import interpreted
 
 
 @dataclass
@@ -152,7 +152,7 @@ def attention_decode(
     S = max(1, math.ceil(cache.max_seq_len / tokens_per_split))
     o_part = torch.empty(B, Hq, S, Dv, dtype=torch.float32, device=q.device)
     lse = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device)
-    interp = q.device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    interp = interpreted(q)
     kc, vc = cache.k_cache, cache.v_cache
     if q.stride(2) != 1:
         q = q.contiguous()

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass, fields
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -57,6 +56,7 @@ import torch.nn.functional as F
 
 from lynxsim.calib.kernels import dense
 from lynxsim.calib.kernels.paging import shuffled_block_table
+from lynxsim.calib.kernels.triton_mode import interpreted
 
 RMS_EPS = 1e-6  # DeepSeek-V2/V3 rms_norm_eps
 BF16_BYTES = 2
@@ -233,10 +233,6 @@ def make_mla_cache(seq_lens: Sequence[int], dims: MlaDims, *, page_size: int = 6
                          max(seq_lens) + spare_tokens)
 
 
-def _interpreted(t: torch.Tensor) -> bool:
-    return t.device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -375,7 +371,7 @@ def mla_decode(
     if R & (R - 1) or Dr & (Dr - 1) or R < 16 or Dr < 16:
         raise ValueError("the Triton MLA decode needs kv_lora_rank and qk_rope_head_dim powers of two >= 16")
     scale = scale if scale is not None else dims.softmax_scale
-    interp = _interpreted(q_nope)
+    interp = interpreted(q_nope)
     block_n = block_n or (16 if interp else 32)
     sms = _sm_count(q_nope.device.index or 0) if q_nope.device.type == "cuda" else 132
     cfg = mla_decode_config(B, H, max_seq_len, block_n=block_n, sm_count=sms, block_h=block_h)

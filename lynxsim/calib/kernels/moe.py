@@ -31,11 +31,12 @@ CUDA graph (as vLLM captures decode).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+
+from lynxsim.calib.kernels.triton_mode import interpreted
 
 
 def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> tuple[int, int, int, int, int]:
@@ -187,10 +188,6 @@ TUNED: dict[tuple[int, int], list[tuple[int, int, MoeConfig]]] = {}
 SINGLE_PROGRAM_MAX_PAIRS = 4096
 
 
-def _interpreting(x: torch.Tensor) -> bool:
-    return x.device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 @dataclass
 class FusedPlan:
     """Buffers of one :func:`moe_fused` call after the alignment step (exposed for per-kernel timing)."""
@@ -245,7 +242,7 @@ def fused_align(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
         ids, counts, rank, sorted_ids, block_expert, block_end, num_post, P, E, max_blocks,
         BLOCK_M=BM, E_P=E_P, CH=CH, COUNT_FIRST=single, num_warps=4)
     inter = torch.empty(P, ffn, dtype=x.dtype, device=dev)
-    return FusedPlan(T, H, E, ffn, k, P, BM, max_blocks, _interpreting(x), acc, wts, sorted_ids, block_expert,
+    return FusedPlan(T, H, E, ffn, k, P, BM, max_blocks, interpreted(x), acc, wts, sorted_ids, block_expert,
                      block_end, num_post, inter)
 
 
