@@ -355,6 +355,16 @@ def test_calibrate_dry_run_then_merge_then_validate_dry_run(tmp_path: Path) -> N
     assert frame["abs_error"].median() < 0.03
     report = (out / "validation.md").read_text()
     assert "Dry run" in report and "| olmoe-1b-7b | topk |" in report
+    # without --models the recorded file's models are validated (not the default list, which it lacks);
+    # --stem names the two files and the report's link to its CSV
+    named = tmp_path / "named"
+    assert main(["validate", "--profile", str(profile), "--iterations", str(record), "--dry-run", "--out",
+                 str(named), "--stem", "validation_olmoe"]) == 0
+    assert pd.read_csv(named / "validation_olmoe.csv")["model"].unique().tolist() == ["olmoe-1b-7b"]
+    assert "[validation_olmoe.csv](validation_olmoe.csv)" in (named / "validation_olmoe.md").read_text()
+    # a model the file does not hold is an input error, before any work
+    assert main(["validate", "--models", "mixtral-8x7b", "--profile", str(profile), "--iterations", str(record),
+                 "--dry-run", "--out", str(named)]) == 2
 
 
 def test_random_assignment_activates_exactly_the_distinct_experts() -> None:

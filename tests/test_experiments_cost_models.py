@@ -19,14 +19,6 @@ from lynxsim.runner import resolve_hardware, resolve_model
 from lynxsim.sweep.points import load_sweep
 
 EXPERIMENTS = sorted(Path(__file__).resolve().parent.parent.glob("experiments/**/*.yaml"))
-AWAITING_TABLES = {"03_tpot_max_batch_16.yaml", "04_speedup_vs_batch.yaml", "06_expert_parallel.yaml",
-                   "paper_deepseek_coder_v2_tp4.yaml"}
-"""Experiments with a deployment the H200 profile has no tables for yet: DeepSeek-Coder-V2 TP4 (one rank's
-shard) and the EP4 / Qwen3 EP2 ranks. The calibration that measures them exists (hw_profiles/calibrate_h200.sh
-deepseek-coder-v2:tp4 mixtral-8x7b:tp4:nomoe qwen3-30b-a3b:tp2:nomoe qwen3-30b-a3b:tp4:nomoe ...:epN); no H200
-could be started to run it (issue 15's progress note). Strict: the mark must go once the tables are in."""
-PARAMS = [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="no H200 tables for this deployment yet"))
-          if p.name in AWAITING_TABLES else p for p in EXPERIMENTS]
 
 
 def _configs(path: Path) -> list[tuple[str, object]]:
@@ -37,7 +29,7 @@ def _configs(path: Path) -> list[tuple[str, object]]:
     return [(f"{path.name} {point.point.values}", point.config) for point in load_sweep(path).points]
 
 
-@pytest.mark.parametrize("path", PARAMS, ids=[p.name for p in EXPERIMENTS])
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.name for p in EXPERIMENTS])
 def test_every_experiment_point_is_priced_by_measured_tables(path: Path) -> None:
     unmeasured = []
     for label, config in _configs(path):

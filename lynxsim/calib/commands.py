@@ -309,12 +309,17 @@ def add_validate_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Simulate each model under each policy (a burst of 256 requests: decode batches 256 down to "
         "1 and mixed prefill/decode iterations), pick iterations, execute each with the real kernels (all layers, "
         "random weights, KV caches of the recorded lengths, the recorded per-layer expert assignment) as one CUDA "
-        "graph, and compare with the cost model's prediction. Writes validation.csv and validation.md.",
+        "graph, and compare with the cost model's prediction. Writes validation.csv and validation.md (--stem: other names).",
     )
-    parser.add_argument("--models", nargs="+", default=list(DEFAULT_VALIDATION_MODELS), metavar="KEY")
+    parser.add_argument("--models", nargs="+", metavar="KEY",
+                        help="catalog keys (default: those of --iterations, else "
+                        f"{' '.join(DEFAULT_VALIDATION_MODELS)})")
     parser.add_argument("--policies", nargs="+", default=list(DEFAULT_VALIDATION_POLICIES), metavar="NAME")
     parser.add_argument("--profile", default="h200", help="hardware profile (its measured tables predict)")
-    parser.add_argument("--out", type=Path, default=Path("docs"), help="folder for validation.csv and validation.md")
+    parser.add_argument("--out", type=Path, default=Path("docs"), help="folder for STEM.csv and STEM.md")
+    parser.add_argument("--stem", default="validation",
+                        help="name of the two files written (default: validation), so that several validations "
+                             "(one GPU, a TP shard) can share a folder")
     parser.add_argument("--record", type=Path, metavar="NPZ",
                         help="no GPU: simulate, select the iterations and save them to this file; then stop")
     parser.add_argument("--iterations", type=Path, metavar="NPZ", help="iterations saved by --record (no simulation)")
@@ -379,8 +384,10 @@ def validate_command(args: argparse.Namespace, console: Any = None) -> int:
         with_errors,
         write_csv,
     )
+    from lynxsim.calib.profile_io import shown_path
     from lynxsim.calib.iterations import (
         load_iterations,
+        recorded_models,
         reprice,
         save_iterations,
         select_iterations,
@@ -389,10 +396,11 @@ def validate_command(args: argparse.Namespace, console: Any = None) -> int:
     )
 
     started = time.perf_counter()
+    if args.iterations is not None and not args.iterations.is_file():
+        raise InputError("--iterations", f"{args.iterations} not found")
+    args.models = _validation_models(args.models, args.iterations)
     specs = {key: shrunk_model(_model(key), args.shrink) for key in args.models}
     if args.iterations is not None:
-        if not args.iterations.is_file():
-            raise InputError("--iterations", f"{args.iterations} not found")
         cost_models = {} if args.record else _cost_models(args, specs)
         chosen = load_iterations(args.iterations, cost_models or {k: _roofline(specs[k], args) for k in specs})
         chosen = [it for it in chosen if it.policy in args.policies]
@@ -439,7 +447,7 @@ def validate_command(args: argparse.Namespace, console: Any = None) -> int:
         frame = with_errors(pd.DataFrame(rows))
         summary = error_summary(frame)
         args.out.mkdir(parents=True, exist_ok=True)
-        write_csv(frame, args.out / "validation.csv")
+        write_csv(frame, args.out / f"{args.stem}.csv")
         from lynxsim.calib.report import validation_report
         from lynxsim.hardware import load_hardware
 
@@ -448,12 +456,14 @@ def validate_command(args: argparse.Namespace, console: Any = None) -> int:
         calibration = {key: measured_kernels.metadata_for(f"{key}/moe") for key in table_keys
                        if f"{key}/moe" in measured_kernels.tables
                        and measured_kernels.metadata_for(f"{key}/moe") is not None}
-        report = validation_report(frame, summary, environment=environment, profile=str(profile_path(args.profile)),
+        report = validation_report(frame, summary, environment=environment,
+                                   profile=shown_path(profile_path(args.profile)),
                                    wall_s=None if args.measured else time.perf_counter() - started,
                                    dry_run=bool(args.dry_run),
                                    calibration=calibration,
-                                   extra=_tensor_parallel_note(args.tensor_parallel, args.shard_on_one_gpu))
-        (args.out / "validation.md").write_text(report, encoding="utf-8")
+                                   extra=_tensor_parallel_note(args.tensor_parallel, args.shard_on_one_gpu),
+                                   csv_name=f"{args.stem}.csv", kernels=args.kernels)
+        (args.out / f"{args.stem}.md").write_text(report, encoding="utf-8")
         return summary
 
     measured: dict[tuple[str, str, int], float] = {}
@@ -501,11 +511,28 @@ def validate_command(args: argparse.Namespace, console: Any = None) -> int:
             _print(console, "validation failed for every model")
             return 1
     _print(console, summary_markdown(summary))
-    _print(console, f"wrote {args.out / 'validation.csv'} and {args.out / 'validation.md'}")
+    _print(console, f"wrote {args.out / (args.stem + '.csv')} and {args.out / (args.stem + '.md')}")
     return 0
 
 
 ENVIRONMENT_COLUMNS = ("gpu_name", "torch_version", "cuda_version")
+
+
+def _validation_models(asked: list[str] | None, iterations: Path | None) -> list[str]:
+    """The models to validate: those asked for, each of which a recorded file must hold, or, when none are
+    asked for, every model the file holds (a file recorded for a TP4 shard need not hold the default models)."""
+    if iterations is None:
+        return list(asked) if asked else list(DEFAULT_VALIDATION_MODELS)
+    from lynxsim.calib.iterations import recorded_models
+
+    held = recorded_models(iterations)
+    if not asked:
+        return held
+    lacking = [key for key in asked if key not in held]
+    if lacking:
+        raise InputError("--models", f"{iterations} holds no iterations of {', '.join(lacking)} "
+                                     f"(it holds {', '.join(held)})")
+    return list(asked)
 
 
 def _without_communication(it: Any) -> Any:

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from lynxsim.calib.plan import feasible_tokens
+from lynxsim.calib.profile_io import shown_path
 from lynxsim.cost import DIAGNOSTIC_UNITS, MEASURED_UNITS, TableInterpolator, UnitRooflines, table_name
 from lynxsim.hardware import HardwareProfile, KernelTable, load_hardware
 from lynxsim.models import load_catalog_model
@@ -565,7 +566,7 @@ def write_efficiency(profile_path: Path, keys: Sequence[str] | None, out_dir: Pa
     csv_path = out_dir / "kernel_efficiency.csv"
     md_path = out_dir / "kernel_efficiency.md"
     rows.to_csv(csv_path, index=False, float_format="%.6g")
-    label = f"`{_shown(profile_path)}`"
+    label = f"`{shown_path(profile_path)}`"
     text = efficiency_markdown(rows, summary, hardware=hardware, profile_label=label)
     if reference_tables is not None:
         earlier: dict[str, KernelTable] = {}
@@ -573,17 +574,8 @@ def write_efficiency(profile_path: Path, keys: Sequence[str] | None, out_dir: Pa
             earlier.update(read_table_file(path)[2])
         comparison = kernel_set_comparison(hardware.measured.tables, earlier,
                                            lambda key: UnitRooflines(model_for_key(key), hardware))
-        section = comparison_markdown(comparison, f"`{_shown(reference_tables)}`")
+        section = comparison_markdown(comparison, f"`{shown_path(reference_tables)}`")
         head, method = text.split("\n## Method", 1) if "\n## Method" in text else (text, "")
         text = head + "\n".join(section) + ("\n## Method" + method if method else "")
     md_path.write_text(text + "\n", encoding="utf-8")
     return csv_path, md_path
-
-
-def _shown(path: Path) -> str:
-    """``path`` relative to the working directory where it lies below it (reports name files by their place in
-    the repository, not on the machine that wrote them)."""
-    try:
-        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        return path.as_posix()

@@ -245,6 +245,12 @@ def save_iterations(path: Path, iterations: list[ValidationIteration]) -> Path:
     return path
 
 
+def recorded_models(path: Path) -> list[str]:
+    """The catalog keys whose iterations a file of ``save_iterations`` holds, in its order."""
+    with np.load(path, allow_pickle=False) as data:
+        return [str(model) for model in data["models"].tolist()]
+
+
 def load_iterations(path: Path, cost_models: dict[str, CostModel]) -> list[ValidationIteration]:
     """Read iterations written by ``save_iterations`` and price them with ``cost_models[model_key]``."""
     out: list[ValidationIteration] = []

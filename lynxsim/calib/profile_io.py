@@ -182,3 +182,13 @@ def merge_table_files(profile_path: Path, paths: list[Path]) -> list[Path]:
         key, metadata, tables = read_table_file(path)
         written.append(write_model_tables(profile_path, key, tables, metadata))
     return written
+
+
+def shown_path(path: Path) -> str:
+    """``path`` relative to the working directory where it lies below it (reports name files by their place in
+    the repository, not on the machine that wrote them)."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
