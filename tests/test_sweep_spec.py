@@ -105,6 +105,35 @@ def test_a_swept_seed_is_used_as_given_and_equal_configs_share_a_hash(tmp_path: 
     assert config_hash(sweep.points[0].config) == sweep.points[0].config_hash
 
 
+def test_the_hash_follows_the_data_a_run_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recalibrated profile (a local ``hw_profiles/`` wins over the shipped one) or an edited routing profile
+    changes the hash, so a results store reruns those points instead of returning the old numbers."""
+    from lynxsim.routing.evidence import model_profile
+
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, {"grid": {"workload.arrival.rate_per_s": [1]}})
+    shipped = load_sweep(path).points[0].config_hash
+    local = tmp_path / "hw_profiles"
+    local.mkdir()
+    shipped_profiles = Path(__file__).resolve().parents[1] / "hw_profiles"
+    (local / "h200.tables").symlink_to(shipped_profiles / "h200.tables")
+    (local / "h200.yaml").write_text((shipped_profiles / "h200.yaml").read_text())
+    assert load_sweep(path).points[0].config_hash == shipped  # the same data from another place
+    recalibrated = (local / "h200.yaml").read_text().replace("kernel_launch_s: 5.0e-6", "kernel_launch_s: 6.0e-6", 1)
+    (local / "h200.yaml").write_text(recalibrated)
+    assert load_sweep(path).points[0].config_hash != shipped
+    # a routing profile given by path: its content is hashed, not its name
+    routing = tmp_path / "routing.yaml"
+    routing.write_text(model_profile("mixtral-8x7b").read_text())
+    with_file = write(tmp_path, {"grid": {"workload.arrival.rate_per_s": [1]}})
+    data = yaml.safe_load(with_file.read_text())
+    data["routing"] = {"kind": "profile", "path": str(routing)}
+    with_file.write_text(yaml.safe_dump(data))
+    before = load_sweep(with_file).points[0].config_hash
+    routing.write_text(routing.read_text() + "\n# edited\n")
+    assert load_sweep(with_file).points[0].config_hash != before
+
+
 @pytest.mark.parametrize(
     ("sweep", "message"),
     [

@@ -9,6 +9,7 @@ sweep recognises its finished points by the hash, whatever their position in a s
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 from collections.abc import Callable
@@ -18,9 +19,19 @@ from typing import Any
 
 import yaml
 
-from lynxsim.config import ExperimentConfig, line_of, apply_override, validate_experiment
+from lynxsim.config import (
+    ExperimentConfig,
+    ModelRoutingConfig,
+    ProfileRoutingConfig,
+    TraceRoutingConfig,
+    apply_override,
+    line_of,
+    validate_experiment,
+)
 from lynxsim.errors import InputError
-from lynxsim.hardware import load_hardware
+from lynxsim.hardware import load_hardware, profile_dirs
+from lynxsim.routing.evidence import model_profile
+from lynxsim.routing.profiles import profile_path
 from lynxsim.runner import resolve_model
 from lynxsim.sections.sweep import SEED_KEY, SweepConfig, SweepPoint, derive_seed, expand
 from lynxsim.yaml_input import read_yaml_mapping_with_nodes
@@ -57,9 +68,81 @@ class Sweep:
 
 
 def config_hash(config: ExperimentConfig) -> str:
-    """16 hex digits of a SHA-256 over the canonical JSON of everything that changes the run's numbers."""
+    """16 hex digits of a SHA-256 over the canonical JSON of everything that changes the run's numbers: the
+    config, and the data it names (``input_digests``), so that a recalibrated profile or an edited routing
+    profile makes a results store rerun the points it changes instead of returning their old numbers."""
     payload = config.model_dump(mode="json", exclude=HASH_EXCLUDES)
+    payload["inputs"] = input_digests(config)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def input_digests(config: ExperimentConfig) -> dict[str, str]:
+    """Digests of what a run reads beside its config: the hardware profile with its measured tables, the
+    resolved model shape, and the routing profile or trace file it replays."""
+    digests = {"hardware": _hardware_digest(config.hardware.profile),
+               "model": _digest(resolve_model(config).model_dump_json().encode())}
+    routing = config.routing
+    source: Path | None = None
+    if isinstance(routing, ModelRoutingConfig) and config.model.name is not None:
+        source = model_profile(config.model.name)
+    elif isinstance(routing, ProfileRoutingConfig):
+        source = routing.path if routing.path is not None else profile_path(str(routing.name))
+    elif isinstance(routing, TraceRoutingConfig):
+        source = routing.path
+    if source is not None:
+        digests["routing"] = _path_digest(str(Path(source).resolve()))
+    return digests
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _hardware_digest(profile: str) -> str:
+    """The loaded profile's digest, computed again only when a profile or table file changed (a sweep of
+    hundreds of points loads each profile once)."""
+    files = [profile] if Path(profile).is_file() else [str(d) for d in profile_dirs()]
+    return _hardware_digest_of(profile, _stat_signature(tuple(files)))
+
+
+@functools.lru_cache(maxsize=64)
+def _hardware_digest_of(profile: str, signature: tuple) -> str:
+    return _digest(load_hardware(profile).model_dump_json().encode())
+
+
+def _stat_signature(paths: tuple[str, ...]) -> tuple:
+    """(path, size, mtime) of every file at or below ``paths``: what changes when any of them is edited."""
+    signature = []
+    for path in paths:
+        target = Path(path)
+        if target.is_dir():
+            signature += [(str(p), *_stat(p)) for p in sorted(target.rglob("*")) if p.is_file()]
+        elif target.exists():
+            signature.append((str(target), *_stat(target)))
+    return tuple(signature)
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    status = path.stat()
+    return status.st_size, status.st_mtime_ns
+
+
+def _path_digest(path: str) -> str:
+    return _path_digest_of(path, _stat_signature((path,)))
+
+
+@functools.lru_cache(maxsize=256)
+def _path_digest_of(path: str, signature: tuple) -> str:
+    """A file's content digest, or a folder's over its files' names and contents (FLAME-MoE CSV folders)."""
+    target = Path(path)
+    if not target.exists():
+        return "missing"
+    files = sorted(p for p in target.rglob("*") if p.is_file()) if target.is_dir() else [target]
+    sha = hashlib.sha256()
+    for file in files:
+        sha.update(file.relative_to(target).as_posix().encode() if target.is_dir() else b"")
+        sha.update(file.read_bytes())
+    return sha.hexdigest()[:16]
 
 
 def load_sweep(
@@ -117,11 +200,11 @@ def _resolve_point(
         apply_override(point_raw, f"{SEED_KEY}={seed}")
     try:
         config = validate_experiment(point_raw, base_dir=path.parent)
+        return PointConfig(point, config, config_hash(config))  # the hash resolves the model and its data
     except InputError as exc:
         swept = next((key for key in point.values if exc.where.startswith(key)), None)
         where = _where(path, root, base.sweep, swept) if swept else str(path)
         raise InputError(f"{where}: sweep point {point.index} ({point.label()})", str(exc)) from None
-    return PointConfig(point, config, config_hash(config))
 
 
 def _where(path: Path, root: yaml.Node, spec: SweepConfig, key: str | None) -> str:
