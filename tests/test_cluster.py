@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from engine_stubs import LAYERS, ConstantCost, routing_step, spec
 
 from lynxsim.config import DeploymentConfig, validate_experiment
-from lynxsim.engine import BlockPool, Cluster, KVTransfer, Replica, Role, Scheduler
+from lynxsim.engine import BlockPool, Cluster, KVTransfer, Replica, Role, Scheduler, run_alone
 from lynxsim.engine.cluster import LeastOutstandingRouter, RoundRobinRouter
 from lynxsim.errors import InputError
 from lynxsim.metrics import requests_frame, summarize
@@ -143,7 +143,7 @@ def test_one_instance_cluster_is_the_replica() -> None:
     cluster.run(specs, cutoff_s=None)
     scheduler = Scheduler(BlockPool(8, 4), max_num_seqs=8, max_num_batched_tokens=64, chunked_prefill=True)
     replica = Replica(scheduler, ConstantCost(1.0), routing_step("lynx"), LAYERS)  # type: ignore[arg-type]
-    replica.run(specs, cutoff_s=None)
+    run_alone(replica, specs, cutoff_s=None)
     pd.testing.assert_frame_equal(
         requests_frame(cluster.arrived, cluster.statuses), requests_frame(replica.arrived, replica.statuses)
     )

@@ -1,6 +1,6 @@
 """Lynx (AffinityBinning) on hand-worked batches, and the policy registry.
 
-Each example works the rule of DESIGN.md through by hand in the comments:
+Each example works the rule of README.md ("Policies") through by hand in the comments:
 q = max(ceil(alpha * (L - rowmax)), -beta), h = B ** q, score = column sums of h,
 v = q + (score - h) / B, votes = top-k of v (ties: own logit, then lower id), kept = union of votes,
 ids = each token's top-k logits inside kept. Batch sizes are powers of two, so every value is exact in float.

@@ -1,7 +1,7 @@
 """Property tests for every registered policy on small random batches.
 
 Logits come either from a coarse grid (many exact ties, so the tie rules are exercised) or from continuous
-floats. Lynx is checked against a loop-per-token reference that evaluates the rule of DESIGN.md in exact
+floats. Lynx is checked against a loop-per-token reference that evaluates the rule of README.md ("Policies") in exact
 rational arithmetic, which pins down both the rule and the tie-breaking; every other policy against a
 loop-per-token reference of its module's rule (second half of this file).
 

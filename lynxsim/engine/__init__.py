@@ -1,7 +1,7 @@
 """The simpy side: request lifecycle, continuous-batching scheduler, KV-cache pool, serving instances, and the
 cluster of instances behind a request router (co-located replicas, or disaggregated prefill and decode)."""
 
-from lynxsim.engine.cluster import ROUTERS, Cluster, KVTransfer, RequestRouter, make_router
+from lynxsim.engine.cluster import ROUTERS, Cluster, KVTransfer, RequestRouter, make_router, run_alone
 from lynxsim.engine.kv_cache import BlockPool
 from lynxsim.engine.replica import ROLES, Replica, Role, RoutingStep
 from lynxsim.engine.request import Request
@@ -21,4 +21,5 @@ __all__ = [
     "ScheduledBatch",
     "Scheduler",
     "make_router",
+    "run_alone",
 ]

@@ -303,3 +303,13 @@ def _eligible(pool: Sequence[Replica], request: Request, max_tokens: int | None)
     reasons = [instance.scheduler.rejection_reason(request, max_tokens) for instance in pool]
     eligible = [reason is None for reason in reasons]
     return eligible, (None if any(eligible) else reasons[0])
+
+
+def run_alone(replica: Replica, specs: Sequence[RequestSpec], cutoff_s: float | None) -> float:
+    """Simulate one instance alone until every request is done (or ``cutoff_s``); returns the simulated end
+    time in seconds, and leaves the requests' fate on the instance (``arrived``, ``statuses``) as a cluster of
+    several keeps it on itself."""
+    cluster = Cluster([replica])
+    end_s = cluster.run(specs, cutoff_s)
+    replica.arrived, replica.statuses = cluster.arrived, cluster.statuses
+    return end_s

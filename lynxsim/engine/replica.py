@@ -1,6 +1,6 @@
 """One serving instance (a replica: one GPU set with its own scheduler, KV cache and cost model), as a simpy
 process that runs iterations back to back. Arrivals, routing between instances and KV-cache transfers belong to
-the ``Cluster`` (lynxsim/engine/cluster.py) that the instance is part of; ``Replica.run`` is a one-instance cluster.
+the ``Cluster`` (lynxsim/engine/cluster.py) that the instance is part of (``run_alone``: a one-instance cluster).
 
 An instance has a role: ``colocated`` (prefill and decode on the same GPUs, the usual vLLM deployment),
 ``prefill`` (disaggregated: computes prompts only; the iteration that completes a prompt samples the first token,
@@ -38,7 +38,6 @@ from lynxsim.policies.kernels import route_counts
 from lynxsim.policies.proxies import QualityProxies
 from lynxsim.routing.base import RoutingSource
 from lynxsim.routing.statistical import ActivityDraws, UniformStream
-from lynxsim.workload.requests import RequestSpec
 
 if TYPE_CHECKING:  # the cluster drives its instances, so it imports this module
     from lynxsim.engine.cluster import Cluster
@@ -182,16 +181,6 @@ class Replica:
         self._uniforms = (  # the statistical mode's draws
             UniformStream(np.random.default_rng([step.seed, index])) if step.statistical is not None else None
         )
-
-    def run(self, specs: Sequence[RequestSpec], cutoff_s: float | None) -> float:
-        """Simulate this instance alone until every request is done (or ``cutoff_s``); returns the simulated end
-        time in seconds."""
-        from lynxsim.engine.cluster import Cluster
-
-        cluster = Cluster([self])
-        end_s = cluster.run(specs, cutoff_s)
-        self.arrived, self.statuses = cluster.arrived, cluster.statuses
-        return end_s
 
     def wake(self) -> None:
         """Something changed (a request arrived, blocks were freed, a transfer ended): look for work again."""

@@ -1,4 +1,4 @@
-"""Lynx batch-aware expert selection (arXiv 2411.08982, AffinityBinning), exactly as DESIGN.md states it.
+"""Lynx batch-aware expert selection (arXiv 2411.08982, AffinityBinning), exactly as README.md ("Policies") states it.
 
 For one layer's router logits ``L[B, E]`` of one decode batch::
 
@@ -47,7 +47,7 @@ _MIN_SUBNORMAL_LOG2 = 1074
 @dataclass
 class Lynx:
     """Lynx with its per-model constants: ``alpha`` (bins per unit of logit gap) and ``beta`` (deepest bin,
-    a positive integer; ``None`` for no floor). The paper's published values are listed in DESIGN.md.
+    a positive integer; ``None`` for no floor). The paper's published values are in the model catalog (`lynx_alpha`, `lynx_beta`).
 
     Either may be a list with one entry per MoE layer (stored as a tuple; ``beta`` entries may be ``None``);
     ``select`` then needs the stacked ``[layers, tokens, experts]`` logits with that many layers (``ValueError``

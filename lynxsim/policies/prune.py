@@ -26,7 +26,7 @@ Points decided here:
 * Ids in ``kept_experts`` must be distinct, and lie in [0, experts) of the logits at ``select``.
 * Weights: softmax over the chosen ids, renormalized when the model renormalizes top-k weights; otherwise,
   as for every policy that re-picks inside a kept set, the raw probabilities are rescaled to the token's
-  original top-k mass (DESIGN.md's Lynx rule).
+  original top-k mass (README.md, "Policies": the weight rule).
 """
 
 from __future__ import annotations

@@ -136,7 +136,7 @@ def selection_weights(x: np.ndarray, ids: np.ndarray, renormalize: bool, *, keep
     * ``renormalize``: ``p / sum(p)`` over the token's used ids (all 0 for a token with none);
     * else the raw ``p`` of each chosen id; with ``keep_topk_mass`` (policies that re-pick inside a kept
       set: Lynx, OEA, vote, prune) rescaled so that they sum to the token's original top-k mass,
-      ``p * (top-k mass) / sum(p)`` (DESIGN.md's rule for Lynx).
+      ``p * (top-k mass) / sum(p)`` (the weight rule of README.md, "Policies").
 
     The operations are those of ``TopK.select`` in the same order, so a selection equal to top-k gets
     bit-identical weights (the top-k mass is summed in descending order, like the chosen ids, and its ratio

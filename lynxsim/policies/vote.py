@@ -21,7 +21,7 @@ Points decided here:
 * The summed probability in the tie rule is summed over the batch's tokens in token order (float64).
 * Weights: softmax over the chosen ids, renormalized when the model renormalizes top-k weights; otherwise,
   as for every policy that re-picks inside a kept set, the raw probabilities are rescaled to the token's
-  original top-k mass (DESIGN.md's Lynx rule).
+  original top-k mass (README.md, "Policies": the weight rule).
 """
 
 from __future__ import annotations
