@@ -87,7 +87,8 @@ class HardwareOverrides(_Section):
 
 
 class HardwareConfig(_Section):
-    """Which GPU: a profile key in hw_profiles/ or a path to a profile YAML."""
+    """Which GPU: a profile key (``./hw_profiles/`` first, then the shipped ``lynxsim/hw_profiles/``) or a path
+    to a profile YAML."""
 
     profile: str = Field(description="profile key (h200, h100-sxm, ...) or path to a YAML file")
     measured_tables: bool = Field(
@@ -158,7 +159,7 @@ class SyntheticRoutingConfig(SyntheticRoutingParams):
 
 class ProfileRoutingConfig(_Section):
     """The seeded generator with parameters fitted to a recorded trace (``lynxsim routing fit``): a shipped
-    profile by name (traces/profiles/NAME.yaml) or a profile file."""
+    profile by name (lynxsim/routing/data/profiles/NAME.yaml) or a profile file."""
 
     kind: Literal["profile"]
     name: str | None = Field(default=None, description="shipped profile, e.g. flame-moe-290m")
@@ -180,9 +181,10 @@ class TraceRoutingConfig(_Section):
 
 
 class ModelRoutingConfig(_Section):
-    """The model's own routing, the default: its shipped routing profile (``traces/profiles/<catalog key>.yaml``,
-    the generator fitted to the model's published routing statistics) where the catalog model has one, else the
-    plain generator with its defaults (an assumption, which the run's ``routing_evidence`` states)."""
+    """The model's own routing, the default: its shipped routing profile
+    (``lynxsim/routing/data/profiles/<catalog key>.yaml``, the generator fitted to the model's published routing
+    statistics) where the catalog model has one, else the plain generator with its defaults (an assumption, which
+    the run's ``routing_evidence`` states)."""
 
     kind: Literal["model"] = "model"
 

@@ -1,6 +1,7 @@
 """GPU hardware profiles: datasheet ceilings, what kernels sustain of them, and measured kernel tables.
 
-A profile is data (``hw_profiles/<key>.yaml``), not code, so that a new GPU or a recalibrated one needs no
+A profile is data (``lynxsim/hw_profiles/<key>.yaml``, shipped inside the package; a ``hw_profiles/`` folder in
+the working directory adds or overrides profiles), not code, so that a new GPU or a recalibrated one needs no
 change to the simulator. Every figure in a profile names where it comes from in its ``sources`` mapping,
 because a simulated latency is only as credible as the numbers under it and a reader must be able to check
 each one. Datasheet figures are ceilings that no kernel reaches; the ``efficiency`` section says how much of
@@ -17,7 +18,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-import lynxsim
 from lynxsim.errors import InputError
 from lynxsim.interconnect import CollectiveCost, CollectiveTable
 from lynxsim.yaml_input import read_yaml_mapping, validation_problem
@@ -194,7 +194,8 @@ class KernelTable(BaseModel):
 
 class TableFile(BaseModel):
     """A file of measured tables that a profile lists in ``measured.table_files`` (``lynxsim calibrate`` writes
-    one per model, e.g. ``hw_profiles/h200.tables/mixtral-8x7b.yaml``), with the calibration run it came from."""
+    one per model, e.g. ``lynxsim/hw_profiles/h200.tables/mixtral-8x7b.yaml``), with the calibration run it
+    came from."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -320,12 +321,17 @@ class HardwareProfile(BaseModel):
 
 # ----- loading -----
 
+# The shipped profiles are package data beside this module, so that a wheel install finds them as a checkout
+# does; in a checkout this is also the folder ``lynxsim calibrate`` writes measured tables into.
+SHIPPED_PROFILE_DIR = Path(__file__).resolve().parent / "hw_profiles"
+
+
 def profile_dirs() -> tuple[Path, ...]:
     """Where profile keys are looked up: ``./hw_profiles`` in the current directory first (a user's own or
-    recalibrated profiles win), then the repository's shipped ``hw_profiles``."""
-    shipped = Path(lynxsim.__file__).resolve().parents[1] / "hw_profiles"
+    recalibrated profiles win), then the profiles shipped as package data (``SHIPPED_PROFILE_DIR``), which an
+    installed copy carries with it."""
     local = Path.cwd() / "hw_profiles"
-    return (local, shipped) if local.resolve() != shipped else (shipped,)
+    return (local, SHIPPED_PROFILE_DIR) if local.resolve() != SHIPPED_PROFILE_DIR else (SHIPPED_PROFILE_DIR,)
 
 
 def hardware_names() -> list[str]:

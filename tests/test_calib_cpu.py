@@ -54,7 +54,7 @@ from lynxsim.cost import (
     LatencyBreakdown,
     make_cost_model,
 )
-from lynxsim.hardware import CalibrationMetadata, load_hardware
+from lynxsim.hardware import SHIPPED_PROFILE_DIR, CalibrationMetadata, load_hardware
 from lynxsim.models import load_catalog_model
 
 H200 = load_hardware("h200")
@@ -123,7 +123,7 @@ def test_roofline_tables_follow_the_plan() -> None:
 def _profile_copy(tmp_path: Path) -> Path:
     """The shipped H200 profile's text (comments included) without its measured tables."""
     path = tmp_path / "gpu.yaml"
-    text = (REPO / "hw_profiles" / "h200.yaml").read_text()
+    text = (SHIPPED_PROFILE_DIR / "h200.yaml").read_text()
     path.write_text(replace_top_level_block(text, "measured", "measured: {}\n"))
     return path
 

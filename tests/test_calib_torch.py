@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 from lynxsim.calib.iterations import ValidationIteration, expert_assignment
 from lynxsim.calib.plan import plan_model
 from lynxsim.cost import BatchShape, LatencyBreakdown, MeasuredCostModel
-from lynxsim.hardware import HardwareProfile, load_hardware
+from lynxsim.hardware import SHIPPED_PROFILE_DIR, HardwareProfile, load_hardware
 from lynxsim.models.spec import AttentionSpec, ModelSpec
 
 TINY = ModelSpec(
@@ -159,8 +159,6 @@ def test_moe_token_axis_is_refined_at_kernel_configuration_changes() -> None:
 
 def test_calibrate_units_keeps_the_other_tables(tmp_path, monkeypatch) -> None:
     """`lynxsim calibrate --units moe` re-measures one unit and keeps the model's other tables in the profile."""
-    from pathlib import Path
-
     from lynxsim.calib import sweeps
     from lynxsim.calib.commands import main
     from lynxsim.calib.plan import roofline_tables
@@ -168,7 +166,7 @@ def test_calibrate_units_keeps_the_other_tables(tmp_path, monkeypatch) -> None:
     from lynxsim.hardware import CalibrationMetadata
 
     profile = tmp_path / "gpu.yaml"
-    text = (Path(__file__).resolve().parents[1] / "hw_profiles" / "h200.yaml").read_text()
+    text = (SHIPPED_PROFILE_DIR / "h200.yaml").read_text()
     profile.write_text(replace_top_level_block(text, "measured", "measured: {}\n"))
     h200 = load_hardware("h200")
     meta = CalibrationMetadata(gpu_name="test GPU", torch_version="t", cuda_version="c", date="2026-11-28", notes="n")

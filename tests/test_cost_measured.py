@@ -26,6 +26,7 @@ from lynxsim.cost import (
     table_name,
 )
 from lynxsim.hardware import (
+    SHIPPED_PROFILE_DIR,
     CalibrationMetadata,
     HardwareProfile,
     KernelTable,
@@ -257,7 +258,7 @@ def test_run_reports_measured_cost_model(tmp_path: Path) -> None:
     from lynxsim.config import ExperimentConfig
     from lynxsim.runner import run_experiment
 
-    source = Path(__file__).resolve().parents[1] / "hw_profiles" / "h200.yaml"
+    source = SHIPPED_PROFILE_DIR / "h200.yaml"
     profile = tmp_path / "gpu.yaml"
     text = source.read_text()
     data = yaml.safe_load(text)

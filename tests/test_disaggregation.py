@@ -211,7 +211,7 @@ def test_disaggregated_run_is_deterministic_and_reports_transfers(tmp_path: Path
     assert decode["policy_applied"].all() and set(decode["instance"]) == {1, 2}
     assert set(iterations.loc[iterations["role"] == "prefill", "instance"]) == {0}
     # Qwen3-30B-A3B: 48 layers x 4 KV heads x 128 x 2 (K, V) x 2 bytes = 98,304 B per token, over the H200's
-    # NVLink at the 308 GB/s per direction two H200s sustained (hw_profiles/h200.yaml)
+    # NVLink at the 308 GB/s per direction two H200s sustained (lynxsim/hw_profiles/h200.yaml)
     moved = requests[requests["transfer_s"].notna()]
     assert moved["transfer_s"].to_numpy() == pytest.approx(moved["prompt_tokens"].to_numpy() * 98304 / 308e9)
     after = moved[moved["arrival_s"] >= 0.3]

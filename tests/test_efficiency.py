@@ -33,11 +33,10 @@ from lynxsim.cost import (
     required_units,
     table_name,
 )
-from lynxsim.hardware import CalibrationMetadata, load_hardware
+from lynxsim.hardware import SHIPPED_PROFILE_DIR, CalibrationMetadata, load_hardware
 from lynxsim.models import load_catalog_model
 
-REPO = Path(__file__).resolve().parents[1]
-PROFILE = REPO / "hw_profiles" / "h200.yaml"
+PROFILE = SHIPPED_PROFILE_DIR / "h200.yaml"
 H200 = load_hardware(PROFILE)
 BANDWIDTH = 4.22e12
 LAUNCH_S = 5.0e-6

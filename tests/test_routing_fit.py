@@ -29,10 +29,11 @@ from lynxsim.routing import RoutingTrace, SyntheticRouting, SyntheticRoutingPara
 from lynxsim.routing.compare import FIGURE_NAMES, compare_figures, compare_routing, sample_batches
 from lynxsim.routing.fit import fit_routing, fit_synthetic, load_profile, save_profile
 from lynxsim.routing.flame import load_flame_csv_dir
+from lynxsim.routing.profiles import PROFILE_DIR
 from lynxsim.routing.trace_format import FILL_STRATEGIES, TopKTrace
 from shared_data import FLAME_DIR
 
-SHIPPED_PROFILE = Path(__file__).resolve().parents[1] / "traces" / "profiles" / "flame-moe-290m.yaml"
+SHIPPED_PROFILE = PROFILE_DIR / "flame-moe-290m.yaml"
 
 
 def _drawn_trace(

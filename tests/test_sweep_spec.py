@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from lynxsim.cli import main
 from lynxsim.errors import InputError
+from lynxsim.hardware import SHIPPED_PROFILE_DIR
 from lynxsim.sweep.points import config_hash, load_sweep
 from lynxsim.sections.sweep import SweepConfig, SweepPoint, derive_seed, expand
 
@@ -115,9 +116,8 @@ def test_the_hash_follows_the_data_a_run_reads(tmp_path: Path, monkeypatch: pyte
     shipped = load_sweep(path).points[0].config_hash
     local = tmp_path / "hw_profiles"
     local.mkdir()
-    shipped_profiles = Path(__file__).resolve().parents[1] / "hw_profiles"
-    (local / "h200.tables").symlink_to(shipped_profiles / "h200.tables")
-    (local / "h200.yaml").write_text((shipped_profiles / "h200.yaml").read_text())
+    (local / "h200.tables").symlink_to(SHIPPED_PROFILE_DIR / "h200.tables")
+    (local / "h200.yaml").write_text((SHIPPED_PROFILE_DIR / "h200.yaml").read_text())
     assert load_sweep(path).points[0].config_hash == shipped  # the same data from another place
     recalibrated = (local / "h200.yaml").read_text().replace("kernel_launch_s: 5.0e-6", "kernel_launch_s: 6.0e-6", 1)
     (local / "h200.yaml").write_text(recalibrated)

@@ -7,7 +7,7 @@ or execute kernels. ``--dry-run``, ``--merge`` and ``--record`` need no torch at
 its own (``python -m lynxsim.calib.commands calibrate ...``), which is how the GPU machine calls it.
 
 Typical use:
-  lynxsim calibrate --models mixtral-8x7b olmoe-1b-7b            # time the sweeps on this GPU, write hw_profiles/h200
+  lynxsim calibrate --models mixtral-8x7b olmoe-1b-7b            # time the sweeps on this GPU, write the h200 profile
   lynxsim calibrate --merge tables/*.yaml                         # merge table files measured elsewhere
   lynxsim calibrate --dry-run                                     # print the plan (points per table)
   lynxsim validate --models olmoe-1b-7b --out docs                # simulate, execute on the GPU, compare, report

@@ -1,7 +1,7 @@
 """Writing measured tables into a hardware profile. No torch.
 
 Calibration writes one table file per model beside the profile, ``<profile-stem>.tables/<model-key>.yaml``
-(e.g. ``hw_profiles/h200.tables/mixtral-8x7b.yaml``), holding that run's metadata (GPU, torch and CUDA versions,
+(e.g. ``lynxsim/hw_profiles/h200.tables/mixtral-8x7b.yaml``), holding that run's metadata (GPU, torch and CUDA versions,
 date) and the model's tables, and lists it under the profile's ``measured.table_files``. The profile itself is
 edited as text: only its top-level ``measured:`` block is replaced, so the datasheet figures, their ``sources``
 and every comment stay exactly as they were. The result is read back with ``load_hardware`` before the call

@@ -43,9 +43,9 @@ METHOD = """\
    CUDA graph (as vLLM captures its decode batches), replayed after warm-up, and timed with CUDA events; the
    measurement is the median of the replays.
 3. **Predicted by the measured cost model** (`lynxsim/cost.py`, `MeasuredCostModel`) from the tables in
-   `hw_profiles/h200.tables/`: the sum of the per-layer units that calibration timed the same way (CUDA-graph
-   replays, rotating among weight copies so that L2 never serves weights), each MoE layer at its own distinct
-   expert count, plus the measured graph-launch cost. The profile's CPU-side `iteration_overhead_s` (an
+   `lynxsim/hw_profiles/h200.tables/`: the sum of the per-layer units that calibration timed the same way
+   (CUDA-graph replays, rotating among weight copies so that L2 never serves weights), each MoE layer at its own
+   distinct expert count, plus the measured graph-launch cost. The profile's CPU-side `iteration_overhead_s` (an
    assumption about the serving engine, not a GPU cost) is left out of the compared prediction.
 
 The error of an iteration is `predicted / measured - 1`.

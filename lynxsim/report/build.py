@@ -171,7 +171,7 @@ def _readme(report: Report, agreement: pd.DataFrame, folder: Path, quick: bool, 
         f" ({_commit(folder)}), {mode}, in {report.wall_s / 60:.1f} min of wall time on this machine, {reused} of its"
         f" {runs} runs read from the work stores of an earlier build. Every figure is one"
         f" experiment file of `{folder}` (a sweep plus a `report:` section); its numbers are in the CSV beside the"
-        " PNG. Costs come from the committed H200 kernel tables (`hw_profiles/h200.tables/`, measured and"
+        " PNG. Costs come from the committed H200 kernel tables (`lynxsim/hw_profiles/h200.tables/`, measured and"
         " validated on an H200); other GPUs and deployments without tables use the roofline, as each section says.",
         "",
     ]

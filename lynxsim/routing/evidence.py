@@ -3,8 +3,9 @@ or assumed parameters; and the routing a model gets by default.
 
 How much a batch-aware policy saves follows the router, so every run says which routing evidence its numbers
 rest on (``routing_evidence`` in its summary, config.resolved.yaml and the paper report). The default routing
-of a catalog model (``routing: {kind: model}``) is its shipped profile, ``traces/profiles/<catalog key>.yaml``,
-fitted to that model's published statistics (``traces/statistics/``) by ``lynxsim routing fit``; a model
+of a catalog model (``routing: {kind: model}``) is its shipped profile,
+``lynxsim/routing/data/profiles/<catalog key>.yaml``, fitted to that model's published statistics
+(``lynxsim/routing/data/statistics/``) by ``lynxsim routing fit``; a model
 without one is routed by the plain generator, whose defaults are Mixtral-like assumptions.
 """
 
@@ -21,7 +22,7 @@ ASSUMED = "assumed: the plain generator's Mixtral-like defaults"
 
 
 def model_profile(model_key: str | None) -> Path | None:
-    """The shipped profile of a catalog model (``traces/profiles/<key>.yaml``), or None."""
+    """The shipped profile of a catalog model (``PROFILE_DIR/<key>.yaml``), or None."""
     if not model_key:
         return None
     path = PROFILE_DIR / f"{model_key}.yaml"

@@ -17,7 +17,8 @@ from lynxsim.routing.fit import load_profile
 from lynxsim.routing.replay import layer_map
 from lynxsim.routing.synthetic import SyntheticRoutingParams
 
-PROFILE_DIR = Path(__file__).resolve().parents[2] / "traces" / "profiles"
+# Package data, so that an installed copy routes a catalog model by its profile as a checkout does.
+PROFILE_DIR = Path(__file__).resolve().parent / "data" / "profiles"
 PER_LAYER_FIELDS = ("popularity_skew", "confidence_mean", "confidence_spread", "persistence")
 
 

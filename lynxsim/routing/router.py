@@ -103,9 +103,9 @@ def group_limit_of(model: Any) -> GroupLimit | None:
     ``topk_groups``): DeepSeek-V3's (``router: grouped_topk``), else None.
 
     DeepSeek-V2's softmax ``group_limited_greedy`` (its catalog entries keep the two group fields) is not
-    applied: the only public log of Lynx on such a model (DeepSeek-Coder-V2, traces/statistics/) is reproduced
-    by an unconstrained router and is out of reach of a group-limited one (with 3 of 8 groups eligible, Lynx's
-    union of a batch of 16 cannot pass about 47 experts, where the log shows 52 in layers 20-39), so the
+    applied: the only public log of Lynx on such a model (DeepSeek-Coder-V2, lynxsim/routing/data/statistics/) is
+    reproduced by an unconstrained router and is out of reach of a group-limited one (with 3 of 8 groups eligible,
+    Lynx's union of a batch of 16 cannot pass about 47 experts, where the log shows 52 in layers 20-39), so the
     routing that stands behind its profile is the unconstrained one; docs/routing_evidence.md says so."""
     groups, kept = getattr(model, "num_expert_groups", None), getattr(model, "topk_groups", None)
     if getattr(model, "router", None) != "grouped_topk" or not groups or groups < 2 or kept is None or kept >= groups:

@@ -4,8 +4,9 @@ A recorded trace (``lynxsim.routing.trace``) holds every token's expert choices;
 models is less: a histogram of expert choices per layer, a log of how many experts decode batches activated,
 a few hundred tokens' top-2 weights. A statistics file holds such aggregates, each with its source, so that the
 generator can be fitted to them (``lynxsim.routing.fit_statistics``) and its residual against every one of them
-reported. Files live in ``traces/statistics/`` (fit data) and ``traces/statistics/checks/`` (data kept out of
-the fit, to check it); only aggregated numbers are stored, so data without a licence is cited, never copied.
+reported. The shipped files live in ``lynxsim/routing/data/statistics/`` (fit data) and its ``checks/``
+(data kept out of the fit, to check it); only aggregated numbers are stored, so data without a licence is cited,
+never copied.
 
 Format (YAML, ``format: lynxsim-routing-statistics``, ``format_version: 1``)::
 
@@ -41,7 +42,7 @@ from lynxsim.yaml_input import read_yaml_mapping
 
 STATISTICS_FORMAT = "lynxsim-routing-statistics"
 STATISTICS_FORMAT_VERSION = 1
-STATISTICS_DIR = Path(__file__).resolve().parents[2] / "traces" / "statistics"
+STATISTICS_DIR = Path(__file__).resolve().parent / "data" / "statistics"  # package data, as the profiles
 CHECKS_DIR = STATISTICS_DIR / "checks"
 
 

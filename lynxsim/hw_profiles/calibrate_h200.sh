@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # How the H200 profile's measured tables are made: `lynxsim calibrate` (production kernels) for every deployment
 # the experiments use, one process per table key (a CUDA fault in one cannot spoil the next), each written into
-# hw_profiles/h200.yaml and hw_profiles/h200.tables/ as soon as it is measured.
+# lynxsim/hw_profiles/h200.yaml and lynxsim/hw_profiles/h200.tables/ (the checkout's package data: the script runs
+# the checkout's lynxsim from the repository root) as soon as it is measured.
 #
-#   hw_profiles/calibrate_h200.sh JOB ...     JOB = MODEL[:tpG|:epN][:nomoe]
+#   lynxsim/hw_profiles/calibrate_h200.sh JOB ...     JOB = MODEL[:tpG|:epN][:nomoe]
 #     MODEL            every table of the catalog model on one GPU
 #     MODEL:tp4        one rank's shard of a 4-way tensor-parallel instance (tables MODEL@tp4)
 #     MODEL:ep4        one rank's experts of a 4-way expert-parallel instance (table MODEL@ep4/moe)
@@ -15,6 +16,8 @@
 set -u
 OUT=${OUT:-/tmp/calibration}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/../.."
 LOG="$OUT/calibration_log.txt"
 GPU=$(python3 -c 'import torch; print(torch.cuda.get_device_name())')
 echo "$(date -u +%FT%TZ) GPU: $GPU" | tee -a "$LOG"
@@ -40,5 +43,5 @@ for job in "$@"; do
   else
     echo "$(date -u +%FT%TZ) FAILED $job after $(( $(date +%s) - started )) s" | tee -a "$LOG"
   fi
-  tar czf "$OUT/tables.tgz" "hw_profiles/$PROFILE.yaml" "hw_profiles/$PROFILE.tables"
+  tar czf "$OUT/tables.tgz" "lynxsim/hw_profiles/$PROFILE.yaml" "lynxsim/hw_profiles/$PROFILE.tables"
 done
