@@ -27,6 +27,7 @@ from lynxsim.config import load_experiment
 from lynxsim.errors import InputError, exit_code
 from lynxsim.hardware import hardware_names, load_hardware
 from lynxsim.models import catalog_summary
+from lynxsim.plugins import REGISTRIES
 from lynxsim.plots import load_run, write_run_figures
 from lynxsim.quality.commands import add_quality_parser
 from lynxsim.report.commands import add_report_parser
@@ -110,6 +111,11 @@ def _parser() -> argparse.ArgumentParser:
 
     hardware = commands.add_parser("hardware", help="list the hardware profiles")
     hardware.set_defaults(handler=_hardware)
+
+    plugins = commands.add_parser(
+        "plugins", help="list the policies, schedulers, routers, cost models and routing sources an experiment can "
+        "name: the built-ins and those installed packages add")
+    plugins.set_defaults(handler=_plugins)
 
     routing = commands.add_parser("routing", help="recorded routing traces: import, fit the generator, compare")
     routing_commands = routing.add_subparsers(dest="routing_command", required=True)
@@ -268,6 +274,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     title = f"{config.name}: {setup.model.name} on {setup.hardware.name} (cost model: {setup.cost_model.source})"
     console.print(_summary_table(frame, title))
     console.print(f"routing: {setup.routing_evidence}", markup=False, highlight=False)
+    console.print(f"engine: {result.engine}", markup=False, highlight=False)
     if config.output.figures and not args.no_figures:
         records = load_run(out_dir)
         paths = write_run_figures(records, setup.model.num_experts, out_dir / "figures")
@@ -330,7 +337,9 @@ def _fmt(value: object, fmt: str) -> str:
 
 def _capacity(args: argparse.Namespace, console: Console) -> int:
     config = load_experiment(args.experiment, args.overrides)
-    prepare(config)  # every configuration problem before the first probe
+    setup = prepare(config)  # every configuration problem before the first probe
+    if setup.engine_note is not None:
+        console.print(f"engine: {setup.engine_note}", markup=False, highlight=False)
     out_dir: Path = args.out or config.output.dir
     slo = config.slo
     targets = ", ".join(
@@ -399,6 +408,8 @@ def _check(args: argparse.Namespace, console: Console) -> int:
     tokens = setup.kv_cache_blocks * config.serving.block_size_tokens
     console.print(f"KV cache: {setup.kv_cache_blocks} blocks ({tokens} tokens)")
     console.print(f"requests: {len(setup.requests)}; policies: {', '.join(label for label, _, _ in setup.policies)}")
+    if setup.engine_note is not None:
+        console.print(f"engine: {setup.engine_note}", markup=False, highlight=False)
     if config.sweep is not None:
         sweep = load_sweep(args.experiment, args.overrides)
         console.print(f"sweep: {len(sweep.points)} points, {sweep.distinct_runs} distinct runs, over {', '.join(sweep.keys)}")
@@ -451,6 +462,18 @@ def _hardware(args: argparse.Namespace, console: Console) -> int:
             f"{hw.dense_bf16_flops_per_s / 1e12:.0f}",
             str(len(hw.measured.tables)),
         )
+    console.print(table)
+    return 0
+
+
+def _plugins(args: argparse.Namespace, console: Console) -> int:
+    table = Table(title="components an experiment can name (docs/extending.md)")
+    for column in ("kind", "name", "parameters", "from", "entry-point group"):
+        table.add_column(column)
+    for registry in REGISTRIES:
+        for name in (*registry.builtin_names, *registry.plugin_names()):
+            parameters = [*registry.parameters(name), *(["..."] if registry.takes_any_parameter(name) else [])]
+            table.add_row(registry.kind, name, ", ".join(parameters) or "-", registry.origin(name), registry.group)
     console.print(table)
     return 0
 

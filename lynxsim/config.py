@@ -7,7 +7,7 @@ error names the key path and the YAML line it came from (``quickstart.yaml:14: w
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import (
@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from lynxsim.errors import InputError
+from lynxsim.plugins import COST_MODELS, ROUTERS, ROUTING_SOURCES, SCHEDULERS, Registry
 from lynxsim.yaml_input import error_message, read_yaml_mapping_with_nodes
 from lynxsim.routing.statistical import DEFAULT_SAMPLES
 from lynxsim.routing.synthetic import SyntheticRoutingParams
@@ -42,6 +43,76 @@ wrote the section."""
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    omitted_when_default: ClassVar[tuple[str, ...]] = ()
+    """Keys left out of the dump while they hold their default: keys added after results were stored under a
+    config's hash (``lynxsim.sweep.points.config_hash``), so that a config that does not set them dumps, and so
+    hashes, as it did before they existed, and its stored sweep runs stay valid."""
+
+    @model_serializer(mode="wrap")
+    def _without_default_new_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        fields = type(self).model_fields
+        for key in self.omitted_when_default:
+            if getattr(self, key) == fields[key].get_default(call_default_factory=True):
+                data.pop(key, None)
+        return data
+
+
+class _Choice(BaseModel):
+    """A registered component chosen by name, with its parameters: ``name`` alone, or ``{name: ..., <parameter>:
+    <value>, ...}``. The name is checked against the kind's registry (``lynxsim.plugins``) here, so that a typo
+    is reported with the YAML line; the parameters are checked against the component's signature when the run
+    is prepared. A choice without parameters dumps as its bare name, as the key was written before plug-ins."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    registry: ClassVar[Registry[Any]]
+    name: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"name": value}
+        if not isinstance(value, (dict, _Choice)):
+            raise ValueError("give a name, or a mapping of 'name' and the parameters")
+        return value
+
+    @model_validator(mode="after")
+    def _registered(self) -> "_Choice":
+        self.registry.check(self.name)
+        return self
+
+    @model_serializer(mode="wrap")
+    def _bare_name(self, handler: SerializerFunctionWrapHandler) -> str | dict[str, Any]:
+        return self.name if not self.model_extra else handler(self)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @property
+    def is_plugin(self) -> bool:
+        return not self.registry.is_builtin(self.name)
+
+
+class SchedulerChoice(_Choice):
+    """A scheduler of ``lynxsim.plugins.SCHEDULERS`` (built in: ``vllm``)."""
+
+    registry = SCHEDULERS
+
+
+class RouterChoice(_Choice):
+    """A request router of ``lynxsim.plugins.ROUTERS`` (built in: ``round_robin``, ``least_outstanding``)."""
+
+    registry = ROUTERS
+
+
+class CostModelChoice(_Choice):
+    """A cost model of ``lynxsim.plugins.COST_MODELS`` (built in: ``profile``)."""
+
+    registry = COST_MODELS
 
 
 class ModelConfig(_Section):
@@ -99,21 +170,18 @@ class HardwareConfig(_Section):
     overrides: HardwareOverrides = Field(
         default_factory=HardwareOverrides, description="profile figures this experiment replaces"
     )
+    cost_model: CostModelChoice = Field(
+        default=CostModelChoice(name="profile"),
+        description="what prices an iteration: profile (the profile's measured tables where it has the model's, "
+        "else the roofline), or a plug-in's cost model by name, with its parameters",
+    )
+
+    omitted_when_default = ("overrides", "cost_model")
 
     @model_validator(mode="before")
     @classmethod
     def _from_string(cls, value: Any) -> Any:
         return {SHORTHAND_KEYS["hardware"]: value} if isinstance(value, str) else value
-
-    @model_serializer(mode="wrap")
-    def _without_empty_overrides(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """Leave ``overrides`` out of the dump when it replaces nothing: a config that sets none dumps, and so
-        hashes (``lynxsim.sweep.points.config_hash``), as it did before overrides existed, and its stored sweep
-        runs stay valid."""
-        data = handler(self)
-        if self.overrides == HardwareOverrides():
-            data.pop("overrides", None)
-        return data
 
 
 class WorkloadConfig(_Section):
@@ -180,6 +248,29 @@ class TraceRoutingConfig(_Section):
     fill: FillStrategy = Field(default=DEFAULT_FILL, description="how the logits a top-k-only trace lacks are filled in")
 
 
+class PluginRoutingConfig(BaseModel):
+    """Router logits from a plug-in's routing source (an entry point of ``lynxsim.routing_sources``): its
+    ``name``, and its parameters as the section's other keys, passed as written (a relative path stays relative
+    to the current directory)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    kind: Literal["plugin"]
+    name: str = Field(description="the routing source's name, as its package declares it")
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        ROUTING_SOURCES.check(name)
+        if ROUTING_SOURCES.is_builtin(name):
+            raise ValueError(f"{name!r} is built in: write kind: {name}")
+        return name
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
 class ModelRoutingConfig(_Section):
     """The model's own routing, the default: its shipped routing profile
     (``lynxsim/routing/data/profiles/<catalog key>.yaml``, the generator fitted to the model's published routing
@@ -190,13 +281,13 @@ class ModelRoutingConfig(_Section):
 
 
 RoutingConfig = Annotated[
-    Union[ModelRoutingConfig, SyntheticRoutingConfig, ProfileRoutingConfig, TraceRoutingConfig],
+    Union[ModelRoutingConfig, SyntheticRoutingConfig, ProfileRoutingConfig, TraceRoutingConfig, PluginRoutingConfig],
     Field(discriminator="kind"),
 ]
 
 
 class ServingConfig(_Section):
-    """The serving engine's scheduler limits, as vLLM names them."""
+    """The serving engine's scheduler and its limits, as vLLM names them."""
 
     max_num_seqs: int = Field(default=256, gt=0, description="most sequences in one iteration's batch")
     max_num_batched_tokens: int = Field(default=2048, gt=0, description="most tokens (prefill + decode) per iteration")
@@ -204,6 +295,13 @@ class ServingConfig(_Section):
     block_size_tokens: int = Field(default=16, gt=0, description="tokens per KV-cache block")
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1, description="share of GPU memory for weights + KV")
     activation_reserve_bytes: float = Field(default=2e9, ge=0, description="memory kept for activations")
+    scheduler: SchedulerChoice = Field(
+        default=SchedulerChoice(name="vllm"),
+        description="the batching rule: vllm (continuous batching; chunked_prefill chooses v1's or v0's), or a "
+        "plug-in's scheduler by name, with its parameters",
+    )
+
+    omitted_when_default = ("scheduler",)
 
 
 class ParallelismConfig(_Section):
@@ -250,9 +348,10 @@ class DeploymentConfig(_Section):
     replicas: int = Field(default=1, gt=0, description="colocated: number of instances")
     prefill_instances: int = Field(default=1, gt=0, description="disaggregated: number of prefill instances")
     decode_instances: int = Field(default=1, gt=0, description="disaggregated: number of decode instances")
-    router: Literal["round_robin", "least_outstanding"] = Field(
-        default="round_robin",
-        description="which instance receives a request: in turn, or the one with the fewest outstanding requests",
+    router: RouterChoice = Field(
+        default=RouterChoice(name="round_robin"),
+        description="which instance receives a request: round_robin (in turn), least_outstanding (the one with the "
+        "fewest outstanding requests), or a plug-in's router by name, with its parameters",
     )
     transfer_bandwidth_bytes_per_s: float | None = Field(
         default=None,

@@ -222,6 +222,7 @@ class CostModel:
         self._dense_groups = self._dense_gemm_groups(model)
         self._dense_launch_s = sum(g.repeats * g.kernels for g in self._dense_groups) * self._launch_s
 
+        self.cpu_overhead_s = eff.iteration_overhead_s  # the CPU side of the overhead (an instance's, over GPUs)
         self._overhead_s = eff.iteration_overhead_s
 
     @staticmethod
@@ -403,6 +404,11 @@ class CostModel:
     def weight_bytes_per_gpu(self) -> float:
         """Weight bytes resident on each GPU: all of them, as the model runs on one GPU."""
         return self.model.weight_bytes
+
+    @property
+    def kv_bytes_per_token_per_gpu(self) -> float:
+        """KV-cache bytes of one token on the GPU: the model's, all of them on one GPU."""
+        return self.model.kv_bytes_per_token
 
     def kv_cache_capacity_bytes(self, gpu_memory_utilization: float, activation_reserve_bytes: float) -> int:
         """Bytes left for the KV cache: memory_bytes * utilization - weights - activation reserve (as vLLM

@@ -190,7 +190,7 @@ class ParallelCostModel:
         self._allreduces = allreduces
         self.placement = expert_placement(model.num_experts, plan.expert_parallel)
         self._onehot = placement_matrix(self.placement, plan.expert_parallel)
-        self.cpu_overhead_s = getattr(base, "cpu_overhead_s", hardware.efficiency.iteration_overhead_s)
+        self.cpu_overhead_s = base.cpu_overhead_s
 
     # ----- components -----
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -27,28 +27,19 @@ import simpy
 import yaml
 from pydantic import ValidationError
 
-from lynxsim.config import (
-    ExperimentConfig,
-    ModelRoutingConfig,
-    PolicyConfig,
-    ProfileRoutingConfig,
-    ServingConfig,
-    TraceRoutingConfig,
-)
-from lynxsim.cost import CostModel
-from lynxsim.engine import BlockPool, Cluster, KVTransfer, Replica, Role, RoutingStep, Scheduler
+from lynxsim.config import ExperimentConfig, PluginRoutingConfig, PolicyConfig, ServingConfig
+from lynxsim.engine import BlockPool, Cluster, KVTransfer, Replica, Role, RouterFactory, RoutingStep, Scheduler
 from lynxsim.errors import InputError
 from lynxsim.hardware import HardwareProfile, MeasuredKernels, load_hardware
+from lynxsim.instance_cost import CostModelContext, InstanceCostModel
 from lynxsim.metrics import layer_summary, requests_frame, summarize
-from lynxsim.parallel import ParallelPlan, make_instance_cost_model
+from lynxsim.parallel import ParallelPlan
 from lynxsim.models import ModelSpec, load_catalog_model, model_from_hf_config
+from lynxsim.plugins import COST_MODELS, ROUTERS, ROUTING_SOURCES, SCHEDULERS, Registry
 from lynxsim.policies import Policy, TopK, calibrate_if_needed, check_policy, make, needs_calibration
-from lynxsim.routing import RoutingSource, SyntheticRouting, TraceReplayRouting
-from lynxsim.routing.loading import open_trace
-from lynxsim.routing.evidence import model_profile, routing_evidence
-from lynxsim.routing.profiles import load_routing_profile
-from lynxsim.routing.router import group_limit_of
-from lynxsim.routing.synthetic import SyntheticRoutingParams
+from lynxsim.routing import RoutingSource
+from lynxsim.routing.base import RoutingContext
+from lynxsim.routing.evidence import routing_evidence
 from lynxsim.engine.compiled import engine_for
 from lynxsim.engine.topk_unions import TopKUnions
 from lynxsim.routing.statistical import ActivityTable, StatisticalRouting, build_activity_table, default_sizes
@@ -56,9 +47,15 @@ from lynxsim.routing.table_cache import cached_table
 from lynxsim.workload import RequestSpec, generate_requests
 
 
+T = TypeVar("T")
+
+COMPILED_ENGINE = "compiled"
+SIMPY_ENGINE = "simpy"
+
+
 @dataclass(frozen=True)
 class PolicyRun:
-    """The records of one policy's simulation."""
+    """The records of one policy's simulation, and the engine that ran it (``Setup.engine_note``)."""
 
     label: str
     policy: PolicyConfig
@@ -67,6 +64,11 @@ class PolicyRun:
     layers: pd.DataFrame
     summary: dict[str, float]
     wall_s: float
+    engine: str
+
+
+SchedulerFactory = Callable[..., Scheduler]
+"""A registered scheduler with its parameters bound, called with a KV-cache pool and the serving limits."""
 
 
 @dataclass(frozen=True)
@@ -76,17 +78,38 @@ class Setup:
     config: ExperimentConfig
     model: ModelSpec
     hardware: HardwareProfile
-    cost_model: CostModel
+    cost_model: InstanceCostModel
     kv_cache_blocks: int
     requests: list[RequestSpec]
     routing: RoutingSource
     policies: list[tuple[str, PolicyConfig, Policy]]
+    scheduler: SchedulerFactory
+    router: RouterFactory
     plan: ParallelPlan = field(default_factory=ParallelPlan)
 
     @property
     def routing_evidence(self) -> str:
         """What stands behind this run's routing (``lynxsim.routing.evidence``)."""
         return routing_evidence(self.config.routing, self.config.model.name, self.model.name)
+
+    @property
+    def python_plugins(self) -> list[str]:
+        """The plug-ins of this run that the compiled engine cannot run (its scheduler, router and pricing are
+        built-in code restated for numba), each as "<kind> '<name>'"; any of them keeps the run on the simpy
+        engine. Plug-in policies and routing sources run on either engine: both call them from Python."""
+        config = self.config
+        choices = (("scheduler", config.serving.scheduler), ("router", config.deployment.router),
+                   ("cost model", config.hardware.cost_model))
+        return [f"{kind} {choice.name!r}" for kind, choice in choices if choice.is_plugin]
+
+    @property
+    def engine_note(self) -> str | None:
+        """Why this run takes the simpy engine whatever ``engine_for`` would choose, None when nothing forces it:
+        the line the run's summary and printout carry, so that a slower engine is never chosen silently."""
+        plugins = self.python_plugins
+        if not plugins:
+            return None
+        return f"{SIMPY_ENGINE} (plug-in {', '.join(plugins)}: Python code, which the compiled engine cannot run)"
 
     @property
     def gpus_per_instance(self) -> int:
@@ -111,6 +134,11 @@ class Setup:
 class ExperimentResult:
     setup: Setup
     runs: list[PolicyRun]
+
+    @property
+    def engine(self) -> str:
+        """The engine that simulated the policies (one for all: it follows the setup, not the policy)."""
+        return "; ".join(dict.fromkeys(run.engine for run in self.runs))
 
     def summary_frame(self) -> pd.DataFrame:
         """One row per policy, plus ``<metric>_ratio`` columns against the first policy."""
@@ -176,31 +204,33 @@ CALIBRATION_REQUEST_ID_BASE = 1 << 40
 the simulation routes: 64 requests x 64 positions, 4,096 tokens, enough for per-layer medians and usage counts."""
 
 
+def bind_component(registry: Registry[T], name: str, params: dict[str, Any], where: str) -> Callable[..., T]:
+    """``registry.bind``, its refusal (unknown name or parameter) an ``InputError`` at the config key ``where``."""
+    try:
+        return registry.bind(name, params)
+    except ValueError as exc:
+        raise InputError(where, str(exc)) from None
+
+
+def make_component(factory: Callable[..., T], where: str, **engine_arguments: Any) -> T:
+    """``factory(**engine_arguments)``, a value it refuses an ``InputError`` at the config key ``where``."""
+    try:
+        return factory(**engine_arguments)
+    except (ValueError, TypeError) as exc:
+        raise InputError(where, str(exc)) from None
+
+
 def build_routing(config: ExperimentConfig, model: ModelSpec) -> RoutingSource:
-    """The routing source of ``config.routing`` for ``model``, seeded from the experiment's seed."""
+    """The routing source of ``config.routing`` for ``model``, seeded from the experiment's seed: the factory
+    registered as the section's ``kind`` (a plug-in's: its ``name``), given the section's other keys."""
     seed = int(np.random.SeedSequence([config.simulation.seed, 1]).generate_state(1)[0])
     section = config.routing
-    if isinstance(section, TraceRoutingConfig):
-        trace = open_trace(section.path, fill=section.fill, where="routing.path")
-        try:
-            return TraceReplayRouting(trace, seed=seed, num_moe_layers=model.num_moe_layers, num_experts=model.num_experts)
-        except ValueError as exc:
-            raise InputError("routing.path", f"{exc} (model {model.name})") from None
-    if isinstance(section, ProfileRoutingConfig):
-        params = load_routing_profile(
-            section.name, section.path, num_moe_layers=model.num_moe_layers, num_experts=model.num_experts
-        )
-    elif isinstance(section, ModelRoutingConfig):
-        own = model_profile(config.model.name)
-        params = (load_routing_profile(None, own, num_moe_layers=model.num_moe_layers, num_experts=model.num_experts)
-                  if own is not None else SyntheticRoutingParams())
+    if isinstance(section, PluginRoutingConfig):
+        name, params = section.name, section.params
     else:
-        params = section
-    try:
-        return SyntheticRouting(model.num_moe_layers, model.num_experts, params, seed,
-                                group_limit=group_limit_of(model))
-    except ValueError as exc:
-        raise InputError("routing", str(exc)) from None
+        name, params = section.kind, section.model_dump(exclude={"kind"})
+    factory = bind_component(ROUTING_SOURCES, name, params, "routing")
+    return make_component(factory, "routing", context=RoutingContext(model, config.model.name, seed))
 
 
 def calibration_logits(routing: RoutingSource) -> np.ndarray:
@@ -247,26 +277,41 @@ def prepare(config: ExperimentConfig) -> Setup:
     )
     routing = build_routing(config, model)
     policies = prepare_policies(config, model, routing)
-    return Setup(config, model, hardware, cost_model, kv_blocks, requests, routing, policies, plan)
+    setup = Setup(
+        config, model, hardware, cost_model, kv_blocks, requests, routing, policies,
+        scheduler=bind_component(SCHEDULERS, config.serving.scheduler.name, config.serving.scheduler.params,
+                                 "serving.scheduler"),
+        router=bind_component(ROUTERS, config.deployment.router.name, config.deployment.router.params,
+                              "deployment.router"),
+        plan=plan,
+    )
+    # one scheduler and one router made now, so that a parameter value they refuse stops the run before it starts
+    make_component(build_scheduler, "serving.scheduler", setup=setup)
+    make_component(setup.router, "deployment.router")
+    return setup
 
 
 def instance_cost_and_kv(
     config: ExperimentConfig, model: ModelSpec, hardware: HardwareProfile, plan: ParallelPlan
-) -> tuple[CostModel, int]:
+) -> tuple[InstanceCostModel, int]:
     """The one place that decides an instance's cost model and KV-cache size (``build_instance`` uses both).
 
-    One GPU: ``make_cost_model`` and ``(memory * util - weights - reserve) / (block * kv_bytes_per_token)``
-    blocks. Over ``plan.gpus`` GPUs (``lynxsim.parallel``): every GPU holds its shard of the weights and its share
-    of each token's KV cache, so the blocks are ``(memory * util - weights_per_gpu - reserve) /
-    (block * kv_bytes_per_token_per_gpu)``: the token capacity grows with TP where KV heads split."""
-    cost_model = make_instance_cost_model(model, hardware, config.model.name, plan)
+    The cost model is ``hardware.cost_model``'s (``lynxsim.plugins.COST_MODELS``; the built-in ``profile`` is
+    ``make_cost_model`` on one GPU, a ``ParallelCostModel`` over more). One GPU: ``(memory * util - weights -
+    reserve) / (block * kv_bytes_per_token)`` blocks. Over ``plan.gpus`` GPUs (``lynxsim.parallel``): every GPU
+    holds its shard of the weights and its share of each token's KV cache, so the blocks are ``(memory * util -
+    weights_per_gpu - reserve) / (block * kv_bytes_per_token_per_gpu)``: the token capacity grows with TP where KV
+    heads split."""
+    choice = config.hardware.cost_model
+    factory = bind_component(COST_MODELS, choice.name, choice.params, "hardware.cost_model")
+    cost_model = make_component(factory, "hardware.cost_model",
+                                context=CostModelContext(model, hardware, config.model.name, plan))
     serving = config.serving
     kv_bytes = cost_model.kv_cache_capacity_bytes(serving.gpu_memory_utilization, serving.activation_reserve_bytes)
-    kv_per_token = getattr(cost_model, "kv_bytes_per_token_per_gpu", model.kv_bytes_per_token)
-    kv_blocks = int(kv_bytes // (serving.block_size_tokens * kv_per_token))
+    kv_blocks = int(kv_bytes // (serving.block_size_tokens * cost_model.kv_bytes_per_token_per_gpu))
     if kv_blocks < 1:
         raise InputError("serving.gpu_memory_utilization", "leaves no room for a single KV-cache block")
-    return cost_model, kv_blocks  # type: ignore[return-value]
+    return cost_model, kv_blocks
 
 
 def build_instance(setup: Setup, step: RoutingStep, env: simpy.Environment, index: int, role: Role) -> Replica:
@@ -279,10 +324,10 @@ def build_instance(setup: Setup, step: RoutingStep, env: simpy.Environment, inde
 
 
 def build_scheduler(setup: Setup) -> Scheduler:
-    """A fresh scheduler of one instance: its KV-cache pool and the serving limits."""
+    """A fresh scheduler of one instance (``serving.scheduler``'s): its KV-cache pool and the serving limits."""
     serving = setup.config.serving
-    return Scheduler(
-        BlockPool(setup.kv_cache_blocks, serving.block_size_tokens),
+    return setup.scheduler(
+        pool=BlockPool(setup.kv_cache_blocks, serving.block_size_tokens),
         max_num_seqs=serving.max_num_seqs,
         max_num_batched_tokens=serving.max_num_batched_tokens,
         chunked_prefill=serving.chunked_prefill,
@@ -298,8 +343,7 @@ def kv_transfer(setup: Setup) -> KVTransfer:
     at ``bandwidth * tp``; replicated heads (tp > num_kv_heads) and MLA's replicated latent move more per link."""
     deployment = setup.config.deployment
     bandwidth = deployment.transfer_bandwidth_bytes_per_s or setup.hardware.sustained_interconnect_bytes_per_s
-    kv_per_token = getattr(setup.cost_model, "kv_bytes_per_token_per_gpu", setup.model.kv_bytes_per_token)
-    return KVTransfer(kv_per_token, bandwidth, deployment.transfer_latency_s)
+    return KVTransfer(setup.cost_model.kv_bytes_per_token_per_gpu, bandwidth, deployment.transfer_latency_s)
 
 
 def build_cluster(setup: Setup, step: RoutingStep) -> Cluster:
@@ -308,7 +352,7 @@ def build_cluster(setup: Setup, step: RoutingStep) -> Cluster:
     return Cluster.build(
         deployment.roles,
         lambda env, index, role: build_instance(setup, step, env, index, role),
-        router=deployment.router,
+        router=setup.router,
         transfer=kv_transfer(setup) if deployment.mode == "disaggregated" else None,
     )
 
@@ -428,7 +472,8 @@ def simulate_policy(
         seed=statistical_seed(config),
         unions=setup.topk_unions,
     )
-    compiled = engine_for(setup.cost_model, config.deployment.roles)
+    forced = setup.engine_note
+    compiled = None if forced is not None else engine_for(setup.cost_model, config.deployment.roles)
     if compiled is not None:
         outcome = compiled.simulate(
             build_scheduler(setup), setup.cost_model, step, model.num_moe_layers, model.num_experts, setup.requests,
@@ -463,7 +508,8 @@ def simulate_policy(
     summary["wall_s"] = wall_s
     summary["simulated_s_per_wall_s"] = end_s / wall_s if wall_s > 0 else np.nan
     layers = layer_summary(iterations, warmup_s=config.simulation.warmup_s)
-    return PolicyRun(label, entry, requests, iterations, layers, summary, wall_s)
+    engine = COMPILED_ENGINE if compiled is not None else forced or SIMPY_ENGINE
+    return PolicyRun(label, entry, requests, iterations, layers, summary, wall_s, engine)
 
 
 def run_experiment(
@@ -536,6 +582,7 @@ def write_summary(result: ExperimentResult, out_dir: Path) -> None:
     _atomic_parquet(frame.reset_index(), out_dir / "summary.parquet")
     payload = {
         "policies": [run.label for run in result.runs],
+        "engine": result.engine,
         "cost_model": result.setup.cost_model.source,
         "routing_mode": result.setup.config.simulation.routing_mode,
         "routing_evidence": result.setup.routing_evidence,

@@ -18,6 +18,8 @@ class ConstantCost:
     """Every iteration takes ``latency_s``; the batch shapes it was asked about are kept for assertions."""
 
     source = "constant"
+    needs_expert_counts = False
+    decode_run = None  # asked one iteration at a time, so that ``shapes`` holds every iteration
 
     def __init__(self, latency_s: float) -> None:
         self.latency_s = latency_s

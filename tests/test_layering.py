@@ -15,10 +15,10 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "lynxsim"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("lynxsim", "errors", "yaml_input", "jit", "interconnect"),
+    ("lynxsim", "errors", "yaml_input", "jit", "interconnect", "plugins"),
     ("models", "hardware", "workload", "policies", "sections"),
     ("cost",),
-    ("parallel", "metrics", "routing"),
+    ("parallel", "metrics", "routing", "instance_cost"),
     ("config", "quality"),
     ("engine",),
     ("runner",),

@@ -22,12 +22,13 @@ A cluster is either
   tell (the remote-prefill parameters are consumed by the first KV load); vLLM-Ascend's RecomputeScheduler instead
   sends the request back to a prefill instance, which is not modelled.
 
-Routers (``router``): ``round_robin`` gives requests to the instances of a pool in turn; ``least_outstanding``
-to the instance with the fewest requests assigned and not yet done there (co-located and decode instances: not
-finished; prefill instances: not finished and KV cache not yet transferred out), ties to the lowest index. Each
-pool (the co-located or prefill instances; the decode instances) has its own router state. A router only considers
-instances that could ever hold the request (all of them when the instances are alike); a request that fits no
-instance of a pool is rejected on arrival with that instance's reason.
+Routers (``router``, a name of ``lynxsim.plugins.ROUTERS``): ``round_robin`` gives requests to the instances of
+a pool in turn; ``least_outstanding`` to the instance with the fewest requests assigned and not yet done there
+(co-located and decode instances: not finished; prefill instances: not finished and KV cache not yet transferred
+out), ties to the lowest index; a plug-in's ``RequestRouter`` by its own rule. Each pool (the co-located or
+prefill instances; the decode instances) has its own router, made fresh for each simulation. A router only
+considers instances that could ever hold the request (all of them when the instances are alike); a request that
+fits no instance of a pool is rejected on arrival with that instance's reason.
 
 Every arrived request ends in ``statuses``: ``finished``, ``rejected_<reason>``, or, at the cut-off,
 ``cutoff_running``, ``cutoff_waiting`` (queued, or preempted, on an instance), ``cutoff_awaiting_transfer``
@@ -37,6 +38,7 @@ Every arrived request ends in ``statuses``: ``finished``, ``rejected_<reason>``,
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -46,19 +48,20 @@ import simpy
 
 from lynxsim.engine.replica import Replica, Role
 from lynxsim.engine.request import Request
+from lynxsim.plugins import ROUTERS
 from lynxsim.workload.requests import RequestSpec
 
-RouterName = Literal["round_robin", "least_outstanding"]
-ROUTERS: tuple[RouterName, ...] = ("round_robin", "least_outstanding")
 Mode = Literal["colocated", "disaggregated"]
 
 
-class RequestRouter:
-    """Picks the instance of a pool that receives a request."""
+class RequestRouter(ABC):
+    """Picks the instance of a pool that receives a request: the interface of every router an experiment can
+    name (``deployment.router``). A router may keep state between requests (it serves one pool, in one
+    simulation); what it reads of an instance (``outstanding``, ``index``, ``scheduler``) it must not change."""
 
+    @abstractmethod
     def pick(self, pool: Sequence[Replica], eligible: Sequence[bool]) -> int:
         """Position in ``pool`` of the chosen instance, among those with ``eligible[i]`` (at least one is)."""
-        raise NotImplementedError
 
 
 class RoundRobinRouter(RequestRouter):
@@ -91,12 +94,8 @@ class LeastOutstandingRouter(RequestRouter):
         return best
 
 
-def make_router(name: RouterName) -> RequestRouter:
-    if name == "round_robin":
-        return RoundRobinRouter()
-    if name == "least_outstanding":
-        return LeastOutstandingRouter()
-    raise ValueError(f"unknown router {name!r}; known: {', '.join(ROUTERS)}")
+RouterFactory = Callable[[], RequestRouter]
+"""Makes one pool's router (a registered router with its parameters bound: ``ROUTERS.bind``)."""
 
 
 @dataclass(frozen=True)
@@ -130,7 +129,11 @@ class Cluster:
     """
 
     def __init__(
-        self, instances: Sequence[Replica], *, router: RouterName = "round_robin", transfer: KVTransfer | None = None
+        self,
+        instances: Sequence[Replica],
+        *,
+        router: str | RouterFactory = "round_robin",
+        transfer: KVTransfer | None = None,
     ) -> None:
         if not instances:
             raise ValueError("a cluster needs at least one instance")
@@ -160,8 +163,9 @@ class Cluster:
                 f"instance roles {sorted(roles)}: give co-located instances only, or prefill and decode instances"
             )
         self.transfer = transfer
-        self._entry_router = make_router(router)
-        self._decode_router = make_router(router)
+        new_router = ROUTERS.bind(router, {}) if isinstance(router, str) else router
+        self._entry_router = new_router()
+        self._decode_router = new_router()
         for instance in self.instances:
             instance.cluster = self
         self.arrived: list[Request] = []
@@ -179,7 +183,7 @@ class Cluster:
         roles: Sequence[Role],
         make_instance: Callable[[simpy.Environment, int, Role], Replica],
         *,
-        router: RouterName = "round_robin",
+        router: str | RouterFactory = "round_robin",
         transfer: KVTransfer | None = None,
     ) -> "Cluster":
         """A cluster of ``len(roles)`` instances on a fresh environment, ``make_instance(env, index, role)`` each."""

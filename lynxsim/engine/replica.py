@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import simpy
 
-from lynxsim.cost import BatchShape, CostModel, ExpertActivity, LatencyBreakdown
+from lynxsim.cost import BatchShape, ExpertActivity, LatencyBreakdown
 from lynxsim.engine.decode_run import DecodeRun, plan_decode_run, run_token_ids
 from lynxsim.engine.request import Request
 from lynxsim.engine.scheduler import ScheduledBatch, Scheduler
+from lynxsim.instance_cost import InstanceCostModel
 from lynxsim.metrics import IterationLog
 from lynxsim.policies import Policy, TopK
 from lynxsim.policies.kernels import route_counts
@@ -105,7 +106,7 @@ class RoutingStep:
         return route_counts(logits, self.baseline, self.top_k, self.renormalize)[0] > 0
 
     def exact_activities(
-        self, cost_model: CostModel, request_ids: np.ndarray, positions: np.ndarray, groups: int, applied: bool
+        self, cost_model: InstanceCostModel, request_ids: np.ndarray, positions: np.ndarray, groups: int, applied: bool
     ) -> ActivityDraws:
         """Exact routing of ``groups`` iterations whose tokens are ``request_ids``/``positions`` in equal
         consecutive parts: each one's expert activity as ``cost_model`` reduces it, their distinct experts and
@@ -116,7 +117,7 @@ class RoutingStep:
             groups == 1
             and isinstance(policy, TopK)  # the baseline, or top-k configured as the policy
             and request_ids.size > self.first_saturation_chunk
-            and not getattr(cost_model, "needs_expert_counts", False)
+            and not cost_model.needs_expert_counts
         ):
             distinct = self.union_of_topk(request_ids, positions)
             if distinct is not None:
@@ -153,7 +154,7 @@ class Replica:
     def __init__(
         self,
         scheduler: Scheduler,
-        cost_model: CostModel,
+        cost_model: InstanceCostModel,
         step: RoutingStep,
         num_moe_layers: int,
         *,
@@ -260,6 +261,7 @@ class Replica:
         running = scheduler.running
         if (
             not self.decode_runs
+            or not scheduler.decode_runs_allowed
             or self.role != "colocated"
             or not running
             or scheduler.waiting
@@ -313,7 +315,7 @@ class Replica:
         before the next arrival (the first always does) and end by the cut-off. A cost model that prices decode
         runs together prices all of them, the cut keeping those that happen; one without (e.g. validation's
         recorder, which must record only iterations that happen) is asked one iteration at a time."""
-        price_run = getattr(self.cost_model, "decode_run", None)
+        price_run = self.cost_model.decode_run
         if price_run is not None:
             latencies = price_run(contexts, activities)
             # Sequential sums, as the clock advances: ends[j + 1] = ends[j] + latency j, bit for bit.

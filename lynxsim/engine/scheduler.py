@@ -17,6 +17,13 @@ The running requests are a ``RunningSet`` (parallel arrays, lynxsim/engine/runni
 batch is sized, given its KV blocks and completed with a fixed number of numpy operations whatever the batch size.
 A batch is always a contiguous range of the running set (running requests are scheduled as a prefix, admitted ones
 are appended after them), which is what lets ``complete`` apply an iteration to array slices.
+
+``Scheduler`` is also the interface of every scheduler an experiment can name (``serving.scheduler``; built in:
+``vllm``, this class). A plug-in scheduler subclasses it and replaces the batching rule, ``schedule``, built from
+the same steps this class uses: ``schedule_running`` (running requests take their missing tokens, preempting when
+the KV cache runs short), ``admit_waiting`` (waiting requests join) and ``make_batch``. The KV-cache
+accounting, completion, preemption and the decode-run shortcut stay this class's, so every rule keeps the
+engine's invariants (docs/extending.md).
 """
 
 from __future__ import annotations
@@ -85,6 +92,10 @@ class Completion(NamedTuple):
 
 
 class Scheduler:
+    """One instance's scheduler: its waiting queue, running set and KV-cache pool, and vLLM's batching rule.
+    Registered as ``vllm`` (``lynxsim.plugins.SCHEDULERS``); a factory of any registered scheduler is called with
+    ``pool``, ``max_num_seqs``, ``max_num_batched_tokens`` and ``chunked_prefill`` by keyword."""
+
     def __init__(
         self, pool: BlockPool, *, max_num_seqs: int, max_num_batched_tokens: int, chunked_prefill: bool
     ) -> None:
@@ -120,24 +131,34 @@ class Scheduler:
     def is_idle(self) -> bool:
         return not self.waiting and not self.running
 
+    @property
+    def decode_runs_allowed(self) -> bool:
+        """Whether the engine may compute a stretch of pure-decode iterations as one decode run
+        (``lynxsim.engine.decode_run``) instead of calling ``schedule`` each iteration. That holds where, with
+        nothing waiting and every running request decoding within the token budget, ``schedule`` takes each
+        running request for one token every iteration, as vLLM's rule does. A subclass with its own ``schedule``
+        is asked every iteration unless it overrides this to say its rule keeps that too."""
+        return type(self).schedule is Scheduler.schedule
+
     def schedule(self, now_s: float) -> ScheduledBatch:
-        """The next iteration's batch, starting at ``now_s`` (empty when there is nothing to compute)."""
+        """The next iteration's batch, starting at ``now_s`` (empty when there is nothing to compute): the
+        batching rule, which a plug-in scheduler replaces."""
         budget = self.max_num_batched_tokens
         first = 0
         if self.chunked_prefill:
-            tokens, budget, preempted = self._schedule_running(budget)
+            tokens, budget, preempted = self.schedule_running(budget)
             if not preempted:
-                admitted, budget = self._admit_waiting(budget, now_s, whole_prompts=False)
+                admitted, budget = self.admit_waiting(budget, now_s, whole_prompts=False)
                 if admitted:
                     tokens = np.concatenate((tokens, np.asarray(admitted, dtype=np.int64)))
         else:
             first = len(self.running)
-            admitted, budget = self._admit_waiting(budget, now_s, whole_prompts=True)
+            admitted, budget = self.admit_waiting(budget, now_s, whole_prompts=True)
             tokens = np.asarray(admitted, dtype=np.int64)
             if not admitted:
                 first = 0
-                tokens, budget, _ = self._schedule_running(budget)
-        return self._batch(first, tokens, self.max_num_batched_tokens - budget)
+                tokens, budget, _ = self.schedule_running(budget)
+        return self.make_batch(first, tokens, self.max_num_batched_tokens - budget)
 
     def complete(self, batch: ScheduledBatch, now_s: float, *, hand_off: bool = False) -> Completion:
         """Apply a finished iteration: each request's new tokens are computed; those with none missing sample a
@@ -201,7 +222,9 @@ class Scheduler:
                 handed_off.append(request)
         return finished, handed_off
 
-    def _batch(self, first: int, tokens: np.ndarray, num_tokens: int) -> ScheduledBatch:
+    def make_batch(self, first: int, tokens: np.ndarray, num_tokens: int) -> ScheduledBatch:
+        """The batch of the running requests at ``first .. first + tokens.size - 1``, computing ``tokens`` each
+        (``num_tokens`` in all): what ``schedule`` returns once its steps have given every request its blocks."""
         running = self.running
         span = slice(first, first + tokens.size)
         computed = running.computed[span].copy()
@@ -210,7 +233,7 @@ class Scheduler:
             first, running.ids[span].copy(), tokens, computed, decoding, num_tokens, int(np.count_nonzero(decoding))
         )
 
-    def _schedule_running(self, budget: int) -> tuple[np.ndarray, int, bool]:
+    def schedule_running(self, budget: int) -> tuple[np.ndarray, int, bool]:
         """Tokens for the first running requests while the budget lasts, each taking its missing tokens or what
         is left, and the KV blocks for them: (tokens of the scheduled prefix, budget left, whether any request was
         preempted). When the pool holds every block needed, all at once; otherwise request by request,
@@ -240,7 +263,7 @@ class Scheduler:
         return tokens, left, False
 
     def _schedule_running_preempting(self, budget: int) -> tuple[np.ndarray, int, bool]:
-        """``_schedule_running`` when the pool runs short: request by request, in admission order, each growing
+        """``schedule_running`` when the pool runs short: request by request, in admission order, each growing
         its blocks; while the pool cannot grow one, the most recently admitted request is preempted (possibly
         that one itself, which ends the scheduling of running requests)."""
         running = self.running
@@ -270,9 +293,10 @@ class Scheduler:
             self.running.blocks[index] += extra
         return True
 
-    def _admit_waiting(self, budget: int, now_s: float, *, whole_prompts: bool) -> tuple[list[int], int]:
-        """Admit waiting requests, in order, while the budget, the sequence limit and the KV cache allow: the
-        tokens each computes, and the budget left."""
+    def admit_waiting(self, budget: int, now_s: float, *, whole_prompts: bool) -> tuple[list[int], int]:
+        """Admit waiting requests, in order, while the budget, the sequence limit and the KV cache allow (with
+        ``whole_prompts``, only while a request's missing tokens fit the budget whole): the tokens each computes,
+        and the budget left. The admitted requests are appended to the running set, after the ones scheduled."""
         admitted: list[int] = []
         while self.waiting and budget > 0 and len(self.running) + self.num_receiving < self.max_num_seqs:
             request = self.waiting[0]

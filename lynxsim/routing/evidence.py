@@ -50,6 +50,8 @@ def profile_evidence(path: Path) -> str:
 def routing_evidence(section: Any, model_key: str | None, model_name: str) -> str:
     """The evidence behind a run's routing source (``section``: its ``routing`` config) for ``model_key``."""
     kind = getattr(section, "kind", "synthetic")
+    if kind == "plugin":
+        return f"plug-in routing source {section.name!r}: its evidence is the plug-in's to state"
     if kind == "trace":
         return f"real router outputs replayed: {section.path}"
     if kind == "profile":

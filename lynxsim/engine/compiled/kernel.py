@@ -148,7 +148,7 @@ def _schedule_running(
     req_i: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray, config: np.ndarray,
     batch_new: np.ndarray, grow: np.ndarray, budget: int,
 ) -> tuple[int, int, bool]:
-    """``Scheduler._schedule_running`` (and its preempting variant): tokens for the first running requests into
+    """``Scheduler.schedule_running`` (and its preempting variant): tokens for the first running requests into
     ``batch_new``; returns (requests scheduled, budget left, whether any was preempted). ``grow``: scratch, the
     blocks each scheduled request needs."""
     n = state[S_RUNNING]
@@ -203,7 +203,7 @@ def _admit_waiting(
     req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray,
     config: np.ndarray, batch_new: np.ndarray, at: int, budget: int, now: float, whole_prompts: bool,
 ) -> tuple[int, int]:
-    """``Scheduler._admit_waiting``: admissions appended to the running set and to ``batch_new`` from ``at``;
+    """``Scheduler.admit_waiting``: admissions appended to the running set and to ``batch_new`` from ``at``;
     returns (requests admitted, budget left)."""
     admitted = 0
     block_tokens = config[K_BLOCK_TOKENS]
