@@ -27,8 +27,8 @@ from lynxsim.config import load_experiment
 from lynxsim.errors import InputError, exit_code
 from lynxsim.hardware import hardware_names, load_hardware
 from lynxsim.models import catalog_summary
-from lynxsim.plugins import REGISTRIES
 from lynxsim.plots import load_run, write_run_figures
+from lynxsim.plugins import REGISTRIES
 from lynxsim.quality.commands import add_quality_parser
 from lynxsim.report.commands import add_report_parser
 from lynxsim.routing import RoutingTrace, import_flame

@@ -7,7 +7,7 @@ error names the key path and the YAML line it came from (``quickstart.yaml:14: w
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -24,7 +24,6 @@ from pydantic import (
 
 from lynxsim.errors import InputError
 from lynxsim.plugins import COST_MODELS, ROUTERS, ROUTING_SOURCES, SCHEDULERS, Registry
-from lynxsim.yaml_input import error_message, read_yaml_mapping_with_nodes
 from lynxsim.routing.statistical import DEFAULT_SAMPLES
 from lynxsim.routing.synthetic import SyntheticRoutingParams
 from lynxsim.routing.trace_format import DEFAULT_FILL, FillStrategy
@@ -32,7 +31,7 @@ from lynxsim.sections.report import ReportSection
 from lynxsim.sections.sweep import SweepConfig
 from lynxsim.workload.arrivals import ArrivalProcess, TraceArrivals
 from lynxsim.workload.lengths import EmpiricalLength, LengthDistribution, PairedLengths
-
+from lynxsim.yaml_input import error_message, read_yaml_mapping_with_nodes
 
 SHORTHAND_KEYS = {"model": "name", "hardware": "profile"}
 """Top-level sections that may be written as one string, and the key that string stands for
@@ -80,7 +79,7 @@ class _Choice(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _registered(self) -> "_Choice":
+    def _registered(self) -> _Choice:
         self.registry.check(self.name)
         return self
 
@@ -128,7 +127,7 @@ class ModelConfig(_Section):
         return {SHORTHAND_KEYS["model"]: value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ModelConfig":
+    def _one_source(self) -> ModelConfig:
         if (self.name is None) == (self.hf_config is None):
             raise ValueError("give exactly one of 'name' (catalog key) or 'hf_config' (path to config.json)")
         return self
@@ -234,7 +233,7 @@ class ProfileRoutingConfig(_Section):
     path: Path | None = Field(default=None, description="routing profile YAML written by `lynxsim routing fit`")
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ProfileRoutingConfig":
+    def _one_source(self) -> ProfileRoutingConfig:
         if (self.name is None) == (self.path is None):
             raise ValueError("give exactly one of 'name' (shipped profile) or 'path' (profile file)")
         return self
@@ -281,7 +280,7 @@ class ModelRoutingConfig(_Section):
 
 
 RoutingConfig = Annotated[
-    Union[ModelRoutingConfig, SyntheticRoutingConfig, ProfileRoutingConfig, TraceRoutingConfig, PluginRoutingConfig],
+    ModelRoutingConfig | SyntheticRoutingConfig | ProfileRoutingConfig | TraceRoutingConfig | PluginRoutingConfig,
     Field(discriminator="kind"),
 ]
 
@@ -321,7 +320,7 @@ class ParallelismConfig(_Section):
         return value
 
     @model_validator(mode="after")
-    def _one_rule(self) -> "ParallelismConfig":
+    def _one_rule(self) -> ParallelismConfig:
         if self.expert_parallel > 1 and self.tensor_parallel not in (1, self.expert_parallel):
             raise ValueError(
                 f"expert_parallel {self.expert_parallel} with tensor_parallel {self.tensor_parallel}: experts are placed "
@@ -366,7 +365,7 @@ class DeploymentConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _counts_of_the_mode(self) -> "DeploymentConfig":
+    def _counts_of_the_mode(self) -> DeploymentConfig:
         other = ("prefill_instances", "decode_instances") if self.mode == "colocated" else ("replicas",)
         stray = [key for key in other if key in self.model_fields_set]
         if stray:
@@ -425,7 +424,7 @@ class SimulationConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _length(self) -> "SimulationConfig":
+    def _length(self) -> SimulationConfig:
         if self.cutoff_s is not None and self.cutoff_s <= self.warmup_s:
             raise ValueError("cutoff_s must be later than warmup_s")
         return self
@@ -485,7 +484,7 @@ class ExperimentConfig(_Section):
         return policies
 
     @model_validator(mode="after")
-    def _request_count(self) -> "ExperimentConfig":
+    def _request_count(self) -> ExperimentConfig:
         given = self.simulation.num_requests is not None or self.simulation.duration_s is not None
         if self.workload.needs_request_count and not given:
             raise ValueError(

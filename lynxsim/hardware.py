@@ -174,7 +174,7 @@ class KernelTable(BaseModel):
         return {**data, "latency_s": _flatten(latency)}
 
     @model_validator(mode="after")
-    def _check(self) -> "KernelTable":
+    def _check(self) -> KernelTable:
         if len(set(self.axes)) != len(self.axes):
             raise ValueError(f"axes {list(self.axes)} repeat a name")
         if len(self.axis_values) != len(self.axes):
@@ -222,7 +222,7 @@ class MeasuredKernels(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> "MeasuredKernels":
+    def _check(self) -> MeasuredKernels:
         if self.tables and self.metadata is None:
             raise ValueError("measured tables need metadata (gpu_name, torch_version, cuda_version, date)")
         return self
@@ -260,7 +260,7 @@ class HardwareProfile(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> "HardwareProfile":
+    def _check(self) -> HardwareProfile:
         unknown = sorted(set(self.sources) - set(FIGURE_NAMES))
         if unknown:
             raise ValueError(f"sources names unknown figures {unknown}; known: {', '.join(FIGURE_NAMES)}")

@@ -43,7 +43,7 @@ class CollectiveTable(BaseModel):
     source: str = Field(min_length=1, description="how and where it was measured")
 
     @model_validator(mode="after")
-    def _check(self) -> "CollectiveTable":
+    def _check(self) -> CollectiveTable:
         if len(self.bytes) != len(self.time_s):
             raise ValueError(f"bytes has {len(self.bytes)} entries, time_s {len(self.time_s)}")
         if any(b <= 0 for b in self.bytes) or any(b2 <= b1 for b1, b2 in zip(self.bytes, self.bytes[1:])):

@@ -16,7 +16,6 @@ import pandas as pd  # noqa: E402
 from lynxsim.metrics import BREAKDOWN_COLUMNS  # noqa: E402
 from lynxsim.runner import slug  # noqa: E402
 
-
 FIGURE_NAMES = (
     "tpot_cdf.png",
     "distinct_experts_per_layer.png",

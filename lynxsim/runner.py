@@ -29,23 +29,22 @@ from pydantic import ValidationError
 
 from lynxsim.config import ExperimentConfig, PluginRoutingConfig, PolicyConfig, ServingConfig
 from lynxsim.engine import BlockPool, Cluster, KVTransfer, Replica, Role, RouterFactory, RoutingStep, Scheduler
+from lynxsim.engine.compiled import engine_for
+from lynxsim.engine.topk_unions import TopKUnions
 from lynxsim.errors import InputError
 from lynxsim.hardware import HardwareProfile, MeasuredKernels, load_hardware
 from lynxsim.instance_cost import CostModelContext, InstanceCostModel
 from lynxsim.metrics import layer_summary, requests_frame, summarize
-from lynxsim.parallel import ParallelPlan
 from lynxsim.models import ModelSpec, load_catalog_model, model_from_hf_config
+from lynxsim.parallel import ParallelPlan
 from lynxsim.plugins import COST_MODELS, ROUTERS, ROUTING_SOURCES, SCHEDULERS, Registry
 from lynxsim.policies import Policy, TopK, calibrate_if_needed, check_policy, make, needs_calibration
 from lynxsim.routing import RoutingSource
 from lynxsim.routing.base import RoutingContext
 from lynxsim.routing.evidence import routing_evidence
-from lynxsim.engine.compiled import engine_for
-from lynxsim.engine.topk_unions import TopKUnions
 from lynxsim.routing.statistical import ActivityTable, StatisticalRouting, build_activity_table, default_sizes
 from lynxsim.routing.table_cache import cached_table
 from lynxsim.workload import RequestSpec, generate_requests
-
 
 T = TypeVar("T")
 

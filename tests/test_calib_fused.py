@@ -26,7 +26,6 @@ from kernel_checks import (  # noqa: E402  (switches the interpreter on before t
     needs_cuda,
     rel_err,
 )
-
 from lynxsim.calib.kernels import fused  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")

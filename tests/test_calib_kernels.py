@@ -22,7 +22,6 @@ from kernel_checks import (  # noqa: E402  (switches the interpreter on before t
     needs_triton,
     rel_err,
 )
-
 from lynxsim.calib.kernels import attention as att  # noqa: E402
 from lynxsim.calib.kernels import dense, moe  # noqa: E402
 from lynxsim.calib.kernels.weights import (  # noqa: E402

@@ -21,9 +21,7 @@ from kernel_checks import (  # noqa: E402  (switches the interpreter on before t
     needs_triton,
     rel_err,
 )
-
 from lynxsim.calib.kernels import mla  # noqa: E402
-
 
 SENTINEL = -7.0  # exactly representable in bf16; never produced by a normed, roped row of these inputs
 

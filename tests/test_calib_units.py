@@ -15,7 +15,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from kernel_checks import rel_err  # noqa: E402  (switches the interpreter on before the kernels are imported)
-
 from lynxsim.calib import units  # noqa: E402
 from lynxsim.calib.kernels.weights import LayerShape, build_layer  # noqa: E402
 from lynxsim.models.spec import AttentionSpec, ModelSpec  # noqa: E402

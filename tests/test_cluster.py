@@ -14,7 +14,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine_stubs import LAYERS, ConstantCost, routing_step, spec
-
 from lynxsim.config import DeploymentConfig, validate_experiment
 from lynxsim.engine import BlockPool, Cluster, KVTransfer, Replica, Role, Scheduler, run_alone
 from lynxsim.engine.cluster import LeastOutstandingRouter, RoundRobinRouter

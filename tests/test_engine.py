@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from engine_stubs import LAYERS, ConstantCost, routing_step, spec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine_stubs import LAYERS, ConstantCost, routing_step, spec
 from lynxsim.engine import BlockPool, Replica, Scheduler, run_alone
 from lynxsim.metrics import requests_frame
 

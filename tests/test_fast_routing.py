@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_policy_lynx import EXAMPLE1, EXAMPLE2, EXAMPLE3, EXAMPLE4, EXAMPLE5
 
 from lynxsim.jit import DISABLE_VARIABLE, kernels
 from lynxsim.policies import OEA, Lynx, Policy, Skip, TopK, Vote
@@ -30,6 +29,7 @@ from lynxsim.policies.activity import expert_token_counts
 from lynxsim.policies.kernels import COLUMN_EXPERTS, numpy_route_counts, route_counts
 from lynxsim.policies.proxies import QualityProxies, quality_proxies
 from lynxsim.routing import SyntheticRouting, SyntheticRoutingParams
+from test_policy_lynx import EXAMPLE1, EXAMPLE2, EXAMPLE3, EXAMPLE4, EXAMPLE5
 
 pytest.importorskip("numba")
 if kernels("lynxsim.policies.selection_kernels") is None:  # LYNXSIM_NO_NUMBA set: nothing to compare

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from lynxsim.cli import main
 from lynxsim.errors import InputError
 from lynxsim.hardware import SHIPPED_PROFILE_DIR
-from lynxsim.sweep.points import config_hash, load_sweep
 from lynxsim.sections.sweep import SweepConfig, SweepPoint, derive_seed, expand
+from lynxsim.sweep.points import config_hash, load_sweep
 
 BASE = {
     "name": "tiny",

@@ -384,16 +384,15 @@ def validate_command(args: argparse.Namespace, console: Any = None) -> int:
         with_errors,
         write_csv,
     )
-    from lynxsim.calib.profile_io import shown_path
     from lynxsim.calib.iterations import (
         load_iterations,
-        recorded_models,
         reprice,
         save_iterations,
         select_iterations,
         simulate_and_record,
         validation_config,
     )
+    from lynxsim.calib.profile_io import shown_path
 
     started = time.perf_counter()
     if args.iterations is not None and not args.iterations.is_file():

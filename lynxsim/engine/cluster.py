@@ -185,7 +185,7 @@ class Cluster:
         *,
         router: str | RouterFactory = "round_robin",
         transfer: KVTransfer | None = None,
-    ) -> "Cluster":
+    ) -> Cluster:
         """A cluster of ``len(roles)`` instances on a fresh environment, ``make_instance(env, index, role)`` each."""
         env = simpy.Environment()
         return cls([make_instance(env, index, role) for index, role in enumerate(roles)], router=router, transfer=transfer)

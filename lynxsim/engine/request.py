@@ -37,7 +37,7 @@ class Request:
     transfer_end_s: float | None = None
 
     @classmethod
-    def arriving(cls, spec: RequestSpec) -> "Request":
+    def arriving(cls, spec: RequestSpec) -> Request:
         return cls(spec=spec, num_tokens=spec.prompt_tokens)
 
     @property

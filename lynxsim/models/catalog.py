@@ -6,7 +6,7 @@ and the published total it is checked against (``published_total_params``). Addi
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -15,8 +15,8 @@ import pandas as pd
 from pydantic import ValidationError
 
 from lynxsim.errors import InputError
-from lynxsim.yaml_input import read_yaml_mapping, validation_problem
 from lynxsim.models.spec import ModelSpec
+from lynxsim.yaml_input import read_yaml_mapping, validation_problem
 
 _CATALOG_DIR = "catalog"
 _BYTES_PER_MB = 1e6
@@ -50,7 +50,7 @@ def load_model_file(path: str | Path) -> ModelSpec:
     return model_spec_from_dict(read_yaml_mapping(path, "model file"), str(path))
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_catalog_model(key: str) -> ModelSpec:
     """The catalog model named ``key`` (see :func:`catalog_names`). Cached: specs are immutable."""
     files = _catalog_files()

@@ -49,7 +49,7 @@ class AttentionSpec(BaseModel):
         return self.kv_lora_rank is not None
 
     @model_validator(mode="after")
-    def _check(self) -> "AttentionSpec":
+    def _check(self) -> AttentionSpec:
         if self.num_heads % self.num_kv_heads:
             raise ValueError("num_heads must be a multiple of num_kv_heads")
         if self.is_mla and None in (self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim):
@@ -138,7 +138,7 @@ class ModelSpec(BaseModel):
     published_total_params_source: str | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "ModelSpec":
+    def _check(self) -> ModelSpec:
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) exceeds num_experts ({self.num_experts})")
         bad = [i for i in self.dense_layers if not 0 <= i < self.num_layers]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lynxsim.plugins import POLICIES
 from lynxsim.policies.base import (
     DROPPED,
     CalibratablePolicy,
@@ -43,7 +44,6 @@ from lynxsim.policies.skip import Skip
 from lynxsim.policies.topk import TopK
 from lynxsim.policies.topp import TopP
 from lynxsim.policies.vote import Vote
-from lynxsim.plugins import POLICIES
 
 POLICY_NAMES: tuple[str, ...] = POLICIES.builtin_names
 """Every built-in policy name, sorted (plug-ins add theirs: ``POLICIES.plugin_names()``)."""

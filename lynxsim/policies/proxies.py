@@ -30,7 +30,7 @@ class QualityProxies(NamedTuple):
     assignments_dropped: np.ndarray
 
     @classmethod
-    def of_topk(cls, num_layers: int) -> "QualityProxies":
+    def of_topk(cls, num_layers: int) -> QualityProxies:
         """The proxies of top-k itself, per layer, without looking at logits: top-k is the reference."""
         ones, zeros = np.ones(num_layers), np.zeros(num_layers)
         return cls(ones, ones.copy(), zeros, zeros.copy())

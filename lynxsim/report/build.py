@@ -25,9 +25,9 @@ from lynxsim.errors import InputError
 from lynxsim.report.agreement import agreement_table, load_published
 from lynxsim.report.figures import FigureData, draw
 from lynxsim.sections.report import ReportSection
+from lynxsim.sections.sweep import SweepConfig
 from lynxsim.sweep.driver import SweepReport, run_sweep
 from lynxsim.sweep.points import Sweep, load_sweep
-from lynxsim.sections.sweep import SweepConfig
 from lynxsim.sweep.store import ResultsStore
 
 NEEDS_ITERATIONS = {"latency_vs_experts"}
@@ -150,8 +150,8 @@ def _section(
 
 def _routing_evidence(sweep: Sweep) -> list[str]:
     """What stands behind the routing of the section's runs, one line per distinct (model, routing) pair."""
-    from lynxsim.runner import resolve_model
     from lynxsim.routing.evidence import routing_evidence
+    from lynxsim.runner import resolve_model
 
     seen: dict[str, None] = {}
     for point in sweep.points:

@@ -59,9 +59,9 @@ from pydantic import ValidationError
 
 from lynxsim import __version__
 from lynxsim.errors import InputError
-from lynxsim.yaml_input import read_yaml_mapping
 from lynxsim.routing.synthetic import SyntheticRouting, SyntheticRoutingParams
 from lynxsim.routing.trace import RoutingTrace
+from lynxsim.yaml_input import read_yaml_mapping
 
 PROFILE_FORMAT = "lynxsim-routing-profile"
 PROFILE_FORMAT_VERSION = 1

@@ -14,7 +14,6 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from lynxsim.routing.router import MASKED_GAP
 from lynxsim.routing.hashing import (
     _GOLDEN,
     _MUL1,
@@ -24,6 +23,7 @@ from lynxsim.routing.hashing import (
     EXP_REDUCTION,
     NORMALS_PER_WORD,
 )
+from lynxsim.routing.router import MASKED_GAP
 
 _MASKED_GAP = np.float32(MASKED_GAP)
 _U_GOLDEN = np.uint64(_GOLDEN)

@@ -63,7 +63,7 @@ class SweepConfig(BaseModel):
         return groups
 
     @model_validator(mode="after")
-    def _each_key_once(self) -> "SweepConfig":
+    def _each_key_once(self) -> SweepConfig:
         keys = self.keys
         repeated = sorted({key for key in keys if keys.count(key) > 1})
         if repeated:

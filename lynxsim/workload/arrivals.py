@@ -8,7 +8,7 @@ up or slowed down (one factor for the whole trace, so its bursts keep their shap
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -96,7 +96,7 @@ class TraceArrivals(TraceFile):
     )
 
     @model_validator(mode="after")
-    def _one_scaling(self) -> "TraceArrivals":
+    def _one_scaling(self) -> TraceArrivals:
         if self.speedup is not None and self.rate_per_s is not None:
             raise ValueError("give at most one of 'speedup' and 'rate_per_s' (both scale the trace's times)")
         if self.columns is not None and self.columns.arrival is None:
@@ -138,5 +138,5 @@ class TraceArrivals(TraceFile):
 
 
 ArrivalProcess = Annotated[
-    Union[PoissonArrivals, GammaArrivals, ListArrivals, TraceArrivals], Field(discriminator="kind")
+    PoissonArrivals | GammaArrivals | ListArrivals | TraceArrivals, Field(discriminator="kind")
 ]

@@ -7,7 +7,7 @@ trace (so it reproduces that column's distribution, but prompt and output are dr
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -35,7 +35,7 @@ class UniformLength(BaseModel):
     high_tokens: int = Field(gt=0)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "UniformLength":
+    def _ordered(self) -> UniformLength:
         if self.high_tokens < self.low_tokens:
             raise ValueError("high_tokens must be >= low_tokens")
         return self
@@ -79,7 +79,7 @@ class EmpiricalLength(TraceFile):
 
 
 LengthDistribution = Annotated[
-    Union[FixedLength, UniformLength, LognormalLength, EmpiricalLength], Field(discriminator="kind")
+    FixedLength | UniformLength | LognormalLength | EmpiricalLength, Field(discriminator="kind")
 ]
 
 
@@ -87,7 +87,7 @@ class PairedLengths(TraceFile):
     """Prompt and output lengths drawn together: whole rows of a trace, with replacement."""
 
     @model_validator(mode="after")
-    def _both_columns(self) -> "PairedLengths":
+    def _both_columns(self) -> PairedLengths:
         if self.columns is not None and (self.columns.prompt is None or self.columns.output is None):
             raise ValueError("paired lengths need both columns.prompt and columns.output")
         return self

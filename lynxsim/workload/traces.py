@@ -132,7 +132,7 @@ class TraceColumns(BaseModel):
     output: str | None = Field(default=None, description="output (generated) tokens column")
 
     @model_validator(mode="after")
-    def _some(self) -> "TraceColumns":
+    def _some(self) -> TraceColumns:
         if self.arrival is None and self.prompt is None and self.output is None:
             raise ValueError("map at least one of 'arrival', 'prompt', 'output' to a column of the file")
         return self
@@ -156,7 +156,7 @@ class TraceFile(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _mapping_fits_format(self) -> "TraceFile":
+    def _mapping_fits_format(self) -> TraceFile:
         if self.format in ("csv", "jsonl"):
             if self.columns is None:
                 raise ValueError(

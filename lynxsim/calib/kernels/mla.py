@@ -47,8 +47,8 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, fields
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
 import torch
@@ -82,7 +82,7 @@ class MlaDims:
             raise ValueError("MLA dims must be positive")
 
     @classmethod
-    def from_spec(cls, spec: Any, tp_size: int = 1) -> "MlaDims":
+    def from_spec(cls, spec: Any, tp_size: int = 1) -> MlaDims:
         """From a ``lynxsim.models.ModelSpec`` (duck-typed: ``hidden_size`` and ``attention``'s MLA fields);
         ``tp_size`` shards the heads as vLLM's tensor parallelism does (q_b/q/kv_b column-parallel, o
         row-parallel; q_a and kv_a replicated)."""
@@ -345,7 +345,7 @@ def mla_decode_config(batch: int, num_heads: int, max_seq_len: int, *, block_n: 
     return MlaDecodeConfig(block_h, num_warps, int(max(1, min(slots // max(1, programs), most, 64))))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

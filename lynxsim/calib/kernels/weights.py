@@ -118,7 +118,7 @@ class LayerShape:
         return 2 * self.num_kv_heads * (self.head_dim + self.v_head_dim)
 
     @classmethod
-    def from_spec(cls, spec: Any) -> "LayerShape":
+    def from_spec(cls, spec: Any) -> LayerShape:
         """From a ``lynxsim.models.ModelSpec`` (duck-typed: only its attributes are read)."""
         att = spec.attention
         qkv_out = 0
