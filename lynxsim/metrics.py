@@ -129,8 +129,11 @@ class IterationLog:
         i = self._reserve(count)
         rows = slice(i, i + count)
         columns = self._scalars
-        breakdown = np.array([(l.attention_s, l.dense_s, l.moe_s, l.communication_s, l.overhead_s, l.total_s)
-                              for l in latencies], dtype=np.float64)
+        breakdown = np.array(
+            [(lat.attention_s, lat.dense_s, lat.moe_s, lat.communication_s, lat.overhead_s, lat.total_s)
+             for lat in latencies],
+            dtype=np.float64,
+        )
         columns["start_s"][rows] = start_s
         columns["latency_s"][rows] = breakdown[:, -1]
         columns["prefill_tokens"][rows] = 0

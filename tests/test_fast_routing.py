@@ -53,10 +53,11 @@ def _assert_same(logits: np.ndarray, policy: Policy, top_k: int) -> tuple[np.nda
     return counts, proxies
 
 
+EXPERT_COUNTS = st.sampled_from([2, 5, 8, 8, 64, 256])
+
+
 @st.composite
-def routed_batches(
-    draw: st.DrawFn, expert_counts: st.SearchStrategy[int] = st.sampled_from([2, 5, 8, 8, 64, 256])
-) -> tuple[np.ndarray, int]:
+def routed_batches(draw: st.DrawFn, expert_counts: st.SearchStrategy[int] = EXPERT_COUNTS) -> tuple[np.ndarray, int]:
     """Logits ``[layers, groups, tokens, experts]`` (float32 or float64, tied or not) and a top_k in 1..8."""
     layers = draw(st.integers(1, 3))
     groups = draw(st.integers(1, 3))

@@ -94,7 +94,7 @@ def test_fit_recovers_known_parameters_64_experts_top6(truth: SyntheticRoutingPa
     skew = np.asarray(fitted.popularity_skew)
     assert skew.mean() == pytest.approx(truth.popularity_skew, rel=0.30)
     assert skew == pytest.approx(source._bias.std(axis=1), rel=0.35)
-    correlation = [np.corrcoef(source._bias[l], fitted.expert_bias[l])[0, 1] for l in range(layers)]
+    correlation = [np.corrcoef(source._bias[layer], fitted.expert_bias[layer])[0, 1] for layer in range(layers)]
     assert min(correlation) > 0.9
 
 
@@ -107,7 +107,7 @@ def test_fit_recovers_known_parameters_8_experts_top2() -> None:
     assert np.mean(fitted.confidence_spread) == pytest.approx(truth.confidence_spread, abs=0.1)
     assert np.mean(fitted.persistence) == pytest.approx(truth.persistence, abs=0.05)
     assert np.mean(fitted.popularity_skew) == pytest.approx(truth.popularity_skew, rel=0.40)
-    correlation = [np.corrcoef(source._bias[l], fitted.expert_bias[l])[0, 1] for l in range(layers)]
+    correlation = [np.corrcoef(source._bias[layer], fitted.expert_bias[layer])[0, 1] for layer in range(layers)]
     assert np.mean(correlation) > 0.75
 
 

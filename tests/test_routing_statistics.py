@@ -97,7 +97,7 @@ def test_fit_reproduces_selection_frequencies_and_top2_weights() -> None:
     values = np.sort(logits, axis=-1)
     w1 = 1 / (1 + np.exp(-(values[..., -1] - values[..., -2])))
     ids = np.argsort(-logits, axis=-1)[..., :TOP_K]
-    frequency = np.stack([np.bincount(ids[l].ravel(), minlength=EXPERTS) for l in range(LAYERS)]) / 8192
+    frequency = np.stack([np.bincount(ids[layer].ravel(), minlength=EXPERTS) for layer in range(LAYERS)]) / 8192
     stats = _statistics(
         selection_frequency={"tokens": 8192, "frequency": frequency.tolist()},
         top2_weight={"median": np.median(w1, axis=1).tolist(),

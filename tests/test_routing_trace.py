@@ -246,8 +246,8 @@ def _logits_trace(layers: int = 2, lengths: tuple[int, ...] = (5, 7, 4), experts
     pos = np.concatenate([np.arange(n)[::-1] for n in lengths])
     order = np.random.default_rng(1).permutation(seq.size)
     seq, pos = seq[order], pos[order]
-    t, l, e = np.meshgrid(np.arange(seq.size), np.arange(layers), np.arange(experts), indexing="ij")
-    logits = (t + l / 10 + e / 1000).transpose(1, 0, 2).astype(np.float32)
+    t, layer, e = np.meshgrid(np.arange(seq.size), np.arange(layers), np.arange(experts), indexing="ij")
+    logits = (t + layer / 10 + e / 1000).transpose(1, 0, 2).astype(np.float32)
     return RoutingTrace(
         name="toy", source="test", logits=logits, sequence_ids=seq.astype(np.int64), positions=pos.astype(np.int64),
         layer_ids=tuple(range(3, 3 + layers)), license="CC0-1.0", model="toy-moe", notes="made up",

@@ -319,7 +319,7 @@ class Replica:
         if price_run is not None:
             latencies = price_run(contexts, activities)
             # Sequential sums, as the clock advances: ends[j + 1] = ends[j] + latency j, bit for bit.
-            ends = np.add.accumulate(np.array([start_s, *(l.total_s for l in latencies)], dtype=np.float64))
+            ends = np.add.accumulate(np.array([start_s, *(lat.total_s for lat in latencies)], dtype=np.float64))
             happens = ends[1:] <= cluster.cutoff_s
             happens[1:] &= ends[1:-1] < cluster.next_arrival_s
             used = int(np.argmin(happens)) if not happens.all() else len(latencies)
