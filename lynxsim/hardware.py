@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -179,10 +180,10 @@ class KernelTable(BaseModel):
             raise ValueError(f"axes {list(self.axes)} repeat a name")
         if len(self.axis_values) != len(self.axes):
             raise ValueError(f"{len(self.axes)} axes but {len(self.axis_values)} lists of axis_values")
-        for name, values in zip(self.axes, self.axis_values):
+        for name, values in zip(self.axes, self.axis_values, strict=True):
             if not values:
                 raise ValueError(f"axis {name!r} has no values")
-            if any(not math.isfinite(v) for v in values) or any(b <= a for a, b in zip(values, values[1:])):
+            if any(not math.isfinite(v) for v in values) or any(b <= a for a, b in pairwise(values)):
                 raise ValueError(f"axis {name!r} values must be finite and strictly increasing")
         expected = math.prod(self.shape)
         if len(self.latency_s) != expected:

@@ -17,6 +17,7 @@ all-reduce, the activations being reduced; for an all-to-all, the tokens one GPU
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Literal
 
 import numpy as np
@@ -46,7 +47,7 @@ class CollectiveTable(BaseModel):
     def _check(self) -> CollectiveTable:
         if len(self.bytes) != len(self.time_s):
             raise ValueError(f"bytes has {len(self.bytes)} entries, time_s {len(self.time_s)}")
-        if any(b <= 0 for b in self.bytes) or any(b2 <= b1 for b1, b2 in zip(self.bytes, self.bytes[1:])):
+        if any(b <= 0 for b in self.bytes) or any(b2 <= b1 for b1, b2 in pairwise(self.bytes)):
             raise ValueError("bytes must be positive and strictly increasing")
         if any(t <= 0 for t in self.time_s):
             raise ValueError("time_s must be positive")

@@ -107,7 +107,7 @@ class IterationLog:
         values = (start_s, total_s, prefill_tokens, decode_tokens, sequences, sampled_tokens, policy_applied,
                   kv_used_fraction, latency.attention_s, latency.dense_s, latency.moe_s, latency.communication_s,
                   latency.overhead_s, total_s)
-        for column, value in zip(self._scalars.values(), values):
+        for column, value in zip(self._scalars.values(), values, strict=True):
             column[i] = value
         self._distinct[i] = distinct_experts
         self._proxies[:, i] = proxies

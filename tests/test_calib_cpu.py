@@ -273,7 +273,7 @@ def test_save_and_load_iterations(tmp_path: Path, olmoe_recorded: dict[str, list
     model = load_catalog_model("olmoe-1b-7b")
     loaded = load_iterations(path, {"olmoe-1b-7b": make_cost_model(model, H200, "olmoe-1b-7b")})
     assert len(loaded) == len(picked)
-    for a, b in zip(picked, loaded):
+    for a, b in zip(picked, loaded, strict=True):
         assert (a.model_key, a.policy, a.index) == (b.model_key, b.policy, b.index)
         assert np.array_equal(a.shape.decode_context_tokens, b.shape.decode_context_tokens)
         assert np.array_equal(a.shape.prefill_chunk_tokens, b.shape.prefill_chunk_tokens)

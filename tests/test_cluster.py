@@ -221,7 +221,7 @@ def run_small(tmp_path: Path | None = None, **changes: object):  # type: ignore[
 
 def test_replicas_run_deterministically_and_summarize_over_all_instances(tmp_path: Path) -> None:
     first, second = run_small(tmp_path), run_small()
-    for a, b in zip(first.runs, second.runs):
+    for a, b in zip(first.runs, second.runs, strict=True):
         pd.testing.assert_frame_equal(a.requests, b.requests)
         pd.testing.assert_frame_equal(a.iterations, b.iterations)
     run = first.runs[1]

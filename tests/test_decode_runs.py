@@ -67,7 +67,7 @@ def test_decode_runs_change_no_number(
             for column in frame_a.columns:
                 a, b = frame_a[column].to_numpy(), frame_b[column].to_numpy()
                 if a.dtype == object and len(a) and isinstance(a[0], np.ndarray):
-                    assert all(np.allclose(x, y) for x, y in zip(a, b)), column
+                    assert all(np.allclose(x, y) for x, y in zip(a, b, strict=True)), column
                 elif np.issubdtype(a.dtype, np.floating):
                     assert np.allclose(a, b, rtol=1e-12, atol=1e-12, equal_nan=True), column
                 else:

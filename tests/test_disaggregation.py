@@ -200,7 +200,7 @@ def run_disaggregated(tmp_path: Path | None = None, **deployment: object):  # ty
 
 def test_disaggregated_run_is_deterministic_and_reports_transfers(tmp_path: Path) -> None:
     first, second = run_disaggregated(tmp_path), run_disaggregated()
-    for a, b in zip(first.runs, second.runs):
+    for a, b in zip(first.runs, second.runs, strict=True):
         pd.testing.assert_frame_equal(a.requests, b.requests)
         pd.testing.assert_frame_equal(a.iterations, b.iterations)
         assert a.summary.keys() == b.summary.keys()

@@ -199,7 +199,7 @@ def test_model_for_key() -> None:
 def test_rows_cover_every_table_of_the_profile(committed_rows: pd.DataFrame) -> None:
     tables = H200.measured.tables
     expected = {(name.split("/")[0], name.split("/")[1]) for name in tables if name.split("/")[1] in UNITS}
-    assert set(zip(committed_rows["model"], committed_rows["unit"])) == expected
+    assert set(zip(committed_rows["model"], committed_rows["unit"], strict=True)) == expected
     for (model, unit), group in committed_rows.groupby(["model", "unit"]):
         table = tables[table_name(model, unit)]
         assert len(group) == len(table.latency_s)

@@ -47,7 +47,7 @@ def _assert_same(logits: np.ndarray, policy: Policy, top_k: int) -> tuple[np.nda
         ref_counts, ref_proxies = ref_counts[0], QualityProxies(*(p[0] for p in ref_proxies))
     assert counts.dtype == np.int32 and counts.shape == ref_counts.shape
     np.testing.assert_array_equal(counts, ref_counts)
-    for name, got, want in zip(QualityProxies._fields, proxies, ref_proxies):
+    for name, got, want in zip(QualityProxies._fields, proxies, ref_proxies, strict=True):
         assert got.shape == want.shape and got.dtype == np.float64, name
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=name)
     return counts, proxies
@@ -112,7 +112,7 @@ def _assert_rows_equal_columns(logits: np.ndarray, policy: Policy, top_k: int) -
     with mock.patch.object(route_kernels, "COLUMN_EXPERTS", 0):
         rows = route_counts(logits, policy, top_k)
     np.testing.assert_array_equal(columns[0], rows[0])
-    for name, got, want in zip(QualityProxies._fields, columns[1], rows[1]):
+    for name, got, want in zip(QualityProxies._fields, columns[1], rows[1], strict=True):
         assert got.tobytes() == want.tobytes(), name
 
 
@@ -170,7 +170,7 @@ def test_groups_are_independent_batches() -> None:
     for g in range(3):
         alone, alone_proxies = route_counts(logits[:, g], lynx, 3)
         np.testing.assert_array_equal(counts[g], alone)
-        for grouped, single in zip(proxies, alone_proxies):
+        for grouped, single in zip(proxies, alone_proxies, strict=True):
             np.testing.assert_array_equal(grouped[g], single)
 
 
@@ -181,7 +181,7 @@ def test_other_policies_go_through_select(policy: Policy) -> None:
     for g in range(2):
         selection = policy.select(logits[:, g], 2)
         np.testing.assert_array_equal(counts[g], expert_token_counts(selection.expert_ids, 8))
-        for got, want in zip(proxies, quality_proxies(logits[:, g], selection, 2)):
+        for got, want in zip(proxies, quality_proxies(logits[:, g], selection, 2), strict=True):
             np.testing.assert_array_equal(got[g], want)
 
 

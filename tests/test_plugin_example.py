@@ -188,7 +188,7 @@ def test_policy_and_routing_plugins_run_on_the_compiled_engine(installed: Path) 
         patch.setenv(ENGINE_VARIABLE, "simpy")
         simpy = run_experiment(config)
     assert simpy.engine == "simpy"
-    for ours, theirs in zip(compiled.runs, simpy.runs):
+    for ours, theirs in zip(compiled.runs, simpy.runs, strict=True):
         pd.testing.assert_frame_equal(ours.requests, theirs.requests, rtol=1e-12)
     assert compiled.runs[1].summary["assignments_dropped"] == 0.5
 

@@ -154,5 +154,5 @@ def test_of_topk_equals_scoring_topk_itself() -> None:
 
     logits = np.random.default_rng(0).normal(size=(3, 5, 8))
     scored = quality_proxies(logits, make("topk").select(logits, 2), 2)
-    for got, want in zip(QualityProxies.of_topk(3), scored):
+    for got, want in zip(QualityProxies.of_topk(3), scored, strict=True):
         np.testing.assert_allclose(got, want)

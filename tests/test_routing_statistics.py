@@ -157,7 +157,7 @@ def test_deepseek_coder_v2_profile_meets_its_targets() -> None:
     for r in evidence.fit + evidence.check:
         limit = TOPK_TARGET if "topk" in r.name else LYNX_TARGET
         assert abs(np.mean(r.generator) / np.mean(r.data) - 1) <= limit, r.name
-        for data, generated in zip(group_means(r.data), group_means(r.generator)):
+        for data, generated in zip(group_means(r.data), group_means(r.generator), strict=True):
             assert abs(generated / data - 1) <= GROUP_TARGET, r.name
 
 

@@ -37,7 +37,7 @@ def run_small(tmp_path: Path | None = None, **changes: object) -> object:
 
 def test_same_seed_same_numbers() -> None:
     first, second = run_small(), run_small()
-    for a, b in zip(first.runs, second.runs):  # type: ignore[attr-defined]
+    for a, b in zip(first.runs, second.runs, strict=True):  # type: ignore[attr-defined]
         pd.testing.assert_frame_equal(a.requests, b.requests)
         pd.testing.assert_frame_equal(a.iterations, b.iterations)
 
@@ -70,7 +70,7 @@ def test_progress_follows_arrivals_and_leaves_the_numbers_alone() -> None:
         assert counts[0] == 0 and counts[-1] == 40 and counts == sorted(counts)
         assert {total for name, _, total in calls if name == label} == {40}
     plain = run_small()
-    for a, b in zip(watched.runs, plain.runs):  # type: ignore[attr-defined]
+    for a, b in zip(watched.runs, plain.runs, strict=True):  # type: ignore[attr-defined]
         pd.testing.assert_frame_equal(a.iterations, b.iterations)
 
 

@@ -193,7 +193,7 @@ def test_same_seed_same_samples_other_seed_other_samples() -> None:
         np.testing.assert_array_equal(getattr(first, name), getattr(again, name))
     assert not np.array_equal(first.proxies, other.proxies)
     draws = [[sample(table, n, np.random.default_rng(9)) for n in (3, 11, 40)] for table in (first, again)]
-    for (a, p), (b, q) in zip(*draws):
+    for (a, p), (b, q) in zip(*draws, strict=True):
         np.testing.assert_array_equal(a.distinct, b.distinct)
         np.testing.assert_array_equal(a.assignments, b.assignments)
         np.testing.assert_array_equal(p.retained_mass, q.retained_mass)
@@ -277,7 +277,7 @@ def test_a_batch_holds_a_decode_token_per_sequence_then_one_prefill_chunk() -> N
     routing = RecordingRouting()
     build(routing, make("topk"), [3, 6, 10], samples=2, max_sequences=6)
     (request_ids, positions), = routing.calls
-    for pool_ids, pool_positions in zip(request_ids.reshape(2, 10), positions.reshape(2, 10)):
+    for pool_ids, pool_positions in zip(request_ids.reshape(2, 10), positions.reshape(2, 10), strict=True):
         assert np.unique(pool_ids[:6]).size == 6 and (pool_ids[6:] == pool_ids[6]).all()
         assert pool_ids[6] not in pool_ids[:6]
         assert (np.diff(pool_positions[6:]) == 1).all()
@@ -342,7 +342,7 @@ def test_statistical_run_is_reproducible_and_reports_its_tables(tmp_path: Path) 
     config = validate_experiment(CONFIG)
     first = run_experiment(config, tmp_path)
     second = run_experiment(config)
-    for a, b in zip(first.runs, second.runs):
+    for a, b in zip(first.runs, second.runs, strict=True):
         np.testing.assert_array_equal(a.iterations["latency_s"], b.iterations["latency_s"])
     topk, lynx = first.runs
     assert topk.summary["routing_table_build_s"] == topk.summary["routing_baseline_table_build_s"] > 0

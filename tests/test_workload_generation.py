@@ -201,7 +201,7 @@ def test_empirical_column_and_clip() -> None:
 
 def test_paired_lengths_keep_rows_together() -> None:
     trace = load_azure_csv(AZURE_CONV)
-    rows = set(zip(trace.prompt_tokens.tolist(), trace.output_tokens.tolist()))
+    rows = set(zip(trace.prompt_tokens.tolist(), trace.output_tokens.tolist(), strict=True))
     requests = generate_requests(
         PoissonArrivals(rate_per_s=5.0),
         paired_lengths=PairedLengths(path=AZURE_CONV, format="azure"),
@@ -209,7 +209,7 @@ def test_paired_lengths_keep_rows_together() -> None:
         num_requests=50_000,
     )
     _, prompts, outputs = _columns(requests)
-    assert set(zip(prompts.tolist(), outputs.tolist())) <= rows
+    assert set(zip(prompts.tolist(), outputs.tolist(), strict=True)) <= rows
     recorded = np.corrcoef(trace.prompt_tokens, trace.output_tokens)[0, 1]
     assert np.corrcoef(prompts, outputs)[0, 1] == pytest.approx(recorded, abs=0.02)
     assert prompts.mean() == pytest.approx(trace.prompt_tokens.mean(), rel=0.02)

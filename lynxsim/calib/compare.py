@@ -52,7 +52,7 @@ def error_summary(rows: pd.DataFrame, by: tuple[str, ...] = ("model", "policy"))
     records = []
     for key, group in frame.groupby(list(by), sort=False):
         key = key if isinstance(key, tuple) else (key,)
-        record = dict(zip(by, key))
+        record = dict(zip(by, key, strict=True))
         record.update(_stats(group["error"].to_numpy(dtype=float)))
         records.append(record)
     summary = pd.DataFrame(records)

@@ -109,13 +109,13 @@ def _unit_rows(key: str, unit: str, hardware: HardwareProfile, rooflines: UnitRo
     frame = pd.DataFrame({"model": key, "unit": unit}, index=range(grid[0].size))
     for column in AXIS_COLUMNS:
         frame[column] = np.nan
-    for axis, values in zip(table.axes, grid):
+    for axis, values in zip(table.axes, grid, strict=True):
         frame[axis] = values
     work_axes = list(grid)
     frame["timed_tokens"] = np.nan
     if unit == "moe":
         top_k = rooflines.model.top_k
-        work_axes[0] = np.array([feasible_tokens(int(t), int(d), top_k) for t, d in zip(grid[0], grid[1])],
+        work_axes[0] = np.array([feasible_tokens(int(t), int(d), top_k) for t, d in zip(grid[0], grid[1], strict=True)],
                                 dtype=np.float64)
         frame["timed_tokens"] = work_axes[0]
     measured_s = np.asarray(table.latency_s, dtype=np.float64)
@@ -344,7 +344,7 @@ def _router_like(points: pd.DataFrame) -> pd.Series:
     many tokens over few experts (every token routed into the same handful), which no trained router produces
     and which the kernel serves with few programs per expert."""
     models = {key: model_for_key(str(key)) for key in points["model"].unique()}
-    typical = [_typical_distinct(models[m], max(1, int(t))) for m, t in zip(points["model"], points["tokens"])]
+    typical = [_typical_distinct(models[m], max(1, int(t))) for m, t in zip(points["model"], points["tokens"], strict=True)]
     return points["distinct_experts"] >= np.asarray(typical, dtype=np.float64)
 
 

@@ -268,7 +268,7 @@ def load_iterations(path: Path, cost_models: dict[str, CostModel]) -> list[Valid
             policies = data[f"g{g}_policy"].tolist()
             indices = data[f"g{g}_index"].tolist()
             counts = data[f"g{g}_counts"]
-            for i, (policy, index) in enumerate(zip(policies, indices)):
+            for i, (policy, index) in enumerate(zip(policies, indices, strict=True)):
                 shape = BatchShape(
                     prefill_chunk_tokens=part("prefill_chunk_tokens", i),
                     prefill_context_tokens=part("prefill_context_tokens", i),

@@ -90,12 +90,12 @@ def time_callable(
         once()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    for start, end in zip(starts, ends):
+    for start, end in zip(starts, ends, strict=True):
         start.record()
         once()
         end.record()
     torch.cuda.synchronize(device)
-    samples = [start.elapsed_time(end) * 1e-3 / invocations for start, end in zip(starts, ends)]
+    samples = [start.elapsed_time(end) * 1e-3 / invocations for start, end in zip(starts, ends, strict=True)]
     return Timing(statistics.median(samples), min(samples), max(samples), invocations, repeats)
 
 

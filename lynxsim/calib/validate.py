@@ -89,25 +89,25 @@ class ModelOnDevice:
         T = shape.num_tokens
         positions = [n - 1 for n in decode]
         offsets = []
-        for chunk, context in zip(chunks, contexts):
+        for chunk, context in zip(chunks, contexts, strict=True):
             offsets.append(B + sum(chunks[: len(offsets)]))
             positions.extend(range(context, context + chunk))
-        last_rows = list(range(B)) + [off + c - 1 for off, c in zip(offsets, chunks)]
+        last_rows = list(range(B)) + [off + c - 1 for off, c in zip(offsets, chunks, strict=True)]
         pos = torch.tensor(positions, dtype=torch.int64, device=dev) % units.MAX_POSITIONS
         rows = torch.tensor(last_rows, dtype=torch.int64, device=dev)
         token_ids = torch.randint(0, s.vocab, (T,), device=dev, generator=self.gen)
         # one block table over every sequence (decode rows, then prefill sequences up to their chunk's end):
         # every new token's K/V goes to its paged slot, as a server writes it; decode rows read their pages
-        lengths = decode + [c + n for n, c in zip(chunks, contexts)]
+        lengths = decode + [c + n for n, c in zip(chunks, contexts, strict=True)]
         table, lens = units.block_table(lengths, self.pool_pages, dev, seed=seed)
         table_cpu = table.cpu()
         slots: list[int] = []
-        for row, (first, n) in enumerate([(d - 1, 1) for d in decode] + list(zip(contexts, chunks))):
+        for row, (first, n) in enumerate([(d - 1, 1) for d in decode] + list(zip(contexts, chunks, strict=True))):
             slots.extend(units.token_slots(table_cpu, row, first, n))
         write = torch.tensor(slots, dtype=torch.int64, device=dev)
-        chunk_slots = [write[off:off + n] for off, n in zip(offsets, chunks)]
+        chunk_slots = [write[off:off + n] for off, n in zip(offsets, chunks, strict=True)]
         cache = units.DecodeCache(table[:B], lens[:B], max(decode)) if B else None
-        buffers = [[k.new_pool((c + n,), dev, self.gen) for n, c in zip(chunks, contexts)]
+        buffers = [[k.new_pool((c + n,), dev, self.gen) for n, c in zip(chunks, contexts, strict=True)]
                    for _ in range(model.num_layers)]
         moe_layer = [i for i, m in enumerate(self.is_moe) if m]
         counts = it.expert_token_counts
@@ -126,7 +126,7 @@ class ModelOnDevice:
                 hidden, q = k.attention_in(hidden, lw, positions_, pool, write)
                 if cache is not None:
                     k.decode_attention(q, slice(0, B), lw, pool, cache, attn[:B])
-                for context, off, n, slots_ in zip(buffers[layer], offsets, chunks, chunk_slots):
+                for context, off, n, slots_ in zip(buffers[layer], offsets, chunks, chunk_slots, strict=True):
                     k.prefill_attention(q, slice(off, off + n), lw, pool, slots_, context, attn[off:off + n])
                 if self.is_moe[layer]:
                     hidden, h, weights, _, shared = k.attention_out(hidden, attn, lw, reduce)

@@ -80,7 +80,7 @@ def numpy_route_counts(
         scored = QualityProxies.of_topk(num_layers) if isinstance(policy, TopK) else quality_proxies(
             batch, selection, top_k
         )
-        for out, value in zip(proxies, scored):
+        for out, value in zip(proxies, scored, strict=True):
             out[g] = value
     return counts, proxies
 

@@ -120,7 +120,7 @@ def evaluate_policies(
     rows: list[QualityRow] = []
     for batch_size in settings.batch_sizes:
         reference: _Pass | None = None
-        for point, policy in zip(points, policies):
+        for point, policy in zip(points, policies, strict=True):
             start_s = time.perf_counter()
             routing = PolicyRouting(policy, shape.top_k, shape.renormalize, settings.prefill_tokens, batch_size)
             result = _run(checkpoint, tokens, routing, settings.prefill_tokens)

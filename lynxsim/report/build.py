@@ -114,7 +114,7 @@ def _labels(spec: SweepConfig, section: ReportSection) -> dict[str, dict[str, st
     for key, names in section.labels.items():
         if key not in values or len(values[key]) != len(names):
             raise InputError(f"report.labels.{key}", "needs one label per swept value of that key")
-        labels[key] = {(v if isinstance(v, str) else json.dumps(v)): name for v, name in zip(values[key], names)}
+        labels[key] = {(v if isinstance(v, str) else json.dumps(v)): name for v, name in zip(values[key], names, strict=True)}
     return labels
 
 

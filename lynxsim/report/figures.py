@@ -59,7 +59,7 @@ def experts_vs_batch(data: FigureData, path: Path) -> pd.DataFrame:
     table = _labelled(data, table, section.lines, also=[facet])
     panels = list(dict.fromkeys(table[facet]))
     fig, axes = _panels(len(panels))
-    for ax, panel in zip(axes, panels):
+    for ax, panel in zip(axes, panels, strict=True):
         part = table[table[facet] == panel]
         for (line_label, policy), line in part.groupby(["line", "policy"], sort=False):
             style = "-" if policy == part["policy"].iloc[0] else "--"
@@ -94,7 +94,7 @@ def latency_vs_experts(data: FigureData, path: Path) -> pd.DataFrame:
     table = table[table["iterations"] >= 5]
     panels = list(dict.fromkeys(table[facet]))
     fig, axes = _panels(len(panels))
-    for ax, panel in zip(axes, panels):
+    for ax, panel in zip(axes, panels, strict=True):
         part = table[table[facet] == panel]
         for (kind, batch), line in part.groupby(["kind", "batch"], sort=False):
             label = f"decode, batch {batch}-{2 * batch - 1}" if kind == "decode" else "with a full prefill chunk"
@@ -133,7 +133,7 @@ def tpot_table(data: FigureData, path: Path) -> pd.DataFrame:
     ax.barh(positions + 0.2, rows["median_speedup"], height=0.4, label="median TPOT")
     ax.barh(positions - 0.2, rows["mean_speedup"], height=0.4, label="mean TPOT")
     ax.axvline(1.0, color="grey", linestyle=":")
-    ax.set_yticks(positions, [f"{line} ({policy})" for line, policy in zip(rows["line"], rows["policy"])], fontsize=7)
+    ax.set_yticks(positions, [f"{line} ({policy})" for line, policy in zip(rows["line"], rows["policy"], strict=True)], fontsize=7)
     ax.set_xlabel(f"speed-up over {base_policy.iloc[0] if len(base_policy) else 'baseline'}")
     low = min(0.95, float(rows[["median_speedup", "mean_speedup"]].min().min()) - 0.05) if len(rows) else 0.9
     ax.set_xlim(low, None)
@@ -228,12 +228,12 @@ def slo_throughput(data: FigureData, path: Path) -> pd.DataFrame:
     base = table[table["policy"] == base_policy].set_index([facet, "slo_tpot_p99_ms"])["capacity_rate_per_s"]
     table["ratio_to_baseline"] = [
         r / base.loc[(f, s)] if base.loc[(f, s)] > 0 else np.nan
-        for f, s, r in zip(table[facet], table["slo_tpot_p99_ms"], table["capacity_rate_per_s"])
+        for f, s, r in zip(table[facet], table["slo_tpot_p99_ms"], table["capacity_rate_per_s"], strict=True)
     ]
     table = _labelled(data, table, [facet])
     panels = list(dict.fromkeys(table[facet]))
     fig, axes = _panels(len(panels))
-    for ax, panel in zip(axes, panels):
+    for ax, panel in zip(axes, panels, strict=True):
         part = table[table[facet] == panel]
         policies = list(dict.fromkeys(part["policy"]))
         width = 0.8 / len(policies)
@@ -278,10 +278,10 @@ def policies(data: FigureData, path: Path) -> pd.DataFrame:
     table = _labelled(data, table, [facet])
     panels = list(dict.fromkeys(table[facet]))
     fig, axes = _panels(len(panels))
-    for ax, panel in zip(axes, panels):
+    for ax, panel in zip(axes, panels, strict=True):
         part = table[table[facet] == panel]
         front = pareto_mask(part["retained_mass"].to_numpy(), part["tpot_p50_ms"].to_numpy())
-        for (_, row), on_front in zip(part.iterrows(), front):
+        for (_, row), on_front in zip(part.iterrows(), front, strict=True):
             ax.scatter(row["retained_mass"], row["tpot_p50_ms"], s=30, marker="o" if on_front else "x")
             ax.annotate(str(row["policy"]), (row["retained_mass"], row["tpot_p50_ms"]), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))

@@ -84,7 +84,7 @@ def compare_routing(
     for size in batch_sizes:
         batches = sample_batches(sequence_index, size, batches_per_size, rng)
         distinct = {side: _distinct_experts(ids, batches, trace.num_experts) for side, ids in chosen.items()}
-        for layer, trace_mean, generator_mean in zip(trace.layer_ids, distinct["trace"], distinct["generator"]):
+        for layer, trace_mean, generator_mean in zip(trace.layer_ids, distinct["trace"], distinct["generator"], strict=True):
             rows.append((layer, size, trace_mean, generator_mean))
     distinct_experts = pd.DataFrame(rows, columns=["layer", "batch_size", "trace", "generator"])
     distinct_experts["relative_gap"] = distinct_experts["generator"] / distinct_experts["trace"] - 1.0
@@ -200,7 +200,8 @@ def compare_figures(result: dict[str, pd.DataFrame], out_dir: str | Path) -> lis
 
     distinct = result["distinct_experts"]
     fig, axes = _layer_panels(distinct["layer"].nunique())
-    for ax, (layer, part) in zip(axes.ravel(), distinct.groupby("layer", sort=False)):
+    # strict=False: the panel grid may hold more cells than there are layers (the spare ones are hidden)
+    for ax, (layer, part) in zip(axes.ravel(), distinct.groupby("layer", sort=False), strict=False):
         for side, style in (("trace", "-"), ("generator", "--")):
             ax.plot(part["batch_size"], part[side], style, marker="o", markersize=3, label=side)
         ax.set_xscale("log", base=2)
@@ -210,7 +211,7 @@ def compare_figures(result: dict[str, pd.DataFrame], out_dir: str | Path) -> lis
 
     top1 = result["top1_probability"]
     fig, axes = _layer_panels(top1["layer"].nunique())
-    for ax, (layer, part) in zip(axes.ravel(), top1.groupby("layer", sort=False)):
+    for ax, (layer, part) in zip(axes.ravel(), top1.groupby("layer", sort=False), strict=False):
         for side, style in (("trace", "-"), ("generator", "--")):
             ax.plot(part[side], part["quantile"], style, label=side)
         ax.set_title(f"MoE layer {layer}", fontsize=9)

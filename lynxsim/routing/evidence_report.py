@@ -114,7 +114,7 @@ def _batch_table(evidence: ModelEvidence, residuals: list[StatisticResidual], la
         if not r.name.startswith("batch_distinct") or len(r.data) != evidence.stats.num_moe_layers:
             continue
         data, gen = group_means(r.data), group_means(r.generator)  # the groups a model's depth reaches
-        cells = " | ".join(f"{d:.1f} / {g:.1f} ({_pct(g / d - 1)})" for d, g in zip(data, gen))
+        cells = " | ".join(f"{d:.1f} / {g:.1f} ({_pct(g / d - 1)})" for d, g in zip(data, gen, strict=True))
         overall = f"{np.mean(r.data):.2f} / {np.mean(r.generator):.2f} ({_pct(np.mean(r.generator) / np.mean(r.data) - 1)})"
         lines.append(f"| {label} | {r.name} | {overall} | {cells} |")
     return lines
@@ -129,7 +129,7 @@ def _targets(evidence: ModelEvidence) -> list[str]:
                 continue
             overall = abs(np.mean(r.generator) / np.mean(r.data) - 1)
             limit = TOPK_TARGET if "topk" in r.name else LYNX_TARGET
-            worst = max(abs(g / d - 1) for d, g in zip(group_means(r.data), group_means(r.generator)))
+            worst = max(abs(g / d - 1) for d, g in zip(group_means(r.data), group_means(r.generator), strict=True))
             lines.append(f"- {label}, {r.name}: mean within {100 * overall:.1f}% (target {100 * limit:.0f}%: "
                          f"{'met' if overall <= limit else 'NOT met'}); worst layer group {100 * worst:.1f}% "
                          f"(target {100 * GROUP_TARGET:.0f}%: {'met' if worst <= GROUP_TARGET else 'NOT met'})")
@@ -151,7 +151,7 @@ def _figure(evidence: ModelEvidence, out_dir: Path) -> Path:
     """Per statistic, data against generator over MoE layers (fit data solid, check data open)."""
     panels = evidence.fit + evidence.check
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.4 * len(panels)), squeeze=False)
-    for ax, r in zip(axes[:, 0], panels):
+    for ax, r in zip(axes[:, 0], panels, strict=True):
         check = r in evidence.check
         ax.plot(r.layers, r.data, "o" if not check else "s", mfc="none" if check else None, label="data")
         ax.plot(r.layers, r.generator, "-", label="fitted generator")
@@ -258,7 +258,7 @@ def write_evidence(out_dir: Path) -> Path:
             for r in evidence.fit + evidence.check:
                 if r.distance is not None:
                     where = "check data" if r in evidence.check else "fit data"
-                    per_layer = ", ".join(f"{layer}: {d:.3f}" for layer, d in zip(r.layers, r.distance))
+                    per_layer = ", ".join(f"{layer}: {d:.3f}" for layer, d in zip(r.layers, r.distance, strict=True))
                     lines += [f"- {r.name} ({where}), distance per MoE layer: {per_layer}"]
             lines.append("")
         others = [r for r in evidence.fit + evidence.check

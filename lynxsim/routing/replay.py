@@ -83,7 +83,7 @@ class TraceReplayRouting:
         lengths = np.array([s.size for s in sequences], dtype=np.int64)
         # tokens[s, j]: trace token at the j-th position of sequence s (rows padded past their length, unused).
         self._tokens = np.zeros((len(sequences), int(lengths.max())), dtype=np.int64)
-        for row, token_ids in zip(self._tokens, sequences):
+        for row, token_ids in zip(self._tokens, sequences, strict=True):
             row[: token_ids.size] = token_ids
         self._lengths = lengths
         self._permutation = np.argsort(

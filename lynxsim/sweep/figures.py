@@ -52,7 +52,7 @@ def metric_vs_key(
     others = _line_keys(results, keys, x_key)
     table = _mean_and_range(results, ["policy", *others, x_key], list(metrics))
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
+    for ax, metric in zip(axes[0], metrics, strict=True):
         for label, line in _lines(table, others):
             line = line.sort_values(x_key)
             ax.errorbar(
@@ -143,7 +143,7 @@ def _lines(table: pd.DataFrame, line_keys: list[str]) -> list[tuple[str, pd.Data
     out = []
     for values, line in table.groupby(by, sort=False):
         values = values if isinstance(values, tuple) else (values,)
-        extra = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(line_keys, values[1:]))
+        extra = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(line_keys, values[1:], strict=True))
         out.append((f"{values[0]} ({extra})" if extra else str(values[0]), line))
     return out
 

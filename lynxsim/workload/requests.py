@@ -79,7 +79,7 @@ def generate_requests(
     return [
         RequestSpec(request_id=i, arrival_s=t, prompt_tokens=p, output_tokens=o)
         for i, (t, p, o) in enumerate(
-            zip(np.asarray(times_s, dtype=float).tolist(), prompts.tolist(), outputs.tolist())
+            zip(np.asarray(times_s, dtype=float).tolist(), prompts.tolist(), outputs.tolist(), strict=True)
         )
     ]
 
