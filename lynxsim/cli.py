@@ -135,7 +135,9 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--profile", required=True, help="shipped profile name or profile YAML path")
     compare.add_argument("--out", type=Path, help="folder for the tables (CSV) and figures (PNG)")
     compare.set_defaults(handler=_routing_compare)
-    convert = routing_commands.add_parser("import-flame", help="convert FLAME-MoE layerNN.csv files to lynxsim's format")
+    convert = routing_commands.add_parser(
+        "import-flame", help="convert FLAME-MoE layerNN.csv files to lynxsim's format"
+    )
     convert.add_argument("source", type=Path, help="folder of layerNN.csv files")
     convert.add_argument("dest", type=Path, help=".npz file to write")
     convert.set_defaults(handler=_routing_import_flame)
@@ -228,7 +230,8 @@ def _routing_compare(args: argparse.Namespace, console: Console) -> int:
     variability = result["variability"]
     console.print(
         f"per-batch load CV at batch {int(variability['batch_size'].iloc[0])}: trace "
-        f"{variability['trace_per_batch_cv'].mean():.3f}, generator {variability['generator_per_batch_cv'].mean():.3f}; "
+        f"{variability['trace_per_batch_cv'].mean():.3f}, "
+        f"generator {variability['generator_per_batch_cv'].mean():.3f}; "
         f"aggregate: trace {variability['trace_aggregate_cv'].mean():.3f}, "
         f"generator {variability['generator_aggregate_cv'].mean():.3f}"
     )
@@ -351,7 +354,8 @@ def _capacity(args: argparse.Namespace, console: Console) -> int:
         console.print(f"{label}: {probe.rate_per_s:.3f} req/s -> attainment {probe.slo_attainment:.3f} {verdict}")
 
     results = [
-        find_capacity(config, index, rel_tolerance=args.tolerance, on_probe=report) for index in range(len(config.policies))
+        find_capacity(config, index, rel_tolerance=args.tolerance, on_probe=report)
+        for index in range(len(config.policies))
     ]
     table = Table(title=f"{config.name}: capacity at {slo.attainment:.0%} of requests with {targets}")
     for column in ("policy", "req/s", "ratio", "attainment", "TPOT p99 ms", "TTFT p99 ms", "pure-decode", "probes"):
@@ -412,7 +416,9 @@ def _check(args: argparse.Namespace, console: Console) -> int:
         console.print(f"engine: {setup.engine_note}", markup=False, highlight=False)
     if config.sweep is not None:
         sweep = load_sweep(args.experiment, args.overrides)
-        console.print(f"sweep: {len(sweep.points)} points, {sweep.distinct_runs} distinct runs, over {', '.join(sweep.keys)}")
+        console.print(
+            f"sweep: {len(sweep.points)} points, {sweep.distinct_runs} distinct runs, over {', '.join(sweep.keys)}"
+        )
     return 0
 
 
@@ -449,7 +455,9 @@ def _models(args: argparse.Namespace, console: Console) -> int:
 
 def _hardware(args: argparse.Namespace, console: Console) -> int:
     table = Table(title="lynxsim hardware profiles")
-    for column in ("profile", "name", "memory (GB)", "bandwidth (TB/s)", "sustained (TB/s)", "bf16 (TFLOP/s)", "measured tables"):
+    for column in (
+        "profile", "name", "memory (GB)", "bandwidth (TB/s)", "sustained (TB/s)", "bf16 (TFLOP/s)", "measured tables"
+    ):
         table.add_column(column)
     for key in hardware_names():
         hw = load_hardware(key)

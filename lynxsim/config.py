@@ -244,7 +244,9 @@ class TraceRoutingConfig(_Section):
 
     kind: Literal["trace"]
     path: Path = Field(description="a lynxsim .npz trace, or a folder of FLAME-MoE layerNN.csv files")
-    fill: FillStrategy = Field(default=DEFAULT_FILL, description="how the logits a top-k-only trace lacks are filled in")
+    fill: FillStrategy = Field(
+        default=DEFAULT_FILL, description="how the logits a top-k-only trace lacks are filled in"
+    )
 
 
 class PluginRoutingConfig(BaseModel):
@@ -323,8 +325,9 @@ class ParallelismConfig(_Section):
     def _one_rule(self) -> ParallelismConfig:
         if self.expert_parallel > 1 and self.tensor_parallel not in (1, self.expert_parallel):
             raise ValueError(
-                f"expert_parallel {self.expert_parallel} with tensor_parallel {self.tensor_parallel}: experts are placed "
-                "over all of an instance's GPUs, so tensor_parallel must be 1 or equal expert_parallel"
+                f"expert_parallel {self.expert_parallel} with tensor_parallel {self.tensor_parallel}: "
+                "experts are placed over all of an instance's GPUs, so tensor_parallel must be 1 or equal "
+                "expert_parallel"
             )
         return self
 
@@ -415,7 +418,9 @@ class SimulationConfig(_Section):
         "expert activity from a table of batches routed once per policy (lynxsim.routing.statistical)",
     )
     statistical_samples: int = Field(
-        default=DEFAULT_SAMPLES, gt=0, description="statistical mode: batches tabulated per batch size (exact mode ignores it)"
+        default=DEFAULT_SAMPLES,
+        gt=0,
+        description="statistical mode: batches tabulated per batch size (exact mode ignores it)",
     )
     statistical_cache: bool = Field(
         default=True,

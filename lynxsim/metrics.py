@@ -1,8 +1,8 @@
 """Per-request and per-iteration records, and the summary statistics computed from them.
 
 Records are kept in preallocated numpy columns while the simulation runs (appending a row must cost next to
-nothing in the hot loop) and become pandas DataFrames once at the end; the summary is computed from those frames only, so
-anything it reports can be recomputed by a user from the parquet files.
+nothing in the hot loop) and become pandas DataFrames once at the end; the summary is computed from those frames
+only, so anything it reports can be recomputed by a user from the parquet files.
 
 The per-layer columns of the iteration table (``PER_LAYER_COLUMNS``) are Arrow list columns (``pd.ArrowDtype``)
 over the log's 2-D arrays rather than one numpy array per row: a long run has ~10^5 rows, and making, filtering,

@@ -241,9 +241,13 @@ def calibration_logits(routing: RoutingSource) -> np.ndarray:
     return routing.logits(request_ids, positions)
 
 
-def prepare_policies(config: ExperimentConfig, model: ModelSpec, routing: RoutingSource) -> list[tuple[str, PolicyConfig, Policy]]:
+def prepare_policies(
+    config: ExperimentConfig, model: ModelSpec, routing: RoutingSource
+) -> list[tuple[str, PolicyConfig, Policy]]:
     """Build, calibrate (where a policy measures its parameters on a sample) and check every policy."""
-    built = [(entry.label or entry.name, entry, resolve_policy(i, entry, model)) for i, entry in enumerate(config.policies)]
+    built = [
+        (entry.label or entry.name, entry, resolve_policy(i, entry, model)) for i, entry in enumerate(config.policies)
+    ]
     sample = calibration_logits(routing) if any(needs_calibration(p) for _, _, p in built) else None
     ready = []
     for index, (label, entry, policy) in enumerate(built):

@@ -243,7 +243,9 @@ def olmoe_recorded() -> dict[str, list[ValidationIteration]]:
     return simulate_and_record(config, "olmoe-1b-7b")
 
 
-def test_simulated_iterations_cover_decode_batches_and_mixed(olmoe_recorded: dict[str, list[ValidationIteration]]) -> None:
+def test_simulated_iterations_cover_decode_batches_and_mixed(
+    olmoe_recorded: dict[str, list[ValidationIteration]],
+) -> None:
     assert set(olmoe_recorded) == {"topk", "lynx"}
     for label, iterations in olmoe_recorded.items():
         picked = select_iterations(iterations, batch_targets=(1, 2, 4, 8, 16, 32, 64), mixed=3)
@@ -261,7 +263,8 @@ def test_simulated_iterations_cover_decode_batches_and_mixed(olmoe_recorded: dic
     # lynx activates fewer experts than top-k on the same decode batches
     topk = {it.index: it for it in olmoe_recorded["topk"] if it.kind == "decode"}
     lynx = [it for it in olmoe_recorded["lynx"] if it.kind == "decode" and it.index in topk
-            and it.shape.num_decode_tokens == topk[it.index].shape.num_decode_tokens and it.shape.num_decode_tokens >= 8]
+            and it.shape.num_decode_tokens == topk[it.index].shape.num_decode_tokens
+            and it.shape.num_decode_tokens >= 8]
     assert lynx
     assert np.mean([(it.expert_token_counts > 0).sum() for it in lynx]) < np.mean(
         [(topk[it.index].expert_token_counts > 0).sum() for it in lynx])
@@ -388,8 +391,9 @@ def test_calibrate_units_option_is_validated(tmp_path: Path) -> None:
     from lynxsim.calib.commands import main
 
     profile = _profile_copy(tmp_path)
-    assert main(["calibrate", "--models", "olmoe-1b-7b", "--units", "nope", "--dry-run", "--profile", str(profile)]) == 2
-    assert main(["calibrate", "--models", "olmoe-1b-7b", "--units", "moe", "--dry-run", "--profile", str(profile)]) == 0
+    dry_run = ["calibrate", "--models", "olmoe-1b-7b", "--dry-run", "--profile", str(profile)]
+    assert main([*dry_run, "--units", "nope"]) == 2
+    assert main([*dry_run, "--units", "moe"]) == 0
 
 
 def test_tensor_parallel_tables_then_validation_against_earlier_measurements(tmp_path: Path) -> None:

@@ -68,7 +68,9 @@ def test_sweeps_and_validation_run_on_cpu(model: ModelSpec) -> None:
     measured = {"metadata": metadata.model_dump(), "tables": {k: v.model_dump() for k, v in tables.items()}}
     profile = HardwareProfile.model_validate({**h200.model_dump(exclude={"measured"}), "measured": measured})
     cost = MeasuredCostModel(model, profile, "tiny")
-    iterations = [_iteration(model, shape, seed, i) for i, (seed, shape) in enumerate(zip((1, 2, 3), _shapes(), strict=True))]
+    iterations = [
+        _iteration(model, shape, seed, i) for i, (seed, shape) in enumerate(zip((1, 2, 3), _shapes(), strict=True))
+    ]
     assert cost.iteration(iterations[1].shape, iterations[1].expert_token_counts.astype(np.int64)).total_s > 0
     times, env = execute_iterations(iterations, {"tiny": model}, device="cpu", repeats=1, log=lines.append)
     assert set(times) == {("tiny", "topk", i) for i in range(3)}
@@ -186,7 +188,8 @@ def test_calibrate_units_keeps_the_other_tables(tmp_path, monkeypatch) -> None:
                  str(profile)]) == 0
     after = load_hardware(profile).measured
     assert set(after.tables) == set(before)
-    assert after.tables["olmoe-1b-7b/moe"].latency_s == pytest.approx([2 * v for v in before["olmoe-1b-7b/moe"].latency_s], rel=1e-3)
+    doubled = [2 * v for v in before["olmoe-1b-7b/moe"].latency_s]
+    assert after.tables["olmoe-1b-7b/moe"].latency_s == pytest.approx(doubled, rel=1e-3)
     assert after.tables["olmoe-1b-7b/lm_head"] == before["olmoe-1b-7b/lm_head"]
     assert "kept from the earlier run" in after.metadata_for("olmoe-1b-7b/moe").notes
 
@@ -218,7 +221,9 @@ def test_tensor_parallel_validation_runs_two_ranks_on_cpu() -> None:
 
     shard = shard_model(TINY, ParallelPlan(tensor_parallel=2))
     assert shard.attention.num_heads == 2 and shard.expert_ffn_size == 16
-    iterations = [_iteration(TINY, shape, seed, i) for i, (seed, shape) in enumerate(zip((1, 2), _shapes()[:2], strict=True))]
+    iterations = [
+        _iteration(TINY, shape, seed, i) for i, (seed, shape) in enumerate(zip((1, 2), _shapes()[:2], strict=True))
+    ]
     times, env = execute_iterations(iterations, {"tiny": shard}, device="cpu", repeats=1, tensor_parallel=2,
                                     log=lambda _: None)
     assert set(times) == {("tiny", "topk", 0), ("tiny", "topk", 1)}

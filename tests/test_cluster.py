@@ -85,7 +85,9 @@ def check_accounting(
         for _, own in frame.groupby("instance"):
             assert (own["start_s"].to_numpy()[1:] >= (own["start_s"] + own["latency_s"]).to_numpy()[:-1] - 1e-9).all()
     if cutoff is None:
-        assert set(rows["status"]) <= {"finished", "rejected_exceeds_kv_cache", "rejected_exceeds_max_num_batched_tokens"}
+        assert set(rows["status"]) <= {
+            "finished", "rejected_exceeds_kv_cache", "rejected_exceeds_max_num_batched_tokens"
+        }
         for instance in cluster.instances:
             assert instance.scheduler.pool.free_blocks == instance.scheduler.pool.num_blocks
             assert instance.outstanding == 0 and instance.scheduler.is_idle

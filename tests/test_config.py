@@ -136,7 +136,8 @@ def test_poisson_needs_a_length(tmp_path: Path) -> None:
 
 def test_set_overrides_nested_and_list_keys(tmp_path: Path) -> None:
     config = load_experiment(
-        write(tmp_path, BASE), ["workload.arrival.rate_per_s=7.5", "policies.1.alpha=0.5", "serving.chunked_prefill=false"]
+        write(tmp_path, BASE),
+        ["workload.arrival.rate_per_s=7.5", "policies.1.alpha=0.5", "serving.chunked_prefill=false"],
     )
     assert config.workload.arrival.rate_per_s == 7.5
     assert config.policies[1].params["alpha"] == 0.5

@@ -271,7 +271,8 @@ def test_run_reports_measured_cost_model(tmp_path: Path) -> None:
         return ExperimentConfig.model_validate({
             "model": "olmoe-1b-7b", "hardware": hw,
             "workload": {"arrival": {"kind": "list", "times_s": [0.0, 0.01, 0.02]},
-                         "prompt_tokens": {"kind": "fixed", "tokens": 40}, "output_tokens": {"kind": "fixed", "tokens": 5}},
+                         "prompt_tokens": {"kind": "fixed", "tokens": 40},
+                         "output_tokens": {"kind": "fixed", "tokens": 5}},
             "policies": [{"name": "topk"}],
             "output": {"figures": False},
         })

@@ -31,9 +31,12 @@ def _config(parallelism: dict | None = None, simulation: dict | None = None, **s
     })
 
 
-def _run(config: ExperimentConfig, runs: bool, monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
+def _run(
+    config: ExperimentConfig, runs: bool, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
     monkeypatch.setattr(Replica, "decode_runs", runs)
-    monkeypatch.setenv("LYNXSIM_ENGINE", "simpy")  # the simpy engine's two ways (the compiled one: test_compiled_engine)
+    # the simpy engine's two ways (the compiled one: test_compiled_engine)
+    monkeypatch.setenv("LYNXSIM_ENGINE", "simpy")
     setup = prepare(config)
     out = {}
     for label, entry, policy in setup.policies:

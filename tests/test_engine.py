@@ -100,7 +100,9 @@ def test_cutoff_reports_unfinished_requests() -> None:
 )
 def test_every_arrived_request_is_accounted_for(requests, blocks, max_seqs, budget, chunked, cutoff, policy) -> None:  # type: ignore[no-untyped-def]
     specs = [spec(i, t, p, o) for i, (t, p, o) in enumerate(sorted(requests))]
-    replica, _ = make_replica(blocks=blocks, max_seqs=max_seqs, budget=budget, chunked=chunked, latency_s=0.25, policy=policy)
+    replica, _ = make_replica(
+        blocks=blocks, max_seqs=max_seqs, budget=budget, chunked=chunked, latency_s=0.25, policy=policy
+    )
     run_alone(replica, specs, cutoff_s=cutoff)
     rows = requests_frame(replica.arrived, replica.statuses)
     arrived = [s for s in specs if cutoff is None or s.arrival_s < cutoff]
@@ -108,7 +110,9 @@ def test_every_arrived_request_is_accounted_for(requests, blocks, max_seqs, budg
     finished = rows[rows["status"] == "finished"]
     assert (finished["generated_tokens"] == finished["output_tokens"]).all()
     if cutoff is None:
-        assert set(rows["status"]) <= {"finished", "rejected_exceeds_kv_cache", "rejected_exceeds_max_num_batched_tokens"}
+        assert set(rows["status"]) <= {
+            "finished", "rejected_exceeds_kv_cache", "rejected_exceeds_max_num_batched_tokens"
+        }
     frame = replica.log.frame()
     sampled = int(frame["sampled_tokens"].sum()) if len(frame) else 0
     assert sampled == int(rows["generated_tokens"].sum())

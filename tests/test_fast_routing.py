@@ -4,9 +4,9 @@ proxies (within 1e-6: the retained mass sums exponentials in another order).
 Synthetic logits: ``SyntheticRouting.logits`` (kernels) against ``numpy_logits``. Selection: ``route_counts``
 (kernels for top-k and Lynx: ``column_kernels`` for few experts, ``selection_kernels`` for many, and the two
 against each other, bit for bit) against ``numpy_route_counts``, which goes through ``select``,
-``expert_token_counts`` and ``quality_proxies`` as the engine did. Logits are drawn with many exact ties (a coarse grid) or without, so
-every tie rule of ``topk.py`` and ``lynx.py`` is exercised; the hand-worked Lynx batches of
-``test_policy_lynx.py`` are run through both paths too.
+``expert_token_counts`` and ``quality_proxies`` as the engine did. Logits are drawn with many exact ties (a
+coarse grid) or without, so every tie rule of ``topk.py`` and ``lynx.py`` is exercised; the hand-worked Lynx
+batches of ``test_policy_lynx.py`` are run through both paths too.
 """
 
 from __future__ import annotations

@@ -380,7 +380,10 @@ def test_every_policy_matches_its_reference(name: str, batch: tuple[np.ndarray, 
         used = sel.expert_ids[layer] != DROPPED
         if name in DROPPING:  # a subset of each token's own top-k assignments
             assert (np.isin(sel.expert_ids[layer], topk[layer]) | ~used).all()
-            assert all(set(row[row != DROPPED]) <= set(ref) for row, ref in zip(sel.expert_ids[layer], topk[layer], strict=True))
+            assert all(
+                set(row[row != DROPPED]) <= set(ref)
+                for row, ref in zip(sel.expert_ids[layer], topk[layer], strict=True)
+            )
         if name in {"oea", "vote"}:  # inside the experts top-k activates: never more distinct experts
             assert set(sel.expert_ids[layer][used].tolist()) <= set(topk[layer].ravel().tolist())
 

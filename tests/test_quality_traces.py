@@ -15,7 +15,9 @@ from lynxsim.routing import TraceReplayRouting, load_trace
 TRACES = Path(__file__).resolve().parents[1] / "traces"
 
 
-@pytest.mark.parametrize(("name", "experts", "top_k"), [("lynxsim_mixtral_like", 8, 2), ("lynxsim_qwen2moe_like", 64, 8)])
+@pytest.mark.parametrize(
+    ("name", "experts", "top_k"), [("lynxsim_mixtral_like", 8, 2), ("lynxsim_qwen2moe_like", 64, 8)]
+)
 def test_committed_trace_loads_and_replays(name: str, experts: int, top_k: int) -> None:
     path = TRACES / f"{name}.npz"
     assert path.stat().st_size < 4e6

@@ -81,7 +81,12 @@ def test_missing_trace_is_an_input_error() -> None:
 
 def test_shipped_profile_runs_and_unknown_profile_lists_known() -> None:
     result = run_experiment(
-        validate_experiment(experiment({"kind": "profile", "name": "flame-moe-290m"}, [{"name": "topk"}, {"name": "lynx", "alpha": 3, "beta": 2}]))
+        validate_experiment(
+            experiment(
+                {"kind": "profile", "name": "flame-moe-290m"},
+                [{"name": "topk"}, {"name": "lynx", "alpha": 3, "beta": 2}],
+            )
+        )
     )
     assert (result.runs[1].requests["status"] == "finished").all()
     with pytest.raises(InputError, match="flame-moe-290m"):

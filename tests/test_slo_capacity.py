@@ -86,6 +86,8 @@ def test_with_arrival_rate_changes_only_the_rate() -> None:
     changed = with_arrival_rate(config, 9.5)
     assert changed.workload.arrival.rate_per_s == 9.5  # type: ignore[union-attr]
     assert changed.workload.prompt_tokens == config.workload.prompt_tokens
-    listed = validate_experiment({**CAPACITY, "workload": {**CAPACITY["workload"], "arrival": {"kind": "list", "times_s": [0.0]}}})
+    listed = validate_experiment(
+        {**CAPACITY, "workload": {**CAPACITY["workload"], "arrival": {"kind": "list", "times_s": [0.0]}}}
+    )
     with pytest.raises(InputError, match="workload.arrival.kind"):
         with_arrival_rate(listed, 2.0)

@@ -94,7 +94,9 @@ def test_points_resolve_to_configs_with_their_values_and_seeds(tmp_path: Path) -
     assert last.config.simulation.seed == derive_seed(7, last.point, "per_point")
     assert last.config.sweep is None
     # adding a value to an axis keeps the other points' configs, hence their hashes
-    bigger = load_sweep(write(tmp_path, {"grid": {"workload.arrival.rate_per_s": [1, 2, 3], "policies.1.alpha": [0.5, 0.9]}}))
+    bigger = load_sweep(
+        write(tmp_path, {"grid": {"workload.arrival.rate_per_s": [1, 2, 3], "policies.1.alpha": [0.5, 0.9]}})
+    )
     assert {p.config_hash for p in sweep.points} <= {p.config_hash for p in bigger.points}
 
 

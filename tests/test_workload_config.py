@@ -221,7 +221,8 @@ def test_missing_trace_file_cli_one_line(tmp_path: Path, capsys: pytest.CaptureF
 
 def test_bad_value_in_trace_names_the_line(tmp_path: Path) -> None:
     (tmp_path / "t.jsonl").write_text(
-        '{"timestamp": 0, "input_length": 10, "output_length": 2}\n{"timestamp": 5, "input_length": -3, "output_length": 2}\n'
+        '{"timestamp": 0, "input_length": 10, "output_length": 2}\n'
+        '{"timestamp": 5, "input_length": -3, "output_length": 2}\n'
     )
     message = error_of(tmp_path, experiment({"arrival": {"kind": "trace", "path": "t.jsonl", "format": "mooncake"}}))
     assert message.startswith(f"workload.arrival: {tmp_path / 't.jsonl'}:2: ") and "negative length" in message

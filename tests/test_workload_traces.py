@@ -132,7 +132,8 @@ def test_zero_lengths_raised_to_one_and_counted(tmp_path: Path) -> None:
             "no field 'input_length'",
         ),
         (
-            '{"timestamp": 0, "input_length": 5, "output_length": 1}\n\n{"timestamp": 1, "input_length": "many", "output_length": 1}\n',
+            '{"timestamp": 0, "input_length": 5, "output_length": 1}\n\n'
+            '{"timestamp": 1, "input_length": "many", "output_length": 1}\n',
             3,
             "'many' is not a number",
         ),

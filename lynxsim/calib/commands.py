@@ -257,7 +257,9 @@ def calibrate_command(args: argparse.Namespace, console: Any = None) -> int:
         return 0
 
     if args.shrink > 1 and not args.no_profile:
-        raise InputError("--shrink", "tables of shrunk models never go into a profile: add --no-profile (and --tables-out)")
+        raise InputError(
+            "--shrink", "tables of shrunk models never go into a profile: add --no-profile (and --tables-out)"
+        )
     from lynxsim.calib.sweeps import calibrate_model  # torch from here on
 
     failed = []
@@ -309,7 +311,8 @@ def add_validate_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Simulate each model under each policy (a burst of 256 requests: decode batches 256 down to "
         "1 and mixed prefill/decode iterations), pick iterations, execute each with the real kernels (all layers, "
         "random weights, KV caches of the recorded lengths, the recorded per-layer expert assignment) as one CUDA "
-        "graph, and compare with the cost model's prediction. Writes validation.csv and validation.md (--stem: other names).",
+        "graph, and compare with the cost model's prediction. Writes validation.csv and validation.md "
+        "(--stem: other names).",
     )
     parser.add_argument("--models", nargs="+", metavar="KEY",
                         help="catalog keys (default: those of --iterations, else "
@@ -417,7 +420,9 @@ def validate_command(args: argparse.Namespace, console: Any = None) -> int:
                 chosen.extend(picked)
         if args.record is None:
             cost_models = _cost_models(args, specs)
-            chosen = [it for m in args.models for it in reprice([c for c in chosen if c.model_key == m], cost_models[m])]
+            chosen = [
+                it for m in args.models for it in reprice([c for c in chosen if c.model_key == m], cost_models[m])
+            ]
     if args.shard_on_one_gpu:
         if args.tensor_parallel < 2:
             raise InputError("--shard-on-one-gpu", "needs --tensor-parallel G with G >= 2")
@@ -556,7 +561,8 @@ def _tensor_parallel_note(gpus: int, shard_on_one_gpu: bool = False) -> str:
         )
     return (
         f"**Tensor parallelism ({gpus} GPUs).** The simulated instance is {gpus}-way tensor-parallel; "
-        f"{gpus} processes, one per GPU, each hold one rank's shard (1/G of the heads, KV heads, expert and FFN widths and vocabulary) "
+        f"{gpus} processes, one per GPU, each hold one rank's shard (1/G of the heads, KV heads, expert and FFN "
+        "widths and vocabulary) "
         "and execute every iteration in step, with an NCCL all-reduce of the attention output and of the experts' "
         "(or FFN's) output in every layer, captured in the iteration's CUDA graph; rank 0's median is the "
         "measurement. The prediction is the instance cost model (`lynxsim/parallel.py`): the shard's measured tables "

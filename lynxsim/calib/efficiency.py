@@ -344,7 +344,10 @@ def _router_like(points: pd.DataFrame) -> pd.Series:
     many tokens over few experts (every token routed into the same handful), which no trained router produces
     and which the kernel serves with few programs per expert."""
     models = {key: model_for_key(str(key)) for key in points["model"].unique()}
-    typical = [_typical_distinct(models[m], max(1, int(t))) for m, t in zip(points["model"], points["tokens"], strict=True)]
+    typical = [
+        _typical_distinct(models[m], max(1, int(t)))
+        for m, t in zip(points["model"], points["tokens"], strict=True)
+    ]
     return points["distinct_experts"] >= np.asarray(typical, dtype=np.float64)
 
 

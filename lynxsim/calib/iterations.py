@@ -88,7 +88,9 @@ class ValidationIteration:
     def row(self) -> dict[str, Any]:
         """The iteration's columns of the validation CSV (without the measurement)."""
         shape = self.shape
-        contexts = np.concatenate([shape.decode_context_tokens, shape.prefill_context_tokens + shape.prefill_chunk_tokens])
+        contexts = np.concatenate(
+            [shape.decode_context_tokens, shape.prefill_context_tokens + shape.prefill_chunk_tokens]
+        )
         distinct = (self.expert_token_counts > 0).sum(axis=1)
         return {
             "model": self.model_key,
@@ -160,7 +162,8 @@ def simulate_and_record(config: ExperimentConfig, model_key: str) -> dict[str, l
         out[label] = [
             ValidationIteration(
                 model_key=model_key, policy=label, index=i, shape=shape, expert_token_counts=counts,
-                predicted=latency, predicted_gpu_s=setup.cost_model.gpu_time_s(latency), cost_model=setup.cost_model.source,
+                predicted=latency, predicted_gpu_s=setup.cost_model.gpu_time_s(latency),
+                cost_model=setup.cost_model.source,
             )
             for i, (shape, counts, latency) in enumerate(recorder.records)
         ]

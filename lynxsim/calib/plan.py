@@ -216,8 +216,11 @@ def plan_model(model_key: str, model: ModelSpec, grid: str = "default", *, exper
 
 def plan_summary(plans: list[TablePlan]) -> str:
     """One line per table: name, grid shape and number of points."""
-    lines = [f"{p.name}: {' x '.join(f'{a}[{len(v)}]' for a, v in zip(p.axes, p.axis_values, strict=True))} = {p.num_points} points"
-             for p in plans]
+    lines = [
+        f"{p.name}: {' x '.join(f'{a}[{len(v)}]' for a, v in zip(p.axes, p.axis_values, strict=True))} "
+        f"= {p.num_points} points"
+        for p in plans
+    ]
     lines.append(f"total: {sum(p.num_points for p in plans)} points")
     return "\n".join(lines)
 

@@ -148,7 +148,9 @@ def write_model_tables(
     relative = f"{folder.name}/{table_path.name}"
     if relative not in files:
         files.append(relative)
-    inline = {name: value for name, value in (measured.get("tables") or {}).items() if not name.startswith(f"{model_key}/")}
+    inline = {
+        name: value for name, value in (measured.get("tables") or {}).items() if not name.startswith(f"{model_key}/")
+    }
     latest = metadata.model_copy(update={
         "notes": f"the latest calibration run ({model_key}); each table file carries the metadata of its own run"
     })

@@ -145,7 +145,8 @@ class ModelSweep:
     def _hidden(self, tokens: int) -> units.Hidden:
         """A stream of ``tokens`` rows as the kernel set carries it between sub-layers (random values)."""
         x = _randn((tokens, self.shape.hidden), self.device, self.gen)
-        residual = _randn((tokens, self.shape.hidden), self.device, self.gen) if self.kernels.name == "production" else None
+        production = self.kernels.name == "production"
+        residual = _randn((tokens, self.shape.hidden), self.device, self.gen) if production else None
         return units.Hidden(x, residual)
 
     # ----- units -----

@@ -71,7 +71,9 @@ class ModelOnDevice:
         self.lm_head = self._randn((s.vocab, s.hidden), 0.02)
         self.final_norm = torch.ones(s.hidden, device=device, dtype=torch.bfloat16)
         self.pool_pages = pool_pages
-        self.pools = [self.kernels.new_pool((pool_pages, units.PAGE_SIZE), device, gen) for _ in range(model.num_layers)]
+        self.pools = [
+            self.kernels.new_pool((pool_pages, units.PAGE_SIZE), device, gen) for _ in range(model.num_layers)
+        ]
 
     def _randn(self, shape: tuple[int, ...], std: float = 1.0) -> torch.Tensor:
         t = torch.empty(shape, device=self.device, dtype=torch.float32)
@@ -253,8 +255,8 @@ def _execute_tensor_parallel(
         raise RuntimeError(f"tensor_parallel {world} needs {world} GPUs; this host has {torch.cuda.device_count()}")
     port = 29500 + os.getpid() % 1000
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_tp_worker, args=(world, port, device_type, iterations, models, repeats, out_dir, kernels), nprocs=world,
-                 join=True)
+        mp.spawn(_tp_worker, args=(world, port, device_type, iterations, models, repeats, out_dir, kernels),
+                 nprocs=world, join=True)
         results = [json.loads(Path(out_dir, f"rank{r}.json").read_text(encoding="utf-8")) for r in range(world)]
     measured = {(k, p, int(i)): float(t) for k, p, i, t in results[0]["measured"]}
     for r, result in enumerate(results[1:], start=1):

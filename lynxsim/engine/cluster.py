@@ -188,7 +188,8 @@ class Cluster:
     ) -> Cluster:
         """A cluster of ``len(roles)`` instances on a fresh environment, ``make_instance(env, index, role)`` each."""
         env = simpy.Environment()
-        return cls([make_instance(env, index, role) for index, role in enumerate(roles)], router=router, transfer=transfer)
+        instances = [make_instance(env, index, role) for index, role in enumerate(roles)]
+        return cls(instances, router=router, transfer=transfer)
 
     # ----- running -----
 

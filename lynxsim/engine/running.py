@@ -80,7 +80,8 @@ class RunningSet:
         gone: list[Request] = self.requests[positions].tolist()
         keep = ~leaving
         m = n - positions.size
-        for array in (self.requests, self.ids, self.num_tokens, self.computed, self.generated, self.output, self.blocks):
+        columns = (self.requests, self.ids, self.num_tokens, self.computed, self.generated, self.output, self.blocks)
+        for array in columns:
             array[:m] = array[:n][keep]
         self.requests[m:n] = None
         self.size = m

@@ -79,4 +79,7 @@ def _runs(request_ids: np.ndarray, positions: np.ndarray) -> list[tuple[int, int
     breaks = np.flatnonzero((np.diff(request_ids) != 0) | (np.diff(positions) != 1)) + 1
     starts = np.concatenate([[0], breaks]).astype(np.int64)
     ends = np.concatenate([breaks, [request_ids.size]]).astype(np.int64)
-    return [(int(request_ids[s]), int(positions[s]), int(positions[e - 1]) + 1) for s, e in zip(starts, ends, strict=True)]
+    return [
+        (int(request_ids[s]), int(positions[s]), int(positions[e - 1]) + 1)
+        for s, e in zip(starts, ends, strict=True)
+    ]

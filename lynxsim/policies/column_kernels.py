@@ -174,8 +174,9 @@ def lynx_counts(
                     deepest = max(deepest, bins[t])
             if deepest > cap:
                 rows.lynx_counts(
-                    np.ascontiguousarray(logits[layer : layer + 1, g : g + 1]), top_k, alpha[layer : layer + 1], floor[layer : layer + 1],
-                    bin_weight, counts[g : g + 1, layer : layer + 1], retained_mass[g : g + 1, layer : layer + 1],
+                    np.ascontiguousarray(logits[layer : layer + 1, g : g + 1]), top_k,
+                    alpha[layer : layer + 1], floor[layer : layer + 1], bin_weight,
+                    counts[g : g + 1, layer : layer + 1], retained_mass[g : g + 1, layer : layer + 1],
                     top1_kept[g : g + 1, layer : layer + 1], assignments_changed[g : g + 1, layer : layer + 1],
                 )
                 continue

@@ -47,7 +47,8 @@ _MIN_SUBNORMAL_LOG2 = 1074
 @dataclass
 class Lynx:
     """Lynx with its per-model constants: ``alpha`` (bins per unit of logit gap) and ``beta`` (deepest bin,
-    a positive integer; ``None`` for no floor). The paper's published values are in the model catalog (`lynx_alpha`, `lynx_beta`).
+    a positive integer; ``None`` for no floor). The paper's published values are in the model catalog
+    (`lynx_alpha`, `lynx_beta`).
 
     Either may be a list with one entry per MoE layer (stored as a tuple; ``beta`` entries may be ``None``);
     ``select`` then needs the stacked ``[layers, tokens, experts]`` logits with that many layers (``ValueError``

@@ -25,7 +25,8 @@ Points decided here:
 * Ties (in the top-k0 that forms the union and in the fill order): lower expert id, as in ``topk``.
 * Weights: softmax over the chosen ids, renormalized when the model renormalizes top-k weights; otherwise
   OEA re-picks inside a kept set like Lynx, so the raw probabilities are rescaled to the token's original
-  top-k mass (README.md, "Policies": the weight rule), the same mass carried by k experts or, when slots are dropped, fewer.
+  top-k mass (README.md, "Policies": the weight rule), the same mass carried by k experts or, when slots are
+  dropped, fewer.
 """
 
 from __future__ import annotations

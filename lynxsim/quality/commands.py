@@ -34,7 +34,9 @@ from lynxsim.quality.shapes import SHAPES, TrainConfig, tiny
 
 def add_quality_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``quality`` and its subcommands on the ``lynxsim`` parser's subparsers."""
-    parser = subparsers.add_parser("quality", help="train small MoE models; measure what each policy does to their loss")
+    parser = subparsers.add_parser(
+        "quality", help="train small MoE models; measure what each policy does to their loss"
+    )
     commands = parser.add_subparsers(dest="quality_command", required=True)
 
     train = commands.add_parser("train", help="train one model shape from a seed; write its checkpoint")
@@ -129,7 +131,9 @@ def train_command(args: argparse.Namespace, console: Any = None) -> int:
 
     shape = tiny(SHAPES[args.model]) if args.tiny else SHAPES[args.model]
     try:
-        config = TrainConfig(steps=args.steps, batch_sequences=args.batch_sequences, seq_len=args.seq_len, seed=args.seed)
+        config = TrainConfig(
+            steps=args.steps, batch_sequences=args.batch_sequences, seq_len=args.seq_len, seed=args.seed
+        )
     except ValueError as exc:
         raise InputError("lynxsim quality train", str(exc)) from None
     if config.seq_len > shape.max_seq_len:

@@ -89,7 +89,9 @@ def collect_code(root: Path) -> bytes:
     )
     if not paths:
         raise InputError(str(root), "holds no .py files")
-    return b"".join(b"# file: " + path.as_posix().encode() + b"\n" + (root / path).read_bytes() + b"\n\n" for path in paths)
+    return b"".join(
+        b"# file: " + path.as_posix().encode() + b"\n" + (root / path).read_bytes() + b"\n\n" for path in paths
+    )
 
 
 def split_source(data: bytes, origin: str, min_part_bytes: int) -> SourceSplit:
@@ -111,7 +113,9 @@ def split_source(data: bytes, origin: str, min_part_bytes: int) -> SourceSplit:
     return split
 
 
-def load_corpus(text_path: Path = DEFAULT_TEXT_PATH, code_root: Path | None = None, *, min_part_bytes: int = 1) -> Corpus:
+def load_corpus(
+    text_path: Path = DEFAULT_TEXT_PATH, code_root: Path | None = None, *, min_part_bytes: int = 1
+) -> Corpus:
     """The prose file and the Python sources under ``code_root`` (default: this Python's standard library)."""
     if not text_path.is_file():
         raise InputError(str(text_path), "no such text corpus file (see README, Data)")

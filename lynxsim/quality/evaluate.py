@@ -87,7 +87,9 @@ def evaluation_tokens(corpus: Corpus, settings: EvalSettings) -> np.ndarray:
     """uint8 ``[sequences, prefill + decode + 1]``: half prose and half code windows, in a fixed shuffled order."""
     length = settings.prefill_tokens + settings.decode_tokens + 1
     half = settings.sequences // 2
-    rows = np.concatenate([windows(corpus.text.evaluation, length, half), windows(corpus.code.evaluation, length, half)])
+    rows = np.concatenate(
+        [windows(corpus.text.evaluation, length, half), windows(corpus.code.evaluation, length, half)]
+    )
     return rows[np.random.default_rng(ORDER_SEED).permutation(settings.sequences)]
 
 

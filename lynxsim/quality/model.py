@@ -176,7 +176,9 @@ class MoELanguageModel(nn.Module):
             for layer in (block.attention.out, block.moe.down):
                 nn.init.normal_(layer.weight, std=INIT_STD / (2 * shape.num_layers) ** 0.5)
 
-    def forward(self, tokens: torch.Tensor, route: RouteFn | None = None, *, keep_router_logits: bool = False) -> ForwardOutput:
+    def forward(
+        self, tokens: torch.Tensor, route: RouteFn | None = None, *, keep_router_logits: bool = False
+    ) -> ForwardOutput:
         """``tokens`` int64 ``[batch, seq]`` (seq <= ``max_seq_len``)."""
         seq = tokens.shape[1]
         if seq > self.shape.max_seq_len:

@@ -31,7 +31,9 @@ class PolicyPoint:
     def label(self) -> str:
         if not self.params:
             return self.policy
-        inner = ",".join(f"{_short(k)}={v:g}" if isinstance(v, float) else f"{_short(k)}={v}" for k, v in self.params.items())
+        inner = ",".join(
+            f"{_short(k)}={v:g}" if isinstance(v, float) else f"{_short(k)}={v}" for k, v in self.params.items()
+        )
         return f"{self.policy}({inner})"
 
     def build(self) -> Policy:
@@ -54,7 +56,9 @@ def default_points(shape: MoEShape) -> list[PolicyPoint]:
     return [PolicyPoint(name, params.get(name, {})) for name in names]
 
 
-def lynx_sweep(shape: MoEShape, alphas: tuple[float, ...] = SWEEP_ALPHAS, betas: tuple[int, ...] = SWEEP_BETAS) -> list[PolicyPoint]:
+def lynx_sweep(
+    shape: MoEShape, alphas: tuple[float, ...] = SWEEP_ALPHAS, betas: tuple[int, ...] = SWEEP_BETAS
+) -> list[PolicyPoint]:
     """Lynx at every (alpha, beta) of the grid except the published point (already in ``default_points``)."""
     published = (shape.lynx_alpha, shape.lynx_beta)
     return [

@@ -167,7 +167,8 @@ def render_markdown(rows: pd.DataFrame, metas: list[dict[str, Any]], command: st
 
 def _models_table(rows: pd.DataFrame, metas: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | experts, top-k | shared expert | renormalized | parameters | training | held-out loss, prose / code | decode loss, top-k | decode top-1 accuracy |",
+        "| model | experts, top-k | shared expert | renormalized | parameters | training "
+        "| held-out loss, prose / code | decode loss, top-k | decode top-1 accuracy |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for meta in metas:
@@ -216,7 +217,8 @@ def _headline_table(rows: pd.DataFrame) -> str:
 def _defaults_table(group: pd.DataFrame) -> str:
     model = group.model.iloc[0]
     lines = [f"**{model}**", "",
-             "| policy | B | Δloss (nats) | Δacc (pp) | KL (nats) | retained mass | top-1 kept | changed | dropped | experts/layer |",
+             "| policy | B | Δloss (nats) | Δacc (pp) | KL (nats) | retained mass | top-1 kept | changed | dropped "
+             "| experts/layer |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in group.sort_values(["batch_size"], kind="stable").iterrows():
         lines.append(f"| {r.label} | {r.batch_size} | {r.delta_loss_nats:+.4f} ± {r.delta_loss_se_nats:.4f} | "
@@ -240,7 +242,8 @@ def _sweep_table(group: pd.DataFrame) -> str:
 
 
 def _correlation_table(table: pd.DataFrame) -> str:
-    lines = ["| model | proxy | Pearson, Δloss | Spearman, Δloss | Spearman, KL | Spearman, Δloss, Lynx only | points |",
+    lines = ["| model | proxy | Pearson, Δloss | Spearman, Δloss | Spearman, KL | Spearman, Δloss, Lynx only "
+             "| points |",
              "|---|---|---|---|---|---|---|"]
     for _, r in table.iterrows():
         cells = (r.pearson_delta_loss, r.spearman_delta_loss, r.spearman_kl, r.spearman_delta_loss_lynx)

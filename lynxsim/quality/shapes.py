@@ -11,7 +11,8 @@ The shapes copy the routing of two published model families at a size that train
   DeepSeek-V2's are; Qwen2-MoE multiplies its shared expert by a sigmoid gate.
 
 Both carry the Lynx constants the paper (arXiv 2411.08982) publishes for the real model of their expert count:
-Mixtral-8x7B (alpha 0.7, beta 1) and Qwen2-57B-A14B (alpha 3, beta 4) (the model catalog holds them: `lynx_alpha`, `lynx_beta`).
+Mixtral-8x7B (alpha 0.7, beta 1) and Qwen2-57B-A14B (alpha 3, beta 4) (the model catalog holds them:
+`lynx_alpha`, `lynx_beta`).
 
 Text is byte-level (vocabulary 256): no tokenizer to train or ship, and every byte string is encodable.
 """

@@ -31,7 +31,9 @@ def calibration_tokens(corpus: Corpus, sequences: int, length: int) -> np.ndarra
     if sequences < 2 or sequences % 2:
         raise ValueError(f"trace sequences must be an even number >= 2, got {sequences}")
     half = sequences // 2
-    return np.concatenate([windows(corpus.text.calibration, length, half), windows(corpus.code.calibration, length, half)])
+    return np.concatenate(
+        [windows(corpus.text.calibration, length, half), windows(corpus.code.calibration, length, half)]
+    )
 
 
 @torch.no_grad()
@@ -45,7 +47,9 @@ def router_log_probs(checkpoint: Checkpoint, tokens: np.ndarray, device: torch.d
     return stacked.flatten(1, 2).float().cpu().numpy()
 
 
-def routing_trace(checkpoint: Checkpoint, corpus: Corpus, sequences: int, length: int, device: torch.device) -> RoutingTrace:
+def routing_trace(
+    checkpoint: Checkpoint, corpus: Corpus, sequences: int, length: int, device: torch.device
+) -> RoutingTrace:
     """The trace of ``sequences`` calibration windows of ``length`` tokens (module docstring)."""
     tokens = calibration_tokens(corpus, sequences, length)
     shape, train = checkpoint.model.shape, checkpoint.train

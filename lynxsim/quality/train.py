@@ -47,7 +47,8 @@ def autocast(device: torch.device) -> AbstractContextManager[Any]:
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
-    """Linear warm-up to ``peak_lr`` (over ``warmup_steps``, at most a fifth of the run), then cosine decay to ``final_lr_fraction * peak_lr`` at the last step."""
+    """Linear warm-up to ``peak_lr`` (over ``warmup_steps``, at most a fifth of the run), then cosine decay to
+    ``final_lr_fraction * peak_lr`` at the last step."""
     warmup = min(config.warmup_steps, max(1, config.steps // 5))
     if step < warmup:
         return config.peak_lr * (step + 1) / warmup

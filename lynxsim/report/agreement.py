@@ -34,7 +34,9 @@ class Comparison:
     kind: str = "range"
 
 
-def _speedup_range(column: str, where: Callable[[pd.DataFrame], pd.Series] | None = None) -> Callable[[pd.DataFrame], tuple[float, float]]:
+def _speedup_range(
+    column: str, where: Callable[[pd.DataFrame], pd.Series] | None = None
+) -> Callable[[pd.DataFrame], tuple[float, float]]:
     def read(table: pd.DataFrame) -> tuple[float, float]:
         rows = table[where(table)] if where is not None else table
         return float(rows[column].min()), float(rows[column].max())
@@ -49,7 +51,8 @@ def _max_ratio(table: pd.DataFrame) -> tuple[float, float]:
 
 COMPARISONS = (
     Comparison(
-        "median TPOT speed-up, co-located with chunked prefill, H200 (range over the paper's deployments and both prompt lengths)",
+        "median TPOT speed-up, co-located with chunked prefill, H200 "
+        "(range over the paper's deployments and both prompt lengths)",
         ("v3-sec-median-tpot-range-low", "v3-sec-median-tpot-range-high"),
         "03_tpot_max_batch_16",
         _speedup_range("median_speedup", lambda t: t["deployment.mode"] == "colocated"),

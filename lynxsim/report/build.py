@@ -114,7 +114,9 @@ def _labels(spec: SweepConfig, section: ReportSection) -> dict[str, dict[str, st
     for key, names in section.labels.items():
         if key not in values or len(values[key]) != len(names):
             raise InputError(f"report.labels.{key}", "needs one label per swept value of that key")
-        labels[key] = {(v if isinstance(v, str) else json.dumps(v)): name for v, name in zip(values[key], names, strict=True)}
+        labels[key] = {
+            (v if isinstance(v, str) else json.dumps(v)): name for v, name in zip(values[key], names, strict=True)
+        }
     return labels
 
 
@@ -156,7 +158,8 @@ def _routing_evidence(sweep: Sweep) -> list[str]:
     seen: dict[str, None] = {}
     for point in sweep.points:
         config = point.config
-        seen[f"{config.model.name or 'model'}: {routing_evidence(config.routing, config.model.name, resolve_model(config).name)}"] = None
+        evidence = routing_evidence(config.routing, config.model.name, resolve_model(config).name)
+        seen[f"{config.model.name or 'model'}: {evidence}"] = None
     return list(seen)
 
 

@@ -63,7 +63,9 @@ def experts_vs_batch(data: FigureData, path: Path) -> pd.DataFrame:
         part = table[table[facet] == panel]
         for (line_label, policy), line in part.groupby(["line", "policy"], sort=False):
             style = "-" if policy == part["policy"].iloc[0] else "--"
-            ax.plot(line[x], line["mean_distinct_experts"], style, marker="o", markersize=3, label=f"{policy}, {line_label}")
+            ax.plot(
+                line[x], line["mean_distinct_experts"], style, marker="o", markersize=3, label=f"{policy}, {line_label}"
+            )
         ax.set_xscale("log", base=2)
         ax.set_title(str(panel))
         ax.set_xlabel("decode batch size")
@@ -133,7 +135,9 @@ def tpot_table(data: FigureData, path: Path) -> pd.DataFrame:
     ax.barh(positions + 0.2, rows["median_speedup"], height=0.4, label="median TPOT")
     ax.barh(positions - 0.2, rows["mean_speedup"], height=0.4, label="mean TPOT")
     ax.axvline(1.0, color="grey", linestyle=":")
-    ax.set_yticks(positions, [f"{line} ({policy})" for line, policy in zip(rows["line"], rows["policy"], strict=True)], fontsize=7)
+    ax.set_yticks(
+        positions, [f"{line} ({policy})" for line, policy in zip(rows["line"], rows["policy"], strict=True)], fontsize=7
+    )
     ax.set_xlabel(f"speed-up over {base_policy.iloc[0] if len(base_policy) else 'baseline'}")
     low = min(0.95, float(rows[["median_speedup", "mean_speedup"]].min().min()) - 0.05) if len(rows) else 0.9
     ax.set_xlim(low, None)
@@ -147,7 +151,8 @@ def speedup_vs_batch(data: FigureData, path: Path) -> pd.DataFrame:
     section = data.section
     x = _required(section.x, "x")
     others = against_baseline(data.results)
-    table = _labelled(data, others[[*section.lines, x, "policy", "median_speedup", "mean_speedup", "baseline_decode_batch"]], section.lines)
+    columns = [*section.lines, x, "policy", "median_speedup", "mean_speedup", "baseline_decode_batch"]
+    table = _labelled(data, others[columns], section.lines)
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for (line_label, policy), line in table.groupby(["line", "policy"], sort=False):
         ax.plot(line[x], line["median_speedup"], marker="o", markersize=3, label=f"{line_label} ({policy}), median")
@@ -240,7 +245,8 @@ def slo_throughput(data: FigureData, path: Path) -> pd.DataFrame:
         for i, policy in enumerate(policies):
             rows_of = part[part["policy"] == policy]
             ax.bar(np.arange(len(rows_of)) + i * width, rows_of["capacity_rate_per_s"], width=width, label=policy)
-        ax.set_xticks(np.arange(len(section.slo_tpot_ms)) + 0.4 - width / 2, [f"P99 TPOT <= {s:g} ms" for s in section.slo_tpot_ms])
+        ticks = np.arange(len(section.slo_tpot_ms)) + 0.4 - width / 2
+        ax.set_xticks(ticks, [f"P99 TPOT <= {s:g} ms" for s in section.slo_tpot_ms])
         ax.set_ylabel("highest arrival rate meeting it (req/s)")
         ax.set_title(str(panel))
         ax.legend()

@@ -84,7 +84,9 @@ def compare_routing(
     for size in batch_sizes:
         batches = sample_batches(sequence_index, size, batches_per_size, rng)
         distinct = {side: _distinct_experts(ids, batches, trace.num_experts) for side, ids in chosen.items()}
-        for layer, trace_mean, generator_mean in zip(trace.layer_ids, distinct["trace"], distinct["generator"], strict=True):
+        for layer, trace_mean, generator_mean in zip(
+            trace.layer_ids, distinct["trace"], distinct["generator"], strict=True
+        ):
             rows.append((layer, size, trace_mean, generator_mean))
     distinct_experts = pd.DataFrame(rows, columns=["layer", "batch_size", "trace", "generator"])
     distinct_experts["relative_gap"] = distinct_experts["generator"] / distinct_experts["trace"] - 1.0

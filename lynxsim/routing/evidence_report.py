@@ -115,7 +115,8 @@ def _batch_table(evidence: ModelEvidence, residuals: list[StatisticResidual], la
             continue
         data, gen = group_means(r.data), group_means(r.generator)  # the groups a model's depth reaches
         cells = " | ".join(f"{d:.1f} / {g:.1f} ({_pct(g / d - 1)})" for d, g in zip(data, gen, strict=True))
-        overall = f"{np.mean(r.data):.2f} / {np.mean(r.generator):.2f} ({_pct(np.mean(r.generator) / np.mean(r.data) - 1)})"
+        ratio = np.mean(r.generator) / np.mean(r.data)
+        overall = f"{np.mean(r.data):.2f} / {np.mean(r.generator):.2f} ({_pct(ratio - 1)})"
         lines.append(f"| {label} | {r.name} | {overall} | {cells} |")
     return lines
 
@@ -142,7 +143,8 @@ def _distribution_table(residuals: list[StatisticResidual]) -> list[str]:
         if r.distance is None:
             continue
         tv = np.asarray(r.distance)
-        lines.append(f"| {r.name} | {len(r.layers)} | {np.median(tv):.3f} | {tv.max():.3f} (layer {r.layers[int(tv.argmax())]}) | "
+        lines.append(f"| {r.name} | {len(r.layers)} | {np.median(tv):.3f} | "
+                     f"{tv.max():.3f} (layer {r.layers[int(tv.argmax())]}) | "
                      f"{np.mean(r.data):.3f} / {np.mean(r.generator):.3f} |")
     return lines
 
@@ -190,12 +192,12 @@ def _deepseek_v3_section(batch: int = 16, batches: int = 64) -> list[str]:
         "## deepseek-v3: the router as it is", "",
         f"DeepSeek-V3 scores experts with sigmoids, adds a per-expert correction bias for the selection only, and "
         f"limits each token to the best {limit.topk_groups} of {limit.num_groups} groups of "
-        f"{model.num_experts // limit.num_groups} experts (a group scored by the sum of its two best scores), then takes "
-        f"the top-{model.top_k} (`noaux_tc`). lynxsim routes it so (`lynxsim/routing/router.py`): the generator's "
-        "logits stand for the gate logits (a sigmoid is increasing, so they rank the experts as the scores do; the "
-        "correction bias, a popularity term, is part of the generator's expert bias), each group is scored by "
-        "the sum of the sigmoids of its two best logits, and every expert outside the best groups is put 64 nats "
-        "below the token's best logit. "
+        f"{model.num_experts // limit.num_groups} experts (a group scored by the sum of its two best scores), "
+        f"then takes the top-{model.top_k} (`noaux_tc`). lynxsim routes it so (`lynxsim/routing/router.py`): "
+        "the generator's logits stand for the gate logits (a sigmoid is increasing, so they rank the experts as "
+        "the scores do; the correction bias, a popularity term, is part of the generator's expert bias), each "
+        "group is scored by the sum of the sigmoids of its two best logits, and every expert outside the best "
+        "groups is put 64 nats below the token's best logit. "
         "Lynx bins those logits as it bins a softmax router's: the bin of an expert is set by its logit gap to the "
         "token's best, and a sigmoid router's logit gaps are its log-odds gaps; masked experts lie in the deepest "
         "bin, where the batch's popularity can still reach them, as it can any low-affinity expert. DeepSeek-V3's "
@@ -236,8 +238,8 @@ def write_evidence(out_dir: Path) -> Path:
         lines += [f"## {key}", ""]
         for src in evidence.stats.sources:
             used = f" ({', '.join(src.statistics)})" if src.statistics else ""
-            lines.append(f"- source{used}: `{src.repository}` at `{(src.commit or '')[:12]}`, licence: {src.license.rstrip('.')}. "
-                         f"{src.setup}")
+            lines.append(f"- source{used}: `{src.repository}` at `{(src.commit or '')[:12]}`, "
+                         f"licence: {src.license.rstrip('.')}. {src.setup}")
         lines += ["", "| parameter | evidence |", "|---|---|"]
         lines += [f"| {name} | {what} |" for name, what in evidence.evidence.items()]
         limit = _group_limit(key)
@@ -265,8 +267,9 @@ def write_evidence(out_dir: Path) -> Path:
                   if not r.name.startswith("batch_distinct") and r.distance is None]
         for r in others:
             err = r.relative_error()
-            lines.append(f"- {r.name} ({r.unit}): data mean {np.mean(r.data):.3f}, generator {np.mean(r.generator):.3f}; "
-                         f"median layer error {_pct(float(np.median(err)))}, largest {_pct(float(err[np.abs(err).argmax()]))}")
+            lines.append(f"- {r.name} ({r.unit}): data mean {np.mean(r.data):.3f}, "
+                         f"generator {np.mean(r.generator):.3f}; median layer error {_pct(float(np.median(err)))}, "
+                         f"largest {_pct(float(err[np.abs(err).argmax()]))}")
         lines += ["", f"![{key}: data against the fitted generator]({figure.name})", ""]
     lines += _deepseek_v3_section()
     rest = [k for k in catalog_names() if k not in fitted]

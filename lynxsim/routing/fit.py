@@ -443,7 +443,9 @@ def _fit_skew(
         expected[:, i] = (simulated.std(axis=-1) / simulated.mean(axis=-1)).reshape(layers, replicates).mean(axis=1)
     expected_sq = np.maximum.accumulate(expected, axis=1) ** 2
     grid_sq = _SKEW_GRID**2
-    skew = np.round([np.sqrt(np.interp(cv**2, row, grid_sq)) for cv, row in zip(trace_cv, expected_sq, strict=True)], _DECIMALS)
+    skew = np.round(
+        [np.sqrt(np.interp(cv**2, row, grid_sq)) for cv, row in zip(trace_cv, expected_sq, strict=True)], _DECIMALS
+    )
     fitted_cv = np.sqrt([np.interp(s**2, grid_sq, row) for s, row in zip(skew, expected_sq, strict=True)])
     return skew, trace_cv, fitted_cv
 

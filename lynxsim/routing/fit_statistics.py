@@ -17,9 +17,10 @@ generator's default and are reported as assumed. In order:
    router (more of a token's experts share its best bins) over the range trained routers lie in; Lynx's union
    is not monotone in the scale over all of it, so each layer's scale is read off a scanned curve
    (``_match_on_rising_branch``). ``mean_probability`` gives it too (the least total variation between the
-   data's and the generator's mean probability of every expert, over a grid of scales), and ``top2_weight`` gives the mean and the spread of the scale together (the
-   logit of ``w1 / (w1 + w2)`` is the scale times the gap between a token's two best logits: least squares over
-   its quartiles). The spread is otherwise assumed (the default).
+   data's and the generator's mean probability of every expert, over a grid of scales), and ``top2_weight``
+   gives the mean and the spread of the scale together (the logit of ``w1 / (w1 + w2)`` is the scale times the
+   gap between a token's two best logits: least squares over its quartiles). The spread is otherwise assumed
+   (the default).
 3. persistence: ``overlap_excess`` (``fit.fit_persistence``); ``repeat_top1`` is reported, not fitted.
 
 Every fit runs on one seeded draw of the generator's own noise (``fit.unit_noise``), with the model's group-
@@ -185,7 +186,10 @@ def fit_statistics(stats: RoutingStatistics, *, group_limit: GroupLimit | None =
         bias = draws[0] * spreads[:, None]
         bias[ids] = measured
         skew = bias.std(axis=-1)
-        covered = "every layer" if len(ids) == layers else f"layers {ids}; the others a random bias of the spread interpolated over depth"
+        covered = (
+            "every layer" if len(ids) == layers
+            else f"layers {ids}; the others a random bias of the spread interpolated over depth"
+        )
         evidence["expert_bias"] = f"fitted to selection_frequency ({covered})"
     topk_entries = [e for e in s.batch_distinct if e.policy == "topk"]
     if bias is None and topk_entries:
@@ -434,6 +438,7 @@ def save_statistics_profile(path: str | Path, stats: RoutingStatistics, fit: Sta
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     header = ("# lynxsim routing profile: the synthetic router fitted to a model's published routing statistics.\n"
-              "# Written by lynxsim.routing.fit_statistics; `fitted.evidence` says what stands behind each parameter.\n")
+              "# Written by lynxsim.routing.fit_statistics; "
+              "`fitted.evidence` says what stands behind each parameter.\n")
     target.write_text(header + yaml.dump(document, Dumper=ProfileDumper, sort_keys=False, width=120))
     return target

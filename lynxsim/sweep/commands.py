@@ -61,7 +61,9 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
     )
     if args.dry_run:
         for p in sweep.points:
-            console.print(f"{p.point.index:>5}  {p.config_hash}  seed {p.config.simulation.seed:>10}  {p.point.label()}")
+            console.print(
+                f"{p.point.index:>5}  {p.config_hash}  seed {p.config.simulation.seed:>10}  {p.point.label()}"
+            )
         return 0
     report = run_sweep(
         sweep, out_dir, backend=args.backend, workers=workers, address=args.address,

@@ -70,7 +70,9 @@ def swiglu_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Te
     return F.linear(silu_and_mul(F.linear(x, w13)), w2)
 
 
-def lm_head(x: torch.Tensor, w_lm: torch.Tensor, final_norm: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+def lm_head(
+    x: torch.Tensor, w_lm: torch.Tensor, final_norm: torch.Tensor | None = None, eps: float = 1e-5
+) -> torch.Tensor:
     """Final RMSNorm (if given) and the LM head GEMM: ``[S, H] -> [S, vocab]`` logits (in ``x.dtype``) for
     the ``S`` sampled positions (one per sequence)."""
     if final_norm is not None:

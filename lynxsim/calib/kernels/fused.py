@@ -129,7 +129,9 @@ def add_rms_norm(
     return out, residual_out
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, out: torch.Tensor | None = None) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """vLLM's rms_norm: ``x / rms(x) * weight`` over the last dim of ``x [T, N]`` (any N: the hidden size,
     MLA's q_a / kv_a latents), float32 math, output in x's dtype. One kernel launch."""
     T, N = _check_rows(x, "x")
@@ -247,7 +249,8 @@ def qk_norm_rope_cache(
         qkv, q_norm if q_norm is not None else dummy, k_norm if k_norm is not None else dummy, cos_sin_cache,
         positions, slot_mapping, q_out, k_cache, v_cache,
         qkv.stride(0), cos_sin_cache.stride(0), q_out.stride(0), q_out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         float(eps),
         HQ=Hq, HKV=Hkv, D=D, HALF=half, HALF_P=half_p, DV=dv, DV_P=dv_p, BHQ=bq, BHK=bk, NQB=nqb,
         PAGE=k_cache.shape[1], HAS_QN=q_norm is not None, HAS_KN=k_norm is not None, num_warps=4)

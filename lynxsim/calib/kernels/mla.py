@@ -14,11 +14,12 @@ Cache (vLLM's MLA layout): ``kv_cache [num_pages, page_size, R + Dr]`` bf16, one
 per token, addressed by slot ``page * page_size + offset``; decode reads it through ``block_table
 [B, max_pages] int32`` and ``seq_lens [B] int32`` (tokens cached, the current one included, >= 1).
 
-* :func:`mla_project`: q path GEMM(s) (the q_a RMSNorm: ``norm``, e.g. the fused one of :mod:`.fused`; :func:`dense.rms_norm` by default),
-  kv_a GEMM, then ONE Triton kernel (:mod:`._mla_triton`): latent RMSNorm, rotary of ``k_pe`` and of ``q_pe``
-  (in place), and the cache write (slot < 0 skipped). Launches: without q_lora 2 GEMMs (q, kv_a) + 1 Triton
-  kernel; with q_lora 2 GEMMs (fused q_a + kv_a, then q_b) + the q_a RMSNorm (eagerly about 9 small torch
-  kernels; one once a fused norm is swapped in) + 1 Triton kernel.
+* :func:`mla_project`: q path GEMM(s) (the q_a RMSNorm: ``norm``, e.g. the fused one of :mod:`.fused`;
+  :func:`dense.rms_norm` by default), kv_a GEMM, then ONE Triton kernel (:mod:`._mla_triton`): latent
+  RMSNorm, rotary of ``k_pe`` and of ``q_pe`` (in place), and the cache write (slot < 0 skipped).
+  Launches: without q_lora 2 GEMMs (q, kv_a) + 1 Triton kernel; with q_lora 2 GEMMs (fused q_a + kv_a, then
+  q_b) + the q_a RMSNorm (eagerly about 9 small torch kernels; one once a fused norm is swapped in) + 1
+  Triton kernel.
 * :func:`mla_decode`: absorbed decode (FlashMLA / Triton MLA): ``q_lat = q_nope W_UK`` (batched GEMM over
   heads), split-KV attention of the ``H`` heads ``[q_lat | q_pe]`` against each sequence's single latent
   "head" (keys the whole row, values its first ``R`` columns, scale ``1/sqrt(Dn + Dr)``), a reduce kernel

@@ -39,7 +39,9 @@ import torch.nn.functional as F
 from lynxsim.calib.kernels.triton_mode import interpreted
 
 
-def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> tuple[int, int, int, int, int]:
+def _check(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+) -> tuple[int, int, int, int, int]:
     if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
         raise ValueError("expected x [T, H], w13 [E, 2F, H], w2 [E, H, F]")
     T, H = x.shape
