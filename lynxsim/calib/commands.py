@@ -428,7 +428,8 @@ def validate_command(args: argparse.Namespace, console: Any = None) -> int:
             raise InputError("--shard-on-one-gpu", "needs --tensor-parallel G with G >= 2")
         chosen = [_without_communication(it) for it in chosen]
     if args.limit is not None:
-        limited, seen = [], {}
+        limited: list[Any] = []
+        seen: dict[tuple[str, str], int] = {}
         for it in chosen:
             group = (it.model_key, it.policy)
             seen[group] = seen.get(group, 0) + 1

@@ -20,12 +20,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from lynxsim.config import ExperimentConfig
 from lynxsim.cost import BatchShape, CostModel, ExpertActivity, LatencyBreakdown
+
+if TYPE_CHECKING:
+    from lynxsim.instance_cost import InstanceCostModel
 
 DECODE_BATCH_TARGETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 MIXED_ITERATIONS = 4
@@ -46,7 +49,7 @@ class RecordingCostModel:
     needs_expert_counts = True  # validation executes each expert's recorded tokens
     decode_run = None  # priced one iteration at a time, so that only iterations that happen are recorded
 
-    def __init__(self, inner: CostModel) -> None:
+    def __init__(self, inner: InstanceCostModel) -> None:
         self.inner = inner
         self.records: list[tuple[BatchShape, np.ndarray, LatencyBreakdown]] = []
 
@@ -158,7 +161,7 @@ def simulate_and_record(config: ExperimentConfig, model_key: str) -> dict[str, l
     out: dict[str, list[ValidationIteration]] = {}
     for label, entry, policy in setup.policies:
         recorder = RecordingCostModel(setup.cost_model)
-        simulate_policy(dataclasses.replace(setup, cost_model=recorder), label, entry, policy)  # type: ignore[arg-type]
+        simulate_policy(dataclasses.replace(setup, cost_model=recorder), label, entry, policy)
         out[label] = [
             ValidationIteration(
                 model_key=model_key, policy=label, index=i, shape=shape, expert_token_counts=counts,
@@ -234,7 +237,8 @@ def save_iterations(path: Path, iterations: list[ValidationIteration]) -> Path:
     groups: dict[str, list[ValidationIteration]] = {}
     for it in iterations:
         groups.setdefault(it.model_key, []).append(it)
-    arrays: dict[str, np.ndarray] = {"models": np.asarray(list(groups), dtype=np.str_)}
+    # Any, not np.ndarray: numpy's stub would type the **arrays unpacked below against savez's allow_pickle flag
+    arrays: dict[str, Any] = {"models": np.asarray(list(groups), dtype=np.str_)}
     for g, items in enumerate(groups.values()):
         for attr in ("decode_context_tokens", "prefill_chunk_tokens", "prefill_context_tokens"):
             parts = [getattr(it.shape, attr) for it in items]

@@ -15,6 +15,7 @@ kernels are latency-bound, so it changes little.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -122,9 +123,12 @@ class ModelSweep:
                                                attention=False, kernels=kernels)
         else:
             # the dense part's bytes read from the first copy (MLA's differ by kernel set), the rest built after
+            def dense_bytes(lw: LayerWeights) -> float:
+                assert lw.w13 is not None and lw.w2 is not None
+                return min(lw.nbytes() - (lw.w13.numel() + lw.w2.numel()) * lw.w13.element_size(), moe_bytes)
+
             layers = _layer_copies(
-                lambda i: build_layer(s, moe=True, device=device, seed=1000 * i, kernels=kernels),
-                lambda lw: min(lw.nbytes() - (lw.w13.numel() + lw.w2.numel()) * lw.w13.element_size(), moe_bytes))
+                lambda i: build_layer(s, moe=True, device=device, seed=1000 * i, kernels=kernels), dense_bytes)
             self.copies = len(layers)
             self.weights = ModelWeights(s, layers, None, torch.ones(s.hidden, device=device, dtype=torch.bfloat16))
         self.dense_weights: list | None = None
@@ -209,8 +213,8 @@ class ModelSweep:
         layers = self.weights.layers
         rows = slice(0, batch)
 
-        def run(i: int) -> object:
-            return k.decode_attention(q, rows, layers[i % len(layers)], pool, caches[i % copies], out)
+        def run(i: int) -> None:
+            k.decode_attention(q, rows, layers[i % len(layers)], pool, caches[i % copies], out)
 
         estimate = float(self.roof.unit_roofline("attention_decode")(batch, context))
         return self._time(run, estimate, max(copies, len(layers)))
@@ -228,8 +232,8 @@ class ModelSweep:
         layers = self.weights.layers
         rows = slice(0, chunk)
 
-        def run(i: int) -> object:
-            return k.prefill_attention(q, rows, layers[i % len(layers)], pool, chunk_slots, buffers[i % copies], out)
+        def run(i: int) -> None:
+            k.prefill_attention(q, rows, layers[i % len(layers)], pool, chunk_slots, buffers[i % copies], out)
 
         estimate = float(self.roof.unit_roofline("attention_prefill")(chunk, context))
         return self._time(run, estimate, max(copies, len(layers)))
@@ -405,7 +409,7 @@ def calibrate_model(
              f"graph; MoE: {routing}; "
              f"median of {repeats} replays; units {', '.join(p.unit for p in plans)}; "
              f"sweep {time.perf_counter() - budget.started:.0f} s")
-    metadata = CalibrationMetadata(**env, date=time.strftime("%Y-%m-%d"), notes=notes)
+    metadata = CalibrationMetadata(**env, date=dt.date.today(), notes=notes)
     del sweep
     if dev.type == "cuda":
         torch.cuda.empty_cache()

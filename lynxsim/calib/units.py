@@ -45,6 +45,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -90,8 +91,10 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def _qk_norm_rope_cache(qkv: torch.Tensor, s: LayerShape, lw: LayerWeights, cos_sin: torch.Tensor,
                         positions: torch.Tensor, pool: KVPool, slots: torch.Tensor) -> torch.Tensor:
     assert pool.v is not None
-    shapes = dict(num_heads=s.num_heads, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim, v_head_dim=s.v_head_dim,
-                  q_norm=lw.q_norm, k_norm=lw.k_norm, cos_sin_cache=cos_sin, positions=positions)
+    shapes: dict[str, Any] = dict(
+        num_heads=s.num_heads, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim, v_head_dim=s.v_head_dim,
+        q_norm=lw.q_norm, k_norm=lw.k_norm, cos_sin_cache=cos_sin, positions=positions,
+    )
     if triton_runs(qkv):
         return fused.qk_norm_rope_cache(qkv, **shapes, k_cache=pool.k, v_cache=pool.v, slot_mapping=slots,
                                         eps=NORM_EPS)
@@ -102,8 +105,8 @@ def _qk_norm_rope_cache(qkv: torch.Tensor, s: LayerShape, lw: LayerWeights, cos_
 
 
 def _topk(logits: torch.Tensor, s: LayerShape, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    options = dict(renormalize=s.renormalize, scoring=s.scoring, correction_bias=bias,
-                   num_groups=s.num_expert_groups, topk_groups=s.topk_groups)
+    options: dict[str, Any] = dict(renormalize=s.renormalize, scoring=s.scoring, correction_bias=bias,
+                                   num_groups=s.num_expert_groups, topk_groups=s.topk_groups)
     if triton_runs(logits):
         return fused.topk_softmax(logits, s.top_k, **options)
     weights, ids = fused.topk_softmax_reference(logits, s.top_k, **options)
@@ -230,6 +233,7 @@ class ReferenceKernels:
         """RMSNorm, fused QKV GEMM, rotary embedding of q and k, and each token's K/V stored at its flat slot
         (``page * PAGE_SIZE + offset``; vLLM's reshape_and_cache with a slot mapping)."""
         s = self.shape
+        assert lw.w_qkv is not None and pos.cos is not None and pos.sin is not None
         h = dense.rms_norm(hidden.x, lw.input_norm)
         q, k, v = dense.qkv_proj(h, lw.w_qkv, lw.b_qkv, s.num_heads, s.num_kv_heads, s.head_dim, s.v_head_dim)
         q, k = apply_rope(q, pos.cos, pos.sin), apply_rope(k, pos.cos, pos.sin)
@@ -262,16 +266,19 @@ class ReferenceKernels:
         experts into the residual. Returns (stream, normed h for the experts, routing weights ``[T, k]``, top-k
         ids, None: the shared output is already in the stream)."""
         s = self.shape
+        assert lw.w_o is not None and lw.router is not None
         x = hidden.x + reduce(dense.o_proj(attn, lw.w_o))
         h = dense.rms_norm(x, lw.post_attn_norm)
         weights, ids, _ = dense.router_topk(h, lw.router, s.top_k, s.renormalize)
         if lw.shared_w13 is not None:
+            assert lw.shared_w2 is not None
             x = x + dense.swiglu_ffn(h, lw.shared_w13, lw.shared_w2)
         return Hidden(x), h, weights, ids, None
 
     def ffn_out(self, hidden: Hidden, attn: torch.Tensor, lw: LayerWeights, reduce: Reduce = no_reduce) -> Hidden:
         """A dense layer after attention: output GEMM into the residual, RMSNorm, SwiGLU FFN into the residual
         (both outputs reduced over the TP group)."""
+        assert lw.w_o is not None and lw.dense_w13 is not None and lw.dense_w2 is not None
         x = hidden.x + reduce(dense.o_proj(attn, lw.w_o))
         h = dense.rms_norm(x, lw.post_attn_norm)
         return Hidden(x + reduce(dense.swiglu_ffn(h, lw.dense_w13, lw.dense_w2)))
@@ -337,6 +344,7 @@ class ProductionKernels(ReferenceKernels):
         if s.mla is not None:
             assert lw.mla is not None
             return Hidden(h, residual), self._mla_project(h, lw, pos, pool, slots)
+        assert lw.w_qkv is not None
         qkv = F.linear(h, lw.w_qkv, lw.b_qkv)
         return Hidden(h, residual), _qk_norm_rope_cache(qkv, s, lw, self.cos_sin, pos.positions, pool, slots)
 
@@ -358,7 +366,7 @@ class ProductionKernels(ReferenceKernels):
             return
         assert isinstance(q, tuple) and lw.mla is not None
         q_nope, q_pe = _rows(q, rows)
-        where = dict(kv_cache=pool.k, block_table=cache.block_table, seq_lens=cache.seq_lens)
+        where: dict[str, Any] = dict(kv_cache=pool.k, block_table=cache.block_table, seq_lens=cache.seq_lens)
         if triton_runs(q_nope):
             mla.mla_decode(q_nope, q_pe, lw.mla, self.shape.mla, **where, max_seq_len=cache.max_len, out=out)
         else:
@@ -377,6 +385,7 @@ class ProductionKernels(ReferenceKernels):
 
     def _o_proj(self, attn: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
         w_o = lw.mla.w_o if lw.mla is not None else lw.w_o
+        assert w_o is not None
         return F.linear(attn.reshape(attn.shape[0], -1), w_o)
 
     def _swiglu(self, h: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -387,12 +396,17 @@ class ProductionKernels(ReferenceKernels):
         """Output GEMM (reduced), fused add + RMSNorm, router GEMM, one fused (grouped) top-k kernel, shared
         experts (kept apart: ``moe`` adds them to the routed output before the one reduction)."""
         s = self.shape
+        assert lw.router is not None
         h, residual = self._norm(Hidden(reduce(self._o_proj(attn, lw)), hidden.residual), lw.post_attn_norm)
         weights, ids = _topk(F.linear(h, lw.router), s, lw.router_bias)
-        shared = self._swiglu(h, lw.shared_w13, lw.shared_w2) if lw.shared_w13 is not None else None
+        shared = None
+        if lw.shared_w13 is not None:
+            assert lw.shared_w2 is not None
+            shared = self._swiglu(h, lw.shared_w13, lw.shared_w2)
         return Hidden(h, residual), h, weights, ids, shared
 
     def ffn_out(self, hidden: Hidden, attn: torch.Tensor, lw: LayerWeights, reduce: Reduce = no_reduce) -> Hidden:
+        assert lw.dense_w13 is not None and lw.dense_w2 is not None
         h, residual = self._norm(Hidden(reduce(self._o_proj(attn, lw)), hidden.residual), lw.post_attn_norm)
         return Hidden(reduce(self._swiglu(h, lw.dense_w13, lw.dense_w2)), residual)
 
@@ -417,23 +431,28 @@ class ProductionKernels(ReferenceKernels):
             return _gqa_gemms(h, attn, lw)
         m = lw.mla
         if m.w_qkv_a is not None:  # q_a and kv_a in one GEMM, then q_b
+            assert m.w_q_b is not None
             q_a = F.linear(h, m.w_qkv_a)[:, : m.w_q_b.shape[1]]
             outs = [F.linear(q_a, m.w_q_b)]
         else:
+            assert m.w_q is not None
             outs = [F.linear(h, m.w_q), F.linear(h, m.w_kv_a)]
         return [*outs, F.linear(attn.reshape(attn.shape[0], -1), m.w_o), *_router_and_shared_gemms(h, lw)]
 
 
 def _gqa_gemms(h: torch.Tensor, attn: torch.Tensor, lw: LayerWeights) -> object:
     """QKV, output, router and shared-expert GEMMs of one GQA layer, nothing between them."""
+    assert lw.w_qkv is not None and lw.w_o is not None
     return [F.linear(h, lw.w_qkv, lw.b_qkv), F.linear(attn.reshape(attn.shape[0], -1), lw.w_o),
             *_router_and_shared_gemms(h, lw)]
 
 
 def _router_and_shared_gemms(h: torch.Tensor, lw: LayerWeights) -> list[torch.Tensor]:
     """The router GEMM and, where the layer has shared experts, their two GEMMs (the activation left out)."""
+    assert lw.router is not None
     outs = [F.linear(h, lw.router)]
     if lw.shared_w13 is not None:
+        assert lw.shared_w2 is not None
         outs.append(F.linear(F.linear(h, lw.shared_w13)[:, : lw.shared_w2.shape[1]], lw.shared_w2))
     return outs
 
@@ -453,6 +472,7 @@ def routed_experts(h: torch.Tensor, lw: LayerWeights, weights: torch.Tensor, ids
     """The routed experts' output ``[T, H]`` for expert ids ``ids [T, k]``: the fused Triton MoE kernel below
     ``grouped_gemm_min_tokens`` tokens, torch's grouped GEMM from there on (``lynxsim.calib.plan``); on a CPU,
     for smoke runs, the float32 reference."""
+    assert lw.w13 is not None and lw.w2 is not None
     if h.device.type != "cuda":
         return moe_reference(h, lw.w13, lw.w2, weights, ids).to(h.dtype)
     experts, k = lw.w13.shape[0], ids.shape[1]

@@ -90,7 +90,7 @@ class ModelOnDevice:
         B = len(decode)
         T = shape.num_tokens
         positions = [n - 1 for n in decode]
-        offsets = []
+        offsets: list[int] = []
         for chunk, context in zip(chunks, contexts, strict=True):
             offsets.append(B + sum(chunks[: len(offsets)]))
             positions.extend(range(context, context + chunk))
@@ -131,7 +131,7 @@ class ModelOnDevice:
                 for context, off, n, slots_ in zip(buffers[layer], offsets, chunks, chunk_slots, strict=True):
                     k.prefill_attention(q, slice(off, off + n), lw, pool, slots_, context, attn[off:off + n])
                 if self.is_moe[layer]:
-                    hidden, h, weights, _, shared = k.attention_out(hidden, attn, lw, reduce)
+                    hidden, h, weights, _ids, shared = k.attention_out(hidden, attn, lw, reduce)
                     hidden = k.moe(hidden, h, lw, weights, ids[layer], shared, reduce)
                 else:
                     hidden = k.ffn_out(hidden, attn, lw, reduce)

@@ -15,7 +15,7 @@ DEFAULT_PUBLISHED = Path("docs/results/paper_published.yaml")
 DEFAULT_QUALITY = Path("docs/quality.csv")
 
 
-def add_report_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_report_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     report = commands.add_parser(
         "report", help="run the experiments of a folder (sweeps with a report section) and write figures + README"
     )

@@ -21,7 +21,7 @@ MAX_PRINTED_ROWS = 200
 """``query`` prints at most this many rows (and says how many it left out)."""
 
 
-def add_sweep_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_sweep_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sweep = commands.add_parser(
         "sweep", help="run an experiment at every point of its sweep section into a results store (resumable)"
     )

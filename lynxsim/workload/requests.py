@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 
@@ -11,6 +12,8 @@ from lynxsim.errors import InputError
 from lynxsim.workload.arrivals import GammaArrivals, ListArrivals, PoissonArrivals, TraceArrivals
 from lynxsim.workload.lengths import EmpiricalLength, FixedLength, LognormalLength, PairedLengths, UniformLength
 from lynxsim.workload.traces import RequestTrace, TraceFile
+
+_T = TypeVar("_T")
 
 Arrival = PoissonArrivals | GammaArrivals | ListArrivals | TraceArrivals
 Length = FixedLength | UniformLength | LognormalLength | EmpiricalLength
@@ -106,7 +109,7 @@ def _load(source: TraceFile, key: str) -> RequestTrace:
     return _located(source.load, key)
 
 
-def _located(action, key: str):  # type: ignore[no-untyped-def]
+def _located(action: Callable[[], _T], key: str) -> _T:
     """Run ``action``; an ``InputError`` it raises is prefixed with the workload key it concerns."""
     try:
         return action()

@@ -66,7 +66,7 @@ class PagedKVCache:
 
 def make_paged_kv_cache(
     seq_lens: list[int], num_kv_heads: int, head_dim: int, v_head_dim: int | None = None, *,
-    page_size: int = 16, spare_tokens: int = 0, device: object = "cpu", dtype: torch.dtype = torch.bfloat16,
+    page_size: int = 16, spare_tokens: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
     seed: int = 0, shuffle_pages: bool = True,
 ) -> PagedKVCache:
     """A cache holding ``seq_lens[b]`` random tokens (N(0,1)) for each sequence, with room for

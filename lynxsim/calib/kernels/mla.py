@@ -155,7 +155,7 @@ class MlaWeights:
         return self.w_kv_b.numel() * self.w_kv_b.element_size()
 
 
-def build_mla_weights(dims: MlaDims, *, device: object = "cpu", generator: torch.Generator | None = None,
+def build_mla_weights(dims: MlaDims, *, device: torch.device | str = "cpu", generator: torch.Generator | None = None,
                       dtype: torch.dtype = torch.bfloat16, std: float = 0.02) -> MlaWeights:
     """Random weights N(0, std^2) (drawn in float32, then cast), norms 1. ``generator`` must live on
     ``device``; default: a fresh one seeded 0."""
@@ -185,7 +185,9 @@ def build_mla_weights(dims: MlaDims, *, device: object = "cpu", generator: torch
     return MlaWeights(w_kv_a=rnd(R + Dr, X), w_q=rnd(H * (Dn + Dr), X), **common)
 
 
-def make_cos_sin_cache(max_pos: int, rope_dim: int, *, base: float = 10000.0, device: object = "cpu") -> torch.Tensor:
+def make_cos_sin_cache(
+    max_pos: int, rope_dim: int, *, base: float = 10000.0, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """``[max_pos, rope_dim]`` float32: cos in the first ``rope_dim / 2`` columns, sin in the rest (vLLM's
     ``cos_sin_cache``, plain RoPE without YaRN)."""
     inv = 1.0 / (base ** (torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim))
@@ -217,7 +219,7 @@ class MlaPagedCache:
 
 
 def make_mla_cache(seq_lens: Sequence[int], dims: MlaDims, *, page_size: int = 64, spare_tokens: int = 0,
-                   device: object = "cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
                    shuffle_pages: bool = True, extra_pages: int = 0) -> MlaPagedCache:
     """A cache holding ``seq_lens[b]`` random rows (N(0,1)) per sequence, with room for ``spare_tokens``
     more, pages shuffled across sequences (as a long-running server's allocator leaves them);
@@ -293,10 +295,12 @@ def mla_project_reference(
         return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * g.to(dtype)
 
     if Q:
+        assert w.w_qkv_a is not None and w.q_a_norm is not None and w.w_q_b is not None
         qkv_a = x @ w.w_qkv_a.to(dtype).T
         q = norm(qkv_a[:, :Q], w.q_a_norm) @ w.w_q_b.to(dtype).T
         kv_a = qkv_a[:, Q:]
     else:
+        assert w.w_q is not None
         q = x @ w.w_q.to(dtype).T
         kv_a = x @ w.w_kv_a.to(dtype).T
     q = q.view(-1, H, Dn + dims.qk_rope_head_dim)

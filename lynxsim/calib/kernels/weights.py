@@ -249,6 +249,9 @@ def build_layer(
 
     ones = torch.ones(H, device=dev, dtype=dtype)
     mla = None
+    w_qkv: torch.Tensor | None
+    w_o: torch.Tensor | None
+    b_qkv: torch.Tensor | None
     if not attention:
         w_qkv, w_o, b_qkv = r(1, 1), r(1, 1), None
     elif kernels == "production" and shape.mla is not None:
