@@ -54,6 +54,7 @@ def with_arrival_rate(config: ExperimentConfig, rate_per_s: float) -> Experiment
     """``config`` with its arrivals at ``rate_per_s``: the rate of Poisson and gamma arrivals, the target mean
     rate of a replayed trace."""
     arrival = config.workload.arrival
+    changed: PoissonArrivals | GammaArrivals | TraceArrivals
     if isinstance(arrival, (PoissonArrivals, GammaArrivals)):
         changed = arrival.model_copy(update={"rate_per_s": rate_per_s})
     elif isinstance(arrival, TraceArrivals):

@@ -381,7 +381,8 @@ class DeploymentConfig(_Section):
         """Each instance's role, in instance-index order (prefill instances first)."""
         if self.mode == "colocated":
             return ["colocated"] * self.replicas
-        return ["prefill"] * self.prefill_instances + ["decode"] * self.decode_instances
+        prefill: list[Literal["colocated", "prefill", "decode"]] = ["prefill"] * self.prefill_instances
+        return prefill + ["decode"] * self.decode_instances
 
 
 class PolicyConfig(BaseModel):

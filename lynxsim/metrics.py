@@ -56,7 +56,9 @@ class IterationLog:
         self.instance = instance
         self.role = role
         self.rows = 0
-        self._scalars = {name: np.zeros(INITIAL_ROWS, dtype=dtype) for name, dtype in SCALAR_COLUMNS.items()}
+        self._scalars: dict[str, np.ndarray] = {
+            name: np.zeros(INITIAL_ROWS, dtype=dtype) for name, dtype in SCALAR_COLUMNS.items()
+        }
         self._distinct = np.zeros((INITIAL_ROWS, num_moe_layers), dtype=np.int16)  # distinct experts per layer
         self._proxies = np.zeros((len(PROXY_COLUMNS), INITIAL_ROWS, num_moe_layers), dtype=np.float32)
         self._sealed = False  # holds rows recorded elsewhere (``from_columns``): nothing is appended, frames share them

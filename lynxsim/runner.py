@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -434,6 +434,13 @@ ArrivalProgress = Callable[[int], None]
 PROGRESS_EVERY_REQUESTS = 64
 
 
+class PolicyProgress(Protocol):
+    """``run_experiment``'s ``on_arrivals``: called with a policy's label, the requests arrived so far and (by
+    keyword) the run's total."""
+
+    def __call__(self, label: str, arrived: int, /, total: int) -> None: ...
+
+
 class _ReportedArrivals(Sequence[RequestSpec]):
     """A run's requests, reporting every ``PROGRESS_EVERY_REQUESTS`` how many the simulation has taken in. The
     cluster consumes arrivals in simulated-time order, so this is the run's progress without a hook inside the
@@ -519,7 +526,7 @@ def run_experiment(
     config: ExperimentConfig,
     out_dir: Path | None = None,
     on_policy_done: Callable[[PolicyRun], None] | None = None,
-    on_arrivals: Callable[[str, int, int], None] | None = None,
+    on_arrivals: PolicyProgress | None = None,
 ) -> ExperimentResult:
     """Simulate every policy of ``config``; with ``out_dir``, write each policy's records as soon as it ends.
     ``on_arrivals(label, arrived, total)`` follows each policy's progress."""

@@ -350,6 +350,7 @@ class Replica:
         the instance's uniforms (the caller marks those of the iterations that happen used)."""
         step = self.step
         if step.statistical is not None:
+            assert self._uniforms is not None  # made with the replica wherever its step is statistical
             return step.statistical.draw(tokens_per_group, applied, self._uniforms.peek(groups))
         request_ids, positions = token_ids()
         return step.exact_activities(self.cost_model, request_ids, positions, groups, applied)

@@ -19,8 +19,9 @@ the forward pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -172,9 +173,13 @@ class MoELanguageModel(nn.Module):
         self.head = nn.Linear(shape.hidden_size, shape.vocab_size, bias=False)
         self.apply(_init_weights)
         # GPT-2's scaled init of the projections into the residual stream (std / sqrt(2 * layers)).
-        for block in self.blocks:
+        for block in self.iter_blocks():
             for layer in (block.attention.out, block.moe.down):
                 nn.init.normal_(layer.weight, std=INIT_STD / (2 * shape.num_layers) ** 0.5)
+
+    def iter_blocks(self) -> Iterator[Block]:
+        """The blocks in order (as ``Block``: iterating an ``nn.ModuleList`` is typed as yielding any module)."""
+        return cast(Iterator[Block], iter(self.blocks))
 
     def forward(
         self, tokens: torch.Tensor, route: RouteFn | None = None, *, keep_router_logits: bool = False
@@ -187,7 +192,7 @@ class MoELanguageModel(nn.Module):
         x = self.embed(tokens)
         aux = x.new_zeros((), dtype=torch.float32)
         kept: list[torch.Tensor] = []
-        for index, block in enumerate(self.blocks):
+        for index, block in enumerate(self.iter_blocks()):
             x = x + block.attention(block.attention_norm(x), cos, sin)
             h = block.moe_norm(x)
             logits = block.moe.router_logits(h)

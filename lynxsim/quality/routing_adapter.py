@@ -50,7 +50,9 @@ def layer_policy(policy: Policy, layer: int) -> Policy:
         return Skip(beta=policy.beta[layer])
     if isinstance(policy, Prune) and policy.per_layer:
         assert policy.kept_experts is not None
-        return Prune(keep=policy.keep, kept_experts=policy.kept_experts[layer])
+        kept = policy.kept_experts[layer]
+        assert isinstance(kept, tuple)  # per_layer: one tuple of expert ids per layer
+        return Prune(keep=policy.keep, kept_experts=kept)
     return policy
 
 

@@ -27,6 +27,7 @@ from lynxsim.report.figures import FigureData, draw
 from lynxsim.sections.report import ReportSection
 from lynxsim.sections.sweep import SweepConfig
 from lynxsim.sweep.driver import SweepReport, run_sweep
+from lynxsim.sweep.execute import RecordsKept
 from lynxsim.sweep.points import Sweep, load_sweep
 from lynxsim.sweep.store import ResultsStore
 
@@ -125,7 +126,7 @@ def _section(
     quality: pd.DataFrame | None, out: Path, store_dir: Path, workers: int, console: Console | None,
 ) -> SectionResult:
     started = time.perf_counter()
-    records = "all" if section.figure in NEEDS_ITERATIONS else "none"
+    records: RecordsKept = "all" if section.figure in NEEDS_ITERATIONS else "none"
     sweep_report = run_sweep(sweep, store_dir, workers=workers, records=records, console=console)
     store = ResultsStore(store_dir)
     results = store.query("SELECT * FROM results ORDER BY point, policy_position")

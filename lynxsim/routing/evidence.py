@@ -60,8 +60,8 @@ def routing_evidence(section: Any, model_key: str | None, model_name: str) -> st
         path = profile_path(section.name) if section.name is not None else Path(section.path)
         return f"profile {section.name or path.name}: {profile_evidence(path)}"
     if kind == "model":
-        path = model_profile(model_key)
-        if path is not None:
-            return f"{model_name}'s profile: {profile_evidence(path)}"
+        found = model_profile(model_key)
+        if found is not None:
+            return f"{model_name}'s profile: {profile_evidence(found)}"
         return f"{ASSUMED}; no routing evidence for {model_name}"
     return "assumed: synthetic generator parameters set in the experiment"

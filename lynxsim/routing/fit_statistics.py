@@ -299,8 +299,8 @@ def _fit_scale_to_top2(block: Any, base: np.ndarray, normal: np.ndarray, layers:
             shifted = log_gap[i][None, :] + noise[None, :] + means[:, None]  # [M, N]
             q = np.quantile(shifted, [0.25, 0.5, 0.75], axis=1).T
             error[:, j] = ((q - target[i]) ** 2).sum(axis=1)
-        m, j = np.unravel_index(error.argmin(), error.shape)
-        best_m[i], best_s[i] = means[m], spreads[j]
+        m, s = np.unravel_index(error.argmin(), error.shape)
+        best_m[i], best_s[i] = means[m], spreads[s]
     log_mean = np.interp(np.arange(layers), ids, best_m)
     spread = np.interp(np.arange(layers), ids, best_s)
     return log_mean, spread

@@ -44,13 +44,13 @@ def _mix64(z: np.uint64) -> np.uint64:
 
 
 @njit(inline="always")
-def _chain(key: np.uint64, word: np.int64) -> np.uint64:
+def _chain(key: np.uint64, word: int) -> np.uint64:
     """``hashing.combine`` of one key and one (signed, reinterpreted modulo 2**64) word."""
     return _mix64(key + np.uint64(word) * _U_GOLDEN)
 
 
 @njit(inline="always")
-def _quarter(word: np.uint64, quarter: np.int64) -> np.uint64:
+def _quarter(word: np.uint64, quarter: int) -> np.uint64:
     """Bits ``16 * quarter`` to ``16 * quarter + 15`` of ``word``: the table index of its ``quarter``-th normal."""
     return (word >> np.uint64(16 * quarter)) & _U_MASK16
 
@@ -92,7 +92,7 @@ def _sigmoid_exact(x: np.float32, work: np.ndarray, exponent: np.ndarray, out: n
 
 
 @njit(inline="always")
-def _limit_groups(row: np.ndarray, num_groups: np.int64, topk_groups: np.int64, score_code: np.int64,
+def _limit_groups(row: np.ndarray, num_groups: int, topk_groups: int, score_code: int,
                   scores: np.ndarray, kept: np.ndarray, work: np.ndarray, exponent: np.ndarray,
                   out: np.ndarray) -> None:
     """``lynxsim.routing.router.GroupLimit.apply`` on one token's logits ``row [E]``, in place, with the same
@@ -146,9 +146,9 @@ def fill_logits(
     log_scale_offset: np.ndarray,
     table: np.ndarray,
     out: np.ndarray,
-    num_groups: np.int64 = 1,
-    topk_groups: np.int64 = 1,
-    group_score: np.int64 = 0,
+    num_groups: int = 1,
+    topk_groups: int = 1,
+    group_score: int = 0,
 ) -> None:
     """``out[l, t, e] = (z_tok * token_weight[l] + means[slots[t], l, e]) * s[l, t]`` in float32, then, with
     ``num_groups`` > 1, each token's experts outside its best ``topk_groups`` groups masked

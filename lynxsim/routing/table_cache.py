@@ -62,7 +62,7 @@ def save_table(path: Path, table: ActivityTable) -> None:
 
 def load_table(path: Path) -> ActivityTable:
     with np.load(path, allow_pickle=False) as data:
-        arrays = {name: (data[name] if name in data.files else None) for name in _ARRAYS}
+        arrays: dict[str, Any] = {name: (data[name] if name in data.files else None) for name in _ARRAYS}
         return ActivityTable(policy=str(data["policy"]), build_s=float(data["build_s"]), **arrays)
 
 

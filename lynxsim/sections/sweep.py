@@ -97,7 +97,7 @@ def expand(sweep: SweepConfig) -> list[SweepPoint]:
     for group in sweep.zip:
         length = len(next(iter(group.values())))
         axes.append([{key: values[i] for key, values in group.items()} for i in range(length)])
-    points = []
+    points: list[SweepPoint] = []
     for combination in itertools.product(*axes):
         values = {key: value for part in combination for key, value in part.items()}
         for repeat in range(sweep.repeats):

@@ -122,7 +122,7 @@ def pareto_mask(quality: np.ndarray, latency: np.ndarray) -> np.ndarray:
     """True where no other point has quality >= and latency <= with one of them strict."""
     better_or_equal = (quality[None, :] >= quality[:, None]) & (latency[None, :] <= latency[:, None])
     strictly = (quality[None, :] > quality[:, None]) | (latency[None, :] < latency[:, None])
-    return ~(better_or_equal & strictly).any(axis=1)
+    return ~np.any(better_or_equal & strictly, axis=1)
 
 
 def _line_keys(results: pd.DataFrame, keys: list[str], x_key: str) -> list[str]:

@@ -14,7 +14,7 @@ import hashlib
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -66,14 +66,17 @@ def _drop_stale_loop_cache() -> None:
 
     loop_modules = (k, pricing, routing)
 
+    # Dispatchers as Any: numba's type hints leave out their private on-disk cache (``_cache``) used here.
     def flush() -> None:
         for module in loop_modules:
             for function in vars(module).values():
                 if isinstance(function, CPUDispatcher) and function.py_func.__module__ == module.__name__:
-                    function._cache.flush()
+                    dispatcher: Any = function
+                    dispatcher._cache.flush()
 
     sources = [Path(str(m.__file__)) for m in (*loop_modules, column_kernels, selection_kernels, synthetic_kernels)]
-    marker = Path(k.simulate._cache.cache_path) / "simulate.sources.sha256"  # beside numba's cache of the loop
+    simulate: Any = k.simulate
+    marker = Path(simulate._cache.cache_path) / "simulate.sources.sha256"  # beside numba's cache of the loop
     flush_if_sources_changed(sources, marker, flush)
 
 
@@ -102,7 +105,11 @@ class CompiledRun(NamedTuple):
     end_s: float
 
 
-def _table_arrays(table: ActivityTable, ranks: int) -> tuple[np.ndarray, ...]:
+TableArrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+"""A statistical table as the kernel reads it (``_table_arrays``)."""
+
+
+def _table_arrays(table: ActivityTable, ranks: int) -> TableArrays:
     """A statistical table as the kernel draws from it: sizes, then distinct, assignments (``[rows, layers]``),
     proxies (``[4, rows, layers]``; no rows for top-k) and the per-EP-rank distinct experts and assignments
     (``[rows, layers, ranks]``; no rows without expert parallelism), writable copies of one dtype each."""

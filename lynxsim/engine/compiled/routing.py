@@ -283,14 +283,15 @@ def fused_routing(
         True, isinstance(policy, Lynx), step.top_k, step.first_saturation_chunk, generator.persistent,
         generator.request_key, generator.token_key, generator.confidence_key,
         # writable copies: read-only arrays would be other numba types, and compile the loop a second time
-        *(np.array(a) for a in (generator.bias, generator.request_weight, generator.token_weight,
-                                generator.log_scale_spread, generator.log_scale_offset, generator.normal_table)),
+        np.array(generator.bias), np.array(generator.request_weight), np.array(generator.token_weight),
+        np.array(generator.log_scale_spread), np.array(generator.log_scale_offset), np.array(generator.normal_table),
         request_ids, means, alpha, floor, weights, offsets,
         np.zeros(num_layers * max_call_tokens * num_experts, dtype=np.float32),
         np.zeros(max_call_tokens, dtype=np.int64), np.zeros(max_call_tokens, dtype=np.int64),
         np.zeros(max_call_tokens, dtype=np.int64),
         np.zeros((MAX_RUN_ITERATIONS, num_layers, num_experts), dtype=np.int32),
-        *(np.zeros((MAX_RUN_ITERATIONS, num_layers)) for _ in range(3)),
+        np.zeros((MAX_RUN_ITERATIONS, num_layers)), np.zeros((MAX_RUN_ITERATIONS, num_layers)),
+        np.zeros((MAX_RUN_ITERATIONS, num_layers)),
     )
 
 
