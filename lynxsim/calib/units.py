@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 import torch.nn.functional as F
@@ -160,7 +160,7 @@ class DecodeCache:
     max_len: int
 
 
-Query = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+Query: TypeAlias = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 """GQA: ``q [T, Hq, D]``; production MLA: ``(q_nope [T, H, Dn], q_pe [T, H, Dr])``."""
 
 
