@@ -64,8 +64,8 @@ COMPARISONS = (
         ("v3-sec-median-tpot-range-low", "v3-sec-median-tpot-range-high"),
         "03_tpot_max_batch_16",
         _speedup_range("median_speedup", lambda t: t["deployment.mode"] == "disaggregated"),
-        "without prefill chunks every decode iteration is shortened; at the higher rate one decode instance is "
-        "saturated under top-k and Lynx's gain includes draining its queue; the published range is the "
+        "without prefill chunks every decode iteration is shortened; at the higher rate DeepSeek-Coder-V2's decode "
+        "instance is saturated under top-k and its gain includes draining that queue; the published range is the "
         "co-located one, the only one available here",
     ),
     Comparison(
@@ -74,7 +74,8 @@ COMPARISONS = (
         "05_slo_throughput",
         _max_ratio,
         "capacity under a tight SLO is a threshold effect: near the boundary a small latency gain moves the highest "
-        "sustainable rate a lot, so gains above the TPOT speed-up are expected",
+        "sustainable rate a lot, and as the target loosens the gain falls towards the per-iteration one; the "
+        "paper's 2.1x is a secondary note whose setting could not be read",
         kind="up to",
     ),
     Comparison(
@@ -82,8 +83,9 @@ COMPARISONS = (
         ("v1-abstract-latency",),
         "04_speedup_vs_batch",
         _speedup_range("median_speedup"),
-        "lynxsim's largest gain is Qwen3-30B-A3B's 128 experts at batch 32, a model v1 did not evaluate; v1 "
-        "measured per-iteration latency with its own kernels on its own models",
+        "lynxsim's largest gain is Qwen3-30B-A3B's (128 experts, a model v1 did not evaluate), on a decode instance "
+        "whose queue Lynx drains, so it holds a queueing gain on top of the per-iteration one; v1 measured "
+        "per-iteration latency with its own kernels on its own models: not the same quantity",
         kind="up to",
     ),
 )
