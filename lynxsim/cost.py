@@ -6,25 +6,26 @@ the whole mechanism Lynx exploits: in decode, the routed experts' time is set by
 layer activates (each one's weights are read once), not by how many tokens use them, while in prefill the
 FLOPs dominate and the expert count hardly matters.
 
-The cost model is a pure function, called once per simulated iteration (hundreds of thousands of times per
-run), so per-model constants are computed once in ``CostModel.__init__`` and the per-call work is a handful of
-numpy reductions. Each component is a method, so that a subclass driven by measured kernel tables
-(``HardwareProfile.measured``) can replace one component at a time.
+The formulas live in ``lynxsim.cost_formulas``, stated once for these classes and for the compiled engine
+(``lynxsim.engine.compiled``), which evaluates them inside its loop. A cost model computes its constants once
+(``roofline_terms``), tabulates its dense part (``dense_parts_s``) and builds the arrays the formulas read
+(``pricing``); each iteration (hundreds of thousands per run) is then one call of the shared ``price_batch``,
+compiled by numba where it runs. The components (``attention_time_s``, ``dense_time_s``, ``moe_activity_s``)
+evaluate the same formulas one part at a time, for checks and reports.
 
-``MeasuredCostModel`` (below) is that subclass: it prices each per-layer unit from tables that ``lynxsim
-calibrate`` timed on a real GPU, interpolated in log space, and uses the roofline only to extrapolate beyond a
-table's grid. ``make_cost_model`` picks it when the hardware profile has the tables of the run's catalog model,
-and the roofline ``CostModel`` otherwise; ``source`` says which ("measured" or "roofline").
+``MeasuredCostModel`` (below) prices each per-layer unit from tables that ``lynxsim calibrate`` timed on a
+real GPU, interpolated in log space, and uses the roofline only to extrapolate beyond a table's grid.
+``make_cost_model`` picks it when the hardware profile has the tables of the run's catalog model, and the
+roofline ``CostModel`` otherwise; ``source`` says which ("measured" or "roofline").
 """
 
 from __future__ import annotations
 
-import bisect
-import itertools
-import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from types import ModuleType
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -32,6 +33,9 @@ from numpy.typing import ArrayLike
 from lynxsim.errors import InputError
 from lynxsim.hardware import HardwareProfile, KernelTable
 from lynxsim.models.spec import BYTES_PER_WEIGHT, ModelSpec
+
+if TYPE_CHECKING:
+    from lynxsim.cost_formulas import Pricing
 
 # Kernels whose fixed cost (``efficiency.kernel_launch_s``) is charged, per layer, counted as vLLM launches them
 # for one decoder layer. Only kernels that stream weights or the KV cache are counted: that is the kind of kernel
@@ -47,6 +51,32 @@ LM_HEAD_KERNELS = 1
 
 
 _NO_TOKENS = np.zeros(0, dtype=np.int64)
+_NO_RANK_ACTIVITY = np.zeros((1, 1), dtype=np.int64)  # the per-rank arrays the formulas skip without expert parallelism
+MIN_PRICING_TOKENS = 512
+"""The fewest tokens a Python cost model's pricing arrays are first built for (they grow with the batches)."""
+
+
+def _formulas() -> ModuleType:
+    """``lynxsim.cost_formulas``, imported on first use: it imports numba, which a process that imports this module
+    without pricing an iteration (the CLI's listings) need not pay for."""
+    from lynxsim import cost_formulas
+
+    return cost_formulas
+
+
+def _int64(values: np.ndarray) -> np.ndarray:
+    """An activity array as the formulas take it (numba compiles a variant for each dtype it meets)."""
+    return np.asarray(values, dtype=np.int64)
+
+
+def _points(axes: Sequence[ArrayLike]) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """Points of a one- or two-axis table or unit as the shared formulas take them: the axes broadcast together,
+    flattened into fresh float64 arrays (the second zero for one axis), and their shape."""
+    arrays = np.broadcast_arrays(*(np.asarray(a, dtype=np.float64) for a in axes))
+    shape = arrays[0].shape
+    x0 = np.array(arrays[0], dtype=np.float64).reshape(-1)
+    x1 = np.array(arrays[1], dtype=np.float64).reshape(-1) if len(arrays) > 1 else np.zeros(x0.size)
+    return x0, x1, shape
 
 
 def _int_array(values: object, name: str) -> np.ndarray:
@@ -173,7 +203,95 @@ class _GemmGroup:
     rows_are_sequences: bool
 
 
-class CostModel:
+class PricedCostModel(ABC):
+    """A cost model whose iterations the shared formulas (``lynxsim.cost_formulas``) price, on the arrays its
+    ``pricing`` builds: the Python side of the one implementation that the compiled engine runs too. The arrays
+    are built on first use and rebuilt, twice as large, when a batch outgrows them (the dense part and the
+    collectives are tabulated by token count); the formulas remember measured MoE values in them."""
+
+    _priced: Pricing | None = None
+
+    @abstractmethod
+    def pricing(self, max_tokens: int) -> Pricing:
+        """The arrays the formulas price this model's iterations of up to ``max_tokens`` tokens from, with empty
+        caches (the compiled engine builds its own for a run)."""
+
+    @abstractmethod
+    def activity(self, expert_token_counts: np.ndarray) -> ExpertActivity:
+        """What pricing needs of ``expert_token_counts [layers, experts]``."""
+
+    def _pricing_for(self, tokens: int, rank_assignments: np.ndarray = _NO_RANK_ACTIVITY) -> Pricing:
+        """The model's pricing arrays, rebuilt where they do not cover an iteration of ``tokens`` tokens (and per
+        EP rank ``rank_assignments``)."""
+        formulas = _formulas()
+        priced = self._priced
+        if priced is None:
+            priced = self._priced = self.pricing(max(tokens, MIN_PRICING_TOKENS))
+        needed = formulas.capacity_needed(priced, tokens, rank_assignments)
+        if needed:
+            priced = self._priced = self.pricing(max(needed, 2 * formulas.capacity(priced)))
+        return priced
+
+    def _rank_arrays(self, priced: Pricing, activities: Sequence[ExpertActivity]) -> tuple[np.ndarray, np.ndarray]:
+        """The activities' per-rank arrays stacked (``[iterations, layers, ranks]``), read under expert parallelism
+        only (else placeholders)."""
+        if not priced.ranks:
+            placeholder = np.zeros((len(activities), 1, 1), dtype=np.int64)
+            return placeholder, placeholder
+        distinct, assignments = [], []
+        for activity in activities:
+            if activity.rank_distinct is None or activity.rank_assignments is None:
+                raise ValueError("expert parallelism prices each rank: the activity needs its per-rank arrays")
+            distinct.append(activity.rank_distinct)
+            assignments.append(activity.rank_assignments)
+        return _int64(np.stack(distinct)), _int64(np.stack(assignments))
+
+    def iteration(self, batch: BatchShape, expert_token_counts: np.ndarray) -> LatencyBreakdown:
+        """Latency of one iteration that runs ``batch`` with ``expert_token_counts[layer, expert]`` tokens
+        assigned to each routed expert of each MoE layer (rows may sum to less than tokens * top_k where a
+        policy dropped assignments)."""
+        return self.iteration_activity(batch, self.activity(expert_token_counts))
+
+    def iteration_activity(self, batch: BatchShape, activity: ExpertActivity) -> LatencyBreakdown:
+        """Latency of one iteration from its per-layer expert activity (what ``iteration`` computes from
+        tokens per expert, and what the statistical routing mode samples)."""
+        decode, chunks = batch.decode_context_tokens, batch.prefill_chunk_tokens
+        if not (decode.size or chunks.size):
+            raise ValueError("an iteration with no tokens has nothing to cost")
+        priced = self._priced if self._priced is not None else self._pricing_for(0)
+        rank_distinct = rank_assignments = _NO_RANK_ACTIVITY
+        if priced.ranks:
+            stacked_distinct, stacked_assignments = self._rank_arrays(priced, [activity])
+            rank_distinct, rank_assignments = stacked_distinct[0], stacked_assignments[0]
+        arrays = (decode, chunks, batch.prefill_context_tokens, _int64(activity.distinct),
+                  _int64(activity.assignments), rank_distinct, rank_assignments)
+        out = np.empty(6)
+        price = _formulas().price_batch
+        needed = price(priced, *arrays, out)
+        if needed:
+            price(self._pricing_for(needed), *arrays, out)
+        return LatencyBreakdown(*out.tolist()[:5])
+
+    def decode_run(self, contexts: np.ndarray, activities: Sequence[ExpertActivity]) -> list[LatencyBreakdown]:
+        """Latencies of consecutive pure-decode iterations of the same sequences (``lynxsim.engine.decode_run``):
+        iteration ``j`` attends ``contexts + j + 1`` tokens with ``activities[j]``. The numbers
+        ``iteration_activity`` gives one by one, priced in one call."""
+        if not activities:
+            return []
+        if not contexts.size:
+            raise ValueError("an iteration with no tokens has nothing to cost")
+        priced = self._priced if self._priced is not None else self._pricing_for(0)
+        arrays = (_int64(contexts), _int64(np.stack([a.distinct for a in activities])),
+                  _int64(np.stack([a.assignments for a in activities])), *self._rank_arrays(priced, activities))
+        out = np.empty((len(activities), 6))
+        price = _formulas().price_decode_run
+        needed = price(priced, *arrays, out)
+        if needed:
+            price(self._pricing_for(needed), *arrays, out)
+        return [LatencyBreakdown(*row[:5]) for row in out.tolist()]
+
+
+class CostModel(PricedCostModel):
     """Roofline iteration latency of ``model`` on one ``hardware`` GPU.
 
     Every kernel's time is ``max(bytes / sustained_bandwidth, flops / sustained_flops) + kernels * launch``,
@@ -196,10 +314,7 @@ class CostModel:
         # Routed experts: weights of one expert, FLOPs of one token-expert assignment (2 per weight).
         self._num_moe_layers = model.num_moe_layers
         self._num_experts = model.num_experts
-        expert_flops_rate = hardware.sustained_flops_per_s(model.expert_weight_dtype or model.weight_dtype)
-        self._expert_memory_s = model.expert_bytes / self._bandwidth
-        self._assignment_compute_s = 2.0 * model.expert_params / expert_flops_rate
-        self._moe_layers_launch_s = self._num_moe_layers * MOE_KERNELS_PER_LAYER * self._launch_s
+        self._expert_flops_rate = hardware.sustained_flops_per_s(model.expert_weight_dtype or model.weight_dtype)
 
         # Attention core. Per (query, key) pair and head: 2 FLOPs per element of the q.k dot product and of the
         # p.v product. MLA decode runs weight-absorbed (as vLLM and FlashMLA do): every head attends over the
@@ -263,35 +378,22 @@ class CostModel:
                   + prefill_flops_per_pair * sum(chunk * (context + (chunk + 1) / 2))
                   (the chunk's i-th token attends to the context and to chunk tokens 1..i: causal)
           time  = max(bytes / bandwidth, FLOPs / (flops_fraction * bf16 peak)) + launch
+        (``cost_formulas.attention_roofline_s``; a measured model prices it from its tables, ``attention_s``).
         """
-        chunks = batch.prefill_chunk_tokens
-        contexts = batch.prefill_context_tokens
-        decode_kv = float(batch.decode_context_tokens.sum())
-        if chunks.size:
-            c = chunks.astype(np.float64)
-            prefill_kv = float((contexts + chunks).sum())
-            prefill_pairs = float(np.dot(c, contexts + (c + 1.0) * 0.5))
-        else:
-            prefill_kv = prefill_pairs = 0.0
-        layer_bytes = self._kv_bytes_per_token_layer * (decode_kv + prefill_kv)
-        layer_flops = self._decode_flops_per_pair * decode_kv + self._prefill_flops_per_pair * prefill_pairs
-        layer_s = max(layer_bytes / self._bandwidth, layer_flops / self._attention_flops_rate)
-        return self._num_layers * (layer_s + self._attention_launch_s)
+        decode, chunks = batch.decode_context_tokens, batch.prefill_chunk_tokens
+        return float(_formulas().attention_s(self._pricing_for(0), decode.size, int(decode.sum()), chunks,
+                                             batch.prefill_context_tokens, chunks.size))
 
     def dense_time_s(self, batch: BatchShape) -> float:
         """Every non-expert GEMM: attention projections and router on every token of every layer, shared
         experts and dense-FFN layers likewise, the LM head once per sequence (one sampled position each).
 
         Per GEMM: time = max(weight_bytes / bandwidth, 2 * rows * params / (flops_fraction * peak)) + launch,
-        activations' bytes left out (they are small beside the weights at serving batch sizes).
+        activations' bytes left out (they are small beside the weights at serving batch sizes). Looked up in the
+        tables of ``dense_parts_s``.
         """
         tokens = batch.num_tokens
-        sequences = batch.num_sequences
-        total = self._dense_launch_s
-        for g in self._dense_groups:
-            rows = sequences if g.rows_are_sequences else tokens
-            total += g.repeats * max(g.weight_bytes / self._bandwidth, g.flops_per_row * rows / self._dense_flops_rate)
-        return total
+        return float(_formulas().dense_s(self._pricing_for(tokens), tokens, batch.num_sequences))
 
     def moe_time_s(self, expert_token_counts: np.ndarray) -> float:
         """Routed experts over all MoE layers, from tokens per expert per layer (see ``moe_activity_s``)."""
@@ -313,17 +415,18 @@ class CostModel:
         Per layer: bytes = (experts with a token) * expert_bytes (each active expert's weights read once),
         FLOPs = 2 * expert_params * (token-expert assignments), time = max(bytes / bandwidth,
         FLOPs / (flops_fraction * peak in the expert dtype)) + launch. A layer with no tokens still launches
-        its kernels and costs only that.
+        its kernels and costs only that (``cost_formulas.experts_roofline_s``; a measured model looks each layer
+        up in its ``moe`` table, ``routed_experts_s``).
         """
-        memory_s = activity.distinct * self._expert_memory_s
-        compute_s = activity.assignments * self._assignment_compute_s
-        return float(np.maximum(memory_s, compute_s).sum()) + self._moe_layers_launch_s
+        formulas = _formulas()
+        return float(formulas.routed_experts_s(self._pricing_for(0), formulas.LAYER_EXPERTS,
+                                               _int64(activity.distinct).reshape(-1, 1),
+                                               _int64(activity.assignments).reshape(-1, 1)))
 
     def dense_parts_s(self, max_tokens: int, max_sequences: int) -> tuple[np.ndarray, np.ndarray]:
-        """``dense_time_s`` split into what depends on the batch's tokens and what on its sequences, tabulated:
-        ``dense_time_s(batch) == by_tokens[batch.num_tokens] + by_sequences[batch.num_sequences]`` (up to float
-        rounding), so that a compiled engine (lynxsim/engine/compiled) looks the dense part up instead of
-        recomputing it each iteration."""
+        """The dense part of an iteration, split into what depends on its tokens and what on its sequences and
+        tabulated by count: ``dense_time_s(batch) == by_tokens[batch.num_tokens] + by_sequences[batch.num_sequences]``,
+        which the formulas look up (``cost_formulas.dense_s``) instead of recomputing it each iteration."""
         tokens = np.arange(max_tokens + 1, dtype=np.float64)
         sequences = np.arange(max_sequences + 1, dtype=np.float64)
         by_tokens = np.full(tokens.shape, self._dense_launch_s)
@@ -339,29 +442,39 @@ class CostModel:
         return by_tokens, by_sequences
 
     def roofline_terms(self) -> dict[str, float]:
-        """The per-model constants of the attention and routed-expert roofline formulas (``attention_time_s``,
-        ``moe_activity_s`` and the units' rooflines), by name, for a compiled engine that evaluates the same
-        formulas outside this class."""
+        """The per-model constants the formulas read (``cost_formulas.TERM_NAMES``), by name: those of the
+        attention and routed-expert rooflines, and the iteration's fixed overhead."""
         return {
             "num_layers": float(self._num_layers),
-            "kv_bytes_per_token_layer": self._kv_bytes_per_token_layer,
             "bandwidth_bytes_per_s": self._bandwidth,
+            "kernel_launch_s": self._launch_s,
+            "overhead_s": self._overhead_s,
+            "kv_bytes_per_token_layer": self._kv_bytes_per_token_layer,
             "decode_flops_per_pair": self._decode_flops_per_pair,
             "prefill_flops_per_pair": self._prefill_flops_per_pair,
             "attention_flops_per_s": self._attention_flops_rate,
             "attention_launch_s": self._attention_launch_s,
-            "expert_memory_s": self._expert_memory_s,
-            "assignment_compute_s": self._assignment_compute_s,
-            "moe_layer_launch_s": MOE_KERNELS_PER_LAYER * self._launch_s,
-            "moe_layers_launch_s": self._moe_layers_launch_s,
+            "expert_bytes": float(self.model.expert_bytes),
+            "flops_per_assignment": 2.0 * self.model.expert_params,
             "top_k": float(self.model.top_k),
-            "overhead_s": self._overhead_s,
-            # the attention units' extra work (UnitRooflines: MLA's kv_b inside attention; none here)
-            "attention_unit_bytes": 0.0,
-            "attention_unit_flops_per_row": 0.0,
-            "decode_attention_unit_launch_s": self._attention_launch_s,
-            "prefill_attention_unit_launch_s": self._attention_launch_s,
+            "moe_flops_per_s": self._expert_flops_rate,
+            "moe_launch_s": MOE_KERNELS_PER_LAYER * self._launch_s,
         }
+
+    def pricing(self, max_tokens: int) -> Pricing:
+        """The arrays the formulas price this model's iterations of up to ``max_tokens`` tokens from: its
+        constants (``roofline_terms``) and its dense part tabulated (``dense_parts_s``); one GPU exchanges
+        nothing."""
+        formulas = _formulas()
+        terms = formulas.terms_array(self.roofline_terms())
+        tables, table_at = formulas.packed_tables({})
+        by_tokens, by_sequences = self.dense_parts_s(max_tokens, max_tokens)
+        return formulas.Pricing(
+            kind=formulas.ROOFLINE, terms=np.stack([terms, terms]), tables=tables, table_at=table_at,
+            dense_s=np.stack([by_tokens, by_sequences]), allreduce_s=np.zeros(max_tokens + 1),
+            all_to_all_s=np.zeros(formulas.assignment_capacity(max_tokens, self.model.top_k) + 1),
+            experts_cache_s=np.full((1, 1), np.nan), ranks=0, rank_kind=formulas.ROOFLINE,
+        )
 
     # ----- the iteration -----
 
@@ -369,34 +482,6 @@ class CostModel:
         """The part of a predicted iteration that runs on the GPU: everything but the profile's CPU-side
         ``iteration_overhead_s``, which no kernel measures (what validation compares with real execution)."""
         return latency.total_s - self.hardware.efficiency.iteration_overhead_s
-
-    def iteration(self, batch: BatchShape, expert_token_counts: np.ndarray) -> LatencyBreakdown:
-        """Latency of one iteration that runs ``batch`` with ``expert_token_counts[layer, expert]`` tokens
-        assigned to each routed expert of each MoE layer (rows may sum to less than tokens * top_k where a
-        policy dropped assignments)."""
-        return self.iteration_activity(batch, self.activity(expert_token_counts))
-
-    def iteration_activity(self, batch: BatchShape, activity: ExpertActivity) -> LatencyBreakdown:
-        """Latency of one iteration from its per-layer expert activity (what ``iteration`` computes from
-        tokens per expert, and what the statistical routing mode samples)."""
-        if batch.num_tokens == 0:
-            raise ValueError("an iteration with no tokens has nothing to cost")
-        return LatencyBreakdown(
-            attention_s=self.attention_time_s(batch),
-            dense_s=self.dense_time_s(batch),
-            moe_s=self.moe_activity_s(activity),
-            communication_s=0.0,  # one GPU holds the whole model: nothing to exchange
-            overhead_s=self._overhead_s,
-        )
-
-    def decode_run(self, contexts: np.ndarray, activities: Sequence[ExpertActivity]) -> list[LatencyBreakdown]:
-        """Latencies of consecutive pure-decode iterations of the same sequences (``lynxsim.engine.decode_run``):
-        iteration ``j`` attends ``contexts + j + 1`` tokens with ``activities[j]``. The same numbers as
-        ``iteration_activity`` one by one; a subclass may compute them together."""
-        return [
-            self.iteration_activity(BatchShape(decode_context_tokens=contexts + (j + 1)), activity)
-            for j, activity in enumerate(activities)
-        ]
 
     # ----- memory -----
 
@@ -435,17 +520,22 @@ class CostModel:
 # ``lynxsim calibrate`` times the per-layer units that a decoder iteration is made of, on a real GPU, and writes
 # one table per unit and model into the hardware profile, named ``<model-key>/<unit>``:
 #
-# | unit                | axes                              | what one entry times (one layer, or once per iteration) |
-# |---------------------|-----------------------------------|----------------------------------------------------------|
-# | `moe`               | tokens, distinct_experts          | the routed experts of one MoE layer: the fused MoE kernel over `tokens` tokens whose top-k choices activate `distinct_experts` experts |
-# | `attention_decode`  | batch, context_tokens             | one layer's attention core for `batch` decode rows that each attend to `context_tokens` KV entries |
-# | `attention_prefill` | chunk_tokens, context_tokens      | one layer's attention core for one prefill chunk of `chunk_tokens` new tokens after `context_tokens` cached ones |
-# | `dense_layer`       | tokens                            | everything else of one MoE layer: norms, QKV projection, rotary embedding, KV-cache write, output projection, router and top-k, shared experts, residual adds |
-# | `dense_ffn_layer`   | tokens                            | the same for a dense layer (a dense FFN instead of router and experts); only models with dense layers |
-# | `embedding`         | tokens                            | the input embedding lookup, once per iteration |
-# | `lm_head`           | sequences                         | final norm, LM head GEMM and greedy sampling over one row per sequence, once per iteration |
-# | `graph_launch`      | graphs                            | optional: the fixed GPU cost of launching one iteration's CUDA graph |
-# | `dense_layer_gemms` | tokens                            | diagnostic, never priced (``DIAGNOSTIC_UNITS``): the GEMMs of `dense_layer` alone, timed the same way, the floor its fused ops are compared with (docs/kernel_efficiency.md) |
+# - `moe` (tokens, distinct_experts): the routed experts of one MoE layer: the fused MoE kernel over `tokens`
+#   tokens whose top-k choices activate `distinct_experts` experts;
+# - `attention_decode` (batch, context_tokens): one layer's attention core for `batch` decode rows that each attend
+#   to `context_tokens` KV entries;
+# - `attention_prefill` (chunk_tokens, context_tokens): one layer's attention core for one prefill chunk of
+#   `chunk_tokens` new tokens after `context_tokens` cached ones;
+# - `dense_layer` (tokens): everything else of one MoE layer: norms, QKV projection, rotary embedding, KV-cache
+#   write, output projection, router and top-k, shared experts, residual adds;
+# - `dense_ffn_layer` (tokens): the same for a dense layer (a dense FFN instead of router and experts); only models
+#   with dense layers;
+# - `embedding` (tokens): the input embedding lookup, once per iteration;
+# - `lm_head` (sequences): final norm, LM head GEMM and greedy sampling over one row per sequence, once per
+#   iteration;
+# - `graph_launch` (graphs): optional: the fixed GPU cost of launching one iteration's CUDA graph;
+# - `dense_layer_gemms` (tokens): diagnostic, never priced (``DIAGNOSTIC_UNITS``): the GEMMs of `dense_layer`
+#   alone, timed the same way, the floor its fused ops are compared with (docs/kernel_efficiency.md).
 #
 # An iteration is predicted as the sum of its units: every layer's attention (the decode rows as one call at
 # their mean context, plus one call per prefill chunk), every layer's dense part, every MoE layer's experts at
@@ -477,8 +567,6 @@ COST_NEUTRAL_FIELDS = frozenset(
      "renormalize"}
 )
 
-_TINY_S = 1e-12
-
 
 def table_name(model_key: str, unit: str) -> str:
     """Name of a measured (or diagnostic) table in a hardware profile: ``<model-key>/<unit>``."""
@@ -496,27 +584,16 @@ def required_units(model: ModelSpec) -> tuple[str, ...]:
     )
 
 
-class TableGrid(NamedTuple):
-    """A measured table as ``TableInterpolator`` interpolates it: per axis the grid coordinates (``log(x)``, or
-    ``log(1 + x)`` where ``log1p``), the log latencies on the grid, and each axis's range."""
-
-    coords: tuple[np.ndarray, ...]
-    log1p: tuple[bool, ...]
-    log_latency: np.ndarray
-    lo: tuple[float, ...]
-    hi: tuple[float, ...]
-
-
 class TableInterpolator:
-    """Latency at any point of a measured table: multilinear interpolation in log space, roofline-scaled
-    outside the grid.
+    """Latency at any point of a measured table of one or two axes: bilinear interpolation in log space,
+    roofline-scaled outside the grid (``lynxsim.cost_formulas.interpolated``, the function the cost models price
+    iterations with).
 
     * Coordinates: each axis is mapped to ``log(x)``, or to ``log(1 + x)`` when its grid starts at 0 (a prefill
       chunk's cached context may be empty). Values: ``log(latency)``. Between grid points the interpolation is
-      multilinear in those coordinates (bilinear for two axes), so a latency that grows as a power of an axis
-      between two grid points (constant, linear, quadratic) is followed closely, it is exact at every grid
-      point, and it is monotone along an axis wherever the table is (a weighted mean of monotone neighbours,
-      under monotone maps).
+      bilinear in those coordinates, so a latency that grows as a power of an axis between two grid points
+      (constant, linear, quadratic) is followed closely, it is exact at every grid point, and it is monotone
+      along an axis wherever the table is (a weighted mean of monotone neighbours, under monotone maps).
     * Outside the grid, the query is clamped to the grid's range on each axis, and the clamped point's latency
       is scaled by the unit's roofline ``roofline(query) / roofline(clamped)`` (memory and compute terms plus the
       launch cost), so that a batch twice the largest measured one costs what the roofline says twice the
@@ -527,137 +604,38 @@ class TableInterpolator:
         self.table = table
         self.roofline = roofline
         self.axes = tuple(np.asarray(values, dtype=np.float64) for values in table.axis_values)
-        self._lo = tuple(float(a[0]) for a in self.axes)
-        self._hi = tuple(float(a[-1]) for a in self.axes)
-        self._log1p = tuple(a[0] <= 0.0 for a in self.axes)
+        if len(self.axes) not in (1, 2):
+            raise ValueError(f"measured table axes {table.axes}: tables of one or two axes are interpolated")
         if any(a[0] < 0.0 for a in self.axes):
             raise ValueError(f"measured table axes {table.axes} must be non-negative")
-        self._coords = tuple(np.log1p(a) if lp else np.log(a) for a, lp in zip(self.axes, self._log1p))
-        self._coord_lists = tuple(c.tolist() for c in self._coords)
-        self._values = np.log(np.maximum(np.asarray(table.latency_s, dtype=np.float64), _TINY_S)).reshape(table.shape)
-        self._flat = self._values.ravel().tolist()
-        self._strides = tuple(int(s // 8) for s in self._values.strides)
+        self.packed = _formulas().pack_table(self.axes, table.latency_s)
+        """The table as the formulas read it (``cost_formulas.pack_table``)."""
 
     @property
     def ndim(self) -> int:
         return len(self.axes)
 
-    @property
-    def grid(self) -> TableGrid:
-        """The table in the coordinates ``scalar`` interpolates in, for a compiled engine that evaluates the same
-        interpolation (lynxsim/engine/compiled/pricing.py)."""
-        return TableGrid(self._coords, self._log1p, self._values, self._lo, self._hi)
-
-    def _bracket(self, axis: int, x: float) -> tuple[int, float]:
-        coords = self._coord_lists[axis]
-        if len(coords) == 1:
-            return 0, 0.0
-        u = math.log1p(x) if self._log1p[axis] else math.log(x)
-        i = bisect.bisect_right(coords, u) - 1
-        i = min(max(i, 0), len(coords) - 2)
-        return i, (u - coords[i]) / (coords[i + 1] - coords[i])
-
     def scalar(self, *point: float) -> float:
-        """Latency (s) at one point; the fast path that the cost model calls per iteration."""
+        """Latency (s) at one point."""
         if len(point) != self.ndim:
             raise ValueError(f"table has axes {self.table.axes}, got {len(point)} coordinates")
-        if len(point) == 2:
-            return self._scalar_2d(float(point[0]), float(point[1]))
-        clamped = tuple(min(max(float(x), lo), hi) for x, lo, hi in zip(point, self._lo, self._hi))
-        brackets = [self._bracket(axis, x) for axis, x in enumerate(clamped)]
-        total = 0.0
-        for corner in itertools.product((0, 1), repeat=self.ndim):
-            weight = 1.0
-            offset = 0
-            for (i, w), bit, stride in zip(brackets, corner, self._strides):
-                if bit:
-                    if w == 0.0:
-                        weight = 0.0
-                        break
-                    weight *= w
-                else:
-                    weight *= 1.0 - w
-                offset += (i + bit) * stride
-            if weight:
-                total += weight * self._flat[offset]
-        value = math.exp(total)
-        if self.roofline is not None and clamped != tuple(float(x) for x in point):
-            denominator = float(self.roofline(*clamped))
-            if denominator > 0.0:
-                value *= float(self.roofline(*point)) / denominator
-        return value
-
-    def _scalar_2d(self, x0: float, x1: float) -> float:
-        """``scalar`` of a two-axis table (attention, MoE: the lookups made every iteration), spelled out: the
-        same floating-point operations in the same order as the general loop over corners, without its
-        per-corner Python machinery."""
-        (lo0, lo1), (hi0, hi1) = self._lo, self._hi
-        c0 = min(max(x0, lo0), hi0)
-        c1 = min(max(x1, lo1), hi1)
-        i0, w0 = self._bracket(0, c0)
-        i1, w1 = self._bracket(1, c1)
-        s0, s1 = self._strides
-        flat = self._flat
-        base = i0 * s0 + i1 * s1
-        total = 0.0
-        weight = (1.0 - w0) * (1.0 - w1)
-        if weight:
-            total += weight * flat[base]
-        if w1 != 0.0:
-            weight = (1.0 - w0) * w1
-            if weight:
-                total += weight * flat[base + s1]
-        if w0 != 0.0:
-            weight = w0 * (1.0 - w1)
-            if weight:
-                total += weight * flat[base + s0]
-            if w1 != 0.0:
-                weight = w0 * w1
-                if weight:
-                    total += weight * flat[base + s0 + s1]
-        value = math.exp(total)
-        if self.roofline is not None and (c0 != x0 or c1 != x1):
-            denominator = float(self.roofline(c0, c1))
-            if denominator > 0.0:
-                value *= float(self.roofline(x0, x1)) / denominator
-        return value
+        return float(self(*point))
 
     def __call__(self, *points: ArrayLike) -> np.ndarray:
         """Latency (s) at many points at once: one array per axis, broadcast together."""
         if len(points) != self.ndim:
             raise ValueError(f"table has axes {self.table.axes}, got {len(points)} coordinate arrays")
-        arrays = np.broadcast_arrays(*(np.asarray(p, dtype=np.float64) for p in points))
-        clamped = [np.clip(p, lo, hi) for p, lo, hi in zip(arrays, self._lo, self._hi)]
-        index, weight = [], []
-        for axis, c in enumerate(clamped):
-            coords = self._coords[axis]
-            if coords.size == 1:
-                index.append(np.zeros(c.shape, dtype=np.int64))
-                weight.append(np.zeros(c.shape))
-                continue
-            u = np.log1p(c) if self._log1p[axis] else np.log(c)
-            i = np.clip(np.searchsorted(coords, u, side="right") - 1, 0, coords.size - 2)
-            index.append(i)
-            weight.append((u - coords[i]) / (coords[i + 1] - coords[i]))
-        total = np.zeros(arrays[0].shape if arrays else ())
-        for corner in itertools.product((0, 1), repeat=self.ndim):
-            if any(bit and self._coords[a].size == 1 for a, bit in enumerate(corner)):
-                continue
-            w = np.ones_like(total)
-            for a, bit in enumerate(corner):
-                w = w * (weight[a] if bit else 1.0 - weight[a])
-            total = total + w * self._values[tuple(i + bit for i, bit in zip(index, corner))]
-        value = np.exp(total)
+        formulas = _formulas()
+        x0, x1, shape = _points(points)
+        edge = np.empty((2, x0.size))
+        formulas.clamped_points(self.packed, x0, x1, edge)
+        at_point = at_edge = np.zeros(x0.size)
         if self.roofline is not None:
-            outside = np.zeros(value.shape, dtype=bool)
-            for p, c in zip(arrays, clamped):
-                outside |= p != c
-            if outside.any():
-                numerator = np.asarray(self.roofline(*arrays), dtype=np.float64)
-                denominator = np.asarray(self.roofline(*clamped), dtype=np.float64)
-                ratio = np.divide(numerator, denominator, out=np.ones(value.shape), where=denominator > 0)
-                value = np.where(outside, value * ratio, value)
-        return value
+            at_point = np.array(np.broadcast_to(self.roofline(*points), shape), dtype=np.float64).reshape(-1)
+            at_edge = np.array(np.broadcast_to(self.roofline(*edge[: self.ndim]), x0.shape), dtype=np.float64)
+        out = np.empty(x0.size)
+        formulas.interpolated_points(self.packed, x0, x1, at_point, at_edge, out)
+        return out.reshape(shape)
 
 
 ACTIVATION_BYTES = 2.0
@@ -679,8 +657,7 @@ class UnitWork(NamedTuple):
     ``streamed_bytes``: weights, KV-cache entries and embedding rows, each read (or, for the embedding, written)
     once: what the roofline prices, as ``CostModel``'s components do. ``activation_bytes``: the activations
     the unit's GEMM or attention kernels read and write at its boundary, each once. The roofline leaves them
-    out, so that a measured table's out-of-grid scaling stays the very formula the compiled engine restates
-    from ``roofline_terms`` (lynxsim/engine/compiled/pricing.py); the efficiency floors count them.
+    out (``cost_formulas.unit_work`` states what it prices); the efficiency floors count them.
     """
 
     streamed_bytes: np.ndarray
@@ -723,12 +700,12 @@ class UnitRooflines(CostModel):
     FLOPs (q_nope absorbed through W_UK, the output un-absorbed through W_UV) to the latent attention's;
     attention_prefill adds the kv_b weights and 2 * (C + T) * R * H * (Dn + Dv) FLOPs (the latent of every
     attended token decompressed); dense_layer and dense_ffn_layer leave kv_b out. ``CostModel`` itself (the
-    iteration roofline and ``roofline_terms``) still prices kv_b with the dense GEMMs, once per layer at the
-    batch's rows; so for MLA models the units' rooflines no longer sum to ``CostModel``'s (for GQA models they
-    do, up to rounding, the embedding aside, which CostModel leaves out). The compiled engine restates the
-    attention rooflines from ``roofline_terms`` in their GQA form (lynxsim/engine/compiled/pricing.py,
-    ``_unit_roofline``), so for an MLA model it scales a measured attention table outside its grid differently
-    from ``MeasuredCostModel``.
+    iteration roofline) still prices kv_b with the dense GEMMs, once per layer at the batch's rows; so for MLA
+    models the units' rooflines no longer sum to ``CostModel``'s (for GQA models they do, up to rounding, the
+    embedding aside, which CostModel leaves out).
+
+    The streamed bytes and FLOPs are ``cost_formulas.unit_work`` (what the compiled engine's extrapolation reads
+    too), the activations ``x * activation bytes per row`` of the first axis.
 
     Roofline of a unit: max(streamed_bytes / sustained bandwidth, FLOPs / sustained FLOP/s of the unit's dtype)
     + its weight- or KV-streaming kernels * kernel_launch_s (``unit_kernels``). The GEMM units' (dense_layer,
@@ -740,7 +717,6 @@ class UnitRooflines(CostModel):
         super().__init__(model, hardware)
         attn = model.attention
         wbytes = model.weight_bytes_per_param
-        self._expert_flops_rate = hardware.sustained_flops_per_s(model.expert_weight_dtype or model.weight_dtype)
         if attn.is_mla:
             assert attn.kv_lora_rank and attn.qk_nope_head_dim and attn.v_head_dim
             kv_b_params = attn.num_heads * (attn.qk_nope_head_dim + attn.v_head_dim) * attn.kv_lora_rank
@@ -761,40 +737,62 @@ class UnitRooflines(CostModel):
         self._dense_ffn_layer_kernels = projection_kernels + FFN_KERNELS
         self._lm_head_params = model.vocab_size * model.hidden_size
         heads_width = attn.num_heads * (attn.qk_head_dim + attn.v_dim)
-        self._attention_activation_bytes_per_row = heads_width * ACTIVATION_BYTES
-        self._layer_activation_bytes_per_row = ((2 * model.hidden_size + heads_width) * ACTIVATION_BYTES
-                                                + self._kv_bytes_per_token_layer)
+        layer_activation_bytes_per_row = ((2 * model.hidden_size + heads_width) * ACTIVATION_BYTES
+                                          + self._kv_bytes_per_token_layer)
         self._embedding_row_bytes = model.hidden_size * (wbytes + ACTIVATION_BYTES)
-        self._lm_head_activation_bytes_per_row = model.hidden_size * ACTIVATION_BYTES + TOKEN_ID_BYTES
+        # Activation bytes per row of a unit's first axis (token, decode row, chunk token, sequence).
+        self._activation_bytes_per_row = {
+            "moe": 2.0 * model.hidden_size * ACTIVATION_BYTES,  # token rows in, combined rows out
+            "attention_decode": heads_width * ACTIVATION_BYTES,  # q in, output out
+            "attention_prefill": heads_width * ACTIVATION_BYTES,
+            "dense_layer": layer_activation_bytes_per_row,
+            "dense_ffn_layer": layer_activation_bytes_per_row,
+            "dense_layer_gemms": layer_activation_bytes_per_row,
+            "embedding": TOKEN_ID_BYTES,  # token ids in
+            "lm_head": model.hidden_size * ACTIVATION_BYTES + TOKEN_ID_BYTES,  # rows in, token ids out
+        }
 
     def roofline_terms(self) -> dict[str, float]:
-        """``CostModel.roofline_terms`` with the attention units' own work: for MLA models the kv_b weights
-        each attention call reads and the FLOPs per decode row (absorption) or attended row (decompression),
-        and each attention unit's kernels (the compiled engine scales measured tables with these)."""
-        return {
+        """``CostModel.roofline_terms`` with each unit's own work (``cost_formulas.unit_work``): for MLA models
+        the kv_b weights each attention call reads and the FLOPs per decode row (absorption) or attended row
+        (decompression); the GEMM units' weights and FLOPs per row; each unit's FLOP/s and launches."""
+        wbytes = self.model.weight_bytes_per_param
+        terms = {
             **super().roofline_terms(),
             "attention_unit_bytes": self._kv_b_bytes,
             "attention_unit_flops_per_row": self._kv_b_flops_per_row,
-            "decode_attention_unit_launch_s": self._decode_attention_kernels * self._launch_s,
-            "prefill_attention_unit_launch_s": self._prefill_attention_kernels * self._launch_s,
+            "dense_layer_bytes": self._dense_layer_params * wbytes,
+            "dense_layer_flops_per_row": 2.0 * self._dense_layer_params,
+            "dense_ffn_layer_bytes": self._dense_ffn_layer_params * wbytes,
+            "dense_ffn_layer_flops_per_row": 2.0 * self._dense_ffn_layer_params,
+            "embedding_row_bytes": self._embedding_row_bytes,
+            "lm_head_bytes": self._lm_head_params * wbytes,
+            "lm_head_flops_per_row": 2.0 * self._lm_head_params,
         }
+        for unit in self._activation_bytes_per_row:
+            terms[f"{unit}_flops_per_s"] = self.unit_flops_per_s(unit)
+            terms[f"{unit}_launch_s"] = self.unit_kernels(unit) * self._launch_s
+        return terms
 
     def unit_work_parts(self, unit: str) -> Callable[..., UnitWork]:
         """The work of ``unit`` (a measured or diagnostic unit, not ``graph_launch``, which times a launch and
         no work) as a function of its table's axes, split into what the roofline prices and what it does not."""
-        functions: dict[str, Callable[..., UnitWork]] = {
-            "moe": self._moe_work,
-            "attention_decode": self._decode_attention_work,
-            "attention_prefill": self._prefill_attention_work,
-            "dense_layer": self._dense_layer_work,
-            "dense_ffn_layer": self._dense_ffn_layer_work,
-            "dense_layer_gemms": self._dense_layer_work,
-            "embedding": self._embedding_work,
-            "lm_head": self._lm_head_work,
-        }
-        if unit not in functions:
-            raise ValueError(f"unit {unit!r} has no work to count; units with work: {', '.join(functions)}")
-        return functions[unit]
+        if unit not in self._activation_bytes_per_row:
+            known = ", ".join(self._activation_bytes_per_row)
+            raise ValueError(f"unit {unit!r} has no work to count; units with work: {known}")
+        formulas = _formulas()
+        unit_id = formulas.UNIT_NAMES.index(unit)
+        terms = formulas.terms_array(self.roofline_terms())
+        per_row = self._activation_bytes_per_row[unit]
+
+        def parts(*axes: ArrayLike) -> UnitWork:
+            x0, x1, shape = _points(axes)
+            work = np.empty((2, x0.size))
+            formulas.unit_works(unit_id, terms, x0, x1, work)
+            return UnitWork(streamed_bytes=work[0].reshape(shape), activation_bytes=(x0 * per_row).reshape(shape),
+                            flops=work[1].reshape(shape))
+
+        return parts
 
     def unit_work(self, unit: str) -> Callable[..., tuple[np.ndarray, np.ndarray]]:
         """(bytes, FLOPs) of ``unit`` as a function of its table's axes: the fewest bytes it must move through
@@ -835,77 +833,20 @@ class UnitRooflines(CostModel):
     def unit_roofline(self, unit: str) -> Callable[..., np.ndarray]:
         """The roofline time of ``unit`` (one of ``MEASURED_UNITS`` or ``DIAGNOSTIC_UNITS``) as a function of
         its table's axes: max(streamed bytes / bandwidth, FLOPs / sustained FLOP/s) + launches; for
-        ``graph_launch`` one launch per graph."""
-        if unit == "graph_launch":
-            return lambda graphs: np.asarray(graphs, dtype=np.float64) * self._launch_s
-        parts = self.unit_work_parts(unit)
-        bandwidth = self._bandwidth
-        flops_rate = self.unit_flops_per_s(unit)
-        launch_s = self.unit_kernels(unit) * self._launch_s
+        ``graph_launch`` one launch per graph (``cost_formulas.unit_roofline``)."""
+        formulas = _formulas()
+        if unit not in formulas.UNIT_NAMES:
+            raise ValueError(f"unit {unit!r} has no roofline; units: {', '.join(formulas.UNIT_NAMES)}")
+        unit_id = formulas.UNIT_NAMES.index(unit)
+        terms = formulas.terms_array(self.roofline_terms())
 
         def roofline(*axes: ArrayLike) -> np.ndarray:
-            w = parts(*axes)
-            return np.maximum(w.streamed_bytes / bandwidth, w.flops / flops_rate) + launch_s
+            x0, x1, shape = _points(axes)
+            out = np.empty(x0.size)
+            formulas.unit_rooflines(unit_id, terms, x0, x1, out)
+            return out.reshape(shape)
 
         return roofline
-
-    # ----- each unit's work -----
-
-    def _moe_work(self, tokens: ArrayLike, distinct: ArrayLike) -> UnitWork:
-        t = np.asarray(tokens, dtype=np.float64)
-        d = np.asarray(distinct, dtype=np.float64)
-        return UnitWork(
-            streamed_bytes=d * self.model.expert_bytes,
-            activation_bytes=t * (2.0 * self.model.hidden_size * ACTIVATION_BYTES),
-            flops=t * self.model.top_k * (2.0 * self.model.expert_params),
-        )
-
-    def _decode_attention_work(self, batch: ArrayLike, context: ArrayLike) -> UnitWork:
-        b = np.asarray(batch, dtype=np.float64)
-        pairs = b * np.asarray(context, dtype=np.float64)
-        return UnitWork(
-            streamed_bytes=pairs * self._kv_bytes_per_token_layer + self._kv_b_bytes,
-            activation_bytes=b * self._attention_activation_bytes_per_row,
-            flops=pairs * self._decode_flops_per_pair + b * self._kv_b_flops_per_row,
-        )
-
-    def _prefill_attention_work(self, chunk: ArrayLike, context: ArrayLike) -> UnitWork:
-        c = np.asarray(chunk, dtype=np.float64)
-        ctx = np.asarray(context, dtype=np.float64)
-        rows = c + ctx
-        return UnitWork(
-            streamed_bytes=rows * self._kv_bytes_per_token_layer + self._kv_b_bytes,
-            activation_bytes=c * self._attention_activation_bytes_per_row,
-            flops=c * (ctx + (c + 1.0) * 0.5) * self._prefill_flops_per_pair + rows * self._kv_b_flops_per_row,
-        )
-
-    def _gemm_layer_work(self, params: int, tokens: ArrayLike) -> UnitWork:
-        t = np.asarray(tokens, dtype=np.float64)
-        return UnitWork(
-            streamed_bytes=np.full(t.shape, params * self.model.weight_bytes_per_param),
-            activation_bytes=t * self._layer_activation_bytes_per_row,
-            flops=2.0 * params * t,
-        )
-
-    def _dense_layer_work(self, tokens: ArrayLike) -> UnitWork:
-        return self._gemm_layer_work(self._dense_layer_params, tokens)
-
-    def _dense_ffn_layer_work(self, tokens: ArrayLike) -> UnitWork:
-        return self._gemm_layer_work(self._dense_ffn_layer_params, tokens)
-
-    def _lm_head_work(self, sequences: ArrayLike) -> UnitWork:
-        s = np.asarray(sequences, dtype=np.float64)
-        return UnitWork(
-            streamed_bytes=np.full(s.shape, self._lm_head_params * self.model.weight_bytes_per_param),
-            activation_bytes=s * self._lm_head_activation_bytes_per_row,
-            flops=2.0 * self._lm_head_params * s,
-        )
-
-    def _embedding_work(self, tokens: ArrayLike) -> UnitWork:
-        t = np.asarray(tokens, dtype=np.float64)
-        return UnitWork(
-            streamed_bytes=t * self._embedding_row_bytes, activation_bytes=t * TOKEN_ID_BYTES, flops=np.zeros(t.shape)
-        )
 
 
 class MeasuredCostModel(UnitRooflines):
@@ -918,7 +859,8 @@ class MeasuredCostModel(UnitRooflines):
       dense     = M * dense_layer(T) + D * dense_ffn_layer(T) + embedding(T) + lm_head(S)
       moe       = sum over MoE layers l of moe(assignments_l / top_k, distinct experts of layer l)
       overhead  = graph_launch (measured, where the profile has it) + efficiency.iteration_overhead_s (CPU side)
-    Each MoE layer is priced at its own distinct expert count, never at an average over layers.
+    Each MoE layer is priced at its own distinct expert count, never at an average over layers
+    (``cost_formulas.attention_s``, ``routed_experts_s``; the dense part tabulated by ``dense_parts_s``).
     """
 
     source = "measured"
@@ -943,57 +885,13 @@ class MeasuredCostModel(UnitRooflines):
             for unit in MEASURED_UNITS
             if table_name(model_key, unit) in tables
         }
-        # The routed experts' time at (tokens, distinct): the measured table, or, for a base model whose experts
-        # are priced elsewhere (an expert-parallel shard's), the roofline, which then only fills the fields.
-        self._moe_unit: Callable[..., np.ndarray] = self.units.get("moe") or self.unit_roofline("moe")
         self.gpu_overhead_s = self.units["graph_launch"].scalar(1.0) if "graph_launch" in self.units else 0.0
         self.cpu_overhead_s = hardware.efficiency.iteration_overhead_s
         self._overhead_s = self.gpu_overhead_s + self.cpu_overhead_s
-        self._dense_cache: dict[int, float] = {}
-        self._lm_head_cache: dict[int, float] = {}
-        self._moe_rows: dict[int, np.ndarray] = {}
-
-    # ----- components -----
-
-    def attention_time_s(self, batch: BatchShape) -> float:
-        """Every layer: the decode rows as one call at their mean context, plus one call per prefill chunk."""
-        layer_s = 0.0
-        decode = batch.decode_context_tokens
-        if decode.size:
-            # the mean as np.mean computes it, bit for bit: an exact integer sum (far below 2**53) over the count
-            layer_s += self.units["attention_decode"].scalar(decode.size, int(decode.sum()) / decode.size)
-        chunks = batch.prefill_chunk_tokens
-        if chunks.size == 1:
-            layer_s += self.units["attention_prefill"].scalar(chunks[0], batch.prefill_context_tokens[0])
-        elif chunks.size:
-            layer_s += float(self.units["attention_prefill"](chunks, batch.prefill_context_tokens).sum())
-        return self._num_layers * layer_s
-
-    def dense_time_s(self, batch: BatchShape) -> float:
-        """Every layer's dense part at the batch's token count, the embedding, and the LM head per sequence."""
-        return self._per_tokens_s(batch.num_tokens) + self._lm_head_s(batch.num_sequences)
-
-    def _per_tokens_s(self, tokens: int) -> float:
-        """The dense layers and the embedding at ``tokens`` rows, cached per token count."""
-        per_tokens = self._dense_cache.get(tokens)
-        if per_tokens is None:
-            per_tokens = self._num_moe_layers * self.units["dense_layer"].scalar(tokens)
-            if self.model.num_dense_layers:
-                per_tokens += self.model.num_dense_layers * self.units["dense_ffn_layer"].scalar(tokens)
-            per_tokens += self.units["embedding"].scalar(tokens)
-            self._dense_cache[tokens] = per_tokens
-        return per_tokens
-
-    def _lm_head_s(self, sequences: int) -> float:
-        """The LM head at ``sequences`` sampled rows, cached per count."""
-        head = self._lm_head_cache.get(sequences)
-        if head is None:
-            head = self._lm_head_cache[sequences] = self.units["lm_head"].scalar(sequences)
-        return head
 
     def dense_parts_s(self, max_tokens: int, max_sequences: int) -> tuple[np.ndarray, np.ndarray]:
-        """``CostModel.dense_parts_s`` from the measured units: ``dense_time_s``'s sum, each unit looked up at
-        every count at once (equal to its scalar lookups to the last few bits)."""
+        """``CostModel.dense_parts_s`` from the measured units: every layer's dense part at the batch's token
+        count and the embedding, and the LM head per sequence."""
         tokens = np.arange(1, max_tokens + 1, dtype=np.float64)
         by_tokens = self._num_moe_layers * self.units["dense_layer"](tokens)
         if self.model.num_dense_layers:
@@ -1002,54 +900,30 @@ class MeasuredCostModel(UnitRooflines):
         by_sequences = self.units["lm_head"](np.arange(1, max_sequences + 1, dtype=np.float64))
         return np.concatenate(([0.0], by_tokens)), np.concatenate(([0.0], by_sequences))
 
-    def _moe_row(self, assignments: int) -> np.ndarray:
-        """moe(assignments / top_k, d) for d = 0 .. num_experts, cached per assignment count."""
-        row = self._moe_rows.get(assignments)
-        if row is None:
-            distinct = np.arange(self._num_experts + 1, dtype=np.float64)
-            row = self._moe_unit(np.full(distinct.shape, assignments / self.model.top_k), distinct)
-            self._moe_rows[assignments] = row
-        return row
-
-    def moe_activity_s(self, activity: ExpertActivity) -> float:
-        """Sum over MoE layers of the measured MoE-layer time at that layer's token-expert assignments (over
-        top-k, as tokens) and that layer's distinct experts."""
-        distinct, assignments = activity.distinct, activity.assignments
-        first = int(assignments[0])
-        if (assignments == first).all():
-            return float(self._moe_row(first)[distinct].sum())
-        return float(self._moe_unit(assignments / self.model.top_k, distinct).sum())
-
-    def decode_run(self, contexts: np.ndarray, activities: Sequence[ExpertActivity]) -> list[LatencyBreakdown]:
-        """``iteration_activity`` of each iteration of a decode run: the dense part looked up once (the same
-        tokens in every iteration), the experts' rows of all iterations together, the attention per iteration
-        (its context grows by one token each)."""
-        batch = float(contexts.size)
-        mean_context = int(contexts.sum()) / contexts.size  # np.mean's value (see attention_time_s)
-        decode_table = self.units["attention_decode"]
-        # One scalar lookup per iteration: a decode run is a few iterations, and the scalar path (5 us) beats a
-        # vectorized call (60 us) below a dozen of them; it is also the very lookup iteration_activity makes.
-        attention = [
-            self._num_layers * decode_table.scalar(batch, mean_context + j) for j in range(1, len(activities) + 1)
-        ]
-        dense = self.dense_time_s(BatchShape.trusted(_NO_TOKENS, _NO_TOKENS, contexts + 1))
-        distinct = np.stack([a.distinct for a in activities])
-        assignments = np.stack([a.assignments for a in activities])
-        first = int(assignments[0, 0])
-        if (assignments == first).all():
-            moe = self._moe_row(first)[distinct].sum(axis=1)
-        else:
-            moe = self._moe_unit(assignments / self.model.top_k, distinct).sum(axis=1)
-        return [
-            LatencyBreakdown(attention_s=float(a), dense_s=dense, moe_s=float(m), communication_s=0.0,
-                             overhead_s=self._overhead_s)
-            for a, m in zip(attention, moe)
-        ]
+    def pricing(self, max_tokens: int) -> Pricing:
+        """``CostModel.pricing`` with the measured tables, and room to remember each MoE layer's value per
+        (assignments, distinct experts) up to ``max_tokens`` tokens. Without a ``moe`` table (an expert-parallel
+        shard's base model, whose ranks the instance prices) the experts fall back to the roofline."""
+        formulas = _formulas()
+        tables, table_at = formulas.packed_tables(
+            {formulas.UNIT_NAMES.index(unit): table.packed for unit, table in self.units.items()}
+        )
+        cache = np.full((1, 1), np.nan)
+        if "moe" in self.units:
+            rows = formulas.assignment_capacity(max_tokens, self.model.top_k) + 1
+            cache = np.full((rows, self._num_experts + 1), np.nan)
+        return super().pricing(max_tokens)._replace(kind=formulas.MEASURED, tables=tables, table_at=table_at,
+                                                    experts_cache_s=cache)
 
     def per_layer_moe_s(self, expert_token_counts: np.ndarray) -> np.ndarray:
         """The MoE time of each MoE layer (s), for validation reports."""
-        counts = np.asarray(expert_token_counts)
-        return self._moe_unit(counts.sum(axis=1) / self.model.top_k, (counts > 0).sum(axis=1))
+        formulas = _formulas()
+        activity = ExpertActivity.of_counts(np.asarray(expert_token_counts))
+        out = np.empty(activity.distinct.size)
+        formulas.routed_experts_layers_s(self._pricing_for(0), formulas.LAYER_EXPERTS,
+                                         _int64(activity.distinct).reshape(-1, 1),
+                                         _int64(activity.assignments).reshape(-1, 1), out)
+        return out
 
 
 def calibrated_shape_matches(model: ModelSpec, model_key: str) -> bool:

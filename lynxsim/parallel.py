@@ -47,18 +47,18 @@ replicated).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lynxsim.cost import (
-    MOE_KERNELS_PER_LAYER,
     BatchShape,
     CostModel,
     ExpertActivity,
     LatencyBreakdown,
     MeasuredCostModel,
+    PricedCostModel,
     TableInterpolator,
     UnitRooflines,
     calibrated_shape_matches,
@@ -69,6 +69,9 @@ from lynxsim.cost import (
 from lynxsim.errors import InputError
 from lynxsim.hardware import HardwareProfile
 from lynxsim.models.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from lynxsim.cost_formulas import Pricing
 
 ACTIVATION_BYTES = 2  # bf16 activations on the wire
 
@@ -159,9 +162,11 @@ def placement_matrix(placement: np.ndarray, ranks: int) -> np.ndarray:
     return matrix
 
 
-class ParallelCostModel:
+class ParallelCostModel(PricedCostModel):
     """Iteration latency of one instance spread over ``plan.gpus`` GPUs: per-GPU compute from ``base`` (a cost
-    model of the shard), plus the MoE of the slowest EP rank, plus the collectives."""
+    model of the shard), plus the MoE of the slowest EP rank, plus the collectives. Priced by the shared formulas
+    (``lynxsim.cost_formulas``) on the shard's arrays with the collectives and the EP ranks' pricing added
+    (``pricing``)."""
 
     def __init__(
         self,
@@ -195,9 +200,9 @@ class ParallelCostModel:
     # ----- components -----
 
     def communication_parts_s(self, max_tokens: int, max_assignments: int) -> tuple[np.ndarray, np.ndarray]:
-        """The collectives tabulated for a compiled engine (lynxsim/engine/compiled): every all-reduce of an
-        iteration by its token count (``[max_tokens + 1]``), and one all-to-all by its busiest rank's
-        assignments (``[max_assignments + 1]``, zero without expert parallelism)."""
+        """The collectives tabulated for the formulas (``cost_formulas.allreduce_s``, ``all_to_all_s``): every
+        all-reduce of an iteration by its token count (``[max_tokens + 1]``), and one all-to-all by its busiest
+        rank's assignments (``[max_assignments + 1]``, zero without expert parallelism)."""
         tokens = np.arange(max_tokens + 1, dtype=np.int64)
         allreduce = self._allreduces * self.collectives.time_s("all_reduce", tokens * self._token_bytes)
         assignments = np.arange(max_assignments + 1, dtype=np.int64)
@@ -205,10 +210,37 @@ class ParallelCostModel:
                       if self.plan.expert_parallel_on else np.zeros(assignments.size))
         return np.asarray(allreduce, dtype=np.float64), np.asarray(all_to_all, dtype=np.float64)
 
+    def pricing(self, max_tokens: int) -> Pricing:
+        """The shard's pricing arrays (``base.pricing``) with the collectives tabulated and, under expert
+        parallelism, how each rank's experts are priced: by the measured table with the whole model's constants
+        (its rooflines extrapolate it; a rank's experts are whole) where there is one, else by the shard's
+        roofline."""
+        from lynxsim import cost_formulas as formulas
+
+        priced = self.base.pricing(max_tokens)
+        assignments = formulas.assignment_capacity(max_tokens, self.model.top_k)
+        allreduce, all_to_all = self.communication_parts_s(max_tokens, assignments)
+        priced = priced._replace(allreduce_s=allreduce, all_to_all_s=all_to_all)
+        if not self.plan.expert_parallel_on:
+            return priced
+        priced = priced._replace(ranks=self.plan.expert_parallel)
+        if self.rank_moe_table is None or self.rank_roofline_terms is None:
+            return priced
+        table_at = priced.table_at.copy()
+        table_at[formulas.RANK_MOE] = priced.tables.size
+        rank_terms = formulas.terms_array(self.rank_roofline_terms)
+        return priced._replace(
+            rank_kind=formulas.MEASURED, terms=np.stack([priced.terms[formulas.LAYER_EXPERTS], rank_terms]),
+            tables=np.concatenate([priced.tables, self.rank_moe_table.packed]), table_at=table_at,
+            experts_cache_s=np.full((assignments + 1, self.model.num_experts + 1), np.nan),
+        )
+
     def allreduce_time_s(self, batch: BatchShape) -> float:
         """Every all-reduce of the iteration (each of all the batch's tokens)."""
-        one = self.collectives.time_s("all_reduce", batch.num_tokens * self._token_bytes)
-        return self._allreduces * float(one)
+        from lynxsim import cost_formulas as formulas
+
+        tokens = batch.num_tokens
+        return float(formulas.allreduce_s(self._pricing_for(tokens), tokens))
 
     @property
     def needs_expert_counts(self) -> bool:
@@ -237,62 +269,25 @@ class ParallelCostModel:
         return ExpertActivity(whole.distinct, whole.assignments, rank_distinct, rank_assignments)
 
     def ep_moe_layer_s(self, activity: ExpertActivity) -> np.ndarray:
-        """Each MoE layer's routed-expert time: its slowest rank's."""
+        """Each MoE layer's routed-expert time: its slowest rank's (``cost_formulas.routed_experts_s``)."""
+        from lynxsim import cost_formulas as formulas
+
         distinct, assignments = activity.rank_distinct, activity.rank_assignments
         if distinct is None or assignments is None:
             raise ValueError("expert parallelism prices each rank: the activity needs its per-rank arrays")
-        if self.rank_moe_table is not None:
-            rank_s = self.rank_moe_table(assignments / self.model.top_k, distinct)
-        else:
-            base = self.base
-            memory = distinct * base._expert_memory_s
-            compute = assignments * base._assignment_compute_s
-            rank_s = np.maximum(memory, compute) + MOE_KERNELS_PER_LAYER * base._launch_s
-        return np.max(rank_s, axis=1)
+        out = np.empty(assignments.shape[0])
+        formulas.routed_experts_layers_s(self._pricing_for(0), formulas.RANK_EXPERTS,
+                                         np.asarray(distinct, dtype=np.int64), np.asarray(assignments, dtype=np.int64),
+                                         out)
+        return out
 
     def all_to_all_time_s(self, activity: ExpertActivity) -> float:
-        """Dispatch and combine of every MoE layer (see the module docstring)."""
+        """Dispatch and combine of every MoE layer (see the module docstring; ``cost_formulas.all_to_all_s``)."""
+        from lynxsim import cost_formulas as formulas
+
         assert activity.rank_assignments is not None
-        busiest_bytes = activity.rank_assignments.max(axis=1) * self._token_bytes
-        return 2.0 * float(self.collectives.time_s("all_to_all", busiest_bytes).sum())
-
-    def iteration(self, batch: BatchShape, expert_token_counts: np.ndarray) -> LatencyBreakdown:
-        return self.iteration_activity(batch, self.activity(expert_token_counts))
-
-    def iteration_activity(self, batch: BatchShape, activity: ExpertActivity) -> LatencyBreakdown:
-        if batch.num_tokens == 0:
-            raise ValueError("an iteration with no tokens has nothing to cost")
-        communication = self.allreduce_time_s(batch)
-        if self.plan.expert_parallel_on:
-            moe = float(self.ep_moe_layer_s(activity).sum())
-            communication += self.all_to_all_time_s(activity)
-        else:
-            moe = self.base.moe_activity_s(activity)
-        return LatencyBreakdown(
-            attention_s=self.base.attention_time_s(batch),
-            dense_s=self.base.dense_time_s(batch),
-            moe_s=moe,
-            communication_s=communication,
-            overhead_s=self.base._overhead_s,
-        )
-
-    def decode_run(self, contexts: np.ndarray, activities: Sequence[ExpertActivity]) -> list[LatencyBreakdown]:
-        """``iteration_activity`` of each iteration of a decode run: the shard's attention and dense parts priced
-        together by the base model, the same all-reduces in every iteration (same tokens), the experts and
-        all-to-alls per iteration."""
-        base_runs = self.base.decode_run(contexts, activities)
-        allreduce = self.allreduce_time_s(BatchShape(decode_context_tokens=contexts + 1))
-        out = []
-        for latency, activity in zip(base_runs, activities):
-            moe, communication = latency.moe_s, allreduce
-            if self.plan.expert_parallel_on:
-                moe = float(self.ep_moe_layer_s(activity).sum())
-                communication += self.all_to_all_time_s(activity)
-            out.append(LatencyBreakdown(
-                attention_s=latency.attention_s, dense_s=latency.dense_s, moe_s=moe,
-                communication_s=communication, overhead_s=self.base._overhead_s,
-            ))
-        return out
+        assignments = np.asarray(activity.rank_assignments, dtype=np.int64)
+        return float(formulas.all_to_all_s(self._pricing_for(0, assignments), assignments))
 
     def gpu_time_s(self, latency: LatencyBreakdown) -> float:
         return latency.total_s - self.cpu_overhead_s

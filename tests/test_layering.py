@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lynxsim"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("lynxsim", "errors", "yaml_input", "jit", "interconnect", "plugins"),
     ("models", "hardware", "workload", "policies", "sections"),
-    ("cost",),
+    ("cost", "cost_formulas"),
     ("parallel", "metrics", "routing", "instance_cost"),
     ("config", "quality"),
     ("engine",),

@@ -21,7 +21,7 @@ import pandas as pd
 
 from lynxsim.cost import CostModel
 from lynxsim.engine.compiled import kernel as k
-from lynxsim.engine.compiled.pricing import Pricing
+from lynxsim.engine.compiled import pricing as compiled_pricing
 from lynxsim.engine.compiled.routing import fused_routing
 from lynxsim.engine.decode_run import MAX_RUN_ITERATIONS, run_token_ids
 from lynxsim.engine.replica import RoutingStep
@@ -54,17 +54,18 @@ def flush_if_sources_changed(sources: Sequence[Path], marker: Path, flush: Calla
 
 def _drop_stale_loop_cache() -> None:
     """numba keys a cached function by its own source file only, but a compiled function carries the compiled code
-    of the functions it calls in other files (the loop in ``kernel``: the pricing, the routing; the routing: the
-    routing kernels): after an edit of one of those, numba would load the old code (measured: the loop kept an
-    edited Lynx kernel's old code). So the caches of every compiled function of this package are flushed whenever
-    the sources they carry change."""
+    of the functions it calls in other files (the loop in ``kernel``: the pricing formulas of
+    ``lynxsim.cost_formulas``, the routing; the routing: the routing kernels): after an edit of one of those, numba
+    would load the old code (measured: the loop kept an edited Lynx kernel's old code). So the caches of every
+    compiled function of this package are flushed whenever the sources they carry change."""
     from numba.core.registry import CPUDispatcher
 
-    from lynxsim.engine.compiled import pricing, routing
+    from lynxsim import cost_formulas
+    from lynxsim.engine.compiled import routing
     from lynxsim.policies import column_kernels, selection_kernels
     from lynxsim.routing import synthetic_kernels
 
-    loop_modules = (k, pricing, routing)
+    loop_modules = (k, cost_formulas, routing)
 
     # Dispatchers as Any: numba's type hints leave out their private on-disk cache (``_cache``) used here.
     def flush() -> None:
@@ -145,8 +146,7 @@ def simulate(
     pool = scheduler.pool
     n = len(specs)
     max_seqs = scheduler.max_num_seqs
-    pricing = Pricing.of(cost_model, max_tokens=scheduler.max_num_batched_tokens, max_sequences=max_seqs,
-                         num_experts=num_experts)
+    pricing = compiled_pricing.of(cost_model, max_tokens=scheduler.max_num_batched_tokens)
     statistical = step.statistical
     config = np.zeros(k.CONFIG_SIZE, dtype=np.int64)
     config[k.K_BLOCKS] = pool.num_blocks
