@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from lynxsim.cost import BatchShape, ExpertActivity, LatencyBreakdown
+from lynxsim.datatypes import BatchShape, ExpertActivity, LatencyBreakdown
 from lynxsim.hardware import HardwareProfile
 from lynxsim.models.spec import ModelSpec
 from lynxsim.parallel import ParallelPlan, make_instance_cost_model

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from lynxsim.cost import LatencyBreakdown
+from lynxsim.datatypes import LatencyBreakdown
 
 if TYPE_CHECKING:  # the engine records into this module, so it cannot be imported from here at run time
     from lynxsim.engine.request import Request

@@ -53,10 +53,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lynxsim.cost import (
-    BatchShape,
     CostModel,
-    ExpertActivity,
-    LatencyBreakdown,
     MeasuredCostModel,
     PricedCostModel,
     TableInterpolator,
@@ -66,6 +63,7 @@ from lynxsim.cost import (
     make_cost_model,
     required_units,
 )
+from lynxsim.datatypes import BatchShape, ExpertActivity, LatencyBreakdown
 from lynxsim.errors import InputError
 from lynxsim.hardware import HardwareProfile
 from lynxsim.models.spec import ModelSpec

@@ -28,6 +28,7 @@ import yaml
 from pydantic import ValidationError
 
 from lynxsim.config import ExperimentConfig, PluginRoutingConfig, PolicyConfig, ServingConfig
+from lynxsim.datatypes import RequestSpec
 from lynxsim.engine import BlockPool, Cluster, KVTransfer, Replica, Role, RouterFactory, RoutingStep, Scheduler
 from lynxsim.engine.compiled import engine_for
 from lynxsim.engine.topk_unions import TopKUnions
@@ -44,7 +45,7 @@ from lynxsim.routing.base import RoutingContext
 from lynxsim.routing.evidence import routing_evidence
 from lynxsim.routing.statistical import ActivityTable, StatisticalRouting, build_activity_table, default_sizes
 from lynxsim.routing.table_cache import cached_table
-from lynxsim.workload import RequestSpec, generate_requests
+from lynxsim.workload import generate_requests
 
 T = TypeVar("T")
 

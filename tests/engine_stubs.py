@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from lynxsim.cost import BatchShape, ExpertActivity, LatencyBreakdown
+from lynxsim.datatypes import BatchShape, ExpertActivity, LatencyBreakdown, RequestSpec
 from lynxsim.engine import RoutingStep
 from lynxsim.policies import make
 from lynxsim.routing import SyntheticRouting, SyntheticRoutingParams
-from lynxsim.workload import RequestSpec
 
 LAYERS, EXPERTS, TOP_K = 2, 8, 2
 

@@ -46,14 +46,8 @@ from lynxsim.calib.profile_io import (
     table_file_text,
     write_model_tables,
 )
-from lynxsim.cost import (
-    DIAGNOSTIC_UNITS,
-    MEASURED_UNITS,
-    BatchShape,
-    CostModel,
-    LatencyBreakdown,
-    make_cost_model,
-)
+from lynxsim.cost import DIAGNOSTIC_UNITS, MEASURED_UNITS, CostModel, make_cost_model
+from lynxsim.datatypes import BatchShape, LatencyBreakdown
 from lynxsim.hardware import SHIPPED_PROFILE_DIR, CalibrationMetadata, load_hardware
 from lynxsim.models import load_catalog_model
 

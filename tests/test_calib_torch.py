@@ -13,7 +13,8 @@ torch = pytest.importorskip("torch")
 
 from lynxsim.calib.iterations import ValidationIteration, expert_assignment
 from lynxsim.calib.plan import plan_model
-from lynxsim.cost import BatchShape, LatencyBreakdown, MeasuredCostModel
+from lynxsim.cost import MeasuredCostModel
+from lynxsim.datatypes import BatchShape, LatencyBreakdown
 from lynxsim.hardware import SHIPPED_PROFILE_DIR, HardwareProfile, load_hardware
 from lynxsim.models.spec import AttentionSpec, ModelSpec
 

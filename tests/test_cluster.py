@@ -15,12 +15,12 @@ from hypothesis import strategies as st
 
 from engine_stubs import LAYERS, ConstantCost, routing_step, spec
 from lynxsim.config import DeploymentConfig, validate_experiment
+from lynxsim.datatypes import RequestSpec
 from lynxsim.engine import BlockPool, Cluster, KVTransfer, Replica, Role, Scheduler, run_alone
 from lynxsim.engine.cluster import LeastOutstandingRouter, RoundRobinRouter
 from lynxsim.errors import InputError
 from lynxsim.metrics import requests_frame, summarize
 from lynxsim.runner import run_experiment
-from lynxsim.workload import RequestSpec
 
 ALLOWED_STATUSES = {
     "finished",

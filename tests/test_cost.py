@@ -8,13 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lynxsim.cost import (
-    ATTENTION_KERNELS_PER_LAYER,
-    MOE_KERNELS_PER_LAYER,
-    BatchShape,
-    CostModel,
-    LatencyBreakdown,
-)
+from lynxsim.cost import ATTENTION_KERNELS_PER_LAYER, MOE_KERNELS_PER_LAYER, CostModel
+from lynxsim.datatypes import BatchShape, LatencyBreakdown
 from lynxsim.errors import InputError
 from lynxsim.hardware import load_hardware
 from lynxsim.models.spec import AttentionSpec, ModelSpec

@@ -15,14 +15,8 @@ import numpy as np
 import pytest
 
 from lynxsim import cost_formulas as f
-from lynxsim.cost import (
-    DIAGNOSTIC_UNITS,
-    MEASURED_UNITS,
-    MIN_PRICING_TOKENS,
-    BatchShape,
-    MeasuredCostModel,
-    UnitRooflines,
-)
+from lynxsim.cost import DIAGNOSTIC_UNITS, MEASURED_UNITS, MIN_PRICING_TOKENS, MeasuredCostModel, UnitRooflines
+from lynxsim.datatypes import BatchShape
 from lynxsim.hardware import load_hardware
 from lynxsim.jit import DISABLE_VARIABLE
 from lynxsim.models import load_catalog_model

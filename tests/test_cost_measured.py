@@ -16,7 +16,6 @@ from lynxsim.calib.plan import plan_model, roofline_tables
 from lynxsim.calib.profile_io import write_model_tables
 from lynxsim.cost import (
     MEASURED_UNITS,
-    BatchShape,
     CostModel,
     MeasuredCostModel,
     TableInterpolator,
@@ -25,6 +24,7 @@ from lynxsim.cost import (
     required_units,
     table_name,
 )
+from lynxsim.datatypes import BatchShape
 from lynxsim.hardware import (
     SHIPPED_PROFILE_DIR,
     CalibrationMetadata,

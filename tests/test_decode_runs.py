@@ -108,7 +108,8 @@ def test_routing_a_prefill_until_its_top_k_union_fills_changes_no_number(monkeyp
                          ids=["one-gpu", "tp2", "ep2"])
 def test_decode_run_pricing_equals_pricing_one_iteration_at_a_time(parallelism: dict) -> None:
     """Every cost model prices a decode run's iterations together to the same latencies as one by one."""
-    from lynxsim.cost import BatchShape, CostModel
+    from lynxsim.cost import CostModel
+    from lynxsim.datatypes import BatchShape
 
     cost = prepare(_config(parallelism)).cost_model
     rng = np.random.default_rng(0)

@@ -24,15 +24,14 @@ from lynxsim.calib.profile_io import replace_top_level_block, write_model_tables
 from lynxsim.cost import (
     DIAGNOSTIC_UNITS,
     MEASURED_UNITS,
-    BatchShape,
     CostModel,
-    ExpertActivity,
     MeasuredCostModel,
     UnitRooflines,
     make_cost_model,
     required_units,
     table_name,
 )
+from lynxsim.datatypes import BatchShape, ExpertActivity
 from lynxsim.hardware import SHIPPED_PROFILE_DIR, CalibrationMetadata, load_hardware
 from lynxsim.models import load_catalog_model
 

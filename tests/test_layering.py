@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "lynxsim"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("lynxsim", "errors", "yaml_input", "jit", "interconnect", "plugins"),
+    ("lynxsim", "errors", "yaml_input", "jit", "interconnect", "plugins", "datatypes"),
     ("models", "hardware", "workload", "policies", "sections"),
     ("cost", "cost_formulas"),
     ("parallel", "metrics", "routing", "instance_cost"),

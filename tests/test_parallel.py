@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from lynxsim.config import DeploymentConfig, ExperimentConfig
-from lynxsim.cost import MOE_KERNELS_PER_LAYER, BatchShape, CostModel
+from lynxsim.cost import MOE_KERNELS_PER_LAYER, CostModel
+from lynxsim.datatypes import BatchShape
 from lynxsim.errors import InputError
 from lynxsim.hardware import load_hardware
 from lynxsim.models import load_catalog_model

@@ -27,7 +27,7 @@ import yaml
 
 from lynxsim.cli import main
 from lynxsim.config import validate_experiment
-from lynxsim.cost import BatchShape
+from lynxsim.datatypes import BatchShape
 from lynxsim.engine.compiled import ENGINE_VARIABLE
 from lynxsim.hardware import load_hardware
 from lynxsim.instance_cost import CostModelContext, profile_cost_model

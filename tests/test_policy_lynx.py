@@ -13,7 +13,8 @@ import math
 import numpy as np
 import pytest
 
-from lynxsim.policies import DROPPED, POLICY_NAMES, Lynx, Selection, TopK, make, policy_parameters
+from lynxsim.datatypes import DROPPED, Selection
+from lynxsim.policies import POLICY_NAMES, Lynx, TopK, make, policy_parameters
 from lynxsim.policies.activity import distinct_experts
 
 # Example 1: B=4 tokens, E=5 experts, k=2, alpha=1, beta=2; expert 2 is removed.

@@ -21,19 +21,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from lynxsim.policies import (
-    DROPPED,
-    OEA,
-    POLICY_NAMES,
-    Capacity,
-    Lynx,
-    Prune,
-    Skip,
-    TopK,
-    TopP,
-    Vote,
-    needs_calibration,
-)
+from lynxsim.datatypes import DROPPED
+from lynxsim.policies import OEA, POLICY_NAMES, Capacity, Lynx, Prune, Skip, TopK, TopP, Vote, needs_calibration
 from lynxsim.policies.activity import distinct_experts
 from lynxsim.policies.proxies import quality_proxies
 

@@ -12,9 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from lynxsim.policies import (
-    DROPPED as D,
-)
+from lynxsim.datatypes import DROPPED as D
 from lynxsim.policies import (
     OEA,
     Capacity,

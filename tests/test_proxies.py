@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from lynxsim.policies import DROPPED, Lynx, Selection, TopK
+from lynxsim.datatypes import DROPPED, Selection
+from lynxsim.policies import Lynx, TopK
 from lynxsim.policies.activity import distinct_experts, expert_token_counts
 from lynxsim.policies.proxies import quality_proxies
 

@@ -14,7 +14,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from lynxsim.cli import main as cli_main
-from lynxsim.policies import DROPPED, Lynx, Prune, Selection, Skip, TopK
+from lynxsim.datatypes import DROPPED, Selection
+from lynxsim.policies import Lynx, Prune, Skip, TopK
 from lynxsim.quality.corpus import load_corpus
 from lynxsim.quality.evaluate import EvalSettings, evaluate_policies
 from lynxsim.quality.model import MoELanguageModel, topk_weights

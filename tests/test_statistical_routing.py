@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from lynxsim.config import validate_experiment
-from lynxsim.cost import BatchShape, ExpertActivity
+from lynxsim.datatypes import BatchShape, ExpertActivity, Selection
 from lynxsim.errors import InputError
 from lynxsim.hardware import load_hardware
 from lynxsim.models import load_catalog_model
 from lynxsim.parallel import ParallelPlan, make_instance_cost_model
-from lynxsim.policies import Policy, Selection, TopK, make
+from lynxsim.policies import Policy, TopK, make
 from lynxsim.policies.activity import distinct_experts
 from lynxsim.policies.proxies import QualityProxies
 from lynxsim.routing import SyntheticRouting

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lynxsim.config import ExperimentConfig
-from lynxsim.cost import BatchShape, CostModel, ExpertActivity, LatencyBreakdown
+from lynxsim.cost import CostModel
+from lynxsim.datatypes import BatchShape, ExpertActivity, LatencyBreakdown
 
 if TYPE_CHECKING:
     from lynxsim.instance_cost import InstanceCostModel

@@ -46,10 +46,10 @@ from typing import Any, Literal
 import pandas as pd
 import simpy
 
+from lynxsim.datatypes import RequestSpec
 from lynxsim.engine.replica import Replica, Role
 from lynxsim.engine.request import Request
 from lynxsim.plugins import ROUTERS
-from lynxsim.workload.requests import RequestSpec
 
 Mode = Literal["colocated", "disaggregated"]
 

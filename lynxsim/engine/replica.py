@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import simpy
 
-from lynxsim.cost import BatchShape, ExpertActivity, LatencyBreakdown
+from lynxsim.datatypes import BatchShape, ExpertActivity, LatencyBreakdown
 from lynxsim.engine.decode_run import DecodeRun, plan_decode_run, run_token_ids
 from lynxsim.engine.request import Request
 from lynxsim.engine.scheduler import ScheduledBatch, Scheduler

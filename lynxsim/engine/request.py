@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lynxsim.workload.requests import RequestSpec
+from lynxsim.datatypes import RequestSpec
 
 
 @dataclass(slots=True)

@@ -26,16 +26,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from lynxsim.datatypes import DROPPED, Selection
 from lynxsim.plugins import POLICIES
-from lynxsim.policies.base import (
-    DROPPED,
-    CalibratablePolicy,
-    Policy,
-    Selection,
-    calibrate_if_needed,
-    check_policy,
-    needs_calibration,
-)
+from lynxsim.policies.base import CalibratablePolicy, Policy, calibrate_if_needed, check_policy, needs_calibration
 from lynxsim.policies.capacity import Capacity
 from lynxsim.policies.lynx import Lynx
 from lynxsim.policies.oea import OEA

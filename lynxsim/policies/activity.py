@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from lynxsim.policies.base import DROPPED
+from lynxsim.datatypes import DROPPED
 
 
 def expert_token_counts(expert_ids: np.ndarray, num_experts: int) -> np.ndarray:

@@ -7,23 +7,11 @@ is what lets the simulator replay the same logits under several policies and com
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
-DROPPED = -1
-"""Expert id of a slot a policy left empty (policies that drop assignments); its weight is 0."""
-
-
-class Selection(NamedTuple):
-    """What a policy chose for each token.
-
-    ``expert_ids``: int64 ``[..., tokens, top_k]``, distinct per token; ``DROPPED`` (-1) marks an empty slot.
-    ``weights``: float ``[..., tokens, top_k]``, positive for used slots, 0 for dropped ones.
-    """
-
-    expert_ids: np.ndarray
-    weights: np.ndarray
+from lynxsim.datatypes import Selection
 
 
 class Policy(Protocol):

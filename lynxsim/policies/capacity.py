@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lynxsim.policies.base import DROPPED, Selection
+from lynxsim.datatypes import DROPPED, Selection
 from lynxsim.policies.params import parameter_error, real
 from lynxsim.policies.topk import as_layer_batches, partition_function, selection_weights, topk_ids
 

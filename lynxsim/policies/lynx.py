@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from lynxsim.policies.base import Selection
+from lynxsim.datatypes import Selection
 from lynxsim.policies.params import layer_column, num_per_layer, parameter_error, require_layers, scalar_or_per_layer
 from lynxsim.policies.topk import as_layer_batches, selection_weights, topk_mask, topk_within
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lynxsim.policies.base import Selection
+from lynxsim.datatypes import Selection
 from lynxsim.policies.params import parameter_error, positive_int
 from lynxsim.policies.topk import as_layer_batches, selection_weights, topk_mask, topk_within
 

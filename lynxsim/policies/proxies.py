@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lynxsim.policies.base import DROPPED, Selection
+from lynxsim.datatypes import DROPPED, Selection
 from lynxsim.policies.topk import as_layer_batches, topk_ids
 
 

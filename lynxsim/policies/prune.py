@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from lynxsim.policies.base import Selection
+from lynxsim.datatypes import Selection
 from lynxsim.policies.params import is_sequence, parameter_error, positive_int, require_layers
 from lynxsim.policies.topk import (
     as_layer_batches,

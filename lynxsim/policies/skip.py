@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from lynxsim.policies.base import DROPPED, Selection
+from lynxsim.datatypes import DROPPED, Selection
 from lynxsim.policies.params import (
     layer_column,
     num_per_layer,

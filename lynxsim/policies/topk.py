@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lynxsim.policies.base import DROPPED, Selection
+from lynxsim.datatypes import DROPPED, Selection
 
 
 def as_layer_batches(logits: np.ndarray, top_k: int) -> tuple[np.ndarray, tuple[int, ...]]:

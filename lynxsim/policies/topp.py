@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lynxsim.policies.base import DROPPED, Selection
+from lynxsim.datatypes import DROPPED, Selection
 from lynxsim.policies.params import parameter_error, real
 from lynxsim.policies.topk import as_layer_batches, chosen_exp, partition_function, selection_weights, topk_ids
 

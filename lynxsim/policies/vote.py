@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lynxsim.policies.base import Selection
+from lynxsim.datatypes import Selection
 from lynxsim.policies.params import parameter_error, positive_int
 from lynxsim.policies.topk import as_layer_batches, partition_function, selection_weights, topk_mask, topk_within
 

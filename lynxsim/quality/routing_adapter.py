@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lynxsim.policies import DROPPED, Lynx, Policy, Prune, Selection, Skip, TopK
+from lynxsim.datatypes import DROPPED, Selection
+from lynxsim.policies import Lynx, Policy, Prune, Skip, TopK
 from lynxsim.policies.activity import distinct_experts
 from lynxsim.policies.proxies import quality_proxies
 

@@ -59,7 +59,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lynxsim.cost import ExpertActivity
+from lynxsim.datatypes import ExpertActivity
 from lynxsim.policies import Policy, TopK
 from lynxsim.policies.kernels import route_counts
 from lynxsim.policies.proxies import QualityProxies

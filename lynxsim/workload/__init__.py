@@ -1,5 +1,6 @@
 """Workloads: when requests arrive and how long their prompts and outputs are."""
 
+from lynxsim.datatypes import RequestSpec
 from lynxsim.workload.arrivals import ArrivalProcess, GammaArrivals, ListArrivals, PoissonArrivals, TraceArrivals
 from lynxsim.workload.lengths import (
     EmpiricalLength,
@@ -9,7 +10,7 @@ from lynxsim.workload.lengths import (
     PairedLengths,
     UniformLength,
 )
-from lynxsim.workload.requests import RequestSpec, generate_requests
+from lynxsim.workload.requests import generate_requests
 from lynxsim.workload.traces import (
     RequestTrace,
     TraceColumns,

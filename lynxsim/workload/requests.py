@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 import numpy as np
 
+from lynxsim.datatypes import RequestSpec
 from lynxsim.errors import InputError
 from lynxsim.workload.arrivals import GammaArrivals, ListArrivals, PoissonArrivals, TraceArrivals
 from lynxsim.workload.lengths import EmpiricalLength, FixedLength, LognormalLength, PairedLengths, UniformLength
@@ -17,16 +17,6 @@ _T = TypeVar("_T")
 
 Arrival = PoissonArrivals | GammaArrivals | ListArrivals | TraceArrivals
 Length = FixedLength | UniformLength | LognormalLength | EmpiricalLength
-
-
-@dataclass(frozen=True)
-class RequestSpec:
-    """What arrives: when, and how many prompt tokens it brings and output tokens it will generate."""
-
-    request_id: int
-    arrival_s: float
-    prompt_tokens: int
-    output_tokens: int
 
 
 def generate_requests(

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from lynxsim.cost import CostModel
+from lynxsim.datatypes import RequestSpec
 from lynxsim.engine.compiled import kernel as k
 from lynxsim.engine.compiled import pricing as compiled_pricing
 from lynxsim.engine.compiled.routing import fused_routing
@@ -29,7 +30,6 @@ from lynxsim.engine.scheduler import Scheduler, batch_token_ids
 from lynxsim.metrics import SCALAR_COLUMNS, IterationLog, request_table
 from lynxsim.parallel import ParallelCostModel
 from lynxsim.routing.statistical import ActivityTable, UniformStream
-from lynxsim.workload.requests import RequestSpec
 
 
 def flush_if_sources_changed(sources: Sequence[Path], marker: Path, flush: Callable[[], None]) -> bool:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lynxsim.cost import BatchShape, ExpertActivity, LatencyBreakdown
+from lynxsim.datatypes import BatchShape, ExpertActivity, LatencyBreakdown
 from lynxsim.instance_cost import CostModelContext, DecodeRunPricing, InstanceCostModel
 from lynxsim.plugins import COST_MODELS
 

@@ -12,7 +12,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from lynxsim.policies import DROPPED, Selection, TopK
+from lynxsim.datatypes import DROPPED, Selection
+from lynxsim.policies import TopK
 
 
 @dataclass(frozen=True)

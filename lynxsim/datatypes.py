@@ -1,0 +1,151 @@
+"""The data that crosses the package's layers, in one place that depends on nothing of lynxsim.
+
+What a workload hands the engine (``RequestSpec``), what a policy returns (``Selection``), what the engine hands
+a cost model (``BatchShape``, ``ExpertActivity``) and what a cost model returns (``LatencyBreakdown``) are used by
+layers far apart (workload, policies, routing, cost, engine, calibration, metrics). Defined in any one of those
+packages, they would make every other one import it, up or across the layers (docs/architecture.md); here, at
+the bottom, each package imports only the types it exchanges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+
+DROPPED = -1
+"""Expert id of a slot a policy left empty (policies that drop assignments); its weight is 0."""
+
+
+class Selection(NamedTuple):
+    """What a policy chose for each token.
+
+    ``expert_ids``: int64 ``[..., tokens, top_k]``, distinct per token; ``DROPPED`` (-1) marks an empty slot.
+    ``weights``: float ``[..., tokens, top_k]``, positive for used slots, 0 for dropped ones.
+    """
+
+    expert_ids: np.ndarray
+    weights: np.ndarray
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """What arrives: when, and how many prompt tokens it brings and output tokens it will generate."""
+
+    request_id: int
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+
+
+def _int_array(values: object, name: str) -> np.ndarray:
+    array = np.asarray(values, dtype=np.int64)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {array.shape}")
+    return array
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """What one iteration processes: the prefill chunks and the decode rows of a mixed batch.
+
+    ``prefill_chunk_tokens[i]`` new prompt tokens of prefilling sequence ``i`` run this iteration, after the
+    ``prefill_context_tokens[i]`` tokens already in its KV cache (earlier chunks, or a cached prefix).
+    ``decode_context_tokens[j]`` is the KV length decode sequence ``j`` attends to, its new token included.
+    """
+
+    prefill_chunk_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    prefill_context_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    decode_context_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def __post_init__(self) -> None:
+        chunks = _int_array(self.prefill_chunk_tokens, "prefill_chunk_tokens")
+        contexts = _int_array(self.prefill_context_tokens, "prefill_context_tokens")
+        decode = _int_array(self.decode_context_tokens, "decode_context_tokens")
+        if chunks.shape != contexts.shape:
+            raise ValueError(
+                f"prefill_chunk_tokens ({chunks.size}) and prefill_context_tokens ({contexts.size}) differ in length"
+            )
+        if chunks.size and chunks.min() < 1:
+            raise ValueError("every prefill chunk holds at least one token")
+        if contexts.size and contexts.min() < 0:
+            raise ValueError("prefill_context_tokens must be non-negative")
+        if decode.size and decode.min() < 1:
+            raise ValueError("a decode row attends to at least its own token")
+        object.__setattr__(self, "prefill_chunk_tokens", chunks)
+        object.__setattr__(self, "prefill_context_tokens", contexts)
+        object.__setattr__(self, "decode_context_tokens", decode)
+
+    @classmethod
+    def trusted(
+        cls, prefill_chunk_tokens: np.ndarray, prefill_context_tokens: np.ndarray, decode_context_tokens: np.ndarray
+    ) -> BatchShape:
+        """A shape from one-dimensional int64 arrays that already hold the invariants ``__post_init__`` checks
+        (the engine's, built from its scheduler's state), without the checks: they cost as much as pricing."""
+        shape = object.__new__(cls)
+        object.__setattr__(shape, "prefill_chunk_tokens", prefill_chunk_tokens)
+        object.__setattr__(shape, "prefill_context_tokens", prefill_context_tokens)
+        object.__setattr__(shape, "decode_context_tokens", decode_context_tokens)
+        return shape
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return int(self.prefill_chunk_tokens.sum())
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return int(self.decode_context_tokens.size)
+
+    @property
+    def num_tokens(self) -> int:
+        """Rows through every GEMM of the model this iteration."""
+        return self.num_prefill_tokens + self.num_decode_tokens
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.prefill_chunk_tokens.size + self.decode_context_tokens.size)
+
+
+@dataclass(frozen=True)
+class LatencyBreakdown:
+    """One iteration's latency in seconds, by where it goes (for plots and for checking the cost model)."""
+
+    attention_s: float  # attention core: causal prefill FLOPs and the KV-cache reads of every row
+    dense_s: float  # QKV/output projections, router, dense-FFN layers, shared experts, LM head
+    moe_s: float  # routed experts
+    communication_s: float  # GPU-to-GPU collectives; zero on one GPU
+    overhead_s: float  # fixed per-iteration CPU/scheduler cost
+
+    @property
+    def total_s(self) -> float:
+        return self.attention_s + self.dense_s + self.moe_s + self.communication_s + self.overhead_s
+
+    def as_dict(self) -> dict[str, float]:
+        # Spelled out: dataclasses.asdict deep-copies field by field, a tenth of an iteration's engine time.
+        return {
+            "attention_s": self.attention_s,
+            "dense_s": self.dense_s,
+            "moe_s": self.moe_s,
+            "communication_s": self.communication_s,
+            "overhead_s": self.overhead_s,
+            "total_s": self.total_s,
+        }
+
+
+@dataclass(frozen=True)
+class ExpertActivity:
+    """What the cost of an iteration's routed experts depends on, per MoE layer: the distinct experts with at
+    least one token and the token-expert assignments; under expert parallelism the same per EP rank
+    (``[layers, ranks]``). A cost model builds it from tokens per expert (``CostModel.activity``); the statistical
+    routing mode samples it directly, without the per-expert counts."""
+
+    distinct: np.ndarray  # int [moe_layers]
+    assignments: np.ndarray  # int [moe_layers]
+    rank_distinct: np.ndarray | None = None  # int [moe_layers, ranks], expert parallelism only
+    rank_assignments: np.ndarray | None = None
+
+    @classmethod
+    def of_counts(cls, expert_token_counts: np.ndarray) -> ExpertActivity:
+        counts = np.asarray(expert_token_counts)
+        return cls(np.add.reduce(counts > 0, axis=-1), np.add.reduce(counts, axis=-1))
