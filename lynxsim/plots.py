@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from lynxsim.metrics import BREAKDOWN_COLUMNS  # noqa: E402
-from lynxsim.runner import slug  # noqa: E402
+from lynxsim.records import slug  # noqa: E402
 
 FIGURE_NAMES = (
     "tpot_cdf.png",

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,12 +19,10 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import simpy
-import yaml
 from pydantic import ValidationError
 
+from lynxsim import records
 from lynxsim.config import ExperimentConfig, PluginRoutingConfig, PolicyConfig, ServingConfig
 from lynxsim.datatypes import RequestSpec
 from lynxsim.engine import BlockPool, Cluster, KVTransfer, Replica, Role, RouterFactory, RoutingStep, Scheduler
@@ -554,13 +550,8 @@ def run_experiment(
 # ----- results on disk -------------------------------------------------------------------------------------------
 
 
-def slug(label: str) -> str:
-    """A label as a folder name."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "policy"
-
-
 def write_setup(setup: Setup, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """``config.resolved.yaml``: the experiment as validated, and what it resolved to."""
     resolved: dict[str, Any] = setup.config.model_dump(mode="json")
     resolved["resolved"] = {
         "model": setup.model.model_dump(mode="json"),
@@ -576,70 +567,19 @@ def write_setup(setup: Setup, out_dir: Path) -> None:
     }
     if setup.config.deployment.mode == "disaggregated":
         resolved["resolved"]["transfer_bandwidth_bytes_per_s"] = kv_transfer(setup).bandwidth_bytes_per_s
-    _atomic_write_text(out_dir / "config.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    records.write_resolved_config(out_dir, resolved)
 
 
 def write_policy_run(run: PolicyRun, out_dir: Path) -> None:
-    folder = out_dir / "policies" / slug(run.label)
-    folder.mkdir(parents=True, exist_ok=True)
-    _atomic_parquet(run.requests, folder / "requests.parquet")
-    _atomic_parquet(run.iterations, folder / "iterations.parquet")
-    _atomic_parquet(run.layers, folder / "layers.parquet")
-    _atomic_write_text(folder / "summary.json", json.dumps(_jsonable(run.summary), indent=2))
+    records.write_policy_records(out_dir, run.label, run.requests, run.iterations, run.layers, run.summary)
 
 
 def write_summary(result: ExperimentResult, out_dir: Path) -> None:
     frame = result.summary_frame()
-    _atomic_parquet(frame.reset_index(), out_dir / "summary.parquet")
-    payload = {
+    records.write_run_summary(out_dir, frame, {
         "policies": [run.label for run in result.runs],
         "engine": result.engine,
         "cost_model": result.setup.cost_model.source,
         "routing_mode": result.setup.config.simulation.routing_mode,
         "routing_evidence": result.setup.routing_evidence,
-        "summary": {label: _jsonable(row) for label, row in frame.to_dict(orient="index").items()},
-    }
-    _atomic_write_text(out_dir / "summary.json", json.dumps(payload, indent=2))
-
-
-def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
-    return {key: (None if isinstance(v, float) and not np.isfinite(v) else v) for key, v in values.items()}
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def _atomic_parquet(frame: pd.DataFrame, path: Path) -> None:
-    """Write ``frame`` (without its index) where a reader never sees a partial file. zstd without dictionaries
-    writes an iteration table in two thirds of the time of pandas' defaults (snappy, a dictionary tried on every
-    column, most of them floats that do not repeat) and a fifth smaller; statistics are kept for the scalar
-    columns only, those a query filters on."""
-    table = _records_table(frame)
-    tmp = path.with_name(path.name + ".tmp")
-    scalar_columns = [field.name for field in table.schema if not pa.types.is_list(field.type)]
-    pq.write_table(table, tmp, compression="zstd", use_dictionary=False, write_statistics=scalar_columns)
-    tmp.replace(path)
-
-
-def _records_table(frame: pd.DataFrame) -> pa.Table:
-    """``frame`` as an Arrow table whose pandas metadata describes each Arrow list column
-    (``lynxsim.metrics.PER_LAYER_COLUMNS``) as an object column: ``pandas.read_parquet`` then returns one numpy
-    array per row, as it always has, where the Arrow dtype's own name (``list<item: int16>[pyarrow]``) is one it
-    cannot read back."""
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    list_columns = {
-        name for name, dtype in frame.dtypes.items()
-        if isinstance(dtype, pd.ArrowDtype) and pa.types.is_list(dtype.pyarrow_dtype)
-    }
-    if not list_columns:
-        return table
-    metadata = dict(table.schema.metadata)
-    pandas_metadata = json.loads(metadata[b"pandas"])
-    for column in pandas_metadata["columns"]:
-        if column["name"] in list_columns:
-            column["numpy_type"] = "object"
-    metadata[b"pandas"] = json.dumps(pandas_metadata).encode()
-    return table.replace_schema_metadata(metadata)
+    })

@@ -17,7 +17,8 @@ from typing import Literal
 
 from lynxsim.config import ExperimentConfig
 from lynxsim.errors import InputError
-from lynxsim.runner import run_experiment, slug
+from lynxsim.records import slug
+from lynxsim.runner import run_experiment
 
 RecordsKept = Literal["all", "requests", "none"]
 RECORD_FILES: dict[RecordsKept, tuple[str, ...]] = {
