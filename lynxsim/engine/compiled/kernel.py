@@ -503,8 +503,11 @@ def simulate(
                     state[S_RUN_AT] = 0
                     if not fused.enabled:
                         return ROUTE_RUN
-                    if not route(fused, slots[SL_REQUEST], 0, n, batch_new, batch_before, length, True,
-                                 route_distinct, route_assignments, route_proxies):
+                    # Arguments typed as at the other call (np.int64, np.bool_, not the literals 0 and True):
+                    # numba compiles a callee once per argument types, and a literal is a type of its own, so
+                    # literal arguments here compiled the routing a second time (4-6 s of a 40-45 s cold start).
+                    if not route(fused, slots[SL_REQUEST], np.int64(0), n, batch_new, batch_before, length,
+                                 np.bool_(True), route_distinct, route_assignments, route_proxies):
                         return NON_FINITE
             _schedule(req_i, req_f, slots, queue, state, config, batch_new, batch_before, batch_decoding, grow, now)
             if fused.enabled and state[S_ADMITTED]:
@@ -543,8 +546,8 @@ def simulate(
                 if not fused.enabled:
                     state[S_PHASE] = 1
                     return ROUTE
-                if not route(fused, slots[SL_REQUEST], state[S_BATCH_FIRST], count, batch_new, batch_before, 1,
-                             applied, route_distinct, route_assignments, route_proxies):
+                if not route(fused, slots[SL_REQUEST], state[S_BATCH_FIRST], count, batch_new, batch_before,
+                             np.int64(1), applied, route_distinct, route_assignments, route_proxies):
                     return NON_FINITE
         # Phase 1: the batch is routed (row S_ROUTE_ROW); price, advance, log.
         state[S_PHASE] = 0
