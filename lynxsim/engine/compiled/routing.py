@@ -112,7 +112,7 @@ def route(
     batch_new: np.ndarray,
     batch_before: np.ndarray,
     groups: int,
-    applied: bool,
+    applied: bool | np.bool_,
     out_distinct: np.ndarray,
     out_assignments: np.ndarray,
     out_proxies: np.ndarray,
