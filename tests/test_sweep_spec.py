@@ -124,6 +124,18 @@ def test_the_hash_follows_the_data_a_run_reads(tmp_path: Path, monkeypatch: pyte
     recalibrated = (local / "h200.yaml").read_text().replace("kernel_launch_s: 5.0e-6", "kernel_launch_s: 6.0e-6", 1)
     (local / "h200.yaml").write_text(recalibrated)
     assert load_sweep(path).points[0].config_hash != shipped
+    # a profile given by path: an edit of one of its table files (beside it, not named in the sweep) counts too
+    import shutil
+
+    copied = tmp_path / "profile_copy"
+    shutil.copytree(SHIPPED_PROFILE_DIR / "h200.tables", copied / "h200.tables")
+    (copied / "h200.yaml").write_text((SHIPPED_PROFILE_DIR / "h200.yaml").read_text())
+    by_path = write(tmp_path, {"grid": {"workload.arrival.rate_per_s": [1]}},
+                    {**BASE, "hardware": {"profile": str(copied / "h200.yaml")}})
+    before_edit = load_sweep(by_path).points[0].config_hash
+    table = copied / "h200.tables" / "olmoe-1b-7b.yaml"
+    table.write_text(table.read_text().replace("gpu_name: NVIDIA H200", "gpu_name: NVIDIA H200 (re-measured)", 1))
+    assert load_sweep(by_path).points[0].config_hash != before_edit
     # a routing profile given by path: its content is hashed, not its name
     routing = tmp_path / "routing.yaml"
     routing.write_text(model_profile("mixtral-8x7b").read_text())

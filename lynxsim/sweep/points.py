@@ -101,7 +101,8 @@ def _digest(data: bytes) -> str:
 def _hardware_digest(profile: str) -> str:
     """The loaded profile's digest, computed again only when a profile or table file changed (a sweep of
     hundreds of points loads each profile once)."""
-    files = [profile] if Path(profile).is_file() else [str(d) for d in profile_dirs()]
+    # a profile file names its table files relative to its own folder: watch the folder, not the file alone
+    files = [str(Path(profile).parent)] if Path(profile).is_file() else [str(d) for d in profile_dirs()]
     return _hardware_digest_of(profile, _stat_signature(tuple(files)))
 
 
