@@ -26,6 +26,7 @@ from lynxsim import records
 from lynxsim.config import ExperimentConfig, PluginRoutingConfig, PolicyConfig, ServingConfig
 from lynxsim.datatypes import RequestSpec
 from lynxsim.engine import BlockPool, Cluster, KVTransfer, Replica, Role, RouterFactory, RoutingStep, Scheduler
+from lynxsim.engine.cluster import iteration_table
 from lynxsim.engine.compiled import engine_for
 from lynxsim.engine.topk_unions import TopKUnions
 from lynxsim.errors import InputError
@@ -482,12 +483,14 @@ def simulate_policy(
     forced = setup.engine_note
     compiled = None if forced is not None else engine_for(setup.cost_model, config.deployment.roles)
     if compiled is not None:
-        outcome = compiled.simulate(
-            build_scheduler(setup), setup.cost_model, step, model.num_moe_layers, model.num_experts, setup.requests,
-            config.simulation.cutoff_s, on_arrivals,
+        deployment = config.deployment
+        outcome = compiled.simulate_deployment(
+            deployment.roles, lambda: build_scheduler(setup), setup.cost_model, step, model.num_moe_layers,
+            model.num_experts, setup.requests, config.simulation.cutoff_s, setup.router,
+            kv_transfer(setup) if deployment.mode == "disaggregated" else None, on_arrivals,
         )
-        end_s, instances, requests = outcome.end_s, 1, outcome.requests
-        iterations = outcome.log.frame()
+        end_s, instances, requests = outcome.end_s, len(outcome.logs), outcome.requests
+        iterations = iteration_table([log.frame() for log in outcome.logs])
     else:
         cluster = build_cluster(setup, step)
         specs = setup.requests if on_arrivals is None else _ReportedArrivals(setup.requests, on_arrivals)

@@ -28,15 +28,15 @@ WALL_CLOCK = {"wall_s", "simulated_s_per_wall_s", "routing_table_build_s", "rout
 def _config(
     *, simulation: dict | None = None, hardware: dict | None = None, policies: list[dict] | None = None,
     parallelism: dict | None = None, model: str = "mixtral-8x7b", longest_prompt_tokens: int = 600,
-    **serving: object,
+    deployment: dict | None = None, rate_per_s: float = 6.0, **serving: object,
 ) -> ExperimentConfig:
     return ExperimentConfig.model_validate({
         "name": "engines",
-        "deployment": {"parallelism": parallelism or {}},
+        "deployment": {"parallelism": parallelism or {}, **(deployment or {})},
         "model": model,
         "hardware": {"profile": "h200", **(hardware or {})},
         "workload": {
-            "arrival": {"kind": "poisson", "rate_per_s": 6.0},
+            "arrival": {"kind": "poisson", "rate_per_s": rate_per_s},
             "prompt_tokens": {"kind": "uniform", "low_tokens": 16, "high_tokens": longest_prompt_tokens},
             "output_tokens": {"kind": "uniform", "low_tokens": 2, "high_tokens": 200},
         },
@@ -97,6 +97,26 @@ CASES = {
     "mla-measured": _config(model="deepseek-v2-lite", max_num_batched_tokens=4096, simulation={"num_requests": 30},
                             longest_prompt_tokens=12000,
                             policies=[{"name": "topk"}, {"name": "lynx", "alpha": 1, "beta": 2}]),
+    # several instances: replicas behind either router, disaggregated prefill and decode
+    "replicas-round-robin": _config(deployment={"replicas": 3}, rate_per_s=15.0),
+    "replicas-least-outstanding": _config(deployment={"replicas": 3, "router": {"name": "least_outstanding"}},
+                                          rate_per_s=15.0, gpu_memory_utilization=0.64),
+    "replicas-statistical-cut-off": _config(deployment={"replicas": 2, "router": {"name": "least_outstanding"}},
+                                            simulation={**STATISTICAL, "cutoff_s": 4.0}, rate_per_s=15.0),
+    "disaggregated": _config(deployment={"mode": "disaggregated", "prefill_instances": 2, "decode_instances": 2},
+                             rate_per_s=15.0),
+    "disaggregated-least-outstanding-short-of-blocks": _config(
+        deployment={"mode": "disaggregated", "prefill_instances": 1, "decode_instances": 2,
+                    "router": {"name": "least_outstanding"}, "transfer_bandwidth_bytes_per_s": 2e9,
+                    "transfer_latency_s": 0.002},
+        rate_per_s=15.0, gpu_memory_utilization=0.64, policies=[{"name": "lynx"}]),
+    "disaggregated-cut-off": _config(
+        deployment={"mode": "disaggregated", "prefill_instances": 2, "decode_instances": 1,
+                    "transfer_bandwidth_bytes_per_s": 1e9},
+        simulation={"cutoff_s": 3.0}, rate_per_s=15.0, gpu_memory_utilization=0.64),
+    "disaggregated-statistical": _config(
+        deployment={"mode": "disaggregated", "prefill_instances": 1, "decode_instances": 2}, simulation=STATISTICAL,
+        rate_per_s=15.0),
 }
 
 
@@ -138,15 +158,14 @@ def test_every_request_is_accounted_for(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_engine_choice(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The compiled engine serves one co-located instance priced by a one-GPU cost model or the parallel one
-    over it, nothing else; the environment switch forces the simpy engine, and a wrong value is a user error."""
+    """The compiled engine serves every deployment priced by a one-GPU cost model or the parallel one over it,
+    nothing else; the environment switch forces the simpy engine, and a wrong value is a user error."""
     cost = prepare(_config()).cost_model
     parallel = prepare(_config(parallelism={"tensor_parallel": 2, "expert_parallel": 2})).cost_model
     assert isinstance(cost, CostModel) and isinstance(parallel, ParallelCostModel)
     for model in (cost, parallel):
-        assert engine_for(model, ["colocated"]) is not None
-        assert engine_for(model, ["colocated", "colocated"]) is None
-        assert engine_for(model, ["prefill", "decode"]) is None
+        for roles in (["colocated"], ["colocated", "colocated"], ["prefill", "decode"]):
+            assert engine_for(model, roles) is not None
     assert engine_for(object(), ["colocated"]) is None
     monkeypatch.setenv(ENGINE_VARIABLE, "simpy")
     assert engine_for(cost, ["colocated"]) is None

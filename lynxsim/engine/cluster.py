@@ -57,7 +57,11 @@ Mode = Literal["colocated", "disaggregated"]
 class RequestRouter(ABC):
     """Picks the instance of a pool that receives a request: the interface of every router an experiment can
     name (``deployment.router``). A router may keep state between requests (it serves one pool, in one
-    simulation); what it reads of an instance (``outstanding``, ``index``, ``scheduler``) it must not change."""
+    simulation); what it reads of an instance (``outstanding``, ``index``, ``role``) it must not change."""
+
+    reads_load = True
+    """Whether ``pick`` reads the instances' state (``outstanding``). A router that does not (round robin) has
+    every arrival routed before the simulation starts, which lets co-located instances run independently."""
 
     @abstractmethod
     def pick(self, pool: Sequence[Replica], eligible: Sequence[bool]) -> int:
@@ -66,6 +70,8 @@ class RequestRouter(ABC):
 
 class RoundRobinRouter(RequestRouter):
     """Each request to the next eligible instance after the previous choice, cyclically (0, 1, ..., n-1, 0, ...)."""
+
+    reads_load = False
 
     def __init__(self) -> None:
         self._next = 0
@@ -293,13 +299,19 @@ class Cluster:
 
     def iterations(self) -> pd.DataFrame:
         """Every instance's iterations, in order of start time (then instance)."""
-        frames = [frame for frame in (instance.log.frame() for instance in self.instances) if len(frame)]
-        if not frames:
-            return pd.DataFrame()
-        if len(frames) == 1:
-            return frames[0]
-        frame = pd.concat(frames, ignore_index=True)
-        return frame.sort_values(["start_s", "instance"], kind="mergesort", ignore_index=True)
+        return iteration_table([instance.log.frame() for instance in self.instances])
+
+
+def iteration_table(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """The iteration records of a deployment's instances (their ``IterationLog.frame``s, in instance order) as
+    one table, in order of start time (then instance)."""
+    frames = [frame for frame in frames if len(frame)]
+    if not frames:
+        return pd.DataFrame()
+    if len(frames) == 1:
+        return frames[0]
+    frame = pd.concat(frames, ignore_index=True)
+    return frame.sort_values(["start_s", "instance"], kind="mergesort", ignore_index=True)
 
 
 def _eligible(pool: Sequence[Replica], request: Request, max_tokens: int | None) -> tuple[list[bool], str | None]:

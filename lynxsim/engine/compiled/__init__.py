@@ -45,6 +45,6 @@ def engine_for(cost_model: object, roles: Sequence[str]) -> ModuleType | None:
     choice = os.environ.get(ENGINE_VARIABLE, "auto")
     if choice not in ("auto", "simpy"):
         raise InputError(ENGINE_VARIABLE, f"must be auto or simpy, got {choice!r}")
-    if choice == "simpy" or list(roles) != ["colocated"] or not supported(cost_model):
+    if choice == "simpy" or not supported(cost_model):
         return None
-    return kernels("lynxsim.engine.compiled.driver")
+    return kernels("lynxsim.engine.compiled.orchestrator")

@@ -38,18 +38,29 @@ from lynxsim.engine.compiled.pricing import Pricing, price_iteration
 from lynxsim.engine.compiled.routing import FusedRouting, admit_means, route
 
 # Return codes of ``simulate``.
-DONE, ROUTE, ROUTE_RUN, NEED_LOG, NEED_UNIFORMS, PROGRESS, TOO_MANY_TOKENS, NON_FINITE = range(8)
+DONE, ROUTE, ROUTE_RUN, NEED_LOG, NEED_UNIFORMS, PROGRESS, TOO_MANY_TOKENS, NON_FINITE, HORIZON, NEED_OUTBOX = range(10)
 
-# Request statuses (``req_i[R_STATUS]``); the driver names them.
+# Request statuses (``req_i[R_STATUS]``); the driver names them. ``ST_HANDED_OFF``: a prefill instance's request
+# whose prompt is computed, gone to a decode instance (its record continues there).
 ST_NONE, ST_FINISHED, ST_REJECTED_KV, ST_REJECTED_BATCH, ST_CUTOFF_RUNNING, ST_CUTOFF_WAITING = 0, 1, 2, 3, 4, 5
+ST_HANDED_OFF = 6
+
+# Instance roles (``config[K_ROLE]``), as ``lynxsim.engine.replica.ROLES`` orders them.
+ROLE_COLOCATED, ROLE_PREFILL, ROLE_DECODE = 0, 1, 2
+
+# Kinds of the events an instance writes to its outbox (``config[K_OUTBOX]`` on): a request finished here, a
+# prefill instance handed a request off (its prompt computed), a decode instance allocated a request's KV blocks
+# and started pulling its KV cache (the time written is the transfer's end, when the prefill side frees it).
+EV_FINISH, EV_HANDOFF, EV_TRANSFER = 0, 1, 2
 
 # Columns of the per-request integer array ``req_i`` (``[requests, REQUEST_INTS]``: a request's counters share a
 # cache line, since the loop visits requests, not counters).
 R_PROMPT, R_OUTPUT, R_TOKENS, R_COMPUTED, R_GENERATED, R_BLOCKS, R_PREEMPTIONS, R_STATUS, R_REJECT = range(9)
 REQUEST_INTS = 9
-# Columns of the per-request float array ``req_f``.
-RF_ARRIVAL, RF_SCHEDULED, RF_FIRST_TOKEN, RF_FINISH = range(4)
-REQUEST_FLOATS = 4
+# Columns of the per-request float array ``req_f``. ``RF_INBOX``: when the request reaches this instance (its
+# arrival; on a decode instance, its hand-off); ``RF_TRANSFER_*``: its KV-cache transfer (disaggregated serving).
+RF_ARRIVAL, RF_SCHEDULED, RF_FIRST_TOKEN, RF_FINISH, RF_INBOX, RF_TRANSFER_START, RF_TRANSFER_END = range(7)
+REQUEST_FLOATS = 7
 
 # Rows of ``slots``, the running requests' counters in admission order (``[SLOT_FIELDS, max_num_seqs]``, the
 # first ``state[S_RUNNING]`` columns in use): the loop visits them every iteration, contiguously; a request's row
@@ -62,19 +73,36 @@ S_ARRIVED, S_WQ_HEAD, S_WQ_COUNT, S_RUNNING, S_FREE_BLOCKS, S_PHASE, S_EPOCH = 0
 S_RUN_EPOCH, S_RUN_LENGTH, S_RUN_AT, S_ROWS, S_UNIFORM_AT, S_UNIFORMS = 7, 8, 9, 10, 11, 12
 S_BATCH_LEN, S_BATCH_FIRST, S_BATCH_TOKENS, S_BATCH_DECODE, S_ROUTE_GROUPS, S_ROUTE_ROW = 13, 14, 15, 16, 17, 18
 S_PROGRESS_MARK, S_APPLIED, S_ADMITTED = 19, 20, 21
-STATE_SIZE = 22
+# The inbox (requests given to this instance: ``state[S_PUSHED]`` rows of ``req_*``, in inbox-time order), the
+# decode role's FIFO of prefilled requests waiting for KV blocks, its transfers in flight, the prefill role's
+# transfers whose end frees blocks here, the outbox's events, and whether the cut-off ended this instance.
+S_PUSHED, S_IN_HEAD, S_IN_COUNT, S_RECEIVING, S_FREES, S_OUTBOX, S_CUT = 22, 23, 24, 25, 26, 27, 28
+STATE_SIZE = 29
 # Entries of ``clock``.
-C_NOW, C_END, C_LAST_LATENCY = 0, 1, 2
-CLOCK_SIZE = 3
+# ``C_PENDING_END`` and ``C_PRICE`` (6 entries, ``price_iteration``'s): an iteration priced and not yet
+# completed (phase 2: a prefill instance waits there until it knows every transfer that ends before its end).
+C_NOW, C_END, C_LAST_LATENCY, C_PENDING_END, C_PRICE = 0, 1, 2, 3, 4
+CLOCK_SIZE = 10
 
 # Entries of ``config``.
 K_BLOCKS, K_BLOCK_TOKENS, K_MAX_SEQS, K_MAX_TOKENS, K_CHUNKED, K_APPLY_ALL, K_STATISTICAL, K_PROGRESS_EVERY = range(8)
-K_MAX_RUN = 8
-CONFIG_SIZE = 9
+K_MAX_RUN, K_ROLE, K_OUTBOX = 8, 9, 10
+CONFIG_SIZE = 11
+
+# Entries of ``timing``: the cut-off, the horizon (the loop starts no iteration at or after it: an input may reach
+# the instance then; ``HORIZON``), and the KV transfer's bytes per token, bandwidth (bytes/s) and fixed latency.
+T_CUTOFF, T_HORIZON, T_KV_BYTES_PER_TOKEN, T_BANDWIDTH, T_LATENCY = range(5)
+TIMING_SIZE = 5
 
 # Rows of the log's float array ``log_f`` and integer array ``log_i``.
 LF_START, LF_LATENCY, LF_KV_USED, LF_ATTENTION, LF_DENSE, LF_MOE, LF_COMMUNICATION, LF_OVERHEAD, LF_TOTAL = range(9)
 LI_PREFILL, LI_DECODE, LI_SEQUENCES, LI_SAMPLED, LI_APPLIED = range(5)
+
+
+@njit(inline="always")
+def _transfer_s(timing: np.ndarray, tokens: int) -> float:
+    """``KVTransfer.time_s``: latency + bytes / bandwidth, in its order of operations."""
+    return timing[T_LATENCY] + tokens * timing[T_KV_BYTES_PER_TOKEN] / timing[T_BANDWIDTH]
 
 
 @njit(inline="always")
@@ -207,7 +235,7 @@ def _admit_waiting(
     returns (requests admitted, budget left)."""
     admitted = 0
     block_tokens = config[K_BLOCK_TOKENS]
-    while state[S_WQ_COUNT] > 0 and budget > 0 and state[S_RUNNING] < config[K_MAX_SEQS]:
+    while state[S_WQ_COUNT] > 0 and budget > 0 and state[S_RUNNING] + state[S_RECEIVING] < config[K_MAX_SEQS]:
         r = _queue_at(queue, state, 0)
         missing = req_i[r, R_TOKENS] - req_i[r, R_COMPUTED]
         if whole_prompts and missing > budget:
@@ -276,15 +304,29 @@ def _schedule(
 
 
 @njit(inline="always")
+def _record(outbox_i: np.ndarray, outbox_f: np.ndarray, state: np.ndarray, kind: int, r: int, time_s: float) -> None:
+    """An event for the caller (``EV_*``): request ``r`` (this instance's row), at ``time_s``."""
+    at = state[S_OUTBOX]
+    outbox_i[at, 0] = kind
+    outbox_i[at, 1] = r
+    outbox_f[at] = time_s
+    state[S_OUTBOX] = at + 1
+
+
+@njit(inline="always")
 def _complete(
-    req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, state: np.ndarray, batch_new: np.ndarray,
-    now: float, means: np.ndarray, move_means: bool,
+    req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, state: np.ndarray, config: np.ndarray,
+    timing: np.ndarray, batch_new: np.ndarray, now: float, means: np.ndarray, move_means: bool,
+    outbox_i: np.ndarray, outbox_f: np.ndarray,
 ) -> int:
     """``Scheduler.complete`` of the batch in the buffers: returns the tokens sampled; finished requests leave
     the running set (order kept), their blocks freed, and with ``move_means`` the running slots' request means
-    (``FusedRouting.means``) move with them."""
+    (``FusedRouting.means``) move with them. On a prefill instance every request with a sampled token leaves
+    (handed off, its blocks kept until its transfer ends), and the horizon comes down to the earliest time its
+    transfer could end (``max(now, decode clock) + transfer``): the blocks may come back then."""
     first = state[S_BATCH_FIRST]
     count = state[S_BATCH_LEN]
+    hands_off = config[K_ROLE] == ROLE_PREFILL
     sampled = 0
     leaving = 0
     for b in range(count):
@@ -298,16 +340,25 @@ def _complete(
             slots[SL_TOKENS, i] = computed + 1
             if generated == 1:
                 req_f[slots[SL_REQUEST, i], RF_FIRST_TOKEN] = now
-            leaving += generated >= slots[SL_OUTPUT, i]
+            leaving += generated >= slots[SL_OUTPUT, i] or hands_off
     if leaving:
         kept = 0
         for i in range(state[S_RUNNING]):
-            if slots[SL_GENERATED, i] >= slots[SL_OUTPUT, i]:
+            done = slots[SL_GENERATED, i] >= slots[SL_OUTPUT, i]
+            if done or (hands_off and slots[SL_GENERATED, i] > 0):
                 r = _write_back(req_i, slots, i)
-                req_f[r, RF_FINISH] = now
-                state[S_FREE_BLOCKS] += req_i[r, R_BLOCKS]
-                req_i[r, R_BLOCKS] = 0
-                req_i[r, R_STATUS] = ST_FINISHED
+                if done:
+                    req_f[r, RF_FINISH] = now
+                    state[S_FREE_BLOCKS] += req_i[r, R_BLOCKS]
+                    req_i[r, R_BLOCKS] = 0
+                    req_i[r, R_STATUS] = ST_FINISHED
+                    if config[K_OUTBOX]:
+                        _record(outbox_i, outbox_f, state, EV_FINISH, r, now)
+                else:
+                    req_i[r, R_STATUS] = ST_HANDED_OFF
+                    _record(outbox_i, outbox_f, state, EV_HANDOFF, r, now)
+                    earliest_free = now + _transfer_s(timing, req_i[r, R_COMPUTED])
+                    timing[T_HORIZON] = min(timing[T_HORIZON], earliest_free)
             else:
                 if kept != i:
                     for field in range(SLOT_FIELDS):
@@ -318,6 +369,108 @@ def _complete(
         state[S_RUNNING] = kept
         state[S_EPOCH] += 1
     return sampled
+
+
+@njit(inline="always")
+def _apply_frees(req_i: np.ndarray, req_f: np.ndarray, frees: np.ndarray, state: np.ndarray, now: float) -> float:
+    """Prefill role: free the blocks of handed-off requests whose transfer has ended by ``now``; returns the
+    earliest transfer end still to come (inf: none)."""
+    upcoming = np.inf
+    k = 0
+    while k < state[S_FREES]:
+        r = frees[k]
+        end = req_f[r, RF_TRANSFER_END]
+        if end <= now:
+            state[S_FREE_BLOCKS] += req_i[r, R_BLOCKS]
+            req_i[r, R_BLOCKS] = 0
+            state[S_FREES] -= 1
+            frees[k] = frees[state[S_FREES]]
+        else:
+            upcoming = min(upcoming, end)
+            k += 1
+    return upcoming
+
+
+@njit(inline="always")
+def _take_received(
+    req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, receiving: np.ndarray, state: np.ndarray, now: float,
+) -> tuple[int, float]:
+    """Decode role: the requests whose KV cache has arrived by ``now`` join the running set, in the order their
+    transfers ended (``Replica.received``); returns the first slot they took (``S_RUNNING`` if none) and the
+    earliest transfer end still to come (inf: none)."""
+    first_slot = state[S_RUNNING]
+    while True:
+        best = -1
+        upcoming = np.inf
+        for k in range(state[S_RECEIVING]):
+            end = req_f[receiving[k], RF_TRANSFER_END]
+            if end < upcoming:
+                upcoming = end
+                best = k
+        if best < 0 or upcoming > now:
+            return first_slot, upcoming
+        r = receiving[best]
+        for k in range(best, state[S_RECEIVING] - 1):  # keep the others in the order their transfers started
+            receiving[k] = receiving[k + 1]
+        state[S_RECEIVING] -= 1
+        i = state[S_RUNNING]
+        slots[SL_REQUEST, i] = r
+        slots[SL_TOKENS, i] = req_i[r, R_TOKENS]
+        slots[SL_COMPUTED, i] = req_i[r, R_COMPUTED]
+        slots[SL_GENERATED, i] = req_i[r, R_GENERATED]
+        slots[SL_OUTPUT, i] = req_i[r, R_OUTPUT]
+        slots[SL_BLOCKS, i] = req_i[r, R_BLOCKS]
+        state[S_RUNNING] = i + 1
+        state[S_EPOCH] += 1
+
+
+@njit(inline="always")
+def _start_transfers(
+    req_i: np.ndarray, req_f: np.ndarray, incoming: np.ndarray, receiving: np.ndarray, state: np.ndarray,
+    config: np.ndarray, timing: np.ndarray, outbox_i: np.ndarray, outbox_f: np.ndarray, now: float,
+) -> None:
+    """Decode role (``Replica._receive``): allocate KV blocks for prefilled requests, in the order they came,
+    while none waits here, the sequence limit and the pool allow, and start pulling their KV caches."""
+    block_tokens = config[K_BLOCK_TOKENS]
+    while (state[S_IN_COUNT] > 0 and state[S_WQ_COUNT] == 0
+           and state[S_RUNNING] + state[S_RECEIVING] < config[K_MAX_SEQS]):
+        r = incoming[state[S_IN_HEAD] % incoming.size]
+        extra = _blocks_for(req_i[r, R_TOKENS], block_tokens) - req_i[r, R_BLOCKS]
+        if extra > state[S_FREE_BLOCKS]:
+            return
+        if extra > 0:
+            state[S_FREE_BLOCKS] -= extra
+            req_i[r, R_BLOCKS] += extra
+        state[S_IN_HEAD] = (state[S_IN_HEAD] + 1) % incoming.size
+        state[S_IN_COUNT] -= 1
+        receiving[state[S_RECEIVING]] = r
+        state[S_RECEIVING] += 1
+        end = now + _transfer_s(timing, req_i[r, R_COMPUTED])
+        req_f[r, RF_TRANSFER_START] = now
+        req_f[r, RF_TRANSFER_END] = end
+        _record(outbox_i, outbox_f, state, EV_TRANSFER, r, end)
+
+
+@njit(inline="always")
+def _wait(clock: np.ndarray, state: np.ndarray, timing: np.ndarray, now: float, next_event_s: float) -> int:
+    """Nothing to compute now: move the clock to the next input this instance knows of (-1: go on), or stop at
+    the horizon (``HORIZON``), the cut-off or the end of all input (``DONE``)."""
+    cutoff = timing[T_CUTOFF]
+    horizon = timing[T_HORIZON]
+    target = min(next_event_s, cutoff)
+    if target < horizon:
+        if target == cutoff:
+            clock[C_NOW] = cutoff
+            clock[C_END] = cutoff
+            state[S_CUT] = 1
+            return DONE
+        clock[C_NOW] = max(now, target)
+        return -1
+    if horizon < np.inf:
+        clock[C_NOW] = max(now, horizon)
+        return HORIZON
+    clock[C_END] = now
+    return DONE
 
 
 @njit(cache=True)
@@ -409,10 +562,12 @@ def _draw(
 
 
 @njit(cache=True)
-def _finish_cut_off(req_i: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray) -> None:
-    """The cut-off statuses, running requests' counters written back."""
+def finish_cut_off(req_i: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray) -> None:
+    """The cut-off statuses of the requests still running or waiting here, running requests' counters written
+    back (the caller's, once the instance is done)."""
     for i in range(state[S_RUNNING]):
         req_i[_write_back(req_i, slots, i), R_STATUS] = ST_CUTOFF_RUNNING
+    state[S_RUNNING] = 0
     for k in range(state[S_WQ_COUNT]):
         req_i[_queue_at(queue, state, k), R_STATUS] = ST_CUTOFF_WAITING
 
@@ -420,10 +575,15 @@ def _finish_cut_off(req_i: np.ndarray, slots: np.ndarray, queue: np.ndarray, sta
 @njit(cache=True)
 def simulate(
     config: np.ndarray,
-    cutoff_s: float,
+    timing: np.ndarray,
     req_i: np.ndarray,
     req_f: np.ndarray,
     queue: np.ndarray,
+    incoming: np.ndarray,
+    receiving: np.ndarray,
+    frees: np.ndarray,
+    outbox_i: np.ndarray,
+    outbox_f: np.ndarray,
     slots: np.ndarray,
     state: np.ndarray,
     clock: np.ndarray,
@@ -446,49 +606,71 @@ def simulate(
     log_distinct: np.ndarray,
     log_proxies: np.ndarray,
 ) -> int:
-    """Run the instance until it is done or needs the caller (the module docstring's return codes).
+    """Run the instance until it is done, reaches its horizon or needs the caller (the module docstring's
+    return codes).
 
-    ``policy_table`` / ``baseline_table``: a statistical table's (sizes, distinct, assignments, proxies,
-    rank_distinct, rank_assignments), flattened to ``[rows, layers]`` (proxies ``[4, rows, layers]``, no rows:
-    top-k's; per EP rank ``[rows, layers, ranks]``, no rows: no expert parallelism); ``samples`` their sample
-    counts. ``route_*``: the routing rows (``[iterations, layers]``, per rank ``[iterations, layers, ranks]``)
-    the caller fills in exact mode. ``log_*``: the iteration log's columns."""
-    num_requests = req_i.shape[0]
+    ``timing``: the ``T_*`` entries (the horizon may come down during the call: a prefill instance's hand-off).
+    The inbox: the first ``state[S_PUSHED]`` rows of ``req_i``/``req_f``, in ``RF_INBOX`` order; ``incoming``
+    (decode role: a ring of request rows waiting for blocks), ``receiving`` (decode role: rows in transfer),
+    ``frees`` (prefill role: handed-off rows whose transfer end, ``RF_TRANSFER_END``, the caller has written);
+    ``outbox_i``/``outbox_f``: the ``EV_*`` events (kind, row; time). ``policy_table`` / ``baseline_table``: a
+    statistical table's (sizes, distinct, assignments, proxies, rank_distinct, rank_assignments), flattened to
+    ``[rows, layers]`` (proxies ``[4, rows, layers]``, no rows: top-k's; per EP rank ``[rows, layers, ranks]``,
+    no rows: no expert parallelism); ``samples`` their sample counts. ``route_*``: the routing rows
+    (``[iterations, layers]``, per rank ``[iterations, layers, ranks]``) the caller fills in exact mode.
+    ``log_*``: the iteration log's columns."""
     layers = log_distinct.shape[1]
     chunks = np.empty(batch_new.size, dtype=np.int64)
     chunk_contexts = np.empty(batch_new.size, dtype=np.int64)
     price = np.empty(6)
     grow = np.empty(batch_new.size, dtype=np.int64)
+    role = config[K_ROLE]
+    cutoff_s = timing[T_CUTOFF]
     while True:
         now = clock[C_NOW]
         if state[S_PHASE] == 0:
-            # Arrivals up to now join the queue (simpy: before the iteration that starts now is formed).
-            while state[S_ARRIVED] < num_requests and req_f[state[S_ARRIVED], RF_ARRIVAL] <= now \
+            if state[S_CUT]:
+                return DONE
+            if now >= timing[T_HORIZON]:
+                return HORIZON
+            if config[K_OUTBOX] and state[S_OUTBOX] + 2 * batch_new.size + 2 > outbox_f.size:
+                return NEED_OUTBOX
+            # Inputs up to now (simpy: before the iteration that starts now is formed): freed blocks, KV caches
+            # received, arrivals (on a decode instance: hand-offs) joining the queue or rejected.
+            next_event_s = np.inf
+            if role == ROLE_PREFILL and state[S_FREES] > 0:
+                next_event_s = _apply_frees(req_i, req_f, frees, state, now)
+            if role == ROLE_DECODE and state[S_RECEIVING] > 0:
+                first_slot, next_event_s = _take_received(req_i, req_f, slots, receiving, state, now)
+                if fused.enabled and state[S_RUNNING] > first_slot:
+                    admit_means(fused, first_slot, state[S_RUNNING], slots[SL_REQUEST])
+            while state[S_ARRIVED] < state[S_PUSHED] and req_f[state[S_ARRIVED], RF_INBOX] <= now \
                     and req_f[state[S_ARRIVED], RF_ARRIVAL] < cutoff_s:
                 r = state[S_ARRIVED]
                 state[S_ARRIVED] += 1
-                if req_i[r, R_REJECT] != ST_NONE:
+                if role == ROLE_DECODE:
+                    incoming[(state[S_IN_HEAD] + state[S_IN_COUNT]) % incoming.size] = r
+                    state[S_IN_COUNT] += 1
+                elif req_i[r, R_REJECT] != ST_NONE:
                     req_i[r, R_STATUS] = req_i[r, R_REJECT]
                 else:
                     _push_back(queue, state, r)
             if config[K_PROGRESS_EVERY] > 0 and state[S_ARRIVED] - state[S_PROGRESS_MARK] >= config[K_PROGRESS_EVERY]:
                 state[S_PROGRESS_MARK] = state[S_ARRIVED]
                 return PROGRESS
-            next_arrival_s = np.inf
-            if state[S_ARRIVED] < num_requests and req_f[state[S_ARRIVED], RF_ARRIVAL] < cutoff_s:
-                next_arrival_s = req_f[state[S_ARRIVED], RF_ARRIVAL]
-            if state[S_RUNNING] == 0 and state[S_WQ_COUNT] == 0:
-                if next_arrival_s < np.inf:
-                    clock[C_NOW] = next_arrival_s
-                    continue
-                clock[C_END] = cutoff_s if cutoff_s < np.inf else now
-                return DONE
+            if state[S_ARRIVED] < state[S_PUSHED] and req_f[state[S_ARRIVED], RF_ARRIVAL] < cutoff_s:
+                next_event_s = min(next_event_s, req_f[state[S_ARRIVED], RF_INBOX])
+            if state[S_RUNNING] == 0 and state[S_WQ_COUNT] == 0 and state[S_IN_COUNT] == 0:
+                code = _wait(clock, state, timing, now, next_event_s)
+                if code >= 0:
+                    return code
+                continue
             if state[S_ROWS] >= log_f.shape[1]:
                 return NEED_LOG
             if config[K_STATISTICAL] and state[S_UNIFORM_AT] >= state[S_UNIFORMS]:
                 return NEED_UNIFORMS
             if not config[K_STATISTICAL] and state[S_RUN_AT] >= state[S_RUN_LENGTH]:
-                length = _plan_run(slots, state, config, clock, next_arrival_s)
+                length = _plan_run(slots, state, config, clock, min(next_event_s, timing[T_HORIZON]))
                 if fused.enabled and length > 0:  # as many iterations as the loop's logits scratch holds
                     length = min(length, fused.token_requests.size // state[S_RUNNING])
                     length = length if length > 1 else 0
@@ -512,14 +694,16 @@ def simulate(
             _schedule(req_i, req_f, slots, queue, state, config, batch_new, batch_before, batch_decoding, grow, now)
             if fused.enabled and state[S_ADMITTED]:
                 admit_means(fused, state[S_RUNNING] - state[S_ADMITTED], state[S_RUNNING], slots[SL_REQUEST])
+            if state[S_IN_COUNT] > 0:
+                _start_transfers(req_i, req_f, incoming, receiving, state, config, timing, outbox_i, outbox_f, now)
+                for k in range(state[S_RECEIVING]):
+                    next_event_s = min(next_event_s, req_f[receiving[k], RF_TRANSFER_END])
             count = state[S_BATCH_LEN]
-            if count == 0:  # nothing fits: wait for the next arrival
-                if next_arrival_s < np.inf:
-                    clock[C_NOW] = max(now, next_arrival_s)
-                    continue
-                clock[C_END] = cutoff_s if cutoff_s < np.inf else now
-                _finish_cut_off(req_i, slots, queue, state)
-                return DONE
+            if count == 0:  # nothing fits: wait for the next input
+                code = _wait(clock, state, timing, now, next_event_s)
+                if code >= 0:
+                    return code
+                continue
             tokens = state[S_BATCH_TOKENS]
             decode = state[S_BATCH_DECODE]
             applied = config[K_APPLY_ALL] != 0 or decode == tokens
@@ -549,36 +733,50 @@ def simulate(
                 if not route(fused, slots[SL_REQUEST], state[S_BATCH_FIRST], count, batch_new, batch_before,
                              np.int64(1), applied, route_distinct, route_assignments, route_proxies):
                     return NON_FINITE
-        # Phase 1: the batch is routed (row S_ROUTE_ROW); price, advance, log.
-        state[S_PHASE] = 0
+            state[S_PHASE] = 1
         count = state[S_BATCH_LEN]
-        decode_rows = 0
-        context_sum = 0
-        num_chunks = 0
-        for i in range(count):
-            if batch_decoding[i]:
-                decode_rows += 1
-                context_sum += batch_before[i] + 1
-            else:
-                chunks[num_chunks] = batch_new[i]
-                chunk_contexts[num_chunks] = batch_before[i]
-                num_chunks += 1
         row = state[S_ROUTE_ROW]
         tokens = state[S_BATCH_TOKENS]
-        price_iteration(pricing, decode_rows, context_sum, chunks, chunk_contexts, num_chunks, tokens, count,
-                        route_distinct[row], route_assignments[row], route_rank_distinct[row],
-                        route_rank_assignments[row], price)
+        if state[S_PHASE] == 1:
+            # Phase 1: the batch is routed (row S_ROUTE_ROW); price it.
+            decode_rows = 0
+            context_sum = 0
+            num_chunks = 0
+            for i in range(count):
+                if batch_decoding[i]:
+                    decode_rows += 1
+                    context_sum += batch_before[i] + 1
+                else:
+                    chunks[num_chunks] = batch_new[i]
+                    chunk_contexts[num_chunks] = batch_before[i]
+                    num_chunks += 1
+            price_iteration(pricing, decode_rows, context_sum, chunks, chunk_contexts, num_chunks, tokens, count,
+                            route_distinct[row], route_assignments[row], route_rank_distinct[row],
+                            route_rank_assignments[row], price)
+            for p in range(6):
+                clock[C_PRICE + p] = price[p]
+            end = now + price[5]
+            if end > cutoff_s:
+                clock[C_NOW] = cutoff_s
+                clock[C_END] = cutoff_s
+                state[S_CUT] = 1
+                return DONE
+            clock[C_PENDING_END] = end
+            state[S_PHASE] = 2
+        # Phase 2: complete and log it, once a prefill instance knows the transfers that end before its end.
+        end = clock[C_PENDING_END]
+        if role == ROLE_PREFILL and end > timing[T_HORIZON]:
+            return HORIZON
+        state[S_PHASE] = 0
+        for p in range(6):
+            price[p] = clock[C_PRICE + p]
         total = price[5]
-        end = now + total
-        if end > cutoff_s:
-            clock[C_NOW] = cutoff_s
-            clock[C_END] = cutoff_s
-            _finish_cut_off(req_i, slots, queue, state)
-            return DONE
         clock[C_NOW] = end
         clock[C_LAST_LATENCY] = total
-        sampled = _complete(req_i, req_f, slots, state, batch_new, end, fused.means,
-                            fused.enabled and fused.persistent)
+        sampled = _complete(req_i, req_f, slots, state, config, timing, batch_new, end, fused.means,
+                            fused.enabled and fused.persistent, outbox_i, outbox_f)
+        if role == ROLE_PREFILL and state[S_FREES] > 0:  # blocks whose transfer ended during the iteration
+            _apply_frees(req_i, req_f, frees, state, end)
         at = state[S_ROWS]
         log_f[LF_START, at] = now
         log_f[LF_LATENCY, at] = total
