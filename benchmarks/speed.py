@@ -2,7 +2,9 @@
 
 For each scenario (a YAML experiment in ``benchmarks/scenarios/``) it prints simulated seconds, wall seconds,
 their ratio (x real time), iterations per wall second and peak RSS, and checks the targets: S1 >= 500x real time
-within 1.5 GB; S3 >= 100x; S4 (20 policies) below 20x its single-policy reference S4ref (run along with it).
+within 1.5 GB; S3 >= 100x; S4 (20 policies) below 20x its single-policy reference S4ref (run along with it); the S1
+trace on 4 replicas behind least-outstanding routing (S1r) and disaggregated on one prefill and one decode instance
+(S1d) >= 500x each (issue 17).
 
 Each scenario runs in its own child process so that the peak RSS (``ru_maxrss`` from ``os.wait4``) is that
 scenario's alone and no cache or allocator state leaks from one scenario to the next. The child times
@@ -73,6 +75,8 @@ SCENARIOS = {
         Scenario("S4ref", "s4_qwen3_single_policy.yaml"),
         Scenario("S1s", "s1_mixtral_azure_conv_lynx_statistical.yaml", min_x_real_time=5000),
         Scenario("S3s", "s3_deepseek_v3_ep8_lynx_statistical.yaml"),
+        Scenario("S1r", "s1r_mixtral_azure_conv_lynx_4_replicas.yaml", min_x_real_time=500),
+        Scenario("S1d", "s1d_mixtral_azure_conv_lynx_disaggregated.yaml", min_x_real_time=500),
     )
 }
 

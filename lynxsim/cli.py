@@ -277,7 +277,6 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     title = f"{config.name}: {setup.model.name} on {setup.hardware.name} (cost model: {setup.cost_model.source})"
     console.print(_summary_table(frame, title))
     console.print(f"routing: {setup.routing_evidence}", markup=False, highlight=False)
-    console.print(f"engine: {result.engine}", markup=False, highlight=False)
     if config.output.figures and not args.no_figures:
         records = load_run(out_dir)
         paths = write_run_figures(records, setup.model.num_experts, out_dir / "figures")
@@ -340,9 +339,7 @@ def _fmt(value: object, fmt: str) -> str:
 
 def _capacity(args: argparse.Namespace, console: Console) -> int:
     config = load_experiment(args.experiment, args.overrides)
-    setup = prepare(config)  # every configuration problem before the first probe
-    if setup.engine_note is not None:
-        console.print(f"engine: {setup.engine_note}", markup=False, highlight=False)
+    prepare(config)  # every configuration problem before the first probe
     out_dir: Path = args.out or config.output.dir
     slo = config.slo
     targets = ", ".join(
@@ -412,8 +409,6 @@ def _check(args: argparse.Namespace, console: Console) -> int:
     tokens = setup.kv_cache_blocks * config.serving.block_size_tokens
     console.print(f"KV cache: {setup.kv_cache_blocks} blocks ({tokens} tokens)")
     console.print(f"requests: {len(setup.requests)}; policies: {', '.join(label for label, _, _ in setup.policies)}")
-    if setup.engine_note is not None:
-        console.print(f"engine: {setup.engine_note}", markup=False, highlight=False)
     if config.sweep is not None:
         sweep = load_sweep(args.experiment, args.overrides)
         console.print(

@@ -13,16 +13,12 @@ stacking and converting (for parquet) that many small arrays was most of the tim
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from lynxsim.datatypes import LatencyBreakdown
-
-if TYPE_CHECKING:  # the engine records into this module, so it cannot be imported from here at run time
-    from lynxsim.engine.request import Request
 
 BREAKDOWN_COLUMNS = ("attention_s", "dense_s", "moe_s", "communication_s", "overhead_s")
 PROXY_COLUMNS = ("retained_mass", "top1_kept", "assignments_changed", "assignments_dropped")
@@ -223,31 +219,6 @@ def _grown(array: np.ndarray, capacity: int, axis: int) -> np.ndarray:
     grown = np.zeros(shape, dtype=array.dtype)
     grown[(slice(None),) * axis + (slice(0, array.shape[axis]),)] = array
     return grown
-
-
-def requests_frame(requests: list[Request], statuses: dict[int, str]) -> pd.DataFrame:
-    """One row per arrived request (``request_table``), from the engine's ``Request`` objects."""
-    nan = float("nan")
-
-    def times(values: list[float | None]) -> np.ndarray:
-        return np.array([nan if v is None else v for v in values], dtype=float)
-
-    return request_table(
-        request_id=np.array([r.request_id for r in requests], dtype=np.int64),
-        arrival_s=np.array([r.spec.arrival_s for r in requests], dtype=float),
-        prompt_tokens=np.array([r.spec.prompt_tokens for r in requests], dtype=np.int64),
-        output_tokens=np.array([r.spec.output_tokens for r in requests], dtype=np.int64),
-        generated_tokens=np.array([r.generated_tokens for r in requests], dtype=np.int64),
-        first_scheduled_s=times([r.first_scheduled_s for r in requests]),
-        first_token_s=times([r.first_token_s for r in requests]),
-        finish_s=times([r.finish_s for r in requests]),
-        preemptions=np.array([r.num_preemptions for r in requests], dtype=np.int64),
-        instance=np.array([r.instance for r in requests], dtype=np.int64),
-        decode_instance=np.array([r.decode_instance for r in requests], dtype=np.int64),
-        transfer_start_s=times([r.transfer_start_s for r in requests]),
-        transfer_end_s=times([r.transfer_end_s for r in requests]),
-        status=[statuses[r.request_id] for r in requests],
-    )
 
 
 def request_table(

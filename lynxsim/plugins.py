@@ -30,7 +30,7 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:  # the types of what the registries hold; their modules import this one
-    from lynxsim.engine.cluster import RequestRouter
+    from lynxsim.engine.routers import RequestRouter
     from lynxsim.engine.scheduler import Scheduler
     from lynxsim.instance_cost import InstanceCostModel
     from lynxsim.policies.base import Policy
@@ -191,11 +191,11 @@ SCHEDULERS: Registry[Scheduler] = Registry(
 ROUTERS: Registry[RequestRouter] = Registry(
     "router", "routers", "lynxsim.routers",
     {
-        "least_outstanding": "lynxsim.engine.cluster:LeastOutstandingRouter",
-        "round_robin": "lynxsim.engine.cluster:RoundRobinRouter",
+        "least_outstanding": "lynxsim.engine.routers:LeastOutstandingRouter",
+        "round_robin": "lynxsim.engine.routers:RoundRobinRouter",
     },
 )
-"""Request routers (``lynxsim.engine.cluster.RequestRouter``), one per pool of instances."""
+"""Request routers (``lynxsim.engine.routers.RequestRouter``), one per pool of instances."""
 
 COST_MODELS: Registry[InstanceCostModel] = Registry(
     "cost model", "cost models", "lynxsim.cost_models",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -19,20 +19,17 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import pandas as pd
-import simpy
 from pydantic import ValidationError
 
 from lynxsim import records
 from lynxsim.config import ExperimentConfig, PluginRoutingConfig, PolicyConfig, ServingConfig
 from lynxsim.datatypes import RequestSpec
-from lynxsim.engine import BlockPool, Cluster, KVTransfer, Replica, Role, RouterFactory, RoutingStep, Scheduler
-from lynxsim.engine.cluster import iteration_table
-from lynxsim.engine.compiled import engine_for
+from lynxsim.engine import BlockPool, KVTransfer, RouterFactory, RoutingStep, Scheduler
 from lynxsim.engine.topk_unions import TopKUnions
 from lynxsim.errors import InputError
 from lynxsim.hardware import HardwareProfile, MeasuredKernels, load_hardware
 from lynxsim.instance_cost import CostModelContext, InstanceCostModel
-from lynxsim.metrics import layer_summary, requests_frame, summarize
+from lynxsim.metrics import layer_summary, summarize
 from lynxsim.models import ModelSpec, load_catalog_model, model_from_hf_config
 from lynxsim.parallel import ParallelPlan
 from lynxsim.plugins import COST_MODELS, ROUTERS, ROUTING_SOURCES, SCHEDULERS, Registry
@@ -46,13 +43,11 @@ from lynxsim.workload import generate_requests
 
 T = TypeVar("T")
 
-COMPILED_ENGINE = "compiled"
-SIMPY_ENGINE = "simpy"
 
 
 @dataclass(frozen=True)
 class PolicyRun:
-    """The records of one policy's simulation, and the engine that ran it (``Setup.engine_note``)."""
+    """The records of one policy's simulation."""
 
     label: str
     policy: PolicyConfig
@@ -61,7 +56,6 @@ class PolicyRun:
     layers: pd.DataFrame
     summary: dict[str, float]
     wall_s: float
-    engine: str
 
 
 SchedulerFactory = Callable[..., Scheduler]
@@ -90,25 +84,6 @@ class Setup:
         return routing_evidence(self.config.routing, self.config.model.name, self.model.name)
 
     @property
-    def python_plugins(self) -> list[str]:
-        """The plug-ins of this run that the compiled engine cannot run (its scheduler, router and pricing are
-        built-in code restated for numba), each as "<kind> '<name>'"; any of them keeps the run on the simpy
-        engine. Plug-in policies and routing sources run on either engine: both call them from Python."""
-        config = self.config
-        choices = (("scheduler", config.serving.scheduler), ("router", config.deployment.router),
-                   ("cost model", config.hardware.cost_model))
-        return [f"{kind} {choice.name!r}" for kind, choice in choices if choice.is_plugin]
-
-    @property
-    def engine_note(self) -> str | None:
-        """Why this run takes the simpy engine whatever ``engine_for`` would choose, None when nothing forces it:
-        the line the run's summary and printout carry, so that a slower engine is never chosen silently."""
-        plugins = self.python_plugins
-        if not plugins:
-            return None
-        return f"{SIMPY_ENGINE} (plug-in {', '.join(plugins)}: Python code, which the compiled engine cannot run)"
-
-    @property
     def gpus_per_instance(self) -> int:
         return self.plan.gpus
 
@@ -131,11 +106,6 @@ class Setup:
 class ExperimentResult:
     setup: Setup
     runs: list[PolicyRun]
-
-    @property
-    def engine(self) -> str:
-        """The engine that simulated the policies (one for all: it follows the setup, not the policy)."""
-        return "; ".join(dict.fromkeys(run.engine for run in self.runs))
 
     def summary_frame(self) -> pd.DataFrame:
         """One row per policy, plus ``<metric>_ratio`` columns against the first policy."""
@@ -295,7 +265,7 @@ def prepare(config: ExperimentConfig) -> Setup:
 def instance_cost_and_kv(
     config: ExperimentConfig, model: ModelSpec, hardware: HardwareProfile, plan: ParallelPlan
 ) -> tuple[InstanceCostModel, int]:
-    """The one place that decides an instance's cost model and KV-cache size (``build_instance`` uses both).
+    """The one place that decides an instance's cost model and KV-cache size (every instance has both).
 
     The cost model is ``hardware.cost_model``'s (``lynxsim.plugins.COST_MODELS``; the built-in ``profile`` is
     ``make_cost_model`` on one GPU, a ``ParallelCostModel`` over more). One GPU: ``(memory * util - weights -
@@ -313,15 +283,6 @@ def instance_cost_and_kv(
     if kv_blocks < 1:
         raise InputError("serving.gpu_memory_utilization", "leaves no room for a single KV-cache block")
     return cost_model, kv_blocks
-
-
-def build_instance(setup: Setup, step: RoutingStep, env: simpy.Environment, index: int, role: Role) -> Replica:
-    """One serving instance of the deployment: the one place that decides an instance's cost model and KV-cache
-    size. Every instance, whatever its role, spans ``setup.plan.gpus`` GPUs with the deployment's parallelism
-    (``setup.cost_model`` and ``setup.kv_cache_blocks``, from ``instance_cost_and_kv``); per-role parallelism
-    would build them here."""
-    return Replica(build_scheduler(setup), setup.cost_model, step, setup.model.num_moe_layers, env=env, index=index,
-                   role=role)
 
 
 def build_scheduler(setup: Setup) -> Scheduler:
@@ -345,17 +306,6 @@ def kv_transfer(setup: Setup) -> KVTransfer:
     deployment = setup.config.deployment
     bandwidth = deployment.transfer_bandwidth_bytes_per_s or setup.hardware.sustained_interconnect_bytes_per_s
     return KVTransfer(setup.cost_model.kv_bytes_per_token_per_gpu, bandwidth, deployment.transfer_latency_s)
-
-
-def build_cluster(setup: Setup, step: RoutingStep) -> Cluster:
-    """The deployment's instances behind its router, ready to run the requests."""
-    deployment = setup.config.deployment
-    return Cluster.build(
-        deployment.roles,
-        lambda env, index, role: build_instance(setup, step, env, index, role),
-        router=setup.router,
-        transfer=kv_transfer(setup) if deployment.mode == "disaggregated" else None,
-    )
 
 
 STATISTICAL_SEED_STREAM = 2
@@ -429,7 +379,6 @@ def statistical_routing(setup: Setup, entry: PolicyConfig, policy: Policy) -> St
 
 ArrivalProgress = Callable[[int], None]
 """Called with the number of requests that have arrived in the simulation so far: a long run's progress."""
-PROGRESS_EVERY_REQUESTS = 64
 
 
 class PolicyProgress(Protocol):
@@ -439,27 +388,21 @@ class PolicyProgress(Protocol):
     def __call__(self, label: str, arrived: int, /, total: int) -> None: ...
 
 
-class _ReportedArrivals(Sequence[RequestSpec]):
-    """A run's requests, reporting every ``PROGRESS_EVERY_REQUESTS`` how many the simulation has taken in. The
-    cluster consumes arrivals in simulated-time order, so this is the run's progress without a hook inside the
-    engine (the drain after the last arrival is the only part it does not see)."""
-
-    def __init__(self, specs: list[RequestSpec], report: ArrivalProgress) -> None:
-        self._specs = specs
-        self._report = report
-
-    def __len__(self) -> int:
-        return len(self._specs)
-
-    def __getitem__(self, index: int) -> RequestSpec:  # type: ignore[override]
-        return self._specs[index]
-
-    def __iter__(self) -> Iterator[RequestSpec]:
-        for position, spec in enumerate(self._specs):
-            if position % PROGRESS_EVERY_REQUESTS == 0:
-                self._report(position)
-            yield spec
-        self._report(len(self._specs))
+def routing_step(setup: Setup, entry: PolicyConfig, policy: Policy) -> RoutingStep:
+    """How the run chooses each iteration's experts under ``policy`` (its statistical tables built, or read from
+    the cache, in the statistical mode)."""
+    model = setup.model
+    return RoutingStep(
+        routing=setup.routing,
+        policy=policy,
+        baseline=make("topk"),
+        apply_to=entry.apply_to,
+        top_k=model.top_k,
+        renormalize=model.renormalize,
+        statistical=statistical_routing(setup, entry, policy),
+        seed=statistical_seed(setup.config),
+        unions=setup.topk_unions,
+    )
 
 
 def simulate_policy(
@@ -468,36 +411,18 @@ def simulate_policy(
     config = setup.config
     model = setup.model
     started = time.perf_counter()
-    statistical = statistical_routing(setup, entry, policy)
-    step = RoutingStep(
-        routing=setup.routing,
-        policy=policy,
-        baseline=make("topk"),
-        apply_to=entry.apply_to,
-        top_k=model.top_k,
-        renormalize=model.renormalize,
-        statistical=statistical,
-        seed=statistical_seed(config),
-        unions=setup.topk_unions,
+    step = routing_step(setup, entry, policy)
+    statistical = step.statistical
+    from lynxsim.engine.compiled.orchestrator import simulate_deployment  # numba: imported once a run starts
+
+    deployment = config.deployment
+    outcome = simulate_deployment(
+        deployment.roles, lambda: build_scheduler(setup), setup.cost_model, step, model.num_moe_layers,
+        model.num_experts, setup.requests, config.simulation.cutoff_s, setup.router,
+        kv_transfer(setup) if deployment.mode == "disaggregated" else None, on_arrivals,
     )
-    forced = setup.engine_note
-    compiled = None if forced is not None else engine_for(setup.cost_model, config.deployment.roles)
-    if compiled is not None:
-        deployment = config.deployment
-        outcome = compiled.simulate_deployment(
-            deployment.roles, lambda: build_scheduler(setup), setup.cost_model, step, model.num_moe_layers,
-            model.num_experts, setup.requests, config.simulation.cutoff_s, setup.router,
-            kv_transfer(setup) if deployment.mode == "disaggregated" else None, on_arrivals,
-        )
-        end_s, instances, requests = outcome.end_s, len(outcome.logs), outcome.requests
-        iterations = iteration_table([log.frame() for log in outcome.logs])
-    else:
-        cluster = build_cluster(setup, step)
-        specs = setup.requests if on_arrivals is None else _ReportedArrivals(setup.requests, on_arrivals)
-        end_s = cluster.run(specs, config.simulation.cutoff_s)
-        instances = len(cluster.instances)
-        requests = requests_frame(cluster.arrived, cluster.statuses)
-        iterations = cluster.iterations()
+    end_s, requests, iterations = outcome.end_s, outcome.requests, outcome.iterations()
+    instances = len(outcome.logs)
     summary = summarize(
         requests,
         iterations,
@@ -518,8 +443,7 @@ def simulate_policy(
     summary["wall_s"] = wall_s
     summary["simulated_s_per_wall_s"] = end_s / wall_s if wall_s > 0 else np.nan
     layers = layer_summary(iterations, warmup_s=config.simulation.warmup_s)
-    engine = COMPILED_ENGINE if compiled is not None else forced or SIMPY_ENGINE
-    return PolicyRun(label, entry, requests, iterations, layers, summary, wall_s, engine)
+    return PolicyRun(label, entry, requests, iterations, layers, summary, wall_s)
 
 
 def run_experiment(
@@ -581,7 +505,6 @@ def write_summary(result: ExperimentResult, out_dir: Path) -> None:
     frame = result.summary_frame()
     records.write_run_summary(out_dir, frame, {
         "policies": [run.label for run in result.runs],
-        "engine": result.engine,
         "cost_model": result.setup.cost_model.source,
         "routing_mode": result.setup.config.simulation.routing_mode,
         "routing_evidence": result.setup.routing_evidence,

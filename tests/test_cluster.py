@@ -16,11 +16,12 @@ from hypothesis import strategies as st
 from engine_stubs import LAYERS, ConstantCost, routing_step, spec
 from lynxsim.config import DeploymentConfig, validate_experiment
 from lynxsim.datatypes import RequestSpec
-from lynxsim.engine import BlockPool, Cluster, KVTransfer, Replica, Role, Scheduler, run_alone
-from lynxsim.engine.cluster import LeastOutstandingRouter, RoundRobinRouter
+from lynxsim.engine import KVTransfer, LeastOutstandingRouter, Role, RoundRobinRouter
 from lynxsim.errors import InputError
-from lynxsim.metrics import requests_frame, summarize
+from lynxsim.metrics import summarize
 from lynxsim.runner import run_experiment
+from simpy_oracle import BlockPool, Cluster, Replica, Scheduler, run_alone
+from simpy_oracle.cluster import requests_frame
 
 ALLOWED_STATUSES = {
     "finished",

@@ -1,6 +1,6 @@
-"""The compiled engine (lynxsim/engine/compiled) against the simpy engine it restates: the same experiment gives
-the same requests, iterations and summary, for every scheduling mode, routing mode and cost model it covers; and
-the runner takes it exactly where it applies."""
+"""The engine (lynxsim/engine/compiled) against the simpy oracle it restates (tests/simpy_oracle): the same
+experiment gives the same requests, iterations and simulated end, for every scheduling mode, routing mode, cost
+model and deployment (one instance, replicas behind either router, disaggregated prefill and decode)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,9 @@ import pandas as pd
 import pytest
 
 from lynxsim.config import ExperimentConfig
-from lynxsim.cost import CostModel
-from lynxsim.engine.compiled import ENGINE_VARIABLE, engine_for
-from lynxsim.errors import InputError
-from lynxsim.jit import kernels
 from lynxsim.metrics import PER_LAYER_COLUMNS, per_layer
-from lynxsim.parallel import ParallelCostModel
 from lynxsim.runner import prepare, simulate_policy
-
-pytestmark = pytest.mark.skipif(
-    kernels("lynxsim.engine.compiled.driver") is None, reason="numba unavailable or LYNXSIM_NO_NUMBA set"
-)
+from simpy_oracle import oracle_run
 
 STATISTICAL = {"routing_mode": "statistical", "statistical_cache": False, "statistical_samples": 8}
 WALL_CLOCK = {"wall_s", "simulated_s_per_wall_s", "routing_table_build_s", "routing_baseline_table_build_s"}
@@ -47,13 +39,16 @@ def _config(
     })
 
 
-def _runs(config: ExperimentConfig, engine: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple]:
-    monkeypatch.setenv(ENGINE_VARIABLE, engine)
+def _runs(config: ExperimentConfig, engine: str) -> dict[str, tuple[pd.DataFrame, pd.DataFrame, float]]:
+    """Every policy's (requests, iterations, simulated end) on the ``engine`` or on the ``oracle``."""
     setup = prepare(config)
     runs = {}
     for label, entry, policy in setup.policies:
-        run = simulate_policy(setup, label, entry, policy)
-        runs[label] = (run.requests, run.iterations, run.summary)
+        if engine == "oracle":
+            runs[label] = oracle_run(setup, entry, policy)
+        else:
+            run = simulate_policy(setup, label, entry, policy)
+            runs[label] = (run.requests, run.iterations, run.summary["simulated_s"])
     return runs
 
 
@@ -121,64 +116,49 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_compiled_engine_gives_the_simpy_engines_records(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_engine_gives_the_oracles_records(case: str) -> None:
     config = CASES[case]
-    simpy_runs = _runs(config, "simpy", monkeypatch)
-    compiled_runs = _runs(config, "auto", monkeypatch)
-    for label, (requests, iterations, summary) in simpy_runs.items():
-        compiled_requests, compiled_iterations, compiled_summary = compiled_runs[label]
-        _assert_same_frames(requests, compiled_requests)
-        _assert_same_frames(iterations, compiled_iterations)
-        for key, value in summary.items():
-            if key not in WALL_CLOCK:
-                assert np.isclose(value, compiled_summary[key], rtol=1e-9, equal_nan=True), key
+    oracle_runs = _runs(config, "oracle")
+    engine_runs = _runs(config, "engine")
+    for label, (requests, iterations, end_s) in oracle_runs.items():
+        engine_requests, engine_iterations, engine_end_s = engine_runs[label]
+        _assert_same_frames(requests, engine_requests)
+        _assert_same_frames(iterations, engine_iterations)
+        assert engine_end_s == pytest.approx(end_s, rel=1e-12)
     if case == "preempting":  # the case exists to exercise preemption: make sure it does
-        assert max(summary["preemptions"] for _, _, summary in compiled_runs.values()) > 0
-    if case == "cut-off":
-        statuses = set(compiled_runs["topk"][0]["status"])
-        assert {"cutoff_running", "cutoff_waiting"} & statuses
+        assert max(requests["preemptions"].sum() for requests, _, _ in engine_runs.values()) > 0
+    if case.endswith("cut-off"):
+        statuses = set(engine_runs["topk" if "topk" in engine_runs else "lynx"][0]["status"])
+        assert {"cutoff_running", "cutoff_waiting", "cutoff_transferring", "cutoff_awaiting_transfer"} & statuses
+    if case.startswith("disaggregated"):
+        requests = next(iter(engine_runs.values()))[0]
+        assert (requests["decode_instance"] >= 0).any() and requests["transfer_s"].notna().any()
 
 
-def test_compiled_engine_is_deterministic(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_engine_is_deterministic() -> None:
     config = CASES["statistical"]
-    first, second = _runs(config, "auto", monkeypatch), _runs(config, "auto", monkeypatch)
+    first, second = _runs(config, "engine"), _runs(config, "engine")
     for label in first:
         _assert_same_frames(first[label][1], second[label][1])
 
 
-def test_every_request_is_accounted_for(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_request_is_accounted_for() -> None:
     """Conservation: every arrived request ends with exactly one status, finished ones with all their tokens,
     and the tokens sampled by the iterations are the tokens the requests generated."""
-    runs = _runs(CASES["preempting"], "auto", monkeypatch)
-    for requests, iterations, _ in runs.values():
-        assert requests["request_id"].is_unique and len(requests) == 60
-        finished = requests[requests["status"] == "finished"]
-        assert (finished["generated_tokens"] == finished["output_tokens"]).all()
-        assert iterations["sampled_tokens"].sum() == requests["generated_tokens"].sum()
-
-
-def test_engine_choice(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The compiled engine serves every deployment priced by a one-GPU cost model or the parallel one over it,
-    nothing else; the environment switch forces the simpy engine, and a wrong value is a user error."""
-    cost = prepare(_config()).cost_model
-    parallel = prepare(_config(parallelism={"tensor_parallel": 2, "expert_parallel": 2})).cost_model
-    assert isinstance(cost, CostModel) and isinstance(parallel, ParallelCostModel)
-    for model in (cost, parallel):
-        for roles in (["colocated"], ["colocated", "colocated"], ["prefill", "decode"]):
-            assert engine_for(model, roles) is not None
-    assert engine_for(object(), ["colocated"]) is None
-    monkeypatch.setenv(ENGINE_VARIABLE, "simpy")
-    assert engine_for(cost, ["colocated"]) is None
-    monkeypatch.setenv(ENGINE_VARIABLE, "fast")
-    with pytest.raises(InputError, match="LYNXSIM_ENGINE"):
-        engine_for(cost, ["colocated"])
+    for case in ("preempting", "disaggregated-least-outstanding-short-of-blocks", "replicas-least-outstanding"):
+        for requests, iterations, _ in _runs(CASES[case], "engine").values():
+            assert requests["request_id"].is_unique and len(requests) == 60
+            finished = requests[requests["status"] == "finished"]
+            assert (finished["generated_tokens"] == finished["output_tokens"]).all()
+            # (disaggregated: the first token is sampled on a prefill instance, the others on decode instances)
+            assert iterations["sampled_tokens"].sum() == requests["generated_tokens"].sum()
 
 
 def test_the_loop_routes_where_it_can(monkeypatch: pytest.MonkeyPatch) -> None:
     """Synthetic routing of a top-k or Lynx policy is routed inside the loop, also when several policies share
     top-k unions of few experts; not many experts' shared unions, nor expert parallelism."""
+    from lynxsim.engine import RoutingStep
     from lynxsim.engine.compiled.routing import fused_routing
-    from lynxsim.engine.replica import RoutingStep
     from lynxsim.policies import make
 
     def enabled(config: ExperimentConfig) -> bool:

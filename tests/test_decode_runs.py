@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 
 from lynxsim.config import ExperimentConfig
-from lynxsim.engine.decode_run import fitting_iterations, grown_blocks
-from lynxsim.engine.replica import Replica
-from lynxsim.runner import prepare, simulate_policy
+from lynxsim.runner import prepare
+from simpy_oracle import oracle_run
+from simpy_oracle.decode_run import fitting_iterations, grown_blocks
+from simpy_oracle.replica import Replica
 
 
 def _config(parallelism: dict | None = None, simulation: dict | None = None, **serving: object) -> ExperimentConfig:
@@ -35,13 +36,12 @@ def _run(
     config: ExperimentConfig, runs: bool, monkeypatch: pytest.MonkeyPatch
 ) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
     monkeypatch.setattr(Replica, "decode_runs", runs)
-    # the simpy engine's two ways (the compiled one: test_compiled_engine)
-    monkeypatch.setenv("LYNXSIM_ENGINE", "simpy")
+    # the oracle's two ways (the engine's decode runs route ahead only: test_compiled_engine holds it to these)
     setup = prepare(config)
     out = {}
     for label, entry, policy in setup.policies:
-        run = simulate_policy(setup, label, entry, policy)
-        out[label] = (run.requests, run.iterations)
+        requests, iterations, _ = oracle_run(setup, entry, policy)
+        out[label] = (requests, iterations)
     return out
 
 
@@ -90,7 +90,7 @@ def test_routing_a_prefill_until_its_top_k_union_fills_changes_no_number(monkeyp
     """A mixed iteration under top-k is routed in growing chunks from 4 tokens (2 assignments per expert) until
     every layer's union of experts is full; the distinct experts and assignments, hence every latency, equal
     routing all its tokens."""
-    import lynxsim.engine.replica as replica
+    import lynxsim.engine.routing_step as replica
 
     config = _config()
     frames = {}

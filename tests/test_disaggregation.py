@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from lynxsim.config import validate_experiment
 from lynxsim.engine import KVTransfer
-from lynxsim.metrics import requests_frame
 from lynxsim.runner import run_experiment
+from simpy_oracle.cluster import requests_frame
 from test_cluster import SMALL, check_accounting, make_cluster, spec
 
 # 1 KiB of KV cache per token over 1 MiB/s: a 10-token prompt moves in 10240 / 1048576 = 0.009765625 s, exactly

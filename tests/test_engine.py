@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine_stubs import LAYERS, ConstantCost, routing_step, spec
-from lynxsim.engine import BlockPool, Replica, Scheduler, run_alone
-from lynxsim.metrics import requests_frame
+from simpy_oracle import BlockPool, Replica, Scheduler, run_alone
+from simpy_oracle.cluster import requests_frame
 
 
 def make_replica(

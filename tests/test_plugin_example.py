@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -28,14 +27,13 @@ import yaml
 from lynxsim.cli import main
 from lynxsim.config import validate_experiment
 from lynxsim.datatypes import BatchShape
-from lynxsim.engine.compiled import ENGINE_VARIABLE
 from lynxsim.hardware import load_hardware
 from lynxsim.instance_cost import CostModelContext, profile_cost_model
-from lynxsim.jit import kernels
 from lynxsim.models import load_catalog_model
 from lynxsim.parallel import ParallelPlan
 from lynxsim.plugins import REGISTRIES
-from lynxsim.runner import run_experiment
+from lynxsim.runner import prepare, simulate_policy
+from simpy_oracle import oracle_run
 
 EXAMPLE = Path(__file__).resolve().parent / "plugin_example"
 EXPERIMENT = EXAMPLE / "experiment.yaml"
@@ -95,12 +93,8 @@ def test_the_plugins_command_lists_each_kind(installed: Path, capsys: pytest.Cap
     assert expected <= rows
 
 
-def test_the_run_says_which_engine_and_why(example_run: ExampleRun) -> None:
-    note = ("simpy (plug-in scheduler 'cohort', router 'weighted_round_robin', cost model 'scaled': Python code, "
-            "which the compiled engine cannot run)")
-    assert f"engine: {note}" in " ".join(example_run.printed.split())
+def test_the_run_names_its_plugins(example_run: ExampleRun) -> None:
     summary = example_run.summary()
-    assert summary["engine"] == note
     assert summary["cost_model"].endswith(", scaled x2")
     assert summary["routing_evidence"].startswith("plug-in routing source 'hot_experts'")
 
@@ -172,25 +166,18 @@ def test_the_policy_drops_the_weaker_slots(example_run: ExampleRun) -> None:
     assert (iterations.loc[~applied, "mean_assignments_dropped"] == 0.0).all()
 
 
-@pytest.mark.skipif(
-    kernels("lynxsim.engine.compiled.driver") is None or os.environ.get(ENGINE_VARIABLE) == "simpy",
-    reason="the compiled engine is not available here",
-)
-def test_policy_and_routing_plugins_run_on_the_compiled_engine(installed: Path) -> None:
-    """Policies and routing sources are called from Python by either engine, so naming them keeps the compiled
-    engine, and its records match the simpy engine's."""
-    settings = {key: value for key, value in SETTINGS.items() if key not in ("serving", "deployment")}
-    settings["hardware"] = "h200"
-    config = validate_experiment(settings)
-    compiled = run_experiment(config)
-    assert compiled.engine == "compiled"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(ENGINE_VARIABLE, "simpy")
-        simpy = run_experiment(config)
-    assert simpy.engine == "simpy"
-    for ours, theirs in zip(compiled.runs, simpy.runs, strict=True):
-        pd.testing.assert_frame_equal(ours.requests, theirs.requests, rtol=1e-12)
-    assert compiled.runs[1].summary["assignments_dropped"] == 0.5
+def test_the_engine_runs_plugins_as_the_oracle_does(installed: Path) -> None:
+    """Policies, routing sources, routers (between instances) and cost models (priced through their Python code)
+    give the oracle's records on the engine (the oracle cannot run the cohort scheduler, whose steps are the
+    engine's: its own test checks it)."""
+    settings = {key: value for key, value in SETTINGS.items() if key != "serving"}
+    setup = prepare(validate_experiment(settings))
+    for label, entry, policy in setup.policies:
+        run = simulate_policy(setup, label, entry, policy)
+        requests, iterations, end_s = oracle_run(setup, entry, policy)
+        pd.testing.assert_frame_equal(run.requests, requests, rtol=1e-12)
+        pd.testing.assert_frame_equal(run.iterations, iterations, rtol=1e-12)
+        assert set(run.requests["instance"]) == {0, 1}
 
 
 @pytest.mark.parametrize(

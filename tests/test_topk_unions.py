@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import lynxsim.runner as runner
 from lynxsim.engine.topk_unions import TopKUnions
 from lynxsim.routing import SyntheticRouting
+from simpy_oracle import oracle_run
 from tests.test_decode_runs import _config
 
 ROUTING = SyntheticRouting(4, 16, seed=2)
@@ -41,21 +42,20 @@ def test_the_union_from_blocks_is_the_union_of_every_token(runs: list[tuple[int,
 
 
 def test_several_policies_share_blocks_and_change_no_number(monkeypatch: pytest.MonkeyPatch) -> None:
-    # the simpy engine's routing (the compiled engine routes few experts in its loop, without the unions)
-    monkeypatch.setenv("LYNXSIM_ENGINE", "simpy")
+    # routed from Python, as the oracle does (the engine routes few experts in its loop, without the unions)
     config = _config(max_num_batched_tokens=512)
     shared = runner.prepare(config)
     assert shared.topk_unions is not None and len(shared.topk_unions) == 0
-    with_blocks = {label: runner.simulate_policy(shared, label, entry, policy).iterations
+    with_blocks = {label: oracle_run(shared, entry, policy)[1]
                    for label, entry, policy in shared.policies}
     routed = len(shared.topk_unions)
     assert routed > 0
     label, entry, policy = shared.policies[0]
-    runner.simulate_policy(shared, label, entry, policy)
+    oracle_run(shared, entry, policy)
     assert len(shared.topk_unions) == routed  # a second pass over the same tokens routes no new block
     monkeypatch.setattr(runner.Setup, "topk_unions", property(lambda self: None))
     alone = runner.prepare(config)
     for label, entry, policy in alone.policies:
-        plain = runner.simulate_policy(alone, label, entry, policy).iterations
+        plain = oracle_run(alone, entry, policy)[1]
         assert np.array_equal(plain["latency_s"].to_numpy(), with_blocks[label]["latency_s"].to_numpy())
         assert np.array_equal(np.stack(plain["distinct_experts"]), np.stack(with_blocks[label]["distinct_experts"]))

@@ -1,24 +1,26 @@
-"""The simpy side: request lifecycle, continuous-batching scheduler, KV-cache pool, serving instances, and the
-cluster of instances behind a request router (co-located replicas, or disaggregated prefill and decode)."""
+"""The serving engine: one compiled implementation of an instance's serving step (``compiled/``: scheduling,
+KV-cache blocks, preemption, decode runs, pricing, routing hand-off), used by every deployment; the orchestrator
+between instances (request routers, KV-cache transfers); and what users extend: schedulers (batching rules) and
+request routers."""
 
-from lynxsim.engine.cluster import Cluster, KVTransfer, RequestRouter, RouterFactory, run_alone
+from lynxsim.engine.deployment import ROLES, InstanceLoad, KVTransfer, Role
 from lynxsim.engine.kv_cache import BlockPool
-from lynxsim.engine.replica import ROLES, Replica, Role, RoutingStep
-from lynxsim.engine.request import Request
-from lynxsim.engine.scheduler import ScheduledBatch, Scheduler
+from lynxsim.engine.routers import LeastOutstandingRouter, RequestRouter, RoundRobinRouter, RouterFactory
+from lynxsim.engine.routing_step import RoutingStep
+from lynxsim.engine.scheduler import RequestQueue, ScheduledBatch, Scheduler
 
 __all__ = [
     "ROLES",
     "BlockPool",
-    "Cluster",
+    "InstanceLoad",
     "KVTransfer",
-    "Replica",
-    "Request",
+    "LeastOutstandingRouter",
+    "RequestQueue",
     "RequestRouter",
+    "RoundRobinRouter",
     "RouterFactory",
     "Role",
     "RoutingStep",
     "ScheduledBatch",
     "Scheduler",
-    "run_alone",
 ]

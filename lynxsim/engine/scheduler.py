@@ -1,4 +1,4 @@
-"""Continuous batching as vLLM does it: which requests compute how many tokens in the next iteration.
+"""Continuous batching as vLLM does it, and the interface of every scheduler an experiment can name.
 
 With chunked prefill (vLLM v1's only mode) running requests go first, in admission order, each taking as many of
 its missing tokens as the token budget leaves; waiting requests are then admitted while the budget, the sequence
@@ -7,48 +7,40 @@ prefill chunks. Without chunked prefill (vLLM v0's default) an iteration is eith
 newly admitted requests, which takes priority, or a decode step of every running request: batches are pure.
 When the KV cache runs out, the most recently admitted running request is preempted: its blocks are freed and it
 goes back to the front of the queue, to recompute its prompt and generated tokens later (vLLM's recompute mode).
+A batch is always a contiguous range of the running requests (running ones are scheduled as a prefix, admitted
+ones appended after them).
 
-In disaggregated serving the same scheduler runs both kinds of instance: a prefill instance hands each request
-off (``complete(..., hand_off=True)``) once its prompt is computed, and a decode instance receives requests whose
-KV cache is already computed elsewhere; while their KV cache is in transfer they hold blocks and a sequence slot
-(``num_receiving``) but are not scheduled.
-
-The running requests are a ``RunningSet`` (parallel arrays, lynxsim/engine/running.py): the running part of a
-batch is sized, given its KV blocks and completed with a fixed number of numpy operations whatever the batch size.
-A batch is always a contiguous range of the running set (running requests are scheduled as a prefix, admitted ones
-are appended after them), which is what lets ``complete`` apply an iteration to array slices.
-
-``Scheduler`` is also the interface of every scheduler an experiment can name (``serving.scheduler``; built in:
-``vllm``, this class). A plug-in scheduler subclasses it and replaces the batching rule, ``schedule``, built from
-the same steps this class uses: ``schedule_running`` (running requests take their missing tokens, preempting when
-the KV cache runs short), ``admit_waiting`` (waiting requests join) and ``make_batch``. The KV-cache
-accounting, completion, preemption and the decode-run shortcut stay this class's, so every rule keeps the
-engine's invariants (docs/extending.md).
+The rule and its steps run in the compiled engine's loop (``lynxsim.engine.compiled.kernel``: ``_schedule``,
+``_schedule_running``, ``_admit_waiting``), over the instance's arrays. ``Scheduler`` is registered as ``vllm``
+(``lynxsim.plugins.SCHEDULERS``); the loop runs its rule inline. A plug-in scheduler subclasses it and replaces
+``schedule``, built from the same steps (``schedule_running``, ``admit_waiting``, ``make_batch``), which run on
+the instance's state: the loop then asks Python for each batch (``kernel.NEED_SCHEDULE``), and the KV-cache
+accounting, preemption, completion and hand-offs stay the engine's, so every rule keeps its invariants
+(docs/extending.md).
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lynxsim.engine.compiled import kernel as k
 from lynxsim.engine.kv_cache import BlockPool
-from lynxsim.engine.request import Request
-from lynxsim.engine.running import RunningSet
 
-_NO_TOKENS = np.zeros(0, dtype=np.int64)
+if TYPE_CHECKING:
+    from lynxsim.engine.compiled.instance import CompiledInstance
 
 REJECTION_REASONS = ("exceeds_kv_cache", "exceeds_max_num_batched_tokens")
-"""Why a request can never be served (``Scheduler.rejection_reason``), in the order they are checked."""
+"""Why a request can never be served (``Scheduler.rejection_codes``), in the order they are checked."""
 
 
 @dataclass(frozen=True, slots=True)
 class ScheduledBatch:
-    """One iteration: the running requests at positions ``first .. first + len - 1`` of the scheduler's running
-    set, each with the tokens it computes (``new_tokens``), the tokens it had computed (``computed_before``) and
-    whether it is a decode step (``decoding``: one missing token that it generated itself)."""
+    """One iteration: the running requests at positions ``first .. first + len - 1`` of the running set, each with
+    the tokens it computes (``new_tokens``), the tokens it had computed (``computed_before``) and whether it is a
+    decode step (``decoding``: one missing token that it generated itself)."""
 
     first: int
     request_ids: np.ndarray
@@ -74,7 +66,7 @@ def batch_token_ids(
     request_ids: np.ndarray, new_tokens: np.ndarray, computed_before: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """(request id, position) of every token of a batch whose requests ``request_ids`` compute ``new_tokens``
-    tokens each after their ``computed_before`` cached ones, request by request (both engines route these)."""
+    tokens each after their ``computed_before`` cached ones, request by request (what a batch routes)."""
     request_tokens = np.repeat(request_ids, new_tokens)
     chunk_starts = np.cumsum(new_tokens) - new_tokens
     offsets = computed_before - chunk_starts
@@ -82,19 +74,21 @@ def batch_token_ids(
     return request_tokens, positions
 
 
-class Completion(NamedTuple):
-    """What a finished iteration did: tokens sampled, requests that finished, and (prefill instances) requests
-    whose prompt is computed, handed off to a decode instance; both lists in admission order."""
+class RequestQueue:
+    """A read-only view of an instance's running or waiting requests, in order (running: admission order;
+    waiting: the front first)."""
 
-    sampled: int
-    finished: list[Request]
-    handed_off: list[Request]
+    def __init__(self, ids: np.ndarray) -> None:
+        self.ids = ids  # request ids
+
+    def __len__(self) -> int:
+        return int(self.ids.size)
 
 
 class Scheduler:
-    """One instance's scheduler: its waiting queue, running set and KV-cache pool, and vLLM's batching rule.
-    Registered as ``vllm`` (``lynxsim.plugins.SCHEDULERS``); a factory of any registered scheduler is called with
-    ``pool``, ``max_num_seqs``, ``max_num_batched_tokens`` and ``chunked_prefill`` by keyword."""
+    """One instance's batching rule and serving limits: vLLM's rule (module docstring). A factory of any
+    registered scheduler is called with ``pool``, ``max_num_seqs``, ``max_num_batched_tokens`` and
+    ``chunked_prefill`` by keyword; the engine binds the scheduler to the instance it serves (``bind``)."""
 
     def __init__(
         self, pool: BlockPool, *, max_num_seqs: int, max_num_batched_tokens: int, chunked_prefill: bool
@@ -103,219 +97,112 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.chunked_prefill = chunked_prefill
-        self.waiting: deque[Request] = deque()
-        self.running = RunningSet(max_num_seqs)
-        self.num_preemptions = 0
-        self.num_receiving = 0  # requests whose KV cache is being transferred in: they hold a sequence slot
+        self._instance: CompiledInstance | None = None
+        self._filled = 0  # batch tokens the steps of the batch being formed have written
+        self._admitted = 0  # requests those steps admitted
 
-    def rejection_reason(self, request: Request, max_tokens: int | None = None) -> str | None:
-        """Why a request can never be served with these limits, or None if it can. ``max_tokens``: the most
-        tokens the request will hold here (default all of them; a prefill instance holds only the prompt)."""
-        tokens = request.max_tokens if max_tokens is None else max_tokens
-        code = int(self.rejection_codes(np.array([tokens], dtype=np.int64))[0])
-        return REJECTION_REASONS[code - 1] if code else None
+    # ----- limits -----
 
     def rejection_codes(self, max_tokens: np.ndarray) -> np.ndarray:
-        """``rejection_reason`` of requests holding at most ``max_tokens`` tokens each, at once: 0 where one can
-        be served, else 1 + the index of its reason in ``REJECTION_REASONS`` (the first that applies)."""
+        """Why requests holding at most ``max_tokens`` tokens each can never be served with these limits: 0 where
+        one can, else 1 + the index of its reason in ``REJECTION_REASONS`` (the first that applies)."""
         codes = np.zeros(max_tokens.shape, dtype=np.int64)
         if not self.chunked_prefill:
             codes[max_tokens > self.max_num_batched_tokens] = 2
         codes[-(-max_tokens // self.pool.block_size_tokens) > self.pool.num_blocks] = 1
         return codes
 
-    def add(self, request: Request) -> None:
-        self.waiting.append(request)
-
     @property
-    def is_idle(self) -> bool:
-        return not self.waiting and not self.running
-
-    @property
-    def decode_runs_allowed(self) -> bool:
-        """Whether the engine may compute a stretch of pure-decode iterations as one decode run
-        (``lynxsim.engine.decode_run``) instead of calling ``schedule`` each iteration. That holds where, with
-        nothing waiting and every running request decoding within the token budget, ``schedule`` takes each
-        running request for one token every iteration, as vLLM's rule does. A subclass with its own ``schedule``
-        is asked every iteration unless it overrides this to say its rule keeps that too."""
+    def rule_is_builtin(self) -> bool:
+        """Whether ``schedule`` is vLLM's rule, which the compiled loop runs itself; otherwise the loop asks this
+        object for each batch."""
         return type(self).schedule is Scheduler.schedule
+
+    def bind(self, instance: CompiledInstance) -> None:
+        """Serve ``instance``: the steps below read and change its state."""
+        self._instance = instance
+
+    # ----- the instance's state, read-only -----
+
+    @property
+    def running(self) -> RequestQueue:
+        """The running requests, in admission order."""
+        instance = self._bound
+        rows = instance.slots[k.SL_REQUEST, : int(instance.state[k.S_RUNNING])]
+        return RequestQueue(instance.request_ids[rows])
+
+    @property
+    def waiting(self) -> RequestQueue:
+        """The waiting requests (preempted ones first, then arrivals in order)."""
+        instance = self._bound
+        head, count = int(instance.state[k.S_WQ_HEAD]), int(instance.state[k.S_WQ_COUNT])
+        rows = instance.queue[(head + np.arange(count)) % instance.queue.size]
+        return RequestQueue(instance.request_ids[rows])
+
+    # ----- the rule and its steps -----
 
     def schedule(self, now_s: float) -> ScheduledBatch:
         """The next iteration's batch, starting at ``now_s`` (empty when there is nothing to compute): the
         batching rule, which a plug-in scheduler replaces."""
-        budget = self.max_num_batched_tokens
-        first = 0
-        if self.chunked_prefill:
-            tokens, budget, preempted = self.schedule_running(budget)
-            if not preempted:
-                admitted, budget = self.admit_waiting(budget, now_s, whole_prompts=False)
-                if admitted:
-                    tokens = np.concatenate((tokens, np.asarray(admitted, dtype=np.int64)))
-        else:
-            first = len(self.running)
-            admitted, budget = self.admit_waiting(budget, now_s, whole_prompts=True)
-            tokens = np.asarray(admitted, dtype=np.int64)
-            if not admitted:
-                first = 0
-                tokens, budget, _ = self.schedule_running(budget)
-        return self.make_batch(first, tokens, self.max_num_batched_tokens - budget)
-
-    def complete(self, batch: ScheduledBatch, now_s: float, *, hand_off: bool = False) -> Completion:
-        """Apply a finished iteration: each request's new tokens are computed; those with none missing sample a
-        token, and finish when it is their last. With ``hand_off`` (a prefill instance) every request with a
-        sampled token that has more to generate leaves too, its KV blocks still allocated in the pool (the
-        instance frees them once the KV cache has moved: ``BlockPool.take_over``)."""
-        running = self.running
-        span = slice(batch.first, batch.first + len(batch))
-        computed = running.computed[span]
-        computed += batch.new_tokens
-        sampled = computed == running.num_tokens[span]
-        count = int(np.count_nonzero(sampled))
-        if not count:
-            return Completion(0, [], [])
-        generated = running.generated[span]
-        generated += sampled
-        running.num_tokens[span] += sampled
-        for i in np.flatnonzero(sampled & (generated == 1)).tolist():  # a first token (kept through preemption)
-            running.requests[batch.first + i].first_token_s = now_s
-        leaving = sampled & (generated >= running.output[span])
-        if hand_off:
-            leaving |= generated > 0
-        if not leaving.any():
-            return Completion(count, [], [])
-        mask = np.zeros(len(running), dtype=bool)
-        mask[span] = leaving
-        finished, handed_off = self._leave(mask, now_s)
-        return Completion(count, finished, handed_off)
-
-    def advance_decode_run(self, steps: int, now_s: float) -> tuple[list[Request], int]:
-        """Apply ``steps`` pure-decode iterations of every running request at once (a decode run, sized by
-        ``lynxsim.engine.decode_run`` so that no request finishes before the last and the KV blocks exist):
-        what ``complete`` would do ``steps`` times. Returns the requests that finished with the last, and the KV
-        blocks their finishing freed."""
-        running = self.running
-        n = len(running)
-        running.computed[:n] += steps
-        running.generated[:n] += steps
-        running.num_tokens[:n] += steps
-        blocks = np.maximum(-(-running.computed[:n] // self.pool.block_size_tokens), running.blocks[:n])
-        self.pool.free_blocks -= int((blocks - running.blocks[:n]).sum())
-        assert self.pool.free_blocks >= 0, "a decode run outgrew the KV cache it was sized for"
-        running.blocks[:n] = blocks
-        finished = running.generated[:n] >= running.output[:n]
-        if not finished.any():
-            return [], 0
-        released = int(blocks[finished].sum())
-        return self._leave(finished, now_s)[0], released
-
-    def _leave(self, mask: np.ndarray, now_s: float) -> tuple[list[Request], list[Request]]:
-        """Remove the running requests of ``mask``: the finished ones (their blocks freed) and the others, handed
-        off with their blocks."""
-        finished: list[Request] = []
-        handed_off: list[Request] = []
-        for request in self.running.remove(mask):
-            if request.generated_tokens >= request.spec.output_tokens:  # Request.is_finished, inlined
-                request.finish_s = now_s
-                self.pool.release(request)
-                finished.append(request)
-            else:
-                handed_off.append(request)
-        return finished, handed_off
-
-    def make_batch(self, first: int, tokens: np.ndarray, num_tokens: int) -> ScheduledBatch:
-        """The batch of the running requests at ``first .. first + tokens.size - 1``, computing ``tokens`` each
-        (``num_tokens`` in all): what ``schedule`` returns once its steps have given every request its blocks."""
-        running = self.running
-        span = slice(first, first + tokens.size)
-        computed = running.computed[span].copy()
-        decoding = (running.generated[span] > 0) & (running.num_tokens[span] - computed == 1)
-        return ScheduledBatch(
-            first, running.ids[span].copy(), tokens, computed, decoding, num_tokens, int(np.count_nonzero(decoding))
-        )
+        instance = self._bound
+        k.schedule_step(instance.req_i, instance.req_f, instance.slots, instance.queue, instance.state,
+                        instance.config, instance.batch_new, instance.batch_before, instance.batch_decoding, now_s)
+        return self._batch()
 
     def schedule_running(self, budget: int) -> tuple[np.ndarray, int, bool]:
         """Tokens for the first running requests while the budget lasts, each taking its missing tokens or what
         is left, and the KV blocks for them: (tokens of the scheduled prefix, budget left, whether any request was
-        preempted). When the pool holds every block needed, all at once; otherwise request by request,
-        preempting the most recently admitted ones (``_schedule_running_preempting``)."""
-        running = self.running
-        n = len(running)
-        if not n or budget <= 0:
-            return _NO_TOKENS, budget, False
-        computed = running.computed[:n]
-        missing = running.num_tokens[:n] - computed
-        ends = np.cumsum(missing)
-        if ends[-1] <= budget:
-            tokens, left = missing, budget - int(ends[-1])
-        else:  # the first requests whose missing tokens start within the budget; the last takes what is left
-            count = int(np.searchsorted(ends - missing, budget))
-            tokens, left = missing[:count], 0
-            tokens[-1] -= int(ends[count - 1]) - budget
-        count = tokens.size
-        held = running.blocks[:count]
-        extra = -(-(computed[:count] + tokens) // self.pool.block_size_tokens) - held
-        np.maximum(extra, 0, out=extra)
-        needed = int(extra.sum())
-        if needed > self.pool.free_blocks:
-            return self._schedule_running_preempting(budget)
-        held += extra
-        self.pool.free_blocks -= needed
-        return tokens, left, False
-
-    def _schedule_running_preempting(self, budget: int) -> tuple[np.ndarray, int, bool]:
-        """``schedule_running`` when the pool runs short: request by request, in admission order, each growing
-        its blocks; while the pool cannot grow one, the most recently admitted request is preempted (possibly
-        that one itself, which ends the scheduling of running requests)."""
-        running = self.running
-        tokens: list[int] = []
-        preempted = False
-        index = 0
-        while index < len(running) and budget > 0:
-            take = min(int(running.num_tokens[index] - running.computed[index]), budget)
-            while not self._try_grow(index, int(running.computed[index]) + take):
-                victim = len(running) - 1
-                self._preempt(running.pop())
-                preempted = True
-                if victim == index:
-                    return np.asarray(tokens, dtype=np.int64), budget, preempted
-            tokens.append(take)
-            budget -= take
-            index += 1
-        return np.asarray(tokens, dtype=np.int64), budget, preempted
-
-    def _try_grow(self, index: int, tokens: int) -> bool:
-        """``BlockPool.try_grow`` for the running request at ``index``."""
-        extra = self.pool.blocks_for(tokens) - int(self.running.blocks[index])
-        if extra > self.pool.free_blocks:
-            return False
-        if extra > 0:
-            self.pool.free_blocks -= extra
-            self.running.blocks[index] += extra
-        return True
+        preempted, the most recently admitted first, to make room). Call it before ``admit_waiting``."""
+        instance = self._bound
+        count, left, preempted = k.schedule_running_step(instance.req_i, instance.slots, instance.queue,
+                                                         instance.state, instance.config, instance.batch_new,
+                                                         budget)
+        self._filled = count
+        return instance.batch_new[:count].copy(), left, bool(preempted)
 
     def admit_waiting(self, budget: int, now_s: float, *, whole_prompts: bool) -> tuple[list[int], int]:
         """Admit waiting requests, in order, while the budget, the sequence limit and the KV cache allow (with
         ``whole_prompts``, only while a request's missing tokens fit the budget whole): the tokens each computes,
-        and the budget left. The admitted requests are appended to the running set, after the ones scheduled."""
-        admitted: list[int] = []
-        while self.waiting and budget > 0 and len(self.running) + self.num_receiving < self.max_num_seqs:
-            request = self.waiting[0]
-            if whole_prompts and request.missing_tokens > budget:
-                break
-            tokens = min(request.missing_tokens, budget)
-            if not self.pool.try_grow(request, request.num_computed_tokens + tokens):
-                break
-            self.waiting.popleft()
-            if request.first_scheduled_s is None:
-                request.first_scheduled_s = now_s
-            self.running.append(request)
-            admitted.append(tokens)
-            budget -= tokens
-        return admitted, budget
+        and the budget left. The admitted requests join the running set after the ones scheduled."""
+        instance = self._bound
+        at = self._filled
+        admitted, left = k.admit_waiting_step(instance.req_i, instance.req_f, instance.slots, instance.queue,
+                                              instance.state, instance.config, instance.batch_new, at, budget,
+                                              now_s, whole_prompts)
+        self._filled = at + admitted
+        self._admitted += admitted
+        return instance.batch_new[at : at + admitted].tolist(), left
 
-    def _preempt(self, request: Request) -> None:
-        self.pool.release(request)
-        request.num_computed_tokens = 0
-        request.num_preemptions += 1
-        self.num_preemptions += 1
-        self.waiting.appendleft(request)
+    def make_batch(self, first: int, tokens: np.ndarray, num_tokens: int) -> ScheduledBatch:
+        """The batch of the running requests at ``first .. first + tokens.size - 1``, computing ``tokens`` each
+        (``num_tokens`` in all): what ``schedule`` returns once its steps have given every request its blocks."""
+        instance = self._bound
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if first < 0 or first + tokens.size > int(instance.state[k.S_RUNNING]):
+            raise ValueError(f"a batch of running requests {first} .. {first + tokens.size - 1} of "
+                             f"{int(instance.state[k.S_RUNNING])}")
+        instance.batch_new[: tokens.size] = tokens
+        k.set_batch(instance.slots, instance.state, instance.batch_before, instance.batch_decoding, first,
+                    tokens.size, num_tokens, self._admitted)
+        return self._batch()
+
+    def start_batch(self) -> None:
+        """Before the rule forms a batch (the engine calls it): no step has written anything yet."""
+        self._filled = 0
+        self._admitted = 0
+
+    @property
+    def _bound(self) -> CompiledInstance:
+        if self._instance is None:
+            raise RuntimeError("a scheduler's steps run on the instance the engine binds it to")
+        return self._instance
+
+    def _batch(self) -> ScheduledBatch:
+        """The batch the state now holds (``state[S_BATCH_*]`` and the batch buffers)."""
+        instance = self._bound
+        state = instance.state
+        first, count = int(state[k.S_BATCH_FIRST]), int(state[k.S_BATCH_LEN])
+        rows = instance.slots[k.SL_REQUEST, first : first + count]
+        return ScheduledBatch(first, instance.request_ids[rows], instance.batch_new[:count].copy(),
+                              instance.batch_before[:count].copy(), instance.batch_decoding[:count].copy(),
+                              int(state[k.S_BATCH_TOKENS]), int(state[k.S_BATCH_DECODE]))

@@ -19,7 +19,6 @@ engine wherever ``engine_for`` allows it; set ``LYNXSIM_ENGINE=simpy`` to always
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from types import ModuleType
 
 from lynxsim.cost import CostModel, MeasuredCostModel
@@ -38,13 +37,13 @@ def supported(cost_model: object) -> bool:
     return type(base) in (CostModel, MeasuredCostModel)
 
 
-def engine_for(cost_model: object, roles: Sequence[str]) -> ModuleType | None:
-    """The compiled engine's driver module (``lynxsim.engine.compiled.driver``) when it can simulate this
-    deployment: a single co-located instance priced by a ``supported`` cost model, numba available and not
-    switched off. None: use the simpy engine."""
+def compiled_engine() -> ModuleType | None:
+    """The compiled engine's entry module (``lynxsim.engine.compiled.orchestrator``), which simulates every
+    deployment under any cost model (a ``supported`` one priced in the loop, another, a plug-in's, through its
+    Python code), unless numba is unavailable or switched off. None: use the simpy engine."""
     choice = os.environ.get(ENGINE_VARIABLE, "auto")
     if choice not in ("auto", "simpy"):
         raise InputError(ENGINE_VARIABLE, f"must be auto or simpy, got {choice!r}")
-    if choice == "simpy" or not supported(cost_model):
+    if choice == "simpy":
         return None
     return kernels("lynxsim.engine.compiled.orchestrator")

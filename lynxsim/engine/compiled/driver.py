@@ -19,14 +19,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from lynxsim.cost import CostModel
 from lynxsim.datatypes import RequestSpec
 from lynxsim.engine.compiled import kernel as k
 from lynxsim.engine.compiled.instance import CompiledInstance
-from lynxsim.engine.replica import RoutingStep
+from lynxsim.engine.routing_step import RoutingStep
 from lynxsim.engine.scheduler import Scheduler
+from lynxsim.instance_cost import InstanceCostModel
 from lynxsim.metrics import IterationLog, request_table
-from lynxsim.parallel import ParallelCostModel
 
 
 def flush_if_sources_changed(sources: Sequence[Path], marker: Path, flush: Callable[[], None]) -> bool:
@@ -99,16 +98,26 @@ class CompiledRun(NamedTuple):
     logs: list[IterationLog]
     end_s: float
 
-    @property
-    def log(self) -> IterationLog:
-        """The one instance's log (a single-instance run)."""
-        (only,) = self.logs
-        return only
+    def iterations(self) -> pd.DataFrame:
+        """Every instance's iterations as one table (``iteration_table``)."""
+        return iteration_table([log.frame() for log in self.logs])
+
+
+def iteration_table(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """The iteration records of a deployment's instances (their ``IterationLog.frame``s, in instance order) as
+    one table, in order of start time (then instance)."""
+    frames = [frame for frame in frames if len(frame)]
+    if not frames:
+        return pd.DataFrame()
+    if len(frames) == 1:
+        return frames[0]
+    frame = pd.concat(frames, ignore_index=True)
+    return frame.sort_values(["start_s", "instance"], kind="mergesort", ignore_index=True)
 
 
 def simulate(
     scheduler: Scheduler,
-    cost_model: CostModel | ParallelCostModel,
+    cost_model: InstanceCostModel,
     step: RoutingStep,
     num_moe_layers: int,
     num_experts: int,
@@ -118,8 +127,7 @@ def simulate(
 ) -> CompiledRun:
     """Serve ``specs`` on one co-located instance with ``scheduler``'s limits (a fresh scheduler: its pool
     full, nothing queued), priced by ``cost_model`` and routed by ``step``, until every request is done or
-    ``cutoff_s``. ``ValueError`` for a cost model without compiled pricing (the runner asks
-    ``lynxsim.engine.compiled.engine_for`` first)."""
+    ``cutoff_s``."""
     n = len(specs)
     instance = CompiledInstance(scheduler, cost_model, step, num_moe_layers, n, cutoff_s=cutoff_s,
                                 progress_every=PROGRESS_EVERY_REQUESTS if on_arrivals is not None else 0)

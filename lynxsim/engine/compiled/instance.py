@@ -17,16 +17,16 @@ from typing import Any
 
 import numpy as np
 
-from lynxsim.cost import CostModel
-from lynxsim.engine.cluster import KVTransfer
+from lynxsim.datatypes import BatchShape, ExpertActivity
 from lynxsim.engine.compiled import kernel as k
 from lynxsim.engine.compiled import pricing as compiled_pricing
 from lynxsim.engine.compiled.routing import fused_routing
 from lynxsim.engine.decode_run import MAX_RUN_ITERATIONS, run_token_ids
-from lynxsim.engine.replica import RoutingStep
+from lynxsim.engine.deployment import KVTransfer
+from lynxsim.engine.routing_step import RoutingStep
 from lynxsim.engine.scheduler import Scheduler, batch_token_ids
+from lynxsim.instance_cost import InstanceCostModel
 from lynxsim.metrics import SCALAR_COLUMNS, IterationLog
-from lynxsim.parallel import ParallelCostModel
 from lynxsim.routing.statistical import ActivityTable, UniformStream
 
 INITIAL_LOG_ROWS = 1 << 14
@@ -77,7 +77,7 @@ class CompiledInstance:
     def __init__(
         self,
         scheduler: Scheduler,
-        cost_model: CostModel | ParallelCostModel,
+        cost_model: InstanceCostModel,
         step: RoutingStep,
         num_moe_layers: int,
         capacity: int,
@@ -99,7 +99,8 @@ class CompiledInstance:
         self.num_moe_layers = num_moe_layers
         pool = scheduler.pool
         max_seqs = scheduler.max_num_seqs
-        self.pricing = compiled_pricing.of(cost_model, max_tokens=scheduler.max_num_batched_tokens)
+        pricing = compiled_pricing.of(cost_model, max_tokens=scheduler.max_num_batched_tokens)
+        self.pricing = compiled_pricing.placeholder() if pricing is None else pricing
         statistical = step.statistical
         config = np.zeros(k.CONFIG_SIZE, dtype=np.int64)
         config[k.K_BLOCKS] = pool.num_blocks
@@ -114,6 +115,8 @@ class CompiledInstance:
         config[k.K_ROLE] = ROLE_CODES[role]
         record_events = record_events or role != "colocated"  # hand-offs and transfers always go out
         config[k.K_OUTBOX] = record_events
+        config[k.K_PRICE_OUTSIDE] = pricing is None
+        config[k.K_SCHEDULE_OUTSIDE] = not scheduler.rule_is_builtin
         self.config = config
         self.timing = np.zeros(k.TIMING_SIZE)
         self.timing[k.T_CUTOFF] = math.inf if cutoff_s is None else float(cutoff_s)
@@ -137,7 +140,7 @@ class CompiledInstance:
         self.outbox_f = np.zeros(outbox_rows)
         self.slots = np.zeros((k.SLOT_FIELDS, max_seqs), dtype=np.int64)
         self.state = np.zeros(k.STATE_SIZE, dtype=np.int64)
-        self.state[k.S_FREE_BLOCKS] = pool.free_blocks
+        self.state[k.S_FREE_BLOCKS] = pool.num_blocks
         self.clock = np.zeros(k.CLOCK_SIZE)
         self.batch_new = np.zeros(max(max_seqs, 1), dtype=np.int64)
         self.batch_before = np.zeros_like(self.batch_new)
@@ -146,6 +149,8 @@ class CompiledInstance:
         self.route_assignments = np.zeros_like(self.route_distinct)
         self.route_proxies = np.zeros((4, MAX_RUN_ITERATIONS, num_moe_layers))
         ranks = self.pricing.ranks
+        if pricing is None and statistical is not None and statistical.policy.rank_distinct is not None:
+            ranks = int(np.asarray(statistical.policy.rank_distinct).shape[-1])  # a plug-in's per-rank draws
         self.route_rank_distinct = np.zeros((MAX_RUN_ITERATIONS, num_moe_layers, max(ranks, 1)), dtype=np.int64)
         self.route_rank_assignments = np.zeros_like(self.route_rank_distinct)
 
@@ -174,6 +179,8 @@ class CompiledInstance:
         self.state[k.S_UNIFORMS] = self.uniforms.shape[0]
         self.log_part = _log_part(INITIAL_LOG_ROWS, num_moe_layers)
         self.filled: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # full log parts, in order
+        self.routed: list[ExpertActivity] = []  # what the last exact routing call gave, by routing row
+        scheduler.bind(self)
 
     # ----- input -----
 
@@ -287,6 +294,10 @@ class CompiledInstance:
                 self.uniform_source.advance(UNIFORM_BLOCK)
                 state[k.S_UNIFORM_AT] = 0
                 state[k.S_UNIFORMS] = self.uniforms.shape[0]
+            elif code == k.NEED_SCHEDULE:
+                self._schedule()
+            elif code == k.NEED_PRICE:
+                self._price()
             elif code == k.NEED_OUTBOX:
                 self._drain(on_events)
             elif code == k.PROGRESS:
@@ -339,13 +350,51 @@ class CompiledInstance:
             token_requests, positions = run_token_ids(ids, self.batch_before[:count], groups)
             applied = True
         draws = self.step.exact_activities(self.cost_model, token_requests, positions, groups, applied)
+        self.routed = draws.activities
         for g, activity in enumerate(draws.activities):
             self.route_distinct[g] = activity.distinct
             self.route_assignments[g] = activity.assignments
-            if activity.rank_distinct is not None and activity.rank_assignments is not None:
+            if activity.rank_distinct is not None and activity.rank_assignments is not None and not self.priced_outside:
                 self.route_rank_distinct[g] = activity.rank_distinct
                 self.route_rank_assignments[g] = activity.rank_assignments
         self.route_proxies[:, :groups] = draws.proxies
+
+    def _schedule(self) -> None:
+        """The next batch by the scheduler's own rule (a plug-in's), through its steps on this instance."""
+        state = self.state
+        state[k.S_BATCH_LEN] = -1  # until make_batch sets it
+        self.scheduler.start_batch()
+        batch = self.scheduler.schedule(self.now_s)
+        if (batch.first, len(batch), batch.num_tokens) != (state[k.S_BATCH_FIRST], state[k.S_BATCH_LEN],
+                                                           state[k.S_BATCH_TOKENS]):
+            raise ValueError(f"{type(self.scheduler).__name__}.schedule must return the batch its make_batch made")
+
+    @property
+    def priced_outside(self) -> bool:
+        return bool(self.config[k.K_PRICE_OUTSIDE])
+
+    def _price(self) -> None:
+        """The routed batch in the buffers priced by the cost model's Python code (a plug-in's), into the
+        loop's price entries: what ``Replica._execute`` prices."""
+        state = self.state
+        count = int(state[k.S_BATCH_LEN])
+        row = int(state[k.S_ROUTE_ROW])
+        decoding = self.batch_decoding[:count]
+        prefill = ~decoding
+        new, before = self.batch_new[:count], self.batch_before[:count]
+        shape = BatchShape.trusted(new[prefill], before[prefill], before[decoding] + 1)
+        if self.step.statistical is None:
+            activity = self.routed[row]
+        else:
+            ranked = self.policy_table[4].shape[0] > 0
+            activity = ExpertActivity(
+                self.route_distinct[row].copy(), self.route_assignments[row].copy(),
+                self.route_rank_distinct[row].copy() if ranked else None,
+                self.route_rank_assignments[row].copy() if ranked else None,
+            )
+        latency = self.cost_model.iteration_activity(shape, activity)
+        self.clock[k.C_PRICE : k.C_PRICE + 6] = (latency.attention_s, latency.dense_s, latency.moe_s,
+                                                 latency.communication_s, latency.overhead_s, latency.total_s)
 
     # ----- the end -----
 

@@ -39,13 +39,14 @@ from lynxsim.engine.compiled.routing import FusedRouting, admit_means, route
 
 # Return codes of ``simulate``.
 DONE, ROUTE, ROUTE_RUN, NEED_LOG, NEED_UNIFORMS, PROGRESS, TOO_MANY_TOKENS, NON_FINITE, HORIZON, NEED_OUTBOX = range(10)
+NEED_PRICE, NEED_SCHEDULE = 10, 11
 
 # Request statuses (``req_i[R_STATUS]``); the driver names them. ``ST_HANDED_OFF``: a prefill instance's request
 # whose prompt is computed, gone to a decode instance (its record continues there).
 ST_NONE, ST_FINISHED, ST_REJECTED_KV, ST_REJECTED_BATCH, ST_CUTOFF_RUNNING, ST_CUTOFF_WAITING = 0, 1, 2, 3, 4, 5
 ST_HANDED_OFF = 6
 
-# Instance roles (``config[K_ROLE]``), as ``lynxsim.engine.replica.ROLES`` orders them.
+# Instance roles (``config[K_ROLE]``), as ``lynxsim.engine.deployment.ROLES`` orders them.
 ROLE_COLOCATED, ROLE_PREFILL, ROLE_DECODE = 0, 1, 2
 
 # Kinds of the events an instance writes to its outbox (``config[K_OUTBOX]`` on): a request finished here, a
@@ -64,7 +65,7 @@ REQUEST_FLOATS = 7
 
 # Rows of ``slots``, the running requests' counters in admission order (``[SLOT_FIELDS, max_num_seqs]``, the
 # first ``state[S_RUNNING]`` columns in use): the loop visits them every iteration, contiguously; a request's row
-# of ``req_i`` is stale while it runs and written back when it leaves (``lynxsim.engine.running``'s scheme).
+# of ``req_i`` is stale while it runs and written back when it leaves.
 SL_REQUEST, SL_TOKENS, SL_COMPUTED, SL_GENERATED, SL_OUTPUT, SL_BLOCKS = range(6)
 SLOT_FIELDS = 6
 
@@ -81,13 +82,14 @@ STATE_SIZE = 29
 # Entries of ``clock``.
 # ``C_PENDING_END`` and ``C_PRICE`` (6 entries, ``price_iteration``'s): an iteration priced and not yet
 # completed (phase 2: a prefill instance waits there until it knows every transfer that ends before its end).
-C_NOW, C_END, C_LAST_LATENCY, C_PENDING_END, C_PRICE = 0, 1, 2, 3, 4
-CLOCK_SIZE = 10
+# ``C_NEXT_EVENT``: the next input this instance knows of, kept while the caller schedules (``NEED_SCHEDULE``).
+C_NOW, C_END, C_LAST_LATENCY, C_PENDING_END, C_PRICE, C_NEXT_EVENT = 0, 1, 2, 3, 4, 10
+CLOCK_SIZE = 11
 
 # Entries of ``config``.
 K_BLOCKS, K_BLOCK_TOKENS, K_MAX_SEQS, K_MAX_TOKENS, K_CHUNKED, K_APPLY_ALL, K_STATISTICAL, K_PROGRESS_EVERY = range(8)
-K_MAX_RUN, K_ROLE, K_OUTBOX = 8, 9, 10
-CONFIG_SIZE = 11
+K_MAX_RUN, K_ROLE, K_OUTBOX, K_PRICE_OUTSIDE, K_SCHEDULE_OUTSIDE = 8, 9, 10, 11, 12
+CONFIG_SIZE = 13
 
 # Entries of ``timing``: the cut-off, the horizon (the loop starts no iteration at or after it: an input may reach
 # the instance then; ``HORIZON``), and the KV transfer's bytes per token, bandwidth (bytes/s) and fixed latency.
@@ -289,6 +291,17 @@ def _schedule(
         if count == 0:
             first = 0
             count, budget, _ = _schedule_running(req_i, slots, queue, state, config, batch_new, grow, budget)
+    _set_batch(slots, state, batch_before, batch_decoding, first, count, config[K_MAX_TOKENS] - budget, admitted)
+
+
+@njit(inline="always")
+def _set_batch(
+    slots: np.ndarray, state: np.ndarray, batch_before: np.ndarray, batch_decoding: np.ndarray, first: int,
+    count: int, num_tokens: int, admitted: int,
+) -> None:
+    """The batch of running slots ``first .. first + count - 1`` (their new tokens already in ``batch_new``),
+    ``num_tokens`` in all, ``admitted`` of them (the last running slots) admitted for it: its cached tokens and
+    decode flags into the batch buffers, its size into ``state[S_BATCH_*]``."""
     state[S_ADMITTED] = admitted
     decode = 0
     for i in range(count):
@@ -299,7 +312,7 @@ def _schedule(
         decode += decoding
     state[S_BATCH_LEN] = count
     state[S_BATCH_FIRST] = first
-    state[S_BATCH_TOKENS] = config[K_MAX_TOKENS] - budget
+    state[S_BATCH_TOKENS] = num_tokens
     state[S_BATCH_DECODE] = decode
 
 
@@ -669,7 +682,7 @@ def simulate(
                 return NEED_LOG
             if config[K_STATISTICAL] and state[S_UNIFORM_AT] >= state[S_UNIFORMS]:
                 return NEED_UNIFORMS
-            if not config[K_STATISTICAL] and state[S_RUN_AT] >= state[S_RUN_LENGTH]:
+            if not config[K_STATISTICAL] and not config[K_SCHEDULE_OUTSIDE] and state[S_RUN_AT] >= state[S_RUN_LENGTH]:
                 length = _plan_run(slots, state, config, clock, min(next_event_s, timing[T_HORIZON]))
                 if fused.enabled and length > 0:  # as many iterations as the loop's logits scratch holds
                     length = min(length, fused.token_requests.size // state[S_RUNNING])
@@ -691,7 +704,14 @@ def simulate(
                     if not route(fused, slots[SL_REQUEST], np.int64(0), n, batch_new, batch_before, length,
                                  np.bool_(True), route_distinct, route_assignments, route_proxies):
                         return NON_FINITE
+            clock[C_NEXT_EVENT] = next_event_s
+            state[S_PHASE] = 4
+            if config[K_SCHEDULE_OUTSIDE]:  # a plug-in's batching rule: the caller schedules (``Scheduler``)
+                return NEED_SCHEDULE
             _schedule(req_i, req_f, slots, queue, state, config, batch_new, batch_before, batch_decoding, grow, now)
+        if state[S_PHASE] == 4:
+            # The batch is formed: take in prefilled requests' KV caches, route it.
+            next_event_s = clock[C_NEXT_EVENT]
             if fused.enabled and state[S_ADMITTED]:
                 admit_means(fused, state[S_RUNNING] - state[S_ADMITTED], state[S_RUNNING], slots[SL_REQUEST])
             if state[S_IN_COUNT] > 0:
@@ -700,6 +720,7 @@ def simulate(
                     next_event_s = min(next_event_s, req_f[receiving[k], RF_TRANSFER_END])
             count = state[S_BATCH_LEN]
             if count == 0:  # nothing fits: wait for the next input
+                state[S_PHASE] = 0
                 code = _wait(clock, state, timing, now, next_event_s)
                 if code >= 0:
                     return code
@@ -737,6 +758,9 @@ def simulate(
         count = state[S_BATCH_LEN]
         row = state[S_ROUTE_ROW]
         tokens = state[S_BATCH_TOKENS]
+        if state[S_PHASE] == 1 and config[K_PRICE_OUTSIDE]:  # the caller prices it into clock[C_PRICE ...]
+            state[S_PHASE] = 3
+            return NEED_PRICE
         if state[S_PHASE] == 1:
             # Phase 1: the batch is routed (row S_ROUTE_ROW); price it.
             decode_rows = 0
@@ -755,7 +779,9 @@ def simulate(
                             route_rank_assignments[row], price)
             for p in range(6):
                 clock[C_PRICE + p] = price[p]
-            end = now + price[5]
+            state[S_PHASE] = 3
+        if state[S_PHASE] == 3:
+            end = now + clock[C_PRICE + 5]
             if end > cutoff_s:
                 clock[C_NOW] = cutoff_s
                 clock[C_END] = cutoff_s
@@ -793,3 +819,38 @@ def simulate(
             for k in range(4):
                 log_proxies[k, at, layer] = route_proxies[k, row, layer]
         state[S_ROWS] = at + 1
+
+
+# ----- the batching steps, called from Python by ``lynxsim.engine.scheduler.Scheduler`` (a plug-in's rule) --------
+
+
+@njit(cache=True)
+def schedule_step(req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray,
+                  config: np.ndarray, batch_new: np.ndarray, batch_before: np.ndarray, batch_decoding: np.ndarray,
+                  now: float) -> None:
+    """vLLM's rule (``_schedule``), the one the loop runs itself."""
+    grow = np.empty(batch_new.size, dtype=np.int64)
+    _schedule(req_i, req_f, slots, queue, state, config, batch_new, batch_before, batch_decoding, grow, now)
+
+
+@njit(cache=True)
+def schedule_running_step(req_i: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray,
+                          config: np.ndarray, batch_new: np.ndarray, budget: int) -> tuple[int, int, bool]:
+    """``_schedule_running``: tokens for the first running requests into ``batch_new`` from 0."""
+    grow = np.empty(batch_new.size, dtype=np.int64)
+    return _schedule_running(req_i, slots, queue, state, config, batch_new, grow, budget)
+
+
+@njit(cache=True)
+def admit_waiting_step(req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, queue: np.ndarray,
+                       state: np.ndarray, config: np.ndarray, batch_new: np.ndarray, at: int, budget: int,
+                       now: float, whole_prompts: bool) -> tuple[int, int]:
+    """``_admit_waiting``: admissions into ``batch_new`` from ``at``."""
+    return _admit_waiting(req_i, req_f, slots, queue, state, config, batch_new, at, budget, now, whole_prompts)
+
+
+@njit(cache=True)
+def set_batch(slots: np.ndarray, state: np.ndarray, batch_before: np.ndarray, batch_decoding: np.ndarray,
+              first: int, count: int, num_tokens: int, admitted: int) -> None:
+    """``_set_batch``."""
+    _set_batch(slots, state, batch_before, batch_decoding, first, count, num_tokens, admitted)

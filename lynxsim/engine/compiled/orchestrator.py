@@ -1,7 +1,7 @@
 """Several serving instances on the compiled engine: request routers and KV-cache transfers between them.
 
 Each instance runs in the compiled loop (``CompiledInstance``); this module holds only what lies between them,
-with the rules of ``lynxsim.engine.cluster`` (its docstring states them): arrivals routed to the co-located or
+with the rules of ``lynxsim.engine.deployment`` (its docstring states them): arrivals routed to the co-located or
 prefill instances, a prefill instance's finished prompt handed to a decode instance, which allocates its KV
 blocks and pulls its KV cache, the prefill instance freeing its blocks when the transfer ends.
 
@@ -32,15 +32,15 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from lynxsim.cost import CostModel
 from lynxsim.datatypes import RequestSpec
-from lynxsim.engine.cluster import KVTransfer, RequestRouter
 from lynxsim.engine.compiled import kernel as k
 from lynxsim.engine.compiled.driver import PROGRESS_EVERY_REQUESTS, CompiledRun, request_records, simulate
 from lynxsim.engine.compiled.instance import CompiledInstance
-from lynxsim.engine.replica import RoutingStep
+from lynxsim.engine.deployment import KVTransfer
+from lynxsim.engine.routers import RequestRouter
+from lynxsim.engine.routing_step import RoutingStep
 from lynxsim.engine.scheduler import Scheduler
-from lynxsim.parallel import ParallelCostModel
+from lynxsim.instance_cost import InstanceCostModel
 
 ST_AWAITING_TRANSFER, ST_TRANSFERRING = 20, 21
 """Cut-off statuses only a cluster gives (``kernel``'s codes stay below them)."""
@@ -295,7 +295,7 @@ class _Cluster:
 def simulate_deployment(
     roles: Sequence[str],
     make_scheduler: Callable[[], Scheduler],
-    cost_model: CostModel | ParallelCostModel,
+    cost_model: InstanceCostModel,
     step: RoutingStep,
     num_moe_layers: int,
     num_experts: int,

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 from numba import njit
 
+from lynxsim.engine.compiled import supported
 from lynxsim.engine.decode_run import MAX_RUN_ITERATIONS
 from lynxsim.parallel import ParallelCostModel
 from lynxsim.policies import Lynx, TopK, column_kernels, selection_kernels
@@ -44,7 +45,7 @@ from lynxsim.routing.synthetic import SyntheticRouting
 from lynxsim.routing.synthetic_kernels import fill_logits, fill_request_means
 
 if TYPE_CHECKING:  # the engine package imports this module's package
-    from lynxsim.engine.replica import RoutingStep
+    from lynxsim.engine.routing_step import RoutingStep
 
 
 LOGITS_SCRATCH_BYTES = 64 * 2**20
@@ -255,6 +256,7 @@ def fused_routing(
         and type(step.policy) in (TopK, Lynx)
         and (step.unions is None or num_experts <= COLUMN_EXPERTS)
         and not expert_parallel  # per-rank loads: the driver's path, through the cost model's activity
+        and supported(cost_model)  # a plug-in cost model reduces counts to activity its own way
     )
     if not enabled:
         return _placeholder(num_layers, num_experts)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lynxsim.engine import Replica, RequestRouter
+from lynxsim.engine import InstanceLoad, RequestRouter
 
 
 class WeightedRoundRobin(RequestRouter):
@@ -23,7 +23,7 @@ class WeightedRoundRobin(RequestRouter):
         self._cycle = [position for position, weight in enumerate(weights) for _ in range(weight)]
         self._turn = 0
 
-    def pick(self, pool: Sequence[Replica], eligible: Sequence[bool]) -> int:
+    def pick(self, pool: Sequence[InstanceLoad], eligible: Sequence[bool]) -> int:
         if len(pool) != len(self._weights):
             raise ValueError(f"{len(self._weights)} weights for a pool of {len(pool)} instances")
         for step in range(len(self._cycle)):

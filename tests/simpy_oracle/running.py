@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from lynxsim.engine.request import Request
+from simpy_oracle.request import Request
 
 
 class RunningSet:

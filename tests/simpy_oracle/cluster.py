@@ -1,129 +1,26 @@
-"""Several serving instances behind a request router, on one simpy clock.
-
-A cluster is either
-
-* **co-located**: ``replicas`` instances, each doing prefill and decode (continuous batching with chunked prefill);
-  the router gives each arriving request to one of them; or
-* **disaggregated** (DistServe, Splitwise, vLLM's prefill/decode disaggregation): ``prefill`` instances compute
-  prompts, ``decode`` instances generate the other tokens. The router gives each arriving request to a prefill
-  instance; the iteration that completes its prompt samples its first token (TTFT is measured there); the router
-  then picks a decode instance among the decode instances, which allocates the request's KV blocks (the prompt and
-  the first token's slot; while its pool is short the request waits in its queue, and the prefill instance keeps
-  its blocks) and pulls the prompt's KV cache. The transfer takes ``KVTransfer.time_s``: the prompt's KV bytes
-  (``ModelSpec.kv_bytes_per_token`` * tokens) over the transfer bandwidth, plus a fixed latency. When it ends the
-  prefill instance frees the request's blocks and the decode instance decodes it from its next iteration on.
-
-  This is the pull order of vLLM's NixlConnector and of Mooncake: the decode side allocates, then reads, so a full
-  decode pool pushes back on the prefill instances (whose blocks stay held) rather than losing KV data. Transfers
-  do not contend: each runs at the full bandwidth whatever else is in flight (the per-GPU link is shared in reality,
-  so many concurrent long transfers come out optimistic). A request preempted on a decode instance is recomputed
-  there (its prompt and generated tokens become a prefill on that instance, priced like any prefill, with plain
-  top-k under ``apply_to: decode_only``): upstream vLLM's decode instances recompute locally too, as far as we can
-  tell (the remote-prefill parameters are consumed by the first KV load); vLLM-Ascend's RecomputeScheduler instead
-  sends the request back to a prefill instance, which is not modelled.
-
-Routers (``router``, a name of ``lynxsim.plugins.ROUTERS``): ``round_robin`` gives requests to the instances of
-a pool in turn; ``least_outstanding`` to the instance with the fewest requests assigned and not yet done there
-(co-located and decode instances: not finished; prefill instances: not finished and KV cache not yet transferred
-out), ties to the lowest index; a plug-in's ``RequestRouter`` by its own rule. Each pool (the co-located or
-prefill instances; the decode instances) has its own router, made fresh for each simulation. A router only
-considers instances that could ever hold the request (all of them when the instances are alike); a request that
-fits no instance of a pool is rejected on arrival with that instance's reason.
-
-Every arrived request ends in ``statuses``: ``finished``, ``rejected_<reason>``, or, at the cut-off,
-``cutoff_running``, ``cutoff_waiting`` (queued, or preempted, on an instance), ``cutoff_awaiting_transfer``
-(prefilled, waiting for KV blocks on its decode instance) or ``cutoff_transferring`` (KV cache in transfer).
-"""
+"""The simpy oracle's cluster: several ``Replica`` processes behind request routers on one simpy clock, with
+the deployment rules of ``lynxsim.engine.deployment`` (its docstring states them)."""
 
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
 import simpy
 
 from lynxsim.datatypes import RequestSpec
-from lynxsim.engine.replica import Replica, Role
-from lynxsim.engine.request import Request
+from lynxsim.engine.compiled.driver import iteration_table
+from lynxsim.engine.deployment import KVTransfer, Role
+from lynxsim.engine.routers import RouterFactory
+from lynxsim.metrics import request_table
 from lynxsim.plugins import ROUTERS
+from simpy_oracle.replica import Replica
+from simpy_oracle.request import Request
 
 Mode = Literal["colocated", "disaggregated"]
-
-
-class RequestRouter(ABC):
-    """Picks the instance of a pool that receives a request: the interface of every router an experiment can
-    name (``deployment.router``). A router may keep state between requests (it serves one pool, in one
-    simulation); what it reads of an instance (``outstanding``, ``index``, ``role``) it must not change."""
-
-    reads_load = True
-    """Whether ``pick`` reads the instances' state (``outstanding``). A router that does not (round robin) has
-    every arrival routed before the simulation starts, which lets co-located instances run independently."""
-
-    @abstractmethod
-    def pick(self, pool: Sequence[Replica], eligible: Sequence[bool]) -> int:
-        """Position in ``pool`` of the chosen instance, among those with ``eligible[i]`` (at least one is)."""
-
-
-class RoundRobinRouter(RequestRouter):
-    """Each request to the next eligible instance after the previous choice, cyclically (0, 1, ..., n-1, 0, ...)."""
-
-    reads_load = False
-
-    def __init__(self) -> None:
-        self._next = 0
-
-    def pick(self, pool: Sequence[Replica], eligible: Sequence[bool]) -> int:
-        size = len(pool)
-        for step in range(size):
-            position = (self._next + step) % size
-            if eligible[position]:
-                self._next = position + 1
-                return position
-        raise ValueError("no eligible instance")
-
-
-class LeastOutstandingRouter(RequestRouter):
-    """The eligible instance with the fewest outstanding requests (``Replica.outstanding``); ties to the lowest
-    index."""
-
-    def pick(self, pool: Sequence[Replica], eligible: Sequence[bool]) -> int:
-        best = -1
-        for position, instance in enumerate(pool):
-            if eligible[position] and (best < 0 or instance.outstanding < pool[best].outstanding):
-                best = position
-        if best < 0:
-            raise ValueError("no eligible instance")
-        return best
-
-
-RouterFactory = Callable[[], RequestRouter]
-"""Makes one pool's router (a registered router with its parameters bound: ``ROUTERS.bind``)."""
-
-
-@dataclass(frozen=True)
-class KVTransfer:
-    """How long moving a request's KV cache from a prefill to a decode instance takes.
-
-    ``bandwidth_bytes_per_s`` is one direction of the link; the default a run uses is the hardware profile's
-    ``interconnect_bandwidth_bytes_per_s`` (NVLink within a node). Instances on different nodes move KV caches over
-    the NICs (e.g. 400 Gb/s InfiniBand, 50e9 B/s per direction), roughly ten times slower: set the bandwidth then.
-    """
-
-    kv_bytes_per_token: float
-    bandwidth_bytes_per_s: float
-    latency_s: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.kv_bytes_per_token <= 0 or self.bandwidth_bytes_per_s <= 0 or self.latency_s < 0:
-            raise ValueError(f"invalid KV transfer parameters {self}")
-
-    def time_s(self, tokens: int) -> float:
-        """Seconds to move the KV cache of ``tokens`` tokens: latency + bytes / bandwidth."""
-        return self.latency_s + tokens * self.kv_bytes_per_token / self.bandwidth_bytes_per_s
 
 
 class Cluster:
@@ -302,18 +199,6 @@ class Cluster:
         return iteration_table([instance.log.frame() for instance in self.instances])
 
 
-def iteration_table(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
-    """The iteration records of a deployment's instances (their ``IterationLog.frame``s, in instance order) as
-    one table, in order of start time (then instance)."""
-    frames = [frame for frame in frames if len(frame)]
-    if not frames:
-        return pd.DataFrame()
-    if len(frames) == 1:
-        return frames[0]
-    frame = pd.concat(frames, ignore_index=True)
-    return frame.sort_values(["start_s", "instance"], kind="mergesort", ignore_index=True)
-
-
 def _eligible(pool: Sequence[Replica], request: Request, max_tokens: int | None) -> tuple[list[bool], str | None]:
     """Which instances of ``pool`` could ever hold ``request`` (``max_tokens`` of it), and, when none could, the
     first one's reason."""
@@ -330,3 +215,28 @@ def run_alone(replica: Replica, specs: Sequence[RequestSpec], cutoff_s: float | 
     end_s = cluster.run(specs, cutoff_s)
     replica.arrived, replica.statuses = cluster.arrived, cluster.statuses
     return end_s
+
+
+def requests_frame(requests: list[Request], statuses: dict[int, str]) -> pd.DataFrame:
+    """One row per arrived request (``request_table``), from the engine's ``Request`` objects."""
+    nan = float("nan")
+
+    def times(values: list[float | None]) -> np.ndarray:
+        return np.array([nan if v is None else v for v in values], dtype=float)
+
+    return request_table(
+        request_id=np.array([r.request_id for r in requests], dtype=np.int64),
+        arrival_s=np.array([r.spec.arrival_s for r in requests], dtype=float),
+        prompt_tokens=np.array([r.spec.prompt_tokens for r in requests], dtype=np.int64),
+        output_tokens=np.array([r.spec.output_tokens for r in requests], dtype=np.int64),
+        generated_tokens=np.array([r.generated_tokens for r in requests], dtype=np.int64),
+        first_scheduled_s=times([r.first_scheduled_s for r in requests]),
+        first_token_s=times([r.first_token_s for r in requests]),
+        finish_s=times([r.finish_s for r in requests]),
+        preemptions=np.array([r.num_preemptions for r in requests], dtype=np.int64),
+        instance=np.array([r.instance for r in requests], dtype=np.int64),
+        decode_instance=np.array([r.decode_instance for r in requests], dtype=np.int64),
+        transfer_start_s=times([r.transfer_start_s for r in requests]),
+        transfer_end_s=times([r.transfer_end_s for r in requests]),
+        status=[statuses[r.request_id] for r in requests],
+    )
