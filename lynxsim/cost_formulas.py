@@ -322,11 +322,14 @@ def attention_s(pricing: Pricing, decode_rows: int, decode_context_sum: int, chu
     terms = pricing.terms[LAYER_EXPERTS]
     if pricing.kind == MEASURED:
         layer_s = 0.0
+        # Units as np.int64, not the module's int constants: numba compiles a callee once per argument types, and a
+        # constant is a literal type of its own (each unit compiled unit_interpolated again: ~1 s of a cold start).
+        decode_unit, prefill_unit = np.int64(ATTENTION_DECODE), np.int64(ATTENTION_PREFILL)
         if decode_rows:
-            layer_s += unit_interpolated(pricing.tables, pricing.table_at[ATTENTION_DECODE], ATTENTION_DECODE, terms,
+            layer_s += unit_interpolated(pricing.tables, pricing.table_at[ATTENTION_DECODE], decode_unit, terms,
                                          float(decode_rows), decode_context_sum / decode_rows)
         for c in range(num_chunks):
-            layer_s += unit_interpolated(pricing.tables, pricing.table_at[ATTENTION_PREFILL], ATTENTION_PREFILL, terms,
+            layer_s += unit_interpolated(pricing.tables, pricing.table_at[ATTENTION_PREFILL], prefill_unit, terms,
                                          float(chunks[c]), float(chunk_contexts[c]))
         return terms[NUM_LAYERS] * layer_s
     prefill_kv = 0.0
@@ -350,7 +353,7 @@ def _measured_experts_s(tables: np.ndarray, at: int, terms: np.ndarray, cache: n
                         distinct: int) -> float:
     """A measured MoE layer (or rank) not in ``cache`` yet: the ``moe`` table at (assignments / top_k tokens,
     distinct experts), remembered where the cache reaches."""
-    value = unit_interpolated(tables, at, MOE, terms, assignments / terms[TOP_K], float(distinct))
+    value = unit_interpolated(tables, at, np.int64(MOE), terms, assignments / terms[TOP_K], float(distinct))
     if assignments < cache.shape[0]:
         cache[assignments, distinct] = value
     return value

@@ -32,7 +32,8 @@ import math
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 from lynxsim.engine.compiled import supported
 from lynxsim.engine.decode_run import MAX_RUN_ITERATIONS
@@ -86,6 +87,9 @@ class FusedRouting(NamedTuple):
     retained: np.ndarray  # float64 scratch [groups, L]
     top1: np.ndarray
     changed: np.ndarray
+    # Which kernels route (``route_counts``' choice by ``COLUMN_EXPERTS``), told by this field's numba type so that
+    # the loop compiles only those: None for ``column_kernels``, an empty array for ``selection_kernels``.
+    selection: None | np.ndarray
 
 
 @njit(cache=True)
@@ -171,12 +175,8 @@ def route(
             n = max(per_group, 2)
             weights = fused.bin_weights[fused.bin_offsets[n] : fused.bin_offsets[n + 1]]
             retained, top1, changed = fused.retained[:groups], fused.top1[:groups], fused.changed[:groups]
-            if num_experts <= COLUMN_EXPERTS:
-                finite = column_kernels.lynx_counts(batches, fused.top_k, fused.alpha, fused.floor, weights, counts,
-                                                    retained, top1, changed)
-            else:
-                finite = selection_kernels.lynx_counts(batches, fused.top_k, fused.alpha, fused.floor, weights,
-                                                       counts, retained, top1, changed)
+            finite = _lynx_counts(fused.selection, batches, fused.top_k, fused.alpha, fused.floor, weights, counts,
+                                  retained, top1, changed)
             if not finite:
                 return False
             for g in range(groups):
@@ -186,7 +186,7 @@ def route(
                     out_proxies[2, g, layer] = changed[g, layer]
                     out_proxies[3, g, layer] = 0.0
         else:
-            if not _topk_counts(batches, fused.top_k, counts):
+            if not _topk_counts(fused.selection, batches, fused.top_k, counts):
                 return False
             _topk_proxies(out_proxies, groups, num_layers)
     for g in range(groups):
@@ -217,15 +217,45 @@ def _topk_tokens(fused: FusedRouting, start: int, end: int, counts: np.ndarray) 
     size = end - start
     x = fused.logits[: num_layers * size * num_experts]
     _fill(fused, start, end, x.reshape((num_layers, size, num_experts)))
-    return _topk_counts(x.reshape((num_layers, 1, size, num_experts)), fused.top_k, counts)
+    return _topk_counts(fused.selection, x.reshape((num_layers, 1, size, num_experts)), fused.top_k, counts)
 
 
-@njit(inline="always")
-def _topk_counts(logits: np.ndarray, top_k: int, counts: np.ndarray) -> bool:
-    """The top-k kernel ``route_counts`` picks for the expert count (``COLUMN_EXPERTS``)."""
-    if logits.shape[3] <= COLUMN_EXPERTS:
+def _topk_counts(selection: None | np.ndarray, logits: np.ndarray, top_k: int, counts: np.ndarray) -> bool:
+    """The top-k kernel ``route_counts`` picks for the expert count (``COLUMN_EXPERTS``), as ``selection`` tells
+    (``FusedRouting.selection``)."""
+    if selection is None:
         return column_kernels.topk_counts(logits, top_k, counts)
     return selection_kernels.topk_counts(logits, top_k, counts)
+
+
+@overload(_topk_counts, inline="always")
+def _topk_counts_compiled(selection, logits, top_k, counts):  # type: ignore[no-untyped-def]
+    """``_topk_counts`` in the loop: only the kernel the type of ``selection`` names is compiled."""
+    kernel = column_kernels.topk_counts if isinstance(selection, types.NoneType) else selection_kernels.topk_counts
+    return lambda selection, logits, top_k, counts: kernel(logits, top_k, counts)
+
+
+def _lynx_counts(selection: None | np.ndarray, logits: np.ndarray, top_k: int, alpha: np.ndarray, floor: np.ndarray,
+                 bin_weight: np.ndarray, counts: np.ndarray, retained: np.ndarray, top1: np.ndarray,
+                 changed: np.ndarray) -> bool:
+    """The Lynx kernel ``route_counts`` picks for the expert count, as ``selection`` tells."""
+    kernels = column_kernels if selection is None else selection_kernels
+    return kernels.lynx_counts(logits, top_k, alpha, floor, bin_weight, counts, retained, top1, changed)
+
+
+@overload(_lynx_counts, inline="always")
+def _lynx_counts_compiled(  # type: ignore[no-untyped-def]
+    selection, logits, top_k, alpha, floor, bin_weight, counts, retained, top1, changed
+):
+    """``_lynx_counts`` in the loop: only the kernel the type of ``selection`` names is compiled."""
+    kernel = column_kernels.lynx_counts if isinstance(selection, types.NoneType) else selection_kernels.lynx_counts
+
+    def impl(  # type: ignore[no-untyped-def]
+        selection, logits, top_k, alpha, floor, bin_weight, counts, retained, top1, changed
+    ):
+        return kernel(logits, top_k, alpha, floor, bin_weight, counts, retained, top1, changed)
+
+    return impl
 
 
 @njit(inline="always")
@@ -294,6 +324,7 @@ def fused_routing(
         np.zeros((MAX_RUN_ITERATIONS, num_layers, num_experts), dtype=np.int32),
         np.zeros((MAX_RUN_ITERATIONS, num_layers)), np.zeros((MAX_RUN_ITERATIONS, num_layers)),
         np.zeros((MAX_RUN_ITERATIONS, num_layers)),
+        None if num_experts <= COLUMN_EXPERTS else np.zeros(0),
     )
 
 
@@ -309,4 +340,5 @@ def _placeholder(num_layers: int, num_experts: int) -> FusedRouting:
         np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64),
         np.zeros((1, num_layers, num_experts), dtype=np.int32),
         np.zeros((1, num_layers)), np.zeros((1, num_layers)), np.zeros((1, num_layers)),
+        None if num_experts <= COLUMN_EXPERTS else np.zeros(0),
     )
