@@ -36,9 +36,7 @@ from typing import Any, NamedTuple, TypeVar
 import numpy as np
 from numpy.typing import ArrayLike
 
-from lynxsim.jit import kernels
-
-_numba = kernels("numba")  # the numba module, or None where the functions run as Python (lynxsim.jit decides)
+from lynxsim.jit import compiled
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -46,13 +44,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _compiled(*, inline: bool = False) -> Callable[[F], F]:
     """Compile a formula where numba runs, cached on disk; ``inline`` ones (the small ones, called per layer or
     per iteration) are inlined into their compiled callers, where a call would cost more than they do."""
-
-    def decorate(function: F) -> F:
-        if _numba is None:
-            return function
-        return _numba.njit(cache=True, inline="always" if inline else "never")(function)
-
-    return decorate
+    return compiled(cache=True, inline="always" if inline else "never")
 
 
 # ----- the constants of a model (``Pricing.terms``) ---------------------------------------------------------------

@@ -1,30 +1,36 @@
-"""Optional numba kernels: whether the compiled fast paths run, decided once per process.
+"""Whether numba compiles, decided once per process: the engine's loop, the cost formulas and the routing kernels.
 
 The simulator's per-iteration work (synthetic router logits, expert selection, counting) has a numpy
 reference implementation and, for the hot cases, a numba kernel that computes the same result in one pass
 without numpy's per-call overhead. The kernels live in their own modules (``*_kernels.py``) and are imported
 on first use only: importing numba costs about 0.4 s, which a process that never routes a token (the CLI's
-``models`` listing, plotting) should not pay.
+``models`` listing, plotting) should not pay. The engine's loop (``lynxsim.engine.compiled.kernel``) and the cost
+formulas are written for numba and compiled through ``compiled``.
 
 Set the environment variable ``LYNXSIM_NO_NUMBA`` (to anything but ``0``) before the first routing call to
-run the numpy reference paths instead: for debugging, or to check that both give the same numbers.
+run the numpy reference paths instead, and the loop and the formulas as the Python they are (to the same
+numbers, much slower): for debugging, to check that both give the same numbers, or for a run too short to be
+worth compiling.
 
 numba is imported at LLVM optimization level 1 (``NUMBA_OPT``, numba's default 3) unless the environment sets
 it: a cold start (empty numba cache) compiles the compiled engine's loop in less time, and the loop ran as fast
 as at level 3 within the noise, with the same records (quickstart and benchmark S1, issue 17; level 0 ran 30x
-slower). numba reads the variable when it is first imported: it applies only where numba was not imported yet.
+slower). numba reads the variable when it is first imported, so the package sets it on import
+(``lynxsim/__init__.py``): it applies only where numba was not imported yet.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from functools import cache
 from types import ModuleType
+from typing import Any, TypeVar
 
 DISABLE_VARIABLE = "LYNXSIM_NO_NUMBA"
-OPT_VARIABLE = "NUMBA_OPT"
-DEFAULT_OPT = "1"
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @cache
@@ -33,9 +39,18 @@ def kernels(module: str) -> ModuleType | None:
     importable, or ``LYNXSIM_NO_NUMBA`` is set. Cached, so the answer holds for the whole process."""
     if os.environ.get(DISABLE_VARIABLE, "") not in ("", "0"):
         return None
-    os.environ.setdefault(OPT_VARIABLE, DEFAULT_OPT)
     try:
         import numba  # noqa: F401  (only whether it imports)
     except ImportError:
         return None
     return importlib.import_module(module)
+
+
+def compiled(**options: Any) -> Callable[[F], F]:
+    """``numba.njit(**options)`` where numba runs; the function itself, run as Python, where it does not."""
+
+    def decorate(function: F) -> F:
+        numba = kernels("numba")
+        return function if numba is None else numba.njit(**options)(function)
+
+    return decorate

@@ -32,10 +32,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
 
 from lynxsim.engine.compiled.pricing import Pricing, price_iteration
 from lynxsim.engine.compiled.routing import FusedRouting, admit_means, route
+from lynxsim.jit import compiled
 
 # Return codes of ``simulate``.
 DONE, ROUTE, ROUTE_RUN, NEED_LOG, NEED_UNIFORMS, PROGRESS, TOO_MANY_TOKENS, NON_FINITE, HORIZON, NEED_OUTBOX = range(10)
@@ -101,18 +101,18 @@ LF_START, LF_LATENCY, LF_KV_USED, LF_ATTENTION, LF_DENSE, LF_MOE, LF_COMMUNICATI
 LI_PREFILL, LI_DECODE, LI_SEQUENCES, LI_SAMPLED, LI_APPLIED = range(5)
 
 
-@njit(inline="always")
+@compiled(inline="always")
 def _transfer_s(timing: np.ndarray, tokens: int) -> float:
     """``KVTransfer.time_s``: latency + bytes / bandwidth, in its order of operations."""
     return timing[T_LATENCY] + tokens * timing[T_KV_BYTES_PER_TOKEN] / timing[T_BANDWIDTH]
 
 
-@njit(inline="always")
+@compiled(inline="always")
 def _blocks_for(tokens: int, block_tokens: int) -> int:
     return -(-tokens // block_tokens)
 
 
-@njit(inline="always")
+@compiled(inline="always")
 def _try_grow_slot(slots: np.ndarray, i: int, tokens: int, state: np.ndarray, block_tokens: int) -> bool:
     """``BlockPool.try_grow`` for the running request in slot ``i``: enough blocks to cache ``tokens`` tokens,
     or False (and no change)."""
@@ -125,31 +125,31 @@ def _try_grow_slot(slots: np.ndarray, i: int, tokens: int, state: np.ndarray, bl
     return True
 
 
-@njit(inline="always")
+@compiled(inline="always")
 def _queue_at(queue: np.ndarray, state: np.ndarray, k: int) -> int:
     return queue[(state[S_WQ_HEAD] + k) % queue.size]
 
 
-@njit(inline="always")
+@compiled(inline="always")
 def _push_back(queue: np.ndarray, state: np.ndarray, r: int) -> None:
     queue[(state[S_WQ_HEAD] + state[S_WQ_COUNT]) % queue.size] = r
     state[S_WQ_COUNT] += 1
 
 
-@njit(inline="always")
+@compiled(inline="always")
 def _push_front(queue: np.ndarray, state: np.ndarray, r: int) -> None:
     state[S_WQ_HEAD] = (state[S_WQ_HEAD] - 1) % queue.size
     queue[state[S_WQ_HEAD]] = r
     state[S_WQ_COUNT] += 1
 
 
-@njit(inline="always")
+@compiled(inline="always")
 def _pop_front(queue: np.ndarray, state: np.ndarray) -> None:
     state[S_WQ_HEAD] = (state[S_WQ_HEAD] + 1) % queue.size
     state[S_WQ_COUNT] -= 1
 
 
-@njit(inline="always")
+@compiled(inline="always")
 def _write_back(req_i: np.ndarray, slots: np.ndarray, i: int) -> int:
     """The counters of slot ``i`` back into its request's row (it leaves the running set); returns the request."""
     r = slots[SL_REQUEST, i]
@@ -160,7 +160,7 @@ def _write_back(req_i: np.ndarray, slots: np.ndarray, i: int) -> int:
     return r
 
 
-@njit(inline="always")
+@compiled(inline="always")
 def _preempt_last(req_i: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray) -> None:
     """``Scheduler._preempt`` of the most recently admitted running request (recompute mode)."""
     state[S_RUNNING] -= 1
@@ -173,7 +173,7 @@ def _preempt_last(req_i: np.ndarray, slots: np.ndarray, queue: np.ndarray, state
     state[S_EPOCH] += 1
 
 
-@njit(inline="always")
+@compiled(inline="always")
 def _schedule_running(
     req_i: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray, config: np.ndarray,
     batch_new: np.ndarray, grow: np.ndarray, budget: int,
@@ -228,7 +228,7 @@ def _schedule_running(
     return index, left, preempted
 
 
-@njit(inline="always")
+@compiled(inline="always")
 def _admit_waiting(
     req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray,
     config: np.ndarray, batch_new: np.ndarray, at: int, budget: int, now: float, whole_prompts: bool,
@@ -267,7 +267,7 @@ def _admit_waiting(
     return admitted, budget
 
 
-@njit(inline="always")
+@compiled(inline="always")
 def _schedule(
     req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray,
     config: np.ndarray, batch_new: np.ndarray, batch_before: np.ndarray, batch_decoding: np.ndarray,
@@ -294,7 +294,7 @@ def _schedule(
     _set_batch(slots, state, batch_before, batch_decoding, first, count, config[K_MAX_TOKENS] - budget, admitted)
 
 
-@njit(inline="always")
+@compiled(inline="always")
 def _set_batch(
     slots: np.ndarray, state: np.ndarray, batch_before: np.ndarray, batch_decoding: np.ndarray, first: int,
     count: int, num_tokens: int, admitted: int,
@@ -316,7 +316,7 @@ def _set_batch(
     state[S_BATCH_DECODE] = decode
 
 
-@njit(inline="always")
+@compiled(inline="always")
 def _record(outbox_i: np.ndarray, outbox_f: np.ndarray, state: np.ndarray, kind: int, r: int, time_s: float) -> None:
     """An event for the caller (``EV_*``): request ``r`` (this instance's row), at ``time_s``."""
     at = state[S_OUTBOX]
@@ -326,7 +326,7 @@ def _record(outbox_i: np.ndarray, outbox_f: np.ndarray, state: np.ndarray, kind:
     state[S_OUTBOX] = at + 1
 
 
-@njit(inline="always")
+@compiled(inline="always")
 def _complete(
     req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, state: np.ndarray, config: np.ndarray,
     timing: np.ndarray, batch_new: np.ndarray, now: float, means: np.ndarray, move_means: bool,
@@ -384,7 +384,7 @@ def _complete(
     return sampled
 
 
-@njit(inline="always")
+@compiled(inline="always")
 def _apply_frees(req_i: np.ndarray, req_f: np.ndarray, frees: np.ndarray, state: np.ndarray, now: float) -> float:
     """Prefill role: free the blocks of handed-off requests whose transfer has ended by ``now``; returns the
     earliest transfer end still to come (inf: none)."""
@@ -404,7 +404,7 @@ def _apply_frees(req_i: np.ndarray, req_f: np.ndarray, frees: np.ndarray, state:
     return upcoming
 
 
-@njit(inline="always")
+@compiled(inline="always")
 def _take_received(
     req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, receiving: np.ndarray, state: np.ndarray, now: float,
 ) -> tuple[int, float]:
@@ -437,7 +437,7 @@ def _take_received(
         state[S_EPOCH] += 1
 
 
-@njit(inline="always")
+@compiled(inline="always")
 def _start_transfers(
     req_i: np.ndarray, req_f: np.ndarray, incoming: np.ndarray, receiving: np.ndarray, state: np.ndarray,
     config: np.ndarray, timing: np.ndarray, outbox_i: np.ndarray, outbox_f: np.ndarray, now: float,
@@ -464,7 +464,7 @@ def _start_transfers(
         _record(outbox_i, outbox_f, state, EV_TRANSFER, r, end)
 
 
-@njit(inline="always")
+@compiled(inline="always")
 def _wait(clock: np.ndarray, state: np.ndarray, timing: np.ndarray, now: float, next_event_s: float) -> int:
     """Nothing to compute now: move the clock to the next input this instance knows of (-1: go on), or stop at
     the horizon (``HORIZON``), the cut-off or the end of all input (``DONE``)."""
@@ -486,7 +486,7 @@ def _wait(clock: np.ndarray, state: np.ndarray, timing: np.ndarray, now: float, 
     return DONE
 
 
-@njit(cache=True)
+@compiled(cache=True)
 def _plan_run(slots: np.ndarray, state: np.ndarray, config: np.ndarray, clock: np.ndarray,
               next_arrival_s: float) -> int:
     """``plan_decode_run``: how many pure-decode iterations of the running requests to route together (0: none,
@@ -524,7 +524,7 @@ def _plan_run(slots: np.ndarray, state: np.ndarray, config: np.ndarray, clock: n
     return length if length > 1 else 0
 
 
-@njit(inline="always")
+@compiled(inline="always")
 def _draw(
     sizes: np.ndarray, distinct: np.ndarray, assignments: np.ndarray, proxies: np.ndarray,
     rank_distinct: np.ndarray, rank_assignments: np.ndarray, samples: int, num_tokens: int, u_size: float,
@@ -574,7 +574,7 @@ def _draw(
     return True
 
 
-@njit(cache=True)
+@compiled(cache=True)
 def finish_cut_off(req_i: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray) -> None:
     """The cut-off statuses of the requests still running or waiting here, running requests' counters written
     back (the caller's, once the instance is done)."""
@@ -585,7 +585,7 @@ def finish_cut_off(req_i: np.ndarray, slots: np.ndarray, queue: np.ndarray, stat
         req_i[_queue_at(queue, state, k), R_STATUS] = ST_CUTOFF_WAITING
 
 
-@njit(cache=True)
+@compiled(cache=True)
 def simulate(
     config: np.ndarray,
     timing: np.ndarray,
@@ -824,7 +824,7 @@ def simulate(
 # ----- the batching steps, called from Python by ``lynxsim.engine.scheduler.Scheduler`` (a plug-in's rule) --------
 
 
-@njit(cache=True)
+@compiled(cache=True)
 def schedule_step(req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray,
                   config: np.ndarray, batch_new: np.ndarray, batch_before: np.ndarray, batch_decoding: np.ndarray,
                   now: float) -> None:
@@ -833,7 +833,7 @@ def schedule_step(req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, queue
     _schedule(req_i, req_f, slots, queue, state, config, batch_new, batch_before, batch_decoding, grow, now)
 
 
-@njit(cache=True)
+@compiled(cache=True)
 def schedule_running_step(req_i: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray,
                           config: np.ndarray, batch_new: np.ndarray, budget: int) -> tuple[int, int, bool]:
     """``_schedule_running``: tokens for the first running requests into ``batch_new`` from 0."""
@@ -841,7 +841,7 @@ def schedule_running_step(req_i: np.ndarray, slots: np.ndarray, queue: np.ndarra
     return _schedule_running(req_i, slots, queue, state, config, batch_new, grow, budget)
 
 
-@njit(cache=True)
+@compiled(cache=True)
 def admit_waiting_step(req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, queue: np.ndarray,
                        state: np.ndarray, config: np.ndarray, batch_new: np.ndarray, at: int, budget: int,
                        now: float, whole_prompts: bool) -> tuple[int, int]:
@@ -849,7 +849,7 @@ def admit_waiting_step(req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, 
     return _admit_waiting(req_i, req_f, slots, queue, state, config, batch_new, at, budget, now, whole_prompts)
 
 
-@njit(cache=True)
+@compiled(cache=True)
 def set_batch(slots: np.ndarray, state: np.ndarray, batch_before: np.ndarray, batch_decoding: np.ndarray,
               first: int, count: int, num_tokens: int, admitted: int) -> None:
     """``_set_batch``."""

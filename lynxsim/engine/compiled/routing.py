@@ -32,11 +32,12 @@ import math
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-from numba import njit, types
+from numba import types
 from numba.extending import overload
 
 from lynxsim.engine.compiled import supported
 from lynxsim.engine.decode_run import MAX_RUN_ITERATIONS
+from lynxsim.jit import compiled, kernels
 from lynxsim.parallel import ParallelCostModel
 from lynxsim.policies import Lynx, TopK, column_kernels, selection_kernels
 from lynxsim.policies.kernels import COLUMN_EXPERTS
@@ -92,7 +93,7 @@ class FusedRouting(NamedTuple):
     selection: None | np.ndarray
 
 
-@njit(cache=True)
+@compiled(cache=True)
 def admit_means(fused: FusedRouting, first_slot: int, end_slot: int, slot_requests: np.ndarray) -> None:
     """The means of the requests just admitted to running slots ``first_slot .. end_slot - 1``
     (``slot_requests``: each running slot's request index)."""
@@ -108,7 +109,7 @@ def admit_means(fused: FusedRouting, first_slot: int, end_slot: int, slot_reques
                        fused.means, targets)
 
 
-@njit(cache=True)
+@compiled(cache=True)
 def route(
     fused: FusedRouting,
     slot_requests: np.ndarray,
@@ -202,7 +203,7 @@ def route(
     return True
 
 
-@njit(inline="always")
+@compiled(inline="always")
 def _fill(fused: FusedRouting, start: int, end: int, out: np.ndarray) -> None:
     """The synthetic logits of tokens ``start .. end - 1`` of the scratch token lists into ``out [L, T, E]``."""
     fill_logits(fused.token_requests[start:end], fused.token_positions[start:end], fused.token_slots[start:end],
@@ -210,7 +211,7 @@ def _fill(fused: FusedRouting, start: int, end: int, out: np.ndarray) -> None:
                 fused.log_scale_offset, fused.normal_table, out)
 
 
-@njit(inline="always")
+@compiled(inline="always")
 def _topk_tokens(fused: FusedRouting, start: int, end: int, counts: np.ndarray) -> bool:
     """Top-k of tokens ``start .. end - 1``, their choices added to ``counts [1, L, E]``."""
     num_layers, num_experts = fused.bias.shape
@@ -258,7 +259,7 @@ def _lynx_counts_compiled(  # type: ignore[no-untyped-def]
     return impl
 
 
-@njit(inline="always")
+@compiled(inline="always")
 def _topk_proxies(out_proxies: np.ndarray, groups: int, num_layers: int) -> None:
     """Top-k's own proxies (``QualityProxies.of_topk``): retained mass and top-1 kept 1, nothing changed."""
     for g in range(groups):
@@ -287,6 +288,7 @@ def fused_routing(
         and (step.unions is None or num_experts <= COLUMN_EXPERTS)
         and not expert_parallel  # per-rank loads: the driver's path, through the cost model's activity
         and supported(cost_model)  # a plug-in cost model reduces counts to activity its own way
+        and kernels("numba") is not None  # LYNXSIM_NO_NUMBA: the numpy reference paths route, from Python
     )
     if not enabled:
         return _placeholder(num_layers, num_experts)
