@@ -72,9 +72,9 @@ def _drop_stale_loop_cache() -> None:
                     dispatcher._cache.flush()
 
     sources = [Path(str(m.__file__)) for m in (*loop_modules, column_kernels, selection_kernels, synthetic_kernels)]
-    simulate: Any = k.simulate
-    if not isinstance(simulate, CPUDispatcher):  # LYNXSIM_NO_NUMBA: nothing compiled, nothing cached
+    if not isinstance(k.simulate, CPUDispatcher):  # LYNXSIM_NO_NUMBA: nothing compiled, nothing cached
         return
+    simulate: Any = k.simulate
     marker = Path(simulate._cache.cache_path) / "simulate.sources.sha256"  # beside numba's cache of the loop
     flush_if_sources_changed(sources, marker, flush)
 

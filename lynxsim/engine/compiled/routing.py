@@ -29,7 +29,7 @@ inputs); tests compare every record. Imported only through ``lynxsim.jit.kernels
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from numba import types
@@ -230,10 +230,14 @@ def _topk_counts(selection: None | np.ndarray, logits: np.ndarray, top_k: int, c
 
 
 @overload(_topk_counts, inline="always")
-def _topk_counts_compiled(selection, logits, top_k, counts):  # type: ignore[no-untyped-def]
+def _topk_counts_compiled(selection: Any, logits: Any, top_k: Any, counts: Any) -> Any:
     """``_topk_counts`` in the loop: only the kernel the type of ``selection`` names is compiled."""
     kernel = column_kernels.topk_counts if isinstance(selection, types.NoneType) else selection_kernels.topk_counts
-    return lambda selection, logits, top_k, counts: kernel(logits, top_k, counts)
+
+    def impl(selection: Any, logits: Any, top_k: Any, counts: Any) -> Any:  # annotated as the typing signature
+        return kernel(logits, top_k, counts)
+
+    return impl
 
 
 def _lynx_counts(selection: None | np.ndarray, logits: np.ndarray, top_k: int, alpha: np.ndarray, floor: np.ndarray,
@@ -245,15 +249,17 @@ def _lynx_counts(selection: None | np.ndarray, logits: np.ndarray, top_k: int, a
 
 
 @overload(_lynx_counts, inline="always")
-def _lynx_counts_compiled(  # type: ignore[no-untyped-def]
-    selection, logits, top_k, alpha, floor, bin_weight, counts, retained, top1, changed
-):
+def _lynx_counts_compiled(
+    selection: Any, logits: Any, top_k: Any, alpha: Any, floor: Any, bin_weight: Any, counts: Any, retained: Any,
+    top1: Any, changed: Any,
+) -> Any:
     """``_lynx_counts`` in the loop: only the kernel the type of ``selection`` names is compiled."""
     kernel = column_kernels.lynx_counts if isinstance(selection, types.NoneType) else selection_kernels.lynx_counts
 
-    def impl(  # type: ignore[no-untyped-def]
-        selection, logits, top_k, alpha, floor, bin_weight, counts, retained, top1, changed
-    ):
+    def impl(
+        selection: Any, logits: Any, top_k: Any, alpha: Any, floor: Any, bin_weight: Any, counts: Any,
+        retained: Any, top1: Any, changed: Any,
+    ) -> Any:
         return kernel(logits, top_k, alpha, floor, bin_weight, counts, retained, top1, changed)
 
     return impl
