@@ -194,3 +194,13 @@ def test_compiled_caches_are_flushed_when_a_source_they_carry_changes(tmp_path) 
     assert flush_if_sources_changed(sources, marker, lambda: flushes.append(1))
     assert not flush_if_sources_changed(sources, marker, lambda: flushes.append(1))
     assert len(flushes) == 2
+
+
+@pytest.mark.parametrize("case", ["replicas-round-robin", "replicas-least-outstanding", "disaggregated"])
+def test_progress_reaches_every_request(case: str) -> None:
+    """A run's progress (the CLI's bars) counts arrivals up, in steps, to the run's requests."""
+    setup = prepare(CASES[case])
+    label, entry, policy = setup.policies[0]
+    seen: list[int] = []
+    simulate_policy(setup, label, entry, policy, seen.append)
+    assert seen[-1] == len(setup.requests) and seen == sorted(seen) and len(seen) > 1

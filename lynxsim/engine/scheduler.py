@@ -22,15 +22,12 @@ accounting, preemption, completion and hand-offs stay the engine's, so every rul
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from lynxsim.engine.compiled import kernel as k
 from lynxsim.engine.kv_cache import BlockPool
-
-if TYPE_CHECKING:
-    from lynxsim.engine.compiled.instance import CompiledInstance
 
 REJECTION_REASONS = ("exceeds_kv_cache", "exceeds_max_num_batched_tokens")
 """Why a request can never be served (``Scheduler.rejection_codes``), in the order they are checked."""
@@ -74,6 +71,22 @@ def batch_token_ids(
     return request_tokens, positions
 
 
+class InstanceArrays(Protocol):
+    """The arrays of one instance that the batching steps read and change (``compiled.instance.CompiledInstance``
+    holds them; ``kernel``'s constants index them)."""
+
+    request_ids: np.ndarray
+    req_i: np.ndarray
+    req_f: np.ndarray
+    queue: np.ndarray
+    slots: np.ndarray
+    state: np.ndarray
+    config: np.ndarray
+    batch_new: np.ndarray
+    batch_before: np.ndarray
+    batch_decoding: np.ndarray
+
+
 class RequestQueue:
     """A read-only view of an instance's running or waiting requests, in order (running: admission order;
     waiting: the front first)."""
@@ -97,7 +110,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.chunked_prefill = chunked_prefill
-        self._instance: CompiledInstance | None = None
+        self._instance: InstanceArrays | None = None
         self._filled = 0  # batch tokens the steps of the batch being formed have written
         self._admitted = 0  # requests those steps admitted
 
@@ -118,7 +131,7 @@ class Scheduler:
         object for each batch."""
         return type(self).schedule is Scheduler.schedule
 
-    def bind(self, instance: CompiledInstance) -> None:
+    def bind(self, instance: InstanceArrays) -> None:
         """Serve ``instance``: the steps below read and change its state."""
         self._instance = instance
 
@@ -192,7 +205,7 @@ class Scheduler:
         self._admitted = 0
 
     @property
-    def _bound(self) -> CompiledInstance:
+    def _bound(self) -> InstanceArrays:
         if self._instance is None:
             raise RuntimeError("a scheduler's steps run on the instance the engine binds it to")
         return self._instance

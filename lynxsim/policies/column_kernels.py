@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, objmode
 
 from lynxsim.policies import selection_kernels as rows
 from lynxsim.policies.selection_kernels import _all_finite
@@ -172,13 +172,10 @@ def lynx_counts(
                     bins[t] = np.int32(min(-q, cap + 1.0))
                 for t in range(num_tokens):
                     deepest = max(deepest, bins[t])
-            if deepest > cap:
-                rows.lynx_counts(
-                    np.ascontiguousarray(logits[layer : layer + 1, g : g + 1]), top_k,
-                    alpha[layer : layer + 1], floor[layer : layer + 1], bin_weight,
-                    counts[g : g + 1, layer : layer + 1], retained_mass[g : g + 1, layer : layer + 1],
-                    top1_kept[g : g + 1, layer : layer + 1], assignments_changed[g : g + 1, layer : layer + 1],
-                )
+            if deepest > cap:  # rare: through Python, so that the row kernel is compiled only if it runs
+                with objmode():
+                    _rows_lynx_counts(logits, layer, g, top_k, alpha, floor, bin_weight, counts, retained_mass,
+                                      top1_kept, assignments_changed)
                 continue
             _rank_by_logit(x, rank, width)
             # score[e]: tokens per depth times B ** -depth, shallowest first (lynx.vote_scores' order); v of each
@@ -299,3 +296,20 @@ def lynx_counts(
             top1_kept[g, layer] = top1 / num_tokens
             assignments_changed[g, layer] = changed / (num_tokens * top_k)
     return True
+
+
+def _rows_lynx_counts(
+    logits: np.ndarray, layer: int, g: int, top_k: int, alpha: np.ndarray, floor: np.ndarray,
+    bin_weight: np.ndarray, counts: np.ndarray, retained_mass: np.ndarray, top1_kept: np.ndarray,
+    assignments_changed: np.ndarray,
+) -> None:
+    """``selection_kernels.lynx_counts`` of one layer and group, into their slices of the outputs: the column
+    kernel's way out for a batch deeper than the bin table. Called from object mode (``objmode``): the row kernel,
+    as large as the column one, is compiled the first time a run needs it rather than with every loop (5 s of a
+    cold start)."""
+    rows.lynx_counts(
+        np.ascontiguousarray(logits[layer : layer + 1, g : g + 1]), top_k,
+        alpha[layer : layer + 1], floor[layer : layer + 1], bin_weight,
+        counts[g : g + 1, layer : layer + 1], retained_mass[g : g + 1, layer : layer + 1],
+        top1_kept[g : g + 1, layer : layer + 1], assignments_changed[g : g + 1, layer : layer + 1],
+    )

@@ -131,6 +131,7 @@ class _Cluster:
         self.handoffs: list[tuple[float, int, int, int]] = []  # heap: (time, order, prefill instance, row)
         self.handoff_order = 0
         self.arrived = 0  # arrivals routed (or rejected)
+        self.routed_ahead = not self.entry_router.reads_load
         self.last_arrival_s = 0.0
         self.next_report = 0
 
@@ -156,9 +157,14 @@ class _Cluster:
             self.home_rows[position] = self.entry_rows[position] = row
             instance.outstanding += 1
             instance.done = False
-        if self.on_arrivals is not None and (self.arrived >= self.next_report or self.arrived == len(self.specs)):
-            self.on_arrivals(self.arrived)
-            self.next_report = self.arrived + PROGRESS_EVERY_REQUESTS
+        if not self.routed_ahead:
+            self._report(self.arrived)
+
+    def _report(self, arrived: int) -> None:
+        """Progress: ``arrived`` requests have reached the instances (every ``PROGRESS_EVERY_REQUESTS``)."""
+        if self.on_arrivals is not None and (arrived >= self.next_report or arrived == len(self.specs)):
+            self.on_arrivals(arrived)
+            self.next_report = arrived + PROGRESS_EVERY_REQUESTS
 
     def _route_handoff(self) -> None:
         time_s, _order, source_index, row = heapq.heappop(self.handoffs)
@@ -203,20 +209,28 @@ class _Cluster:
     def serve(self) -> None:
         """Advance the instance furthest behind that can move, else route the next message, until neither is
         left."""
-        routed_ahead = not self.entry_router.reads_load
+        routed_ahead = self.routed_ahead
         if routed_ahead:  # every arrival now: the picks do not depend on the instances' state
             while self._next_arrival_s() < math.inf:
                 self._route_arrival()
+            for instance in self.instances:  # progress: the arrivals the instances have taken in
+                instance.config[k.K_PROGRESS_EVERY] = PROGRESS_EVERY_REQUESTS
         takers = [self._take_events(i) for i in self.instances]
+
+        def taken_in(_arrived_here: int) -> None:
+            self._report(sum(int(i.state[k.S_ARRIVED]) for i in self.entry))
+
         while True:
             t_arrival = self._next_arrival_s()
             t_handoff = self.handoffs[0][0] if self.handoffs else math.inf
             mover, horizon = self._mover(math.inf if routed_ahead else t_arrival, t_handoff)
             if mover is not None:
-                mover.done = mover.advance(horizon, takers[mover.index]) == k.DONE
+                mover.done = mover.advance(horizon, takers[mover.index], taken_in) == k.DONE
                 continue
             t_message = min(t_arrival, t_handoff)
             if t_message == math.inf:
+                if self.on_arrivals is not None:
+                    self.on_arrivals(len(self.specs))
                 return
             behind = [i.index for i in self.instances if i.frontier_s < t_message and not (i.cut or i.done)]
             if behind:
