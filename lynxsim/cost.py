@@ -121,20 +121,6 @@ class PricedCostModel(ABC):
             priced = self._priced = self.pricing(max(needed, 2 * formulas.capacity(priced)))
         return priced
 
-    def _rank_arrays(self, priced: Pricing, activities: Sequence[ExpertActivity]) -> tuple[np.ndarray, np.ndarray]:
-        """The activities' per-rank arrays stacked (``[iterations, layers, ranks]``), read under expert parallelism
-        only (else placeholders)."""
-        if not priced.ranks:
-            placeholder = np.zeros((len(activities), 1, 1), dtype=np.int64)
-            return placeholder, placeholder
-        distinct, assignments = [], []
-        for activity in activities:
-            if activity.rank_distinct is None or activity.rank_assignments is None:
-                raise ValueError("expert parallelism prices each rank: the activity needs its per-rank arrays")
-            distinct.append(activity.rank_distinct)
-            assignments.append(activity.rank_assignments)
-        return _int64(np.stack(distinct)), _int64(np.stack(assignments))
-
     def iteration(self, batch: BatchShape, expert_token_counts: np.ndarray) -> LatencyBreakdown:
         """Latency of one iteration that runs ``batch`` with ``expert_token_counts[layer, expert]`` tokens
         assigned to each routed expert of each MoE layer (rows may sum to less than tokens * top_k where a
@@ -149,9 +135,11 @@ class PricedCostModel(ABC):
             raise ValueError("an iteration with no tokens has nothing to cost")
         priced = self._priced if self._priced is not None else self._pricing_for(0)
         rank_distinct = rank_assignments = _NO_RANK_ACTIVITY
-        if priced.ranks:
-            stacked_distinct, stacked_assignments = self._rank_arrays(priced, [activity])
-            rank_distinct, rank_assignments = stacked_distinct[0], stacked_assignments[0]
+        if priced.ranks:  # read under expert parallelism only (else placeholders)
+            if activity.rank_distinct is None or activity.rank_assignments is None:
+                raise ValueError("expert parallelism prices each rank: the activity needs its per-rank arrays")
+            rank_distinct = np.ascontiguousarray(activity.rank_distinct, dtype=np.int64)
+            rank_assignments = np.ascontiguousarray(activity.rank_assignments, dtype=np.int64)
         arrays = (decode, chunks, batch.prefill_context_tokens, _int64(activity.distinct),
                   _int64(activity.assignments), rank_distinct, rank_assignments)
         out = np.empty(6)
@@ -160,24 +148,6 @@ class PricedCostModel(ABC):
         if needed:
             price(self._pricing_for(needed), *arrays, out)
         return LatencyBreakdown(*out.tolist()[:5])
-
-    def decode_run(self, contexts: np.ndarray, activities: Sequence[ExpertActivity]) -> list[LatencyBreakdown]:
-        """Latencies of consecutive pure-decode iterations of the same sequences (``lynxsim.engine.decode_run``):
-        iteration ``j`` attends ``contexts + j + 1`` tokens with ``activities[j]``. The numbers
-        ``iteration_activity`` gives one by one, priced in one call."""
-        if not activities:
-            return []
-        if not contexts.size:
-            raise ValueError("an iteration with no tokens has nothing to cost")
-        priced = self._priced if self._priced is not None else self._pricing_for(0)
-        arrays = (_int64(contexts), _int64(np.stack([a.distinct for a in activities])),
-                  _int64(np.stack([a.assignments for a in activities])), *self._rank_arrays(priced, activities))
-        out = np.empty((len(activities), 6))
-        price = _formulas().price_decode_run
-        needed = price(priced, *arrays, out)
-        if needed:
-            price(self._pricing_for(needed), *arrays, out)
-        return [LatencyBreakdown(*row[:5]) for row in out.tolist()]
 
 
 class CostModel(PricedCostModel):

@@ -484,24 +484,6 @@ def price_batch(pricing: Pricing, decode_contexts: np.ndarray, chunks: np.ndarra
 
 
 @_compiled()
-def price_decode_run(pricing: Pricing, contexts: np.ndarray, distinct: np.ndarray, assignments: np.ndarray,
-                     rank_distinct: np.ndarray, rank_assignments: np.ndarray, out: np.ndarray) -> int:
-    """``price_batch`` of consecutive pure-decode iterations of the same sequences: iteration ``j`` (row ``j`` of
-    ``out``, of the activity arrays ``[iterations, layers(, ranks)]``) attends ``contexts + j + 1`` tokens."""
-    _check_activity(distinct, assignments, rank_distinct, rank_assignments)
-    rows = contexts.size
-    context_sum = int(contexts.sum())
-    no_chunks = np.zeros(0, dtype=np.int64)
-    for j in range(out.shape[0]):
-        needed = capacity_needed(pricing, rows, rank_assignments[j])
-        if needed:
-            return needed
-        price_iteration(pricing, rows, context_sum + rows * (j + 1), no_chunks, no_chunks, 0, rows, rows, distinct[j],
-                        assignments[j], rank_distinct[j], rank_assignments[j], out[j])
-    return 0
-
-
-@_compiled()
 def routed_experts_layers_s(pricing: Pricing, whose: int, distinct: np.ndarray, assignments: np.ndarray,
                             out: np.ndarray) -> None:
     """``out[layer]``: each MoE layer's routed experts (``routed_experts_s`` of that layer alone)."""

@@ -1,16 +1,15 @@
 """The cost model of one serving instance, as the engine and the runner use it: the interface every cost model
 keeps, what a cost-model factory is given, and the built-in factory.
 
-The engine prices each iteration through this interface only, so a cost model from outside lynxsim (a plug-in in
-the ``lynxsim.cost_models`` entry-point group, chosen by ``hardware.cost_model``) is used exactly as the built-in
-ones are: ``lynxsim.cost.CostModel`` (roofline), ``MeasuredCostModel`` (kernel tables) and
-``lynxsim.parallel.ParallelCostModel`` (several GPUs) all keep it. Only the compiled engine
-(``lynxsim.engine.compiled``) reads the built-ins' formulas directly, so a plug-in's runs take the simpy engine.
+A cost model from outside lynxsim (a plug-in in the ``lynxsim.cost_models`` entry-point group, chosen by
+``hardware.cost_model``) keeps this interface, as the built-in ones do: ``lynxsim.cost.CostModel`` (roofline),
+``MeasuredCostModel`` (kernel tables) and ``lynxsim.parallel.ParallelCostModel`` (several GPUs). The engine
+(``lynxsim.engine.compiled``) prices a plug-in's iterations through this interface, the built-ins' through their
+formulas (``lynxsim.cost_formulas``) directly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,10 +19,6 @@ from lynxsim.datatypes import BatchShape, ExpertActivity, LatencyBreakdown
 from lynxsim.hardware import HardwareProfile
 from lynxsim.models.spec import ModelSpec
 from lynxsim.parallel import ParallelPlan, make_instance_cost_model
-
-DecodeRunPricing = Callable[[np.ndarray, Sequence[ExpertActivity]], list[LatencyBreakdown]]
-"""Latencies of the iterations of a decode run together: ``(contexts, activities)`` -> one per activity, the
-iteration ``j`` attending ``contexts + j + 1`` tokens (``lynxsim.cost.CostModel.decode_run``)."""
 
 
 class InstanceCostModel(Protocol):
@@ -38,12 +33,6 @@ class InstanceCostModel(Protocol):
     def needs_expert_counts(self) -> bool:
         """Whether ``activity`` needs every expert's tokens; False lets a top-k iteration stop routing once its
         union of experts is full (each layer's distinct experts and assignments are then known)."""
-        ...
-
-    @property
-    def decode_run(self) -> DecodeRunPricing | None:
-        """Prices a decode run's iterations together (the engine keeps those that happen); None: the engine asks
-        ``iteration_activity`` one iteration at a time, only for iterations that happen."""
         ...
 
     @property

@@ -1,8 +1,8 @@
 """Per-request and per-iteration records, and the summary statistics computed from them.
 
-Records are kept in preallocated numpy columns while the simulation runs (appending a row must cost next to
-nothing in the hot loop) and become pandas DataFrames once at the end; the summary is computed from those frames
-only, so anything it reports can be recomputed by a user from the parquet files.
+Records are kept in preallocated numpy columns while the simulation runs (the compiled engine's arrays: recording
+a row must cost next to nothing in the hot loop) and become pandas DataFrames once at the end; the summary is
+computed from those frames only, so anything it reports can be recomputed by a user from the parquet files.
 
 The per-layer columns of the iteration table (``PER_LAYER_COLUMNS``) are Arrow list columns (``pd.ArrowDtype``)
 over the log's 2-D arrays rather than one numpy array per row: a long run has ~10^5 rows, and making, filtering,
@@ -12,13 +12,9 @@ stacking and converting (for parquet) that many small arrays was most of the tim
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-
-from lynxsim.datatypes import LatencyBreakdown
 
 BREAKDOWN_COLUMNS = ("attention_s", "dense_s", "moe_s", "communication_s", "overhead_s")
 PROXY_COLUMNS = ("retained_mass", "top1_kept", "assignments_changed", "assignments_dropped")
@@ -38,14 +34,13 @@ SCALAR_COLUMNS: dict[str, type] = {
     **{name: np.float64 for name in (*BREAKDOWN_COLUMNS, "total_s")},
 }
 """The per-iteration table's scalar columns, in order, with their types."""
-INITIAL_ROWS = 1024
 
 
 class IterationLog:
-    """The per-iteration table of one serving instance, growing in preallocated columns (one numpy array per
-    column, capacity doubled when full) rather than per-row Python objects: appending a row writes a few numbers,
-    appending a decode run writes its rows with one slice assignment per column. The instance's index and role
-    become constant columns in ``frame`` (nothing per row in the hot loop)."""
+    """The per-iteration table of one serving instance, as numpy columns (one array per column) rather than
+    per-row Python objects; the instance's index and role become constant columns in ``frame`` (nothing per row
+    while the simulation runs). Made by ``from_columns`` from the rows the compiled engine recorded; a new log
+    holds no rows."""
 
     def __init__(self, num_moe_layers: int, *, instance: int = 0, role: str = "colocated") -> None:
         self.num_moe_layers = num_moe_layers
@@ -53,11 +48,10 @@ class IterationLog:
         self.role = role
         self.rows = 0
         self._scalars: dict[str, np.ndarray] = {
-            name: np.zeros(INITIAL_ROWS, dtype=dtype) for name, dtype in SCALAR_COLUMNS.items()
+            name: np.zeros(0, dtype=dtype) for name, dtype in SCALAR_COLUMNS.items()
         }
-        self._distinct = np.zeros((INITIAL_ROWS, num_moe_layers), dtype=np.int16)  # distinct experts per layer
-        self._proxies = np.zeros((len(PROXY_COLUMNS), INITIAL_ROWS, num_moe_layers), dtype=np.float32)
-        self._sealed = False  # holds rows recorded elsewhere (``from_columns``): nothing is appended, frames share them
+        self._distinct = np.zeros((0, num_moe_layers), dtype=np.int16)  # distinct experts per layer
+        self._proxies = np.zeros((len(PROXY_COLUMNS), 0, num_moe_layers), dtype=np.float32)
 
     @classmethod
     def from_columns(
@@ -73,7 +67,7 @@ class IterationLog:
         """A log holding rows recorded elsewhere (the compiled engine's): ``scalars`` every one of
         ``SCALAR_COLUMNS`` in its type, ``distinct_experts`` ``[rows, layers]`` int16, ``proxies`` ``[4, rows,
         layers]`` float32, all exactly ``rows`` long. The log takes them over (``frame`` shares their memory
-        rather than copying it) and accepts no further rows."""
+        rather than copying it)."""
         if list(scalars) != list(SCALAR_COLUMNS):
             raise ValueError(f"scalar columns {list(scalars)}, expected {list(SCALAR_COLUMNS)}")
         log = cls(num_moe_layers, instance=instance, role=role)
@@ -81,92 +75,20 @@ class IterationLog:
         log._scalars = scalars
         log._distinct = distinct_experts
         log._proxies = proxies
-        log._sealed = True
         return log
 
-    def append(
-        self,
-        *,
-        start_s: float,
-        latency: LatencyBreakdown,
-        prefill_tokens: int,
-        decode_tokens: int,
-        sequences: int,
-        sampled_tokens: int,
-        policy_applied: bool,
-        distinct_experts: np.ndarray,
-        proxies: np.ndarray,
-        kv_used_fraction: float,
-    ) -> None:
-        """One iteration; ``distinct_experts`` per MoE layer, ``proxies`` ``[4, layers]`` (the ``QualityProxies``
-        fields in order)."""
-        i = self._reserve(1)
-        total_s = latency.total_s
-        values = (start_s, total_s, prefill_tokens, decode_tokens, sequences, sampled_tokens, policy_applied,
-                  kv_used_fraction, latency.attention_s, latency.dense_s, latency.moe_s, latency.communication_s,
-                  latency.overhead_s, total_s)
-        for column, value in zip(self._scalars.values(), values, strict=True):
-            column[i] = value
-        self._distinct[i] = distinct_experts
-        self._proxies[:, i] = proxies
-
-    def append_decode_run(
-        self,
-        *,
-        start_s: np.ndarray,
-        latencies: Sequence[LatencyBreakdown],
-        sequences: int,
-        distinct_experts: np.ndarray,
-        proxies: np.ndarray,
-        kv_used_fraction: np.ndarray,
-    ) -> None:
-        """The iterations of a decode run: pure decode, every one of ``sequences`` requests sampling a token, the
-        policy applied; one entry of each argument per iteration (``distinct_experts`` ``[iterations, layers]``,
-        ``proxies`` ``[4, iterations, layers]``)."""
-        count = len(latencies)
-        i = self._reserve(count)
-        rows = slice(i, i + count)
-        columns = self._scalars
-        breakdown = np.array(
-            [(lat.attention_s, lat.dense_s, lat.moe_s, lat.communication_s, lat.overhead_s, lat.total_s)
-             for lat in latencies],
-            dtype=np.float64,
-        )
-        columns["start_s"][rows] = start_s
-        columns["latency_s"][rows] = breakdown[:, -1]
-        columns["prefill_tokens"][rows] = 0
-        for name in ("decode_tokens", "sequences", "sampled_tokens"):
-            columns[name][rows] = sequences
-        columns["policy_applied"][rows] = True
-        columns["kv_used_fraction"][rows] = kv_used_fraction
-        for k, name in enumerate((*BREAKDOWN_COLUMNS, "total_s")):
-            columns[name][rows] = breakdown[:, k]
-        self._distinct[rows] = distinct_experts
-        self._proxies[:, rows] = proxies
-
-    def _reserve(self, count: int) -> int:
-        """Make room for ``count`` more rows; returns the first one's index."""
-        if self._sealed:
-            raise RuntimeError("this iteration log holds rows recorded elsewhere and takes no more")
-        first = self.rows
-        needed = first + count
-        capacity = self._distinct.shape[0]
-        if needed > capacity:
-            capacity = max(2 * capacity, needed)
-            self._scalars = {name: _grown(column, capacity, 0) for name, column in self._scalars.items()}
-            self._distinct = _grown(self._distinct, capacity, 0)
-            self._proxies = _grown(self._proxies, capacity, 1)
-        self.rows = needed
-        return first
+    @staticmethod
+    def _own(array: np.ndarray) -> np.ndarray:
+        """The array ``frame`` puts in the table for a part of a column: the part itself (its memory shared)."""
+        return array
 
     def frame(self) -> pd.DataFrame:
         """One row per iteration; ``distinct_experts`` and the proxies hold one value per MoE layer, as Arrow
-        lists (``list<int16>`` and ``list<float>``) over copies of the log's 2-D arrays (over the arrays
-        themselves for a log made by ``from_columns``)."""
+        lists (``list<int16>`` and ``list<float>``) over the log's 2-D arrays (``_own``)."""
         n = self.rows
         if not n:
             return pd.DataFrame()
-        own = (lambda array: array) if self._sealed else np.copy  # a growing log's buffers change later
+        own = self._own
         columns: dict[str, np.ndarray | pd.Series | pd.arrays.ArrowExtensionArray] = {
             name: own(column[:n]) for name, column in self._scalars.items()
         }
@@ -210,15 +132,6 @@ def per_layer(column: pd.Series) -> np.ndarray:
         flat = [chunk.flatten().to_numpy() for chunk in pa.chunked_array(column).chunks]
         return (flat[0] if len(flat) == 1 else np.concatenate(flat)).reshape(len(column), -1)  # one chunk: a view
     return np.stack(column.to_numpy())
-
-
-def _grown(array: np.ndarray, capacity: int, axis: int) -> np.ndarray:
-    """``array`` with its ``axis`` lengthened to ``capacity``, the new rows zero."""
-    shape = list(array.shape)
-    shape[axis] = capacity
-    grown = np.zeros(shape, dtype=array.dtype)
-    grown[(slice(None),) * axis + (slice(0, array.shape[axis]),)] = array
-    return grown
 
 
 def request_table(

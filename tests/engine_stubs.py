@@ -18,7 +18,6 @@ class ConstantCost:
 
     source = "constant"
     needs_expert_counts = False
-    decode_run = None  # asked one iteration at a time, so that ``shapes`` holds every iteration
 
     def __init__(self, latency_s: float) -> None:
         self.latency_s = latency_s

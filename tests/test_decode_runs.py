@@ -102,33 +102,3 @@ def test_routing_a_prefill_until_its_top_k_union_fills_changes_no_number(monkeyp
         assert (early["prefill_tokens"] > 16).sum() > 10  # the early exit had work to do
         assert np.array_equal(early["latency_s"].to_numpy(), full["latency_s"].to_numpy())
         assert np.array_equal(np.stack(early["distinct_experts"]), np.stack(full["distinct_experts"]))
-
-
-@pytest.mark.parametrize("parallelism", [{}, {"tensor_parallel": 2}, {"tensor_parallel": 2, "expert_parallel": 2}],
-                         ids=["one-gpu", "tp2", "ep2"])
-def test_decode_run_pricing_equals_pricing_one_iteration_at_a_time(parallelism: dict) -> None:
-    """Every cost model prices a decode run's iterations together to the same latencies as one by one."""
-    from lynxsim.cost import CostModel
-    from lynxsim.datatypes import BatchShape
-
-    cost = prepare(_config(parallelism)).cost_model
-    rng = np.random.default_rng(0)
-    contexts = rng.integers(1, 3000, size=24)
-    model_layers, experts = config_model_shape(cost)
-    activities = []
-    for _ in range(9):
-        counts = np.zeros((model_layers, experts), dtype=np.int64)
-        for layer in range(model_layers):
-            picks = rng.choice(experts, size=(contexts.size, 2), replace=True)
-            np.add.at(counts[layer], picks.ravel(), 1)
-        activities.append(cost.activity(counts))
-    together = cost.decode_run(contexts, activities)
-    for j, activity in enumerate(activities):
-        alone = cost.iteration_activity(BatchShape(decode_context_tokens=contexts + j + 1), activity)
-        assert together[j].as_dict() == pytest.approx(alone.as_dict(), rel=1e-12)
-    assert isinstance(cost, CostModel) == (not parallelism)
-
-
-def config_model_shape(cost: object) -> tuple[int, int]:
-    model = cost.model  # type: ignore[attr-defined]
-    return model.num_moe_layers, model.num_experts

@@ -48,7 +48,6 @@ class RecordingCostModel:
     per expert its activity came from."""
 
     needs_expert_counts = True  # validation executes each expert's recorded tokens
-    decode_run = None  # priced one iteration at a time, so that only iterations that happen are recorded
 
     def __init__(self, inner: InstanceCostModel) -> None:
         self.inner = inner

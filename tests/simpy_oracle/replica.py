@@ -32,9 +32,9 @@ from lynxsim.engine.decode_run import run_token_ids
 from lynxsim.engine.deployment import ROLES, Role
 from lynxsim.engine.routing_step import RoutingStep
 from lynxsim.instance_cost import InstanceCostModel
-from lynxsim.metrics import IterationLog
 from lynxsim.routing.statistical import ActivityDraws, UniformStream
 from simpy_oracle.decode_run import DecodeRun, plan_decode_run
+from simpy_oracle.log import GrowingLog
 from simpy_oracle.request import Request
 from simpy_oracle.scheduler import ScheduledBatch, Scheduler
 
@@ -72,7 +72,7 @@ class Replica:
         self.env = simpy.Environment() if env is None else env
         self.index = index
         self.role: Role = role
-        self.log = IterationLog(num_moe_layers, instance=index, role=role)
+        self.log = GrowingLog(num_moe_layers, instance=index, role=role)
         self.arrived: list[Request] = []
         self.statuses: dict[int, str] = {}
         self.outstanding = 0  # requests routed here and not yet done here (the least-outstanding router's load)
@@ -214,18 +214,8 @@ class Replica:
     ) -> tuple[list[LatencyBreakdown], np.ndarray]:
         """The latencies of the decode run's iterations that happen, and their start times followed by the last
         one's end (``ends[j]``: iteration ``j`` starts, ``ends[j + 1]``: it ends). Each iteration must start
-        before the next arrival (the first always does) and end by the cut-off. A cost model that prices decode
-        runs together prices all of them, the cut keeping those that happen; one without (e.g. validation's
-        recorder, which must record only iterations that happen) is asked one iteration at a time."""
-        price_run = self.cost_model.decode_run
-        if price_run is not None:
-            latencies = price_run(contexts, activities)
-            # Sequential sums, as the clock advances: ends[j + 1] = ends[j] + latency j, bit for bit.
-            ends = np.add.accumulate(np.array([start_s, *(lat.total_s for lat in latencies)], dtype=np.float64))
-            happens = ends[1:] <= cluster.cutoff_s
-            happens[1:] &= ends[1:-1] < cluster.next_arrival_s
-            used = int(np.argmin(happens)) if not happens.all() else len(latencies)
-            return latencies[:used], ends[: used + 1]
+        before the next arrival (the first always does) and end by the cut-off. The cost model prices one
+        iteration at a time, as in the engine, and only the iterations that happen."""
         end_s, starts, latencies = start_s, [start_s], []
         for j, activity in enumerate(activities):
             if j and end_s >= cluster.next_arrival_s:

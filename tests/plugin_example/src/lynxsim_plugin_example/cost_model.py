@@ -10,12 +10,11 @@ profile's measured tables, else the roofline) through the same registry and scal
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import numpy as np
 
 from lynxsim.datatypes import BatchShape, ExpertActivity, LatencyBreakdown
-from lynxsim.instance_cost import CostModelContext, DecodeRunPricing, InstanceCostModel
+from lynxsim.instance_cost import CostModelContext, InstanceCostModel
 from lynxsim.plugins import COST_MODELS
 
 
@@ -30,7 +29,6 @@ class Scaled:
         self.source = f"{self.base.source}, scaled x{self.factor:g}"
         self.needs_expert_counts = self.base.needs_expert_counts
         self.kv_bytes_per_token_per_gpu = self.base.kv_bytes_per_token_per_gpu
-        self.decode_run: DecodeRunPricing | None = self._decode_run if self.base.decode_run is not None else None
 
     def activity(self, expert_token_counts: np.ndarray) -> ExpertActivity:
         return self.base.activity(expert_token_counts)
@@ -43,10 +41,6 @@ class Scaled:
 
     def gpu_time_s(self, latency: LatencyBreakdown) -> float:
         return self.factor * self.base.gpu_time_s(self._scale(latency, 1.0 / self.factor))
-
-    def _decode_run(self, contexts: np.ndarray, activities: Sequence[ExpertActivity]) -> list[LatencyBreakdown]:
-        assert self.base.decode_run is not None
-        return [self._scale(latency, self.factor) for latency in self.base.decode_run(contexts, activities)]
 
     @staticmethod
     def _scale(latency: LatencyBreakdown, factor: float) -> LatencyBreakdown:
