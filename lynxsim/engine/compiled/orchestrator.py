@@ -210,6 +210,7 @@ class _Cluster:
         """Advance the instance furthest behind that can move, else route the next message, until neither is
         left."""
         routed_ahead = self.routed_ahead
+        self._report(0)
         if routed_ahead:  # every arrival now: the picks do not depend on the instances' state
             while self._next_arrival_s() < math.inf:
                 self._route_arrival()
