@@ -101,18 +101,18 @@ LF_START, LF_LATENCY, LF_KV_USED, LF_ATTENTION, LF_DENSE, LF_MOE, LF_COMMUNICATI
 LI_PREFILL, LI_DECODE, LI_SEQUENCES, LI_SAMPLED, LI_APPLIED = range(5)
 
 
-@compiled(inline="always")
+@compiled(inline="never")
 def _transfer_s(timing: np.ndarray, tokens: int) -> float:
     """``KVTransfer.time_s``: latency + bytes / bandwidth, in its order of operations."""
     return timing[T_LATENCY] + tokens * timing[T_KV_BYTES_PER_TOKEN] / timing[T_BANDWIDTH]
 
 
-@compiled(inline="always")
+@compiled(inline="never")
 def _blocks_for(tokens: int, block_tokens: int) -> int:
     return -(-tokens // block_tokens)
 
 
-@compiled(inline="always")
+@compiled(inline="never")
 def _try_grow_slot(slots: np.ndarray, i: int, tokens: int, state: np.ndarray, block_tokens: int) -> bool:
     """``BlockPool.try_grow`` for the running request in slot ``i``: enough blocks to cache ``tokens`` tokens,
     or False (and no change)."""
@@ -125,31 +125,31 @@ def _try_grow_slot(slots: np.ndarray, i: int, tokens: int, state: np.ndarray, bl
     return True
 
 
-@compiled(inline="always")
+@compiled(inline="never")
 def _queue_at(queue: np.ndarray, state: np.ndarray, k: int) -> int:
     return queue[(state[S_WQ_HEAD] + k) % queue.size]
 
 
-@compiled(inline="always")
+@compiled(inline="never")
 def _push_back(queue: np.ndarray, state: np.ndarray, r: int) -> None:
     queue[(state[S_WQ_HEAD] + state[S_WQ_COUNT]) % queue.size] = r
     state[S_WQ_COUNT] += 1
 
 
-@compiled(inline="always")
+@compiled(inline="never")
 def _push_front(queue: np.ndarray, state: np.ndarray, r: int) -> None:
     state[S_WQ_HEAD] = (state[S_WQ_HEAD] - 1) % queue.size
     queue[state[S_WQ_HEAD]] = r
     state[S_WQ_COUNT] += 1
 
 
-@compiled(inline="always")
+@compiled(inline="never")
 def _pop_front(queue: np.ndarray, state: np.ndarray) -> None:
     state[S_WQ_HEAD] = (state[S_WQ_HEAD] + 1) % queue.size
     state[S_WQ_COUNT] -= 1
 
 
-@compiled(inline="always")
+@compiled(inline="never")
 def _write_back(req_i: np.ndarray, slots: np.ndarray, i: int) -> int:
     """The counters of slot ``i`` back into its request's row (it leaves the running set); returns the request."""
     r = slots[SL_REQUEST, i]
@@ -160,7 +160,7 @@ def _write_back(req_i: np.ndarray, slots: np.ndarray, i: int) -> int:
     return r
 
 
-@compiled(inline="always")
+@compiled(inline="never")
 def _preempt_last(req_i: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray) -> None:
     """``Scheduler._preempt`` of the most recently admitted running request (recompute mode)."""
     state[S_RUNNING] -= 1
@@ -173,7 +173,7 @@ def _preempt_last(req_i: np.ndarray, slots: np.ndarray, queue: np.ndarray, state
     state[S_EPOCH] += 1
 
 
-@compiled(inline="always")
+@compiled(inline="never")
 def _schedule_running(
     req_i: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray, config: np.ndarray,
     batch_new: np.ndarray, grow: np.ndarray, budget: int,
@@ -228,7 +228,7 @@ def _schedule_running(
     return index, left, preempted
 
 
-@compiled(inline="always")
+@compiled(inline="never")
 def _admit_waiting(
     req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray,
     config: np.ndarray, batch_new: np.ndarray, at: int, budget: int, now: float, whole_prompts: bool,
@@ -267,7 +267,7 @@ def _admit_waiting(
     return admitted, budget
 
 
-@compiled(inline="always")
+@compiled(inline="never")
 def _schedule(
     req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray,
     config: np.ndarray, batch_new: np.ndarray, batch_before: np.ndarray, batch_decoding: np.ndarray,
@@ -294,7 +294,7 @@ def _schedule(
     _set_batch(slots, state, batch_before, batch_decoding, first, count, config[K_MAX_TOKENS] - budget, admitted)
 
 
-@compiled(inline="always")
+@compiled(inline="never")
 def _set_batch(
     slots: np.ndarray, state: np.ndarray, batch_before: np.ndarray, batch_decoding: np.ndarray, first: int,
     count: int, num_tokens: int, admitted: int,
@@ -316,7 +316,7 @@ def _set_batch(
     state[S_BATCH_DECODE] = decode
 
 
-@compiled(inline="always")
+@compiled(inline="never")
 def _record(outbox_i: np.ndarray, outbox_f: np.ndarray, state: np.ndarray, kind: int, r: int, time_s: float) -> None:
     """An event for the caller (``EV_*``): request ``r`` (this instance's row), at ``time_s``."""
     at = state[S_OUTBOX]
@@ -326,7 +326,7 @@ def _record(outbox_i: np.ndarray, outbox_f: np.ndarray, state: np.ndarray, kind:
     state[S_OUTBOX] = at + 1
 
 
-@compiled(inline="always")
+@compiled(inline="never")
 def _complete(
     req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, state: np.ndarray, config: np.ndarray,
     timing: np.ndarray, batch_new: np.ndarray, now: float, means: np.ndarray, move_means: bool,
@@ -384,7 +384,7 @@ def _complete(
     return sampled
 
 
-@compiled(inline="always")
+@compiled(inline="never")
 def _apply_frees(req_i: np.ndarray, req_f: np.ndarray, frees: np.ndarray, state: np.ndarray, now: float) -> float:
     """Prefill role: free the blocks of handed-off requests whose transfer has ended by ``now``; returns the
     earliest transfer end still to come (inf: none)."""
@@ -404,7 +404,7 @@ def _apply_frees(req_i: np.ndarray, req_f: np.ndarray, frees: np.ndarray, state:
     return upcoming
 
 
-@compiled(inline="always")
+@compiled(inline="never")
 def _take_received(
     req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, receiving: np.ndarray, state: np.ndarray, now: float,
 ) -> tuple[int, float]:
@@ -437,7 +437,7 @@ def _take_received(
         state[S_EPOCH] += 1
 
 
-@compiled(inline="always")
+@compiled(inline="never")
 def _start_transfers(
     req_i: np.ndarray, req_f: np.ndarray, incoming: np.ndarray, receiving: np.ndarray, state: np.ndarray,
     config: np.ndarray, timing: np.ndarray, outbox_i: np.ndarray, outbox_f: np.ndarray, now: float,
@@ -464,7 +464,7 @@ def _start_transfers(
         _record(outbox_i, outbox_f, state, EV_TRANSFER, r, end)
 
 
-@compiled(inline="always")
+@compiled(inline="never")
 def _wait(clock: np.ndarray, state: np.ndarray, timing: np.ndarray, now: float, next_event_s: float) -> int:
     """Nothing to compute now: move the clock to the next input this instance knows of (-1: go on), or stop at
     the horizon (``HORIZON``), the cut-off or the end of all input (``DONE``)."""
@@ -524,7 +524,7 @@ def _plan_run(slots: np.ndarray, state: np.ndarray, config: np.ndarray, clock: n
     return length if length > 1 else 0
 
 
-@compiled(inline="always")
+@compiled(inline="never")
 def _draw(
     sizes: np.ndarray, distinct: np.ndarray, assignments: np.ndarray, proxies: np.ndarray,
     rank_distinct: np.ndarray, rank_assignments: np.ndarray, samples: int, num_tokens: int, u_size: float,
