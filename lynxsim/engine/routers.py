@@ -48,7 +48,7 @@ class RoundRobinRouter(RequestRouter):
 
 
 class LeastOutstandingRouter(RequestRouter):
-    """The eligible instance with the fewest outstanding requests (``Replica.outstanding``); ties to the lowest
+    """The eligible instance with the fewest outstanding requests (``InstanceLoad.outstanding``); ties to the lowest
     index."""
 
     def pick(self, pool: Sequence[InstanceLoad], eligible: Sequence[bool]) -> int:

@@ -1,49 +1,25 @@
-"""The compiled engine: one co-located serving instance simulated in a numba loop.
+"""The engine: every serving instance simulated in one numba loop, and every deployment built from such instances.
 
-The simpy engine (``Cluster``, ``Replica``, ``Scheduler``) handles every deployment: replicas behind a router,
-disaggregated prefill and decode with KV-cache transfers, tensor and expert parallelism. Its cost per iteration
-is Python's: tens of microseconds of scheduling, pricing and bookkeeping, which bounds a simulation at a few
-hundred times real time however little the routing costs (the statistical mode). The most common deployment, one
-co-located instance (on one GPU, or on several with tensor and expert parallelism, priced by the one-GPU cost
-models or the parallel one over them), is simulated here instead:
-the same decisions, restated over arrays and compiled (``kernel``), with the per-iteration latency from the same
-formulas (``pricing``). Exact routing still runs in Python between kernel calls, by the simpy engine's own
-routing code, a decode run's iterations together as there.
+``kernel`` is the loop of one instance's serving step (arrivals into its queue or, on a decode instance, its
+incoming queue; vLLM's scheduling with KV-cache blocks and preemption; the iteration's routing, pricing and
+completion; hand-offs and KV-cache transfers), stated once over arrays; ``instance`` holds one instance's arrays and
+answers what the loop asks of Python (exact routing through ``RoutingStep``, a plug-in cost model's price or a
+plug-in scheduler's batch, room in the log or the outbox); ``orchestrator`` runs a deployment: one instance alone
+(``driver``), replicas behind a request router, or prefill and decode instances with KV-cache transfers between
+them. Each iteration's latency comes from the cost model's own formulas (``pricing``, ``lynxsim.cost_formulas``).
 
-The two engines give the same records (tests/test_compiled_engine.py compares every request and iteration
-column, within 1e-12 relative where float sums are ordered differently). ``runner.simulate_policy`` takes this
-engine wherever ``engine_for`` allows it; set ``LYNXSIM_ENGINE=simpy`` to always run the simpy engine, or
-``LYNXSIM_NO_NUMBA`` to run without numba at all.
+tests/test_compiled_engine.py holds it to the first, simpy engine (tests/simpy_oracle), record for record. Set
+``LYNXSIM_NO_NUMBA`` to run the loop as plain Python (``lynxsim.jit``).
 """
 
 from __future__ import annotations
 
-import os
-from types import ModuleType
-
 from lynxsim.cost import CostModel, MeasuredCostModel
-from lynxsim.errors import InputError
-from lynxsim.jit import kernels
 from lynxsim.parallel import ParallelCostModel
-
-ENGINE_VARIABLE = "LYNXSIM_ENGINE"
-"""``simpy`` forces the simpy engine; unset (or ``auto``) uses the compiled one wherever it applies."""
 
 
 def supported(cost_model: object) -> bool:
-    """Whether the compiled engine prices ``cost_model`` (``pricing.Pricing``): the one-GPU ``CostModel`` or
+    """Whether the loop prices ``cost_model`` itself (``pricing.Pricing``): the one-GPU ``CostModel`` or
     ``MeasuredCostModel``, or a ``ParallelCostModel`` over one of them (tensor and expert parallelism)."""
     base = cost_model.base if isinstance(cost_model, ParallelCostModel) else cost_model
     return type(base) in (CostModel, MeasuredCostModel)
-
-
-def compiled_engine() -> ModuleType | None:
-    """The compiled engine's entry module (``lynxsim.engine.compiled.orchestrator``), which simulates every
-    deployment under any cost model (a ``supported`` one priced in the loop, another, a plug-in's, through its
-    Python code), unless numba is unavailable or switched off. None: use the simpy engine."""
-    choice = os.environ.get(ENGINE_VARIABLE, "auto")
-    if choice not in ("auto", "simpy"):
-        raise InputError(ENGINE_VARIABLE, f"must be auto or simpy, got {choice!r}")
-    if choice == "simpy":
-        return None
-    return kernels("lynxsim.engine.compiled.orchestrator")

@@ -1,11 +1,9 @@
-"""Running one co-located instance on the compiled engine, and answering what its loop asks for.
+"""One co-located instance alone on the engine, and the records every run gives.
 
-``simulate`` builds the arrays of ``kernel.simulate`` from the run's requests, scheduler limits, cost model and
-routing step, re-enters the kernel until it is done, and gives back what the simpy engine gives: the arrived
-requests' records (the table ``metrics.requests_frame`` makes of the simpy engine's ``Request`` objects, made
-here from the kernel's arrays), the instance's ``IterationLog`` and the simulated end time. Between two entries
-it routes exactly (``RoutingStep.exact_activities``, the simpy engine's own routing), adds a part to the log,
-draws more uniforms, or reports progress.
+``simulate`` gives one ``CompiledInstance`` every request up front and lets it run to the end (no horizon: no other
+instance can send it anything). ``request_records`` and ``iteration_table`` turn instances' arrays into the
+records (the tables ``lynxsim.metrics`` defines), for this and for ``orchestrator``'s deployments of several
+instances. numba's on-disk caches of the loop are flushed when a source they carry changes.
 """
 
 from __future__ import annotations
@@ -93,7 +91,7 @@ STATUS_NAMES = {
 
 
 class CompiledRun(NamedTuple):
-    """What a simulation gives: the arrived requests' records (``metrics.requests_frame``'s table), every
+    """What a simulation gives: the arrived requests' records (``metrics.request_table``), every
     instance's iteration log, the simulated end time."""
 
     requests: pd.DataFrame

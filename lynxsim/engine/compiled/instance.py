@@ -375,7 +375,7 @@ class CompiledInstance:
 
     def _price(self) -> None:
         """The routed batch in the buffers priced by the cost model's Python code (a plug-in's), into the
-        loop's price entries: what ``Replica._execute`` prices."""
+        loop's price entries."""
         state = self.state
         count = int(state[k.S_BATCH_LEN])
         row = int(state[k.S_ROUTE_ROW])

@@ -1,19 +1,27 @@
-"""The compiled engine's simulation loop: one co-located serving instance, iteration after iteration, in numba.
+"""The engine's loop: one serving instance, iteration after iteration, in numba; every deployment runs on it.
 
-It is the simpy engine (``Cluster`` of one ``Replica`` with its ``Scheduler``) restated over arrays, decision for
-decision: arrivals join the waiting queue (or are rejected), the scheduler forms each batch as vLLM does (running
-requests first, then admissions; chunked prefill or whole prompts; preemption of the most recently admitted when
-the KV cache runs short), the iteration is routed, priced (``pricing.price_iteration``), advanced and logged.
+Decision for decision (the first, simpy engine in tests/simpy_oracle is held to the same records): arrivals join
+the waiting queue (or are rejected), the scheduler forms each batch as vLLM does (running requests first, then
+admissions; chunked prefill or whole prompts; preemption of the most recently admitted when the KV cache runs
+short), the iteration is routed, priced (``pricing.price_iteration``), advanced and logged. An instance has a role
+(``ROLE_*``): co-located; prefill (a request whose first token is sampled is handed off, its blocks held until its
+KV cache has moved: ``frees``); decode (handed-off requests wait in ``incoming`` for KV blocks, then for their
+transfer, ``receiving``, then join the running set). It stops at its horizon (``HORIZON``: it starts no iteration
+at or after it; a prefill instance also completes no iteration past it) so that the orchestrator can bring it
+inputs in time, and writes what others must know to its outbox (``EV_*``).
 What it cannot do here it asks the caller for and returns (``simulate`` is re-entered until ``DONE``):
 
 * ``ROUTE``: exact routing of the batch in the batch buffers (the caller routes it, fills routing row 0);
 * ``ROUTE_RUN``: exact routing of the next ``groups`` pure-decode iterations of the running requests (the caller
   fills rows ``0 .. groups - 1``); the loop then takes each iteration's row while the batch stays that decode
-  batch, as the simpy engine's decode runs do (``lynxsim.engine.decode_run``);
+  batch (``lynxsim.engine.decode_run``);
 * ``NEED_LOG`` / ``NEED_UNIFORMS``: the iteration log or the statistical mode's uniforms need more room;
 * ``PROGRESS``: another ``progress_every`` requests arrived;
 * ``TOO_MANY_TOKENS``: a statistical table does not cover the batch (the caller raises the simpy path's error);
-* ``NON_FINITE``: routing in the loop met non-finite logits (the caller raises ``route_counts``' error).
+* ``NON_FINITE``: routing in the loop met non-finite logits (the caller raises ``route_counts``' error);
+* ``HORIZON`` / ``NEED_OUTBOX``: the horizon is reached / the outbox is full;
+* ``NEED_PRICE``: a cost model without formulas here (a plug-in's) prices the routed batch (into ``clock``);
+* ``NEED_SCHEDULE``: a plug-in scheduler forms the batch, through this module's batching steps.
 
 Where ``routing.FusedRouting`` is enabled (synthetic routing, one top-k or Lynx policy) the loop routes exact
 batches itself instead of returning ``ROUTE`` / ``ROUTE_RUN``, with the same kernels as the caller would.
@@ -409,7 +417,7 @@ def _take_received(
     req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, receiving: np.ndarray, state: np.ndarray, now: float,
 ) -> tuple[int, float]:
     """Decode role: the requests whose KV cache has arrived by ``now`` join the running set, in the order their
-    transfers ended (``Replica.received``); returns the first slot they took (``S_RUNNING`` if none) and the
+    transfers ended; returns the first slot they took (``S_RUNNING`` if none) and the
     earliest transfer end still to come (inf: none)."""
     first_slot = state[S_RUNNING]
     while True:
@@ -442,7 +450,7 @@ def _start_transfers(
     req_i: np.ndarray, req_f: np.ndarray, incoming: np.ndarray, receiving: np.ndarray, state: np.ndarray,
     config: np.ndarray, timing: np.ndarray, outbox_i: np.ndarray, outbox_f: np.ndarray, now: float,
 ) -> None:
-    """Decode role (``Replica._receive``): allocate KV blocks for prefilled requests, in the order they came,
+    """Decode role: allocate KV blocks for prefilled requests, in the order they came,
     while none waits here, the sequence limit and the pool allow, and start pulling their KV caches."""
     block_tokens = config[K_BLOCK_TOKENS]
     while (state[S_IN_COUNT] > 0 and state[S_WQ_COUNT] == 0
@@ -490,8 +498,8 @@ def _wait(clock: np.ndarray, state: np.ndarray, timing: np.ndarray, now: float, 
 def _plan_run(slots: np.ndarray, state: np.ndarray, config: np.ndarray, clock: np.ndarray,
               next_arrival_s: float) -> int:
     """``plan_decode_run``: how many pure-decode iterations of the running requests to route together (0: none,
-    step the next iteration alone). Only where the simpy engine would start a decode run; bounded by the
-    iterations that fit before the next arrival at the last iteration's latency, plus one (the simpy engine
+    step the next iteration alone). Only where every running request decodes and nothing waits; bounded by the
+    iterations that fit before the next input at the last iteration's latency, plus one (the simpy oracle
     routes up to twice as many: a Python routing call costs more than the iterations an arrival then wastes,
     where routing in the loop (``routing.route``) costs less). The length changes what is routed ahead, never a
     record."""
