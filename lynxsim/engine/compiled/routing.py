@@ -29,11 +29,10 @@ inputs); tests compare every record. Imported only through ``lynxsim.jit.kernels
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-from numba import types
-from numba.extending import overload
+from numba import objmode
 
 from lynxsim.engine.compiled import supported
 from lynxsim.engine.decode_run import MAX_RUN_ITERATIONS
@@ -88,9 +87,6 @@ class FusedRouting(NamedTuple):
     retained: np.ndarray  # float64 scratch [groups, L]
     top1: np.ndarray
     changed: np.ndarray
-    # Which kernels route (``route_counts``' choice by ``COLUMN_EXPERTS``), told by this field's numba type so that
-    # the loop compiles only those: None for ``column_kernels``, an empty array for ``selection_kernels``.
-    selection: None | np.ndarray
 
 
 @compiled(cache=True)
@@ -176,7 +172,7 @@ def route(
             n = max(per_group, 2)
             weights = fused.bin_weights[fused.bin_offsets[n] : fused.bin_offsets[n + 1]]
             retained, top1, changed = fused.retained[:groups], fused.top1[:groups], fused.changed[:groups]
-            finite = _lynx_counts(fused.selection, batches, fused.top_k, fused.alpha, fused.floor, weights, counts,
+            finite = _lynx_counts(batches, fused.top_k, fused.alpha, fused.floor, weights, counts,
                                   retained, top1, changed)
             if not finite:
                 return False
@@ -187,7 +183,7 @@ def route(
                     out_proxies[2, g, layer] = changed[g, layer]
                     out_proxies[3, g, layer] = 0.0
         else:
-            if not _topk_counts(fused.selection, batches, fused.top_k, counts):
+            if not _topk_counts(batches, fused.top_k, counts):
                 return False
             _topk_proxies(out_proxies, groups, num_layers)
     for g in range(groups):
@@ -218,51 +214,31 @@ def _topk_tokens(fused: FusedRouting, start: int, end: int, counts: np.ndarray) 
     size = end - start
     x = fused.logits[: num_layers * size * num_experts]
     _fill(fused, start, end, x.reshape((num_layers, size, num_experts)))
-    return _topk_counts(fused.selection, x.reshape((num_layers, 1, size, num_experts)), fused.top_k, counts)
+    return _topk_counts(x.reshape((num_layers, 1, size, num_experts)), fused.top_k, counts)
 
 
-def _topk_counts(selection: None | np.ndarray, logits: np.ndarray, top_k: int, counts: np.ndarray) -> bool:
-    """The top-k kernel ``route_counts`` picks for the expert count (``COLUMN_EXPERTS``), as ``selection`` tells
-    (``FusedRouting.selection``)."""
-    if selection is None:
+@compiled(cache=True)
+def _topk_counts(logits: np.ndarray, top_k: int, counts: np.ndarray) -> bool:
+    """The top-k kernel ``route_counts`` picks for the expert count (``COLUMN_EXPERTS``). Many experts' kernel is
+    called through Python (``objmode``): compiled the first time a run needs it, not with every loop (the loop then
+    compiles once for every model), for a call that costs microseconds against its kernel's work on many experts."""
+    if logits.shape[3] <= COLUMN_EXPERTS:
         return column_kernels.topk_counts(logits, top_k, counts)
-    return selection_kernels.topk_counts(logits, top_k, counts)
+    with objmode(finite="boolean"):
+        finite = selection_kernels.topk_counts(logits, top_k, counts)
+    return finite
 
 
-@overload(_topk_counts, inline="always")
-def _topk_counts_compiled(selection: Any, logits: Any, top_k: Any, counts: Any) -> Any:
-    """``_topk_counts`` in the loop: only the kernel the type of ``selection`` names is compiled."""
-    kernel = column_kernels.topk_counts if isinstance(selection, types.NoneType) else selection_kernels.topk_counts
-
-    def impl(selection: Any, logits: Any, top_k: Any, counts: Any) -> Any:  # annotated as the typing signature
-        return kernel(logits, top_k, counts)
-
-    return impl
-
-
-def _lynx_counts(selection: None | np.ndarray, logits: np.ndarray, top_k: int, alpha: np.ndarray, floor: np.ndarray,
-                 bin_weight: np.ndarray, counts: np.ndarray, retained: np.ndarray, top1: np.ndarray,
-                 changed: np.ndarray) -> bool:
-    """The Lynx kernel ``route_counts`` picks for the expert count, as ``selection`` tells."""
-    kernels = column_kernels if selection is None else selection_kernels
-    return kernels.lynx_counts(logits, top_k, alpha, floor, bin_weight, counts, retained, top1, changed)
-
-
-@overload(_lynx_counts, inline="always")
-def _lynx_counts_compiled(
-    selection: Any, logits: Any, top_k: Any, alpha: Any, floor: Any, bin_weight: Any, counts: Any, retained: Any,
-    top1: Any, changed: Any,
-) -> Any:
-    """``_lynx_counts`` in the loop: only the kernel the type of ``selection`` names is compiled."""
-    kernel = column_kernels.lynx_counts if isinstance(selection, types.NoneType) else selection_kernels.lynx_counts
-
-    def impl(
-        selection: Any, logits: Any, top_k: Any, alpha: Any, floor: Any, bin_weight: Any, counts: Any,
-        retained: Any, top1: Any, changed: Any,
-    ) -> Any:
-        return kernel(logits, top_k, alpha, floor, bin_weight, counts, retained, top1, changed)
-
-    return impl
+@compiled(cache=True)
+def _lynx_counts(logits: np.ndarray, top_k: int, alpha: np.ndarray, floor: np.ndarray, bin_weight: np.ndarray,
+                 counts: np.ndarray, retained: np.ndarray, top1: np.ndarray, changed: np.ndarray) -> bool:
+    """The Lynx kernel ``route_counts`` picks for the expert count (as ``_topk_counts``)."""
+    if logits.shape[3] <= COLUMN_EXPERTS:
+        return column_kernels.lynx_counts(logits, top_k, alpha, floor, bin_weight, counts, retained, top1, changed)
+    with objmode(finite="boolean"):
+        finite = selection_kernels.lynx_counts(logits, top_k, alpha, floor, bin_weight, counts, retained, top1,
+                                               changed)
+    return finite
 
 
 @compiled(inline="always")
@@ -332,7 +308,6 @@ def fused_routing(
         np.zeros((MAX_RUN_ITERATIONS, num_layers, num_experts), dtype=np.int32),
         np.zeros((MAX_RUN_ITERATIONS, num_layers)), np.zeros((MAX_RUN_ITERATIONS, num_layers)),
         np.zeros((MAX_RUN_ITERATIONS, num_layers)),
-        None if num_experts <= COLUMN_EXPERTS else np.zeros(0),
     )
 
 
@@ -348,5 +323,4 @@ def _placeholder(num_layers: int, num_experts: int) -> FusedRouting:
         np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64),
         np.zeros((1, num_layers, num_experts), dtype=np.int32),
         np.zeros((1, num_layers)), np.zeros((1, num_layers)), np.zeros((1, num_layers)),
-        None if num_experts <= COLUMN_EXPERTS else np.zeros(0),
     )
