@@ -4,14 +4,28 @@ model and deployment (one instance, replicas behind either router, disaggregated
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
+import simpy
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from engine_stubs import EXPERTS, LAYERS, ConstantCost, routing_step, spec
 from lynxsim.config import ExperimentConfig
+from lynxsim.engine import BlockPool, KVTransfer, Role, Scheduler
+from lynxsim.engine.compiled.orchestrator import simulate_deployment
 from lynxsim.metrics import PER_LAYER_COLUMNS, per_layer
+from lynxsim.plugins import ROUTERS
 from lynxsim.runner import prepare, simulate_policy
+from simpy_oracle import BlockPool as OraclePool
+from simpy_oracle import Cluster as OracleCluster
+from simpy_oracle import Replica as OracleReplica
+from simpy_oracle import Scheduler as OracleScheduler
 from simpy_oracle import oracle_run
+from simpy_oracle.cluster import requests_frame
 
 STATISTICAL = {"routing_mode": "statistical", "statistical_cache": False, "statistical_samples": 8}
 WALL_CLOCK = {"wall_s", "simulated_s_per_wall_s", "routing_table_build_s", "routing_baseline_table_build_s"}
@@ -204,3 +218,75 @@ def test_progress_reaches_every_request(case: str) -> None:
     seen: list[int] = []
     simulate_policy(setup, label, entry, policy, seen.append)
     assert seen[-1] == len(setup.requests) and seen == sorted(seen) and len(seen) > 1
+
+
+# ----- random deployments, hand-computable costs: the engine against the oracle --------------------------------
+
+
+def _stub_runs(
+    roles: list[str], specs: list, cutoff_s: float | None, *, blocks: dict[str, int], max_seqs: int, budget: int,
+    chunked: bool, policy: str, router: str, transfer: KVTransfer | None,
+) -> tuple[tuple[pd.DataFrame, pd.DataFrame, float], tuple[pd.DataFrame, pd.DataFrame, float]]:
+    """The same deployment of constant-latency instances (``engine_stubs``) on the oracle and on the engine: each
+    one's (requests, iterations, end)."""
+    latency_s, block_size = 0.2371, 4
+    step = routing_step(policy)
+
+    def oracle_instance(env: simpy.Environment, index: int, role: Role) -> OracleReplica:
+        scheduler = OracleScheduler(OraclePool(blocks[role], block_size), max_num_seqs=max_seqs,
+                                    max_num_batched_tokens=budget, chunked_prefill=chunked)
+        return OracleReplica(scheduler, ConstantCost(latency_s), step, LAYERS, env=env, index=index, role=role)  # type: ignore[arg-type]
+
+    cluster = OracleCluster.build(roles, oracle_instance, router=router, transfer=transfer)  # type: ignore[arg-type]
+    oracle_end_s = cluster.run(specs, cutoff_s)
+    oracle = (requests_frame(cluster.arrived, cluster.statuses), cluster.iterations(), oracle_end_s)
+    order = iter(roles)
+
+    def make_scheduler() -> Scheduler:
+        return Scheduler(BlockPool(blocks[next(order)], block_size), max_num_seqs=max_seqs,
+                         max_num_batched_tokens=budget, chunked_prefill=chunked)
+
+    run = simulate_deployment(roles, make_scheduler, ConstantCost(latency_s), step, LAYERS, EXPERTS,  # type: ignore[arg-type]
+                              specs, cutoff_s, ROUTERS.bind(router, {}), transfer)
+    return oracle, (run.requests, run.iterations(), run.end_s)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    requests=st.lists(st.tuples(st.integers(0, 150), st.integers(1, 40), st.integers(1, 20)), min_size=1, max_size=25),
+    layout=st.sampled_from([("colocated", 1, 0), ("colocated", 3, 0), ("disaggregated", 1, 1),
+                            ("disaggregated", 2, 1), ("disaggregated", 1, 3)]),
+    router=st.sampled_from(["round_robin", "least_outstanding"]),
+    entry_blocks=st.integers(4, 40),
+    decode_blocks=st.integers(4, 40),
+    max_seqs=st.integers(1, 8),
+    budget=st.integers(1, 64),
+    chunked=st.booleans(),
+    cutoff=st.one_of(st.none(), st.integers(2, 40)),
+    bandwidth=st.sampled_from([70.0, 4000.0, 1.0e6]),
+    transfer_latency=st.sampled_from([0.0, 0.3]),
+    policy=st.sampled_from(["topk", "lynx"]),
+)
+def test_the_engine_gives_the_oracles_records_on_any_deployment(  # type: ignore[no-untyped-def]
+    requests, layout, router, entry_blocks, decode_blocks, max_seqs, budget, chunked, cutoff, bandwidth,
+    transfer_latency, policy,
+) -> None:
+    """Random requests on random co-located or disaggregated deployments, pools short of blocks, either router, a
+    cut-off or none: every request and iteration record the same on both. Arrival times carry a distinct
+    irrational part each (and the iteration latency and transfer rates are not multiples of one another), so no
+    two events fall at the same instant, where the two engines may order them differently."""
+    specs = [spec(i, 0.1 * t + 0.001 * math.sqrt(2 + i), prompt, output)
+             for i, (t, prompt, output) in enumerate(sorted(requests))]
+    mode, entry_count, decode_count = layout
+    entry_role = "colocated" if mode == "colocated" else "prefill"
+    roles = [entry_role] * entry_count + ["decode"] * decode_count
+    transfer = KVTransfer(1024.0, bandwidth, transfer_latency) if mode == "disaggregated" else None
+    blocks = {"colocated": entry_blocks, "prefill": entry_blocks, "decode": decode_blocks}
+    (requests_a, iterations_a, end_a), (requests_b, iterations_b, end_b) = _stub_runs(
+        roles, specs, None if cutoff is None else cutoff + 0.0137, blocks=blocks, max_seqs=max_seqs,
+        budget=budget, chunked=chunked, policy=policy, router=router, transfer=transfer,
+    )
+    _assert_same_frames(requests_a, requests_b)
+    if len(iterations_a) or len(iterations_b):
+        _assert_same_frames(iterations_a, iterations_b)
+    assert end_b == pytest.approx(end_a, rel=1e-12)

@@ -215,7 +215,7 @@ class CompiledInstance:
         """Whether ``advance(horizon_s)`` would do anything."""
         if self.done:
             return False
-        return self.frontier_s <= horizon_s if self.paused else self.now_s < horizon_s
+        return self.frontier_s < horizon_s if self.paused else self.now_s < horizon_s
 
     @property
     def earliest_start_s(self) -> float:

@@ -86,7 +86,11 @@ S_PROGRESS_MARK, S_APPLIED, S_ADMITTED = 19, 20, 21
 # decode role's FIFO of prefilled requests waiting for KV blocks, its transfers in flight, the prefill role's
 # transfers whose end frees blocks here, the outbox's events, and whether the cut-off ended this instance.
 S_PUSHED, S_IN_HEAD, S_IN_COUNT, S_RECEIVING, S_FREES, S_OUTBOX, S_CUT = 22, 23, 24, 25, 26, 27, 28
-STATE_SIZE = 29
+# ``S_WAITING``: the last batch was empty; the instance schedules again only once an input reaches it (simpy's
+# ``Replica.wake``), not at every time its clock is moved to (a horizon), since a schedule can change the state even
+# when it forms no batch (a preemption, which keeps that step from admitting).
+S_WAITING = 29
+STATE_SIZE = 30
 # Entries of ``clock``.
 # ``C_PENDING_END`` and ``C_PRICE`` (6 entries, ``price_iteration``'s): an iteration priced and not yet
 # completed (phase 2: a prefill instance waits there until it knows every transfer that ends before its end).
@@ -404,6 +408,7 @@ def _apply_frees(req_i: np.ndarray, req_f: np.ndarray, frees: np.ndarray, state:
         if end <= now:
             state[S_FREE_BLOCKS] += req_i[r, R_BLOCKS]
             req_i[r, R_BLOCKS] = 0
+            state[S_WAITING] = 0
             state[S_FREES] -= 1
             frees[k] = frees[state[S_FREES]]
         else:
@@ -443,6 +448,7 @@ def _take_received(
         slots[SL_BLOCKS, i] = req_i[r, R_BLOCKS]
         state[S_RUNNING] = i + 1
         state[S_EPOCH] += 1
+        state[S_WAITING] = 0
 
 
 @compiled(inline="never")
@@ -672,16 +678,18 @@ def simulate(
                 if role == ROLE_DECODE:
                     incoming[(state[S_IN_HEAD] + state[S_IN_COUNT]) % incoming.size] = r
                     state[S_IN_COUNT] += 1
+                    state[S_WAITING] = 0
                 elif req_i[r, R_REJECT] != ST_NONE:
                     req_i[r, R_STATUS] = req_i[r, R_REJECT]
                 else:
                     _push_back(queue, state, r)
+                    state[S_WAITING] = 0
             if config[K_PROGRESS_EVERY] > 0 and state[S_ARRIVED] - state[S_PROGRESS_MARK] >= config[K_PROGRESS_EVERY]:
                 state[S_PROGRESS_MARK] = state[S_ARRIVED]
                 return PROGRESS
             if state[S_ARRIVED] < state[S_PUSHED] and req_f[state[S_ARRIVED], RF_ARRIVAL] < cutoff_s:
                 next_event_s = min(next_event_s, req_f[state[S_ARRIVED], RF_INBOX])
-            if state[S_RUNNING] == 0 and state[S_WQ_COUNT] == 0 and state[S_IN_COUNT] == 0:
+            if state[S_WAITING] or (state[S_RUNNING] == 0 and state[S_WQ_COUNT] == 0 and state[S_IN_COUNT] == 0):
                 code = _wait(clock, state, timing, now, next_event_s)
                 if code >= 0:
                     return code
@@ -729,6 +737,7 @@ def simulate(
             count = state[S_BATCH_LEN]
             if count == 0:  # nothing fits: wait for the next input
                 state[S_PHASE] = 0
+                state[S_WAITING] = 1
                 code = _wait(clock, state, timing, now, next_event_s)
                 if code >= 0:
                     return code
@@ -799,7 +808,7 @@ def simulate(
             state[S_PHASE] = 2
         # Phase 2: complete and log it, once a prefill instance knows the transfers that end before its end.
         end = clock[C_PENDING_END]
-        if role == ROLE_PREFILL and end > timing[T_HORIZON]:
+        if role == ROLE_PREFILL and end >= timing[T_HORIZON]:  # a transfer ending by ``end`` may be unknown
             return HORIZON
         state[S_PHASE] = 0
         for p in range(6):

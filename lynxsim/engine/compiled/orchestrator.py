@@ -115,13 +115,12 @@ class _Cluster:
         self.entry_router, self.decode_router = make_router(), make_router()
         self.on_arrivals = on_arrivals
         n = len(specs)
-        # Rejections: every instance has the same limits, so a request fits all of a pool or none of it.
-        limits = self.entry[0].scheduler
+        # Rejections: the instances of a pool have the same limits, so a request fits all of a pool or none of it.
         prompts = np.array([spec.prompt_tokens for spec in specs], dtype=np.int64)
         most_tokens = prompts + np.array([spec.output_tokens for spec in specs], dtype=np.int64) - 1
-        codes = limits.rejection_codes(prompts if self.disaggregated else most_tokens)
+        codes = self.entry[0].scheduler.rejection_codes(prompts if self.disaggregated else most_tokens)
         if self.disaggregated:  # a prefill instance holds the prompt; then a decode instance all of it
-            codes = np.where(codes > 0, codes, limits.rejection_codes(most_tokens))
+            codes = np.where(codes > 0, codes, self.decode[0].scheduler.rejection_codes(most_tokens))
         self.rejections = np.where(codes > 0, codes - 1 + k.ST_REJECTED_KV, k.ST_NONE)
         self.homes = np.full(n, -1, dtype=np.int64)  # the instance holding each request's record (-1: none)
         self.home_rows = np.zeros(n, dtype=np.int64)
