@@ -71,6 +71,19 @@ def batch_token_ids(
     return request_tokens, positions
 
 
+def rejection_codes(
+    max_tokens: np.ndarray, pool: BlockPool, max_num_batched_tokens: int, chunked_prefill: bool
+) -> np.ndarray:
+    """Why requests holding at most ``max_tokens`` tokens each can never be served by an instance with a KV cache
+    of ``pool``'s size and these limits: 0 where one can, else 1 + the index of its reason in
+    ``REJECTION_REASONS`` (the first that applies)."""
+    codes = np.zeros(max_tokens.shape, dtype=np.int64)
+    if not chunked_prefill:
+        codes[max_tokens > max_num_batched_tokens] = 2
+    codes[-(-max_tokens // pool.block_size_tokens) > pool.num_blocks] = 1
+    return codes
+
+
 class InstanceArrays(Protocol):
     """The arrays of one instance that the batching steps read and change (``compiled.instance.CompiledInstance``
     holds them; ``kernel``'s constants index them)."""
@@ -117,13 +130,9 @@ class Scheduler:
     # ----- limits -----
 
     def rejection_codes(self, max_tokens: np.ndarray) -> np.ndarray:
-        """Why requests holding at most ``max_tokens`` tokens each can never be served with these limits: 0 where
-        one can, else 1 + the index of its reason in ``REJECTION_REASONS`` (the first that applies)."""
-        codes = np.zeros(max_tokens.shape, dtype=np.int64)
-        if not self.chunked_prefill:
-            codes[max_tokens > self.max_num_batched_tokens] = 2
-        codes[-(-max_tokens // self.pool.block_size_tokens) > self.pool.num_blocks] = 1
-        return codes
+        """Why requests holding at most ``max_tokens`` tokens each can never be served with these limits
+        (``rejection_codes``)."""
+        return rejection_codes(max_tokens, self.pool, self.max_num_batched_tokens, self.chunked_prefill)
 
     @property
     def rule_is_builtin(self) -> bool:

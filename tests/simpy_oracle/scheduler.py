@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lynxsim.engine.scheduler import REJECTION_REASONS, ScheduledBatch
+from lynxsim.engine.scheduler import REJECTION_REASONS, ScheduledBatch, rejection_codes
 from simpy_oracle.kv_cache import BlockPool
 from simpy_oracle.request import Request
 from simpy_oracle.running import RunningSet
@@ -75,13 +75,9 @@ class Scheduler:
         return REJECTION_REASONS[code - 1] if code else None
 
     def rejection_codes(self, max_tokens: np.ndarray) -> np.ndarray:
-        """``rejection_reason`` of requests holding at most ``max_tokens`` tokens each, at once: 0 where one can
-        be served, else 1 + the index of its reason in ``REJECTION_REASONS`` (the first that applies)."""
-        codes = np.zeros(max_tokens.shape, dtype=np.int64)
-        if not self.chunked_prefill:
-            codes[max_tokens > self.max_num_batched_tokens] = 2
-        codes[-(-max_tokens // self.pool.block_size_tokens) > self.pool.num_blocks] = 1
-        return codes
+        """``rejection_reason`` of requests holding at most ``max_tokens`` tokens each, at once: the package's
+        rule (``lynxsim.engine.scheduler.rejection_codes``)."""
+        return rejection_codes(max_tokens, self.pool, self.max_num_batched_tokens, self.chunked_prefill)
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)

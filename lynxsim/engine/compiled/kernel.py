@@ -173,6 +173,20 @@ def _write_back(req_i: np.ndarray, slots: np.ndarray, i: int) -> int:
 
 
 @compiled(inline="never")
+def _enter_running(req_i: np.ndarray, slots: np.ndarray, state: np.ndarray, r: int) -> None:
+    """Request ``r`` joins the running set, last: its counters into the next slot."""
+    i = state[S_RUNNING]
+    slots[SL_REQUEST, i] = r
+    slots[SL_TOKENS, i] = req_i[r, R_TOKENS]
+    slots[SL_COMPUTED, i] = req_i[r, R_COMPUTED]
+    slots[SL_GENERATED, i] = req_i[r, R_GENERATED]
+    slots[SL_OUTPUT, i] = req_i[r, R_OUTPUT]
+    slots[SL_BLOCKS, i] = req_i[r, R_BLOCKS]
+    state[S_RUNNING] = i + 1
+    state[S_EPOCH] += 1
+
+
+@compiled(inline="never")
 def _preempt_last(req_i: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray) -> None:
     """``Scheduler._preempt`` of the most recently admitted running request (recompute mode)."""
     state[S_RUNNING] -= 1
@@ -264,15 +278,7 @@ def _admit_waiting(
         _pop_front(queue, state)
         if math.isnan(req_f[r, RF_SCHEDULED]):
             req_f[r, RF_SCHEDULED] = now
-        i = state[S_RUNNING]
-        slots[SL_REQUEST, i] = r
-        slots[SL_TOKENS, i] = req_i[r, R_TOKENS]
-        slots[SL_COMPUTED, i] = req_i[r, R_COMPUTED]
-        slots[SL_GENERATED, i] = req_i[r, R_GENERATED]
-        slots[SL_OUTPUT, i] = req_i[r, R_OUTPUT]
-        slots[SL_BLOCKS, i] = req_i[r, R_BLOCKS]
-        state[S_RUNNING] = i + 1
-        state[S_EPOCH] += 1
+        _enter_running(req_i, slots, state, r)
         batch_new[at + admitted] = tokens
         admitted += 1
         budget -= tokens
@@ -439,15 +445,7 @@ def _take_received(
         for k in range(best, state[S_RECEIVING] - 1):  # keep the others in the order their transfers started
             receiving[k] = receiving[k + 1]
         state[S_RECEIVING] -= 1
-        i = state[S_RUNNING]
-        slots[SL_REQUEST, i] = r
-        slots[SL_TOKENS, i] = req_i[r, R_TOKENS]
-        slots[SL_COMPUTED, i] = req_i[r, R_COMPUTED]
-        slots[SL_GENERATED, i] = req_i[r, R_GENERATED]
-        slots[SL_OUTPUT, i] = req_i[r, R_OUTPUT]
-        slots[SL_BLOCKS, i] = req_i[r, R_BLOCKS]
-        state[S_RUNNING] = i + 1
-        state[S_EPOCH] += 1
+        _enter_running(req_i, slots, state, r)
         state[S_WAITING] = 0
 
 
