@@ -135,9 +135,8 @@ def simulate(
     outputs = np.array([spec.output_tokens for spec in specs], dtype=np.int64)
     rejections = scheduler.rejection_codes(prompts + outputs - 1)  # Request.max_tokens
     rejects = np.where(rejections > 0, rejections - 1 + k.ST_REJECTED_KV, k.ST_NONE)
-    for position, spec in enumerate(specs):
-        instance.push(position, spec.request_id, spec.arrival_s, spec.arrival_s, spec.prompt_tokens,
-                      spec.output_tokens, int(rejects[position]))
+    instance.push_all(np.array([spec.arrival_s for spec in specs], dtype=float),
+                      np.array([spec.request_id for spec in specs], dtype=np.int64), prompts, outputs, rejects)
     if on_arrivals is not None:
         on_arrivals(0)
     instance.advance(math.inf, on_progress=on_arrivals)

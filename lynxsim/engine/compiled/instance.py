@@ -249,6 +249,22 @@ class CompiledInstance:
         self.state[k.S_PUSHED] = r + 1
         return r
 
+    def push_all(self, arrival_s: np.ndarray, request_ids: np.ndarray, prompt_tokens: np.ndarray,
+                 output_tokens: np.ndarray, rejects: np.ndarray) -> None:
+        """``push`` of a whole run's requests at once (an instance alone: positions 0 .. n - 1, arriving at their
+        arrival), into an instance given nothing yet."""
+        n = arrival_s.size
+        assert self.pushed == 0 and n <= self.req_i.shape[0]
+        self.request_ids[:n] = request_ids
+        self.positions[:n] = np.arange(n)
+        self.req_i[:n, k.R_PROMPT] = prompt_tokens
+        self.req_i[:n, k.R_OUTPUT] = output_tokens
+        self.req_i[:n, k.R_TOKENS] = prompt_tokens
+        self.req_i[:n, k.R_REJECT] = rejects
+        self.req_f[:n, k.RF_ARRIVAL] = arrival_s
+        self.req_f[:n, k.RF_INBOX] = arrival_s
+        self.state[k.S_PUSHED] = n
+
     def push_handed_off(self, source: CompiledInstance, row: int, inbox_s: float) -> int:
         """Give a decode instance the request that ``source`` (a prefill instance) handed off from its ``row``:
         its counters and times so far come along; its KV blocks here are allocated when it leaves the incoming

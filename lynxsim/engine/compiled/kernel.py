@@ -113,18 +113,18 @@ LF_START, LF_LATENCY, LF_KV_USED, LF_ATTENTION, LF_DENSE, LF_MOE, LF_COMMUNICATI
 LI_PREFILL, LI_DECODE, LI_SEQUENCES, LI_SAMPLED, LI_APPLIED = range(5)
 
 
-@compiled(inline="never")
+@compiled(inline="always")
 def _transfer_s(timing: np.ndarray, tokens: int) -> float:
     """``KVTransfer.time_s``: latency + bytes / bandwidth, in its order of operations."""
     return timing[T_LATENCY] + tokens * timing[T_KV_BYTES_PER_TOKEN] / timing[T_BANDWIDTH]
 
 
-@compiled(inline="never")
+@compiled(inline="always")
 def _blocks_for(tokens: int, block_tokens: int) -> int:
     return -(-tokens // block_tokens)
 
 
-@compiled(inline="never")
+@compiled(inline="always")
 def _try_grow_slot(slots: np.ndarray, i: int, tokens: int, state: np.ndarray, block_tokens: int) -> bool:
     """``BlockPool.try_grow`` for the running request in slot ``i``: enough blocks to cache ``tokens`` tokens,
     or False (and no change)."""
@@ -137,31 +137,31 @@ def _try_grow_slot(slots: np.ndarray, i: int, tokens: int, state: np.ndarray, bl
     return True
 
 
-@compiled(inline="never")
+@compiled(inline="always")
 def _queue_at(queue: np.ndarray, state: np.ndarray, k: int) -> int:
     return queue[(state[S_WQ_HEAD] + k) % queue.size]
 
 
-@compiled(inline="never")
+@compiled(inline="always")
 def _push_back(queue: np.ndarray, state: np.ndarray, r: int) -> None:
     queue[(state[S_WQ_HEAD] + state[S_WQ_COUNT]) % queue.size] = r
     state[S_WQ_COUNT] += 1
 
 
-@compiled(inline="never")
+@compiled(inline="always")
 def _push_front(queue: np.ndarray, state: np.ndarray, r: int) -> None:
     state[S_WQ_HEAD] = (state[S_WQ_HEAD] - 1) % queue.size
     queue[state[S_WQ_HEAD]] = r
     state[S_WQ_COUNT] += 1
 
 
-@compiled(inline="never")
+@compiled(inline="always")
 def _pop_front(queue: np.ndarray, state: np.ndarray) -> None:
     state[S_WQ_HEAD] = (state[S_WQ_HEAD] + 1) % queue.size
     state[S_WQ_COUNT] -= 1
 
 
-@compiled(inline="never")
+@compiled(inline="always")
 def _write_back(req_i: np.ndarray, slots: np.ndarray, i: int) -> int:
     """The counters of slot ``i`` back into its request's row (it leaves the running set); returns the request."""
     r = slots[SL_REQUEST, i]
@@ -172,7 +172,7 @@ def _write_back(req_i: np.ndarray, slots: np.ndarray, i: int) -> int:
     return r
 
 
-@compiled(inline="never")
+@compiled(inline="always")
 def _enter_running(req_i: np.ndarray, slots: np.ndarray, state: np.ndarray, r: int) -> None:
     """Request ``r`` joins the running set, last: its counters into the next slot."""
     i = state[S_RUNNING]
@@ -312,7 +312,7 @@ def _schedule(
     _set_batch(slots, state, batch_before, batch_decoding, first, count, config[K_MAX_TOKENS] - budget, admitted)
 
 
-@compiled(inline="never")
+@compiled(inline="always")
 def _set_batch(
     slots: np.ndarray, state: np.ndarray, batch_before: np.ndarray, batch_decoding: np.ndarray, first: int,
     count: int, num_tokens: int, admitted: int,
@@ -334,7 +334,7 @@ def _set_batch(
     state[S_BATCH_DECODE] = decode
 
 
-@compiled(inline="never")
+@compiled(inline="always")
 def _record(outbox_i: np.ndarray, outbox_f: np.ndarray, state: np.ndarray, kind: int, r: int, time_s: float) -> None:
     """An event for the caller (``EV_*``): request ``r`` (this instance's row), at ``time_s``."""
     at = state[S_OUTBOX]
@@ -344,7 +344,7 @@ def _record(outbox_i: np.ndarray, outbox_f: np.ndarray, state: np.ndarray, kind:
     state[S_OUTBOX] = at + 1
 
 
-@compiled(inline="never")
+@compiled(inline="always")
 def _complete(
     req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, state: np.ndarray, config: np.ndarray,
     timing: np.ndarray, batch_new: np.ndarray, now: float, means: np.ndarray, move_means: bool,
@@ -476,7 +476,7 @@ def _start_transfers(
         _record(outbox_i, outbox_f, state, EV_TRANSFER, r, end)
 
 
-@compiled(inline="never")
+@compiled(inline="always")
 def _wait(clock: np.ndarray, state: np.ndarray, timing: np.ndarray, now: float, next_event_s: float) -> int:
     """Nothing to compute now: move the clock to the next input this instance knows of (-1: go on), or stop at
     the horizon (``HORIZON``), the cut-off or the end of all input (``DONE``)."""
@@ -536,7 +536,7 @@ def _plan_run(slots: np.ndarray, state: np.ndarray, config: np.ndarray, clock: n
     return length if length > 1 else 0
 
 
-@compiled(inline="never")
+@compiled(inline="always")
 def _draw(
     sizes: np.ndarray, distinct: np.ndarray, assignments: np.ndarray, proxies: np.ndarray,
     rank_distinct: np.ndarray, rank_assignments: np.ndarray, samples: int, num_tokens: int, u_size: float,
