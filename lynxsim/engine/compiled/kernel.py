@@ -477,6 +477,26 @@ def _start_transfers(
 
 
 @compiled(inline="always")
+def _take_arrivals(req_i: np.ndarray, req_f: np.ndarray, queue: np.ndarray, incoming: np.ndarray, state: np.ndarray,
+                   role: int, now: float, cutoff_s: float) -> None:
+    """The inbox's requests that have reached the instance by ``now`` (and arrived before the cut-off) join its
+    waiting queue, or are rejected; on a decode instance, its incoming queue."""
+    while state[S_ARRIVED] < state[S_PUSHED] and req_f[state[S_ARRIVED], RF_INBOX] <= now \
+            and req_f[state[S_ARRIVED], RF_ARRIVAL] < cutoff_s:
+        r = state[S_ARRIVED]
+        state[S_ARRIVED] += 1
+        if role == ROLE_DECODE:
+            incoming[(state[S_IN_HEAD] + state[S_IN_COUNT]) % incoming.size] = r
+            state[S_IN_COUNT] += 1
+            state[S_WAITING] = 0
+        elif req_i[r, R_REJECT] != ST_NONE:
+            req_i[r, R_STATUS] = req_i[r, R_REJECT]
+        else:
+            _push_back(queue, state, r)
+            state[S_WAITING] = 0
+
+
+@compiled(inline="always")
 def _wait(clock: np.ndarray, state: np.ndarray, timing: np.ndarray, now: float, next_event_s: float) -> int:
     """Nothing to compute now: move the clock to the next input this instance knows of (-1: go on), or stop at
     the horizon (``HORIZON``), the cut-off or the end of all input (``DONE``)."""
@@ -587,9 +607,12 @@ def _draw(
 
 
 @compiled(cache=True)
-def finish_cut_off(req_i: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray) -> None:
+def finish_cut_off(req_i: np.ndarray, req_f: np.ndarray, queue: np.ndarray, incoming: np.ndarray, slots: np.ndarray,
+                   state: np.ndarray, config: np.ndarray, timing: np.ndarray) -> None:
     """The cut-off statuses of the requests still running or waiting here, running requests' counters written
-    back (the caller's, once the instance is done)."""
+    back, once the instance is done; requests that reached it before the cut-off while its last iteration ran (or
+    after it stopped) join its queues first, as they would have."""
+    _take_arrivals(req_i, req_f, queue, incoming, state, config[K_ROLE], np.inf, timing[T_CUTOFF])
     for i in range(state[S_RUNNING]):
         req_i[_write_back(req_i, slots, i), R_STATUS] = ST_CUTOFF_RUNNING
     state[S_RUNNING] = 0
@@ -669,19 +692,7 @@ def simulate(
                 first_slot, next_event_s = _take_received(req_i, req_f, slots, receiving, state, now)
                 if fused.enabled and state[S_RUNNING] > first_slot:
                     admit_means(fused, first_slot, state[S_RUNNING], slots[SL_REQUEST])
-            while state[S_ARRIVED] < state[S_PUSHED] and req_f[state[S_ARRIVED], RF_INBOX] <= now \
-                    and req_f[state[S_ARRIVED], RF_ARRIVAL] < cutoff_s:
-                r = state[S_ARRIVED]
-                state[S_ARRIVED] += 1
-                if role == ROLE_DECODE:
-                    incoming[(state[S_IN_HEAD] + state[S_IN_COUNT]) % incoming.size] = r
-                    state[S_IN_COUNT] += 1
-                    state[S_WAITING] = 0
-                elif req_i[r, R_REJECT] != ST_NONE:
-                    req_i[r, R_STATUS] = req_i[r, R_REJECT]
-                else:
-                    _push_back(queue, state, r)
-                    state[S_WAITING] = 0
+            _take_arrivals(req_i, req_f, queue, incoming, state, role, now, cutoff_s)
             if config[K_PROGRESS_EVERY] > 0 and state[S_ARRIVED] - state[S_PROGRESS_MARK] >= config[K_PROGRESS_EVERY]:
                 state[S_PROGRESS_MARK] = state[S_ARRIVED]
                 return PROGRESS
