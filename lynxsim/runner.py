@@ -418,7 +418,7 @@ def simulate_policy(
     deployment = config.deployment
     outcome = simulate_deployment(
         deployment.roles, lambda: build_scheduler(setup), setup.cost_model, step, model.num_moe_layers,
-        model.num_experts, setup.requests, config.simulation.cutoff_s, setup.router,
+        setup.requests, config.simulation.cutoff_s, setup.router,
         kv_transfer(setup) if deployment.mode == "disaggregated" else None, on_arrivals,
     )
     end_s, requests, iterations = outcome.end_s, outcome.requests, outcome.iterations()

@@ -14,7 +14,7 @@ import simpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine_stubs import EXPERTS, LAYERS, ConstantCost, routing_step, spec
+from engine_stubs import LAYERS, ConstantCost, routing_step, spec
 from lynxsim.config import ExperimentConfig
 from lynxsim.datatypes import BatchShape, ExpertActivity, LatencyBreakdown
 from lynxsim.engine import BlockPool, KVTransfer, Role, Scheduler
@@ -259,7 +259,7 @@ def _stub_runs(
         return Scheduler(BlockPool(blocks[next(order)], block_size), max_num_seqs=max_seqs,
                          max_num_batched_tokens=budget, chunked_prefill=chunked)
 
-    run = simulate_deployment(roles, make_scheduler, ShapedCost(latency_s), step, LAYERS, EXPERTS,  # type: ignore[arg-type]
+    run = simulate_deployment(roles, make_scheduler, ShapedCost(latency_s), step, LAYERS,  # type: ignore[arg-type]
                               specs, cutoff_s, ROUTERS.bind(router, {}), transfer)
     return oracle, (run.requests, run.iterations(), run.end_s)
 

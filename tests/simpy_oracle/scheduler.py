@@ -1,29 +1,12 @@
-"""The simpy oracle's scheduler: continuous batching as vLLM does it, over Python ``Request`` objects.
-
-With chunked prefill (vLLM v1's only mode) running requests go first, in admission order, each taking as many of
-its missing tokens as the token budget leaves; waiting requests are then admitted while the budget, the sequence
-limit and the KV cache allow, their prompts cut into chunks where needed. So one iteration mixes decode tokens and
-prefill chunks. Without chunked prefill (vLLM v0's default) an iteration is either a prefill of whole prompts of
-newly admitted requests, which takes priority, or a decode step of every running request: batches are pure.
-When the KV cache runs out, the most recently admitted running request is preempted: its blocks are freed and it
-goes back to the front of the queue, to recompute its prompt and generated tokens later (vLLM's recompute mode).
+"""The simpy oracle's scheduler: vLLM's continuous batching (``lynxsim.engine.scheduler`` states the rule) over
+Python ``Request`` objects, as the first engine ran it.
 
 In disaggregated serving the same scheduler runs both kinds of instance: a prefill instance hands each request
 off (``complete(..., hand_off=True)``) once its prompt is computed, and a decode instance receives requests whose
 KV cache is already computed elsewhere; while their KV cache is in transfer they hold blocks and a sequence slot
-(``num_receiving``) but are not scheduled.
-
-The running requests are a ``RunningSet`` (parallel arrays, lynxsim/engine/running.py): the running part of a
-batch is sized, given its KV blocks and completed with a fixed number of numpy operations whatever the batch size.
-A batch is always a contiguous range of the running set (running requests are scheduled as a prefix, admitted ones
-are appended after them), which is what lets ``complete`` apply an iteration to array slices.
-
-``Scheduler`` is also the interface of every scheduler an experiment can name (``serving.scheduler``; built in:
-``vllm``, this class). A plug-in scheduler subclasses it and replaces the batching rule, ``schedule``, built from
-the same steps this class uses: ``schedule_running`` (running requests take their missing tokens, preempting when
-the KV cache runs short), ``admit_waiting`` (waiting requests join) and ``make_batch``. The KV-cache
-accounting, completion, preemption and the decode-run shortcut stay this class's, so every rule keeps the
-engine's invariants (docs/extending.md).
+(``num_receiving``) but are not scheduled. The running requests are a ``RunningSet`` (parallel arrays,
+tests/simpy_oracle/running.py); a batch is a contiguous range of it, which lets ``complete`` apply an iteration to
+array slices.
 """
 
 from __future__ import annotations

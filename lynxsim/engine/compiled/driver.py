@@ -120,7 +120,6 @@ def simulate(
     cost_model: InstanceCostModel,
     step: RoutingStep,
     num_moe_layers: int,
-    num_experts: int,
     specs: Sequence[RequestSpec],
     cutoff_s: float | None,
     on_arrivals: Callable[[int], None] | None = None,
@@ -133,8 +132,7 @@ def simulate(
                                 progress_every=PROGRESS_EVERY_REQUESTS if on_arrivals is not None else 0)
     prompts = np.array([spec.prompt_tokens for spec in specs], dtype=np.int64)
     outputs = np.array([spec.output_tokens for spec in specs], dtype=np.int64)
-    rejections = scheduler.rejection_codes(prompts + outputs - 1)  # Request.max_tokens
-    rejects = np.where(rejections > 0, rejections - 1 + k.ST_REJECTED_KV, k.ST_NONE)
+    rejects = rejection_statuses(scheduler.rejection_codes(prompts + outputs - 1))  # all of a request's tokens
     instance.push_all(np.array([spec.arrival_s for spec in specs], dtype=float),
                       np.array([spec.request_id for spec in specs], dtype=np.int64), prompts, outputs, rejects)
     if on_arrivals is not None:
@@ -150,6 +148,11 @@ def simulate(
     requests = request_records([instance], np.zeros(arrived, dtype=np.int64), rows, specs[:arrived], on_instance,
                                on_instance, status)
     return CompiledRun(requests, [instance.log()], float(instance.clock[k.C_END]))
+
+
+def rejection_statuses(codes: np.ndarray) -> np.ndarray:
+    """``Scheduler.rejection_codes`` as the kernel's request statuses (``ST_REJECTED_*``, ``ST_NONE``)."""
+    return np.where(codes > 0, codes - 1 + k.ST_REJECTED_KV, k.ST_NONE)
 
 
 def request_records(

@@ -247,6 +247,7 @@ class CompiledInstance:
         self.req_f[r, k.RF_ARRIVAL] = arrival_s
         self.req_f[r, k.RF_INBOX] = inbox_s
         self.state[k.S_PUSHED] = r + 1
+        self.done = False
         return r
 
     def push_all(self, arrival_s: np.ndarray, request_ids: np.ndarray, prompt_tokens: np.ndarray,
@@ -282,6 +283,7 @@ class CompiledInstance:
         self.req_f[row, k.RF_TRANSFER_END] = end_s
         self.frees[self.state[k.S_FREES]] = row
         self.state[k.S_FREES] += 1
+        self.done = False
 
     # ----- running -----
 

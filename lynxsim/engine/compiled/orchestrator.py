@@ -34,7 +34,13 @@ import numpy as np
 
 from lynxsim.datatypes import RequestSpec
 from lynxsim.engine.compiled import kernel as k
-from lynxsim.engine.compiled.driver import PROGRESS_EVERY_REQUESTS, CompiledRun, request_records, simulate
+from lynxsim.engine.compiled.driver import (
+    PROGRESS_EVERY_REQUESTS,
+    CompiledRun,
+    rejection_statuses,
+    request_records,
+    simulate,
+)
 from lynxsim.engine.compiled.instance import CompiledInstance
 from lynxsim.engine.deployment import KVTransfer
 from lynxsim.engine.routers import RequestRouter
@@ -73,28 +79,9 @@ class _Load:
             self.instance.outstanding -= 1
 
 
-def simulate_cluster(
-    make_scheduler: Callable[[], Scheduler],
-    make_instance: Callable[[Scheduler, int, str], CompiledInstance],
-    roles: Sequence[str],
-    specs: Sequence[RequestSpec],
-    cutoff_s: float | None,
-    make_router: Callable[[], RequestRouter],
-    transfer: KVTransfer | None,
-    on_arrivals: Callable[[int], None] | None = None,
-) -> CompiledRun:
-    """Serve ``specs`` on instances of ``roles`` (all ``colocated``, or ``prefill`` and ``decode``) behind
-    ``make_router``'s routers (one per pool), until every request is done or ``cutoff_s``.
-    ``make_instance(scheduler, index, role)`` builds each instance (with its outbox on); ``transfer`` prices
-    KV-cache transfers (disaggregated only)."""
-    run = _Cluster(make_scheduler, make_instance, roles, specs, cutoff_s, make_router, transfer, on_arrivals)
-    run.serve()
-    return run.records()
-
-
 class _Cluster:
-    """The state of one ``simulate_cluster`` run: its instances, the messages still to route, the handed-off
-    requests whose transfer has not started."""
+    """The state of one run of several instances (``simulate_deployment``): its instances, the messages still to
+    route, the handed-off requests whose transfer has not started."""
 
     def __init__(
         self, make_scheduler: Callable[[], Scheduler], make_instance: Callable[[Scheduler, int, str], CompiledInstance],
@@ -121,7 +108,7 @@ class _Cluster:
         codes = self.entry[0].scheduler.rejection_codes(prompts if self.disaggregated else most_tokens)
         if self.disaggregated:  # a prefill instance holds the prompt; then a decode instance all of it
             codes = np.where(codes > 0, codes, self.decode[0].scheduler.rejection_codes(most_tokens))
-        self.rejections = np.where(codes > 0, codes - 1 + k.ST_REJECTED_KV, k.ST_NONE)
+        self.rejections = rejection_statuses(codes)
         self.homes = np.full(n, -1, dtype=np.int64)  # the instance holding each request's record (-1: none)
         self.home_rows = np.zeros(n, dtype=np.int64)
         self.entry_instance = np.full(n, -1, dtype=np.int64)  # the instance the router gave it
@@ -155,7 +142,6 @@ class _Cluster:
             self.homes[position] = self.entry_instance[position] = instance.index
             self.home_rows[position] = self.entry_rows[position] = row
             instance.outstanding += 1
-            instance.done = False
         if not self.routed_ahead:
             self._report(self.arrived)
 
@@ -176,7 +162,6 @@ class _Cluster:
         self.homes[position] = target.index
         self.home_rows[position] = target.push_handed_off(source, row, time_s)
         target.outstanding += 1
-        target.done = False
 
     def _take_events(self, instance: CompiledInstance) -> Callable[[np.ndarray, np.ndarray], None]:
         """What ``instance``'s outbox says, applied: finishes (its load's end times), hand-offs (messages to
@@ -198,7 +183,6 @@ class _Cluster:
                     source_row = int(self.entry_rows[position])
                     del self.held[(source.index, source_row)]
                     source.free_at(source_row, time_s)
-                    source.done = False
                     heapq.heappush(self.loads[source.index].ends, time_s)
 
         return take
@@ -294,10 +278,8 @@ class _Cluster:
         decode_instance = (np.where(self.homes[:n] != entry_instance, self.homes[:n], -1) if self.disaggregated
                            else entry_instance)
         specs = self.specs
-        requests = request_records(
-            instances, homes, self.home_rows[:n], specs[:n] if isinstance(specs, list) else list(specs)[:n],
-            entry_instance, decode_instance, statuses, STATUS_NAMES,
-        )
+        requests = request_records(instances, homes, self.home_rows[:n], specs[:n], entry_instance,
+                                   decode_instance, statuses, STATUS_NAMES)
         if self.cutoff_s < math.inf:
             end_s = self.cutoff_s
         else:
@@ -312,20 +294,23 @@ def simulate_deployment(
     cost_model: InstanceCostModel,
     step: RoutingStep,
     num_moe_layers: int,
-    num_experts: int,
     specs: Sequence[RequestSpec],
     cutoff_s: float | None,
     make_router: Callable[[], RequestRouter],
     transfer: KVTransfer | None,
     on_arrivals: Callable[[int], None] | None = None,
 ) -> CompiledRun:
-    """Any deployment on the compiled engine: one co-located instance alone (``driver.simulate``), else
-    ``simulate_cluster``."""
+    """Serve ``specs`` on instances of ``roles`` (all ``colocated``, or ``prefill`` and ``decode``), each with a
+    scheduler from ``make_scheduler``, behind ``make_router``'s routers (one per pool), until every request is done
+    or ``cutoff_s``; ``transfer`` prices KV-cache transfers (disaggregated only). One co-located instance runs
+    alone (``driver.simulate``)."""
     if list(roles) == ["colocated"]:
-        return simulate(make_scheduler(), cost_model, step, num_moe_layers, num_experts, specs, cutoff_s, on_arrivals)
+        return simulate(make_scheduler(), cost_model, step, num_moe_layers, specs, cutoff_s, on_arrivals)
 
     def make_instance(scheduler: Scheduler, index: int, role: str) -> CompiledInstance:
         return CompiledInstance(scheduler, cost_model, step, num_moe_layers, len(specs), index=index, role=role,
                                 cutoff_s=cutoff_s, transfer=transfer, record_events=True)
 
-    return simulate_cluster(make_scheduler, make_instance, roles, specs, cutoff_s, make_router, transfer, on_arrivals)
+    run = _Cluster(make_scheduler, make_instance, roles, specs, cutoff_s, make_router, transfer, on_arrivals)
+    run.serve()
+    return run.records()
