@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lynxsim.config import validate_experiment
@@ -157,6 +157,11 @@ def test_cutoff_reports_requests_in_transfer_and_awaiting_one() -> None:
     bandwidth=st.sampled_from([64.0, 4096.0, 2.0**20]),
     latency=st.sampled_from([0.0, 0.3]),
     policy=st.sampled_from(["topk", "lynx"]),
+)
+@example(  # a request arriving at the cut-off itself, after another: not accepted (the oracle's clock drifted below)
+    requests=[(3.6, 1, 1), (0.8, 1, 1)], prefill_instances=1, decode_instances=1, router="round_robin",
+    prefill_blocks=4, decode_blocks=4, max_seqs=1, budget=1, chunked=False, cutoff=3.6, bandwidth=64.0, latency=0.0,
+    policy="topk",
 )
 def test_every_arrived_request_is_accounted_for_when_disaggregated(  # type: ignore[no-untyped-def]
     requests, prefill_instances, decode_instances, router, prefill_blocks, decode_blocks, max_seqs, budget, chunked,

@@ -26,6 +26,7 @@ from lynxsim.report.agreement import agreement_table, load_published
 from lynxsim.report.figures import FigureData, draw
 from lynxsim.sections.report import ReportSection
 from lynxsim.sections.sweep import SweepConfig
+from lynxsim.sweep.backends import LocalPool
 from lynxsim.sweep.driver import SweepReport, run_sweep
 from lynxsim.sweep.execute import RecordsKept
 from lynxsim.sweep.points import Sweep, load_sweep
@@ -74,12 +75,13 @@ def build_report(
     out.mkdir(parents=True, exist_ok=True)
     report = Report()
     quality = pd.read_csv(quality_path) if quality_path is not None and quality_path.is_file() else None
-    for path, (sweep, section, labels) in sweeps:
-        if console is not None:
-            console.print(f"[bold]{path.name}[/]: {section.title} ({len(sweep.points)} points)")
-        report.sections.append(
-            _section(path, sweep, section, labels, quality, out, work / path.stem, workers, console)
-        )
+    with LocalPool(workers) as pool:  # one set of workers for every section's sweep
+        for path, (sweep, section, labels) in sweeps:
+            if console is not None:
+                console.print(f"[bold]{path.name}[/]: {section.title} ({len(sweep.points)} points)")
+            report.sections.append(
+                _section(path, sweep, section, labels, quality, out, work / path.stem, pool, console)
+            )
     published = load_published(published_path)
     agreement = agreement_table(published, {s.stem: s.table for s in report.sections if s.table is not None})
     agreement.to_csv(out / "agreement.csv", index=False)
@@ -123,11 +125,11 @@ def _labels(spec: SweepConfig, section: ReportSection) -> dict[str, dict[str, st
 
 def _section(
     path: Path, sweep: Sweep, section: ReportSection, labels: dict[str, dict[str, str]],
-    quality: pd.DataFrame | None, out: Path, store_dir: Path, workers: int, console: Console | None,
+    quality: pd.DataFrame | None, out: Path, store_dir: Path, pool: LocalPool, console: Console | None,
 ) -> SectionResult:
     started = time.perf_counter()
     records: RecordsKept = "all" if section.figure in NEEDS_ITERATIONS else "none"
-    sweep_report = run_sweep(sweep, store_dir, workers=workers, records=records, console=console)
+    sweep_report = run_sweep(sweep, store_dir, workers=pool.workers, records=records, console=console, pool=pool)
     store = ResultsStore(store_dir)
     results = store.query("SELECT * FROM results ORDER BY point, policy_position")
     result = SectionResult(path.stem, section, None, sweep_report, 0.0, routing_evidence=_routing_evidence(sweep))

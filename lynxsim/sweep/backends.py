@@ -26,42 +26,82 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+class LocalPool:
+    """Spawned worker processes kept for several sweeps (a report's sections, one sweep each): a fresh worker
+    imports lynxsim and loads numba's compiled kernels before its first point (about 2 s on a 2-core machine), which
+    a pool per sweep paid again for every sweep. Workers are spawned (not forked) so that none inherits the driver's
+    open files or threads. A pool whose worker died is replaced by a fresh one at the next point. Use as a context
+    manager; the workers end with it."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._executor: ProcessPoolExecutor | None = None
+
+    def executor(self) -> ProcessPoolExecutor:
+        """The live pool, started on first use."""
+        if self._executor is None:
+            context = multiprocessing.get_context("spawn")
+            self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
+        return self._executor
+
+    def discard(self) -> None:
+        """Shut the pool down (after a worker died: the executor refuses new work); the next use starts another."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def __enter__(self) -> LocalPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+
 def run_tasks(
-    tasks: list[PointTask], backend: BackendName, workers: int, address: str | None = None
+    tasks: list[PointTask], backend: BackendName, workers: int, address: str | None = None,
+    pool: LocalPool | None = None,
 ) -> Iterator[PointOutcome]:
-    """Outcomes of ``tasks`` in the order they finish."""
+    """Outcomes of ``tasks`` in the order they finish; ``pool``: the local backend's workers, kept by the caller
+    across sweeps (else a pool of ``workers`` for these tasks alone)."""
     if not tasks:
         return iter(())
     if backend == "ray":
         return _ray_outcomes(tasks, workers, address)
-    return _local_outcomes(tasks, workers)
+    if pool is not None:
+        return _local_outcomes(tasks, pool)
+    return _own_pool_outcomes(tasks, workers)
 
 
-def _local_outcomes(tasks: list[PointTask], workers: int) -> Iterator[PointOutcome]:
-    """A process pool; workers are spawned (not forked) so that none inherits the driver's open files or
-    threads, and at most ``workers`` points are in flight, so a killed sweep has little half-done work. A worker
-    that dies (killed, out of memory) takes the points in flight with it: they are reported failed (``sweep
+def _own_pool_outcomes(tasks: list[PointTask], workers: int) -> Iterator[PointOutcome]:
+    with LocalPool(workers) as pool:
+        yield from _local_outcomes(tasks, pool)
+
+
+def _local_outcomes(tasks: list[PointTask], pool: LocalPool) -> Iterator[PointOutcome]:
+    """At most ``pool.workers`` points are in flight, so a killed sweep has little half-done work. A worker that
+    dies (killed, out of memory) takes the points in flight with it: they are reported failed (``sweep
     --retry-failed`` runs them again) and the others go on in a fresh pool."""
-    context = multiprocessing.get_context("spawn")
     queue = list(reversed(tasks))
     while queue:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            running: dict[Future[PointOutcome], PointTask] = {}
-            broken = False
-            while (queue or running) and not broken:
-                while queue and len(running) < workers:
-                    task = queue.pop()
-                    running[pool.submit(simulate_point, task)] = task
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    task = running.pop(future)
-                    try:
-                        yield future.result()
-                    except BrokenProcessPool:
-                        broken = True
-                        yield PointOutcome(task.config_hash, 0.0, error="its worker process died")
+        executor = pool.executor()
+        running: dict[Future[PointOutcome], PointTask] = {}
+        broken = False
+        while (queue or running) and not broken:
+            while queue and len(running) < pool.workers:
+                task = queue.pop()
+                running[executor.submit(simulate_point, task)] = task
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                task = running.pop(future)
+                try:
+                    yield future.result()
+                except BrokenProcessPool:
+                    broken = True
+                    yield PointOutcome(task.config_hash, 0.0, error="its worker process died")
+        if broken:
             for task in running.values():
                 yield PointOutcome(task.config_hash, 0.0, error="its worker process died")
+            pool.discard()
 
 
 def _ray_outcomes(tasks: list[PointTask], workers: int, address: str | None) -> Iterator[PointOutcome]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 
 from lynxsim.config import ExperimentConfig
-from lynxsim.sweep.backends import BackendName, run_tasks
+from lynxsim.sweep.backends import BackendName, LocalPool, run_tasks
 from lynxsim.sweep.execute import PointOutcome, PointTask, RecordsKept
 from lynxsim.sweep.points import Sweep
 from lynxsim.sweep.progress import sweep_progress
@@ -43,8 +43,10 @@ def run_sweep(
     records: RecordsKept = "all",
     retry_failed: bool = False,
     console: Console | None = None,
+    pool: LocalPool | None = None,
 ) -> SweepReport:
-    """Run every point of ``sweep`` not yet in the store at ``out_dir``; with a console, show a progress bar."""
+    """Run every point of ``sweep`` not yet in the store at ``out_dir``; with a console, show a progress bar.
+    ``pool``: the local backend's workers, kept across sweeps by the caller (``backends.LocalPool``)."""
     started = time.perf_counter()
     store = ResultsStore(out_dir)
     store.prepare(sweep)
@@ -55,7 +57,7 @@ def run_sweep(
     progress = sweep_progress(console)
     with progress:
         bar = progress.add_task(f"{sweep.base.name}: {len(tasks)} runs", total=len(tasks), failed=0)
-        for outcome in run_tasks(tasks, backend, workers, address):
+        for outcome in run_tasks(tasks, backend, workers, address, pool):
             store.record(outcome, _config_json(configs[outcome.config_hash]))
             _count(report, outcome)
             progress.update(bar, advance=1, failed=len(report.failures))
