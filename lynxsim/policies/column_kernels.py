@@ -69,11 +69,11 @@ def _columns(b: int, width: int, num_tokens: int) -> tuple[np.uint64, np.uint64]
 
 
 @njit(inline="always")
-def _rank_by_logit(x: np.ndarray, rank: np.ndarray, columns: int) -> None:
-    """``rank[e, c]``: how many experts of token column ``c`` come before ``e`` by logit descending, ties by lower
-    id (``topk.topk_mask``'s order); distinct for the experts of one token, 0 for its first argmax. Each pair of
-    experts is compared once: of ``e < f``, ``f`` is ahead where its logit is larger, else ``e`` (the logits are
-    finite)."""
+def _rank_descending(x: np.ndarray, rank: np.ndarray, columns: int) -> None:
+    """``rank[e, c]``: how many experts of token column ``c`` come before ``e`` by ``x`` descending (logits, or
+    Lynx's vote order), ties by lower id (``topk.topk_mask``'s order); distinct for the experts of one token, 0 for
+    its first. Each pair of experts is compared once: of ``e < f``, ``f`` is ahead where its value is larger, else
+    ``e`` (the values are finite)."""
     num_experts = x.shape[0]
     for e in range(num_experts):
         for c in range(columns):
@@ -107,7 +107,7 @@ def topk_counts(logits: np.ndarray, top_k: int, counts: np.ndarray) -> bool:
     for first in range(0, batches, per_block):
         count = min(per_block, batches - first)
         _layout(logits, first, count, width, x, best)
-        _rank_by_logit(x, rank, count * width)
+        _rank_descending(x, rank, count * width)
         for b in range(count):
             layer, g = divmod(first + b, num_groups)
             base, end = _columns(b, width, num_tokens)
@@ -194,7 +194,7 @@ def lynx_counts(
         count = min(per_block, batches - first)
         columns = count * width
         _layout(logits, first, count, width, x, best)
-        _rank_by_logit(x, rank, columns)
+        _rank_descending(x, rank, columns)
         # Depths -q of the bins q = max(ceil(alpha * (L - max)), -beta) (numpy's operation order), capped; each
         # column's deepest.
         for b in range(count):
@@ -255,7 +255,7 @@ def lynx_counts(
                 for t in range(base, end):
                     key[e, t] = place[e * depths + depth[e, t]] * num_experts + (num_experts - 1 - rank[e, t])
         # Votes: each token's top-k by that order; kept = the experts with a vote.
-        _rank_by_vote(key, vote_rank, columns)
+        _rank_descending(key, vote_rank, columns)  # the keys of one token are distinct: no ties
         for b in range(count):
             if deep[b]:
                 continue
@@ -332,22 +332,6 @@ def lynx_counts(
             top1_kept[g, layer] = top1 / num_tokens
             assignments_changed[g, layer] = changed / (num_tokens * top_k)
     return True
-
-
-@njit(inline="always")
-def _rank_by_vote(key: np.ndarray, vote_rank: np.ndarray, columns: int) -> None:
-    """``vote_rank[e, c]``: how many experts of token column ``c`` have a larger vote order ``key`` than ``e``
-    (the keys of one token are distinct; each pair compared once)."""
-    num_experts = key.shape[0]
-    for e in range(num_experts):
-        for c in range(columns):
-            vote_rank[e, c] = 0
-    for e in range(num_experts):
-        for f in range(e + 1, num_experts):
-            for c in range(columns):
-                later_ahead = key[f, c] > key[e, c]
-                vote_rank[e, c] += later_ahead
-                vote_rank[f, c] += not later_ahead
 
 
 @njit(inline="always")
