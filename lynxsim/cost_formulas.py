@@ -442,6 +442,17 @@ def price_iteration(
     out[5] = attention + dense + moe + communication + overhead
 
 
+# ----- disaggregated serving ---------------------------------------------------------------------------------------
+
+
+@_compiled(inline=True)
+def kv_transfer_s(tokens: int, kv_bytes_per_token: float, bandwidth_bytes_per_s: float, latency_s: float) -> float:
+    """Seconds to move the KV cache of ``tokens`` tokens from a prefill to a decode instance: the latency plus the
+    bytes over the bandwidth (``lynxsim.engine.deployment.KVTransfer``). The engine's loop and its orchestrator
+    both compute a transfer's end with it, and must agree to the bit: the orchestrator's horizons compare them."""
+    return latency_s + tokens * kv_bytes_per_token / bandwidth_bytes_per_s
+
+
 # ----- entry points of the Python cost models -----------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from lynxsim.cli import main
+from lynxsim.sweep.backends import LocalPool
 from lynxsim.sweep.driver import run_sweep
 from lynxsim.sweep.points import load_sweep
 from lynxsim.sweep.store import POINTS_DIR, ResultsStore
@@ -127,6 +128,29 @@ def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> No
     assert len(results_of(out)) == 2  # the failed point has no summaries
     assert run_sweep(load_sweep(path), out, workers=1).ran == 0
     assert run_sweep(load_sweep(path), out, workers=1, retry_failed=True).ran == 1
+
+
+def test_a_kept_pool_serves_several_sweeps_and_outlives_a_dead_worker(tmp_path: Path) -> None:
+    """A report keeps one pool of workers for all its sweeps: the second sweep runs on the first's workers, and a
+    worker that died between two sweeps (killed while idle) costs no point of the next one."""
+    path = write_sweep(tmp_path, {"sweep": {"grid": {"policies.1.alpha": [0.5, 0.9]}}})
+    with LocalPool(1) as pool:
+        first = run_sweep(load_sweep(path), tmp_path / "first", pool=pool)
+        executor = pool.executor()
+        workers = set(executor._processes)  # the pool's own worker pids (no public accessor)
+        second = run_sweep(load_sweep(path), tmp_path / "second", pool=pool)
+        assert pool.executor() is executor and set(executor._processes) == workers
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while not executor._broken and time.monotonic() < deadline:  # until the pool has seen the death
+            time.sleep(0.01)
+        third = run_sweep(load_sweep(path), tmp_path / "third", pool=pool)
+        assert pool.executor() is not executor
+    for report in (first, second, third):
+        assert report.ran == 2 and not report.failures
+    for out in ("second", "third"):
+        pd.testing.assert_frame_equal(results_of(tmp_path / out), results_of(tmp_path / "first"))
 
 
 def test_ray_backend_gives_the_same_results(reference: Path, tmp_path: Path) -> None:

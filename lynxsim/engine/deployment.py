@@ -83,5 +83,7 @@ class KVTransfer:
             raise ValueError(f"invalid KV transfer parameters {self}")
 
     def time_s(self, tokens: int) -> float:
-        """Seconds to move the KV cache of ``tokens`` tokens: latency + bytes / bandwidth."""
-        return self.latency_s + tokens * self.kv_bytes_per_token / self.bandwidth_bytes_per_s
+        """Seconds to move the KV cache of ``tokens`` tokens (``cost_formulas.kv_transfer_s``)."""
+        from lynxsim.cost_formulas import kv_transfer_s  # numba: imported once a transfer is priced
+
+        return float(kv_transfer_s(tokens, self.kv_bytes_per_token, self.bandwidth_bytes_per_s, self.latency_s))

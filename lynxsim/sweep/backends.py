@@ -80,7 +80,8 @@ def _own_pool_outcomes(tasks: list[PointTask], workers: int) -> Iterator[PointOu
 def _local_outcomes(tasks: list[PointTask], pool: LocalPool) -> Iterator[PointOutcome]:
     """At most ``pool.workers`` points are in flight, so a killed sweep has little half-done work. A worker that
     dies (killed, out of memory) takes the points in flight with it: they are reported failed (``sweep
-    --retry-failed`` runs them again) and the others go on in a fresh pool."""
+    --retry-failed`` runs them again) and the others go on in a fresh pool, as do all of them when a worker of a
+    kept pool died between two sweeps."""
     queue = list(reversed(tasks))
     while queue:
         executor = pool.executor()
@@ -88,8 +89,13 @@ def _local_outcomes(tasks: list[PointTask], pool: LocalPool) -> Iterator[PointOu
         broken = False
         while (queue or running) and not broken:
             while queue and len(running) < pool.workers:
-                task = queue.pop()
-                running[executor.submit(simulate_point, task)] = task
+                try:
+                    future = executor.submit(simulate_point, task := queue.pop())
+                except BrokenProcessPool:  # a worker died while the kept pool was idle: the point goes to the next
+                    queue.append(task)
+                    broken = True
+                    break
+                running[future] = task
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 task = running.pop(future)

@@ -34,9 +34,9 @@ class Completion(NamedTuple):
 
 
 class Scheduler:
-    """One instance's scheduler: its waiting queue, running set and KV-cache pool, and vLLM's batching rule.
-    Registered as ``vllm`` (``lynxsim.plugins.SCHEDULERS``); a factory of any registered scheduler is called with
-    ``pool``, ``max_num_seqs``, ``max_num_batched_tokens`` and ``chunked_prefill`` by keyword."""
+    """One instance's scheduler: its waiting queue, running set and KV-cache pool, and vLLM's batching rule, in
+    plain Python: the oracle of ``lynxsim.engine.scheduler.Scheduler`` (the registered ``vllm``), built with the
+    same keywords."""
 
     def __init__(
         self, pool: BlockPool, *, max_num_seqs: int, max_num_batched_tokens: int, chunked_prefill: bool

@@ -130,11 +130,11 @@ def simulate(
     n = len(specs)
     instance = CompiledInstance(scheduler, cost_model, step, num_moe_layers, n, cutoff_s=cutoff_s,
                                 progress_every=PROGRESS_EVERY_REQUESTS if on_arrivals is not None else 0)
-    prompts = np.array([spec.prompt_tokens for spec in specs], dtype=np.int64)
-    outputs = np.array([spec.output_tokens for spec in specs], dtype=np.int64)
-    rejects = rejection_statuses(scheduler.rejection_codes(prompts + outputs - 1))  # all of a request's tokens
     instance.push_all(np.array([spec.arrival_s for spec in specs], dtype=float),
-                      np.array([spec.request_id for spec in specs], dtype=np.int64), prompts, outputs, rejects)
+                      np.array([spec.request_id for spec in specs], dtype=np.int64),
+                      np.array([spec.prompt_tokens for spec in specs], dtype=np.int64),
+                      np.array([spec.output_tokens for spec in specs], dtype=np.int64),
+                      arrival_rejections(specs, scheduler))
     if on_arrivals is not None:
         on_arrivals(0)
     instance.advance(math.inf, on_progress=on_arrivals)
@@ -150,8 +150,18 @@ def simulate(
     return CompiledRun(requests, [instance.log()], float(instance.clock[k.C_END]))
 
 
-def rejection_statuses(codes: np.ndarray) -> np.ndarray:
-    """``Scheduler.rejection_codes`` as the kernel's request statuses (``ST_REJECTED_*``, ``ST_NONE``)."""
+def arrival_rejections(specs: Sequence[RequestSpec], entry: Scheduler, decode: Scheduler | None = None) -> np.ndarray:
+    """Each request's status on arrival: ``ST_REJECTED_*`` where it can never be served (``Scheduler.rejection_codes``,
+    the first reason that applies), else ``ST_NONE``. An instance caches a request's prompt and every output token
+    but the last; with ``decode`` (disaggregated serving) the ``entry`` (prefill) instances hold only the prompt.
+    The instances of a pool have the same limits, so a request fits all of a pool or none of it."""
+    prompts = np.array([spec.prompt_tokens for spec in specs], dtype=np.int64)
+    most_tokens = prompts + np.array([spec.output_tokens for spec in specs], dtype=np.int64) - 1
+    if decode is None:
+        codes = entry.rejection_codes(most_tokens)
+    else:
+        codes = entry.rejection_codes(prompts)
+        codes = np.where(codes > 0, codes, decode.rejection_codes(most_tokens))
     return np.where(codes > 0, codes - 1 + k.ST_REJECTED_KV, k.ST_NONE)
 
 

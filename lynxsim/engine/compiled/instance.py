@@ -165,8 +165,7 @@ class CompiledInstance:
             self.baseline_table = _table_arrays(baseline, ranks)
             self.samples = np.array([statistical.policy.samples, baseline.samples], dtype=np.int64)
             self.uniform_source = UniformStream(np.random.default_rng([step.seed, index]))
-            self.uniforms = np.array(self.uniform_source.peek(UNIFORM_BLOCK))
-            self.uniform_source.advance(UNIFORM_BLOCK)
+            self.uniforms = self._next_uniforms()
         else:
             layers = num_moe_layers
             empty = (np.ones(1, dtype=np.int64), np.zeros((0, layers), dtype=np.int16),
@@ -213,9 +212,7 @@ class CompiledInstance:
 
     def can_move(self, horizon_s: float) -> bool:
         """Whether ``advance(horizon_s)`` would do anything."""
-        if self.done:
-            return False
-        return self.frontier_s < horizon_s if self.paused else self.now_s < horizon_s
+        return not self.done and self.frontier_s < horizon_s
 
     @property
     def earliest_start_s(self) -> float:
@@ -307,9 +304,7 @@ class CompiledInstance:
                 self.log_part = _log_part(2 * self.log_part[0].shape[1], self.num_moe_layers)
                 state[k.S_ROWS] = 0
             elif code == k.NEED_UNIFORMS:
-                assert self.uniform_source is not None
-                self.uniforms = np.array(self.uniform_source.peek(UNIFORM_BLOCK))
-                self.uniform_source.advance(UNIFORM_BLOCK)
+                self.uniforms = self._next_uniforms()
                 state[k.S_UNIFORM_AT] = 0
                 state[k.S_UNIFORMS] = self.uniforms.shape[0]
             elif code == k.NEED_SCHEDULE:
@@ -332,6 +327,13 @@ class CompiledInstance:
                 raise RuntimeError(f"compiled engine returned unknown code {code}")
         self._drain(on_events)
         return code
+
+    def _next_uniforms(self) -> np.ndarray:
+        """The statistical mode's next ``UNIFORM_BLOCK`` uniform pairs, as a writable array."""
+        assert self.uniform_source is not None
+        uniforms = np.array(self.uniform_source.peek(UNIFORM_BLOCK))
+        self.uniform_source.advance(UNIFORM_BLOCK)
+        return uniforms
 
     def _enter(self) -> int:
         log_f, log_i, log_distinct, log_proxies = self.log_part

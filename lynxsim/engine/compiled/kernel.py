@@ -41,6 +41,7 @@ import math
 
 import numpy as np
 
+from lynxsim.cost_formulas import kv_transfer_s
 from lynxsim.engine.compiled.pricing import Pricing, price_iteration
 from lynxsim.engine.compiled.routing import FusedRouting, admit_means, route
 from lynxsim.jit import compiled
@@ -115,8 +116,8 @@ LI_PREFILL, LI_DECODE, LI_SEQUENCES, LI_SAMPLED, LI_APPLIED = range(5)
 
 @compiled(inline="always")
 def _transfer_s(timing: np.ndarray, tokens: int) -> float:
-    """``KVTransfer.time_s``: latency + bytes / bandwidth, in its order of operations."""
-    return timing[T_LATENCY] + tokens * timing[T_KV_BYTES_PER_TOKEN] / timing[T_BANDWIDTH]
+    """``KVTransfer.time_s`` with the transfer's parameters as ``timing`` holds them."""
+    return kv_transfer_s(tokens, timing[T_KV_BYTES_PER_TOKEN], timing[T_BANDWIDTH], timing[T_LATENCY])
 
 
 @compiled(inline="always")
@@ -134,6 +135,19 @@ def _try_grow_slot(slots: np.ndarray, i: int, tokens: int, state: np.ndarray, bl
     if extra > 0:
         state[S_FREE_BLOCKS] -= extra
         slots[SL_BLOCKS, i] += extra
+    return True
+
+
+@compiled(inline="always")
+def _try_grow_row(req_i: np.ndarray, r: int, tokens: int, state: np.ndarray, block_tokens: int) -> bool:
+    """``BlockPool.try_grow`` for request ``r`` outside the running set (its row of ``req_i``), as
+    ``_try_grow_slot``."""
+    extra = _blocks_for(tokens, block_tokens) - req_i[r, R_BLOCKS]
+    if extra > state[S_FREE_BLOCKS]:
+        return False
+    if extra > 0:
+        state[S_FREE_BLOCKS] -= extra
+        req_i[r, R_BLOCKS] += extra
     return True
 
 
@@ -269,12 +283,8 @@ def _admit_waiting(
         if whole_prompts and missing > budget:
             break
         tokens = min(missing, budget)
-        extra = _blocks_for(req_i[r, R_COMPUTED] + tokens, block_tokens) - req_i[r, R_BLOCKS]
-        if extra > state[S_FREE_BLOCKS]:
+        if not _try_grow_row(req_i, r, req_i[r, R_COMPUTED] + tokens, state, block_tokens):
             break
-        if extra > 0:
-            state[S_FREE_BLOCKS] -= extra
-            req_i[r, R_BLOCKS] += extra
         _pop_front(queue, state)
         if math.isnan(req_f[r, RF_SCHEDULED]):
             req_f[r, RF_SCHEDULED] = now
@@ -460,12 +470,8 @@ def _start_transfers(
     while (state[S_IN_COUNT] > 0 and state[S_WQ_COUNT] == 0
            and state[S_RUNNING] + state[S_RECEIVING] < config[K_MAX_SEQS]):
         r = incoming[state[S_IN_HEAD] % incoming.size]
-        extra = _blocks_for(req_i[r, R_TOKENS], block_tokens) - req_i[r, R_BLOCKS]
-        if extra > state[S_FREE_BLOCKS]:
+        if not _try_grow_row(req_i, r, req_i[r, R_TOKENS], state, block_tokens):
             return
-        if extra > 0:
-            state[S_FREE_BLOCKS] -= extra
-            req_i[r, R_BLOCKS] += extra
         state[S_IN_HEAD] = (state[S_IN_HEAD] + 1) % incoming.size
         state[S_IN_COUNT] -= 1
         receiving[state[S_RECEIVING]] = r

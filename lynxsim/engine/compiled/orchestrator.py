@@ -37,7 +37,7 @@ from lynxsim.engine.compiled import kernel as k
 from lynxsim.engine.compiled.driver import (
     PROGRESS_EVERY_REQUESTS,
     CompiledRun,
-    rejection_statuses,
+    arrival_rejections,
     request_records,
     simulate,
 )
@@ -102,13 +102,8 @@ class _Cluster:
         self.entry_router, self.decode_router = make_router(), make_router()
         self.on_arrivals = on_arrivals
         n = len(specs)
-        # Rejections: the instances of a pool have the same limits, so a request fits all of a pool or none of it.
-        prompts = np.array([spec.prompt_tokens for spec in specs], dtype=np.int64)
-        most_tokens = prompts + np.array([spec.output_tokens for spec in specs], dtype=np.int64) - 1
-        codes = self.entry[0].scheduler.rejection_codes(prompts if self.disaggregated else most_tokens)
-        if self.disaggregated:  # a prefill instance holds the prompt; then a decode instance all of it
-            codes = np.where(codes > 0, codes, self.decode[0].scheduler.rejection_codes(most_tokens))
-        self.rejections = rejection_statuses(codes)
+        self.rejections = arrival_rejections(specs, self.entry[0].scheduler,
+                                             self.decode[0].scheduler if self.disaggregated else None)
         self.homes = np.full(n, -1, dtype=np.int64)  # the instance holding each request's record (-1: none)
         self.home_rows = np.zeros(n, dtype=np.int64)
         self.entry_instance = np.full(n, -1, dtype=np.int64)  # the instance the router gave it
