@@ -26,9 +26,6 @@ from numba import njit, objmode
 from lynxsim.policies import selection_kernels as rows
 from lynxsim.policies.selection_kernels import _all_finite
 
-_LANES = 8
-"""Each batch's token columns are padded to a multiple of this (zeros, never read back)."""
-
 _BLOCK_COLUMNS = 2048
 """Batches are ranked together, as many as fit this many token columns (a decode run's iterations and every layer
 of one): each ranking is then one long loop over all of them rather than one short loop per batch, whose fixed cost
@@ -37,21 +34,20 @@ tokens: 31 us per call, 13 us ranked together; measured). 2,048 columns keep the
 
 
 @njit(inline="always")
-def _layout(logits: np.ndarray, first: int, count: int, width: int, x: np.ndarray, best: np.ndarray) -> None:
+def _layout(logits: np.ndarray, first: int, count: int, x: np.ndarray, best: np.ndarray) -> None:
     """Batches ``first .. first + count - 1`` (numbered ``layer * groups + g``) side by side in ``x [E, columns]``,
-    ``width`` columns each (zeros past a batch's tokens), in the logits' own dtype (float32 fills twice as many
-    vector lanes as float64 and compares the same); ``best``: each token's largest logit."""
+    in the logits' own dtype (float32 fills twice as many vector lanes as float64 and compares the same);
+    ``best``: each token's largest logit. Batches are not padded to a multiple of the vector width: the rankings
+    run over the whole block, and padding a batch of 1-4 tokens to 8 columns cost more than it saved (Lynx on 32
+    layers of one token: 7.3 us padded, 5.2 us not; measured)."""
     num_groups, num_tokens, num_experts = logits.shape[1], logits.shape[2], logits.shape[3]
     for b in range(count):
         layer, g = divmod(first + b, num_groups)
-        base, end = _columns(b, width, num_tokens)
+        base, end = _columns(b, num_tokens)
         for c in range(base, end):
             for e in range(num_experts):
                 x[e, c] = logits[layer, g, c - base, e]
-        for e in range(num_experts):  # the padding, ranked with the rest and never read back
-            for c in range(end, base + np.uint64(width)):
-                x[e, c] = 0
-    columns = count * width
+    columns = count * num_tokens
     for c in range(columns):
         best[c] = x[0, c]
     for e in range(1, num_experts):
@@ -60,11 +56,11 @@ def _layout(logits: np.ndarray, first: int, count: int, width: int, x: np.ndarra
 
 
 @njit(inline="always")
-def _columns(b: int, width: int, num_tokens: int) -> tuple[np.uint64, np.uint64]:
+def _columns(b: int, num_tokens: int) -> tuple[np.uint64, np.uint64]:
     """The token columns of batch ``b`` of a block, first and past the last, unsigned: numba then indexes with
     them without checking for negative indices, which kept the loops over them from vectorizing (measured: 7x
     slower over 64 tokens)."""
-    base = np.uint64(b * width)
+    base = np.uint64(b * num_tokens)
     return base, base + np.uint64(num_tokens)
 
 
@@ -87,10 +83,9 @@ def _rank_descending(x: np.ndarray, rank: np.ndarray, columns: int) -> None:
 
 
 @njit(inline="always")
-def _blocks(num_tokens: int, batches: int) -> tuple[int, int]:
-    """Each batch's padded width and how many batches one block ranks together."""
-    width = -(-num_tokens // _LANES) * _LANES
-    return width, max(1, min(batches, _BLOCK_COLUMNS // width))
+def _blocks(num_tokens: int, batches: int) -> int:
+    """How many batches of ``num_tokens`` one block ranks together."""
+    return max(1, min(batches, _BLOCK_COLUMNS // max(1, num_tokens)))
 
 
 @njit(cache=True)
@@ -100,17 +95,17 @@ def topk_counts(logits: np.ndarray, top_k: int, counts: np.ndarray) -> bool:
         return False
     num_layers, num_groups, num_tokens, num_experts = logits.shape
     batches = num_layers * num_groups
-    width, per_block = _blocks(num_tokens, batches)
-    x = np.empty((num_experts, per_block * width), dtype=logits.dtype)
-    best = np.empty(per_block * width, dtype=logits.dtype)
-    rank = np.empty((num_experts, per_block * width), dtype=np.int32)
+    per_block = _blocks(num_tokens, batches)
+    x = np.empty((num_experts, per_block * num_tokens), dtype=logits.dtype)
+    best = np.empty(per_block * num_tokens, dtype=logits.dtype)
+    rank = np.empty((num_experts, per_block * num_tokens), dtype=np.int32)
     for first in range(0, batches, per_block):
         count = min(per_block, batches - first)
-        _layout(logits, first, count, width, x, best)
-        _rank_descending(x, rank, count * width)
+        _layout(logits, first, count, x, best)
+        _rank_descending(x, rank, count * num_tokens)
         for b in range(count):
             layer, g = divmod(first + b, num_groups)
-            base, end = _columns(b, width, num_tokens)
+            base, end = _columns(b, num_tokens)
             for e in range(num_experts):
                 chosen = 0
                 for t in range(base, end):
@@ -120,21 +115,16 @@ def topk_counts(logits: np.ndarray, top_k: int, counts: np.ndarray) -> bool:
 
 
 @njit(inline="always")
-def _order(values: np.ndarray, count: int, index: np.ndarray, order: np.ndarray) -> None:
-    """``order[i]``: the place of ``values[i]`` among the distinct values of ``values[:count]``, ascending (equal
-    values, equal places). An insertion sort of ``index``: ``count`` is a batch's (expert, depth) pairs, 16 for
-    Mixtral's bins, where a library sort's allocation and call would cost more."""
+def _places(values: np.ndarray, count: int, place: np.ndarray) -> None:
+    """``place[i]``: how many of ``values[:count]`` are smaller than ``values[i]``: equal values get equal places and
+    a smaller value a smaller place, all the vote order needs of them. ``count`` is a batch's (expert, depth) pairs,
+    16 for Mixtral's bins: counting every pair, with no branch, costs less than sorting them (an insertion sort's
+    mispredicted exits were 4% of a Mixtral run; measured)."""
     for i in range(count):
-        j = i
-        while j > 0 and values[index[j - 1]] > values[i]:
-            index[j] = index[j - 1]
-            j -= 1
-        index[j] = i
-    place = 0
-    for i in range(count):
-        if i and values[index[i]] > values[index[i - 1]]:
-            place += 1
-        order[index[i]] = place
+        smaller = 0
+        for j in range(count):
+            smaller += values[j] < values[i]
+        place[i] = smaller
 
 
 @njit(cache=True)
@@ -154,30 +144,29 @@ def lynx_counts(
     With ``rank[e, t]``, expert ``e``'s place in token ``t``'s own order by logit: a token votes for its experts
     by ``v`` descending, ties by that rank. ``v = (score[e] - B ** -d) / B - d`` depends on the token only through
     its depth ``d`` of the expert, so it is tabulated per batch as ``[expert, depth]`` and each table entry replaced
-    by its place among the table's values: the vote order is then one integer per (expert, token),
+    by its place among the table's values (``_places``): the vote order is then one integer per (expert, token),
     ``place * E + (E - 1 - rank)``. A batch with depths past the bin table (where ``v`` is the token's own; no
     floor and logit gaps of hundreds) goes to ``selection_kernels.lynx_counts``. The re-pick inside the kept set
-    is the kept experts with the fewest kept experts ahead by logit; a token whose own top-k is all kept (a
-    survivor) re-picks exactly it. Only the retained mass of the other tokens needs their experts in order.
+    is the first k kept experts in the token's own logit order: a token whose own top-k is all kept (a survivor)
+    re-picks exactly it, so only the others (a few in a hundred under the published constants) walk their experts
+    for the re-pick and its retained mass.
 
-    The three rankings (by logit, by vote, among the kept experts) run over a block of batches at once; what is
-    a batch's own (its depths, vote scores and table, its kept set, its counts and proxies) runs per batch."""
+    The two rankings (by logit, by vote) run over a block of batches at once; what is a batch's own (its depths,
+    vote scores and table, its kept set, its counts and proxies) runs per batch."""
     if not _all_finite(logits):
         return False
     num_layers, num_groups, num_tokens, num_experts = logits.shape
     batches = num_layers * num_groups
-    width, per_block = _blocks(num_tokens, batches)
-    columns_max = per_block * width
+    per_block = _blocks(num_tokens, batches)
+    columns_max = per_block * num_tokens
     cap = bin_weight.size - 2  # depths deeper than cap all weigh bin_weight[cap + 1] = 0
-    # Each column's values are written before they are read; a padding column's only by rankings of itself.
+    # Each column's values are written before they are read.
     x = np.empty((num_experts, columns_max), dtype=logits.dtype)
     best = np.empty(columns_max, dtype=logits.dtype)
     depth = np.empty((num_experts, columns_max), dtype=np.int32)  # -q, capped at cap + 1
     rank = np.empty((num_experts, columns_max), dtype=np.int32)  # by logit
     key = np.empty((num_experts, columns_max), dtype=np.int32)  # the vote order
     vote_rank = np.empty((num_experts, columns_max), dtype=np.int32)  # experts ahead by vote
-    kept = np.empty((num_experts, columns_max), dtype=np.int32)  # 1 where the column's batch kept the expert
-    kept_rank = np.empty((num_experts, columns_max), dtype=np.int32)  # kept experts ahead by logit
     column_scale = np.empty(columns_max)  # alpha of each column's layer
     column_floor = np.empty(columns_max)  # -beta
     column_deepest = np.empty(columns_max, dtype=np.int32)
@@ -185,21 +174,19 @@ def lynx_counts(
     voted = np.zeros((per_block, num_experts), dtype=np.bool_)
     survived = np.empty(num_tokens, dtype=np.bool_)
     table = np.empty((cap + 2) * num_experts)  # v of [expert, depth], then its place
-    index = np.empty((cap + 2) * num_experts, dtype=np.int64)
     place = np.empty((cap + 2) * num_experts, dtype=np.int64)
-    reference = np.empty(top_k + 1, dtype=np.int64)  # one token's own top-k in order (last slot: the others)
-    chosen = np.empty(top_k + 1, dtype=np.int64)  # and its re-pick
+    order = np.empty(num_experts, dtype=np.int64)  # one token's experts by logit
     reference_exp = np.empty(top_k)
     for first in range(0, batches, per_block):
         count = min(per_block, batches - first)
-        columns = count * width
-        _layout(logits, first, count, width, x, best)
+        columns = count * num_tokens
+        _layout(logits, first, count, x, best)
         _rank_descending(x, rank, columns)
         # Depths -q of the bins q = max(ceil(alpha * (L - max)), -beta) (numpy's operation order), capped; each
         # column's deepest.
         for b in range(count):
             layer = (first + b) // num_groups
-            base, end = _columns(b, width, width)
+            base, end = _columns(b, num_tokens)
             for c in range(base, end):
                 column_scale[c] = alpha[layer]
                 column_floor[c] = floor[layer]
@@ -214,7 +201,7 @@ def lynx_counts(
                 column_deepest[c] = max(column_deepest[c], d)
         for b in range(count):
             layer, g = divmod(first + b, num_groups)
-            base, end = _columns(b, width, num_tokens)
+            base, end = _columns(b, num_tokens)
             deepest = 0
             for t in range(base, end):
                 deepest = max(deepest, column_deepest[t])
@@ -244,7 +231,7 @@ def lynx_counts(
                         total_weight += at * bin_weight[d]
                 for d in range(depths):
                     table[e * depths + d] = (total_weight - bin_weight[d]) / num_tokens - d if num_tokens > 1 else -d
-            _order(table, depths * num_experts, index, place)
+            _places(table, depths * num_experts, place)
             for e in range(num_experts):
                 if depths <= 2:  # (the usual: beta = 1) a select rather than a table read, so the loop vectorizes
                     shallow = place[e * depths] * num_experts + (num_experts - 1)
@@ -259,21 +246,17 @@ def lynx_counts(
         for b in range(count):
             if deep[b]:
                 continue
-            base, end = _columns(b, width, num_tokens)
+            base, end = _columns(b, num_tokens)
             for e in range(num_experts):
                 within = False
                 for t in range(base, end):
                     within |= vote_rank[e, t] < top_k
                 voted[b, e] = within
-                for t in range(base, base + np.uint64(width)):
-                    kept[e, t] = within
-        # The re-pick's ranks among the kept experts (for every expert; only the kept ones' are read).
-        _rank_among_kept(rank, kept, kept_rank, columns)
         for b in range(count):
             if deep[b]:
                 continue
             layer, g = divmod(first + b, num_groups)
-            base, end = _columns(b, width, num_tokens)
+            base, end = _columns(b, num_tokens)
             # Survivors: no expert of their own top-k went unvoted.
             for t in range(num_tokens):
                 survived[t] = True
@@ -284,10 +267,9 @@ def lynx_counts(
             all_survived = True
             for t in range(num_tokens):
                 all_survived &= survived[t]
-            # Counts, top1 (a token keeps its argmax when that is kept) and changed assignments from the ranks.
-            # An unvoted expert is nobody's pick.
+            # Counts of the survivors' own top-k and top1 (a token keeps its argmax when that is kept), from the
+            # ranks; an unvoted expert is nobody's pick.
             top1 = 0
-            changed = 0
             for e in range(num_experts):
                 if not voted[b, e]:
                     continue
@@ -297,16 +279,14 @@ def lynx_counts(
                 if all_survived:
                     for t in range(base, end):
                         served += rank[e, t] < top_k
-                    counts[g, layer, e] += served
-                    continue
-                for c in range(base, end):
-                    own = rank[e, c]
-                    picked = (own < top_k) if survived[c - base] else (kept_rank[e, c] < top_k)
-                    served += picked
-                    changed += picked & (own >= top_k)
+                else:
+                    for c in range(base, end):
+                        served += survived[c - base] & (rank[e, c] < top_k)
                 counts[g, layer, e] += served
-            # Retained mass, token by token: 1 for a survivor; else both sums in descending order, as numpy
+            # The other tokens re-pick the first k kept experts in their own logit order, counted and their
+            # retained mass summed token by token (1 for a survivor): both sums in descending order, as numpy
             # sums them, an expert in both sharing its value.
+            changed = 0
             mass = 0.0
             for t in range(num_tokens):
                 if survived[t]:
@@ -314,40 +294,29 @@ def lynx_counts(
                     continue
                 c = base + np.uint64(t)
                 for e in range(num_experts):
-                    reference[min(rank[e, c], top_k)] = e
-                    chosen[min(kept_rank[e, c], top_k) if voted[b, e] else top_k] = e
+                    order[rank[e, c]] = e
                 reference_sum = 0.0
                 for i in range(top_k):
-                    reference_exp[i] = math.exp(np.float64(x[reference[i], c]) - np.float64(best[c]))
+                    reference_exp[i] = math.exp(np.float64(x[order[i], c]) - np.float64(best[c]))
                     reference_sum += reference_exp[i]
                 chosen_sum = 0.0
-                for i in range(top_k):
-                    e = chosen[i]
-                    own = rank[e, c]
-                    chosen_sum += (
-                        reference_exp[own] if own < top_k else math.exp(np.float64(x[e, c]) - np.float64(best[c]))
-                    )
+                picked = 0
+                for i in range(num_experts):  # kept holds >= k experts: every token voted k distinct ones
+                    e = order[i]
+                    if picked == top_k or not voted[b, e]:
+                        continue
+                    picked += 1
+                    counts[g, layer, e] += 1
+                    if i < top_k:
+                        chosen_sum += reference_exp[i]
+                    else:
+                        chosen_sum += math.exp(np.float64(x[e, c]) - np.float64(best[c]))
+                        changed += 1
                 mass += chosen_sum / reference_sum
             retained_mass[g, layer] = mass / num_tokens
             top1_kept[g, layer] = top1 / num_tokens
             assignments_changed[g, layer] = changed / (num_tokens * top_k)
     return True
-
-
-@njit(inline="always")
-def _rank_among_kept(rank: np.ndarray, kept: np.ndarray, kept_rank: np.ndarray, columns: int) -> None:
-    """``kept_rank[e, c]``: how many of column ``c``'s kept experts (``kept`` 1) come before ``e`` by logit (ranks
-    of one token are distinct; each pair compared once)."""
-    num_experts = rank.shape[0]
-    for e in range(num_experts):
-        for c in range(columns):
-            kept_rank[e, c] = 0
-    for e in range(num_experts):
-        for f in range(e + 1, num_experts):
-            for c in range(columns):
-                later_ahead = rank[f, c] < rank[e, c]
-                kept_rank[e, c] += kept[f, c] & later_ahead
-                kept_rank[f, c] += kept[e, c] & (not later_ahead)
 
 
 def _rows_lynx_counts(

@@ -60,41 +60,45 @@ _MANTISSA_BITS = np.int64(52)
 
 
 @njit(inline="always")
-def _exp_exact(x: np.ndarray, exponent: np.ndarray, out: np.ndarray) -> None:
+def _exp_exact(x: np.ndarray, exponent: np.ndarray, polynomial: np.ndarray, out: np.ndarray) -> None:
     """``out[i] = float32(hashing.exp_exact(x[i]))``, the same float64 operations in the same order, for every
-    ``i`` in one loop that vectorizes (a token's scales in all its layers; ``x`` is overwritten).
+    ``i`` (a token's scales in all its layers; ``x`` is overwritten, ``exponent`` and ``polynomial`` are scratch
+    of its size).
 
     ``exp_exact`` reads ``2**k`` from ``POWERS_OF_TWO``; here it is built from its bits, ``(k + 1023) << 52``,
     the same float64 (``|k| <= 1010`` after the clamp, a normal number), since a table read in each lane would
-    keep the loop scalar: the exponential was then half the time of a Mixtral token's logits (measured)."""
+    keep the loop scalar. Horner's rule runs one coefficient at a time over all ``i``, as numpy runs it: each
+    step is then a loop over the elements that vectorizes, where a loop over the coefficients inside each
+    element's did not (the exponential was half the time of a Mixtral token's logits; measured)."""
     for i in range(x.size):
         v = x[i]
         v = v if v > -EXP_LIMIT else -EXP_LIMIT
         v = v if v < EXP_LIMIT else EXP_LIMIT
         k = np.floor(v * _INV_LN2 + 0.5)
-        r = (v - k * _LN2_HI) - k * _LN2_LO
-        p = _EXP_LEADING
-        for c in _EXP_REST:
-            p = p * r + c
-        x[i] = p
+        x[i] = (v - k * _LN2_HI) - k * _LN2_LO
+        polynomial[i] = _EXP_LEADING
         exponent[i] = (np.int64(k) + _EXPONENT_BIAS) << _MANTISSA_BITS
+    for c in _EXP_REST:
+        for i in range(x.size):
+            polynomial[i] = polynomial[i] * x[i] + c
     powers = exponent.view(np.float64)
     for i in range(x.size):
-        out[i] = np.float32(x[i] * powers[i])
+        out[i] = np.float32(polynomial[i] * powers[i])
 
 
 @njit(inline="always")
-def _sigmoid_exact(x: np.float32, work: np.ndarray, exponent: np.ndarray, out: np.ndarray) -> np.float32:
+def _sigmoid_exact(x: np.float32, work: np.ndarray, exponent: np.ndarray, polynomial: np.ndarray,
+                   out: np.ndarray) -> np.float32:
     """``router.sigmoid_exact`` of one float32: ``exp_exact(-x)`` rounded to float32, then ``1 / (1 + e)``."""
     work[0] = -np.float64(x)
-    _exp_exact(work, exponent, out)
+    _exp_exact(work, exponent, polynomial, out)
     return np.float32(1.0) / (np.float32(1.0) + out[0])
 
 
 @njit(inline="always")
 def _limit_groups(row: np.ndarray, num_groups: int, topk_groups: int, score_code: int,
                   scores: np.ndarray, kept: np.ndarray, work: np.ndarray, exponent: np.ndarray,
-                  out: np.ndarray) -> None:
+                  polynomial: np.ndarray, out: np.ndarray) -> None:
     """``lynxsim.routing.router.GroupLimit.apply`` on one token's logits ``row [E]``, in place, with the same
     float32 operations: group scores (best logit, or the sum of the two best sigmoid scores), the best
     ``topk_groups`` groups (ties to the lower index), every other expert set to the row's best logit minus
@@ -117,8 +121,8 @@ def _limit_groups(row: np.ndarray, num_groups: int, topk_groups: int, score_code
         if score_code == 0:
             scores[g] = first
         else:
-            low = _sigmoid_exact(second, work, exponent, out)
-            scores[g] = low + _sigmoid_exact(first, work, exponent, out)
+            low = _sigmoid_exact(second, work, exponent, polynomial, out)
+            scores[g] = low + _sigmoid_exact(first, work, exponent, polynomial, out)
         kept[g] = False
     for _ in range(topk_groups):
         pick = -1
@@ -164,6 +168,7 @@ def fill_logits(
     kept = np.empty(max(num_groups, 1), dtype=np.bool_)
     sigmoid_work = np.empty(1)
     sigmoid_exponent = np.empty(1, dtype=np.int64)
+    sigmoid_polynomial = np.empty(1)
     sigmoid_out = np.empty(1, dtype=np.float32)
     num_layers, num_tokens, num_experts = out.shape
     words = (num_experts + NORMALS_PER_WORD - 1) // NORMALS_PER_WORD
@@ -172,6 +177,7 @@ def fill_logits(
     scale = np.empty(num_layers, dtype=np.float32)
     log_scale = np.empty(num_layers)
     exponent = np.empty(num_layers, dtype=np.int64)
+    polynomial = np.empty(num_layers)
     for t in range(num_tokens):
         key = _chain(_chain(token_key, requests[t]), positions[t])
         # The token's scale in every layer first, then its logits.
@@ -183,7 +189,7 @@ def fill_logits(
                 if layer < num_layers:
                     n = table[_quarter(confidence_word, q)]
                     log_scale[layer] = log_scale_spread[layer] * np.float64(n) + log_scale_offset[layer]
-        _exp_exact(log_scale, exponent, scale)
+        _exp_exact(log_scale, exponent, polynomial, scale)
         mean = means[slots[t]]
         for layer in range(num_layers):
             weight = token_weight[layer]
@@ -196,7 +202,7 @@ def fill_logits(
                         out[layer, t, e] = (table[_quarter(word, q)] * weight + mean[layer, e]) * s
             if num_groups > 1:
                 _limit_groups(out[layer, t], num_groups, topk_groups, group_score, group_scores, kept,
-                              sigmoid_work, sigmoid_exponent, sigmoid_out)
+                              sigmoid_work, sigmoid_exponent, sigmoid_polynomial, sigmoid_out)
 
 
 @njit(cache=True)

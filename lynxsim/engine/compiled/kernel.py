@@ -404,8 +404,10 @@ def _complete(
                 if kept != i:
                     for field in range(SLOT_FIELDS):
                         slots[field, kept] = slots[field, i]
-                    if move_means:
-                        means[kept] = means[i]
+                    if move_means:  # element by element: a slice assignment compiles numba's shape-mismatch error
+                        for layer in range(means.shape[1]):
+                            for e in range(means.shape[2]):
+                                means[kept, layer, e] = means[i, layer, e]
                 kept += 1
         state[S_RUNNING] = kept
         state[S_EPOCH] += 1
