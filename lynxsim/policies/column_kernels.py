@@ -45,14 +45,12 @@ def _layout(logits: np.ndarray, first: int, count: int, x: np.ndarray, best: np.
         layer, g = divmod(first + b, num_groups)
         base, end = _columns(b, num_tokens)
         for c in range(base, end):
+            largest = logits[layer, g, c - base, 0]
             for e in range(num_experts):
-                x[e, c] = logits[layer, g, c - base, e]
-    columns = count * num_tokens
-    for c in range(columns):
-        best[c] = x[0, c]
-    for e in range(1, num_experts):
-        for c in range(columns):
-            best[c] = x[e, c] if x[e, c] > best[c] else best[c]
+                value = logits[layer, g, c - base, e]
+                x[e, c] = value
+                largest = value if value > largest else largest
+            best[c] = largest
 
 
 @njit(inline="always")
@@ -274,13 +272,13 @@ def lynx_counts(
                 if not voted[b, e]:
                     continue
                 served = 0
-                for t in range(base, end):
-                    top1 += rank[e, t] == 0
                 if all_survived:
                     for t in range(base, end):
+                        top1 += rank[e, t] == 0
                         served += rank[e, t] < top_k
                 else:
                     for c in range(base, end):
+                        top1 += rank[e, c] == 0
                         served += survived[c - base] & (rank[e, c] < top_k)
                 counts[g, layer, e] += served
             # The other tokens re-pick the first k kept experts in their own logit order, counted and their
@@ -295,8 +293,9 @@ def lynx_counts(
                 c = base + np.uint64(t)
                 for e in range(num_experts):
                     order[rank[e, c]] = e
-                reference_sum = 0.0
-                for i in range(top_k):
+                reference_exp[0] = 1.0  # the argmax: exp(0.0), exactly
+                reference_sum = 1.0
+                for i in range(1, top_k):
                     reference_exp[i] = math.exp(np.float64(x[order[i], c]) - np.float64(best[c]))
                     reference_sum += reference_exp[i]
                 chosen_sum = 0.0
