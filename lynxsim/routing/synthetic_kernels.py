@@ -62,8 +62,8 @@ _MANTISSA_BITS = np.int64(52)
 @njit(inline="always")
 def _exp_exact(x: np.ndarray, exponent: np.ndarray, polynomial: np.ndarray, out: np.ndarray) -> None:
     """``out[i] = float32(hashing.exp_exact(x[i]))``, the same float64 operations in the same order, for every
-    ``i`` (a token's scales in all its layers; ``x`` is overwritten, ``exponent`` and ``polynomial`` are scratch
-    of its size).
+    ``i`` (every token's scales in every layer; ``x`` is overwritten, ``exponent`` and ``polynomial`` are
+    scratch of its size).
 
     ``exp_exact`` reads ``2**k`` from ``POWERS_OF_TWO``; here it is built from its bits, ``(k + 1023) << 52``,
     the same float64 (``|k| <= 1010`` after the clamp, a normal number), since a table read in each lane would
@@ -174,13 +174,16 @@ def fill_logits(
     words = (num_experts + NORMALS_PER_WORD - 1) // NORMALS_PER_WORD
     token_key = np.uint64(token_key)
     confidence_key = np.uint64(confidence_key)
-    scale = np.empty(num_layers, dtype=np.float32)
-    log_scale = np.empty(num_layers)
-    exponent = np.empty(num_layers, dtype=np.int64)
-    polynomial = np.empty(num_layers)
+    # Every token's scale in every layer first, all exponentials in one pass (a pass per token, inside the token
+    # loop, took and released references to its arrays on every token: 9% of a top-k run), then the logits.
+    scale = np.empty(num_tokens * num_layers, dtype=np.float32)
+    log_scale = np.empty(num_tokens * num_layers)
+    exponent = np.empty(num_tokens * num_layers, dtype=np.int64)
+    polynomial = np.empty(num_tokens * num_layers)
+    keys = np.empty(num_tokens, dtype=np.uint64)
     for t in range(num_tokens):
         key = _chain(_chain(token_key, requests[t]), positions[t])
-        # The token's scale in every layer first, then its logits.
+        keys[t] = key
         confidence_word_key = _mix64(confidence_key + key * _U_GOLDEN)
         for w in range((num_layers + NORMALS_PER_WORD - 1) // NORMALS_PER_WORD):
             confidence_word = _chain(confidence_word_key, w)
@@ -188,18 +191,21 @@ def fill_logits(
                 layer = NORMALS_PER_WORD * w + q
                 if layer < num_layers:
                     n = table[_quarter(confidence_word, q)]
-                    log_scale[layer] = log_scale_spread[layer] * np.float64(n) + log_scale_offset[layer]
-        _exp_exact(log_scale, exponent, polynomial, scale)
-        mean = means[slots[t]]
+                    log_scale[t * num_layers + layer] = (log_scale_spread[layer] * np.float64(n)
+                                                         + log_scale_offset[layer])
+    _exp_exact(log_scale, exponent, polynomial, scale)
+    for t in range(num_tokens):
+        key = keys[t]
+        slot = slots[t]
         for layer in range(num_layers):
             weight = token_weight[layer]
-            s = scale[layer]
+            s = scale[t * num_layers + layer]
             for j in range(words):
                 word = _chain(key, layer * words + j)
                 for q in range(NORMALS_PER_WORD):
                     e = NORMALS_PER_WORD * j + q
                     if e < num_experts:
-                        out[layer, t, e] = (table[_quarter(word, q)] * weight + mean[layer, e]) * s
+                        out[layer, t, e] = (table[_quarter(word, q)] * weight + means[slot, layer, e]) * s
             if num_groups > 1:
                 _limit_groups(out[layer, t], num_groups, topk_groups, group_score, group_scores, kept,
                               sigmoid_work, sigmoid_exponent, sigmoid_polynomial, sigmoid_out)
