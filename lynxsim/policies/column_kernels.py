@@ -166,8 +166,9 @@ def lynx_counts(
     re-picks exactly it, so only the others (a few in a hundred under the published constants) walk their experts
     for the re-pick and its retained mass.
 
-    The two rankings (by logit, by vote) run over a block of batches at once; what is a batch's own (its depths,
-    vote scores and table, its kept set, its counts and proxies) runs per batch."""
+    The ranking by logit and the votes (each token's k largest vote keys: a running maximum and second maximum
+    for k <= 2, a ranking by key otherwise) run over a block of batches at once; what is a batch's own (its
+    depths, vote scores and table, its kept set, its counts and proxies) runs per batch."""
     if not _all_finite(logits):
         return False
     num_layers, num_groups, num_tokens, num_experts = logits.shape
