@@ -95,6 +95,9 @@ CASES = {
     # one policy, synthetic routing, few experts: the loop routes (engine.compiled.routing), no driver calls
     "routed-in-loop-lynx": _config(policies=[{"name": "lynx"}], gpu_memory_utilization=0.64),
     "routed-in-loop-topk": _config(policies=[{"name": "topk"}]),
+    # every decode batch one token: the loop routes Lynx's one-token batches with the top-k kernel
+    "routed-in-loop-lynx-one-at-a-time": _config(policies=[{"name": "lynx"}], max_num_seqs=1,
+                                                 simulation={"num_requests": 12}),
     "routed-in-loop-lynx-everywhere": _config(policies=[{"name": "lynx", "apply_to": "all"}], chunked_prefill=False),
     "routed-in-loop-tp2": _config(policies=[{"name": "lynx", "alpha": 1.5, "beta": 2}],
                                   parallelism={"tensor_parallel": 2}),

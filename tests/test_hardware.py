@@ -3,6 +3,7 @@ file and the key path named."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,25 @@ def test_measured_tables_need_metadata() -> None:
     profile = HardwareProfile.model_validate(_minimal_profile(measured={"metadata": _METADATA, "tables": {"x": table}}))
     assert profile.measured.tables["x"].latency_s == (1e-4, 2e-4)
     assert str(profile.measured.metadata.date) == "2026-11-20"
+
+
+def test_a_changed_table_file_is_read_again(tmp_path: Path) -> None:
+    """Kernel table files are parsed once per version of the file: a file rewritten with other latencies (a
+    recalibration) is read again by the next load, whatever its size."""
+    shipped = Path(load_hardware.__code__.co_filename).parent / "hw_profiles"
+    profile = yaml.safe_load((shipped / "h200.yaml").read_text())
+    profile["measured"]["table_files"] = ["tables/olmoe.yaml"]
+    (tmp_path / "tables").mkdir()
+    table_path = tmp_path / "tables" / "olmoe.yaml"
+    tables = yaml.safe_load((shipped / "h200.tables" / "olmoe-1b-7b.yaml").read_text())
+    table_path.write_text(yaml.safe_dump(tables))
+    path = _write(tmp_path, profile, "gpu.yaml")
+    first = load_hardware(path).measured.tables["olmoe-1b-7b/moe"].latency_s
+    assert load_hardware(path).measured.tables["olmoe-1b-7b/moe"].latency_s == first  # read once, same values
+    moe = tables["tables"]["olmoe-1b-7b/moe"]
+    moe["latency_s"] = [[2.0 * v for v in row] for row in moe["latency_s"]]  # nested: tokens x distinct experts
+    table_path.write_text(yaml.safe_dump(tables))
+    stat = table_path.stat()
+    os.utime(table_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # later, even on a coarse clock
+    again = load_hardware(path).measured.tables["olmoe-1b-7b/moe"].latency_s
+    assert again == pytest.approx([2.0 * v for v in first])
