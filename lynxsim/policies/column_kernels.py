@@ -81,9 +81,19 @@ def _rank_descending(x: np.ndarray, rank: np.ndarray, columns: int) -> None:
 
 
 @njit(inline="always")
-def _kth_largest(key: np.ndarray, k: int, columns: int, out: np.ndarray, second: np.ndarray) -> None:
-    """``out[c]``: the ``k``-th largest (``k`` 1 or 2) of column ``c``'s keys ``key[:, c]``, which are distinct."""
+def _kth_largest(key: np.ndarray, k: int, columns: int, out: np.ndarray, second: np.ndarray,
+                 rank: np.ndarray) -> None:
+    """``out[c]``: the ``k``-th largest of column ``c``'s keys ``key[:, c]``, which are distinct. For k <= 2
+    (Mixtral's top-2) a running maximum and second maximum, three operations per key; else the key ranked
+    ``k - 1`` by ``_rank_descending`` into ``rank``, whose pairs cost more (``second`` and ``rank``: scratch, the
+    latter ``[experts, columns]`` only for k > 2)."""
     num_experts = key.shape[0]
+    if k > 2:
+        _rank_descending(key, rank, columns)
+        for e in range(num_experts):
+            for c in range(columns):
+                out[c] = key[e, c] if rank[e, c] == k - 1 else out[c]
+        return
     for c in range(columns):
         out[c] = key[0, c]
         second[c] = np.iinfo(np.int32).min
@@ -166,8 +176,8 @@ def lynx_counts(
     re-picks exactly it, so only the others (a few in a hundred under the published constants) walk their experts
     for the re-pick and its retained mass.
 
-    The ranking by logit and the votes (each token's k largest vote keys: a running maximum and second maximum
-    for k <= 2, a ranking by key otherwise) run over a block of batches at once; what is a batch's own (its
+    The ranking by logit and the votes (each token's keys at or above its k-th largest, ``_kth_largest``) run over
+    a block of batches at once; what is a batch's own (its
     depths, vote scores and table, its kept set, its counts and proxies) runs per batch."""
     if not _all_finite(logits):
         return False
@@ -183,7 +193,7 @@ def lynx_counts(
     rank = np.empty((num_experts, columns_max), dtype=np.int32)  # by logit
     key = np.empty((num_experts, columns_max), dtype=np.int32)  # the vote order
     vote_rank = np.empty((num_experts, columns_max if top_k > 2 else 0), dtype=np.int32)  # experts ahead by vote
-    vote_threshold = np.empty(columns_max, dtype=np.int32)  # each column's k-th largest key (k <= 2)
+    vote_threshold = np.empty(columns_max, dtype=np.int32)  # each column's k-th largest key
     second = np.empty(columns_max, dtype=np.int32)
     column_scale = np.empty(columns_max)  # alpha of each column's layer
     column_floor = np.empty(columns_max)  # -beta
@@ -259,31 +269,18 @@ def lynx_counts(
                     continue
                 for t in range(base, end):
                     key[e, t] = place[e * depths + depth[e, t]] * num_experts + (num_experts - 1 - rank[e, t])
-        # Votes: each token's top-k by that order; kept = the experts with a vote. The keys of one token are
-        # distinct, so its votes are the keys at or above its k-th largest: for k <= 2 (Mixtral's top-2) that is a
-        # running maximum and second maximum, three operations per key instead of a ranking's pairs.
-        if top_k <= 2:
-            _kth_largest(key, top_k, columns, vote_threshold, second)
-            for b in range(count):
-                if deep[b]:
-                    continue
-                base, end = _columns(b, num_tokens)
-                for e in range(num_experts):
-                    within = False
-                    for t in range(base, end):
-                        within |= key[e, t] >= vote_threshold[t]
-                    voted[b, e] = within
-        else:
-            _rank_descending(key, vote_rank, columns)
-            for b in range(count):
-                if deep[b]:
-                    continue
-                base, end = _columns(b, num_tokens)
-                for e in range(num_experts):
-                    within = False
-                    for t in range(base, end):
-                        within |= vote_rank[e, t] < top_k
-                    voted[b, e] = within
+        # Votes: each token's top-k by that order, the keys at or above its k-th largest (its keys are distinct);
+        # kept = the experts with a vote.
+        _kth_largest(key, top_k, columns, vote_threshold, second, vote_rank)
+        for b in range(count):
+            if deep[b]:
+                continue
+            base, end = _columns(b, num_tokens)
+            for e in range(num_experts):
+                within = False
+                for t in range(base, end):
+                    within |= key[e, t] >= vote_threshold[t]
+                voted[b, e] = within
         for b in range(count):
             if deep[b]:
                 continue
