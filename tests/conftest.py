@@ -6,6 +6,7 @@ on the second core while the other tests run (``test_static_checks.py`` waits fo
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     run = config.stash.get(MYPY_RUN, None)
-    if run is not None and run[0].poll() is None:  # the session ended before its test waited for it
-        run[0].kill()
-        run[0].wait()
+    if run is None:
+        return
+    process, folder = run
+    if process.poll() is None:  # the session ended before its test waited for it
+        process.kill()
+        process.wait()
+    shutil.rmtree(folder, ignore_errors=True)

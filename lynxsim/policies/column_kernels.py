@@ -34,23 +34,29 @@ tokens: 31 us per call, 13 us ranked together; measured). 2,048 columns keep the
 
 
 @njit(inline="always")
-def _layout(logits: np.ndarray, first: int, count: int, x: np.ndarray, best: np.ndarray) -> None:
+def _layout(logits: np.ndarray, first: int, count: int, x: np.ndarray) -> None:
     """Batches ``first .. first + count - 1`` (numbered ``layer * groups + g``) side by side in ``x [E, columns]``,
-    in the logits' own dtype (float32 fills twice as many vector lanes as float64 and compares the same);
-    ``best``: each token's largest logit. Batches are not padded to a multiple of the vector width: the rankings
-    run over the whole block, and padding a batch of 1-4 tokens to 8 columns cost more than it saved (Lynx on 32
-    layers of one token: 7.3 us padded, 5.2 us not; measured)."""
+    in the logits' own dtype (float32 fills twice as many vector lanes as float64 and compares the same). Batches
+    are not padded to a multiple of the vector width: the rankings run over the whole block, and padding a batch of
+    1-4 tokens to 8 columns cost more than it saved (Lynx on 32 layers of one token: 7.3 us padded, 5.2 us not;
+    measured)."""
     num_groups, num_tokens, num_experts = logits.shape[1], logits.shape[2], logits.shape[3]
     for b in range(count):
         layer, g = divmod(first + b, num_groups)
         base, end = _columns(b, num_tokens)
         for c in range(base, end):
-            largest = logits[layer, g, c - base, 0]
             for e in range(num_experts):
-                value = logits[layer, g, c - base, e]
-                x[e, c] = value
-                largest = value if value > largest else largest
-            best[c] = largest
+                x[e, c] = logits[layer, g, c - base, e]
+
+
+@njit(inline="always")
+def _column_max(x: np.ndarray, columns: int, best: np.ndarray) -> None:
+    """``best[c]``: the largest of column ``c`` (a token's largest logit), one pass over each expert's row."""
+    for c in range(columns):
+        best[c] = x[0, c]
+    for e in range(1, x.shape[0]):
+        for c in range(columns):
+            best[c] = x[e, c] if x[e, c] > best[c] else best[c]
 
 
 @njit(inline="always")
@@ -122,11 +128,10 @@ def topk_counts(logits: np.ndarray, top_k: int, counts: np.ndarray) -> bool:
     batches = num_layers * num_groups
     per_block = _blocks(num_tokens, batches)
     x = np.empty((num_experts, per_block * num_tokens), dtype=logits.dtype)
-    best = np.empty(per_block * num_tokens, dtype=logits.dtype)
     rank = np.empty((num_experts, per_block * num_tokens), dtype=np.int32)
     for first in range(0, batches, per_block):
         count = min(per_block, batches - first)
-        _layout(logits, first, count, x, best)
+        _layout(logits, first, count, x)
         _rank_descending(x, rank, count * num_tokens)
         for b in range(count):
             layer, g = divmod(first + b, num_groups)
@@ -143,8 +148,8 @@ def topk_counts(logits: np.ndarray, top_k: int, counts: np.ndarray) -> bool:
 def _places(values: np.ndarray, count: int, place: np.ndarray) -> None:
     """``place[i]``: how many of ``values[:count]`` are smaller than ``values[i]``: equal values get equal places and
     a smaller value a smaller place, all the vote order needs of them. ``count`` is a batch's (expert, depth) pairs,
-    16 for Mixtral's bins: counting every pair, with no branch, costs less than sorting them (an insertion sort's
-    mispredicted exits were 4% of a Mixtral run; measured)."""
+    16 for Mixtral's bins: counting every pair, with no branch, costs less than sorting them (an insertion sort was
+    4% of a Mixtral run; perf)."""
     for i in range(count):
         smaller = 0
         for j in range(count):
@@ -177,8 +182,8 @@ def lynx_counts(
     for the re-pick and its retained mass.
 
     The ranking by logit and the votes (each token's keys at or above its k-th largest, ``_kth_largest``) run over
-    a block of batches at once; what is a batch's own (its
-    depths, vote scores and table, its kept set, its counts and proxies) runs per batch."""
+    a block of batches at once; what is a batch's own (its depths, vote scores and table, its kept set, its counts
+    and proxies) runs per batch."""
     if not _all_finite(logits):
         return False
     num_layers, num_groups, num_tokens, num_experts = logits.shape
@@ -208,7 +213,8 @@ def lynx_counts(
     for first in range(0, batches, per_block):
         count = min(per_block, batches - first)
         columns = count * num_tokens
-        _layout(logits, first, count, x, best)
+        _layout(logits, first, count, x)
+        _column_max(x, columns, best)
         _rank_descending(x, rank, columns)
         # Depths -q of the bins q = max(ceil(alpha * (L - max)), -beta) (numpy's operation order), capped; each
         # column's deepest.
@@ -293,9 +299,6 @@ def lynx_counts(
                 if not voted[b, e]:
                     for c in range(base, end):
                         survived[c - base] &= rank[e, c] >= top_k
-            all_survived = True
-            for t in range(num_tokens):
-                all_survived &= survived[t]
             # Counts of the survivors' own top-k and top1 (a token keeps its argmax when that is kept), from the
             # ranks; an unvoted expert is nobody's pick.
             top1 = 0
@@ -303,14 +306,9 @@ def lynx_counts(
                 if not voted[b, e]:
                     continue
                 served = 0
-                if all_survived:
-                    for t in range(base, end):
-                        top1 += rank[e, t] == 0
-                        served += rank[e, t] < top_k
-                else:
-                    for c in range(base, end):
-                        top1 += rank[e, c] == 0
-                        served += survived[c - base] & (rank[e, c] < top_k)
+                for c in range(base, end):
+                    top1 += rank[e, c] == 0
+                    served += survived[c - base] & (rank[e, c] < top_k)
                 counts[g, layer, e] += served
             # The other tokens re-pick the first k kept experts in their own logit order, counted and their
             # retained mass summed token by token (1 for a survivor): both sums in descending order, as numpy

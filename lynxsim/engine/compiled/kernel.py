@@ -126,28 +126,16 @@ def _blocks_for(tokens: int, block_tokens: int) -> int:
 
 
 @compiled(inline="always")
-def _try_grow_slot(slots: np.ndarray, i: int, tokens: int, state: np.ndarray, block_tokens: int) -> bool:
-    """``BlockPool.try_grow`` for the running request in slot ``i``: enough blocks to cache ``tokens`` tokens,
-    or False (and no change)."""
-    extra = _blocks_for(tokens, block_tokens) - slots[SL_BLOCKS, i]
+def _try_grow(held: np.ndarray, row: int, column: int, tokens: int, state: np.ndarray, block_tokens: int) -> bool:
+    """``BlockPool.try_grow`` for the request whose blocks ``held[row, column]`` counts (a running request's
+    ``slots[SL_BLOCKS, i]``, another's ``req_i[r, R_BLOCKS]``): enough blocks to cache ``tokens`` tokens, or False
+    (and no change)."""
+    extra = _blocks_for(tokens, block_tokens) - held[row, column]
     if extra > state[S_FREE_BLOCKS]:
         return False
     if extra > 0:
         state[S_FREE_BLOCKS] -= extra
-        slots[SL_BLOCKS, i] += extra
-    return True
-
-
-@compiled(inline="always")
-def _try_grow_row(req_i: np.ndarray, r: int, tokens: int, state: np.ndarray, block_tokens: int) -> bool:
-    """``BlockPool.try_grow`` for request ``r`` outside the running set (its row of ``req_i``), as
-    ``_try_grow_slot``."""
-    extra = _blocks_for(tokens, block_tokens) - req_i[r, R_BLOCKS]
-    if extra > state[S_FREE_BLOCKS]:
-        return False
-    if extra > 0:
-        state[S_FREE_BLOCKS] -= extra
-        req_i[r, R_BLOCKS] += extra
+        held[row, column] += extra
     return True
 
 
@@ -256,7 +244,7 @@ def _schedule_running(
     left = budget
     while index < state[S_RUNNING] and left > 0:
         take = min(slots[SL_TOKENS, index] - slots[SL_COMPUTED, index], left)
-        while not _try_grow_slot(slots, index, slots[SL_COMPUTED, index] + take, state, block_tokens):
+        while not _try_grow(slots, SL_BLOCKS, index, slots[SL_COMPUTED, index] + take, state, block_tokens):
             victim = state[S_RUNNING] - 1
             _preempt_last(req_i, slots, queue, state)
             preempted = True
@@ -283,7 +271,7 @@ def _admit_waiting(
         if whole_prompts and missing > budget:
             break
         tokens = min(missing, budget)
-        if not _try_grow_row(req_i, r, req_i[r, R_COMPUTED] + tokens, state, block_tokens):
+        if not _try_grow(req_i, r, R_BLOCKS, req_i[r, R_COMPUTED] + tokens, state, block_tokens):
             break
         _pop_front(queue, state)
         if math.isnan(req_f[r, RF_SCHEDULED]):
@@ -476,7 +464,7 @@ def _start_transfers(
     while (state[S_IN_COUNT] > 0 and state[S_WQ_COUNT] == 0
            and state[S_RUNNING] + state[S_RECEIVING] < config[K_MAX_SEQS]):
         r = incoming[state[S_IN_HEAD] % incoming.size]
-        if not _try_grow_row(req_i, r, req_i[r, R_TOKENS], state, block_tokens):
+        if not _try_grow(req_i, r, R_BLOCKS, req_i[r, R_TOKENS], state, block_tokens):
             return
         state[S_IN_HEAD] = (state[S_IN_HEAD] + 1) % incoming.size
         state[S_IN_COUNT] -= 1
