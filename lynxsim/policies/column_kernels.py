@@ -178,7 +178,7 @@ def lynx_counts(
     ``place * E + (E - 1 - rank)``. A batch with depths past the bin table (where ``v`` is the token's own; no
     floor and logit gaps of hundreds) goes to ``selection_kernels.lynx_counts``. The re-pick inside the kept set
     is the first k kept experts in the token's own logit order: a token whose own top-k is all kept (a survivor)
-    re-picks exactly it, so only the others (a few in a hundred under the published constants) walk their experts
+    re-picks exactly it, so only the others (5-10% of the tokens in the quickstart's Lynx runs) walk their experts
     for the re-pick and its retained mass.
 
     The ranking by logit and the votes (each token's keys at or above its k-th largest, ``_kth_largest``) run over
