@@ -1,5 +1,5 @@
 """Allows ``python -m lynxsim``."""
 
-from lynxsim.cli import main
+from lynxsim.cli import console_main
 
-raise SystemExit(main())
+raise SystemExit(console_main())

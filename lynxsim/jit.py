@@ -54,3 +54,17 @@ def compiled(**options: Any) -> Callable[[F], F]:
         return function if numba is None else numba.njit(**options)(function)
 
     return decorate
+
+
+def compiled_for(function: F, args: tuple[Any, ...]) -> F:
+    """``function`` (a ``compiled`` one) as numba compiled it for the types of ``args``, to call with arguments of
+    those types: numba's dispatcher types every argument on every call, about 20 us for the engine's loop (34
+    arguments, a first-class function's type rebuilt from its signature each time, ``routing.route_function``),
+    which a caller making the same call thousands of times pays once this way. Compiles it (or loads it from
+    numba's cache) on first use; ``function`` itself where numba is off."""
+    numba = kernels("numba")
+    if numba is None:
+        return function
+    dispatcher: Any = function
+    entry: F = dispatcher.compile(tuple(numba.typeof(a) for a in args))
+    return entry

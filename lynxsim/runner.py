@@ -454,6 +454,9 @@ def run_experiment(
 ) -> ExperimentResult:
     """Simulate every policy of ``config``; with ``out_dir``, write each policy's records as soon as it ends.
     ``on_arrivals(label, arrived, total)`` follows each policy's progress."""
+    from lynxsim.engine.compiled.routing import compile_ahead  # numba: imported once a run starts
+
+    compile_ahead()
     setup = prepare(config)
     if out_dir is not None:
         write_setup(setup, out_dir)

@@ -131,6 +131,22 @@ def test_python_dash_m_entry_point() -> None:
     assert done.stdout.startswith("lynxsim ")
 
 
+def test_the_command_exits_without_collecting_what_it_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``console_main`` (the ``lynxsim`` command) returns ``main``'s code with what exists frozen out of the
+    collector, so that the interpreter's exit does not free numba's objects one by one."""
+    import gc
+
+    from lynxsim import cli
+
+    monkeypatch.setattr(cli, "main", lambda: 3)
+    gc.unfreeze()
+    try:
+        assert cli.console_main() == 3
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
 def test_measured_tables_can_be_switched_off_for_the_roofline() -> None:
     from lynxsim.runner import prepare
 

@@ -21,12 +21,13 @@ from numpy.typing import ArrayLike
 from lynxsim.datatypes import BatchShape, ExpertActivity
 from lynxsim.engine.compiled import kernel as k
 from lynxsim.engine.compiled import pricing as compiled_pricing
-from lynxsim.engine.compiled.routing import fused_routing
+from lynxsim.engine.compiled.routing import fused_routing, route_function
 from lynxsim.engine.decode_run import MAX_RUN_ITERATIONS, run_token_ids
 from lynxsim.engine.deployment import KVTransfer
 from lynxsim.engine.routing_step import RoutingStep
 from lynxsim.engine.scheduler import Scheduler, batch_token_ids
 from lynxsim.instance_cost import InstanceCostModel
+from lynxsim.jit import compiled_for
 from lynxsim.metrics import SCALAR_COLUMNS, IterationLog
 from lynxsim.routing.statistical import ActivityTable, UniformStream
 
@@ -159,6 +160,8 @@ class CompiledInstance:
         self.fused = fused_routing(step, cost_model, self.request_ids, max_slots=max_seqs,
                                    max_batch_tokens=largest_batch,
                                    max_call_tokens=max(largest_batch, MAX_RUN_ITERATIONS * max_seqs))
+        self.route_function = route_function(self.fused)
+        self._simulate: Callable[..., int] | None = None  # kernel.simulate as compiled for this instance's arrays
         self.uniform_source: UniformStream | None = None
         if statistical is not None:
             self.policy_table = _table_arrays(statistical.policy, ranks)
@@ -324,13 +327,17 @@ class CompiledInstance:
 
     def _enter(self) -> int:
         log_f, log_i, log_distinct, log_proxies = self.log_part
-        code: int = k.simulate(
+        args: tuple[Any, ...] = (
             self.config, self.timing, self.req_i, self.req_f, self.queue, self.incoming, self.receiving, self.frees,
             self.outbox_i, self.outbox_f, self.slots, self.state, self.clock, self.batch_new, self.batch_before,
             self.batch_decoding, self.route_distinct, self.route_assignments, self.route_proxies,
-            self.route_rank_distinct, self.route_rank_assignments, self.pricing, self.fused, self.policy_table,
-            self.baseline_table, self.samples, self.uniforms, log_f, log_i, log_distinct, log_proxies,
+            self.route_rank_distinct, self.route_rank_assignments, self.pricing, self.fused, self.route_function,
+            self.policy_table, self.baseline_table, self.samples, self.uniforms, log_f, log_i, log_distinct,
+            log_proxies,
         )
+        if self._simulate is None:  # every later call passes arguments of the same types
+            self._simulate = compiled_for(k.simulate, args)
+        code: int = self._simulate(*args)
         return code
 
     def _drain(self, on_events: Callable[[np.ndarray, np.ndarray], None] | None) -> None:

@@ -38,12 +38,13 @@ is completed. Both are measure-zero events in continuous time.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
 from lynxsim.cost_formulas import kv_transfer_s
 from lynxsim.engine.compiled.pricing import Pricing, price_iteration
-from lynxsim.engine.compiled.routing import FusedRouting, admit_means, route
+from lynxsim.engine.compiled.routing import FusedRouting, admit_means
 from lynxsim.jit import compiled
 
 # Return codes of ``simulate``.
@@ -645,6 +646,7 @@ def simulate(
     route_rank_assignments: np.ndarray,
     pricing: Pricing,
     fused: FusedRouting,
+    route: Callable[..., bool],
     policy_table: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     baseline_table: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     samples: np.ndarray,
@@ -666,7 +668,9 @@ def simulate(
     ``[rows, layers]`` (proxies ``[4, rows, layers]``, no rows: top-k's; per EP rank ``[rows, layers, ranks]``,
     no rows: no expert parallelism); ``samples`` their sample counts. ``route_*``: the routing rows
     (``[iterations, layers]``, per rank ``[iterations, layers, ranks]``) the caller fills in exact mode.
-    ``log_*``: the iteration log's columns."""
+    ``fused``/``route``: exact routing in the loop, ``routing.route`` (through a pointer to its compiled code,
+    ``routing.route_function``: the loop's compilation neither includes nor waits for the routing's). ``log_*``:
+    the iteration log's columns."""
     layers = log_distinct.shape[1]
     chunks = np.empty(batch_new.size, dtype=np.int64)
     chunk_contexts = np.empty(batch_new.size, dtype=np.int64)
@@ -723,9 +727,8 @@ def simulate(
                     state[S_RUN_AT] = 0
                     if not fused.enabled:
                         return ROUTE_RUN
-                    # Arguments typed as at the other call (np.int64, np.bool_, not the literals 0 and True):
-                    # numba compiles a callee once per argument types, and a literal is a type of its own, so
-                    # literal arguments here compiled the routing a second time (4-6 s of a 40-45 s cold start).
+                    # Arguments of the types in the routing pointer's signature (``routing._RoutePointer.of``):
+                    # np.int64 and np.bool_, as at the other call, not the literals 0 and True.
                     if not route(fused, slots[SL_REQUEST], np.int64(0), n, batch_new, batch_before, length,
                                  np.bool_(True), route_distinct, route_assignments, route_proxies):
                         return NON_FINITE

@@ -29,12 +29,19 @@ inputs); tests compare every record. Imported only through ``lynxsim.jit.kernels
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable
+from functools import cache
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+import numba
+import numba.experimental.function_type  # noqa: F401  (numba's typeof of WrapperAddressProtocol objects)
 import numpy as np
 from numba import objmode
+from numba.core.registry import CPUDispatcher
+from numba.core.types import WrapperAddressProtocol
 
 from lynxsim.engine.compiled import supported
+from lynxsim.engine.compiled.background_compile import is_cached, start
 from lynxsim.engine.decode_run import MAX_RUN_ITERATIONS
 from lynxsim.jit import compiled, kernels
 from lynxsim.parallel import ParallelCostModel
@@ -87,6 +94,10 @@ class FusedRouting(NamedTuple):
     retained: np.ndarray  # float64 scratch [groups, L]
     top1: np.ndarray
     changed: np.ndarray
+
+
+RouteFunction = Callable[..., bool] | WrapperAddressProtocol
+"""``route`` as the loop takes it (``route_function``): the function, or a pointer to its compiled code."""
 
 
 @compiled(cache=True)
@@ -252,6 +263,62 @@ def _topk_proxies(out_proxies: np.ndarray, groups: int, num_layers: int) -> None
             out_proxies[1, g, layer] = 1.0
             out_proxies[2, g, layer] = 0.0
             out_proxies[3, g, layer] = 0.0
+
+
+def route_function(fused: FusedRouting) -> RouteFunction:
+    """``route`` as the loop takes it (``kernel.simulate``'s ``route``) for ``fused``'s types: a pointer to its
+    compiled code, so that the loop's compilation neither includes nor waits for the routing's
+    (``background_compile``: a cold start compiles both at once, the routing in a child process where it is not
+    cached yet); the Python function where numba is off (``LYNXSIM_NO_NUMBA``)."""
+    if not isinstance(route, CPUDispatcher):
+        return route
+    return _RoutePointer.of(numba.typeof(fused))
+
+
+def compile_ahead() -> None:
+    """Start compiling ``route`` in a child process now, where numba runs and the routing is not cached: a run
+    calls this first, since building its cost tables and requests takes a second before its loop is compiled,
+    and the child needs as long as the loop (``background_compile``). Its pointer (``route_function``) is then the
+    one whose child is already running: the routing's types are the placeholder's, by design."""
+    if isinstance(route, CPUDispatcher):
+        _RoutePointer.of(numba.typeof(_placeholder(1, 1)))
+
+
+class _RoutePointer(WrapperAddressProtocol):
+    """numba's first-class function protocol for ``route``: the loop is compiled against ``signature()`` alone and
+    reads ``__wrapper_address__()`` each time it is called from Python, when the routing must be compiled (loaded
+    from numba's cache, once the child compiling it has ended, or compiled here)."""
+
+    def __init__(self, signature: Any) -> None:
+        self._signature = signature
+        self._address = 0
+        self._child = None if is_cached(route, signature.args) else start(__name__, "route", signature.args)
+
+    @staticmethod
+    @cache
+    def of(fused_type: Any) -> _RoutePointer:
+        """One pointer per routing type (every run of a process shares it): ``route``'s argument types as the loop
+        passes them."""
+        int64, boolean = numba.types.int64, numba.types.boolean
+        vector = numba.types.Array(int64, 1, "C")
+        rows = numba.types.Array(int64, 2, "C")
+        proxies = numba.types.Array(numba.types.float64, 3, "C")
+        return _RoutePointer(boolean(fused_type, vector, int64, int64, vector, vector, int64, boolean, rows, rows,
+                                     proxies))
+
+    def signature(self) -> Any:
+        return self._signature
+
+    def __wrapper_address__(self) -> int:
+        if not self._address:
+            if self._child is not None:
+                self._child.wait()
+                self._child = None
+            dispatcher: Any = route
+            dispatcher.compile(self._signature.args)
+            result = dispatcher.overloads[self._signature.args]
+            self._address = result.library.get_pointer_to_function(result.fndesc.llvm_cfunc_wrapper_name)
+        return self._address
 
 
 def fused_routing(
