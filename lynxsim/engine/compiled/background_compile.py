@@ -38,6 +38,8 @@ def is_cached(dispatcher: Any, args: tuple[Any, ...]) -> bool:
 def start(module: str, name: str, args: tuple[Any, ...]) -> subprocess.Popen[bytes] | None:
     """A child process compiling ``module.name`` (a numba dispatcher) for ``args`` into numba's cache, or None
     where it could not start. It is killed when this process exits first."""
+    if not sys.executable:  # an embedded interpreter: nothing to start a child with
+        return None
     try:
         child = subprocess.Popen(
             [sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
