@@ -93,3 +93,28 @@ def test_the_routing_pointer_waits_for_the_child_it_started(monkeypatch: pytest.
     assert events[-1] == "waited"
     assert address == _get_wrapper_address(routing.route, signature)
     assert pointer.__wrapper_address__() == address and events.count("waited") == 1
+
+
+def test_a_run_starts_compiling_the_routing_its_loop_will_call() -> None:
+    """``compile_ahead`` (a run's first step) makes the pointer of the placeholder's types, which is the one an
+    instance routing in the loop then takes: the child started at the run's start compiles the routing the loop
+    calls, not another signature."""
+    numba = pytest.importorskip("numba")
+
+    from lynxsim.config import validate_experiment
+    from lynxsim.engine.compiled import routing
+    from lynxsim.engine.compiled.instance import CompiledInstance
+    from lynxsim.runner import build_scheduler, prepare, routing_step
+
+    setup = prepare(validate_experiment({
+        "name": "ahead", "model": "mixtral-8x7b", "hardware": "h200",
+        "workload": {"arrival": {"kind": "poisson", "rate_per_s": 4.0},
+                     "prompt_tokens": {"kind": "fixed", "tokens": 64}, "output_tokens": {"kind": "fixed", "tokens": 8}},
+        "policies": [{"name": "lynx"}], "simulation": {"num_requests": 4},
+    }))
+    label, entry, policy = setup.policies[0]
+    instance = CompiledInstance(build_scheduler(setup), setup.cost_model, routing_step(setup, entry, policy),
+                                setup.model.num_moe_layers, 4)
+    assert instance.fused.enabled  # synthetic routing, Lynx, one GPU: routed in the loop
+    routing.compile_ahead()
+    assert instance.route_function is routing._RoutePointer.of(numba.typeof(routing._placeholder(1, 1)))
