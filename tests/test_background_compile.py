@@ -61,15 +61,17 @@ def test_what_numba_does_not_compile_counts_as_cached() -> None:
     assert is_cached(len, ())  # no numba cache to ask: no child is started for it
 
 
-def test_the_routing_pointer_waits_for_the_child_it_started(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The loop's pointer to the routing starts a child where the routing is not cached, waits for it before it
-    loads the routing, and points where numba's own first-class function would."""
+def test_the_pointer_waits_for_the_child_it_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pointer to a compiled function (the loop's to the routing) starts a child where the function is not
+    cached, waits for it before it loads the function, and points where numba's own first-class function would
+    (on a small formula: the routing takes 10 s to compile)."""
     numba = pytest.importorskip("numba")
     from numba.experimental.function_type import _get_wrapper_address
 
-    from lynxsim.engine.compiled import routing
+    from lynxsim import cost_formulas
+    from lynxsim.engine.compiled import background_compile
 
-    signature = routing._RoutePointer.of(numba.typeof(routing._placeholder(4, 8))).signature()
+    signature = numba.types.float64(*(numba.types.float64,) * 5)
     events: list[str] = []
 
     class Child:
@@ -82,16 +84,17 @@ def test_the_routing_pointer_waits_for_the_child_it_started(monkeypatch: pytest.
         assert args == signature.args
         return Child()
 
-    monkeypatch.setattr(routing, "start", start)
-    monkeypatch.setattr(routing, "is_cached", lambda dispatcher, args: True)
-    routing._RoutePointer(signature)
+    monkeypatch.setattr(background_compile, "start", start)
+    monkeypatch.setattr(background_compile, "is_cached", lambda dispatcher, args: True)
+    background_compile.FunctionPointer("lynxsim.cost_formulas", "roofline_s", signature)
     assert events == []  # cached: nothing to start
-    monkeypatch.setattr(routing, "is_cached", lambda dispatcher, args: False)
-    pointer = routing._RoutePointer(signature)
-    assert events == ["started lynxsim.engine.compiled.routing.route"]
+    monkeypatch.setattr(background_compile, "is_cached", lambda dispatcher, args: False)
+    pointer = background_compile.FunctionPointer("lynxsim.cost_formulas", "roofline_s", signature)
+    assert events == ["started lynxsim.cost_formulas.roofline_s"]
+    assert pointer.signature() == signature
     address = pointer.__wrapper_address__()
     assert events[-1] == "waited"
-    assert address == _get_wrapper_address(routing.route, signature)
+    assert address == _get_wrapper_address(cost_formulas.roofline_s, signature)
     assert pointer.__wrapper_address__() == address and events.count("waited") == 1
 
 
@@ -117,4 +120,4 @@ def test_a_run_starts_compiling_the_routing_its_loop_will_call() -> None:
                                 setup.model.num_moe_layers, 4)
     assert instance.fused.enabled  # synthetic routing, Lynx, one GPU: routed in the loop
     routing.compile_ahead()
-    assert instance.route_function is routing._RoutePointer.of(numba.typeof(routing._placeholder(1, 1)))
+    assert instance.route_function is routing.route_pointer(numba.typeof(routing._placeholder(1, 1)))

@@ -1,5 +1,5 @@
-"""One numba function compiled in a second process while this one compiles the engine's loop: a cold start on two
-cores.
+"""One numba function compiled in a second process while this one compiles the engine's loop, and the loop's pointer
+to it: a cold start on two cores.
 
 A cold start (an empty numba cache: a new machine, a fresh clone, an edited kernel) compiles the loop
 (``kernel.simulate``) and the exact routing it calls (``routing.route``), about 10 s each on this project's 2-core
@@ -22,6 +22,9 @@ import pickle
 import subprocess
 import sys
 from typing import Any
+
+import numba.experimental.function_type  # noqa: F401  (numba's typeof of WrapperAddressProtocol objects)
+from numba.core.types import WrapperAddressProtocol
 
 
 def is_cached(dispatcher: Any, args: tuple[Any, ...]) -> bool:
@@ -61,6 +64,33 @@ def start(module: str, name: str, args: tuple[Any, ...]) -> subprocess.Popen[byt
 def _stop(child: subprocess.Popen[bytes]) -> None:
     if child.poll() is None:
         child.kill()
+
+
+class FunctionPointer(WrapperAddressProtocol):
+    """numba's first-class function protocol for the ``cache=True`` function ``module.name`` at ``signature``: a
+    compiled function taking it as an argument is compiled against ``signature()`` alone and reads
+    ``__wrapper_address__()`` each time it is called from Python, where the function must be compiled (loaded from
+    numba's cache once the child compiling it has ended, or compiled here). The child starts with the pointer,
+    where the function is not cached."""
+
+    def __init__(self, module: str, name: str, signature: Any) -> None:
+        self._function = getattr(importlib.import_module(module), name)
+        self._signature = signature
+        self._address = 0
+        self._child = None if is_cached(self._function, signature.args) else start(module, name, signature.args)
+
+    def signature(self) -> Any:
+        return self._signature
+
+    def __wrapper_address__(self) -> int:
+        if not self._address:
+            if self._child is not None:
+                self._child.wait()
+                self._child = None
+            self._function.compile(self._signature.args)
+            result = self._function.overloads[self._signature.args]
+            self._address = result.library.get_pointer_to_function(result.fndesc.llvm_cfunc_wrapper_name)
+        return self._address
 
 
 def main() -> None:

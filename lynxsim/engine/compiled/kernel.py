@@ -727,7 +727,7 @@ def simulate(
                     state[S_RUN_AT] = 0
                     if not fused.enabled:
                         return ROUTE_RUN
-                    # Arguments of the types in the routing pointer's signature (``routing._RoutePointer.of``):
+                    # Arguments of the types in the routing pointer's signature (``routing.route_pointer``):
                     # np.int64 and np.bool_, as at the other call, not the literals 0 and True.
                     if not route(fused, slots[SL_REQUEST], np.int64(0), n, batch_new, batch_before, length,
                                  np.bool_(True), route_distinct, route_assignments, route_proxies):

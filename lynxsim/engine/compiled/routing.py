@@ -34,14 +34,12 @@ from functools import cache
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numba
-import numba.experimental.function_type  # noqa: F401  (numba's typeof of WrapperAddressProtocol objects)
 import numpy as np
 from numba import objmode
 from numba.core.registry import CPUDispatcher
-from numba.core.types import WrapperAddressProtocol
 
 from lynxsim.engine.compiled import supported
-from lynxsim.engine.compiled.background_compile import is_cached, start
+from lynxsim.engine.compiled.background_compile import FunctionPointer
 from lynxsim.engine.decode_run import MAX_RUN_ITERATIONS
 from lynxsim.jit import compiled, kernels
 from lynxsim.parallel import ParallelCostModel
@@ -96,7 +94,7 @@ class FusedRouting(NamedTuple):
     changed: np.ndarray
 
 
-RouteFunction = Callable[..., bool] | WrapperAddressProtocol
+RouteFunction = Callable[..., bool] | FunctionPointer
 """``route`` as the loop takes it (``route_function``): the function, or a pointer to its compiled code."""
 
 
@@ -272,7 +270,7 @@ def route_function(fused: FusedRouting) -> RouteFunction:
     cached yet); the Python function where numba is off (``LYNXSIM_NO_NUMBA``)."""
     if not isinstance(route, CPUDispatcher):
         return route
-    return _RoutePointer.of(numba.typeof(fused))
+    return route_pointer(numba.typeof(fused))
 
 
 def compile_ahead() -> None:
@@ -281,44 +279,19 @@ def compile_ahead() -> None:
     and the child needs as long as the loop (``background_compile``). Its pointer (``route_function``) is then the
     one whose child is already running: the routing's types are the placeholder's, by design."""
     if isinstance(route, CPUDispatcher):
-        _RoutePointer.of(numba.typeof(_placeholder(1, 1)))
+        route_pointer(numba.typeof(_placeholder(1, 1)))
 
 
-class _RoutePointer(WrapperAddressProtocol):
-    """numba's first-class function protocol for ``route``: the loop is compiled against ``signature()`` alone and
-    reads ``__wrapper_address__()`` each time it is called from Python, when the routing must be compiled (loaded
-    from numba's cache, once the child compiling it has ended, or compiled here)."""
-
-    def __init__(self, signature: Any) -> None:
-        self._signature = signature
-        self._address = 0
-        self._child = None if is_cached(route, signature.args) else start(__name__, "route", signature.args)
-
-    @staticmethod
-    @cache
-    def of(fused_type: Any) -> _RoutePointer:
-        """One pointer per routing type (every run of a process shares it): ``route``'s argument types as the loop
-        passes them."""
-        int64, boolean = numba.types.int64, numba.types.boolean
-        vector = numba.types.Array(int64, 1, "C")
-        rows = numba.types.Array(int64, 2, "C")
-        proxies = numba.types.Array(numba.types.float64, 3, "C")
-        return _RoutePointer(boolean(fused_type, vector, int64, int64, vector, vector, int64, boolean, rows, rows,
-                                     proxies))
-
-    def signature(self) -> Any:
-        return self._signature
-
-    def __wrapper_address__(self) -> int:
-        if not self._address:
-            if self._child is not None:
-                self._child.wait()
-                self._child = None
-            dispatcher: Any = route
-            dispatcher.compile(self._signature.args)
-            result = dispatcher.overloads[self._signature.args]
-            self._address = result.library.get_pointer_to_function(result.fndesc.llvm_cfunc_wrapper_name)
-        return self._address
+@cache
+def route_pointer(fused_type: Any) -> FunctionPointer:
+    """The pointer to ``route`` for a routing of type ``fused_type``, one per type (every run of a process shares
+    it): ``route``'s argument types as the loop passes them."""
+    int64, boolean = numba.types.int64, numba.types.boolean
+    vector = numba.types.Array(int64, 1, "C")
+    rows = numba.types.Array(int64, 2, "C")
+    proxies = numba.types.Array(numba.types.float64, 3, "C")
+    signature = boolean(fused_type, vector, int64, int64, vector, vector, int64, boolean, rows, rows, proxies)
+    return FunctionPointer(__name__, "route", signature)
 
 
 def fused_routing(
