@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import simpy
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from engine_stubs import LAYERS, ConstantCost, routing_step, spec
@@ -283,6 +283,18 @@ def _stub_runs(
     transfer_latency=st.sampled_from([0.0, 0.3]),
     policy=st.sampled_from(["topk", "lynx"]),
 )
+# Two identical prompts prefilled together and handed to two idle decode instances at the same instant: a decode
+# instance's clock once ran one ulp past the prefill iteration under way (its horizon was just past the prefill
+# instance's frontier, which for an iteration under way is when it hands off), so one transfer started an ulp late
+# and the two decode iterations at that instant came out in the other order.
+@example(requests=[(0, 1, 2), (3, 1, 2), (3, 2, 2), (3, 2, 2)], layout=("disaggregated", 1, 3), router="round_robin",
+         entry_blocks=4, decode_blocks=4, max_seqs=2, budget=4, chunked=False, cutoff=None, bandwidth=1.0e6,
+         transfer_latency=0.0, policy="topk")
+# A KV cache that reached a decode instance before the cut-off while its iteration ran: simpy puts the request in
+# the running set at the transfer's end, the loop took it in only at its next iteration, which the cut-off stopped.
+@example(requests=[(118, 9, 2), (119, 1, 2)], layout=("disaggregated", 1, 1), router="round_robin", entry_blocks=4,
+         decode_blocks=4, max_seqs=2, budget=4, chunked=True, cutoff=13, bandwidth=1.0e6, transfer_latency=0.3,
+         policy="topk")
 def test_the_engine_gives_the_oracles_records_on_any_deployment(  # type: ignore[no-untyped-def]
     requests, layout, router, entry_blocks, decode_blocks, max_seqs, budget, chunked, cutoff, bandwidth,
     transfer_latency, policy,
@@ -290,7 +302,8 @@ def test_the_engine_gives_the_oracles_records_on_any_deployment(  # type: ignore
     """Random requests on random co-located or disaggregated deployments, pools short of blocks, either router, a
     cut-off or none: every request and iteration record the same on both. Arrival times carry a distinct
     irrational part each (and the iteration latency and transfer rates are not multiples of one another), so no
-    two events fall at the same instant, where the two engines may order them differently."""
+    two events fall at the same instant, where the two engines may order them differently, except those one
+    event makes at once (requests prefilled together, handed off together), which both order by instance."""
     specs = [spec(i, 0.1 * t + 0.001 * math.sqrt(2 + i), prompt, output)
              for i, (t, prompt, output) in enumerate(sorted(requests))]
     mode, entry_count, decode_count = layout

@@ -415,8 +415,8 @@ class CompiledInstance:
     def finish(self) -> None:
         """Cut-off statuses for what is still here (``kernel.finish_cut_off``); the scheduler lets go of the
         instance (``Scheduler.bind``), which the run's records are then read from."""
-        k.finish_cut_off(self.req_i, self.req_f, self.queue, self.incoming, self.slots, self.state, self.config,
-                         self.timing)
+        k.finish_cut_off(self.req_i, self.req_f, self.queue, self.incoming, self.receiving, self.slots, self.state,
+                         self.config, self.timing)
         self.scheduler.bind(None)
 
     def awaiting_transfer(self) -> np.ndarray:

@@ -608,12 +608,16 @@ def _draw(
 
 
 @compiled(cache=True)
-def finish_cut_off(req_i: np.ndarray, req_f: np.ndarray, queue: np.ndarray, incoming: np.ndarray, slots: np.ndarray,
-                   state: np.ndarray, config: np.ndarray, timing: np.ndarray) -> None:
+def finish_cut_off(req_i: np.ndarray, req_f: np.ndarray, queue: np.ndarray, incoming: np.ndarray,
+                   receiving: np.ndarray, slots: np.ndarray, state: np.ndarray, config: np.ndarray,
+                   timing: np.ndarray) -> None:
     """The cut-off statuses of the requests still running or waiting here, running requests' counters written
     back, once the instance is done; requests that reached it before the cut-off while its last iteration ran (or
-    after it stopped) join its queues first, as they would have."""
+    after it stopped) join its queues first, and on a decode instance those whose KV cache arrived before the
+    cut-off join its running set, as they would have (simpy: at the transfer's end)."""
     _take_arrivals(req_i, req_f, queue, incoming, state, config[K_ROLE], np.inf, timing[T_CUTOFF])
+    if config[K_ROLE] == ROLE_DECODE:
+        _take_received(req_i, req_f, slots, receiving, state, np.nextafter(timing[T_CUTOFF], -np.inf))
     for i in range(state[S_RUNNING]):
         req_i[_write_back(req_i, slots, i), R_STATUS] = ST_CUTOFF_RUNNING
     state[S_RUNNING] = 0

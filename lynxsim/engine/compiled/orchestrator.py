@@ -15,8 +15,9 @@ instance's load at that moment. The horizons:
   starts it no earlier than its own clock: ``max(hand-off, decode clock) + transfer time``), when its blocks
   come back;
 * a decode instance: the next hand-off to route, and just past the earliest clock of a prefill instance with
-  work (a prefill instance's next hand-off ends an iteration it has not started yet); its own transfers' ends it
-  keeps itself.
+  work (a prefill instance's next hand-off ends an iteration it has not started yet), or the end of a prefill
+  instance's iteration under way (``CompiledInstance.paused``: its hand-offs come at that end, and a decode
+  instance whose clock ran past it would start their transfers late); its own transfers' ends it keeps itself.
 
 The instance furthest behind can always move (its inputs come from instances at or after its clock, and a
 transfer takes time), so the loop advances it, and routes the next message once no instance can move. A
@@ -225,7 +226,10 @@ class _Cluster:
         handoff_bound = math.inf  # no prefill instance hands a request off at or before this
         for instance in self.entry:
             if instance.role == "prefill" and not instance.cut:
-                handoff_bound = min(handoff_bound, instance.earliest_start_s, max(instance.now_s, t_arrival))
+                if instance.paused:  # its iteration under way hands its requests off as it ends, at its frontier
+                    handoff_bound = min(handoff_bound, math.nextafter(instance.frontier_s, -math.inf))
+                else:
+                    handoff_bound = min(handoff_bound, instance.earliest_start_s, max(instance.now_s, t_arrival))
         free_bound: dict[int, float] = {}
         if self.held:
             earliest_decode = min(i.now_s for i in self.decode)
