@@ -58,9 +58,10 @@ def compiled(**options: Any) -> Callable[[F], F]:
 
 def compiled_for(function: F, args: tuple[Any, ...]) -> F:
     """``function`` (a ``compiled`` one) as numba compiled it for the types of ``args``, to call with arguments of
-    those types: numba's dispatcher types every argument on every call, about 20 us for the engine's loop (34
-    arguments, a first-class function's type rebuilt from its signature each time, ``routing.route_function``),
-    which a caller making the same call thousands of times pays once this way. Compiles it (or loads it from
+    those types: numba's dispatcher types every argument on every call, which for the engine's loop (32 arguments,
+    a first-class function's type rebuilt from its signature each time, ``routing.route_function``) made an entry
+    that returns at once take 17.4 us, against 6.4 us through the compiled function (measured), and a caller
+    entering thousands of times pays the typing once this way. Compiles it (or loads it from
     numba's cache) on first use; ``function`` itself where numba is off."""
     numba = kernels("numba")
     if numba is None:

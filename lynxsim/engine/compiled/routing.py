@@ -273,13 +273,15 @@ def route_function(fused: FusedRouting) -> RouteFunction:
     return route_pointer(numba.typeof(fused))
 
 
-def compile_ahead() -> None:
+def compile_ahead() -> FunctionPointer | None:
     """Start compiling ``route`` in a child process now, where numba runs and the routing is not cached: a run
     calls this first, since building its cost tables and requests takes a second before its loop is compiled,
-    and the child needs as long as the loop (``background_compile``). Its pointer (``route_function``) is then the
-    one whose child is already running: the routing's types are the placeholder's, by design."""
-    if isinstance(route, CPUDispatcher):
-        route_pointer(numba.typeof(_placeholder(1, 1)))
+    and the child needs as long as the loop (``background_compile``). Its pointer, returned, is the one
+    ``route_function`` then gives the run's instances, whose child is already running: the routing's types are the
+    placeholder's, by design. None where numba is off."""
+    if not isinstance(route, CPUDispatcher):
+        return None
+    return route_pointer(numba.typeof(_placeholder(1, 1)))
 
 
 @cache
