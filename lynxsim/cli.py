@@ -9,13 +9,16 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import yaml
 from rich.console import Console
 from rich.progress import TaskID
@@ -25,12 +28,14 @@ from lynxsim import __version__
 from lynxsim.calib.commands import add_calibrate_parser, add_validate_parser
 from lynxsim.capacity import CapacityProbe, find_capacity
 from lynxsim.config import load_experiment
-from lynxsim.errors import InputError, exit_code
+from lynxsim.errors import InputError, exit_code, file_problem
 from lynxsim.hardware import hardware_names, load_hardware
 from lynxsim.models import catalog_summary
-from lynxsim.plots import load_run, write_run_figures
+from lynxsim.plots import load_run, run_context, write_run_figures
 from lynxsim.plugins import REGISTRIES
+from lynxsim.preflight import MEMORY_SHARE, estimate
 from lynxsim.quality.commands import add_quality_parser
+from lynxsim.records import PARTIAL_SUFFIX
 from lynxsim.report.commands import add_report_parser
 from lynxsim.routing import RoutingTrace, import_flame
 from lynxsim.routing.compare import compare_figures, compare_routing
@@ -45,32 +50,6 @@ from lynxsim.sweep.points import load_sweep
 from lynxsim.sweep.progress import run_progress
 from lynxsim.sweep.store import DATABASE_NAME
 
-# (summary key, label, format) of the rows `lynxsim run` prints
-SUMMARY_ROWS: tuple[tuple[str, str, str], ...] = (
-    ("requests_finished", "requests finished", "{:.0f}"),
-    ("requests_measured", "requests measured (after warm-up)", "{:.0f}"),
-    ("slo_attainment", "SLO attainment", "{:.3f}"),
-    ("goodput_rps", "goodput (req/s)", "{:.2f}"),
-    ("ttft_p50_ms", "TTFT p50 (ms)", "{:.1f}"),
-    ("ttft_p99_ms", "TTFT p99 (ms)", "{:.1f}"),
-    ("tpot_p50_ms", "TPOT p50 (ms)", "{:.2f}"),
-    ("tpot_p90_ms", "TPOT p90 (ms)", "{:.2f}"),
-    ("tpot_p99_ms", "TPOT p99 (ms)", "{:.2f}"),
-    ("tpot_mean_ms", "TPOT mean (ms)", "{:.2f}"),
-    ("e2e_p50_s", "E2E p50 (s)", "{:.2f}"),
-    ("e2e_p99_s", "E2E p99 (s)", "{:.2f}"),
-    ("output_tokens_per_s", "output tokens/s", "{:.0f}"),
-    ("pure_decode_fraction", "pure-decode iterations", "{:.2f}"),
-    ("mean_decode_batch", "mean decode batch (tokens)", "{:.1f}"),
-    ("mean_distinct_experts", "distinct experts per layer (decode)", "{:.2f}"),
-    ("retained_mass", "retained top-k mass", "{:.3f}"),
-    ("top1_kept", "top-1 expert kept", "{:.3f}"),
-    ("assignments_changed", "assignments changed", "{:.3f}"),
-    ("preemptions", "preemptions", "{:.0f}"),
-    ("simulated_s", "simulated time (s)", "{:.1f}"),
-    ("simulated_s_per_wall_s", "simulated s per wall s", "{:.0f}"),
-)
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
@@ -80,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return exit_code(lambda: args.handler(args, console))
     except KeyboardInterrupt:
-        print("lynxsim: interrupted (records of finished policies are on disk)", file=sys.stderr)
+        print("lynxsim: interrupted: nothing unfinished was written as finished (a run's finished policies are in "
+              f"its '<dir>{PARTIAL_SUFFIX}' folder, a sweep's finished points in its store)", file=sys.stderr)
         return 130
 
 
@@ -95,8 +75,16 @@ def console_main() -> int:
     return code
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, its usage errors in the one-line form of every other bad input (``lynxsim: error: ...``, exit
+    code 2) instead of a usage block followed by the message."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"lynxsim: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lynxsim", description=__doc__.splitlines()[0])
+    parser: argparse.ArgumentParser = _OneLineParser(prog="lynxsim", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"lynxsim {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -104,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     _experiment_arguments(run)
     run.add_argument("--out", type=Path, help="run directory (default: output.dir of the experiment)")
     run.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    run.add_argument("--strict", action="store_true",
+                     help="exit with code 1 when the summary warns (rejected, unfinished or no measured requests)")
     run.set_defaults(handler=_run)
 
     capacity = commands.add_parser(
@@ -287,62 +277,81 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     frame = result.summary_frame()
     setup = result.setup
     title = f"{config.name}: {setup.model.name} on {setup.hardware.name} (cost model: {setup.cost_model.source})"
-    console.print(_summary_table(frame, title))
+    slo = config.slo
+    console.print(summary_table(frame, title, with_slo=slo.ttft_s is not None or slo.tpot_s is not None))
     console.print(f"routing: {setup.routing_evidence}", markup=False, highlight=False)
+    warnings = summary_warnings(frame)
+    for warning in warnings:
+        console.print(f"[yellow]warning[/]: {warning}", highlight=False)
     if config.output.figures and not args.no_figures:
         records = load_run(out_dir)
-        paths = write_run_figures(records, setup.model.num_experts, out_dir / "figures")
+        paths = write_run_figures(records, setup.model.num_experts, out_dir / "figures", context=run_context(out_dir))
         console.print(f"figures: {', '.join(str(p) for p in paths)}")
     console.print(f"records: {out_dir}  (wall time {time.perf_counter() - started:.1f} s)")
-    return 0
+    return 1 if warnings and args.strict else 0
 
 
-# (summary key, header, format) of the one-row-per-policy table printed for comparisons of many policies
-POLICY_ROW_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("tpot_p50_ms", "TPOT p50 ms", "{:.2f}"),
-    ("tpot_p50_ms_ratio", "ratio", "{:.3f}"),
-    ("tpot_p99_ms", "TPOT p99 ms", "{:.2f}"),
-    ("ttft_p50_ms", "TTFT p50 ms", "{:.1f}"),
-    ("output_tokens_per_s", "tokens/s", "{:.0f}"),
-    ("mean_decode_batch", "decode batch", "{:.1f}"),
-    ("mean_distinct_experts", "experts/layer", "{:.2f}"),
-    ("retained_mass", "retained mass", "{:.3f}"),
-    ("top1_kept", "top-1 kept", "{:.3f}"),
+# (summary key, header, format) of the table `lynxsim run` prints: one row per policy and the same columns whatever
+# the number of policies, so that what a policy costs (changed or dropped assignments, lost routing mass, rejected
+# or unfinished requests) is always on screen beside what it buys. A key ending in "_ratio" is the ratio to the
+# first policy; REQUESTS_COLUMN puts the request counts in one cell.
+SUMMARY_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("tpot_p50_ms", "TPOT p50", "{:.2f}"),
+    ("tpot_p50_ms_ratio", "x", "{:.3f}"),
+    ("tpot_p99_ms", "TPOT p99", "{:.2f}"),
+    ("ttft_p50_ms", "TTFT p50", "{:.1f}"),
+    ("ttft_p99_ms", "TTFT p99", "{:.1f}"),
+    ("output_tokens_per_s", "tok/s", "{:.0f}"),
+    ("mean_decode_batch", "batch", "{:.1f}"),
+    ("mean_distinct_experts", "experts", "{:.2f}"),
+    ("mean_distinct_experts_ratio", "x", "{:.3f}"),
+    ("retained_mass", "mass", "{:.3f}"),
+    ("top1_kept", "top-1", "{:.3f}"),
+    ("assignments_changed", "changed", "{:.3f}"),
     ("assignments_dropped", "dropped", "{:.3f}"),
-    ("requests_finished", "finished", "{:.0f}"),
+    ("preemptions", "preempt", "{:.0f}"),
 )
-WIDE_COMPARISON = 3
-"""Above this many policies, one row per policy reads better than one column per policy."""
+REQUESTS_COLUMN = ("requests_finished", "requests_rejected", "requests_unfinished")
+SLO_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("slo_attainment", "SLO met", "{:.3f}"),
+    ("goodput_rps", "goodput", "{:.2f}"),
+)
+"""Shown only when the experiment sets an SLO target: without one, attainment and goodput mean nothing."""
+SUMMARY_LEGEND = ("TPOT/TTFT in ms; x: ratio to {first}; batch: mean decode batch (tokens); experts: distinct "
+                  "experts per layer (decode); mass: retained top-k routing mass; requests: finished/rejected/"
+                  "unfinished; goodput: requests/s meeting the SLO")
 
 
-def _summary_table(frame: pd.DataFrame, title: str) -> Table:
-    if len(frame) > WIDE_COMPARISON:
-        return _policy_rows_table(frame, title)
-    table = Table(title=title)
-    table.add_column("metric")
-    labels = list(frame.index)
-    for position, label in enumerate(labels):
-        table.add_column(str(label), justify="right")
-        if position:
-            table.add_column(f"{label} / {labels[0]}", justify="right", style="cyan")
-    for key, name, fmt in SUMMARY_ROWS:
-        cells = [name]
-        for position, label in enumerate(labels):
-            cells.append(_fmt(frame.loc[label, key], fmt))
-            if position:
-                cells.append(_fmt(frame.loc[label, f"{key}_ratio"], "{:.3f}"))
-        table.add_row(*cells)
-    return table
-
-
-def _policy_rows_table(frame: pd.DataFrame, title: str) -> Table:
-    table = Table(title=f"{title}; ratio: against {frame.index[0]}")
-    table.add_column("policy")
-    for _, header, _ in POLICY_ROW_COLUMNS:
-        table.add_column(header, justify="right")
+def summary_table(frame: pd.DataFrame, title: str, *, with_slo: bool) -> Table:
+    """One row per policy (``frame``: ``ExperimentResult.summary_frame``) with the columns of ``SUMMARY_COLUMNS``,
+    the request counts, and ``SLO_COLUMNS`` with an SLO."""
+    slo_columns = SLO_COLUMNS if with_slo else ()
+    table = Table(title=title, caption=SUMMARY_LEGEND.format(first=frame.index[0]))
+    for header in ("policy", *(h for _, h, _ in SUMMARY_COLUMNS), "requests", *(h for _, h, _ in slo_columns)):
+        table.add_column(header, justify="left" if header == "policy" else "right", no_wrap=True)
     for label, row in frame.iterrows():
-        table.add_row(str(label), *(_fmt(row[key], fmt) for key, _, fmt in POLICY_ROW_COLUMNS))
+        counts = "/".join(_fmt(row[key], "{:.0f}") for key in REQUESTS_COLUMN)
+        metrics = [_fmt(row[key], fmt) for key, _, fmt in SUMMARY_COLUMNS]
+        table.add_row(str(label), *metrics, counts, *(_fmt(row[key], fmt) for key, _, fmt in slo_columns))
     return table
+
+
+def summary_warnings(frame: pd.DataFrame) -> list[str]:
+    """What a reader of the table must not miss: requests the engine refused, requests left unfinished at the
+    cut-off, a policy with no request measured (the warm-up covers the run)."""
+    warnings = []
+    for label, row in frame.iterrows():
+        arrived = int(row["requests_arrived"])
+        if row["requests_rejected"] > 0:
+            warnings.append(f"{label}: {int(row['requests_rejected'])} of {arrived} requests rejected (a prompt plus "
+                            "output longer than the KV cache or the serving limits)")
+        if row["requests_unfinished"] > 0:
+            warnings.append(f"{label}: {int(row['requests_unfinished'])} of {arrived} requests unfinished at the "
+                            "cut-off (their latencies are not in the statistics)")
+        if row["requests_measured"] == 0:
+            warnings.append(f"{label}: no request measured (simulation.warmup_s covers every finished request): "
+                            "its latencies are empty")
+    return warnings
 
 
 def _fmt(value: object, fmt: str) -> str:
@@ -353,6 +362,7 @@ def _capacity(args: argparse.Namespace, console: Console) -> int:
     config = load_experiment(args.experiment, args.overrides)
     prepare(config)  # every configuration problem before the first probe
     out_dir: Path = args.out or config.output.dir
+    _check_writable(out_dir)  # before the search, not after it
     slo = config.slo
     targets = ", ".join(
         f"{name} <= {value * 1e3:g} ms" for name, value in (("TTFT", slo.ttft_s), ("TPOT", slo.tpot_s)) if value
@@ -403,6 +413,15 @@ def _capacity(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _check_writable(folder: Path) -> None:
+    """Create ``folder`` and write a file in it, so that a command whose output cannot be written stops before
+    its work rather than after (``OSError``: one line, ``errors.exit_code``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".lynxsim-write-check-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
 def _check(args: argparse.Namespace, console: Console) -> int:
     config = load_experiment(args.experiment, args.overrides)
     setup = prepare(config)
@@ -421,6 +440,9 @@ def _check(args: argparse.Namespace, console: Console) -> int:
     tokens = setup.kv_cache_blocks * config.serving.block_size_tokens
     console.print(f"KV cache: {setup.kv_cache_blocks} blocks ({tokens} tokens)")
     console.print(f"requests: {len(setup.requests)}; policies: {', '.join(label for label, _, _ in setup.policies)}")
+    peak_gb = estimate(config, model).peak_bytes / 1e9
+    console.print(f"memory: at most about {peak_gb:.1f} GB (lynxsim.preflight; a run refuses past "
+                  f"{MEMORY_SHARE:.0%} of what the machine has available)")
     if config.sweep is not None:
         sweep = load_sweep(args.experiment, args.overrides)
         console.print(
@@ -463,7 +485,7 @@ def _models(args: argparse.Namespace, console: Console) -> int:
 def _hardware(args: argparse.Namespace, console: Console) -> int:
     table = Table(title="lynxsim hardware profiles")
     for column in (
-        "profile", "name", "memory (GB)", "bandwidth (TB/s)", "sustained (TB/s)", "bf16 (TFLOP/s)", "measured tables"
+        "profile", "name", "memory (GiB)", "bandwidth (TB/s)", "sustained (TB/s)", "bf16 (TFLOP/s)", "measured tables"
     ):
         table.add_column(column)
     for key in hardware_names():
@@ -471,7 +493,7 @@ def _hardware(args: argparse.Namespace, console: Console) -> int:
         table.add_row(
             key,
             hw.name,
-            f"{hw.memory_bytes / 1e9:.0f}",
+            f"{hw.memory_bytes / 2**30:.1f}",  # what nvidia-smi reports, in the unit datasheets call GB
             f"{hw.memory_bandwidth_bytes_per_s / 1e12:.2f}",
             f"{hw.sustained_bandwidth_bytes_per_s / 1e12:.2f}",
             f"{hw.dense_bf16_flops_per_s / 1e12:.0f}",
@@ -499,8 +521,13 @@ def _plot(args: argparse.Namespace, console: Console) -> int:
         return plot_sweep(run_dir, args.metric, args.x, console)
     if not (run_dir / "summary.json").is_file():
         raise InputError(str(run_dir), "not a finished run directory (no summary.json)")
-    resolved = yaml.safe_load((run_dir / "config.resolved.yaml").read_text())
-    num_experts = int(resolved["resolved"]["model"]["num_experts"])
-    paths = write_run_figures(load_run(run_dir), num_experts, run_dir / "figures")
+    try:
+        resolved = yaml.safe_load((run_dir / "config.resolved.yaml").read_text())
+        num_experts = int(resolved["resolved"]["model"]["num_experts"])
+        records = load_run(run_dir)
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError, pa.ArrowException) as exc:
+        detail = file_problem(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+        raise InputError(str(run_dir), f"a run directory whose records cannot be read ({detail})") from None
+    paths = write_run_figures(records, num_experts, run_dir / "figures", context=run_context(run_dir))
     console.print(f"figures: {', '.join(str(p) for p in paths)}")
     return 0

@@ -6,6 +6,9 @@ error names the key path and the YAML line it came from (``quickstart.yaml:14: w
 
 from __future__ import annotations
 
+import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -14,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SerializerFunctionWrapHandler,
     ValidationError,
     ValidationInfo,
@@ -290,10 +294,11 @@ RoutingConfig = Annotated[
 class ServingConfig(_Section):
     """The serving engine's scheduler and its limits, as vLLM names them."""
 
-    max_num_seqs: int = Field(default=256, gt=0, description="most sequences in one iteration's batch")
-    max_num_batched_tokens: int = Field(default=2048, gt=0, description="most tokens (prefill + decode) per iteration")
+    max_num_seqs: int = Field(default=256, gt=0, le=1 << 16, description="most sequences in one iteration's batch")
+    max_num_batched_tokens: int = Field(
+        default=2048, gt=0, le=1 << 22, description="most tokens (prefill + decode) per iteration")
     chunked_prefill: bool = Field(default=True, description="split long prompts across iterations, mixed with decodes")
-    block_size_tokens: int = Field(default=16, gt=0, description="tokens per KV-cache block")
+    block_size_tokens: int = Field(default=16, gt=0, le=1 << 12, description="tokens per KV-cache block")
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1, description="share of GPU memory for weights + KV")
     activation_reserve_bytes: float = Field(default=2e9, ge=0, description="memory kept for activations")
     scheduler: SchedulerChoice = Field(
@@ -311,8 +316,10 @@ class ParallelismConfig(_Section):
     them; the routed experts are TP-sharded when ``expert_parallel`` is 1 and placed whole on ``expert_parallel``
     ranks otherwise (vLLM's ``--enable-expert-parallel``), so ``expert_parallel`` is 1 or the instance's GPU count."""
 
-    tensor_parallel: int = Field(default=1, ge=1, description="GPUs that attention and dense layers are split over")
-    expert_parallel: int = Field(default=1, ge=1, description="ranks the routed experts are placed on (1: TP-sharded)")
+    tensor_parallel: int = Field(
+        default=1, ge=1, le=1024, description="GPUs that attention and dense layers are split over")
+    expert_parallel: int = Field(
+        default=1, ge=1, le=1024, description="ranks the routed experts are placed on (1: TP-sharded)")
 
     @field_validator("tensor_parallel", "expert_parallel", mode="before")
     @classmethod
@@ -347,9 +354,9 @@ class DeploymentConfig(_Section):
         description="colocated: every instance prefills and decodes (continuous batching, chunked prefill); "
         "disaggregated: prefill instances compute prompts, then the KV cache moves to a decode instance",
     )
-    replicas: int = Field(default=1, gt=0, description="colocated: number of instances")
-    prefill_instances: int = Field(default=1, gt=0, description="disaggregated: number of prefill instances")
-    decode_instances: int = Field(default=1, gt=0, description="disaggregated: number of decode instances")
+    replicas: int = Field(default=1, gt=0, le=1024, description="colocated: number of instances")
+    prefill_instances: int = Field(default=1, gt=0, le=1024, description="disaggregated: number of prefill instances")
+    decode_instances: int = Field(default=1, gt=0, le=1024, description="disaggregated: number of decode instances")
     router: RouterChoice = Field(
         default=RouterChoice(name="round_robin"),
         description="which instance receives a request: round_robin (in turn), least_outstanding (the one with the "
@@ -406,7 +413,7 @@ class SimulationConfig(_Section):
 
     seed: int = Field(default=0, ge=0)
     num_requests: int | None = Field(
-        default=None, gt=0, description="requests to generate (trace and list arrivals: at most the first N)"
+        default=None, gt=0, le=10**8, description="requests to generate (trace and list arrivals: at most the first N)"
     )
     duration_s: float | None = Field(
         default=None, gt=0, description="generate arrivals during this many seconds (trace arrivals: after scaling)"
@@ -458,6 +465,43 @@ class OutputConfig(_Section):
     figures: bool = Field(default=True, description="write PNG figures")
 
 
+@dataclass(frozen=True, eq=False)
+class _Origin:
+    """Where an experiment's keys were written: its file, the file's YAML nodes and the ``--set`` overrides. Not
+    part of the experiment's value: two configs with the same keys are equal wherever they were written."""
+
+    def __eq__(self, other: object) -> bool:  # every config has one (an empty one where it came from no file)
+        return isinstance(other, _Origin)
+
+    __hash__ = object.__hash__
+
+    raw: dict[str, Any]
+    source: Path | None
+    node: yaml.Node | None
+    overrides: tuple[str, ...]
+
+    def where(self, loc: tuple[Any, ...]) -> str:
+        """The place of pydantic location ``loc``, as an error message starts."""
+        key_path = _key_path(loc, self.raw)
+        return f"{self.prefix(loc, key_path)}{key_path}"
+
+    def locate(self, where: str) -> str:
+        key_path, colon, rest = where.partition(":")
+        loc = _parse_key_path(key_path.strip())
+        if loc is None:
+            return where
+        return f"{self.prefix(loc, key_path.strip())}{where}"
+
+    def prefix(self, loc: tuple[Any, ...], key_path: str) -> str:
+        assignment = _override_of(key_path, list(self.overrides))
+        if assignment is not None:
+            return f"--set {assignment}: "
+        line = line_of(self.node, loc) if self.node is not None else None
+        if self.source is None:
+            return ""
+        return f"{self.source}:{line}: " if line else f"{self.source}: "
+
+
 class ExperimentConfig(_Section):
     """A whole experiment: one model on one GPU type, one workload, several policies compared pairwise."""
 
@@ -479,6 +523,22 @@ class ExperimentConfig(_Section):
     report: ReportSection | None = Field(
         default=None, description="how `lynxsim report` draws this sweep's results (other commands ignore it)"
     )
+    _origin: _Origin = PrivateAttr(default_factory=lambda: _Origin({}, None, None, ()))
+
+    def locate(self, where: str) -> str:
+        """``where`` (a key path such as ``policies[1].alpha``, maybe followed by more of a message) with the place
+        the user wrote that key: the ``--set`` that set it, else the file and line of the key (or of the nearest
+        key above it); unchanged for a config that came from no file. Problems found after validation (a policy's
+        parameters, a routing source's, a trace's content) are located as validation's own are."""
+        return self._origin.locate(where)
+
+    @field_validator("routing", mode="before")
+    @classmethod
+    def _routing_kind(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "kind" not in value:
+            raise ValueError("say which routing with 'kind': model (the default when 'routing' is left out), "
+                             "synthetic, profile, trace, or a routing source's name (`lynxsim plugins`)")
+        return value
 
     @field_validator("policies")
     @classmethod
@@ -487,6 +547,10 @@ class ExperimentConfig(_Section):
         duplicated = sorted({x for x in labels if labels.count(x) > 1})
         if duplicated:
             raise ValueError(f"policies share the label {duplicated}: give each a distinct 'label'")
+        folded = [label.casefold() for label in labels]  # one folder each, also where file names ignore case
+        same = sorted({x for x, f in zip(labels, folded, strict=True) if folded.count(f) > 1})
+        if same:
+            raise ValueError(f"policy labels {same} differ only in case: give each a distinct 'label'")
         return policies
 
     @model_validator(mode="after")
@@ -509,35 +573,71 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     raw, root = read_yaml_mapping_with_nodes(path, "experiment file")
     for assignment in overrides or []:
         apply_override(raw, assignment)
-    return validate_experiment(raw, source=path, node=root, base_dir=path.parent)
+    return validate_experiment(raw, source=path, node=root, base_dir=path.parent, overrides=overrides)
 
 
 def validate_experiment(
-    raw: dict[str, Any], *, source: Path | None = None, node: yaml.Node | None = None, base_dir: Path | None = None
+    raw: dict[str, Any], *, source: Path | None = None, node: yaml.Node | None = None, base_dir: Path | None = None,
+    overrides: list[str] | None = None,
 ) -> ExperimentConfig:
-    """Validate a raw mapping; relative file paths in it are taken relative to ``base_dir``."""
+    """Validate a raw mapping; relative file paths in it are taken relative to ``base_dir`` (``_paths_relative_to``).
+    A problem in a key that an entry of ``overrides`` (``--set KEY=VALUE``) set is reported at that ``--set``,
+    not at the line of the file it replaced."""
+
+    origin = _Origin(raw, source, node, tuple(overrides or ()))
     try:
         config = ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
         error = exc.errors()[0]
-        loc = tuple(error["loc"])
-        key_path = _key_path(loc, raw)
-        line = line_of(node, loc) if node is not None else None
-        where = f"{source}:{line}: {key_path}" if line else (f"{source}: {key_path}" if source else key_path)
-        raise InputError(where, error_message(error)) from None
+        raise InputError(origin.where(tuple(error["loc"])), error_message(error)) from None
+    problem = _number_problem(raw, config.model_dump(mode="python"), ())
+    if problem is not None:
+        raise InputError(origin.where(problem[0]), problem[1])
+    config._origin = origin
     if base_dir is not None:
         config = _paths_relative_to(config, base_dir)
     return config
 
 
+def _number_problem(raw: Any, validated: Any, loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], str] | None:
+    """The first number of the validated experiment that no run can use, and why: a NaN or an infinity (no key
+    takes one: an unbounded limit is written by leaving the key out or as null; pydantic reads ".inf", "inf" and
+    "nan" as floats), or a number given as true/false (pydantic reads a boolean as 1 or 0). Checked on every key,
+    plug-in parameters and sweep values included, by walking the validated values beside what the user wrote."""
+    if isinstance(validated, float) and not math.isfinite(validated):
+        return loc, f"{validated} is not a finite number (leave the key out, or null, for no limit)"
+    if isinstance(raw, bool) and isinstance(validated, (int, float)) and not isinstance(validated, bool):
+        return loc, f"a number is needed, not {str(raw).lower()}"
+    if isinstance(validated, dict):
+        for key, value in validated.items():
+            found = _number_problem(raw.get(key) if isinstance(raw, dict) else None, value, (*loc, key))
+            if found is not None:
+                return found
+    elif isinstance(validated, (list, tuple)):
+        for index, value in enumerate(validated):
+            inner = raw[index] if isinstance(raw, list) and index < len(raw) else None
+            found = _number_problem(inner, value, (*loc, index))
+            if found is not None:
+                return found
+    return None
+
+
+def _override_of(key_path: str, overrides: list[str]) -> str | None:
+    """The last ``--set`` assignment that set ``key_path`` (``a.b[1].c``), a key above it or a key below it."""
+    dotted = key_path.replace("[", ".").replace("]", "")
+    for assignment in reversed(overrides):
+        key = assignment.partition("=")[0].strip()
+        if dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + "."):
+            return assignment
+    return None
+
+
 def _paths_relative_to(config: ExperimentConfig, base_dir: Path) -> ExperimentConfig:
-    """A relative file path in an experiment is taken from the experiment file's folder when it exists there,
-    else from the current directory."""
+    """One rule for every file path an experiment names (README, "Paths"): a relative path, in the file or in a
+    ``--set`` value, is taken from the experiment file's folder, wherever the command runs."""
 
     def resolve(path: Path) -> Path:
-        if path.is_absolute() or not (base_dir / path).exists():
-            return path
-        return base_dir / path
+        return path if path.is_absolute() else base_dir / path
 
     if config.model.hf_config is not None:
         model = config.model.model_copy(update={"hf_config": resolve(config.model.hf_config)})
@@ -609,6 +709,13 @@ def _key_path(loc: tuple[Any, ...], raw: Any) -> str:
             continue
         parts.append(f"[{item}]" if isinstance(item, int) else ("." if parts else "") + str(item))
     return "".join(parts) or "(top level)"
+
+
+def _parse_key_path(key_path: str) -> tuple[Any, ...] | None:
+    """``policies[1].alpha`` as ``("policies", 1, "alpha")``; None for what is not a key path."""
+    if not re.fullmatch(r"[A-Za-z_][\w-]*(\[\d+\]|\.[A-Za-z_][\w-]*)*", key_path):
+        return None
+    return tuple(int(part) if part.isdigit() else part for part in re.findall(r"[A-Za-z_][\w-]*|\d+", key_path))
 
 
 def line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:

@@ -365,7 +365,7 @@ class CostModel(PricedCostModel):
         capacity = usable - self.weight_bytes_per_gpu - activation_reserve_bytes
         if capacity <= 0:
             raise InputError(
-                "hardware",
+                memory_key(usable, activation_reserve_bytes),
                 f"{self.model.name} weights {self.weight_bytes_per_gpu / 1e9:.1f} GB plus a "
                 f"{activation_reserve_bytes / 1e9:.1f} GB activation reserve do not fit in {usable / 1e9:.1f} GB "
                 f"({gpu_memory_utilization:.0%} of {self.hardware.name}'s {self.hardware.memory_bytes / 1e9:.1f} GB)"
@@ -814,3 +814,9 @@ def make_cost_model(model: ModelSpec, hardware: HardwareProfile, model_key: str 
         assert model_key is not None
         return MeasuredCostModel(model, hardware, model_key)
     return CostModel(model, hardware)
+
+
+def memory_key(usable_bytes: float, activation_reserve_bytes: float) -> str:
+    """The config key to change when weights and the activation reserve leave no room for the KV cache: the
+    reserve when it alone takes the usable memory (a typo such as ``1e30``), else the hardware (or its count)."""
+    return "serving.activation_reserve_bytes" if activation_reserve_bytes >= usable_bytes else "hardware"

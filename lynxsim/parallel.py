@@ -61,6 +61,7 @@ from lynxsim.cost import (
     calibrated_shape_matches,
     has_measured_tables,
     make_cost_model,
+    memory_key,
     required_units,
 )
 from lynxsim.datatypes import BatchShape, ExpertActivity, LatencyBreakdown
@@ -321,7 +322,7 @@ def _per_gpu_capacity(cost: ParallelCostModel, utilization: float, reserve: floa
     capacity = usable - weights - reserve
     if capacity <= 0:
         raise InputError(
-            "hardware",
+            memory_key(usable, reserve),
             f"{cost.model.name} weights {weights / 1e9:.1f} GB per GPU (over {cost.plan.gpus} GPUs) plus a "
             f"{reserve / 1e9:.1f} GB activation reserve do not fit in {usable / 1e9:.1f} GB of {cost.hardware.name}",
         )

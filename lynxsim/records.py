@@ -7,8 +7,13 @@ that the sweep workers, the plots and the tests that read a run directory share 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +23,66 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from lynxsim.errors import InputError
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+"""A folder name that means the same on every file system and in every shell: no separators, no leading dot (so
+never ``.`` or ``..``) or dash (an option to most commands), nothing a shell or Windows treats specially."""
+
 
 def slug(label: str) -> str:
-    """A label as a folder name."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "policy"
+    """A policy label as its folder name, distinct for distinct labels. A label that is already a safe name
+    (``_SAFE_NAME``) is its own folder; any other is its safe characters and a hash of the whole label after a
+    ``~``, a character no safe name holds: ``α`` and ``β`` both clean to nothing and ``lynx a`` cleans to
+    ``lynx_a``, yet each gets its own folder, and a label can never name a folder outside the run directory."""
+    if _SAFE_NAME.fullmatch(label) and len(label) <= 100:
+        return label
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("._")[:80] or "policy"
+    return f"{cleaned}~{hashlib.sha256(label.encode()).hexdigest()[:12]}"
+
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_dir(out_dir: Path) -> Path:
+    """Where a run directory is written until the run ends: ``<out_dir>.partial`` beside it."""
+    return out_dir.with_name(out_dir.name + PARTIAL_SUFFIX)
+
+
+RUN_MARKER = "config.resolved.yaml"
+"""The file every run directory holds from its start: a folder with it (or an empty one) may be replaced by a
+rerun; any other folder is not lynxsim's to delete."""
+
+
+@contextmanager
+def staged_run_dir(out_dir: Path) -> Iterator[Path]:
+    """A run directory written whole or not at all. The run writes into ``partial_dir(out_dir)`` (each policy's
+    records as soon as it ends: an interrupted run keeps them there, beside the old results, with no summary so
+    that nothing reads it as a finished run); when the block ends without an error the folder replaces
+    ``out_dir`` entirely, so a rerun leaves no stale policy folders or figures of the run before. ``out_dir`` must
+    be absent, empty or a run directory (``RUN_MARKER``): anything else is refused (``InputError``) before the
+    run, never deleted."""
+    if out_dir.exists() or out_dir.is_symlink():
+        if not out_dir.is_dir():
+            raise InputError(str(out_dir), "exists and is not a folder: give another run directory (--out)")
+        if any(out_dir.iterdir()) and not (out_dir / RUN_MARKER).is_file():
+            raise InputError(str(out_dir), "is a folder that is not a lynxsim run directory, which a run would "
+                             "replace: give another run directory (--out)")
+    stage = partial_dir(out_dir)
+    try:
+        if stage.exists():
+            shutil.rmtree(stage)
+        stage.mkdir(parents=True)
+    except OSError as exc:
+        raise InputError(str(out_dir), f"cannot write the run directory ({exc.strerror or exc})") from None
+    yield stage
+    if out_dir.exists():
+        old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
+        out_dir.rename(old)
+        stage.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        stage.rename(out_dir)
 
 
 def write_resolved_config(out_dir: Path, resolved: dict[str, Any]) -> None:

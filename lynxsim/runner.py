@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from pydantic import ValidationError
 
-from lynxsim import records
+from lynxsim import preflight, records
 from lynxsim.config import ExperimentConfig, PluginRoutingConfig, PolicyConfig, ServingConfig
 from lynxsim.datatypes import RequestSpec
 from lynxsim.engine import BlockPool, KVTransfer, RouterFactory, RoutingStep, Scheduler
@@ -37,7 +37,13 @@ from lynxsim.policies import Policy, TopK, calibrate_if_needed, check_policy, ma
 from lynxsim.routing import RoutingSource
 from lynxsim.routing.base import RoutingContext
 from lynxsim.routing.evidence import routing_evidence
-from lynxsim.routing.statistical import ActivityTable, StatisticalRouting, build_activity_table, default_sizes
+from lynxsim.routing.statistical import (
+    ActivityTable,
+    StatisticalRouting,
+    build_activity_table,
+    code_digest,
+    default_sizes,
+)
 from lynxsim.routing.table_cache import cached_table
 from lynxsim.workload import generate_requests
 
@@ -230,13 +236,22 @@ def prepare_policies(
 
 
 def prepare(config: ExperimentConfig) -> Setup:
-    """Resolve the config; every user-facing problem surfaces here, before any simulation starts."""
+    """Resolve the config; every user-facing problem surfaces here, before any simulation starts, at the file and
+    line (or the ``--set``) of the key it concerns (``ExperimentConfig.locate``)."""
+    try:
+        return _prepare(config)
+    except InputError as exc:
+        raise InputError(config.locate(exc.where), exc.problem) from None
+
+
+def _prepare(config: ExperimentConfig) -> Setup:
     model = resolve_model(config)
     hardware = resolve_hardware(config)
     parallelism = config.deployment.parallelism
     plan = ParallelPlan(parallelism.tensor_parallel, parallelism.expert_parallel)
     cost_model, kv_blocks = instance_cost_and_kv(config, model, hardware, plan)
     sim = config.simulation
+    preflight.check_fits(config, model)  # before millions of requests are drawn, not after
     requests = generate_requests(
         config.workload.arrival,
         config.workload.prompt_tokens,
@@ -245,6 +260,7 @@ def prepare(config: ExperimentConfig) -> Setup:
         seed=sim.seed,
         num_requests=sim.num_requests,
         duration_s=sim.duration_s,
+        until_s=sim.cutoff_s,
     )
     routing = build_routing(config, model)
     policies = prepare_policies(config, model, routing)
@@ -354,6 +370,7 @@ def build_statistical_table(setup: Setup, policy: Policy, *, with_prefill: bool)
         "routing_seed": config.simulation.seed,
         "model": model.model_dump(mode="json"),
         "policy": repr(policy),
+        "policy_code": code_digest(policy),
         "expert_parallel": setup.plan.expert_parallel if setup.plan.expert_parallel_on else 1,
         "sizes": sizes.tolist(),
         "samples": config.simulation.statistical_samples,
@@ -458,6 +475,17 @@ def run_experiment(
 
     compile_ahead()
     setup = prepare(config)
+    if out_dir is None:
+        return _simulate_all(setup, None, on_policy_done, on_arrivals)
+    with records.staged_run_dir(out_dir) as stage:  # out_dir is replaced only once every policy has run
+        return _simulate_all(setup, stage, on_policy_done, on_arrivals)
+
+
+def _simulate_all(
+    setup: Setup, out_dir: Path | None, on_policy_done: Callable[[PolicyRun], None] | None,
+    on_arrivals: PolicyProgress | None,
+) -> ExperimentResult:
+    """Every policy of ``setup`` in turn, each one's records written to ``out_dir`` (if any) as it ends."""
     if out_dir is not None:
         write_setup(setup, out_dir)
     runs: list[PolicyRun] = []

@@ -7,6 +7,7 @@ tell it, and the key path, never as a traceback.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,29 @@ from pydantic import ValidationError
 
 from lynxsim.errors import InputError
 
-_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_BASE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 """libyaml's safe loader where PyYAML was built with it: the same data and error marks, about ten times faster
 than the pure-Python one on the hardware profile's kernel tables (read at the start of every run)."""
+
+
+class _UniqueKeyLoader(_BASE_LOADER):  # type: ignore[misc,valid-type]
+    """The safe loader, refusing a key written twice in one mapping: YAML lets the last one win silently, so a
+    file that sets ``alpha`` twice would run with a value the user may not have meant."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                first = seen[key].start_mark.line + 1
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first written on line {first})", key_node.start_mark)
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = key_node
+        return dict(super().construct_mapping(node, deep=deep))
+
+
+_SAFE_LOADER = _UniqueKeyLoader
 
 
 def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
@@ -37,9 +58,15 @@ def _parse(path: Path, what: str, *, compose: bool = False) -> tuple[dict[str, A
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise InputError(str(path), f"cannot read {what} ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise InputError(f"{path}:{line}", f"not UTF-8 text (byte {exc.start} of the {what})") from None
     try:
         node = yaml.compose(text) if compose else None
         data = yaml.load(text, Loader=_SAFE_LOADER)
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise InputError(str(path), f"malformed YAML (nested deeper than Python's recursion limit of "
+                         f"{sys.getrecursionlimit()})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -62,7 +89,19 @@ def error_message(error: Any) -> str:
     pydantic's "Value error, " prefix for the schema's own checks."""
     if error["type"] == "extra_forbidden":
         return "unknown key"
-    return str(error["msg"]).removeprefix("Value error, ")
+    message = str(error["msg"]).removeprefix("Value error, ")
+    value = error.get("input")
+    if error["type"] == "int_parsing" and isinstance(value, str) and _is_float_text(value):
+        message += f" (YAML reads {value} as text, not a number: write it out in digits, {float(value):.0f})"
+    return message
+
+
+def _is_float_text(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def validation_problem(exc: ValidationError) -> tuple[str, str]:

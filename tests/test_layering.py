@@ -19,7 +19,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("models", "hardware", "workload", "policies", "sections"),
     ("cost", "cost_formulas"),
     ("parallel", "metrics", "records", "routing", "instance_cost"),
-    ("config", "quality"),
+    ("config", "quality", "preflight"),
     ("engine",),
     ("runner",),
     ("capacity", "calib", "plots", "sweep"),

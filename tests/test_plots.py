@@ -1,10 +1,40 @@
-"""The Pareto front of the latency-quality figure, by hand."""
+"""The run figures: the Pareto front by hand, and the drawing rules every figure keeps (lynxsim/plots.py): its
+title names the run, no legend covers data, a front is a staircase, a batch axis is labelled at its batches."""
 
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from unittest.mock import patch
 
-from lynxsim.plots import pareto_front
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from lynxsim.metrics import BREAKDOWN_COLUMNS  # noqa: E402
+from lynxsim.plots import (  # noqa: E402
+    FIGURE_NAMES,
+    MAX_BATCH_TICKS,
+    PolicyRecords,
+    batch_axis,
+    pareto_front,
+    run_context,
+    tpot_cdf,
+    write_run_figures,
+)
+
+CONTEXT = "quickstart: mixtral-8x7b on NVIDIA H200 SXM x1"
+LAYERS = 4
+EXPERTS = 8
 
 
 def test_pareto_front_hand_example() -> None:
@@ -16,3 +46,190 @@ def test_pareto_front_hand_example() -> None:
 
 def test_pareto_front_single_point() -> None:
     assert pareto_front(np.array([5.0]), np.array([0.5])).tolist() == [0]
+
+
+# ----- helpers the sweep figures' tests share --------------------------------------------------------------------
+
+
+@contextmanager
+def kept_open() -> Iterator[list[Figure]]:
+    """The figures the code under test saves, in order, kept open to be inspected: its ``plt.close`` only
+    collects them (the figures are inspected after the real save, tight layout included)."""
+    kept: list[Figure] = []
+    try:
+        with patch.object(plt, "close", kept.append):
+            yield kept
+    finally:
+        for fig in kept:
+            plt.close(fig)
+
+
+def titles(fig: Figure) -> list[str]:
+    """The figure's title and every visible axes' title."""
+    suptitle = fig._suptitle.get_text() if fig._suptitle is not None else ""
+    return [suptitle, *(ax.get_title() for ax in fig.axes if ax.get_visible())]
+
+
+def legends_over_axes(fig: Figure) -> list[str]:
+    """For every legend of the figure that overlaps any visible axes' area, the axes' title; asserts the figure
+    has a legend at all, so that a figure that lost its legend cannot pass."""
+    fig.canvas.draw()
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    assert legends, "the figure has no legend"
+    return [
+        ax.get_title()
+        for legend in legends
+        for ax in fig.axes
+        if ax.get_visible() and legend.get_window_extent().overlaps(ax.get_window_extent())
+    ]
+
+
+def legends_cut_off(fig: Figure, path: Path) -> list[str]:
+    """The first entry of every legend that lies (partly) outside the image saved at ``path``. The image must be
+    the figure's tight box, padded (savefig's ``bbox_inches="tight"``), as its size says; the legends must be in
+    that box."""
+    fig.canvas.draw()
+    box = fig.get_tightbbox()  # inches
+    pad = matplotlib.rcParams["savefig.pad_inches"]
+    with Image.open(path) as image:
+        (width, height), (dpi, _) = image.size, image.info["dpi"]
+    assert width == pytest.approx((box.width + 2 * pad) * dpi, rel=0.01)
+    assert height == pytest.approx((box.height + 2 * pad) * dpi, rel=0.01)
+    cut = []
+    for legend in (ax.get_legend() for ax in fig.axes if ax.get_legend() is not None):
+        extent = legend.get_window_extent().transformed(fig.dpi_scale_trans.inverted())
+        if extent.x0 < box.x0 or extent.x1 > box.x1 or extent.y0 < box.y0 or extent.y1 > box.y1:
+            cut.append(legend.get_texts()[0].get_text())
+    return cut
+
+
+def front_line(fig: Figure) -> Line2D:
+    (line,) = [line for line in fig.axes[0].get_lines() if line.get_label() == "Pareto front"]
+    return line
+
+
+def assert_staircase(line: Line2D, points: list[tuple[float, float]]) -> None:
+    """The front line passes through exactly ``points`` (quality, latency) with markers, and each segment is
+    horizontal or vertical: the corner between two points is (lower quality, higher latency), the trade-off that
+    is achieved, never a straight line between them."""
+    assert line.get_drawstyle() == "steps-pre"
+    assert line.get_marker() not in ("None", None, "", " ")
+    assert sorted(zip(line.get_xdata(), line.get_ydata(), strict=True)) == sorted(points)
+    line.recache(always=True)  # drawing the markers leaves the path of the points alone, without its steps
+    vertices = line.get_path().vertices
+    steps = np.diff(vertices, axis=0)
+    assert np.all((steps[:, 0] == 0) | (steps[:, 1] == 0)), vertices
+
+
+def labelled_x_ticks(fig: Figure) -> list[str]:
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    low, high = ax.get_xlim()
+    return [
+        tick.label1.get_text()
+        for tick in ax.xaxis.get_major_ticks() + ax.xaxis.get_minor_ticks()
+        if tick.label1.get_visible() and tick.label1.get_text() and low <= tick.get_loc() <= high
+    ]
+
+
+# ----- the run figures -------------------------------------------------------------------------------------------
+
+
+def policy_records(label: str, tpot_ms: float, experts: float, quality: float) -> PolicyRecords:
+    """A policy's records with every column the figures read: six pure-decode iterations at batches 1-3."""
+    requests = pd.DataFrame({"tpot_s": np.linspace(0.8, 1.2, 10) * tpot_ms / 1e3})
+    batches = [1, 1, 2, 2, 3, 3]
+    iterations = pd.DataFrame(
+        {
+            "pure_decode": [True] * len(batches),
+            "decode_tokens": batches,
+            "distinct_experts": [np.full(LAYERS, experts + b / 10) for b in batches],
+            "mean_distinct_experts": [experts + b / 10 for b in batches],
+            **{column: [tpot_ms / 1e3 / len(BREAKDOWN_COLUMNS)] * len(batches) for column in BREAKDOWN_COLUMNS},
+        }
+    )
+    return PolicyRecords(label, requests, iterations, {"tpot_p50_ms": tpot_ms, "retained_mass": quality})
+
+
+RECORDS = [policy_records("topk", 8.0, 6.0, 1.0), policy_records("lynx (alpha=0.7)", 5.0, 3.0, 0.9)]
+
+
+@pytest.fixture(scope="module")
+def drawn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[Path, Figure]]:
+    """Every run figure by its file, drawn once for the tests that only look at them."""
+    folder = tmp_path_factory.mktemp("figures")
+    with kept_open() as figures:
+        paths = write_run_figures(RECORDS, EXPERTS, folder, context=CONTEXT)
+        assert [p.name for p in paths] == list(FIGURE_NAMES) and all(p.is_file() for p in paths)
+        yield dict(zip(paths, figures, strict=True))
+
+
+def test_every_run_figure_title_names_the_run(drawn: dict[Path, Figure]) -> None:
+    assert len(drawn) == len(FIGURE_NAMES)
+    for path, fig in drawn.items():
+        assert any(CONTEXT in title for title in titles(fig)), (path.name, titles(fig))
+
+
+def test_a_run_figure_drawn_without_a_context_keeps_its_title(tmp_path: Path) -> None:
+    with kept_open() as figures:
+        tpot_cdf(RECORDS, tmp_path / "tpot_cdf.png")
+        assert titles(figures[0])[1] == "TPOT distribution"
+
+
+def test_no_run_figure_legend_covers_its_axes_or_is_cut_off(drawn: dict[Path, Figure]) -> None:
+    for path, fig in drawn.items():
+        assert legends_over_axes(fig) == [], path.name
+        assert legends_cut_off(fig, path) == [], path.name
+
+
+def test_a_two_point_front_is_a_staircase(drawn: dict[Path, Figure]) -> None:
+    line = front_line(next(fig for path, fig in drawn.items() if path.name == "latency_vs_quality.png"))
+    assert_staircase(line, [(0.9, 5.0), (1.0, 8.0)])
+    # the corner is the achieved trade-off: quality above 0.9 costs top-k's 8 ms
+    assert line.get_path().vertices.tolist() == [[0.9, 5.0], [0.9, 8.0], [1.0, 8.0]]
+
+
+def test_run_context_names_experiment_model_hardware_and_gpus(tmp_path: Path) -> None:
+    def run_dir(name: str, gpus: int) -> Path:
+        folder = tmp_path / f"{name}-{gpus}"
+        folder.mkdir()
+        resolved = {"name": name, "resolved": {"model": {"name": "mixtral-8x7b"}, "hardware": "NVIDIA H200 SXM",
+                                               "gpus": gpus}}
+        (folder / "config.resolved.yaml").write_text(yaml.safe_dump(resolved))
+        return folder
+
+    one, two = run_dir("quickstart", 1), run_dir("quickstart", 2)
+    assert run_context(one) == CONTEXT
+    assert run_context(one, two) == "quickstart: mixtral-8x7b on NVIDIA H200 SXM x{1, 2}"
+
+
+# ----- the batch-size axis ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("batches", "expected"),
+    [([3, 5], ["3", "5"]), ([3.2, 3.9], ["3.2", "3.9"]), ([7], ["7"]), ([64, 128, 1024], ["64", "128", "1024"])],
+)
+def test_batch_axis_labels_the_batches_drawn(batches: list[float], expected: list[str]) -> None:
+    fig, ax = plt.subplots()
+    ax.plot(batches, np.ones(len(batches)), marker="o")
+    batch_axis(ax, batches)
+    try:
+        assert ax.get_xscale() == "log"
+        assert labelled_x_ticks(fig) == expected
+    finally:
+        plt.close(fig)
+
+
+def test_batch_axis_of_many_batches_labels_a_spread_of_them() -> None:
+    batches = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
+    fig, ax = plt.subplots()
+    ax.plot(batches, np.ones(len(batches)))
+    batch_axis(ax, batches)
+    try:
+        labels = labelled_x_ticks(fig)
+        assert 2 <= len(labels) <= MAX_BATCH_TICKS
+        assert labels[0] == "1" and labels[-1] == "128"
+        assert set(labels) <= {str(b) for b in batches}
+    finally:
+        plt.close(fig)

@@ -222,8 +222,10 @@ def test_prune_calibrates_the_most_used_experts() -> None:
     # Per-layer lists need the stacked input with that many layers.
     with pytest.raises(ValueError, match="kept_experts has 1 per-layer values"):
         calibrated.select(PRUNE_CALIB[0], 1)
-    # keep >= experts keeps them all.
-    assert Prune(keep=9).calibrate(PRUNE_CALIB, 1) == Prune(keep=4, kept_experts=[[0, 1, 2, 3]])
+    # keep = experts keeps them all; more is refused.
+    assert Prune(keep=4).calibrate(PRUNE_CALIB, 1) == Prune(keep=4, kept_experts=[[0, 1, 2, 3]])
+    with pytest.raises(ValueError, match="at most the model's 4 experts, got 9"):  # a typo, not plain top-k
+        Prune(keep=9).calibrate(PRUNE_CALIB, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -188,7 +188,7 @@ def test_plot_draws_the_sweep_figures_with_their_numbers(reference: Path, tmp_pa
     assert len(speedup) == POINTS and (speedup["speedup_mean"] >= 1).all()
     busy = speedup[speedup["workload.arrival.rate_per_s"] == 4.0]
     # one sequence per batch at 1 request/s: a token already reads only its own experts, so Lynx changes nothing;
-    # batches of several sequences at 4/s: Lynx reads fewer experts (points see different requests: per-point seeds)
+    # batches of several sequences at 4/s: Lynx reads fewer experts (all points draw their requests from one seed)
     light = speedup[speedup["workload.arrival.rate_per_s"] == 1.0]
     assert light["speedup_mean"].to_numpy() == pytest.approx(1.0, abs=1e-3)
     assert (busy["speedup_mean"] > 1.0).all()

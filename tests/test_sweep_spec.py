@@ -91,7 +91,7 @@ def test_points_resolve_to_configs_with_their_values_and_seeds(tmp_path: Path) -
     last = sweep.points[-1]
     assert last.config.workload.arrival.rate_per_s == 3
     assert last.config.policies[1].params["alpha"] == 0.9
-    assert last.config.simulation.seed == derive_seed(7, last.point, "per_point")
+    assert last.config.simulation.seed == derive_seed(7, last.point, "per_repeat")  # the default: paired points
     assert last.config.sweep is None
     # adding a value to an axis keeps the other points' configs, hence their hashes
     bigger = load_sweep(

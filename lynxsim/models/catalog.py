@@ -55,7 +55,7 @@ def load_catalog_model(key: str) -> ModelSpec:
     """The catalog model named ``key`` (see :func:`catalog_names`). Cached: specs are immutable."""
     files = _catalog_files()
     if key not in files:
-        raise InputError(f"model '{key}'", f"not in the catalog; known models: {', '.join(sorted(files))}")
+        raise InputError("model", f"{key!r} is not in the catalog; known models: {', '.join(sorted(files))}")
     return load_model_file(files[key])
 
 

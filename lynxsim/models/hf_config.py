@@ -27,17 +27,28 @@ class _Config:
         self.data = data
         self.file = file
 
-    def req(self, key: str) -> Any:
+    def req(self, key: str) -> int:
+        """A required size or count: every key read this way is a whole number > 0 (the model's shape divides by
+        them: ``num_attention_heads: 0`` would end in a ZeroDivisionError, ``hidden_size: "2048"`` in a
+        TypeError)."""
         value = self.data.get(key)
         if value is None:
             raise InputError(
                 f"{self.file}: {key}", f"missing required key for model_type '{self.data.get('model_type')}'"
             )
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise InputError(f"{self.file}: {key}", f"must be a whole number > 0, got {value!r}")
         return value
 
     def opt(self, key: str, default: Any) -> Any:
+        """An optional key; where its default is a count, a whole number >= 0 is required of it too."""
         value = self.data.get(key)
-        return default if value is None else value
+        if value is None:
+            return default
+        counts = isinstance(default, int) and not isinstance(default, bool)
+        if counts and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise InputError(f"{self.file}: {key}", f"must be a whole number >= 0, got {value!r}")
+        return value
 
 
 def _gqa_attention(

@@ -22,7 +22,8 @@ Points decided here:
   given explicitly: a list of expert ids shared by every layer, or a list with one list per MoE layer (no
   calibration needed then; per-layer lists need the stacked ``[layers, tokens, experts]`` input with that
   many layers). With both, each list must hold exactly ``keep`` experts. ``calibrate`` returns
-  ``Prune(keep=min(r, E), kept_experts=((...), ...))``, each layer's kept ids sorted (r >= E keeps all).
+  ``Prune(keep=r, kept_experts=((...), ...))``, each layer's kept ids sorted; ``keep`` above the model's
+  expert count is refused (a typo such as ``keep: 20`` on 8 experts would otherwise run as plain top-k).
 * Ids in ``kept_experts`` must be distinct, and lie in [0, experts) of the logits at ``select``.
 * Weights: softmax over the chosen ids, renormalized when the model renormalizes top-k weights; otherwise,
   as for every policy that re-picks inside a kept set, the raw probabilities are rescaled to the token's
@@ -91,7 +92,10 @@ class Prune:
         assert self.keep is not None
         x = calibration_batches(self.name, logits, top_k)
         num_experts = x.shape[-1]
-        r = min(self.keep, num_experts)
+        if self.keep > num_experts:
+            raise parameter_error("prune", "keep", ValueError(
+                f"at most the model's {num_experts} experts, got {self.keep} (keep={num_experts} is plain top-k)"))
+        r = self.keep
         counts = topk_mask(x, top_k).sum(axis=1).astype(np.float64)  # [layers, experts]
         mass = (np.exp(x - x.max(axis=-1, keepdims=True)) / partition_function(x)).sum(axis=1)
         kept = topk_mask(counts, r, secondary=mass)

@@ -46,19 +46,31 @@ Where it departs from exact mode (measured in README, "Statistical routing mode"
 * pairing: exact mode gives every policy the same logits per token; here policies' tables are built from the
   same tokens (same seed) and the engine's draws are seeded alike, but they coincide only while the policies'
   iterations have the same token counts.
+
+Caching (``lynxsim.routing.table_cache``). A table is a function of its policy's code as well as of its name and
+parameters, and a plug-in's author edits the code under an unchanged name: a table cached by name and parameters
+alone came back after such an edit (5.25 experts per layer reported for a policy that now picks 3.88). So the
+cache key holds ``code_digest(policy)`` too.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
+import importlib.util
+import inspect
 import itertools
+import pkgutil
+import sys
 import time
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from lynxsim import __version__
 from lynxsim.datatypes import ExpertActivity
 from lynxsim.policies import Policy, TopK
 from lynxsim.policies.kernels import route_counts
@@ -377,3 +389,95 @@ def _pool_positions(seed: int, sample: int, pool: int, sequences: int) -> np.nda
     """Positions of a sample's pool: drawn for the decode tokens; the chunk's consecutive from a drawn start."""
     drawn = np.random.default_rng([seed, sample]).integers(0, TABLE_POSITIONS, size=sequences + 1, dtype=np.int64)
     return np.concatenate([drawn[:sequences], drawn[sequences] + np.arange(pool - sequences, dtype=np.int64)])
+
+
+def code_digest(component: object) -> str:
+    """32 hex digits naming the code that ``component`` (a policy) runs, for the key of a table built by running
+    it. Hashed: lynxsim's version (an upgrade may change a built-in policy, or the lynxsim code a plug-in calls);
+    for every class of its type's MRO outside the standard library, the source of its module and of the other
+    modules of that module's package folder (where a policy's helpers live: lynxsim's own policies are tabulated
+    by the numba kernels beside them), or the class's own source where its module has none on file (a notebook);
+    and the bytecode of each such class's functions, which is what this process runs, so that a class edited on
+    disk but not re-imported does not key a table of its old code by its new source. What the code imports from
+    elsewhere is not hashed (lynxsim's own code is covered by its version)."""
+    classes = [c for c in type(component).__mro__ if c.__module__.partition(".")[0] not in sys.stdlib_module_names]
+    sources: dict[str, str] = {}
+    for kind in classes:
+        found = _module_sources(kind.__module__)
+        sources.update(found or {f"{kind.__module__}:{kind.__qualname__}": _class_source(kind)})
+    sha = hashlib.sha256(f"lynxsim {__version__}".encode())
+    for name, source in sorted(sources.items()):
+        sha.update(f"\0source {name}\0{source}".encode())
+    for kind in classes:
+        for attribute, value in sorted(vars(kind).items()):
+            for function in _functions(value):
+                sha.update(f"\0code {kind.__qualname__}.{attribute}\0".encode())
+                _hash_code(sha, function.__code__)
+    return sha.hexdigest()[:32]
+
+
+def _module_sources(module: str) -> dict[str, str]:
+    """Source text by module name: of ``module`` and, if it is part of a package, of every module of the package's
+    folder (not its subfolders); empty where no source is on file (``__main__`` of a notebook), or where the module
+    was never imported (a class made by ``exec``: a file of its module's name would be another's code)."""
+    loaded = sys.modules.get(module)
+    if loaded is None:
+        return {}
+    parent = sys.modules.get(loaded.__package__) if loaded.__package__ else None
+    names = [module]
+    if parent is not None and hasattr(parent, "__path__"):
+        names = [parent.__name__, *(f"{parent.__name__}.{info.name}" for info in pkgutil.iter_modules(parent.__path__))]
+    sources = {name: _source(name) for name in sorted(set(names))}
+    return {name: source for name, source in sources.items() if source is not None}
+
+
+def _source(module: str) -> str | None:
+    """A module's source as its loader reads it from disk now (``None`` where it has none), without importing it."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):  # ValueError: a module without a spec (``__main__`` of an interpreter)
+        return None
+    get_source = getattr(spec.loader, "get_source", None) if spec is not None else None
+    try:
+        source: str | None = get_source(module) if get_source is not None else None
+    except (ImportError, OSError):
+        return None
+    return source
+
+
+def _class_source(kind: type) -> str:
+    try:
+        return inspect.getsource(kind)
+    except (OSError, TypeError):  # no source at all: the bytecode alone names the code
+        return ""
+
+
+def _functions(attribute: Any) -> list[types.FunctionType]:
+    """The Python functions behind a class attribute: a method, a static or class method, a property's accessors,
+    each unwrapped from decorators such as ``functools.cache``."""
+    if isinstance(attribute, (staticmethod, classmethod)):
+        attribute = attribute.__func__
+    candidates = [attribute.fget, attribute.fset, attribute.fdel] if isinstance(attribute, property) else [attribute]
+    unwrapped = [inspect.unwrap(c) for c in candidates if callable(c)]
+    return [f for f in unwrapped if isinstance(f, types.FunctionType)]
+
+
+def _hash_code(sha: hashlib._Hash, code: types.CodeType) -> None:
+    """A code object's instructions, the names it uses and its constants (nested functions' code recursively)."""
+    sha.update(code.co_code)
+    sha.update(repr(code.co_names).encode())
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            _hash_code(sha, constant)
+        else:
+            sha.update(_constant_text(constant).encode())
+
+
+def _constant_text(constant: object) -> str:
+    """``repr`` of a code constant, a frozenset's members sorted (their order follows string hashing, which
+    differs between processes)."""
+    if isinstance(constant, frozenset):
+        return "frozenset(" + ", ".join(sorted(_constant_text(c) for c in constant)) + ")"
+    if isinstance(constant, tuple):
+        return "(" + ", ".join(_constant_text(c) for c in constant) + ")"
+    return repr(constant)

@@ -3,10 +3,11 @@
 Building a table routes thousands of batches (DeepSeek-V3 under Lynx: about two minutes), while sampling it
 costs microseconds; sweeps, capacity searches and repeated runs ask for the same tables again and again. A table
 is a pure function of what ``table_key`` hashes: the routing source's configuration and seed, the model, the
-policy and its parameters (after calibration), the placement of experts on ranks, the size grid, the sample count
-and the sampling seed; lynxsim's table format version is hashed too, so a change of format never reads an old
-file. Each table is one ``.npz`` in ``cache_dir()``, written to a temporary file and renamed into place, so a
-crash never leaves a partial table and concurrent runs that build the same table both end with a whole one.
+policy, its parameters (after calibration) and its code (``statistical.code_digest``), the placement of experts
+on ranks, the size grid, the sample count and the sampling seed; lynxsim's table format version is hashed too, so
+a change of format never reads an old file. Each table is one ``.npz`` in ``cache_dir()``, written to a temporary
+file and renamed into place, so a crash never leaves a partial table and concurrent runs that build the same table
+both end with a whole one.
 """
 
 from __future__ import annotations

@@ -2,15 +2,22 @@
 
 A sweep varies config keys of one experiment. Keys of ``grid`` are crossed with each other; each group of ``zip``
 varies its keys together (the i-th values of every key of a group belong to one point) and is crossed with the
-grid and the other groups as one axis; ``repeats`` replicates every point with its own seed. Keys are the same
-key paths as ``--set`` (``workload.arrival.rate_per_s``, ``policies.1.alpha``, ``hardware``), so anything a
-config can say can be swept: policy parameters, rates, batch limits, models, hardware, parallelism.
+grid and the other groups as one axis; ``repeats`` replicates every point, each repeat with its own seed. Keys
+are the same key paths as ``--set`` (``workload.arrival.rate_per_s``, ``policies.1.alpha``, ``hardware``), so
+anything a config can say can be swept: policy parameters, rates, batch limits, models, hardware, parallelism.
 
-Seeds: a point's ``simulation.seed`` is derived from the experiment's seed and the point (``derive_seed``), so
-points are independent draws and reproducible one by one. ``seed: per_repeat`` derives it from the repeat index
-only, so that every point of one repeat sees the same arrivals and router logits (common random numbers: the
-comparison between points is then paired, as it is between the policies of one point). A sweep that lists
-``simulation.seed`` among its keys sets the seeds itself.
+Seeds: a point's ``simulation.seed`` is derived from the experiment's seed (``derive_seed``). By default
+(``seed: per_repeat``) it depends on the repeat index alone, so that every point of one repeat sees the same
+arrivals, request lengths and router logits (common random numbers): points differ only by what is swept, and the
+comparison between them is paired, as it is between the policies of one point. Independent draws per point would
+make noise look like an effect of the swept key (top-k's TPOT wandering over an alpha-only sweep that cannot
+change it). ``seed: per_point`` derives it from the point's values as well: independent draws, each point
+reproducible on its own. A sweep that lists ``simulation.seed`` among its keys sets the seeds itself.
+
+The seed a point gets is part of its config, and so of the config hash that keys stored results
+(``lynxsim.sweep.points.config_hash``; the ``sweep`` section itself is not hashed): a store filled under the
+former default (``per_point``) keeps its runs under their own seeds' hashes, which no paired point matches, so a
+paired sweep runs afresh instead of reading them; ``seed: per_point`` finds them again (its seeds are unchanged).
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 SEED_KEY = "simulation.seed"
 
+SeedMode = Literal["per_point", "per_repeat"]
+"""How a sweep derives its points' seeds (``derive_seed``): ``per_repeat`` pairs the points of a repeat."""
+
 
 class SweepConfig(BaseModel):
     """The ``sweep:`` section of an experiment file."""
@@ -36,11 +46,12 @@ class SweepConfig(BaseModel):
     zip: list[dict[str, list[Any]]] = Field(
         default_factory=list, description="groups of key paths whose value lists have one length and vary together"
     )
-    repeats: int = Field(default=1, ge=1, description="runs of every point, each with its own seed")
-    seed: Literal["per_point", "per_repeat"] = Field(
-        default="per_point",
-        description="per_point: each point's seed derives from the base seed and the point; per_repeat: from the "
-        "base seed and the repeat index only (every point of a repeat shares arrivals and logits)",
+    repeats: int = Field(default=1, ge=1, description="runs of every point, each repeat with its own seed")
+    seed: SeedMode = Field(
+        default="per_repeat",
+        description="per_repeat (default): each point's seed derives from the base seed and the repeat index only, "
+        "so every point of a repeat sees the same requests and router logits (paired points: they differ only by "
+        "the swept keys); per_point: from the base seed and the point's values (independent draws per point)",
     )
 
     @field_validator("grid")
@@ -105,11 +116,12 @@ def expand(sweep: SweepConfig) -> list[SweepPoint]:
     return points
 
 
-def derive_seed(base_seed: int, point: SweepPoint, mode: Literal["per_point", "per_repeat"]) -> int:
-    """The seed of ``point``: a 32-bit draw from a ``SeedSequence`` of the base seed and a hash of the point's
-    values (per_point) or of its repeat index alone (per_repeat). Hashing the canonical JSON of the values makes
-    the seed a property of the point itself, not of its position in the file, so adding a value to an axis
-    leaves the other points' seeds (and results) unchanged."""
+def derive_seed(base_seed: int, point: SweepPoint, mode: SeedMode) -> int:
+    """The seed of ``point``: a 32-bit draw from a ``SeedSequence`` of the base seed and a hash of its repeat
+    index alone (per_repeat: one seed for every point of a repeat, the common random numbers that pair them) or
+    of its repeat index and values (per_point). Either way the seed is a property of the point itself, not of its
+    position in the file, so adding a value to an axis leaves the other points' seeds (and results) unchanged.
+    per_point still gives the seeds it gave when it was the default, so the runs stored then are found again."""
     identity: dict[str, Any] = {"repeat": point.repeat}
     if mode == "per_point":
         identity["values"] = point.values

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -41,7 +42,8 @@ class LocalPool:
         """The live pool, started on first use."""
         if self._executor is None:
             context = multiprocessing.get_context("spawn")
-            self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
+            self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=context,
+                                                 initializer=_leave_interrupts_to_the_driver)
         return self._executor
 
     def discard(self) -> None:
@@ -53,8 +55,20 @@ class LocalPool:
     def __enter__(self) -> LocalPool:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        if kind is not None and issubclass(kind, KeyboardInterrupt) and self._executor is not None:
+            # Ctrl-C: the points under way are abandoned (the store keeps the finished ones), not waited for
+            for process in list(getattr(self._executor, "_processes", {}).values()):
+                process.terminate()
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
         self.discard()
+
+
+def _leave_interrupts_to_the_driver() -> None:
+    """A worker's start: Ctrl-C reaches every process of the terminal's group, and a worker that took it would print
+    its own KeyboardInterrupt traceback; the driver alone handles it (``LocalPool.__exit__``, ``cli.main``)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run_tasks(

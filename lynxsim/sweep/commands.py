@@ -11,11 +11,12 @@ from rich.console import Console
 from rich.table import Table
 
 from lynxsim.errors import InputError
+from lynxsim.plots import run_context
 from lynxsim.sweep.backends import default_workers
 from lynxsim.sweep.driver import SweepReport, run_sweep
 from lynxsim.sweep.figures import DEFAULT_METRICS, sweep_figures
 from lynxsim.sweep.points import load_sweep
-from lynxsim.sweep.store import DATABASE_NAME, ResultsStore
+from lynxsim.sweep.store import DATABASE_NAME, POINTS_DIR, ResultsStore
 
 MAX_PRINTED_ROWS = 200
 """``query`` prints at most this many rows (and says how many it left out)."""
@@ -130,8 +131,8 @@ def plot_sweep(results_dir: Path, metrics: list[str] | None, x_keys: list[str] |
         unknown = [v for v in given or [] if v not in known]
         if unknown:
             raise InputError(name, f"{unknown[0]!r} is not one of {', '.join(map(str, known))}")
-    paths = sweep_figures(
-        results, swept, results_dir / "figures", metrics=tuple(metrics or DEFAULT_METRICS), x_keys=x_keys
-    )
+    context = run_context(*(results_dir / POINTS_DIR / h for h in results["config_hash"].unique()))
+    paths = sweep_figures(results, swept, results_dir / "figures", metrics=tuple(metrics or DEFAULT_METRICS),
+                          x_keys=x_keys, context=context)
     console.print(f"figures: {', '.join(str(p) for p in paths)}")
     return 0

@@ -2,13 +2,16 @@
 
 Three kinds: a metric against a swept key, one line per policy (and per combination of the other swept keys);
 each policy's speed-up over the baseline policy (the first of the experiment) against batch size; and latency
-against routing quality with the Pareto front (lower latency, higher quality). Repeats of a point are averaged,
-with their range as error bars. Each figure's numbers are written beside it as CSV, so a figure can be checked
-or redrawn elsewhere.
+against routing quality with the Pareto front (lower latency, higher quality), each point labelled with its swept
+values. Repeats of a point are averaged, with their range as error bars. Each figure's numbers are written beside
+it as CSV, so a figure can be checked or redrawn elsewhere. Titles, legends, the front and batch axes follow the
+rules of the run figures (lynxsim/plots.py).
 """
 
 from __future__ import annotations
 
+import numbers
+import re
 from pathlib import Path
 
 import matplotlib
@@ -17,11 +20,18 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from lynxsim.plots import batch_axis, draw_front, legend_outside, number_text, save_figure, titled  # noqa: E402
 
 DEFAULT_METRICS = ("tpot_p50_ms", "tpot_p99_ms", "ttft_p99_ms", "output_tokens_per_s")
 BATCH_KEY = "serving.max_num_seqs"
 MAX_LINES = 12
 """Above this many lines in one panel the other swept keys are averaged over instead of drawn apart."""
+MAX_VALUE_TEXT = 40
+"""A swept value longer than this (a whole policy, say) is cut short in legends and point labels."""
+POLICY_KEY = re.compile(r"policies\.(\d+)(\.|$)")
+"""A swept key inside one policy's parameters (``policies.1.alpha``): it says nothing about the other policies."""
 
 
 def sweep_figures(
@@ -33,20 +43,22 @@ def sweep_figures(
     x_keys: list[str] | None = None,
     latency: str = "tpot_p50_ms",
     quality: str = "retained_mass",
+    context: str = "",
 ) -> list[Path]:
-    """Every figure of a sweep's ``results`` view (swept ``keys`` as columns); returns the PNG paths."""
+    """Every figure of a sweep's ``results`` view (swept ``keys`` as columns); returns the PNG paths. ``context``
+    (``lynxsim.plots.run_context`` of the points' run folders) goes into every title."""
     out_dir.mkdir(parents=True, exist_ok=True)
     numeric = [k for k in keys if pd.api.types.is_numeric_dtype(results[k]) and results[k].nunique() > 1]
     paths = []
     for x_key in x_keys if x_keys is not None else numeric:
-        paths.append(metric_vs_key(results, keys, x_key, metrics, out_dir / f"{_file_part(x_key)}.png"))
-    paths.append(speedup_vs_batch(results, keys, latency, out_dir / "speedup_vs_batch.png"))
-    paths.append(latency_vs_quality(results, latency, quality, out_dir / "latency_vs_quality.png"))
+        paths.append(metric_vs_key(results, keys, x_key, metrics, out_dir / f"{_file_part(x_key)}.png", context))
+    paths.append(speedup_vs_batch(results, keys, latency, out_dir / "speedup_vs_batch.png", context))
+    paths.append(latency_vs_quality(results, keys, latency, quality, out_dir / "latency_vs_quality.png", context))
     return paths
 
 
 def metric_vs_key(
-    results: pd.DataFrame, keys: list[str], x_key: str, metrics: tuple[str, ...], path: Path
+    results: pd.DataFrame, keys: list[str], x_key: str, metrics: tuple[str, ...], path: Path, context: str = ""
 ) -> Path:
     """One panel per metric; one line per policy and combination of the other swept keys."""
     others = _line_keys(results, keys, x_key)
@@ -63,12 +75,12 @@ def metric_vs_key(
         ax.set_xlabel(x_key)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"metrics against {x_key}")
+    legend_outside(axes[0][-1], of=axes[0][0], fontsize=7)
+    fig.suptitle(titled(f"metrics against {x_key}", context))
     return _save(fig, table, path)
 
 
-def speedup_vs_batch(results: pd.DataFrame, keys: list[str], latency: str, path: Path) -> Path:
+def speedup_vs_batch(results: pd.DataFrame, keys: list[str], latency: str, path: Path, context: str = "") -> Path:
     """Baseline latency over each policy's latency in the same run (a paired ratio), against the swept batch
     limit when ``serving.max_num_seqs`` is swept, else against the baseline's measured mean decode batch."""
     others = with_baseline(results, [latency, "mean_decode_batch"])
@@ -85,10 +97,10 @@ def speedup_vs_batch(results: pd.DataFrame, keys: list[str], latency: str, path:
     base_label = baselines.iloc[0] if len(baselines) else "baseline"
     ax.set_xlabel("max decode batch (max_num_seqs)" if x_key == BATCH_KEY else f"mean decode batch of {base_label}")
     ax.set_ylabel(f"speed-up over {base_label} ({latency})")
-    ax.set_xscale("log", base=2)
+    ax.set_title(titled("speed-up against batch size", context))
+    batch_axis(ax, table[x_key])
     ax.grid(alpha=0.3)
-    if len(table):
-        ax.legend(fontsize=7)
+    legend_outside(ax, fontsize=7)
     return _save(fig, table, path)
 
 
@@ -102,19 +114,34 @@ def with_baseline(results: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     return others
 
 
-def latency_vs_quality(results: pd.DataFrame, latency: str, quality: str, path: Path) -> Path:
-    """Every run and policy as a point; the Pareto front joins those no other point beats on both axes."""
-    table = results[["config_hash", "policy", latency, quality]].dropna().copy()
+def latency_vs_quality(
+    results: pd.DataFrame, keys: list[str], latency: str, quality: str, path: Path, context: str = ""
+) -> Path:
+    """Every run and policy as a point labelled with its swept values (which point is which); the Pareto front
+    joins those no other point beats on both axes."""
+    varying = [k for k in keys if k in results and results[k].nunique() > 1]
+    table = results[["config_hash", "policy", "policy_position", *varying, latency, quality]]
+    table = table.dropna(subset=[latency, quality]).copy()
+    table["point"] = [
+        _point_label(values, int(position))
+        for values, position in zip(table[varying].to_dict("records"), table["policy_position"], strict=True)
+    ]
     table["pareto"] = pareto_mask(table[quality].to_numpy(), table[latency].to_numpy())
     fig, ax = plt.subplots(figsize=(6, 4))
     for policy, group in table.groupby("policy", sort=False):
         ax.scatter(group[quality], group[latency], s=14, label=str(policy))
-    front = table[table["pareto"]].sort_values(quality)
-    ax.plot(front[quality], front[latency], color="black", linewidth=1, label="Pareto front")
+    # once per distinct point: copies of one result (repeats, a policy that a swept key leaves alone) would
+    # print their label over itself
+    for label, x, y in dict.fromkeys(zip(table["point"], table[quality], table[latency], strict=True)):
+        if label:
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
+    front = table[table["pareto"]]
+    draw_front(ax, front[quality].to_numpy(), front[latency].to_numpy(), color="black")
     ax.set_xlabel(f"{quality} (higher is better)")
     ax.set_ylabel(f"{latency} (lower is better)")
+    ax.set_title(titled("latency against routing quality", context))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    legend_outside(ax, fontsize=7)
     return _save(fig, table, path)
 
 
@@ -143,18 +170,36 @@ def _lines(table: pd.DataFrame, line_keys: list[str]) -> list[tuple[str, pd.Data
     out = []
     for values, line in table.groupby(by, sort=False):
         values = values if isinstance(values, tuple) else (values,)
-        extra = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(line_keys, values[1:], strict=True))
+        extra = ", ".join(_assignment(k, v) for k, v in zip(line_keys, values[1:], strict=True))
         out.append((f"{values[0]} ({extra})" if extra else str(values[0]), line))
     return out
+
+
+def _point_label(values: dict[str, object], policy_position: int) -> str:
+    """The swept values of one policy's point, as "alpha=0.7, rate_per_s=4", leaving out another policy's
+    parameters: a top-k point does not depend on Lynx's alpha, which would only tell its copies apart."""
+    return ", ".join(
+        _assignment(key, value)
+        for key, value in values.items()
+        if (match := POLICY_KEY.match(key)) is None or int(match.group(1)) == policy_position
+    )
+
+
+def _assignment(key: str, value: object) -> str:
+    """A swept key and value as "alpha=0.7": the key's last part, the value as short text."""
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+        text = number_text(float(value))
+    else:
+        text = str(value)
+    text = text if len(text) <= MAX_VALUE_TEXT else text[: MAX_VALUE_TEXT - 3] + "..."
+    return f"{key.rsplit('.', 1)[-1]}={text}"
 
 
 def _file_part(key: str) -> str:
     return "metrics_vs_" + key.replace(".", "_")
 
 
-def _save(fig: plt.Figure, table: pd.DataFrame, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def _save(fig: Figure, table: pd.DataFrame, path: Path) -> Path:
+    save_figure(fig, path)
     table.to_csv(path.with_suffix(".csv"), index=False)
     return path

@@ -175,6 +175,8 @@ class ResultsStore:
         views over the record files of the finished runs (with ``config_hash`` and ``policy_dir`` columns)."""
         if not self.database.exists():
             raise InputError(str(self.folder), f"not a sweep results folder (no {DATABASE_NAME})")
+        if not sql.strip():  # duckdb returns no result at all for it, not an error
+            raise InputError("query", "an SQL statement is needed, e.g. \"SELECT * FROM results\"")
         with self._connect(read_only=True) as db:
             self._record_views(db)
             try:

@@ -7,6 +7,7 @@ up or slowed down (one factor for the whole trace, so its bursts keep their shap
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Annotated, Literal
 
@@ -18,20 +19,28 @@ from lynxsim.workload.traces import RequestTrace, TraceFile, mean_rate_per_s
 
 
 def _renewal_times(
-    draw: Callable[[int], np.ndarray], rate_per_s: float, cv: float, num_requests: int | None, duration_s: float | None
+    draw: Callable[[int], np.ndarray], rate_per_s: float, cv: float, num_requests: int | None, duration_s: float | None,
+    until_s: float | None = None,
 ) -> np.ndarray:
     """Arrival times from 0 of a renewal process whose gaps ``draw(n)`` returns: exactly ``num_requests`` of them,
-    or all that fall before ``duration_s``."""
-    if num_requests is not None:
+    or all that fall before ``duration_s``; with ``until_s`` (the cut-off, after which nothing is served), only
+    those before it. Gaps are drawn in chunks until the times pass the bound: the times are those of one long draw
+    (numpy's generators draw each gap from the stream in turn), so the bound changes how many, never which."""
+    bound = min(b for b in (duration_s, until_s, math.inf) if b is not None)
+    if num_requests is not None and bound == math.inf:
         return np.cumsum(draw(num_requests))
-    assert duration_s is not None
-    expected = rate_per_s * duration_s
-    draws = int(expected + 10.0 * max(cv, 1.0) * np.sqrt(expected) + 16)
-    times = np.cumsum(draw(draws))
-    while times[-1] < duration_s:  # the generous first draw almost never falls short
-        more = np.cumsum(draw(draws)) + times[-1]
-        times = np.concatenate([times, more])
-    return times[times < duration_s]
+    assert num_requests is not None or duration_s is not None
+    most = num_requests if num_requests is not None else None
+    expected = rate_per_s * bound
+    chunk = int(expected + 10.0 * max(cv, 1.0) * np.sqrt(expected) + 16)
+    parts = [np.cumsum(draw(chunk if most is None else min(chunk, most)))]
+    drawn = parts[0].size
+    while parts[-1][-1] < bound and (most is None or drawn < most):  # the generous first chunk almost never falls short
+        size = chunk if most is None else min(chunk, most - drawn)
+        parts.append(np.cumsum(draw(size)) + parts[-1][-1])
+        drawn += size
+    times = np.concatenate(parts)
+    return times[times < bound]
 
 
 class PoissonArrivals(BaseModel):
@@ -42,11 +51,12 @@ class PoissonArrivals(BaseModel):
     kind: Literal["poisson"] = "poisson"
     rate_per_s: float = Field(gt=0, description="mean arrivals per second")
 
-    def times_s(self, rng: np.random.Generator, num_requests: int | None, duration_s: float | None) -> np.ndarray:
-        """Arrival times from 0: exactly ``num_requests`` of them, or all that fall before ``duration_s``."""
-        return _renewal_times(
-            lambda n: rng.exponential(1.0 / self.rate_per_s, size=n), self.rate_per_s, 1.0, num_requests, duration_s
-        )
+    def times_s(self, rng: np.random.Generator, num_requests: int | None, duration_s: float | None,
+                until_s: float | None = None) -> np.ndarray:
+        """Arrival times from 0: exactly ``num_requests`` of them, or all that fall before ``duration_s``; none
+        at or after ``until_s``."""
+        return _renewal_times(lambda n: rng.exponential(1.0 / self.rate_per_s, size=n), self.rate_per_s, 1.0,
+                              num_requests, duration_s, until_s)
 
 
 class GammaArrivals(BaseModel):
@@ -60,12 +70,12 @@ class GammaArrivals(BaseModel):
     rate_per_s: float = Field(gt=0, description="mean arrivals per second")
     cv: float = Field(gt=0, description="coefficient of variation of the inter-arrival times (1 = Poisson)")
 
-    def times_s(self, rng: np.random.Generator, num_requests: int | None, duration_s: float | None) -> np.ndarray:
+    def times_s(self, rng: np.random.Generator, num_requests: int | None, duration_s: float | None,
+                until_s: float | None = None) -> np.ndarray:
         shape = 1.0 / self.cv**2
         scale = self.cv**2 / self.rate_per_s
-        return _renewal_times(
-            lambda n: rng.gamma(shape, scale, size=n), self.rate_per_s, self.cv, num_requests, duration_s
-        )
+        return _renewal_times(lambda n: rng.gamma(shape, scale, size=n), self.rate_per_s, self.cv, num_requests,
+                              duration_s, until_s)
 
 
 class ListArrivals(BaseModel):

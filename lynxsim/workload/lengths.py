@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lynxsim.workload.traces import TraceFile
+from lynxsim.workload.traces import MAX_REQUEST_TOKENS, TraceFile
 
 
 class FixedLength(BaseModel):
@@ -20,7 +20,7 @@ class FixedLength(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: Literal["fixed"] = "fixed"
-    tokens: int = Field(gt=0)
+    tokens: int = Field(gt=0, le=MAX_REQUEST_TOKENS)
 
     def sample(self, rng: np.random.Generator, size: int) -> np.ndarray:
         return np.full(size, self.tokens, dtype=np.int64)
@@ -31,8 +31,8 @@ class UniformLength(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: Literal["uniform"] = "uniform"
-    low_tokens: int = Field(gt=0)
-    high_tokens: int = Field(gt=0)
+    low_tokens: int = Field(gt=0, le=MAX_REQUEST_TOKENS)
+    high_tokens: int = Field(gt=0, le=MAX_REQUEST_TOKENS)
 
     @model_validator(mode="after")
     def _ordered(self) -> UniformLength:
@@ -50,9 +50,9 @@ class LognormalLength(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: Literal["lognormal"] = "lognormal"
-    median_tokens: float = Field(gt=0)
+    median_tokens: float = Field(gt=0, le=MAX_REQUEST_TOKENS)
     sigma: float = Field(ge=0, description="standard deviation of the log-length")
-    max_tokens: int = Field(gt=0)
+    max_tokens: int = Field(gt=0, le=MAX_REQUEST_TOKENS)
 
     def sample(self, rng: np.random.Generator, size: int) -> np.ndarray:
         draws = self.median_tokens * np.exp(self.sigma * rng.standard_normal(size))
@@ -65,7 +65,7 @@ class EmpiricalLength(TraceFile):
 
     kind: Literal["empirical"] = "empirical"
     column: Literal["prompt", "output"] | None = Field(default=None, description="trace column (default: the slot's)")
-    max_tokens: int | None = Field(default=None, gt=0, description="clip longer draws to this")
+    max_tokens: int | None = Field(default=None, gt=0, le=MAX_REQUEST_TOKENS, description="clip longer draws to this")
 
     def sample(
         self, rng: np.random.Generator, size: int, column: Literal["prompt", "output"] | None = None

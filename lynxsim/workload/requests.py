@@ -28,6 +28,7 @@ def generate_requests(
     seed: int,
     num_requests: int | None = None,
     duration_s: float | None = None,
+    until_s: float | None = None,
 ) -> list[RequestSpec]:
     """Draw the requests of one run.
 
@@ -35,7 +36,9 @@ def generate_requests(
     of ``seed``, so changing one leaves the others unchanged. Lengths come from ``paired_lengths`` (whole trace
     rows), or from ``prompt_tokens`` and ``output_tokens``; with ``trace`` arrivals, a length not given is the
     trace's own, row by row. ``num_requests`` and ``duration_s`` bound the arrivals (trace and list arrivals:
-    the first ``num_requests`` and those before ``duration_s``, scaled time; either may be left out).
+    the first ``num_requests`` and those before ``duration_s``, scaled time; either may be left out). Requests
+    that would arrive at or after ``until_s`` (the cut-off: never served) are not drawn at all, so that a run cut
+    off early costs what it serves, not what it was asked to generate; those drawn are the same either way.
     Errors in a trace file are ``InputError``s that name the workload key, the file and the line.
     """
     if paired_lengths is not None and (prompt_tokens is not None or output_tokens is not None):
@@ -60,7 +63,11 @@ def generate_requests(
     else:
         if num_requests is None and duration_s is None:
             raise ValueError(f"{arrival.kind} arrivals need num_requests or duration_s")
-        times_s = arrival.times_s(arrival_rng, num_requests, duration_s)
+        times_s = arrival.times_s(arrival_rng, num_requests, duration_s, until_s)
+    if until_s is not None:
+        kept = np.asarray(times_s) < until_s
+        times_s = np.asarray(times_s)[kept]
+        rows = rows[kept] if rows is not None else None
     count = len(times_s)
 
     if paired_lengths is not None:

@@ -25,6 +25,7 @@ Parsed traces are cached per file (path, size, modification time, format and map
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import warnings
@@ -43,6 +44,10 @@ TimeUnit = Literal["s", "ms", "us", "datetime"]
 
 _UNITS_PER_SECOND = {"s": 1.0, "ms": 1e3, "us": 1e6}
 AZURE_DATETIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+
+MAX_REQUEST_TOKENS = 1 << 24
+"""The longest prompt or output any length source may give (16.8 million tokens, far past every model's context):
+a bound so that a typo (1e22) is refused with its line, not wrapped to a negative 64-bit count."""
 
 
 class TraceNote(UserWarning):
@@ -311,7 +316,12 @@ def _read_csv(path: Path, wanted: dict[str, str]) -> tuple[pd.DataFrame, int]:
         # strings for the time column (exact datetime parsing); blank lines kept so that the index counts lines
         dtypes = {wanted["arrival"]: str} if "arrival" in wanted else None
         # every column is read (not usecols), so that a row with too many fields is an error, not silently cut
-        table = pd.read_csv(path, dtype=dtypes, skip_blank_lines=False, index_col=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)  # pandas cuts a too-long row with a warning
+            table = pd.read_csv(path, dtype=dtypes, skip_blank_lines=False, index_col=False)
+    except pd.errors.ParserWarning:
+        long_row = _first_long_row(path, len(header))
+        raise InputError(f"{path}:{long_row}", f"a row with more fields than the header's {len(header)}") from None
     except (pd.errors.ParserError, ValueError, UnicodeDecodeError) as exc:
         text = str(exc).strip()
         line = re.search(r"line (\d+)", text)
@@ -319,6 +329,15 @@ def _read_csv(path: Path, wanted: dict[str, str]) -> tuple[pd.DataFrame, int]:
     table = table[list(dict.fromkeys(wanted.values()))]
     table = table[table.notna().any(axis=1)]  # blank lines
     return table, 2
+
+
+def _first_long_row(path: Path, fields: int) -> int:
+    """The line number of the first row of a CSV file with more than ``fields`` fields."""
+    with path.open(newline="", encoding="utf-8", errors="replace") as file:
+        for number, row in enumerate(csv.reader(file), start=1):
+            if len(row) > fields:
+                return number
+    return 1
 
 
 def _read_jsonl(path: Path, wanted: dict[str, str]) -> tuple[pd.DataFrame, int]:
@@ -375,6 +394,8 @@ def _lengths(values: pd.Series, column: str, path: Path, lines: np.ndarray, note
     _fail_at(~np.isfinite(numbers), values, column, path, lines, "is not a number", present)
     _fail_at(numbers != np.rint(numbers), values, column, path, lines, "is not a whole number of tokens", present)
     _fail_at(numbers < 0, values, column, path, lines, "is a negative length", present)
+    _fail_at(numbers > MAX_REQUEST_TOKENS, values, column, path, lines,
+             f"is longer than any request can be ({MAX_REQUEST_TOKENS:,} tokens)", present)
     tokens = numbers.astype(np.int64)
     zeros = int(np.count_nonzero(tokens == 0))
     if zeros:
@@ -392,4 +413,6 @@ def _fail_at(
     where = f"{path}:{int(lines[first])}"
     if not present[first]:
         raise InputError(where, f"column {column!r} is empty")
-    raise InputError(where, f"column {column!r}: {values.iloc[first]!r} {problem}")
+    value = values.iloc[first]
+    value = value.item() if isinstance(value, np.generic) else value  # 3, not np.int64(3)
+    raise InputError(where, f"column {column!r}: {value!r} {problem}")
