@@ -349,8 +349,8 @@ def summary_warnings(frame: pd.DataFrame) -> list[str]:
             warnings.append(f"{label}: {int(row['requests_unfinished'])} of {arrived} requests unfinished at the "
                             "cut-off (their latencies are not in the statistics)")
         if row["requests_measured"] == 0:
-            warnings.append(f"{label}: no request measured (simulation.warmup_s covers every finished request): "
-                            "its latencies are empty")
+            warnings.append(f"{label}: no request measured (none arrived after simulation.warmup_s and finished "
+                            "before the end): its latencies are empty")
     return warnings
 
 
@@ -440,9 +440,10 @@ def _check(args: argparse.Namespace, console: Console) -> int:
     tokens = setup.kv_cache_blocks * config.serving.block_size_tokens
     console.print(f"KV cache: {setup.kv_cache_blocks} blocks ({tokens} tokens)")
     console.print(f"requests: {len(setup.requests)}; policies: {', '.join(label for label, _, _ in setup.policies)}")
-    peak_gb = estimate(config, model).peak_bytes / 1e9
-    console.print(f"memory: at most about {peak_gb:.1f} GB (lynxsim.preflight; a run refuses past "
-                  f"{MEMORY_SHARE:.0%} of what the machine has available)")
+    needs = estimate(config, model)
+    took = f"; wall time at most about {needs.wall_s:,.0f} s on a 2-core machine" if needs.wall_s is not None else ""
+    console.print(f"memory: at most about {needs.peak_bytes / 1e9:.1f} GB (lynxsim.preflight; a run refuses past "
+                  f"{MEMORY_SHARE:.0%} of what the machine has available){took}")
     if config.sweep is not None:
         sweep = load_sweep(args.experiment, args.overrides)
         console.print(

@@ -9,8 +9,9 @@ the bottom, each package imports only the types it exchanges.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
 import numpy as np
 
@@ -37,6 +38,60 @@ class RequestSpec:
     arrival_s: float
     prompt_tokens: int
     output_tokens: int
+
+
+class RequestTable(Sequence[RequestSpec]):
+    """A run's requests as four columns, one value per request: a sequence of ``RequestSpec`` made on access. A run
+    holds millions of requests; as Python objects they took 250 bytes and 2.8 us each to make (a million: 2.8 s
+    and 250 MB before the first event), as columns 32 bytes and a few nanoseconds. The engine reads the columns."""
+
+    __slots__ = ("arrival_s", "output_tokens", "prompt_tokens", "request_id")
+
+    def __init__(self, request_id: np.ndarray, arrival_s: np.ndarray, prompt_tokens: np.ndarray,
+                 output_tokens: np.ndarray) -> None:
+        self.request_id = _int_array(request_id, "request_id")
+        self.arrival_s = np.asarray(arrival_s, dtype=np.float64)
+        self.prompt_tokens = _int_array(prompt_tokens, "prompt_tokens")
+        self.output_tokens = _int_array(output_tokens, "output_tokens")
+        sizes = {a.shape for a in (self.request_id, self.arrival_s, self.prompt_tokens, self.output_tokens)}
+        if len(sizes) != 1:
+            raise ValueError(f"request columns of different lengths: {sorted(sizes)}")
+
+    @classmethod
+    def of(cls, requests: Sequence[RequestSpec]) -> RequestTable:
+        """``requests`` as a table (itself if it is one)."""
+        if isinstance(requests, RequestTable):
+            return requests
+        return cls(np.array([r.request_id for r in requests], dtype=np.int64),
+                   np.array([r.arrival_s for r in requests], dtype=np.float64),
+                   np.array([r.prompt_tokens for r in requests], dtype=np.int64),
+                   np.array([r.output_tokens for r in requests], dtype=np.int64))
+
+    def __len__(self) -> int:
+        return int(self.arrival_s.size)
+
+    @overload
+    def __getitem__(self, index: int) -> RequestSpec: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> RequestTable: ...
+
+    def __getitem__(self, index: int | slice) -> RequestSpec | RequestTable:
+        if isinstance(index, slice):
+            return RequestTable(self.request_id[index], self.arrival_s[index], self.prompt_tokens[index],
+                                self.output_tokens[index])
+        return RequestSpec(int(self.request_id[index]), float(self.arrival_s[index]), int(self.prompt_tokens[index]),
+                           int(self.output_tokens[index]))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]  # mutable columns
+
+    def __repr__(self) -> str:
+        return f"RequestTable({len(self)} requests)"
 
 
 def _int_array(values: object, name: str) -> np.ndarray:

@@ -1,6 +1,7 @@
 """What a run will need, estimated from its config before anything is generated: a run that cannot fit in this
 machine's memory is refused with one line naming the key to change, instead of being killed (or swapping for
-hours) after it has drawn millions of requests.
+hours) after it has drawn millions of requests; its wall time, bounded from measured speeds, is shown by
+``lynxsim check`` (a long run is not refused: only the user knows how long is too long).
 
 The estimate is an upper bound built from measured costs per request and per routing scratch slot, not a model of
 the whole run: it is meant to catch the orders of magnitude a typo makes (``num_requests: 1e8``), not to predict a
@@ -18,17 +19,24 @@ from lynxsim.config import ExperimentConfig
 from lynxsim.errors import InputError
 from lynxsim.models import ModelSpec
 from lynxsim.workload.arrivals import GammaArrivals, ListArrivals, PoissonArrivals
+from lynxsim.workload.lengths import FixedLength, LognormalLength, UniformLength
 
 REQUEST_BYTES = 2048
-"""Memory per request and policy held until the run ends: its spec, the engine's rows and its records. Measured
-at about 1.1 KB for two policies on requests of a few tokens (300,000 requests: 480 MB above 100,000 requests'
-peak), doubled for the iteration and layer records that longer requests add."""
+"""Memory per request and policy held until the run ends: its columns, the engine's rows and its records. Measured
+at about 0.9 KB for two policies on requests of a few tokens (300,000 requests: 184 MB above 100,000 requests'
+peak, quickstart with 8-token prompts and 4-token outputs), rounded up to 2 KB a policy for the iteration and
+layer records that longer requests add."""
 BASE_BYTES = 400 * 2**20
 """The interpreter, numpy, numba's compiled engine and the model's tables: a quickstart's peak, rounded up."""
 LOGITS_BYTES = 4
 """float32 router logits: the exact routing's scratch holds one per (layer, token of the largest batch, expert)."""
 MEMORY_SHARE = 0.8
 """The share of the memory available now that a run may plan to use."""
+WALL_S_PER_OUTPUT_TOKEN_LAYER = {"exact": 160e-9, "statistical": 10e-9}
+"""Wall time per output token, MoE layer and policy, the most measured on this project's 2-core machine
+(benchmarks/results/speed_2026-12-06c.md; the Azure conversation trace: 4.09 million output tokens, Mixtral's 32
+layers): exact routing in 160 ns (S1r, 4 replicas: decode batches of about 5 tokens, the slowest per token; one
+instance, S1, takes 28 ns), statistical in 4.7 ns (S1s), rounded up to 10 ns for its table building."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,8 @@ class Estimate:
 
     requests: int | None
     peak_bytes: int
+    wall_s: float | None
+    """At most about this long on a machine like this project's; None where the lengths come from a file."""
 
 
 def estimate(config: ExperimentConfig, model: ModelSpec) -> Estimate:
@@ -49,7 +59,24 @@ def estimate(config: ExperimentConfig, model: ModelSpec) -> Estimate:
         scratch = instances * model.num_moe_layers * config.serving.max_num_batched_tokens * model.num_experts
         scratch *= LOGITS_BYTES
     peak = BASE_BYTES + scratch + (requests or 0) * len(config.policies) * REQUEST_BYTES
-    return Estimate(requests, peak)
+    output_tokens = mean_output_tokens(config)
+    wall_s = None
+    if requests is not None and output_tokens is not None:
+        per_token = WALL_S_PER_OUTPUT_TOKEN_LAYER[config.simulation.routing_mode] * model.num_moe_layers
+        wall_s = requests * output_tokens * len(config.policies) * per_token
+    return Estimate(requests, peak, wall_s)
+
+
+def mean_output_tokens(config: ExperimentConfig) -> float | None:
+    """The mean output length of the experiment's length distribution; None where it comes from a file."""
+    lengths = config.workload.output_tokens
+    if isinstance(lengths, FixedLength):
+        return float(lengths.tokens)
+    if isinstance(lengths, UniformLength):
+        return (lengths.low_tokens + lengths.high_tokens) / 2
+    if isinstance(lengths, LognormalLength):  # a lognormal's mean, clipped lengths at most that
+        return min(lengths.median_tokens * math.exp(min(lengths.sigma**2 / 2, 700.0)), float(lengths.max_tokens))
+    return None
 
 
 def expected_requests(config: ExperimentConfig) -> int | None:

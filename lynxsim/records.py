@@ -37,7 +37,7 @@ def slug(label: str) -> str:
     ``lynx_a``, yet each gets its own folder, and a label can never name a folder outside the run directory."""
     if _SAFE_NAME.fullmatch(label) and len(label) <= 100:
         return label
-    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("._")[:80] or "policy"
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("._-")[:80] or "policy"
     return f"{cleaned}~{hashlib.sha256(label.encode()).hexdigest()[:12]}"
 
 

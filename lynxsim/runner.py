@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from lynxsim import preflight, records
 from lynxsim.config import ExperimentConfig, PluginRoutingConfig, PolicyConfig, ServingConfig
-from lynxsim.datatypes import RequestSpec
+from lynxsim.datatypes import RequestTable
 from lynxsim.engine import BlockPool, KVTransfer, RouterFactory, RoutingStep, Scheduler
 from lynxsim.engine.topk_unions import TopKUnions
 from lynxsim.errors import InputError
@@ -77,7 +77,7 @@ class Setup:
     hardware: HardwareProfile
     cost_model: InstanceCostModel
     kv_cache_blocks: int
-    requests: list[RequestSpec]
+    requests: RequestTable
     routing: RoutingSource
     policies: list[tuple[str, PolicyConfig, Policy]]
     scheduler: SchedulerFactory

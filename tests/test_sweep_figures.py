@@ -10,8 +10,7 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from lynxsim.sweep.figures import speedup_vs_batch, sweep_figures
-from test_plots import (
+from figure_checks import (
     assert_staircase,
     front_line,
     kept_open,
@@ -20,6 +19,7 @@ from test_plots import (
     legends_over_axes,
     titles,
 )
+from lynxsim.sweep.figures import speedup_vs_batch, sweep_figures
 
 CONTEXT = "tiny-sweep: mixtral-8x7b on NVIDIA H200 SXM x1"
 KEYS = ["serving.max_num_seqs", "policies.1.alpha"]

@@ -37,7 +37,14 @@ from typing import Any
 import numpy as np
 
 from lynxsim.datatypes import Selection
-from lynxsim.policies.params import layer_column, num_per_layer, parameter_error, require_layers, scalar_or_per_layer
+from lynxsim.policies.params import (
+    layer_column,
+    num_per_layer,
+    parameter_error,
+    require_layers,
+    scalar_or_per_layer,
+    shown,
+)
 from lynxsim.policies.topk import as_layer_batches, selection_weights, topk_mask, topk_within
 
 _MIN_SUBNORMAL_LOG2 = 1074
@@ -154,7 +161,7 @@ def bin_weights(num_tokens: int) -> np.ndarray:
 
 def _check_alpha(alpha: Any) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"a finite number > 0, got {alpha!r}")
+        raise ValueError(f"a finite number > 0, got {shown(alpha)}")
     return float(alpha)
 
 
@@ -163,8 +170,8 @@ def _check_beta(beta: Any) -> int | None:
         return None
     # beta is the floor of *integer* bins; a fractional floor would create a bin between two integers.
     if isinstance(beta, bool) or not isinstance(beta, Real) or not math.isfinite(beta):
-        raise ValueError(f"a positive integer or None (no floor), got {beta!r}")
+        raise ValueError(f"a positive integer or None (no floor), got {shown(beta)}")
     value = float(beta)
     if value <= 0 or not value.is_integer():
-        raise ValueError(f"a positive integer or None (no floor), got {beta!r}")
+        raise ValueError(f"a positive integer or None (no floor), got {shown(beta)}")
     return int(value)

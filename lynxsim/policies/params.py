@@ -42,7 +42,7 @@ def real(value: Any, *, low: float, low_inclusive: bool, high: float = math.inf,
     if not ok:
         lo = "[" if low_inclusive else "("
         hi = "]" if high_inclusive and math.isfinite(high) else ")"
-        raise ValueError(f"a finite number in {lo}{low:g}, {high:g}{hi}, got {value!r}")
+        raise ValueError(f"a finite number in {lo}{low:g}, {high:g}{hi}, got {shown(value)}")
     return float(value)
 
 
@@ -56,8 +56,14 @@ def positive_int(value: Any) -> int:
         and (isinstance(value, Integral) or float(value).is_integer())
     )
     if not ok:
-        raise ValueError(f"an integer >= 1, got {value!r}")
+        raise ValueError(f"an integer >= 1, got {shown(value)}")
     return int(value)
+
+
+def shown(value: Any) -> str:
+    """``value`` as a message shows it: a numpy scalar (a calibrated or computed parameter) as the Python number it
+    holds, ``0.3`` rather than ``np.float64(0.3)``."""
+    return repr(value.item() if isinstance(value, np.generic) else value)
 
 
 def parameter_error(policy: str, parameter: str, exc: ValueError) -> ValueError:

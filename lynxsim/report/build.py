@@ -22,6 +22,7 @@ from rich.console import Console
 
 from lynxsim.config import apply_override
 from lynxsim.errors import InputError
+from lynxsim.plots import run_context
 from lynxsim.report.agreement import agreement_table, load_published
 from lynxsim.report.figures import FigureData, draw
 from lynxsim.sections.report import ReportSection
@@ -30,7 +31,7 @@ from lynxsim.sweep.backends import LocalPool
 from lynxsim.sweep.driver import SweepReport, run_sweep
 from lynxsim.sweep.execute import RecordsKept
 from lynxsim.sweep.points import Sweep, load_sweep
-from lynxsim.sweep.store import ResultsStore
+from lynxsim.sweep.store import POINTS_DIR, ResultsStore
 
 NEEDS_ITERATIONS = {"latency_vs_experts"}
 MARKDOWN_ROWS = 40
@@ -145,7 +146,8 @@ def _section(
             )
         figure = out / f"{path.stem}.png"
         try:
-            result.table = draw(FigureData(results, iterations, section, labels, quality), figure)
+            context = run_context(*(store_dir / POINTS_DIR / h for h in results["config_hash"].unique()))
+            result.table = draw(FigureData(results, iterations, section, labels, quality), figure, context=context)
             result.figure = figure
         except (ValueError, KeyError) as exc:
             result.error = f"{type(exc).__name__}: {exc}"

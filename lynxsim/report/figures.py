@@ -2,14 +2,18 @@
 
 Each returns the figure's table (what the CSV beside the PNG holds) so that the report can quote its numbers
 in the text and the agreement table. The tables carry one row per line point, with the swept keys' labels.
+Titles, legends, fronts and batch axes follow the drawing rules of every lynxsim figure (lynxsim/plots.py): the
+title is the section's, with the runs it draws (``context``) on a second line; a figure of panels has one
+legend, beside its first row, each line in the same colour in every panel; a front is a staircase.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import matplotlib
 
@@ -17,7 +21,11 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
+from lynxsim.plots import batch_axis, draw_front, legend_outside, save_figure, titled  # noqa: E402
 from lynxsim.sections.report import ReportSection  # noqa: E402
 from lynxsim.sweep.figures import pareto_mask, with_baseline  # noqa: E402
 
@@ -26,6 +34,13 @@ FULL_CHUNK_SHARE = 0.9
 MAX_SCHEDULING_DELAY_S = 5.0
 """A rate counts toward SLO throughput only while the p99 wait to first scheduling stays below this
 (Vidur's capacity criterion, Agrawal et al., MLSys 2024; the same as ``lynxsim capacity``)."""
+PANEL_COLUMNS = 3
+"""A figure of panels (one per ``facet`` value) puts this many side by side, in as many rows as needed."""
+LEGEND_ENTRY_IN = 0.14
+"""Height of one legend entry at font size 6, in inches: speedup_vs_overhead makes its upper panel at least as
+tall as that panel's legend, so that it ends above the lower panel's."""
+LINE_STYLES = ("-", "--", ":", "-.")
+"""experts_vs_batch: one per policy, in the experiment's order (the colour is the line's, the same for each)."""
 
 
 @dataclass(frozen=True)
@@ -44,39 +59,50 @@ class FigureData:
         return self.labels.get(key, {}).get(text, text if len(text) <= 40 else text[:37] + "...")
 
 
-def draw(data: FigureData, path: Path) -> pd.DataFrame:
-    """Draw ``data.section.figure`` into ``path`` (PNG) and its table beside it (CSV); return the table."""
-    table = KINDS[data.section.figure](data, path)
+class DrawFigure(Protocol):
+    def __call__(self, data: FigureData, path: Path, *, context: str = "") -> pd.DataFrame: ...
+
+
+def draw(data: FigureData, path: Path, *, context: str = "") -> pd.DataFrame:
+    """Draw ``data.section.figure`` into ``path`` (PNG) and its table beside it (CSV); return the table.
+    ``context`` (``lynxsim.plots.run_context`` of the sweep's point folders) is the title's second line."""
+    table = KINDS[data.section.figure](data, path, context=context)
     table.to_csv(path.with_suffix(".csv"), index=False)
     return table
 
 
-def experts_vs_batch(data: FigureData, path: Path) -> pd.DataFrame:
+def experts_vs_batch(data: FigureData, path: Path, *, context: str = "") -> pd.DataFrame:
+    """Per facet (a panel each): distinct experts per layer against the decode batch, a colour per line and a
+    line style per policy."""
     section = data.section
     x, facet = _required(section.x, "x"), _required(section.facet, "facet")
     frame = data.results
     table = frame[[facet, *section.lines, x, "policy", "mean_distinct_experts"]].copy()
     table = _labelled(data, table, section.lines, also=[facet])
+    colors = _colors(table["line"])
+    styles = {policy: LINE_STYLES[i % len(LINE_STYLES)] for i, policy in enumerate(dict.fromkeys(table["policy"]))}
     panels = list(dict.fromkeys(table[facet]))
     fig, axes = _panels(len(panels))
     for ax, panel in zip(axes, panels, strict=True):
         part = table[table[facet] == panel]
         for (line_label, policy), line in part.groupby(["line", "policy"], sort=False):
-            style = "-" if policy == part["policy"].iloc[0] else "--"
+            line = line.sort_values(x)
             ax.plot(
-                line[x], line["mean_distinct_experts"], style, marker="o", markersize=3, label=f"{policy}, {line_label}"
+                line[x], line["mean_distinct_experts"], styles[policy], color=colors[line_label], marker="o",
+                markersize=3, label=f"{policy}, {line_label}" if line_label else str(policy),
             )
-        ax.set_xscale("log", base=2)
+        batch_axis(ax, part[x])
         ax.set_title(str(panel))
         ax.set_xlabel("decode batch size")
         ax.set_ylabel("distinct experts per layer")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    _save(fig, path)
+    _legend_beside(axes, fontsize=6)
+    fig.suptitle(titled(section.title, context))
+    save_figure(fig, path)
     return table
 
 
-def latency_vs_experts(data: FigureData, path: Path) -> pd.DataFrame:
+def latency_vs_experts(data: FigureData, path: Path, *, context: str = "") -> pd.DataFrame:
     if data.iterations is None or data.iterations.empty:
         raise ValueError("latency_vs_experts needs the sweep's iteration records")
     facet = _required(data.section.facet, "facet")
@@ -94,19 +120,23 @@ def latency_vs_experts(data: FigureData, path: Path) -> pd.DataFrame:
         .reset_index()
     )
     table = table[table["iterations"] >= 5]
+    # a colour per kind and batch bucket, the same in every panel, in the order of the buckets
+    buckets = sorted(set(zip(table["kind"], table["batch"], strict=True)))
+    colors = _colors(_bucket_label(str(kind), int(batch)) for kind, batch in buckets)
     panels = list(dict.fromkeys(table[facet]))
     fig, axes = _panels(len(panels))
     for ax, panel in zip(axes, panels, strict=True):
         part = table[table[facet] == panel]
         for (kind, batch), line in part.groupby(["kind", "batch"], sort=False):
-            label = f"decode, batch {batch}-{2 * batch - 1}" if kind == "decode" else "with a full prefill chunk"
-            ax.plot(line["experts"], line["latency_ms"], marker="o", markersize=3, label=label)
+            label = _bucket_label(str(kind), int(batch))
+            ax.plot(line["experts"], line["latency_ms"], marker="o", markersize=3, color=colors[label], label=label)
         ax.set_title(str(panel))
         ax.set_xlabel("distinct experts per layer (mean over layers)")
         ax.set_ylabel("iteration latency (ms)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    _save(fig, path)
+    _legend_beside(axes, fontsize=6)
+    fig.suptitle(titled(data.section.title, context))
+    save_figure(fig, path)
     return table
 
 
@@ -120,14 +150,13 @@ def against_baseline(frame: pd.DataFrame) -> pd.DataFrame:
     return others
 
 
-def tpot_table(data: FigureData, path: Path) -> pd.DataFrame:
+def tpot_table(data: FigureData, path: Path, *, context: str = "") -> pd.DataFrame:
     """Per point: each policy's median and mean TPOT and the first policy's over each other policy's."""
     section = data.section
     paired = against_baseline(data.results).rename(columns={"mean_decode_batch": "decode_batch"})
     columns = [*section.lines, "policy", "baseline_tpot_p50_ms", "tpot_p50_ms", "baseline_tpot_mean_ms",
                "tpot_mean_ms", "baseline_decode_batch", "decode_batch", "pure_decode_fraction",
                "median_speedup", "mean_speedup"]
-    base_policy = data.results.loc[data.results["policy_position"] == 0, "policy"]
     rows = _labelled(data, paired[columns], section.lines)
     # horizontal bars: one row per point and policy, its (long) label readable on the left
     fig, ax = plt.subplots(figsize=(8.0, 1.2 + 0.42 * len(rows)))
@@ -138,16 +167,19 @@ def tpot_table(data: FigureData, path: Path) -> pd.DataFrame:
     ax.set_yticks(
         positions, [f"{line} ({policy})" for line, policy in zip(rows["line"], rows["policy"], strict=True)], fontsize=7
     )
-    ax.set_xlabel(f"speed-up over {base_policy.iloc[0] if len(base_policy) else 'baseline'}")
+    ax.set_xlabel(f"speed-up over {_base_policy(data)}")
     low = min(0.95, float(rows[["median_speedup", "mean_speedup"]].min().min()) - 0.05) if len(rows) else 0.9
     ax.set_xlim(low, None)
-    ax.legend(fontsize=7)
+    ax.set_title(titled(section.title, context))
+    legend_outside(ax, fontsize=7)
     ax.grid(alpha=0.3, axis="x")
-    _save(fig, path)
+    save_figure(fig, path)
     return rows
 
 
-def speedup_vs_batch(data: FigureData, path: Path) -> pd.DataFrame:
+def speedup_vs_batch(data: FigureData, path: Path, *, context: str = "") -> pd.DataFrame:
+    """Each policy's median (solid) and mean (dotted, the same colour) TPOT speed-up over the baseline policy of
+    the same run, against the swept batch limit ``x``."""
     section = data.section
     x = _required(section.x, "x")
     others = against_baseline(data.results)
@@ -155,21 +187,25 @@ def speedup_vs_batch(data: FigureData, path: Path) -> pd.DataFrame:
     table = _labelled(data, others[columns], section.lines)
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for (line_label, policy), line in table.groupby(["line", "policy"], sort=False):
-        ax.plot(line[x], line["median_speedup"], marker="o", markersize=3, label=f"{line_label} ({policy}), median")
-        ax.plot(line[x], line["mean_speedup"], ":", marker=".", markersize=3, label=f"{line_label} ({policy}), mean")
+        line = line.sort_values(x)
+        drawn = ax.plot(line[x], line["median_speedup"], marker="o", markersize=3,
+                        label=f"{line_label} ({policy}), median")
+        ax.plot(line[x], line["mean_speedup"], ":", marker=".", markersize=3, color=drawn[0].get_color(),
+                label=f"{line_label} ({policy}), mean")
     ax.axhline(1.0, color="grey", linestyle=":")
-    ax.set_xscale("log", base=2)
+    batch_axis(ax, table[x])
     ax.set_xlabel("maximum decode batch (max_num_seqs)")
-    ax.set_ylabel("TPOT speed-up over top-k")
+    ax.set_ylabel(f"TPOT speed-up over {_base_policy(data)}")
+    ax.set_title(titled(section.title, context))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    _save(fig, path)
+    legend_outside(ax, fontsize=6)
+    save_figure(fig, path)
     return table
 
 
-def speedup_vs_overhead(data: FigureData, path: Path) -> pd.DataFrame:
+def speedup_vs_overhead(data: FigureData, path: Path, *, context: str = "") -> pd.DataFrame:
     """Speed-up against the host overhead per iteration (``x``: a swept key in seconds, drawn in ms), and
-    beside it each policy's median TPOT.
+    under it each policy's median TPOT.
 
     ``diluted_speedup`` is what the speed-up would be if the overhead only added itself to every iteration
     (each request's TPOT then grows by exactly the overhead added): the median TPOTs at the smallest swept
@@ -191,7 +227,10 @@ def speedup_vs_overhead(data: FigureData, path: Path) -> pd.DataFrame:
     diluted = (at_least["baseline_tpot_p50_ms"] + added_ms) / (at_least["tpot_p50_ms"] + added_ms)
     table.insert(table.columns.get_loc("baseline_decode_batch"), "diluted_speedup", diluted)
     base_policy = data.results.loc[data.results["policy_position"] == 0, "policy"].iloc[0]
-    fig, (gain, tpot) = plt.subplots(1, 2, figsize=(11, 4))
+    # one above the other, each legend beside its own panel (side by side, the left one's would cover the right
+    # panel); the upper panel as tall as its legend of three entries a line
+    lines = table.groupby(["line", "policy"], sort=False).ngroups
+    fig, (gain, tpot) = plt.subplots(2, 1, figsize=(7, 2 * max(3.75, 3 * lines * LEGEND_ENTRY_IN + 1.0)))
     for (line_label, policy), line in table.groupby(["line", "policy"], sort=False):
         drawn = gain.plot(line["overhead_ms"], line["median_speedup"], marker="o", markersize=3,
                           label=f"{line_label} ({policy}), median")
@@ -210,12 +249,13 @@ def speedup_vs_overhead(data: FigureData, path: Path) -> pd.DataFrame:
     for ax in (gain, tpot):
         ax.set_xlabel("host (CPU) overhead per iteration (ms)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    _save(fig, path)
+        legend_outside(ax, fontsize=6)
+    fig.suptitle(titled(section.title, context))
+    save_figure(fig, path)
     return table
 
 
-def slo_throughput(data: FigureData, path: Path) -> pd.DataFrame:
+def slo_throughput(data: FigureData, path: Path, *, context: str = "") -> pd.DataFrame:
     """Per facet, policy and SLO: the highest rate meeting it, interpolated at the crossing of the swept rates."""
     section = data.section
     x, facet = _required(section.x, "x"), _required(section.facet, "facet")
@@ -236,6 +276,7 @@ def slo_throughput(data: FigureData, path: Path) -> pd.DataFrame:
         for f, s, r in zip(table[facet], table["slo_tpot_p99_ms"], table["capacity_rate_per_s"], strict=True)
     ]
     table = _labelled(data, table, [facet])
+    colors = _colors(table["policy"])
     panels = list(dict.fromkeys(table[facet]))
     fig, axes = _panels(len(panels))
     for ax, panel in zip(axes, panels, strict=True):
@@ -244,14 +285,17 @@ def slo_throughput(data: FigureData, path: Path) -> pd.DataFrame:
         width = 0.8 / len(policies)
         for i, policy in enumerate(policies):
             rows_of = part[part["policy"] == policy]
-            ax.bar(np.arange(len(rows_of)) + i * width, rows_of["capacity_rate_per_s"], width=width, label=policy)
+            ax.bar(np.arange(len(rows_of)) + i * width, rows_of["capacity_rate_per_s"], width=width,
+                   color=colors[policy], label=policy)
         ticks = np.arange(len(section.slo_tpot_ms)) + 0.4 - width / 2
-        ax.set_xticks(ticks, [f"P99 TPOT <= {s:g} ms" for s in section.slo_tpot_ms])
+        ax.set_xticks(ticks, [f"<= {s:g} ms" for s in section.slo_tpot_ms])  # short: three fit one panel
+        ax.set_xlabel("SLO on P99 TPOT")
         ax.set_ylabel("highest arrival rate meeting it (req/s)")
         ax.set_title(str(panel))
-        ax.legend()
         ax.grid(alpha=0.3, axis="y")
-    _save(fig, path)
+    _legend_beside(axes)
+    fig.suptitle(titled(section.title, context))
+    save_figure(fig, path)
     return table
 
 
@@ -271,7 +315,9 @@ def capacity_at(rates: np.ndarray, tpot_p99_ms: np.ndarray, delay_p99_s: np.ndar
     return float(rates[last] + share * (rates[first_fail] - rates[last]))
 
 
-def policies(data: FigureData, path: Path) -> pd.DataFrame:
+def policies(data: FigureData, path: Path, *, context: str = "") -> pd.DataFrame:
+    """Per facet (a panel each): every policy's median TPOT against its retained top-k probability mass, with
+    the Pareto front (o on it, x off it) drawn as a staircase."""
     section = data.section
     facet = _required(section.facet, "facet")
     frame = data.results
@@ -286,16 +332,23 @@ def policies(data: FigureData, path: Path) -> pd.DataFrame:
     fig, axes = _panels(len(panels))
     for ax, panel in zip(axes, panels, strict=True):
         part = table[table[facet] == panel]
-        front = pareto_mask(part["retained_mass"].to_numpy(), part["tpot_p50_ms"].to_numpy())
+        quality, latency = part["retained_mass"].to_numpy(float), part["tpot_p50_ms"].to_numpy(float)
+        measured = np.isfinite(quality) & np.isfinite(latency)  # a policy without a number is on no front
+        front = np.zeros(len(part), dtype=bool)
+        front[measured] = pareto_mask(quality[measured], latency[measured])
         for (_, row), on_front in zip(part.iterrows(), front, strict=True):
             ax.scatter(row["retained_mass"], row["tpot_p50_ms"], s=30, marker="o" if on_front else "x")
             ax.annotate(str(row["policy"]), (row["retained_mass"], row["tpot_p50_ms"]), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))
-        ax.set_title(f"{panel} (o: on the Pareto front)")
+        if front.any():
+            draw_front(ax, quality[front], latency[front], color="grey", linestyle="--")
+        ax.set_title(str(panel))
         ax.set_xlabel("retained top-k probability mass (higher is better)")
         ax.set_ylabel("median TPOT (ms)")
         ax.grid(alpha=0.3)
-    _save(fig, path)
+    _legend_beside(axes)
+    fig.suptitle(titled(section.title, context))
+    save_figure(fig, path)
     return table
 
 
@@ -316,7 +369,7 @@ def _measured_loss(quality: pd.DataFrame, section: ReportSection, facet: str) ->
                                        "measured_delta_loss_nats", "measured_delta_accuracy_pp"])
 
 
-KINDS: dict[str, Callable[[FigureData, Path], pd.DataFrame]] = {
+KINDS: dict[str, DrawFigure] = {
     "experts_vs_batch": experts_vs_batch,
     "latency_vs_experts": latency_vs_experts,
     "tpot_table": tpot_table,
@@ -337,6 +390,11 @@ def _labelled(data: FigureData, table: pd.DataFrame, keys: list[str], also: list
     return table
 
 
+def _bucket_label(kind: str, batch: int) -> str:
+    """latency_vs_experts: a line's legend entry, from its kind and batch bucket (``_batch_bucket``)."""
+    return f"decode, batch {batch}-{2 * batch - 1}" if kind == "decode" else "with a full prefill chunk"
+
+
 def _batch_bucket(decode_tokens: np.ndarray) -> np.ndarray:
     """Decode batches grouped by powers of two (1, 2-3, 4-7, ...), labelled by the bucket's lower end."""
     return (2 ** np.floor(np.log2(np.maximum(decode_tokens, 1)))).astype(int)
@@ -348,17 +406,41 @@ def _required(value: str | None, name: str) -> str:
     return value
 
 
-def _panels(count: int) -> tuple[plt.Figure, list[plt.Axes]]:
-    columns = min(count, 3)
+def _base_policy(data: FigureData) -> str:
+    """The baseline policy's label (the experiment's first policy), that speed-ups are over."""
+    base = data.results.loc[data.results["policy_position"] == 0, "policy"]
+    return str(base.iloc[0]) if len(base) else "baseline"
+
+
+def _colors(labels: Iterable[str]) -> dict[str, str]:
+    """A colour per distinct label, in order of appearance: a line keeps its colour in every panel of a figure,
+    which has one legend for all of them (``_legend_beside``)."""
+    return {label: f"C{i % 10}" for i, label in enumerate(dict.fromkeys(labels))}
+
+
+def _legend_beside(axes: list[Axes], *, fontsize: float | str | None = None) -> None:
+    """One legend for all panels, right of the first row's last panel (``legend_outside``): a legend beside each
+    panel would cover the next one. It lists every panel's entries once, in the order of the panel with the most;
+    a line that panel lacks is entered by an empty copy of it (no data) added to that panel."""
+    holder = axes[min(len(axes), PANEL_COLUMNS) - 1]
+    source = max(axes, key=lambda ax: len(set(ax.get_legend_handles_labels()[1])))
+    entered = set(source.get_legend_handles_labels()[1])
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            if label not in entered and isinstance(handle, Line2D):
+                entry = Line2D([], [])
+                entry.update_from(handle)
+                entry.set_label(label)
+                source.add_line(entry)
+                entered.add(label)
+    legend_outside(holder, of=source, fontsize=fontsize)
+
+
+def _panels(count: int) -> tuple[Figure, list[Axes]]:
+    columns = min(count, PANEL_COLUMNS)
     rows = -(-count // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.6 * rows), squeeze=False)
     flat = list(axes.flat)
     for ax in flat[count:]:
         ax.set_visible(False)
     return fig, flat[:count]
-
-
-def _save(fig: plt.Figure, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

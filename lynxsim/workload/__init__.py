@@ -1,6 +1,6 @@
 """Workloads: when requests arrive and how long their prompts and outputs are."""
 
-from lynxsim.datatypes import RequestSpec
+from lynxsim.datatypes import RequestSpec, RequestTable
 from lynxsim.workload.arrivals import ArrivalProcess, GammaArrivals, ListArrivals, PoissonArrivals, TraceArrivals
 from lynxsim.workload.lengths import (
     EmpiricalLength,
@@ -33,6 +33,7 @@ __all__ = [
     "PairedLengths",
     "PoissonArrivals",
     "RequestSpec",
+    "RequestTable",
     "RequestTrace",
     "TraceArrivals",
     "TraceColumns",

@@ -7,7 +7,7 @@ from typing import Literal, TypeVar
 
 import numpy as np
 
-from lynxsim.datatypes import RequestSpec
+from lynxsim.datatypes import RequestTable
 from lynxsim.errors import InputError
 from lynxsim.workload.arrivals import GammaArrivals, ListArrivals, PoissonArrivals, TraceArrivals
 from lynxsim.workload.lengths import EmpiricalLength, FixedLength, LognormalLength, PairedLengths, UniformLength
@@ -29,7 +29,7 @@ def generate_requests(
     num_requests: int | None = None,
     duration_s: float | None = None,
     until_s: float | None = None,
-) -> list[RequestSpec]:
+) -> RequestTable:
     """Draw the requests of one run.
 
     Arrival times, prompt lengths, output lengths and paired (prompt, output) rows each use their own child stream
@@ -76,12 +76,7 @@ def generate_requests(
     else:
         prompts = _slot(prompt_tokens, "prompt", prompt_rng, count, trace, rows)
         outputs = _slot(output_tokens, "output", output_rng, count, trace, rows)
-    return [
-        RequestSpec(request_id=i, arrival_s=t, prompt_tokens=p, output_tokens=o)
-        for i, (t, p, o) in enumerate(
-            zip(np.asarray(times_s, dtype=float).tolist(), prompts.tolist(), outputs.tolist(), strict=True)
-        )
-    ]
+    return RequestTable(np.arange(count, dtype=np.int64), np.asarray(times_s, dtype=float), prompts, outputs)
 
 
 def _slot(

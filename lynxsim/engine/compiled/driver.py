@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from lynxsim.datatypes import RequestSpec
+from lynxsim.datatypes import RequestSpec, RequestTable
 from lynxsim.engine.compiled import kernel as k
 from lynxsim.engine.compiled.instance import CompiledInstance
 from lynxsim.engine.routing_step import RoutingStep
@@ -127,14 +127,12 @@ def simulate(
     """Serve ``specs`` on one co-located instance with ``scheduler``'s limits (a fresh scheduler: its pool
     full, nothing queued), priced by ``cost_model`` and routed by ``step``, until every request is done or
     ``cutoff_s``."""
-    n = len(specs)
+    table = RequestTable.of(specs)
+    n = len(table)
     instance = CompiledInstance(scheduler, cost_model, step, num_moe_layers, n, cutoff_s=cutoff_s,
                                 progress_every=PROGRESS_EVERY_REQUESTS if on_arrivals is not None else 0)
-    arrivals = np.array([spec.arrival_s for spec in specs], dtype=float)
-    instance.push(np.arange(n), np.array([spec.request_id for spec in specs], dtype=np.int64), arrivals, arrivals,
-                  np.array([spec.prompt_tokens for spec in specs], dtype=np.int64),
-                  np.array([spec.output_tokens for spec in specs], dtype=np.int64),
-                  arrival_rejections(specs, scheduler))
+    instance.push(np.arange(n), table.request_id, table.arrival_s, table.arrival_s, table.prompt_tokens,
+                  table.output_tokens, arrival_rejections(table, scheduler))
     if on_arrivals is not None:
         on_arrivals(0)
     instance.advance(math.inf, on_progress=on_arrivals)
@@ -145,7 +143,7 @@ def simulate(
     rows = np.arange(arrived)
     status = instance.req_i[rows, k.R_STATUS]
     on_instance = np.where((status == k.ST_REJECTED_KV) | (status == k.ST_REJECTED_BATCH), -1, 0)
-    requests = request_records([instance], np.zeros(arrived, dtype=np.int64), rows, specs[:arrived], on_instance,
+    requests = request_records([instance], np.zeros(arrived, dtype=np.int64), rows, table[:arrived], on_instance,
                                on_instance, status)
     return CompiledRun(requests, [instance.log()], float(instance.clock[k.C_END]))
 
@@ -155,8 +153,9 @@ def arrival_rejections(specs: Sequence[RequestSpec], entry: Scheduler, decode: S
     the first reason that applies), else ``ST_NONE``. An instance caches a request's prompt and every output token
     but the last; with ``decode`` (disaggregated serving) the ``entry`` (prefill) instances hold only the prompt.
     The instances of a pool have the same limits, so a request fits all of a pool or none of it."""
-    prompts = np.array([spec.prompt_tokens for spec in specs], dtype=np.int64)
-    most_tokens = prompts + np.array([spec.output_tokens for spec in specs], dtype=np.int64) - 1
+    table = RequestTable.of(specs)
+    prompts = table.prompt_tokens
+    most_tokens = prompts + table.output_tokens - 1
     if decode is None:
         codes = entry.rejection_codes(most_tokens)
     else:
@@ -173,7 +172,8 @@ def request_records(
     """The records of ``specs``, whose counters and times are row ``rows[j]`` of instance ``homes[j]`` (where
     each ended up; -1: none, a request rejected on arrival), as ``metrics.request_table`` makes them;
     ``status`` codes named by ``STATUS_NAMES`` and ``status_names``."""
-    count = len(specs)
+    table = RequestTable.of(specs)
+    count = len(table)
     req_i = np.zeros((count, k.REQUEST_INTS), dtype=np.int64)
     req_f = np.full((count, k.REQUEST_FLOATS), np.nan)
     for home, source in enumerate(instances):
@@ -183,10 +183,8 @@ def request_records(
     names_by_code = {**STATUS_NAMES, **(status_names or {})}
     names = np.array([names_by_code.get(code, "") for code in range(max(names_by_code) + 1)], dtype=object)
     return request_table(
-        request_id=np.array([spec.request_id for spec in specs], dtype=np.int64),
-        arrival_s=np.array([spec.arrival_s for spec in specs], dtype=float),
-        prompt_tokens=np.array([spec.prompt_tokens for spec in specs], dtype=np.int64),
-        output_tokens=np.array([spec.output_tokens for spec in specs], dtype=np.int64),
+        request_id=table.request_id, arrival_s=table.arrival_s, prompt_tokens=table.prompt_tokens,
+        output_tokens=table.output_tokens,
         generated_tokens=req_i[:, k.R_GENERATED], first_scheduled_s=req_f[:, k.RF_SCHEDULED],
         first_token_s=req_f[:, k.RF_FIRST_TOKEN], finish_s=req_f[:, k.RF_FINISH],
         preemptions=req_i[:, k.R_PREEMPTIONS], instance=instance, decode_instance=decode_instance,

@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from lynxsim.datatypes import RequestSpec
+from lynxsim.datatypes import RequestSpec, RequestTable
 from lynxsim.engine.compiled import kernel as k
 from lynxsim.engine.compiled.driver import (
     PROGRESS_EVERY_REQUESTS,
@@ -90,7 +90,7 @@ class _Cluster:
         make_router: Callable[[], RequestRouter], transfer: KVTransfer | None,
         on_arrivals: Callable[[int], None] | None,
     ) -> None:
-        self.specs = specs
+        self.specs = RequestTable.of(specs)
         self.cutoff_s = math.inf if cutoff_s is None else float(cutoff_s)
         self.disaggregated = "prefill" in roles
         if self.disaggregated and transfer is None:
@@ -103,7 +103,7 @@ class _Cluster:
         self.entry_router, self.decode_router = make_router(), make_router()
         self.on_arrivals = on_arrivals
         n = len(specs)
-        self.rejections = arrival_rejections(specs, self.entry[0].scheduler,
+        self.rejections = arrival_rejections(self.specs, self.entry[0].scheduler,
                                              self.decode[0].scheduler if self.disaggregated else None)
         self.homes = np.full(n, -1, dtype=np.int64)  # the instance holding each request's record (-1: none)
         self.home_rows = np.zeros(n, dtype=np.int64)
@@ -120,8 +120,8 @@ class _Cluster:
     # ----- messages -----
 
     def _next_arrival_s(self) -> float:
-        if self.arrived < len(self.specs) and self.specs[self.arrived].arrival_s < self.cutoff_s:
-            return self.specs[self.arrived].arrival_s
+        if self.arrived < len(self.specs) and self.specs.arrival_s[self.arrived] < self.cutoff_s:
+            return float(self.specs.arrival_s[self.arrived])
         return math.inf
 
     def _route_arrival(self) -> None:
