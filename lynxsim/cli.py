@@ -33,7 +33,7 @@ from lynxsim.hardware import hardware_names, load_hardware
 from lynxsim.models import catalog_summary
 from lynxsim.plots import load_run, run_context, write_run_figures
 from lynxsim.plugins import REGISTRIES
-from lynxsim.preflight import MEMORY_SHARE, estimate
+from lynxsim.preflight import MEMORY_SHARE, estimate, wall_time_s
 from lynxsim.quality.commands import add_quality_parser
 from lynxsim.records import PARTIAL_SUFFIX
 from lynxsim.report.commands import add_report_parser
@@ -440,10 +440,9 @@ def _check(args: argparse.Namespace, console: Console) -> int:
     tokens = setup.kv_cache_blocks * config.serving.block_size_tokens
     console.print(f"KV cache: {setup.kv_cache_blocks} blocks ({tokens} tokens)")
     console.print(f"requests: {len(setup.requests)}; policies: {', '.join(label for label, _, _ in setup.policies)}")
-    needs = estimate(config, model)
-    took = f"; wall time at most about {needs.wall_s:,.0f} s on a 2-core machine" if needs.wall_s is not None else ""
-    console.print(f"memory: at most about {needs.peak_bytes / 1e9:.1f} GB (lynxsim.preflight; a run refuses past "
-                  f"{MEMORY_SHARE:.0%} of what the machine has available){took}")
+    console.print(f"at most about {estimate(config, model).peak_bytes / 1e9:.1f} GB of memory and "
+                  f"{wall_time_s(config, model, setup.requests):,.0f} s to simulate (lynxsim.preflight; a run is "
+                  f"refused past {MEMORY_SHARE:.0%} of the memory available or simulation.max_wall_s)")
     if config.sweep is not None:
         sweep = load_sweep(args.experiment, args.overrides)
         console.print(

@@ -6,7 +6,6 @@ error names the key path and the YAML line it came from (``quickstart.yaml:14: w
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from lynxsim.sections.report import ReportSection
 from lynxsim.sections.sweep import SweepConfig
 from lynxsim.workload.arrivals import ArrivalProcess, TraceArrivals
 from lynxsim.workload.lengths import EmpiricalLength, LengthDistribution, PairedLengths
-from lynxsim.yaml_input import error_message, read_yaml_mapping_with_nodes
+from lynxsim.yaml_input import error_message, number_problem, read_yaml_mapping_with_nodes
 
 SHORTHAND_KEYS = {"model": "name", "hardware": "profile"}
 """Top-level sections that may be written as one string, and the key that string stands for
@@ -411,6 +410,8 @@ class PolicyConfig(BaseModel):
 class SimulationConfig(_Section):
     """How long to simulate and what to leave out of the statistics."""
 
+    omitted_when_default = ("max_wall_s",)
+
     seed: int = Field(default=0, ge=0)
     num_requests: int | None = Field(
         default=None, gt=0, le=10**8, description="requests to generate (trace and list arrivals: at most the first N)"
@@ -429,6 +430,12 @@ class SimulationConfig(_Section):
         default=DEFAULT_SAMPLES,
         gt=0,
         description="statistical mode: batches tabulated per batch size (exact mode ignores it)",
+    )
+    max_wall_s: float = Field(
+        default=86400.0,
+        gt=0,
+        description="refuse a run whose simulation may take longer than this many seconds (lynxsim.preflight's "
+        "upper bound from measured speeds): a typo in a request count is stopped at once, not after a day",
     )
     statistical_cache: bool = Field(
         default=True,
@@ -590,36 +597,13 @@ def validate_experiment(
     except ValidationError as exc:
         error = exc.errors()[0]
         raise InputError(origin.where(tuple(error["loc"])), error_message(error)) from None
-    problem = _number_problem(raw, config.model_dump(mode="python"), ())
+    problem = number_problem(raw, config.model_dump(mode="python"))
     if problem is not None:
         raise InputError(origin.where(problem[0]), problem[1])
     config._origin = origin
     if base_dir is not None:
         config = _paths_relative_to(config, base_dir)
     return config
-
-
-def _number_problem(raw: Any, validated: Any, loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], str] | None:
-    """The first number of the validated experiment that no run can use, and why: a NaN or an infinity (no key
-    takes one: an unbounded limit is written by leaving the key out or as null; pydantic reads ".inf", "inf" and
-    "nan" as floats), or a number given as true/false (pydantic reads a boolean as 1 or 0). Checked on every key,
-    plug-in parameters and sweep values included, by walking the validated values beside what the user wrote."""
-    if isinstance(validated, float) and not math.isfinite(validated):
-        return loc, f"{validated} is not a finite number (leave the key out, or null, for no limit)"
-    if isinstance(raw, bool) and isinstance(validated, (int, float)) and not isinstance(validated, bool):
-        return loc, f"a number is needed, not {str(raw).lower()}"
-    if isinstance(validated, dict):
-        for key, value in validated.items():
-            found = _number_problem(raw.get(key) if isinstance(raw, dict) else None, value, (*loc, key))
-            if found is not None:
-                return found
-    elif isinstance(validated, (list, tuple)):
-        for index, value in enumerate(validated):
-            inner = raw[index] if isinstance(raw, list) and index < len(raw) else None
-            found = _number_problem(inner, value, (*loc, index))
-            if found is not None:
-                return found
-    return None
 
 
 def _override_of(key_path: str, overrides: list[str]) -> str | None:

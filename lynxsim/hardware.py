@@ -18,11 +18,11 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lynxsim.errors import InputError
 from lynxsim.interconnect import CollectiveCost, CollectiveTable
-from lynxsim.yaml_input import read_yaml_mapping, validation_problem
+from lynxsim.yaml_input import read_yaml_mapping, validated
 
 # The H200 SXM's measured sustained bandwidth over its datasheet bandwidth: a large device-to-device copy on a
 # real H200 moved 4.22e12 B/s counting bytes read plus written, against 4.8e12 B/s on the datasheet. Profiles
@@ -343,11 +343,7 @@ def hardware_names() -> list[str]:
 
 def _read_profile(path: Path) -> HardwareProfile:
     data = _merge_table_files(read_yaml_mapping(path, "hardware profile"), path)
-    try:
-        return HardwareProfile.model_validate(data)
-    except ValidationError as exc:
-        key_path, problem = validation_problem(exc)
-        raise InputError(f"{path}: {key_path}", problem) from None
+    return validated(HardwareProfile, data, str(path))
 
 
 def _merge_table_files(data: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -384,11 +380,7 @@ def _table_file(path: Path, mtime_ns: int, size: int, shown: str) -> tuple[dict[
     of the file (its modification time and size are part of the key): loading the H200 profile, its 15 files
     parsed, took 22 ms, paid by every run and every sweep point; 2 ms with the files' tables remembered. Callers
     only read what it returns. ``shown``: the file as the profile names it, for messages."""
-    try:
-        table_file = TableFile.model_validate(read_yaml_mapping(shown, "kernel table file"))
-    except ValidationError as exc:
-        key_path, problem = validation_problem(exc)
-        raise InputError(f"{shown}: {key_path}", problem) from None
+    table_file = validated(TableFile, read_yaml_mapping(shown, "kernel table file"), shown)
     tables = {name: table.model_dump() for name, table in table_file.tables.items()}
     return tables, table_file.metadata.model_dump()
 

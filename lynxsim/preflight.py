@@ -1,7 +1,7 @@
 """What a run will need, estimated from its config before anything is generated: a run that cannot fit in this
 machine's memory is refused with one line naming the key to change, instead of being killed (or swapping for
-hours) after it has drawn millions of requests; its wall time, bounded from measured speeds, is shown by
-``lynxsim check`` (a long run is not refused: only the user knows how long is too long).
+hours) after it has drawn millions of requests; and one whose simulation may take longer than
+``simulation.max_wall_s`` (a day by default), bounded from measured speeds once its requests are drawn, likewise.
 
 The estimate is an upper bound built from measured costs per request and per routing scratch slot, not a model of
 the whole run: it is meant to catch the orders of magnitude a typo makes (``num_requests: 1e8``), not to predict a
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lynxsim.config import ExperimentConfig
+from lynxsim.datatypes import RequestTable
 from lynxsim.errors import InputError
 from lynxsim.models import ModelSpec
 from lynxsim.workload.arrivals import GammaArrivals, ListArrivals, PoissonArrivals
-from lynxsim.workload.lengths import FixedLength, LognormalLength, UniformLength
 
 REQUEST_BYTES = 2048
 """Memory per request and policy held until the run ends: its columns, the engine's rows and its records. Measured
@@ -45,8 +45,6 @@ class Estimate:
 
     requests: int | None
     peak_bytes: int
-    wall_s: float | None
-    """At most about this long on a machine like this project's; None where the lengths come from a file."""
 
 
 def estimate(config: ExperimentConfig, model: ModelSpec) -> Estimate:
@@ -59,24 +57,27 @@ def estimate(config: ExperimentConfig, model: ModelSpec) -> Estimate:
         scratch = instances * model.num_moe_layers * config.serving.max_num_batched_tokens * model.num_experts
         scratch *= LOGITS_BYTES
     peak = BASE_BYTES + scratch + (requests or 0) * len(config.policies) * REQUEST_BYTES
-    output_tokens = mean_output_tokens(config)
-    wall_s = None
-    if requests is not None and output_tokens is not None:
-        per_token = WALL_S_PER_OUTPUT_TOKEN_LAYER[config.simulation.routing_mode] * model.num_moe_layers
-        wall_s = requests * output_tokens * len(config.policies) * per_token
-    return Estimate(requests, peak, wall_s)
+    return Estimate(requests, peak)
 
 
-def mean_output_tokens(config: ExperimentConfig) -> float | None:
-    """The mean output length of the experiment's length distribution; None where it comes from a file."""
-    lengths = config.workload.output_tokens
-    if isinstance(lengths, FixedLength):
-        return float(lengths.tokens)
-    if isinstance(lengths, UniformLength):
-        return (lengths.low_tokens + lengths.high_tokens) / 2
-    if isinstance(lengths, LognormalLength):  # a lognormal's mean, clipped lengths at most that
-        return min(lengths.median_tokens * math.exp(min(lengths.sigma**2 / 2, 700.0)), float(lengths.max_tokens))
-    return None
+def wall_time_s(config: ExperimentConfig, model: ModelSpec, requests: RequestTable) -> float:
+    """An upper bound of the simulation's wall time: every output token of ``requests``, in every MoE layer, for
+    every policy, at the slowest measured speed of the routing mode (``WALL_S_PER_OUTPUT_TOKEN_LAYER``)."""
+    per_token_s = WALL_S_PER_OUTPUT_TOKEN_LAYER[config.simulation.routing_mode] * model.num_moe_layers
+    return float(requests.output_tokens.sum()) * len(config.policies) * per_token_s
+
+
+def check_wall_time(config: ExperimentConfig, model: ModelSpec, requests: RequestTable) -> float:
+    """``wall_time_s``, refused (``InputError``) past ``simulation.max_wall_s``: once the requests are drawn (as
+    columns, a second for ten million), their output tokens are known, whatever their source."""
+    wall_s = wall_time_s(config, model, requests)
+    limit_s = config.simulation.max_wall_s
+    if wall_s > limit_s:
+        key = "simulation.num_requests" if config.simulation.num_requests is not None else "simulation.duration_s"
+        raise InputError(key, f"{len(requests):,} requests ({int(requests.output_tokens.sum()):,} output tokens) may "
+                         f"take up to {wall_s / 3600:,.1f} h to simulate, past simulation.max_wall_s "
+                         f"({limit_s / 3600:,.1f} h): draw fewer, stop earlier (cutoff_s), or raise max_wall_s")
+    return wall_s
 
 
 def expected_requests(config: ExperimentConfig) -> int | None:

@@ -19,7 +19,6 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import pandas as pd
-from pydantic import ValidationError
 
 from lynxsim import preflight, records
 from lynxsim.config import ExperimentConfig, PluginRoutingConfig, PolicyConfig, ServingConfig
@@ -46,6 +45,7 @@ from lynxsim.routing.statistical import (
 )
 from lynxsim.routing.table_cache import cached_table
 from lynxsim.workload import generate_requests
+from lynxsim.yaml_input import validated
 
 T = TypeVar("T")
 
@@ -131,12 +131,7 @@ def resolve_model(config: ExperimentConfig) -> ModelSpec:
         spec = model_from_hf_config(section.hf_config)
     if not section.overrides:
         return spec
-    try:
-        return ModelSpec.model_validate({**spec.model_dump(), **section.overrides})
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        where = ".".join(["model.overrides", *(str(part) for part in error["loc"])])
-        raise InputError(where, str(error["msg"]).removeprefix("Value error, ")) from None
+    return validated(ModelSpec, {**spec.model_dump(), **section.overrides}, "model.overrides")
 
 
 def resolve_hardware(config: ExperimentConfig) -> HardwareProfile:
@@ -262,6 +257,7 @@ def _prepare(config: ExperimentConfig) -> Setup:
         duration_s=sim.duration_s,
         until_s=sim.cutoff_s,
     )
+    preflight.check_wall_time(config, model, requests)
     routing = build_routing(config, model)
     policies = prepare_policies(config, model, routing)
     setup = Setup(

@@ -7,14 +7,17 @@ tell it, and the key path, never as a traceback.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from lynxsim.errors import InputError
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 _BASE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 """libyaml's safe loader where PyYAML was built with it: the same data and error marks, about ten times faster
@@ -74,6 +77,44 @@ def _parse(path: Path, what: str, *, compose: bool = False) -> tuple[dict[str, A
     if not isinstance(data, dict):
         raise InputError(str(path), f"a {what} must be a mapping of keys to values, not {type(data).__name__}")
     return data, node
+
+
+def number_problem(raw: Any, validated: Any, loc: tuple[Any, ...] = ()) -> tuple[tuple[Any, ...], str] | None:
+    """The first number of validated data (``validated``: its ``model_dump``) that no user file may give, with its
+    location and why: a NaN or an infinity (no key of an experiment, profile, model or table takes one: an unbounded
+    limit is written by leaving the key out or as null; pydantic reads ".inf", "inf" and "nan" as floats), or a
+    number given as true/false (pydantic reads a boolean as 1 or 0). Every key is checked, plug-in parameters and
+    sweep values included, by walking the validated values beside what the user wrote (``raw``)."""
+    if isinstance(validated, float) and not math.isfinite(validated):
+        return loc, f"{validated} is not a finite number (leave the key out, or null, for no limit)"
+    if isinstance(raw, bool) and isinstance(validated, (int, float)) and not isinstance(validated, bool):
+        return loc, f"a number is needed, not {str(raw).lower()}"
+    if isinstance(validated, dict):
+        for key, value in validated.items():
+            found = number_problem(raw.get(key) if isinstance(raw, dict) else None, value, (*loc, key))
+            if found is not None:
+                return found
+    elif isinstance(validated, (list, tuple)):
+        for index, value in enumerate(validated):
+            inner = raw[index] if isinstance(raw, list) and index < len(raw) else None
+            found = number_problem(inner, value, (*loc, index))
+            if found is not None:
+                return found
+    return None
+
+
+def validated(model: type[ModelT], data: Any, where: str) -> ModelT:
+    """``model.model_validate(data)``, every problem (pydantic's, or a number ``number_problem`` refuses) an
+    ``InputError`` at ``where`` (a file) and the key path: the one way a user's data file is validated."""
+    try:
+        value = model.model_validate(data)
+    except ValidationError as exc:
+        key_path, problem = validation_problem(exc)
+        raise InputError(f"{where}: {key_path}", problem) from None
+    found = number_problem(data, value.model_dump(mode="python"))
+    if found is not None:
+        raise InputError(f"{where}: {loc_path(found[0])}", found[1])
+    return value
 
 
 def loc_path(loc: tuple[Any, ...]) -> str:

@@ -10,9 +10,12 @@ Classes of input, each generated from a table or a hypothesis strategy:
   lists, mappings), and edge values whose outcome depends on the key (0, -1, huge numbers, null, empty text);
 * random key paths and values (hypothesis), existing keys and invented ones;
 * malformed experiment files (empty, not a mapping, binary, not UTF-8, duplicate keys, broken YAML, deep nesting);
-* malformed request traces and Hugging Face model configs;
+* malformed request traces and Hugging Face model configs, hardware profile files and model overrides holding
+  numbers no key takes;
 * hostile paths (output under a file, a file as output, /proc, a folder that is not a run directory, a missing or
   folder experiment path, plot of a partial or corrupt run directory) and command-line syntax errors;
+* every other command (routing fit/compare/import-flame/evidence, query, report, plot, calibrate, validate,
+  quality, sweep, the listings) given missing, empty or corrupt files and folders;
 * policy labels that are not folder names (run end to end: distinct folders, records readable).
 
 The fast part runs in every test run (its size is checked: at least 200 inputs); ``LYNXSIM_FUZZ=slow`` adds many
@@ -317,6 +320,88 @@ def test_plot_refuses_partial_and_corrupt_run_directories(tmp_path: Path, capsys
     assert outcome(["plot", str(tmp_path / "nowhere")], capsys)[0] == 2
 
 
+# ----- the other commands ---------------------------------------------------------------------------------------
+
+def _other_files(tmp_path: Path) -> None:
+    (tmp_path / "bad.npz").write_bytes(b"not an npz file")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "flame").mkdir()
+    (tmp_path / "flame" / "layer00.csv").write_text("token,expert\nx,y\n")
+    (tmp_path / "profile.yaml").write_text("params: {seed: .nan}\n")
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "sweep.duckdb").write_bytes(b"not a database")
+
+
+OTHER_COMMANDS = (
+    ["routing", "fit", "missing.npz", "--out", "p.yaml"],
+    ["routing", "fit", "bad.npz", "--out", "p.yaml"],
+    ["routing", "fit", "empty", "--out", "p.yaml"],
+    ["routing", "fit", "flame", "--out", "p.yaml"],
+    ["routing", "fit", "bad.npz", "--out", "p.yaml", "--top-k", "0"],
+    ["routing", "compare", "bad.npz", "--profile", "flame-moe-290m"],
+    ["routing", "compare", "empty", "--profile", "no-such-profile"],
+    ["routing", "compare", "flame", "--profile", "profile.yaml"],
+    ["routing", "import-flame", "empty", "out.npz"],
+    ["routing", "import-flame", "missing", "out.npz"],
+    ["routing", "import-flame", "flame", "out.npz"],
+    ["routing", "evidence", "--out", "/proc/lynxsim-fuzz"],
+    ["query", "missing", "SELECT 1"],
+    ["query", "empty", "SELECT 1"],
+    ["query", "store", "SELECT 1"],
+    ["query", "empty", ""],
+    ["report", "missing", "--out", "report"],
+    ["report", "empty", "--out", "report"],
+    ["plot", "empty"],
+    ["plot", "bad.npz"],
+    ["calibrate", "--dry-run", "--models", "no-such-model"],
+    ["validate", "--models", "no-such-model", "--record", "r.npz"],
+    ["quality", "evaluate", "missing", "--out", "q"],
+    ["quality", "trace", "missing", "--out", "q"],
+    ["sweep", "missing.yaml"],
+    ["models", "--bogus"],
+)
+
+
+@pytest.mark.parametrize("argv", OTHER_COMMANDS, ids=[" ".join(a)[:40] for a in OTHER_COMMANDS])
+def test_every_other_command_keeps_the_contract(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, argv: list[str]
+) -> None:
+    _other_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert outcome(argv, capsys)[0] == 2
+
+
+@pytest.mark.parametrize("argv", [["models"], ["hardware"], ["plugins"], ["calibrate", "--dry-run", "--models",
+                                                                           "mixtral-8x7b", "--units", "lm_head"]])
+def test_listing_commands_run(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    assert outcome(argv, capsys)[0] == 0
+
+
+# ----- data files of other kinds: a hardware profile, a model file ----------------------------------------------
+
+@pytest.mark.parametrize("value", [".inf", ".nan", "true", "-1", "text"])
+def test_a_hardware_profile_file_refuses_what_no_key_takes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    shipped = Path(__file__).resolve().parents[1] / "lynxsim" / "hw_profiles" / "h100-sxm.yaml"
+    text = re.sub(r"^memory_bandwidth_bytes_per_s: .*$", f"memory_bandwidth_bytes_per_s: {value}",
+                  shipped.read_text(), count=1, flags=re.M)
+    assert value in text
+    (tmp_path / "gpu.yaml").write_text(text)
+    data = {**BASE, "hardware": {"profile": str(tmp_path / "gpu.yaml"), "measured_tables": False}}
+    code, err = outcome(["check", str(experiment(tmp_path, data))], capsys)
+    assert code == 2 and "memory_bandwidth_bytes_per_s" in err and str(tmp_path / "gpu.yaml") in err
+
+
+@pytest.mark.parametrize("value", [".inf", ".nan", "true", "-1", "text"])
+def test_model_overrides_refuse_what_no_key_takes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    code, err = outcome(["check", str(experiment(tmp_path)), "--set", f"model.overrides={{hidden_size: {value}}}"],
+                        capsys)
+    assert code == 2 and "hidden_size" in err and "--set model.overrides=" in err
+
+
 # ----- labels that are not folder names ---------------------------------------------------------------------------
 
 LABELS = (["α", "β"], ["lynx a", "lynx_a"], ["..", "."], ["a/b", "a\\b"], ["x" * 300, "x" * 299],
@@ -341,5 +426,6 @@ def test_labels_map_to_distinct_safe_folders(
 def test_fuzz_suite_size() -> None:
     """The fast part alone holds at least 200 generated inputs (issue 18)."""
     fixed = (len(NUMERIC_KEYS) * (len(REFUSED_VALUES) + len(EDGE_VALUES)) + len(MALFORMED_FILES) + 1
-             + len(MALFORMED_TRACES) + len(MALFORMED_HF_CONFIGS) + 1 + 4 + 4 * 2 + 8 + 1 + len(LABELS))
+             + len(MALFORMED_TRACES) + len(MALFORMED_HF_CONFIGS) + 1 + 4 + 4 * 2 + 8 + 1 + len(OTHER_COMMANDS) + 4
+             + 10 + len(LABELS))
     assert fixed + EXAMPLES >= 200

@@ -18,9 +18,10 @@ from lynxsim.preflight import (
     REQUEST_BYTES,
     WALL_S_PER_OUTPUT_TOKEN_LAYER,
     check_fits,
+    check_wall_time,
     estimate,
     expected_requests,
-    mean_output_tokens,
+    wall_time_s,
 )
 from lynxsim.workload import generate_requests
 from lynxsim.workload.arrivals import GammaArrivals, PoissonArrivals
@@ -61,16 +62,19 @@ def test_a_run_that_cannot_fit_is_refused_naming_the_key() -> None:
     assert check_fits(quickstart(), MIXTRAL, available=8 * 10**9).requests == 600
 
 
-def test_wall_time_bound() -> None:
-    config = quickstart("workload.output_tokens={kind: fixed, tokens: 100}")
-    assert mean_output_tokens(config) == 100
-    wall_s = estimate(config, MIXTRAL).wall_s
-    assert wall_s == pytest.approx(600 * 100 * 2 * 32 * WALL_S_PER_OUTPUT_TOKEN_LAYER["exact"])
-    assert mean_output_tokens(quickstart("workload.output_tokens={kind: uniform, low_tokens: 10, "
-                                         "high_tokens: 30}")) == 20
-    lognormal = quickstart("workload.output_tokens={kind: lognormal, median_tokens: 100, sigma: 0.5, "
-                           "max_tokens: 1000}")
-    assert mean_output_tokens(lognormal) == pytest.approx(100 * math.exp(0.125))
+def test_wall_time_bound_hand_worked_and_refused_past_the_limit() -> None:
+    config = quickstart("workload.output_tokens={kind: fixed, tokens: 100}", "simulation.max_wall_s=100")
+    requests = generate_requests(config.workload.arrival, config.workload.prompt_tokens, config.workload.output_tokens,
+                                 seed=0, num_requests=600)
+    expected_s = 600 * 100 * 2 * 32 * WALL_S_PER_OUTPUT_TOKEN_LAYER["exact"]  # tokens x policies x layers x 160 ns
+    assert wall_time_s(config, MIXTRAL, requests) == pytest.approx(expected_s)
+    assert check_wall_time(config, MIXTRAL, requests) == pytest.approx(expected_s)  # 0.6 s: under 100 s
+    tight = quickstart("workload.output_tokens={kind: fixed, tokens: 100}", "simulation.max_wall_s=0.1")
+    with pytest.raises(InputError) as info:
+        check_wall_time(tight, MIXTRAL, requests)
+    assert info.value.where == "simulation.num_requests" and "60,000 output tokens" in str(info.value)
+    statistical = quickstart("workload.output_tokens={kind: fixed, tokens: 100}", "simulation.routing_mode=statistical")
+    assert wall_time_s(statistical, MIXTRAL, requests) == pytest.approx(expected_s / 16)
 
 
 def test_a_cut_off_run_draws_the_same_requests_fewer_of_them() -> None:

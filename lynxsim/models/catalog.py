@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from pydantic import ValidationError
 
 from lynxsim.errors import InputError
 from lynxsim.models.spec import ModelSpec
-from lynxsim.yaml_input import read_yaml_mapping, validation_problem
+from lynxsim.yaml_input import read_yaml_mapping, validated
 
 _CATALOG_DIR = "catalog"
 _BYTES_PER_MB = 1e6
@@ -38,11 +37,7 @@ def catalog_names() -> list[str]:
 def model_spec_from_dict(data: dict[str, Any], where: str) -> ModelSpec:
     """Validate ``data`` into a ModelSpec, turning pydantic's error into an InputError that names ``where``
     (a file) and the key path of the first bad field, so a typo in a data file reads as one line."""
-    try:
-        return ModelSpec.model_validate(data)
-    except ValidationError as err:
-        key_path, problem = validation_problem(err)
-        raise InputError(f"{where}: {key_path}", problem) from None
+    return validated(ModelSpec, data, where)
 
 
 def load_model_file(path: str | Path) -> ModelSpec:

@@ -26,6 +26,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -113,7 +115,7 @@ class ResultsStore:
         records_dir = f"{POINTS_DIR}/{outcome.config_hash}"
         if outcome.ok:
             self._write_files(outcome)
-        with self._connect() as db:
+        with _interrupts_deferred(), self._connect() as db:
             db.execute("BEGIN TRANSACTION")
             db.execute("DELETE FROM summaries WHERE config_hash = ?", [outcome.config_hash])
             db.execute("DELETE FROM runs WHERE config_hash = ?", [outcome.config_hash])
@@ -212,8 +214,32 @@ class ResultsStore:
                 time.sleep(0.2)
         try:
             yield db
+        except (duckdb.InterruptException, RuntimeError) as exc:
+            # duckdb catches Ctrl-C itself while it works and raises this instead; the transaction is not
+            # committed, and the interrupt goes on as the user's (one line, exit code 130: cli.main)
+            if isinstance(exc, duckdb.InterruptException) or "interrupted" in str(exc).lower():
+                raise KeyboardInterrupt from None
+            raise
         finally:
             db.close()
+
+
+@contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C held back until the block ends, then raised: a point's files and transaction are stored whole. duckdb
+    turns an interrupt that reaches it mid-call into its own errors (``Query interrupted``, or a wrapped
+    KeyboardInterrupt from pandas code it called), which would end the sweep in a traceback instead of one line."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 _SUMMARY_KEYS = {"config_hash", "policy", "policy_name", "policy_position", "policy_dir"}
