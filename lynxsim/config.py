@@ -34,7 +34,7 @@ from lynxsim.sections.report import ReportSection
 from lynxsim.sections.sweep import SweepConfig
 from lynxsim.workload.arrivals import ArrivalProcess, TraceArrivals
 from lynxsim.workload.lengths import EmpiricalLength, LengthDistribution, PairedLengths
-from lynxsim.yaml_input import error_message, number_problem, read_yaml_mapping_with_nodes
+from lynxsim.yaml_input import error_message, read_yaml_mapping_with_nodes, value_problem
 
 SHORTHAND_KEYS = {"model": "name", "hardware": "profile"}
 """Top-level sections that may be written as one string, and the key that string stands for
@@ -219,6 +219,12 @@ class WorkloadConfig(_Section):
     def needs_request_count(self) -> bool:
         """Random arrivals go on forever: they need simulation.num_requests or duration_s."""
         return self.arrival.kind in ("poisson", "gamma")
+
+    @property
+    def needs_num_requests(self) -> bool:
+        """Closed-loop clients and batch jobs send requests without a time to stop at: they need
+        simulation.num_requests."""
+        return self.arrival.kind in ("closed_loop", "batch")
 
 
 class SyntheticRoutingConfig(SyntheticRoutingParams):
@@ -567,6 +573,8 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"simulation needs num_requests or duration_s with {self.workload.arrival.kind} arrivals"
             )
+        if self.workload.needs_num_requests and self.simulation.num_requests is None:
+            raise ValueError(f"simulation needs num_requests with {self.workload.arrival.kind} arrivals")
         return self
 
 
@@ -597,7 +605,7 @@ def validate_experiment(
     except ValidationError as exc:
         error = exc.errors()[0]
         raise InputError(origin.where(tuple(error["loc"])), error_message(error)) from None
-    problem = number_problem(raw, config.model_dump(mode="python"))
+    problem = value_problem(raw, config.model_dump(mode="python"))
     if problem is not None:
         raise InputError(origin.where(problem[0]), problem[1])
     config._origin = origin

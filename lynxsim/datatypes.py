@@ -41,19 +41,25 @@ class RequestSpec:
 
 
 class RequestTable(Sequence[RequestSpec]):
-    """A run's requests as four columns, one value per request: a sequence of ``RequestSpec`` made on access. A run
+    """A run's requests as columns, one value per request: a sequence of ``RequestSpec`` made on access. A run
     holds millions of requests; as Python objects they took 250 bytes and 2.8 us each to make (a million: 2.8 s
-    and 250 MB before the first event), as columns 32 bytes and a few nanoseconds. The engine reads the columns."""
+    and 250 MB before the first event), as columns 32 bytes and a few nanoseconds. The engine reads the columns.
 
-    __slots__ = ("arrival_s", "output_tokens", "prompt_tokens", "request_id")
+    Closed-loop requests (``ClosedLoopArrivals``) have no arrival time until a client sends them (NaN, filled in
+    by the engine as it runs) and carry ``think_s``: the wait before each is sent, after its client's last
+    request ended (None for every other workload)."""
+
+    __slots__ = ("arrival_s", "output_tokens", "prompt_tokens", "request_id", "think_s")
 
     def __init__(self, request_id: np.ndarray, arrival_s: np.ndarray, prompt_tokens: np.ndarray,
-                 output_tokens: np.ndarray) -> None:
+                 output_tokens: np.ndarray, think_s: np.ndarray | None = None) -> None:
         self.request_id = _int_array(request_id, "request_id")
-        self.arrival_s = np.asarray(arrival_s, dtype=np.float64)
+        self.arrival_s = np.array(arrival_s, dtype=np.float64)  # a copy: closed-loop sends write into it
         self.prompt_tokens = _int_array(prompt_tokens, "prompt_tokens")
         self.output_tokens = _int_array(output_tokens, "output_tokens")
-        sizes = {a.shape for a in (self.request_id, self.arrival_s, self.prompt_tokens, self.output_tokens)}
+        self.think_s = None if think_s is None else np.asarray(think_s, dtype=np.float64)
+        columns = (self.request_id, self.arrival_s, self.prompt_tokens, self.output_tokens)
+        sizes = {a.shape for a in (*columns, *(() if self.think_s is None else (self.think_s,)))}
         if len(sizes) != 1:
             raise ValueError(f"request columns of different lengths: {sorted(sizes)}")
 
@@ -79,7 +85,7 @@ class RequestTable(Sequence[RequestSpec]):
     def __getitem__(self, index: int | slice) -> RequestSpec | RequestTable:
         if isinstance(index, slice):
             return RequestTable(self.request_id[index], self.arrival_s[index], self.prompt_tokens[index],
-                                self.output_tokens[index])
+                                self.output_tokens[index], None if self.think_s is None else self.think_s[index])
         return RequestSpec(int(self.request_id[index]), float(self.arrival_s[index]), int(self.prompt_tokens[index]),
                            int(self.output_tokens[index]))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from lynxsim.routing.statistical import (
 )
 from lynxsim.routing.table_cache import cached_table
 from lynxsim.workload import generate_requests
+from lynxsim.workload.arrivals import ClosedLoopArrivals
 from lynxsim.yaml_input import validated
 
 T = TypeVar("T")
@@ -426,13 +428,18 @@ def simulate_policy(
     started = time.perf_counter()
     step = routing_step(setup, entry, policy)
     statistical = step.statistical
-    from lynxsim.engine.compiled.orchestrator import simulate_deployment  # numba: imported once a run starts
+    from lynxsim.engine.compiled.orchestrator import ClosedLoop, simulate_deployment  # numba: once a run starts
 
     deployment = config.deployment
+    arrival = config.workload.arrival
+    closed_loop = None
+    if isinstance(arrival, ClosedLoopArrivals):
+        until_s = config.simulation.duration_s
+        closed_loop = ClosedLoop(arrival.clients, math.inf if until_s is None else until_s)
     outcome = simulate_deployment(
         deployment.roles, lambda: build_scheduler(setup), setup.cost_model, step, model.num_moe_layers,
         setup.requests, config.simulation.cutoff_s, setup.router,
-        kv_transfer(setup) if deployment.mode == "disaggregated" else None, on_arrivals,
+        kv_transfer(setup) if deployment.mode == "disaggregated" else None, on_arrivals, closed_loop,
     )
     end_s, requests, iterations = outcome.end_s, outcome.requests, outcome.iterations()
     instances = len(outcome.logs)

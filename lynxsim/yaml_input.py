@@ -79,39 +79,45 @@ def _parse(path: Path, what: str, *, compose: bool = False) -> tuple[dict[str, A
     return data, node
 
 
-def number_problem(raw: Any, validated: Any, loc: tuple[Any, ...] = ()) -> tuple[tuple[Any, ...], str] | None:
-    """The first number of validated data (``validated``: its ``model_dump``) that no user file may give, with its
+def value_problem(raw: Any, validated: Any, loc: tuple[Any, ...] = ()) -> tuple[tuple[Any, ...], str] | None:
+    """The first value of validated data (``validated``: its ``model_dump``) that no user file may give, with its
     location and why: a NaN or an infinity (no key of an experiment, profile, model or table takes one: an unbounded
-    limit is written by leaving the key out or as null; pydantic reads ".inf", "inf" and "nan" as floats), or a
-    number given as true/false (pydantic reads a boolean as 1 or 0). Every key is checked, plug-in parameters and
-    sweep values included, by walking the validated values beside what the user wrote (``raw``)."""
+    limit is written by leaving the key out or as null; pydantic reads ".inf", "inf" and "nan" as floats), a
+    number given as true/false (pydantic reads a boolean as 1 or 0), or text that is not valid Unicode (YAML's
+    "\ud800" escapes give lone surrogates, which no file or terminal can take). Every key is checked, plug-in
+    parameters and sweep values included, by walking the validated values beside what the user wrote (``raw``)."""
+    if isinstance(validated, str) and not validated.isascii():
+        try:
+            validated.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates ("\ud800" in YAML): no file or terminal can hold them
+            return loc, f"{validated.encode('utf-8', 'backslashreplace').decode()!r} is not valid Unicode text"
     if isinstance(validated, float) and not math.isfinite(validated):
         return loc, f"{validated} is not a finite number (leave the key out, or null, for no limit)"
     if isinstance(raw, bool) and isinstance(validated, (int, float)) and not isinstance(validated, bool):
         return loc, f"a number is needed, not {str(raw).lower()}"
     if isinstance(validated, dict):
         for key, value in validated.items():
-            found = number_problem(raw.get(key) if isinstance(raw, dict) else None, value, (*loc, key))
+            found = value_problem(raw.get(key) if isinstance(raw, dict) else None, value, (*loc, key))
             if found is not None:
                 return found
     elif isinstance(validated, (list, tuple)):
         for index, value in enumerate(validated):
             inner = raw[index] if isinstance(raw, list) and index < len(raw) else None
-            found = number_problem(inner, value, (*loc, index))
+            found = value_problem(inner, value, (*loc, index))
             if found is not None:
                 return found
     return None
 
 
 def validated(model: type[ModelT], data: Any, where: str) -> ModelT:
-    """``model.model_validate(data)``, every problem (pydantic's, or a number ``number_problem`` refuses) an
+    """``model.model_validate(data)``, every problem (pydantic's, or a value ``value_problem`` refuses) an
     ``InputError`` at ``where`` (a file) and the key path: the one way a user's data file is validated."""
     try:
         value = model.model_validate(data)
     except ValidationError as exc:
         key_path, problem = validation_problem(exc)
         raise InputError(f"{where}: {key_path}", problem) from None
-    found = number_problem(data, value.model_dump(mode="python"))
+    found = value_problem(data, value.model_dump(mode="python"))
     if found is not None:
         raise InputError(f"{where}: {loc_path(found[0])}", found[1])
     return value

@@ -147,6 +147,42 @@ class TraceArrivals(TraceFile):
         return 1.0
 
 
+class ThinkTime(BaseModel):
+    """How long a closed-loop client waits between its request's end and its next request: ``fixed`` (every wait
+    ``mean_s``), or ``exponential`` with mean ``mean_s`` (a user reading the answer for a random time)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["fixed", "exponential"] = "fixed"
+    mean_s: float = Field(default=0.0, ge=0, description="the mean wait (s); 0: the next request at once")
+
+    def sample(self, rng: np.random.Generator, count: int) -> np.ndarray:
+        if self.kind == "exponential" and self.mean_s > 0:
+            return rng.exponential(self.mean_s, size=count)
+        return np.full(count, self.mean_s)
+
+
+class ClosedLoopArrivals(BaseModel):
+    """``clients`` clients, each with one request in flight: it sends its next request when its last one ends
+    (finished, or rejected on arrival) plus a think time, as a benchmark capped at a concurrency does (vLLM's
+    benchmark_serving ``--max-concurrency``, evaluation harnesses with a fixed number of workers). Every client
+    sends its first request at time 0. The requests, ``simulation.num_requests`` of them, go out in the order the
+    clients send them; a send at or after ``simulation.duration_s`` (if given) does not happen. Arrival times
+    are therefore known only as the simulation runs (``lynxsim.engine.compiled.orchestrator``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["closed_loop"] = "closed_loop"
+    clients: int = Field(gt=0, le=1 << 16, description="requests in flight at most (one per client)")
+    think_time: ThinkTime = Field(default_factory=ThinkTime, description="wait between a response and the next send")
+
+
+class BatchArrivals(BaseModel):
+    """Every request at time 0: an offline batch job (``simulation.num_requests`` of them)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["batch"] = "batch"
+
+
 ArrivalProcess = Annotated[
-    PoissonArrivals | GammaArrivals | ListArrivals | TraceArrivals, Field(discriminator="kind")
+    PoissonArrivals | GammaArrivals | ListArrivals | TraceArrivals | ClosedLoopArrivals | BatchArrivals,
+    Field(discriminator="kind"),
 ]

@@ -9,13 +9,20 @@ import numpy as np
 
 from lynxsim.datatypes import RequestTable
 from lynxsim.errors import InputError
-from lynxsim.workload.arrivals import GammaArrivals, ListArrivals, PoissonArrivals, TraceArrivals
+from lynxsim.workload.arrivals import (
+    BatchArrivals,
+    ClosedLoopArrivals,
+    GammaArrivals,
+    ListArrivals,
+    PoissonArrivals,
+    TraceArrivals,
+)
 from lynxsim.workload.lengths import EmpiricalLength, FixedLength, LognormalLength, PairedLengths, UniformLength
 from lynxsim.workload.traces import RequestTrace, TraceFile
 
 _T = TypeVar("_T")
 
-Arrival = PoissonArrivals | GammaArrivals | ListArrivals | TraceArrivals
+Arrival = PoissonArrivals | GammaArrivals | ListArrivals | TraceArrivals | ClosedLoopArrivals | BatchArrivals
 Length = FixedLength | UniformLength | LognormalLength | EmpiricalLength
 
 
@@ -54,6 +61,12 @@ def generate_requests(
     if isinstance(arrival, TraceArrivals):
         trace = _load(arrival, "workload.arrival")
         times_s, rows = _located(lambda: arrival.select(trace, num_requests, duration_s), "workload.arrival")
+    elif isinstance(arrival, (ClosedLoopArrivals, BatchArrivals)):
+        if num_requests is None:
+            raise ValueError(f"{arrival.kind} arrivals need num_requests")
+        # closed loop: sent as clients free up (the engine fills the times in); a batch job: all at time 0
+        closed = isinstance(arrival, ClosedLoopArrivals)
+        times_s = np.full(num_requests, np.nan if closed else 0.0)
     elif isinstance(arrival, ListArrivals):
         times_s = arrival.times_s_array()
         if num_requests is not None:
@@ -64,7 +77,7 @@ def generate_requests(
         if num_requests is None and duration_s is None:
             raise ValueError(f"{arrival.kind} arrivals need num_requests or duration_s")
         times_s = arrival.times_s(arrival_rng, num_requests, duration_s, until_s)
-    if until_s is not None:
+    if until_s is not None and not isinstance(arrival, ClosedLoopArrivals):
         kept = np.asarray(times_s) < until_s
         times_s = np.asarray(times_s)[kept]
         rows = rows[kept] if rows is not None else None
@@ -76,7 +89,11 @@ def generate_requests(
     else:
         prompts = _slot(prompt_tokens, "prompt", prompt_rng, count, trace, rows)
         outputs = _slot(output_tokens, "output", output_rng, count, trace, rows)
-    return RequestTable(np.arange(count, dtype=np.int64), np.asarray(times_s, dtype=float), prompts, outputs)
+    think_s = None
+    if isinstance(arrival, ClosedLoopArrivals):  # the arrival stream's own draws: lengths are unchanged by them
+        think_s = arrival.think_time.sample(arrival_rng, count)
+    return RequestTable(np.arange(count, dtype=np.int64), np.asarray(times_s, dtype=float), prompts, outputs,
+                        think_s)
 
 
 def _slot(

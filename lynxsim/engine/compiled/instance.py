@@ -74,7 +74,8 @@ class CompiledInstance:
     ``index`` and ``role`` are the instance's in its deployment; ``outstanding`` is what request routers read
     (requests given to it and not yet done there, kept by the orchestrator). ``transfer`` prices KV-cache
     transfers (disaggregated serving); ``record_events``
-    turns the outbox on (the orchestrator reads it; one instance alone needs none)."""
+    turns the outbox on (the orchestrator reads it; one instance alone needs none); ``stop_on_finish`` stops it at
+    every finish (``kernel.K_STOP_ON_FINISH``: closed-loop clients send their next request then)."""
 
     def __init__(
         self,
@@ -89,6 +90,7 @@ class CompiledInstance:
         cutoff_s: float | None = None,
         transfer: KVTransfer | None = None,
         record_events: bool = False,
+        stop_on_finish: bool = False,
         progress_every: int = 0,
     ) -> None:
         self.index = index
@@ -117,6 +119,7 @@ class CompiledInstance:
         config[k.K_ROLE] = ROLE_CODES[role]
         record_events = record_events or role != "colocated"  # hand-offs and transfers always go out
         config[k.K_OUTBOX] = record_events
+        config[k.K_STOP_ON_FINISH] = stop_on_finish
         config[k.K_PRICE_OUTSIDE] = pricing is None
         config[k.K_SCHEDULE_OUTSIDE] = not scheduler.rule_is_builtin
         self.config = config

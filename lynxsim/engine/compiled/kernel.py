@@ -103,7 +103,10 @@ CLOCK_SIZE = 11
 # Entries of ``config``.
 K_BLOCKS, K_BLOCK_TOKENS, K_MAX_SEQS, K_MAX_TOKENS, K_CHUNKED, K_APPLY_ALL, K_STATISTICAL, K_PROGRESS_EVERY = range(8)
 K_MAX_RUN, K_ROLE, K_OUTBOX, K_PRICE_OUTSIDE, K_SCHEDULE_OUTSIDE = 8, 9, 10, 11, 12
-CONFIG_SIZE = 13
+# ``K_STOP_ON_FINISH``: a finish brings the horizon down to its time (closed-loop clients: the request a finish
+# releases arrives no earlier than that, and the caller must give it before the next iteration is formed).
+K_STOP_ON_FINISH = 13
+CONFIG_SIZE = 14
 
 # Entries of ``timing``: the cut-off, the horizon (the loop starts no iteration at or after it: an input may reach
 # the instance then; ``HORIZON``), and the KV transfer's bytes per token, bandwidth (bytes/s) and fixed latency.
@@ -388,6 +391,8 @@ def _complete(
                     req_i[r, R_STATUS] = ST_FINISHED
                     if config[K_OUTBOX]:
                         _record(outbox_i, outbox_f, state, EV_FINISH, r, now)
+                    if config[K_STOP_ON_FINISH]:
+                        timing[T_HORIZON] = min(timing[T_HORIZON], now)
                 else:
                     req_i[r, R_STATUS] = ST_HANDED_OFF
                     _record(outbox_i, outbox_f, state, EV_HANDOFF, r, now)

@@ -23,6 +23,10 @@ The instance furthest behind can always move (its inputs come from instances at 
 transfer takes time), so the loop advances it, and routes the next message once no instance can move. A
 router whose picks do not depend on the instances' load (``RequestRouter.reads_load`` False: round robin)
 has every arrival routed before the run starts, so co-located instances then run from start to end at once.
+
+Closed-loop clients (``ClosedLoop``) send a request whenever one ends: the instances then stop at every finish
+(``kernel.K_STOP_ON_FINISH``), so that the request it releases, which arrives no earlier, is routed before any
+instance forms an iteration past its time; arrivals are the clients' sends in time order (``_Sends``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -80,6 +85,45 @@ class _Load:
             self.instance.outstanding -= 1
 
 
+@dataclass(frozen=True)
+class ClosedLoop:
+    """Closed-loop clients (``workload.arrivals.ClosedLoopArrivals``): ``clients`` requests in flight at most;
+    no request is sent at or after ``until_s``. The think times are the requests' own (``RequestTable.think_s``)."""
+
+    clients: int
+    until_s: float = math.inf
+
+
+class _Sends:
+    """When closed-loop clients send: every client's first request at time 0, then, whenever a request ends (it
+    finished, or was rejected on arrival), one more after the next think time. The ``j``-th release (in the order
+    the run meets them: deterministic) waits ``think_s[j]``; requests go out in the order they are sent."""
+
+    def __init__(self, loop: ClosedLoop, think_s: np.ndarray, count: int) -> None:
+        self.think_s = think_s
+        self.count = count
+        self.until_s = loop.until_s
+        first = min(loop.clients, count)
+        self.heap: list[tuple[float, int]] = [(0.0, order) for order in range(first)]
+        self.scheduled = first  # sends in the heap or sent
+        self.releases = 0
+
+    def next_s(self) -> float:
+        if self.heap and self.heap[0][0] < self.until_s:
+            return self.heap[0][0]
+        return math.inf
+
+    def pop(self) -> float:
+        return heapq.heappop(self.heap)[0]
+
+    def release(self, end_s: float) -> None:
+        """A request ended at ``end_s``: its client sends the next one, if any is left, after its think time."""
+        if self.scheduled < self.count:
+            heapq.heappush(self.heap, (end_s + float(self.think_s[self.releases]), self.scheduled))
+            self.releases += 1
+            self.scheduled += 1
+
+
 class _Cluster:
     """The state of one run of several instances (``simulate_deployment``): its instances, the messages still to
     route, the handed-off requests whose transfer has not started."""
@@ -88,9 +132,14 @@ class _Cluster:
         self, make_scheduler: Callable[[], Scheduler], make_instance: Callable[[Scheduler, int, str], CompiledInstance],
         roles: Sequence[str], specs: Sequence[RequestSpec], cutoff_s: float | None,
         make_router: Callable[[], RequestRouter], transfer: KVTransfer | None,
-        on_arrivals: Callable[[int], None] | None,
+        on_arrivals: Callable[[int], None] | None, closed_loop: ClosedLoop | None = None,
     ) -> None:
         self.specs = RequestTable.of(specs)
+        self.sends: _Sends | None = None
+        if closed_loop is not None:
+            if self.specs.think_s is None:
+                raise ValueError("closed-loop clients need the requests' think times (RequestTable.think_s)")
+            self.sends = _Sends(closed_loop, self.specs.think_s, len(self.specs))
         self.cutoff_s = math.inf if cutoff_s is None else float(cutoff_s)
         self.disaggregated = "prefill" in roles
         if self.disaggregated and transfer is None:
@@ -113,19 +162,26 @@ class _Cluster:
         self.handoffs: list[tuple[float, int, int, int]] = []  # heap: (time, order, prefill instance, row)
         self.handoff_order = 0
         self.arrived = 0  # arrivals routed (or rejected)
-        self.routed_ahead = not self.entry_router.reads_load
+        self.routed_ahead = not self.entry_router.reads_load and self.sends is None  # sends wait for finishes
         self.last_arrival_s = 0.0
         self.next_report = 0
 
     # ----- messages -----
 
     def _next_arrival_s(self) -> float:
+        if self.sends is not None:
+            next_s = self.sends.next_s()
+            return next_s if next_s < self.cutoff_s else math.inf
         if self.arrived < len(self.specs) and self.specs.arrival_s[self.arrived] < self.cutoff_s:
             return float(self.specs.arrival_s[self.arrived])
         return math.inf
 
     def _route_arrival(self) -> None:
         position = self.arrived
+        if self.sends is not None:  # the next request goes out now
+            self.specs.arrival_s[position] = self.sends.pop()
+            if self.rejections[position] != k.ST_NONE:
+                self.sends.release(float(self.specs.arrival_s[position]))
         spec = self.specs[position]
         self.arrived += 1
         self.last_arrival_s = spec.arrival_s
@@ -167,6 +223,8 @@ class _Cluster:
             for (kind, row), time_s in zip(kinds_rows.tolist(), times.tolist(), strict=True):
                 if kind == k.EV_FINISH:
                     heapq.heappush(self.loads[instance.index].ends, time_s)
+                    if self.sends is not None:
+                        self.sends.release(time_s)
                 elif kind == k.EV_HANDOFF:
                     assert self.transfer is not None
                     transfer_s = self.transfer.time_s(int(instance.req_i[row, k.R_COMPUTED]))
@@ -298,18 +356,22 @@ def simulate_deployment(
     make_router: Callable[[], RequestRouter],
     transfer: KVTransfer | None,
     on_arrivals: Callable[[int], None] | None = None,
+    closed_loop: ClosedLoop | None = None,
 ) -> CompiledRun:
     """Serve ``specs`` on instances of ``roles`` (all ``colocated``, or ``prefill`` and ``decode``), each with a
     scheduler from ``make_scheduler``, behind ``make_router``'s routers (one per pool), until every request is done
-    or ``cutoff_s``; ``transfer`` prices KV-cache transfers (disaggregated only). One co-located instance runs
-    alone (``driver.simulate``)."""
-    if list(roles) == ["colocated"]:
+    or ``cutoff_s``; ``transfer`` prices KV-cache transfers (disaggregated only); ``closed_loop``: the requests
+    are sent by closed-loop clients (their arrival times filled in as they go out). One co-located instance with
+    open-loop arrivals runs alone (``driver.simulate``)."""
+    if list(roles) == ["colocated"] and closed_loop is None:
         return simulate(make_scheduler(), cost_model, step, num_moe_layers, specs, cutoff_s, on_arrivals)
 
     def make_instance(scheduler: Scheduler, index: int, role: str) -> CompiledInstance:
         return CompiledInstance(scheduler, cost_model, step, num_moe_layers, len(specs), index=index, role=role,
-                                cutoff_s=cutoff_s, transfer=transfer, record_events=True)
+                                cutoff_s=cutoff_s, transfer=transfer, record_events=True,
+                                stop_on_finish=closed_loop is not None)
 
-    run = _Cluster(make_scheduler, make_instance, roles, specs, cutoff_s, make_router, transfer, on_arrivals)
+    run = _Cluster(make_scheduler, make_instance, roles, specs, cutoff_s, make_router, transfer, on_arrivals,
+                   closed_loop)
     run.serve()
     return run.records()
