@@ -177,9 +177,17 @@ def tpot_table(data: FigureData, path: Path, *, context: str = "") -> pd.DataFra
     return rows
 
 
+X_LABELS = {
+    "serving.max_num_seqs": "maximum decode batch (max_num_seqs)",
+    "workload.arrival.clients": "closed-loop clients (requests in flight at most)",
+}
+"""How a swept key reads on an x axis; any other key is shown as it is written."""
+
+
 def speedup_vs_batch(data: FigureData, path: Path, *, context: str = "") -> pd.DataFrame:
     """Each policy's median (solid) and mean (dotted, the same colour) TPOT speed-up over the baseline policy of
-    the same run, against the swept batch limit ``x``."""
+    the same run, against the swept batch limit ``x`` (or another swept count on a log2 axis: closed-loop
+    clients)."""
     section = data.section
     x = _required(section.x, "x")
     others = against_baseline(data.results)
@@ -194,7 +202,7 @@ def speedup_vs_batch(data: FigureData, path: Path, *, context: str = "") -> pd.D
                 label=f"{line_label} ({policy}), mean")
     ax.axhline(1.0, color="grey", linestyle=":")
     batch_axis(ax, table[x])
-    ax.set_xlabel("maximum decode batch (max_num_seqs)")
+    ax.set_xlabel(X_LABELS.get(x, x))
     ax.set_ylabel(f"TPOT speed-up over {_base_policy(data)}")
     ax.set_title(titled(section.title, context))
     ax.grid(alpha=0.3)
