@@ -112,3 +112,14 @@ def test_the_experiment_file_runs(tmp_path: Path) -> None:
     result = run_experiment(config, tmp_path / "run")
     assert [run.label for run in result.runs] == ["topk", "lynx"]
     assert all(len(run.requests) == 24 for run in result.runs)
+
+
+def test_closed_loop_clients_send_a_trace_s_recorded_lengths() -> None:
+    from shared_data import REQUEST_TRACES
+
+    trace = {"path": str(REQUEST_TRACES / "AzureLLMInferenceTrace_conv.csv"), "format": "azure"}
+    data = {**BASE, "workload": {"arrival": {"kind": "closed_loop", "clients": 4}, "paired_lengths": trace},
+            "simulation": {"seed": 1, "num_requests": 30}}
+    requests = run_experiment(validate_experiment(data)).runs[0].requests
+    assert len(requests) == 30 and in_flight_after_each_arrival(requests).max() == 4
+    assert requests["prompt_tokens"].max() > 64  # the trace's lengths, not the base's uniform ones
