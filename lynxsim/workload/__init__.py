@@ -8,6 +8,7 @@ from lynxsim.workload.lengths import (
     LengthDistribution,
     LognormalLength,
     PairedLengths,
+    TaskLength,
     UniformLength,
 )
 from lynxsim.workload.requests import generate_requests
@@ -34,6 +35,7 @@ __all__ = [
     "PoissonArrivals",
     "RequestSpec",
     "RequestTable",
+    "TaskLength",
     "RequestTrace",
     "TraceArrivals",
     "TraceColumns",

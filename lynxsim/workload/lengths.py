@@ -3,6 +3,8 @@
 ``fixed``, ``uniform``, ``lognormal``: parametric. ``empirical``: draws with replacement from one column of a
 trace (so it reproduces that column's distribution, but prompt and output are drawn independently).
 ``PairedLengths`` draws whole trace rows with replacement, keeping each request's prompt and output together.
+``task``: a named benchmark task's lengths (``lynxsim.workload.tasks``): a prompt is the task's shared few-shot
+prefix (``TaskLength.prefix_tokens``) plus the question's own tokens; an output is a reference-solution length.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lynxsim.workload.tasks import load_task, task_names
 from lynxsim.workload.traces import MAX_REQUEST_TOKENS, TraceFile
 
 
@@ -78,8 +81,42 @@ class EmpiricalLength(TraceFile):
         return np.minimum(draws, self.max_tokens) if self.max_tokens is not None else draws.copy()
 
 
+class TaskLength(BaseModel):
+    """Lengths of a named benchmark task (``task_names()``: gsm8k, humaneval, mbpp, minerva_math), from the
+    quantile tables shipped in ``lynxsim/workload/data/tasks``. ``column`` (``prompt`` or ``output``; default: the
+    slot's, so ``prompt_tokens`` samples prompts) picks the table. Every prompt is ``prefix_tokens`` (the task's
+    standard few-shot prompt, shared by all its requests; 0 for a zero-shot task) plus the question's own tokens."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["task"] = "task"
+    name: str = Field(description="benchmark task: gsm8k | humaneval | mbpp | minerva_math")
+    column: Literal["prompt", "output"] | None = Field(
+        default=None, description="lengths to draw (default: the slot's)"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in task_names():
+            raise ValueError(f"unknown task {value!r}: known tasks are {', '.join(task_names())}")
+        return value
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Tokens of the task's shared few-shot prefix: the first ``prefix_tokens`` of every prompt are the same."""
+        return load_task(self.name).prefix_tokens
+
+    def sample(
+        self, rng: np.random.Generator, size: int, column: Literal["prompt", "output"] | None = None
+    ) -> np.ndarray:
+        name = self.column or column
+        if name is None:
+            raise ValueError("say which lengths to sample: column: prompt | output")
+        return load_task(self.name).sample(rng, size, name)
+
+
 LengthDistribution = Annotated[
-    FixedLength | UniformLength | LognormalLength | EmpiricalLength, Field(discriminator="kind")
+    FixedLength | UniformLength | LognormalLength | EmpiricalLength | TaskLength, Field(discriminator="kind")
 ]
 
 

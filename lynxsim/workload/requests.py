@@ -17,13 +17,20 @@ from lynxsim.workload.arrivals import (
     PoissonArrivals,
     TraceArrivals,
 )
-from lynxsim.workload.lengths import EmpiricalLength, FixedLength, LognormalLength, PairedLengths, UniformLength
+from lynxsim.workload.lengths import (
+    EmpiricalLength,
+    FixedLength,
+    LognormalLength,
+    PairedLengths,
+    TaskLength,
+    UniformLength,
+)
 from lynxsim.workload.traces import RequestTrace, TraceFile
 
 _T = TypeVar("_T")
 
 Arrival = PoissonArrivals | GammaArrivals | ListArrivals | TraceArrivals | ClosedLoopArrivals | BatchArrivals
-Length = FixedLength | UniformLength | LognormalLength | EmpiricalLength
+Length = FixedLength | UniformLength | LognormalLength | EmpiricalLength | TaskLength
 
 
 def generate_requests(
@@ -110,6 +117,8 @@ def _slot(
         return _located(lambda: trace.column(column)[rows], key)
     if isinstance(dist, EmpiricalLength):
         _load(dist, key)
+        return _located(lambda: dist.sample(rng, count, column), key)
+    if isinstance(dist, TaskLength):  # a benchmark task's lengths: the slot's column unless it names one
         return _located(lambda: dist.sample(rng, count, column), key)
     return dist.sample(rng, count)
 
