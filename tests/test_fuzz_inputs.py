@@ -356,6 +356,7 @@ OTHER_COMMANDS = (
     ["plot", "bad.npz"],
     ["calibrate", "--dry-run", "--models", "no-such-model"],
     ["validate", "--models", "no-such-model", "--record", "r.npz"],
+    ["validate", "--measured", "bad.npz"],  # refused before the simulation, not after it
     ["quality", "evaluate", "missing", "--out", "q"],
     ["quality", "trace", "missing", "--out", "q"],
     ["sweep", "missing.yaml"],

@@ -400,6 +400,8 @@ def validate_command(args: argparse.Namespace, console: Any = None) -> int:
     started = time.perf_counter()
     if args.iterations is not None and not args.iterations.is_file():
         raise InputError("--iterations", f"{args.iterations} not found")
+    # what can be checked before the simulation is checked before it: a bad file ends the command at once
+    earlier = read_measurements(args.measured) if args.measured is not None else None
     args.models = _validation_models(args.models, args.iterations)
     specs = {key: shrunk_model(_model(key), args.shrink) for key in args.models}
     if args.iterations is not None:
@@ -472,8 +474,8 @@ def validate_command(args: argparse.Namespace, console: Any = None) -> int:
         return summary
 
     measured: dict[tuple[str, str, int], float] = {}
-    if args.measured is not None:
-        measured, environment = read_measurements(args.measured)
+    if earlier is not None:
+        measured, environment = earlier
         missing = [(it.model_key, it.policy, it.index) for it in chosen
                    if (it.model_key, it.policy, it.index) not in measured]
         if missing:
