@@ -123,3 +123,12 @@ def test_closed_loop_clients_send_a_trace_s_recorded_lengths() -> None:
     requests = run_experiment(validate_experiment(data)).runs[0].requests
     assert len(requests) == 30 and in_flight_after_each_arrival(requests).max() == 4
     assert requests["prompt_tokens"].max() > 64  # the trace's lengths, not the base's uniform ones
+
+
+def test_closed_loop_clients_of_a_disaggregated_deployment() -> None:
+    requests = requests_of({"deployment": {"mode": "disaggregated", "prefill_instances": 1, "decode_instances": 1}},
+                           arrival={"kind": "closed_loop", "clients": 3})
+    assert len(requests) == 40 and (requests["status"] == "finished").all()
+    assert in_flight_after_each_arrival(requests).max() == 3
+    later = np.sort(requests["arrival_s"].to_numpy()[3:])  # each send is a finish on the decode instance
+    np.testing.assert_array_equal(later, np.sort(requests["finish_s"].to_numpy())[:37])
