@@ -85,7 +85,7 @@ def find_capacity(
     on_probe: Callable[[str, CapacityProbe], None] | None = None,
 ) -> PolicyCapacity:
     """Search the capacity of ``config.policies[policy_index]`` under ``config.slo``."""
-    if config.slo.ttft_s is None and config.slo.tpot_s is None:
+    if not config.slo.has_target:
         raise InputError("slo", "capacity search needs a target: set slo.tpot_s and/or slo.ttft_s")
     if config.simulation.duration_s is None:
         raise InputError(

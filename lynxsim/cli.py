@@ -277,8 +277,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     frame = result.summary_frame()
     setup = result.setup
     title = f"{config.name}: {setup.model.name} on {setup.hardware.name} (cost model: {setup.cost_model.source})"
-    slo = config.slo
-    console.print(summary_table(frame, title, with_slo=slo.ttft_s is not None or slo.tpot_s is not None))
+    console.print(summary_table(frame, title, with_slo=config.slo.has_target))
     console.print(f"routing: {setup.routing_evidence}", markup=False, highlight=False)
     warnings = summary_warnings(frame)
     for warning in warnings:

@@ -7,6 +7,7 @@ error names the key path and the YAML line it came from (``quickstart.yaml:14: w
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -470,6 +471,11 @@ class SLOConfig(_Section):
         "scheduling stays under this (Vidur's capacity criterion, Agrawal et al., MLSys 2024, uses 5 s)",
     )
 
+    @property
+    def has_target(self) -> bool:
+        """Whether a latency target is set: without one, attainment and goodput mean nothing."""
+        return self.ttft_s is not None or self.tpot_s is not None
+
 
 class OutputConfig(_Section):
     """Where results go."""
@@ -481,37 +487,37 @@ class OutputConfig(_Section):
 @dataclass(frozen=True, eq=False)
 class _Origin:
     """Where an experiment's keys were written: its file, the file's YAML nodes and the ``--set`` overrides. Not
-    part of the experiment's value: two configs with the same keys are equal wherever they were written."""
-
-    def __eq__(self, other: object) -> bool:  # every config has one (an empty one where it came from no file)
-        return isinstance(other, _Origin)
-
-    __hash__ = object.__hash__
+    part of the experiment's value: two configs with the same keys are equal wherever they were written (every
+    config has one, an empty one where it came from no file)."""
 
     raw: dict[str, Any]
     source: Path | None
     node: yaml.Node | None
     overrides: tuple[str, ...]
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Origin)
+
+    __hash__ = object.__hash__
+
     def where(self, loc: tuple[Any, ...]) -> str:
         """The place of pydantic location ``loc``, as an error message starts."""
         key_path = _key_path(loc, self.raw)
-        return f"{self.prefix(loc, key_path)}{key_path}"
+        return f"{self._prefix(loc, key_path)}{key_path}"
 
     def locate(self, where: str) -> str:
-        key_path, colon, rest = where.partition(":")
-        loc = _parse_key_path(key_path.strip())
-        if loc is None:
-            return where
-        return f"{self.prefix(loc, key_path.strip())}{where}"
+        """``where``, which starts with a key path, prefixed with that key's place (``ExperimentConfig.locate``)."""
+        key_path = where.partition(":")[0].strip()
+        loc = _parse_key_path(key_path)
+        return where if loc is None else f"{self._prefix(loc, key_path)}{where}"
 
-    def prefix(self, loc: tuple[Any, ...], key_path: str) -> str:
-        assignment = _override_of(key_path, list(self.overrides))
+    def _prefix(self, loc: tuple[Any, ...], key_path: str) -> str:
+        assignment = _override_of(key_path, self.overrides)
         if assignment is not None:
             return f"--set {assignment}: "
-        line = line_of(self.node, loc) if self.node is not None else None
         if self.source is None:
             return ""
+        line = line_of(self.node, loc) if self.node is not None else None
         return f"{self.source}:{line}: " if line else f"{self.source}: "
 
 
@@ -614,7 +620,7 @@ def validate_experiment(
     return config
 
 
-def _override_of(key_path: str, overrides: list[str]) -> str | None:
+def _override_of(key_path: str, overrides: Sequence[str]) -> str | None:
     """The last ``--set`` assignment that set ``key_path`` (``a.b[1].c``), a key above it or a key below it."""
     dotted = key_path.replace("[", ".").replace("]", "")
     for assignment in reversed(overrides):

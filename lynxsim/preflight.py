@@ -19,7 +19,7 @@ from lynxsim.config import ExperimentConfig
 from lynxsim.datatypes import RequestTable
 from lynxsim.errors import InputError
 from lynxsim.models import ModelSpec
-from lynxsim.workload.arrivals import GammaArrivals, ListArrivals, PoissonArrivals
+from lynxsim.workload.arrivals import GammaArrivals, ListArrivals, PoissonArrivals, generous_count
 
 REQUEST_BYTES = 2048
 """Memory per request and policy held until the run ends: its columns, the engine's rows and its records. Measured
@@ -73,17 +73,17 @@ def check_wall_time(config: ExperimentConfig, model: ModelSpec, requests: Reques
     wall_s = wall_time_s(config, model, requests)
     limit_s = config.simulation.max_wall_s
     if wall_s > limit_s:
-        key = "simulation.num_requests" if config.simulation.num_requests is not None else "simulation.duration_s"
-        raise InputError(key, f"{len(requests):,} requests ({int(requests.output_tokens.sum()):,} output tokens) may "
-                         f"take up to {wall_s / 3600:,.1f} h to simulate, past simulation.max_wall_s "
-                         f"({limit_s / 3600:,.1f} h): draw fewer, stop earlier (cutoff_s), or raise max_wall_s")
+        tokens = int(requests.output_tokens.sum())
+        raise InputError(_count_key(config), f"{len(requests):,} requests ({tokens:,} output tokens) may take up to "
+                         f"{wall_s / 3600:,.1f} h to simulate, past simulation.max_wall_s ({limit_s / 3600:,.1f} h): "
+                         "draw fewer, stop earlier (cutoff_s), or raise max_wall_s")
     return wall_s
 
 
 def expected_requests(config: ExperimentConfig) -> int | None:
-    """How many requests a renewal arrival process draws: ``num_requests``, else its rate times the time bound,
-    plus ten standard deviations; capped by what arrives before the cut-off. None for list and trace arrivals,
-    whose requests are already in memory as the config or a file."""
+    """How many requests a renewal arrival process draws: ``num_requests``, else as many as its first draw holds
+    over the time bound (``arrivals.generous_count``); capped by what arrives before the cut-off. None for list
+    and trace arrivals, whose requests are already in memory as the config or a file."""
     arrival = config.workload.arrival
     sim = config.simulation
     if isinstance(arrival, ListArrivals):
@@ -92,10 +92,7 @@ def expected_requests(config: ExperimentConfig) -> int | None:
         return sim.num_requests
     cv = arrival.cv if isinstance(arrival, GammaArrivals) else 1.0
     bounds = [b for b in (sim.duration_s, sim.cutoff_s) if b is not None]
-    by_time = math.inf
-    if bounds:
-        expected = arrival.rate_per_s * min(bounds)
-        by_time = expected + 10.0 * max(cv, 1.0) * math.sqrt(expected) + 16
+    by_time = generous_count(arrival.rate_per_s, cv, min(bounds)) if bounds else math.inf
     count = min(sim.num_requests if sim.num_requests is not None else math.inf, by_time)
     return int(count) if math.isfinite(count) else None
 
@@ -122,7 +119,7 @@ def check_fits(config: ExperimentConfig, model: ModelSpec, available: int | None
         return found
     need, have = found.peak_bytes / 1e9, limit / 1e9
     if found.requests is not None and found.requests * len(config.policies) * REQUEST_BYTES > found.peak_bytes / 2:
-        key = "simulation.num_requests" if config.simulation.num_requests is not None else "simulation.duration_s"
+        key = _count_key(config)
         problem = (f"{found.requests:,} requests need about {need:,.1f} GB of memory and {have:,.1f} GB is "
                    "available: draw fewer (num_requests, duration_s) or stop earlier (cutoff_s)")
     else:
@@ -130,3 +127,8 @@ def check_fits(config: ExperimentConfig, model: ModelSpec, available: int | None
         problem = (f"exact routing of {config.serving.max_num_batched_tokens:,}-token batches needs about "
                    f"{need:,.1f} GB of memory and {have:,.1f} GB is available: lower it, or route statistically")
     raise InputError(key, problem)
+
+
+def _count_key(config: ExperimentConfig) -> str:
+    """The key that sets how many requests a run draws, for a refusal to name."""
+    return "simulation.num_requests" if config.simulation.num_requests is not None else "simulation.duration_s"

@@ -31,17 +31,15 @@ class _UniqueKeyLoader(_BASE_LOADER):  # type: ignore[misc,valid-type]
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, yaml.Node] = {}
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
+            key = self.construct_object(key_node, deep=True)  # constructed once: the base class reads it back
+            if not isinstance(key, (str, int, float, bool)):
+                continue
+            if key in seen:
                 first = seen[key].start_mark.line + 1
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r} (first written on line {first})", key_node.start_mark)
-            if isinstance(key, (str, int, float, bool)):
-                seen[key] = key_node
+            seen[key] = key_node
         return dict(super().construct_mapping(node, deep=deep))
-
-
-_SAFE_LOADER = _UniqueKeyLoader
 
 
 def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
@@ -66,7 +64,7 @@ def _parse(path: Path, what: str, *, compose: bool = False) -> tuple[dict[str, A
         raise InputError(f"{path}:{line}", f"not UTF-8 text (byte {exc.start} of the {what})") from None
     try:
         node = yaml.compose(text) if compose else None
-        data = yaml.load(text, Loader=_SAFE_LOADER)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except RecursionError:  # PyYAML composes nested collections recursively
         raise InputError(str(path), f"malformed YAML (nested deeper than Python's recursion limit of "
                          f"{sys.getrecursionlimit()})") from None

@@ -33,7 +33,7 @@ def test_a_rerun_replaces_the_run_directory_entirely(tmp_path: Path) -> None:
     (out / RUN_MARKER).write_text("old")
     (out / "policies" / "stale").mkdir(parents=True)
     with staged_run_dir(out) as stage:
-        assert stage == partial_dir(out) and not (out / RUN_MARKER).read_text() == ""
+        assert stage == partial_dir(out) and (out / RUN_MARKER).read_text() == "old"  # untouched while it runs
         (stage / RUN_MARKER).write_text("new")
     assert (out / RUN_MARKER).read_text() == "new" and not (out / "policies").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no stage, no old copy left

@@ -214,12 +214,8 @@ class ResultsStore:
                 time.sleep(0.2)
         try:
             yield db
-        except (duckdb.InterruptException, RuntimeError) as exc:
-            # duckdb catches Ctrl-C itself while it works and raises this instead; the transaction is not
-            # committed, and the interrupt goes on as the user's (one line, exit code 130: cli.main)
-            if isinstance(exc, duckdb.InterruptException) or "interrupted" in str(exc).lower():
-                raise KeyboardInterrupt from None
-            raise
+        except duckdb.InterruptException:  # duckdb's own name for Ctrl-C during a read: the user's interrupt
+            raise KeyboardInterrupt from None
         finally:
             db.close()
 

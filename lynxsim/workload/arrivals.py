@@ -18,6 +18,14 @@ from lynxsim.errors import InputError
 from lynxsim.workload.traces import RequestTrace, TraceFile, mean_rate_per_s
 
 
+def generous_count(rate_per_s: float, cv: float, seconds: float) -> int:
+    """More arrivals than a renewal process of this rate and coefficient of variation almost ever makes in
+    ``seconds``: the expected count plus ten of its standard deviations (and 16). A first draw this long
+    seldom falls short (``_renewal_times``); ``lynxsim.preflight`` sizes a run's memory by it."""
+    expected = rate_per_s * seconds
+    return int(expected + 10.0 * max(cv, 1.0) * math.sqrt(expected) + 16)
+
+
 def _renewal_times(
     draw: Callable[[int], np.ndarray], rate_per_s: float, cv: float, num_requests: int | None, duration_s: float | None,
     until_s: float | None = None,
@@ -30,13 +38,12 @@ def _renewal_times(
     if num_requests is not None and bound == math.inf:
         return np.cumsum(draw(num_requests))
     assert num_requests is not None or duration_s is not None
-    most = num_requests if num_requests is not None else None
-    expected = rate_per_s * bound
-    chunk = int(expected + 10.0 * max(cv, 1.0) * np.sqrt(expected) + 16)
-    parts = [np.cumsum(draw(chunk if most is None else min(chunk, most)))]
+    most = math.inf if num_requests is None else num_requests
+    chunk = generous_count(rate_per_s, cv, bound)
+    parts = [np.cumsum(draw(int(min(chunk, most))))]
     drawn = parts[0].size
-    while parts[-1][-1] < bound and (most is None or drawn < most):  # the generous first chunk almost never falls short
-        size = chunk if most is None else min(chunk, most - drawn)
+    while parts[-1][-1] < bound and drawn < most:
+        size = int(min(chunk, most - drawn))
         parts.append(np.cumsum(draw(size)) + parts[-1][-1])
         drawn += size
     times = np.concatenate(parts)

@@ -115,10 +115,7 @@ def _slot(
     if dist is None:  # trace arrivals: the trace's own lengths, row by row
         assert trace is not None and rows is not None
         return _located(lambda: trace.column(column)[rows], key)
-    if isinstance(dist, EmpiricalLength):
-        _load(dist, key)
-        return _located(lambda: dist.sample(rng, count, column), key)
-    if isinstance(dist, TaskLength):  # a benchmark task's lengths: the slot's column unless it names one
+    if isinstance(dist, (EmpiricalLength, TaskLength)):  # the slot's column of a trace or a task, unless it names one
         return _located(lambda: dist.sample(rng, count, column), key)
     return dist.sample(rng, count)
 

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
 
 from lynxsim.errors import InputError
+from lynxsim.yaml_input import read_yaml_mapping
 
 TASKS_DIR = Path(__file__).parent / "data" / "tasks"
 SOURCE_KEYS = ("url", "dataset", "licence", "split", "few_shot", "tokens", "derived")
@@ -56,9 +56,7 @@ def load_task(name: str) -> TaskProfile:
     if name not in task_names():
         raise InputError("", f"unknown task {name!r}: known tasks are {', '.join(task_names())}")
     path = TASKS_DIR / f"{name}.yaml"
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    if not isinstance(raw, dict):
-        raise InputError(str(path), "expected a mapping")
+    raw = read_yaml_mapping(path, "task file")
     source = raw.get("source")
     missing = [k for k in SOURCE_KEYS if not isinstance(source, dict) or not source.get(k)]
     if missing:

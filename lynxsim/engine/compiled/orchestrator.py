@@ -137,9 +137,13 @@ class _Cluster:
         self.specs = RequestTable.of(specs)
         self.sends: _Sends | None = None
         if closed_loop is not None:
-            if self.specs.think_s is None:
+            table = self.specs
+            if table.think_s is None:
                 raise ValueError("closed-loop clients need the requests' think times (RequestTable.think_s)")
-            self.sends = _Sends(closed_loop, self.specs.think_s, len(self.specs))
+            # the arrival times are this run's to fill in: a copy, not the requests every policy is given
+            self.specs = RequestTable(table.request_id, table.arrival_s.copy(), table.prompt_tokens,
+                                      table.output_tokens, table.think_s)
+            self.sends = _Sends(closed_loop, table.think_s, len(table))
         self.cutoff_s = math.inf if cutoff_s is None else float(cutoff_s)
         self.disaggregated = "prefill" in roles
         if self.disaggregated and transfer is None:
