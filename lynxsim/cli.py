@@ -316,15 +316,19 @@ SLO_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("goodput_rps", "goodput", "{:.2f}"),
 )
 """Shown only when the experiment sets an SLO target: without one, attainment and goodput mean nothing."""
+PREFIX_COLUMNS: tuple[tuple[str, str, str], ...] = (("prefix_hit_rate", "prefix hit", "{:.3f}"),)
+"""Shown only when a request found a cached prefix: elsewhere the share is 0 by construction."""
 SUMMARY_LEGEND = ("TPOT/TTFT in ms; x: ratio to {first}; batch: mean decode batch (tokens); experts: distinct "
                   "experts per layer (decode); mass: retained top-k routing mass; requests: finished/rejected/"
-                  "unfinished; goodput: requests/s meeting the SLO")
+                  "unfinished; goodput: requests/s meeting the SLO; prefix hit: share of prompt tokens found in "
+                  "the prefix cache")
 
 
 def summary_table(frame: pd.DataFrame, title: str, *, with_slo: bool) -> Table:
     """One row per policy (``frame``: ``ExperimentResult.summary_frame``) with the columns of ``SUMMARY_COLUMNS``,
-    the request counts, and ``SLO_COLUMNS`` with an SLO."""
-    slo_columns = SLO_COLUMNS if with_slo else ()
+    the request counts, ``SLO_COLUMNS`` with an SLO, and ``PREFIX_COLUMNS`` where prefixes were found cached."""
+    with_prefix = "prefix_hit_rate" in frame and bool((frame["prefix_hit_rate"].fillna(0) > 0).any())
+    slo_columns = (*(SLO_COLUMNS if with_slo else ()), *(PREFIX_COLUMNS if with_prefix else ()))
     table = Table(title=title, caption=SUMMARY_LEGEND.format(first=frame.index[0]))
     for header in ("policy", *(h for _, h, _ in SUMMARY_COLUMNS), "requests", *(h for _, h, _ in slo_columns)):
         table.add_column(header, justify="left" if header == "policy" else "right", no_wrap=True)

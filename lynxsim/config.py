@@ -312,8 +312,13 @@ class ServingConfig(_Section):
         description="the batching rule: vllm (continuous batching; chunked_prefill chooses v1's or v0's), or a "
         "plug-in's scheduler by name, with its parameters",
     )
+    prefix_caching: bool = Field(
+        default=True,
+        description="reuse the KV cache of prompt prefixes that requests share (vLLM v1's automatic prefix caching, "
+        "on by default there too); the workload says which share one (task prefixes, trace hash_ids, sessions)",
+    )
 
-    omitted_when_default = ("scheduler",)
+    omitted_when_default = ("scheduler", "prefix_caching")
 
 
 class ParallelismConfig(_Section):

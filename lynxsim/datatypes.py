@@ -40,6 +40,48 @@ class RequestSpec:
     output_tokens: int
 
 
+@dataclass(frozen=True, eq=False)
+class PrefixIdentity:
+    """Which of a run's requests share leading tokens, for prefix caching: each request's prefix as a list of
+    ``unit_tokens``-token units (``unit_ids[unit_starts[r] : unit_starts[r] + unit_counts[r]]``), of which the
+    first ``keyed_tokens[r]`` tokens may be shared.
+
+    Unit ids are prefix-chained: two requests whose ``q``-th units have the same id agree on every token up to
+    that unit's end. Mooncake traces give 512-token units as ``hash_ids``; a task's few-shot prefix or a
+    conversation's history is one unit as long as any request (``WHOLE``) whose id names the task or the session.
+    Block granularity is the engine's (``lynxsim.engine.compiled.prefix_cache.block_identities``)."""
+
+    unit_tokens: int
+    unit_starts: np.ndarray  # int64 [requests]
+    unit_counts: np.ndarray  # int64 [requests]
+    unit_ids: np.ndarray  # int64: every request's units, one after the other
+    keyed_tokens: np.ndarray  # int64 [requests]: leading tokens that another request may share
+
+    WHOLE = 1 << 40
+    """``unit_tokens`` of one unit per request that covers all its shared tokens."""
+
+    def __post_init__(self) -> None:
+        sizes = {np.shape(a) for a in (self.unit_starts, self.unit_counts, self.keyed_tokens)}
+        if len(sizes) != 1 or self.unit_tokens < 1:
+            raise ValueError(f"prefix columns of different lengths ({sorted(sizes)}) or unit_tokens < 1")
+
+    @classmethod
+    def whole(cls, group_ids: np.ndarray, keyed_tokens: np.ndarray) -> PrefixIdentity:
+        """One unit per request: requests of one group share their first ``keyed_tokens`` tokens (a task's
+        few-shot prefix, a session's history)."""
+        count = len(group_ids)
+        return cls(cls.WHOLE, np.arange(count, dtype=np.int64), np.ones(count, dtype=np.int64),
+                   np.asarray(group_ids, dtype=np.int64), np.asarray(keyed_tokens, dtype=np.int64))
+
+    def take(self, rows: np.ndarray | slice) -> PrefixIdentity:
+        """The requests at ``rows``, in that order."""
+        return PrefixIdentity(self.unit_tokens, self.unit_starts[rows], self.unit_counts[rows], self.unit_ids,
+                              self.keyed_tokens[rows])
+
+    def __len__(self) -> int:
+        return int(self.keyed_tokens.size)
+
+
 class RequestTable(Sequence[RequestSpec]):
     """A run's requests as columns, one value per request: a sequence of ``RequestSpec`` made on access. A run
     holds millions of requests: a million took 2.8 s to draw as a list of ``RequestSpec`` (making the objects
@@ -48,17 +90,22 @@ class RequestTable(Sequence[RequestSpec]):
 
     Closed-loop requests (``ClosedLoopArrivals``) have no arrival time until a client sends them (NaN; the engine
     fills a copy in as it runs) and carry ``think_s``: the wait before each is sent, after its client's last
-    request ended (None for every other workload)."""
+    request ended (None for every other workload). ``prefix``: which requests share leading tokens (prefix
+    caching; None: none is known to)."""
 
-    __slots__ = ("arrival_s", "output_tokens", "prompt_tokens", "request_id", "think_s")
+    __slots__ = ("arrival_s", "output_tokens", "prefix", "prompt_tokens", "request_id", "think_s")
 
     def __init__(self, request_id: np.ndarray, arrival_s: np.ndarray, prompt_tokens: np.ndarray,
-                 output_tokens: np.ndarray, think_s: np.ndarray | None = None) -> None:
+                 output_tokens: np.ndarray, think_s: np.ndarray | None = None,
+                 prefix: PrefixIdentity | None = None) -> None:
         self.request_id = _int_array(request_id, "request_id")
         self.arrival_s = np.asarray(arrival_s, dtype=np.float64)
         self.prompt_tokens = _int_array(prompt_tokens, "prompt_tokens")
         self.output_tokens = _int_array(output_tokens, "output_tokens")
         self.think_s = None if think_s is None else np.asarray(think_s, dtype=np.float64)
+        self.prefix = prefix
+        if prefix is not None and len(prefix) != self.request_id.size:
+            raise ValueError(f"prefix identity of {len(prefix)} requests for {self.request_id.size} requests")
         columns = (self.request_id, self.arrival_s, self.prompt_tokens, self.output_tokens)
         sizes = {a.shape for a in (*columns, *(() if self.think_s is None else (self.think_s,)))}
         if len(sizes) != 1:
@@ -86,7 +133,8 @@ class RequestTable(Sequence[RequestSpec]):
     def __getitem__(self, index: int | slice) -> RequestSpec | RequestTable:
         if isinstance(index, slice):
             return RequestTable(self.request_id[index], self.arrival_s[index], self.prompt_tokens[index],
-                                self.output_tokens[index], None if self.think_s is None else self.think_s[index])
+                                self.output_tokens[index], None if self.think_s is None else self.think_s[index],
+                                None if self.prefix is None else self.prefix.take(index))
         return RequestSpec(int(self.request_id[index]), float(self.arrival_s[index]), int(self.prompt_tokens[index]),
                            int(self.output_tokens[index]))
 

@@ -145,6 +145,7 @@ def request_table(
     first_token_s: np.ndarray,
     finish_s: np.ndarray,
     preemptions: np.ndarray,
+    cached_tokens: np.ndarray,
     instance: np.ndarray,
     decode_instance: np.ndarray,
     transfer_start_s: np.ndarray,
@@ -156,7 +157,9 @@ def request_table(
     rejected), which computed its prompt: ``prefill_instance`` is the same; ``decode_instance`` is the one that
     generated its other tokens (co-located: the same again; disaggregated: -1 until one was chosen).
     ``transfer_wait_s`` is the wait from its first token to the start of its KV-cache transfer (for KV blocks on
-    the decode instance), ``transfer_s`` the transfer itself (NaN: none)."""
+    the decode instance), ``transfer_s`` the transfer itself (NaN: none). ``cached_tokens``: the prompt tokens
+    its first admission found in the prefix cache, not computed (vLLM's ``num_cached_tokens``; 0 without prefix
+    caching)."""
     decode_steps = (generated_tokens - 1).astype(float)
     with np.errstate(divide="ignore", invalid="ignore"):
         tpot = np.where(decode_steps > 0, (finish_s - first_token_s) / decode_steps, np.nan)
@@ -174,6 +177,7 @@ def request_table(
             "tpot_s": tpot,
             "e2e_s": finish_s - arrival_s,
             "preemptions": preemptions,
+            "cached_tokens": cached_tokens,
             "instance": instance,
             "prefill_instance": instance,
             "decode_instance": decode_instance,
@@ -234,6 +238,12 @@ def summarize(
         "scheduling_delay_p99_s": _percentile(after_warmup["scheduling_delay_s"], 99),
         "goodput_rps": float(met.sum()) / window_s,
     }
+    # prefix caching: the share of prompt tokens that requests scheduled after warm-up found cached, and those tokens
+    scheduled = after_warmup[after_warmup["scheduling_delay_s"].notna()]
+    cached = float(scheduled["cached_tokens"].sum())
+    prompts = float(scheduled["prompt_tokens"].sum())
+    summary["prefix_hit_rate"] = cached / prompts if prompts else np.nan
+    summary["prefill_tokens_saved"] = cached
     # disaggregated serving: KV-cache transfers of requests arrived after warm-up (NaN when there were none)
     for key, column in (("transfer_mean_ms", "transfer_s"), ("transfer_wait_mean_ms", "transfer_wait_s")):
         values = after_warmup[column].dropna().to_numpy() if column in after_warmup else np.zeros(0)

@@ -259,6 +259,8 @@ def _prepare(config: ExperimentConfig) -> Setup:
         duration_s=sim.duration_s,
         until_s=sim.cutoff_s,
     )
+    if not config.serving.prefix_caching:
+        requests.prefix = None  # no request shares a cached prefix: every prompt token is computed
     preflight.check_wall_time(config, model, requests)
     routing = build_routing(config, model)
     policies = prepare_policies(config, model, routing)

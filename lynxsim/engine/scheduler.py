@@ -27,6 +27,7 @@ from typing import Protocol
 import numpy as np
 
 from lynxsim.engine.compiled import kernel as k
+from lynxsim.engine.compiled.prefix_cache import PrefixCache
 from lynxsim.engine.kv_cache import BlockPool
 
 REJECTION_REASONS = ("exceeds_kv_cache", "exceeds_max_num_batched_tokens")
@@ -98,6 +99,7 @@ class InstanceArrays(Protocol):
     batch_new: np.ndarray
     batch_before: np.ndarray
     batch_decoding: np.ndarray
+    prefix: PrefixCache
 
 
 class RequestQueue:
@@ -170,7 +172,8 @@ class Scheduler:
         batching rule, which a plug-in scheduler replaces."""
         instance = self._bound
         k.schedule_step(instance.req_i, instance.req_f, instance.slots, instance.queue, instance.state,
-                        instance.config, instance.batch_new, instance.batch_before, instance.batch_decoding, now_s)
+                        instance.config, instance.batch_new, instance.batch_before, instance.batch_decoding, now_s,
+                        instance.prefix)
         return self._batch()
 
     def schedule_running(self, budget: int) -> tuple[np.ndarray, int, bool]:
@@ -180,7 +183,7 @@ class Scheduler:
         instance = self._bound
         count, left, preempted = k.schedule_running_step(instance.req_i, instance.slots, instance.queue,
                                                          instance.state, instance.config, instance.batch_new,
-                                                         budget)
+                                                         budget, instance.prefix)
         self._filled = count
         return instance.batch_new[:count].copy(), left, bool(preempted)
 
@@ -192,7 +195,7 @@ class Scheduler:
         at = self._filled
         admitted, left = k.admit_waiting_step(instance.req_i, instance.req_f, instance.slots, instance.queue,
                                               instance.state, instance.config, instance.batch_new, at, budget,
-                                              now_s, whole_prompts)
+                                              now_s, whole_prompts, instance.prefix)
         self._filled = at + admitted
         self._admitted += admitted
         return instance.batch_new[at : at + admitted].tolist(), left

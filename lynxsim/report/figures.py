@@ -180,6 +180,7 @@ def tpot_table(data: FigureData, path: Path, *, context: str = "") -> pd.DataFra
 X_LABELS = {
     "serving.max_num_seqs": "maximum decode batch (max_num_seqs)",
     "workload.arrival.clients": "closed-loop clients (requests in flight at most)",
+    "workload.arrival.rate_per_s": "arrival rate (requests/s)",
 }
 """How a swept key reads on an x axis; any other key is shown as it is written."""
 

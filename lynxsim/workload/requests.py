@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from typing import Literal, TypeVar
 
 import numpy as np
 
-from lynxsim.datatypes import RequestTable
+from lynxsim.datatypes import PrefixIdentity, RequestTable
 from lynxsim.errors import InputError
 from lynxsim.workload.arrivals import (
     BatchArrivals,
@@ -54,6 +55,10 @@ def generate_requests(
     that would arrive at or after ``until_s`` (the cut-off: never served) are not drawn at all, so that a run cut
     off early costs what it serves, not what it was asked to generate; those drawn are the same either way.
     Errors in a trace file are ``InputError``s that name the workload key, the file and the line.
+
+    Which requests share a prompt prefix (``RequestTable.prefix``, for prefix caching) comes with the lengths: a
+    task's prompts all start with its few-shot prefix; a trace replayed with its own lengths brings what it
+    records (Mooncake ``hash_ids``, a ``session`` column). Lengths from anywhere else share nothing.
     """
     if paired_lengths is not None and (prompt_tokens is not None or output_tokens is not None):
         raise ValueError("paired_lengths excludes prompt_tokens and output_tokens")
@@ -96,11 +101,19 @@ def generate_requests(
     else:
         prompts = _slot(prompt_tokens, "prompt", prompt_rng, count, trace, rows)
         outputs = _slot(output_tokens, "output", output_rng, count, trace, rows)
+    prefix = None
+    if isinstance(prompt_tokens, TaskLength) and prompt_tokens.column in (None, "prompt") \
+            and prompt_tokens.prefix_tokens > 0:
+        task_id = zlib.crc32(prompt_tokens.name.encode())  # one id per task: its prompts share the prefix
+        prefix = PrefixIdentity.whole(np.full(count, task_id), np.full(count, prompt_tokens.prefix_tokens))
+    elif trace is not None and trace.prefix is not None and prompt_tokens is None and output_tokens is None:
+        assert rows is not None
+        prefix = trace.prefix.take(rows)
     think_s = None
     if isinstance(arrival, ClosedLoopArrivals):  # the arrival stream's own draws: lengths are unchanged by them
         think_s = arrival.think_time.sample(arrival_rng, count)
     return RequestTable(np.arange(count, dtype=np.int64), np.asarray(times_s, dtype=float), prompts, outputs,
-                        think_s)
+                        think_s, prefix)
 
 
 def _slot(

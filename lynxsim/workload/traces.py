@@ -6,9 +6,12 @@ Formats:
   ``data/AzureLLMInferenceTrace_{code,conv}.csv``): CSV with ``TIMESTAMP`` (``2023-11-16 18:17:03.9799600``, 7
   fractional digits, parsed exactly to the nanosecond), ``ContextTokens``, ``GeneratedTokens``.
 * ``mooncake``: JSON Lines as Mooncake publishes them (github.com/kvcache-ai/Mooncake, ``FAST25-release/traces/``):
-  ``timestamp`` (milliseconds), ``input_length``, ``output_length``; other fields (``hash_ids``) are ignored.
+  ``timestamp`` (milliseconds), ``input_length``, ``output_length``, and ``hash_ids``: the prompt's 512-token
+  blocks as prefix-chained hash ids ("Identical hash IDs indicate reusable prefix KV cache blocks. The block size is
+  512 tokens", FAST25-release/README.md), which prefix caching reads (``RequestTrace.prefix``).
 * ``csv`` / ``jsonl``: any table with a column mapping (``arrival``, ``prompt``, ``output``: the file's column
-  names, each optional) and a time unit (``s``, ``ms``, ``us`` or ``datetime``).
+  names, each optional; ``session``: a conversation id, whose turns each carry the conversation so far as their
+  prompt's prefix) and a time unit (``s``, ``ms``, ``us`` or ``datetime``).
 
 Rules every loader applies, so that a trace means the same whatever its format:
 
@@ -37,6 +40,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from lynxsim.datatypes import PrefixIdentity
 from lynxsim.errors import InputError
 
 TraceFormat = Literal["azure", "mooncake", "csv", "jsonl"]
@@ -44,6 +48,9 @@ TimeUnit = Literal["s", "ms", "us", "datetime"]
 
 _UNITS_PER_SECOND = {"s": 1.0, "ms": 1e3, "us": 1e6}
 AZURE_DATETIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+
+MOONCAKE_BLOCK_TOKENS = 512
+"""Tokens per Mooncake ``hash_ids`` entry (github.com/kvcache-ai/Mooncake, FAST25-release/README.md)."""
 
 MAX_REQUEST_TOKENS = 1 << 24
 """The longest prompt or output any length source may give (16.8 million tokens, far past every model's context):
@@ -67,6 +74,8 @@ class RequestTrace:
     output_tokens: np.ndarray | None
     """int64, >= 1; None when the file has no output column"""
     notes: tuple[str, ...] = field(default=())
+    prefix: PrefixIdentity | None = None
+    """which rows share leading tokens (Mooncake ``hash_ids``, a ``session`` column); None: not known"""
 
     def __post_init__(self) -> None:
         sizes = {len(a) for a in (self.arrival_s, self.prompt_tokens, self.output_tokens) if a is not None}
@@ -135,11 +144,18 @@ class TraceColumns(BaseModel):
     arrival: str | None = Field(default=None, description="arrival time column (unit: time_unit)")
     prompt: str | None = Field(default=None, description="prompt (input, context) tokens column")
     output: str | None = Field(default=None, description="output (generated) tokens column")
+    session: str | None = Field(
+        default=None,
+        description="conversation id column: a turn's prompt starts with its conversation's earlier turns "
+                    "(prompts and outputs), which prefix caching may reuse; needs prompt and output",
+    )
 
     @model_validator(mode="after")
     def _some(self) -> TraceColumns:
         if self.arrival is None and self.prompt is None and self.output is None:
             raise ValueError("map at least one of 'arrival', 'prompt', 'output' to a column of the file")
+        if self.session is not None and (self.prompt is None or self.output is None):
+            raise ValueError("a session column needs the prompt and output columns too")
         return self
 
 
@@ -238,8 +254,9 @@ def load_azure_csv(path: str | Path) -> RequestTrace:
 
 
 def load_mooncake_jsonl(path: str | Path) -> RequestTrace:
-    """A Mooncake trace (JSON Lines: timestamp in ms, input_length, output_length; other fields ignored)."""
-    return load_trace_table(path, MOONCAKE_COLUMNS, time_unit="ms", format="jsonl", name="mooncake")
+    """A Mooncake trace (JSON Lines: timestamp in ms, input_length, output_length, hash_ids)."""
+    return load_trace_table(path, MOONCAKE_COLUMNS, time_unit="ms", format="jsonl", name="mooncake",
+                            hash_ids="hash_ids")
 
 
 def load_trace_table(
@@ -250,8 +267,10 @@ def load_trace_table(
     format: Literal["csv", "jsonl"] | None = None,
     datetime_format: str | None = None,
     name: str | None = None,
+    hash_ids: str | None = None,
 ) -> RequestTrace:
-    """Any CSV or JSON Lines file with a column mapping; ``format`` defaults to the file suffix."""
+    """Any CSV or JSON Lines file with a column mapping; ``format`` defaults to the file suffix. ``hash_ids``: a
+    JSON Lines field holding each prompt's Mooncake block hash ids (``MOONCAKE_BLOCK_TOKENS`` tokens each)."""
     path = Path(path)
     if not isinstance(columns, TraceColumns):
         columns = TraceColumns(**columns)
@@ -262,10 +281,14 @@ def load_trace_table(
         format = "csv" if suffix == ".csv" else "jsonl"
     wanted = {
         role: col
-        for role, col in (("arrival", columns.arrival), ("prompt", columns.prompt), ("output", columns.output))
+        for role, col in (("arrival", columns.arrival), ("prompt", columns.prompt), ("output", columns.output),
+                          ("session", columns.session), ("hash_ids", hash_ids))
         if col is not None
     }
-    table, first_line = _read_csv(path, wanted) if format == "csv" else _read_jsonl(path, wanted)
+    if format == "csv":
+        table, first_line = _read_csv(path, wanted)
+    else:
+        table, first_line = _read_jsonl(path, wanted, optional=(hash_ids,) if hash_ids is not None else ())
     if len(table) == 0:
         raise InputError(str(path), "the trace has no requests")
     lines = table.index.to_numpy() + first_line  # the 1-based line of each row in the file
@@ -279,12 +302,22 @@ def load_trace_table(
         for role in ("prompt", "output")
         if role in wanted
     }
+    prefix = None
+    if "hash_ids" in wanted and table[wanted["hash_ids"]].notna().any():
+        prefix = _hash_id_prefix(table[wanted["hash_ids"]], lengths["prompt"], path, lines)
+    elif "session" in wanted:
+        # a turn's KV cache at its end: its prompt (the conversation so far) and every output token but the last
+        sessions = pd.factorize(table[wanted["session"]])[0]
+        alone = sessions < 0  # a row without a session id is a conversation of its own
+        sessions[alone] = sessions.max() + 1 + np.arange(int(alone.sum()))
+        prefix = PrefixIdentity.whole(sessions, lengths["prompt"] + lengths["output"] - 1)
     if arrival is not None:
         out_of_order = int(np.count_nonzero(np.diff(arrival) < 0))
         if out_of_order:
             order = np.argsort(arrival, kind="stable")
             arrival = arrival[order]
             lengths = {role: values[order] for role, values in lengths.items()}
+            prefix = prefix.take(order) if prefix is not None else None
             notes.append(f"{out_of_order} rows arrive earlier than the row before them: sorted by arrival time")
         arrival = arrival - arrival[0]
     return RequestTrace(
@@ -294,7 +327,24 @@ def load_trace_table(
         prompt_tokens=lengths.get("prompt"),
         output_tokens=lengths.get("output"),
         notes=tuple(notes),
+        prefix=prefix,
     )
+
+
+def _hash_id_prefix(values: pd.Series, prompts: np.ndarray, path: Path, lines: np.ndarray) -> PrefixIdentity:
+    """Mooncake ``hash_ids`` as a ``PrefixIdentity`` of ``MOONCAKE_BLOCK_TOKENS``-token units covering each
+    prompt; a field that is not a list of integers (or missing where other lines have it) is an error at its line."""
+    counts = np.zeros(len(values), dtype=np.int64)
+    ids: list[int] = []
+    for row, value in enumerate(values):
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise InputError(f"{path}:{int(lines[row])}", f"hash_ids must be a list of integers, got {value!r}"[:200])
+        counts[row] = len(value)
+        ids.extend(value)
+    starts = np.zeros_like(counts)
+    if counts.size > 1:
+        np.cumsum(counts[:-1], out=starts[1:])
+    return PrefixIdentity(MOONCAKE_BLOCK_TOKENS, starts, counts, np.array(ids, dtype=np.int64), prompts.copy())
 
 
 def _read_csv(path: Path, wanted: dict[str, str]) -> tuple[pd.DataFrame, int]:
@@ -340,8 +390,9 @@ def _first_long_row(path: Path, fields: int) -> int:
     return 1
 
 
-def _read_jsonl(path: Path, wanted: dict[str, str]) -> tuple[pd.DataFrame, int]:
-    """The wanted fields of every JSON object line; the index is the 0-based line number, so line = index + 1."""
+def _read_jsonl(path: Path, wanted: dict[str, str], optional: tuple[str, ...] = ()) -> tuple[pd.DataFrame, int]:
+    """The wanted fields of every JSON object line (None where an ``optional`` one is missing); the index is the
+    0-based line number, so line = index + 1."""
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -363,9 +414,9 @@ def _read_jsonl(path: Path, wanted: dict[str, str]) -> tuple[pd.DataFrame, int]:
         if not isinstance(row, dict):
             raise InputError(f"{path}:{number + 1}", "each line must be a JSON object")
         for f in fields:
-            if f not in row:
+            if f not in row and f not in optional:
                 raise InputError(f"{path}:{number + 1}", f"no field {f!r}")
-            columns[f].append(row[f])
+            columns[f].append(row.get(f))
         index.append(number)
     return pd.DataFrame(columns, index=pd.Index(index)), 1
 

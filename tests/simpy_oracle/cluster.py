@@ -238,6 +238,7 @@ def requests_frame(requests: list[Request], statuses: dict[int, str]) -> pd.Data
         first_token_s=times([r.first_token_s for r in requests]),
         finish_s=times([r.finish_s for r in requests]),
         preemptions=np.array([r.num_preemptions for r in requests], dtype=np.int64),
+        cached_tokens=np.zeros(len(requests), dtype=np.int64),  # the oracle has no prefix caching
         instance=np.array([r.instance for r in requests], dtype=np.int64),
         decode_instance=np.array([r.decode_instance for r in requests], dtype=np.int64),
         transfer_start_s=times([r.transfer_start_s for r in requests]),

@@ -20,6 +20,7 @@ import pandas as pd
 from lynxsim.datatypes import RequestSpec, RequestTable
 from lynxsim.engine.compiled import kernel as k
 from lynxsim.engine.compiled.instance import CompiledInstance
+from lynxsim.engine.compiled.prefix_cache import RunBlocks, block_identities
 from lynxsim.engine.routing_step import RoutingStep
 from lynxsim.engine.scheduler import Scheduler
 from lynxsim.instance_cost import InstanceCostModel
@@ -55,11 +56,11 @@ def _drop_stale_loop_cache() -> None:
     from numba.core.registry import CPUDispatcher
 
     from lynxsim import cost_formulas
-    from lynxsim.engine.compiled import routing
+    from lynxsim.engine.compiled import prefix_cache, routing
     from lynxsim.policies import column_kernels, selection_kernels
     from lynxsim.routing import synthetic_kernels
 
-    loop_modules = (k, cost_formulas, routing)
+    loop_modules = (k, cost_formulas, routing, prefix_cache)
 
     # Dispatchers as Any: numba's type hints leave out their private on-disk cache (``_cache``) used here.
     def flush() -> None:
@@ -130,7 +131,8 @@ def simulate(
     table = RequestTable.of(specs)
     n = len(table)
     instance = CompiledInstance(scheduler, cost_model, step, num_moe_layers, n, cutoff_s=cutoff_s,
-                                progress_every=PROGRESS_EVERY_REQUESTS if on_arrivals is not None else 0)
+                                progress_every=PROGRESS_EVERY_REQUESTS if on_arrivals is not None else 0,
+                                blocks=run_blocks(table, scheduler))
     instance.push(np.arange(n), table.request_id, table.arrival_s, table.arrival_s, table.prompt_tokens,
                   table.output_tokens, arrival_rejections(table, scheduler))
     if on_arrivals is not None:
@@ -146,6 +148,15 @@ def simulate(
     requests = request_records([instance], np.zeros(arrived, dtype=np.int64), rows, table[:arrived], on_instance,
                                on_instance, status)
     return CompiledRun(requests, [instance.log()], float(instance.clock[k.C_END]))
+
+
+def run_blocks(table: RequestTable, scheduler: Scheduler) -> RunBlocks | None:
+    """The block identities of ``table``'s requests in ``scheduler``'s KV-cache blocks, or None when no request is
+    known to share a prefix (``RequestTable.prefix``; the runner leaves it out with ``serving.prefix_caching``
+    off)."""
+    if table.prefix is None:
+        return None
+    return block_identities(table.prefix, scheduler.pool.block_size_tokens)
 
 
 def arrival_rejections(specs: Sequence[RequestSpec], entry: Scheduler, decode: Scheduler | None = None) -> np.ndarray:
@@ -187,7 +198,8 @@ def request_records(
         output_tokens=table.output_tokens,
         generated_tokens=req_i[:, k.R_GENERATED], first_scheduled_s=req_f[:, k.RF_SCHEDULED],
         first_token_s=req_f[:, k.RF_FIRST_TOKEN], finish_s=req_f[:, k.RF_FINISH],
-        preemptions=req_i[:, k.R_PREEMPTIONS], instance=instance, decode_instance=decode_instance,
+        preemptions=req_i[:, k.R_PREEMPTIONS], cached_tokens=req_i[:, k.R_HIT_TOKENS], instance=instance,
+        decode_instance=decode_instance,
         transfer_start_s=req_f[:, k.RF_TRANSFER_START], transfer_end_s=req_f[:, k.RF_TRANSFER_END],
         status=list(names[status]),
     )

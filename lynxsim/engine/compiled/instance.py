@@ -21,6 +21,7 @@ from numpy.typing import ArrayLike
 from lynxsim.datatypes import BatchShape, ExpertActivity
 from lynxsim.engine.compiled import kernel as k
 from lynxsim.engine.compiled import pricing as compiled_pricing
+from lynxsim.engine.compiled.prefix_cache import RunBlocks, make_prefix_cache
 from lynxsim.engine.compiled.routing import fused_routing, route_function
 from lynxsim.engine.decode_run import MAX_RUN_ITERATIONS, run_token_ids
 from lynxsim.engine.deployment import KVTransfer
@@ -75,7 +76,9 @@ class CompiledInstance:
     (requests given to it and not yet done there, kept by the orchestrator). ``transfer`` prices KV-cache
     transfers (disaggregated serving); ``record_events``
     turns the outbox on (the orchestrator reads it; one instance alone needs none); ``stop_on_finish`` stops it at
-    every finish (``kernel.K_STOP_ON_FINISH``: closed-loop clients send their next request then)."""
+    every finish (``kernel.K_STOP_ON_FINISH``: closed-loop clients send their next request then). ``blocks``: the
+    run's block identities, with which the instance caches prefixes (``prefix_cache``; None: it does not; a decode
+    instance never looks prefixes up: its requests' KV caches come whole from a prefill instance)."""
 
     def __init__(
         self,
@@ -92,6 +95,7 @@ class CompiledInstance:
         record_events: bool = False,
         stop_on_finish: bool = False,
         progress_every: int = 0,
+        blocks: RunBlocks | None = None,
     ) -> None:
         self.index = index
         self.role = role
@@ -146,6 +150,8 @@ class CompiledInstance:
         self.slots = np.zeros((k.SLOT_FIELDS, max_seqs), dtype=np.int64)
         self.state = np.zeros(k.STATE_SIZE, dtype=np.int64)
         self.state[k.S_FREE_BLOCKS] = pool.num_blocks
+        self.blocks = blocks if role != "decode" else None
+        self.prefix = make_prefix_cache(self.blocks, pool.num_blocks)
         self.clock = np.zeros(k.CLOCK_SIZE)
         self.batch_new = np.zeros(max(max_seqs, 1), dtype=np.int64)
         self.batch_before = np.zeros_like(self.batch_new)
@@ -244,6 +250,10 @@ class CompiledInstance:
         arrival."""
         r = self.pushed
         rows = slice(r, r + np.size(position))
+        if self.blocks is not None:
+            positions = np.asarray(position, dtype=np.int64)
+            self.req_i[rows, k.R_KEY_AT] = self.blocks.starts[positions]
+            self.req_i[rows, k.R_KEYED] = self.blocks.counts[positions]
         self.request_ids[rows] = request_id
         self.positions[rows] = position
         self.req_i[rows, k.R_PROMPT] = prompt_tokens
@@ -264,6 +274,7 @@ class CompiledInstance:
                       inbox_s, 0, 0)
         self.req_i[r] = source.req_i[row]
         self.req_i[r, k.R_BLOCKS] = 0
+        self.req_i[r, [k.R_KEYED, k.R_CACHED]] = 0
         self.req_i[r, k.R_STATUS] = k.ST_NONE
         self.req_f[r, [k.RF_SCHEDULED, k.RF_FIRST_TOKEN]] = source.req_f[row, [k.RF_SCHEDULED, k.RF_FIRST_TOKEN]]
         return r
@@ -334,7 +345,8 @@ class CompiledInstance:
             self.config, self.timing, self.req_i, self.req_f, self.queue, self.incoming, self.receiving, self.frees,
             self.outbox_i, self.outbox_f, self.slots, self.state, self.clock, self.batch_new, self.batch_before,
             self.batch_decoding, self.route_distinct, self.route_assignments, self.route_proxies,
-            self.route_rank_distinct, self.route_rank_assignments, self.pricing, self.fused, self.route_function,
+            self.route_rank_distinct, self.route_rank_assignments, self.pricing, self.prefix, self.fused,
+            self.route_function,
             self.policy_table, self.baseline_table, self.samples, self.uniforms, log_f, log_i, log_distinct,
             log_proxies,
         )

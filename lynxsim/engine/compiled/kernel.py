@@ -43,6 +43,8 @@ from collections.abc import Callable
 import numpy as np
 
 from lynxsim.cost_formulas import kv_transfer_s
+from lynxsim.engine.compiled import prefix_cache as prefix
+from lynxsim.engine.compiled.prefix_cache import PrefixCache
 from lynxsim.engine.compiled.pricing import Pricing, price_iteration
 from lynxsim.engine.compiled.routing import FusedRouting, admit_means
 from lynxsim.jit import compiled
@@ -65,9 +67,12 @@ ROLE_COLOCATED, ROLE_PREFILL, ROLE_DECODE = 0, 1, 2
 EV_FINISH, EV_HANDOFF, EV_TRANSFER = 0, 1, 2
 
 # Columns of the per-request integer array ``req_i`` (``[requests, REQUEST_INTS]``: a request's counters share a
-# cache line, since the loop visits requests, not counters).
+# cache line, since the loop visits requests, not counters). Prefix caching (``prefix_cache``): where the request's
+# block identities start and how many it has (0: none, or caching off), how many of its blocks are cached ones
+# (the first ``R_CACHED`` of its ``R_BLOCKS``), and the prompt tokens its first admission found cached.
 R_PROMPT, R_OUTPUT, R_TOKENS, R_COMPUTED, R_GENERATED, R_BLOCKS, R_PREEMPTIONS, R_STATUS, R_REJECT = range(9)
-REQUEST_INTS = 9
+R_KEY_AT, R_KEYED, R_CACHED, R_HIT_TOKENS = 9, 10, 11, 12
+REQUEST_INTS = 13
 # Columns of the per-request float array ``req_f``. ``RF_INBOX``: when the request reaches this instance (its
 # arrival; on a decode instance, its hand-off); ``RF_TRANSFER_*``: its KV-cache transfer (disaggregated serving).
 RF_ARRIVAL, RF_SCHEDULED, RF_FIRST_TOKEN, RF_FINISH, RF_INBOX, RF_TRANSFER_START, RF_TRANSFER_END = range(7)
@@ -76,8 +81,8 @@ REQUEST_FLOATS = 7
 # Rows of ``slots``, the running requests' counters in admission order (``[SLOT_FIELDS, max_num_seqs]``, the
 # first ``state[S_RUNNING]`` columns in use): the loop visits them every iteration, contiguously; a request's row
 # of ``req_i`` is stale while it runs and written back when it leaves.
-SL_REQUEST, SL_TOKENS, SL_COMPUTED, SL_GENERATED, SL_OUTPUT, SL_BLOCKS = range(6)
-SLOT_FIELDS = 6
+SL_REQUEST, SL_TOKENS, SL_COMPUTED, SL_GENERATED, SL_OUTPUT, SL_BLOCKS, SL_CACHED, SL_KEYED = range(8)
+SLOT_FIELDS = 8
 
 # Entries of ``state``.
 S_ARRIVED, S_WQ_HEAD, S_WQ_COUNT, S_RUNNING, S_FREE_BLOCKS, S_PHASE, S_EPOCH = 0, 1, 2, 3, 4, 5, 6
@@ -93,6 +98,7 @@ S_PUSHED, S_IN_HEAD, S_IN_COUNT, S_RECEIVING, S_FREES, S_OUTBOX, S_CUT = 22, 23,
 # when it forms no batch (a preemption, which keeps that step from admitting).
 S_WAITING = 29
 STATE_SIZE = 30
+assert S_FREE_BLOCKS == prefix.S_FREE_BLOCKS
 # Entries of ``clock``.
 # ``C_PENDING_END`` and ``C_PRICE`` (6 entries, ``price_iteration``'s): an iteration priced and not yet
 # completed (phase 2: a prefill instance waits there until it knows every transfer that ends before its end).
@@ -130,7 +136,8 @@ def _blocks_for(tokens: int, block_tokens: int) -> int:
 
 
 @compiled(inline="always")
-def _try_grow(held: np.ndarray, row: int, column: int, tokens: int, state: np.ndarray, block_tokens: int) -> bool:
+def _try_grow(held: np.ndarray, row: int, column: int, tokens: int, state: np.ndarray, block_tokens: int,
+              cache: PrefixCache) -> bool:
     """``BlockPool.try_grow`` for the request whose blocks ``held[row, column]`` counts (a running request's
     ``slots[SL_BLOCKS, i]``, another's ``req_i[r, R_BLOCKS]``): enough blocks to cache ``tokens`` tokens, or False
     (and no change)."""
@@ -138,9 +145,17 @@ def _try_grow(held: np.ndarray, row: int, column: int, tokens: int, state: np.nd
     if extra > state[S_FREE_BLOCKS]:
         return False
     if extra > 0:
-        state[S_FREE_BLOCKS] -= extra
+        prefix.take_blocks(cache, state, extra)
         held[row, column] += extra
     return True
+
+
+@compiled(inline="always")
+def _release(req_i: np.ndarray, r: int, state: np.ndarray, cache: PrefixCache) -> None:
+    """Request ``r`` lets go of its KV blocks (finished, preempted, or its KV cache moved to a decode instance)."""
+    prefix.release(cache, state, req_i[r, R_KEY_AT], req_i[r, R_BLOCKS], req_i[r, R_CACHED])
+    req_i[r, R_BLOCKS] = 0
+    req_i[r, R_CACHED] = 0
 
 
 @compiled(inline="always")
@@ -175,6 +190,7 @@ def _write_back(req_i: np.ndarray, slots: np.ndarray, i: int) -> int:
     req_i[r, R_COMPUTED] = slots[SL_COMPUTED, i]
     req_i[r, R_GENERATED] = slots[SL_GENERATED, i]
     req_i[r, R_BLOCKS] = slots[SL_BLOCKS, i]
+    req_i[r, R_CACHED] = slots[SL_CACHED, i]
     return r
 
 
@@ -188,17 +204,19 @@ def _enter_running(req_i: np.ndarray, slots: np.ndarray, state: np.ndarray, r: i
     slots[SL_GENERATED, i] = req_i[r, R_GENERATED]
     slots[SL_OUTPUT, i] = req_i[r, R_OUTPUT]
     slots[SL_BLOCKS, i] = req_i[r, R_BLOCKS]
+    slots[SL_CACHED, i] = req_i[r, R_CACHED]
+    slots[SL_KEYED, i] = req_i[r, R_KEYED]
     state[S_RUNNING] = i + 1
     state[S_EPOCH] += 1
 
 
 @compiled(inline="never")
-def _preempt_last(req_i: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray) -> None:
+def _preempt_last(req_i: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray,
+                  cache: PrefixCache) -> None:
     """``Scheduler._preempt`` of the most recently admitted running request (recompute mode)."""
     state[S_RUNNING] -= 1
     r = _write_back(req_i, slots, state[S_RUNNING])
-    state[S_FREE_BLOCKS] += req_i[r, R_BLOCKS]
-    req_i[r, R_BLOCKS] = 0
+    _release(req_i, r, state, cache)
     req_i[r, R_COMPUTED] = 0
     req_i[r, R_PREEMPTIONS] += 1
     _push_front(queue, state, r)
@@ -208,7 +226,7 @@ def _preempt_last(req_i: np.ndarray, slots: np.ndarray, queue: np.ndarray, state
 @compiled(inline="never")
 def _schedule_running(
     req_i: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray, config: np.ndarray,
-    batch_new: np.ndarray, grow: np.ndarray, budget: int,
+    batch_new: np.ndarray, grow: np.ndarray, budget: int, cache: PrefixCache,
 ) -> tuple[int, int, bool]:
     """``Scheduler.schedule_running`` (and its preempting variant): tokens for the first running requests into
     ``batch_new``; returns (requests scheduled, budget left, whether any was preempted). ``grow``: scratch, the
@@ -240,7 +258,7 @@ def _schedule_running(
         if needed:
             for i in range(count):
                 slots[SL_BLOCKS, i] += grow[i]
-            state[S_FREE_BLOCKS] -= needed
+            prefix.take_blocks(cache, state, needed)
         return count, left, False
     # The pool runs short: request by request, preempting the most recently admitted while one cannot grow.
     preempted = False
@@ -248,9 +266,9 @@ def _schedule_running(
     left = budget
     while index < state[S_RUNNING] and left > 0:
         take = min(slots[SL_TOKENS, index] - slots[SL_COMPUTED, index], left)
-        while not _try_grow(slots, SL_BLOCKS, index, slots[SL_COMPUTED, index] + take, state, block_tokens):
+        while not _try_grow(slots, SL_BLOCKS, index, slots[SL_COMPUTED, index] + take, state, block_tokens, cache):
             victim = state[S_RUNNING] - 1
-            _preempt_last(req_i, slots, queue, state)
+            _preempt_last(req_i, slots, queue, state, cache)
             preempted = True
             if victim == index:
                 return index, left, preempted
@@ -264,22 +282,39 @@ def _schedule_running(
 def _admit_waiting(
     req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray,
     config: np.ndarray, batch_new: np.ndarray, at: int, budget: int, now: float, whole_prompts: bool,
+    cache: PrefixCache,
 ) -> tuple[int, int]:
     """``Scheduler.admit_waiting``: admissions appended to the running set and to ``batch_new`` from ``at``;
-    returns (requests admitted, budget left)."""
+    returns (requests admitted, budget left). A request with nothing computed first takes the leading blocks the
+    prefix cache holds (``prefix_cache.lookup``): their tokens are not computed again, and admitting it needs
+    free blocks for the rest and for the cached blocks no one holds (vLLM's ``allocate_slots``)."""
     admitted = 0
     block_tokens = config[K_BLOCK_TOKENS]
     while state[S_WQ_COUNT] > 0 and budget > 0 and state[S_RUNNING] + state[S_RECEIVING] < config[K_MAX_SEQS]:
         r = _queue_at(queue, state, 0)
-        missing = req_i[r, R_TOKENS] - req_i[r, R_COMPUTED]
+        hits = 0
+        queued = 0
+        if req_i[r, R_KEYED] > 0 and req_i[r, R_COMPUTED] == 0:
+            hits, queued = prefix.lookup(cache, req_i[r, R_KEY_AT], req_i[r, R_KEYED], req_i[r, R_TOKENS],
+                                         block_tokens)
+        computed = req_i[r, R_COMPUTED] + hits * block_tokens
+        missing = req_i[r, R_TOKENS] - computed
         if whole_prompts and missing > budget:
             break
         tokens = min(missing, budget)
-        if not _try_grow(req_i, r, R_BLOCKS, req_i[r, R_COMPUTED] + tokens, state, block_tokens):
+        if hits:
+            if _blocks_for(computed + tokens, block_tokens) - hits + queued > state[S_FREE_BLOCKS]:
+                break
+            prefix.hold_hits(cache, state, req_i[r, R_KEY_AT], hits)
+            req_i[r, R_BLOCKS] = hits
+            req_i[r, R_CACHED] = hits
+            req_i[r, R_COMPUTED] = computed
+        if not _try_grow(req_i, r, R_BLOCKS, computed + tokens, state, block_tokens, cache):
             break
         _pop_front(queue, state)
         if math.isnan(req_f[r, RF_SCHEDULED]):
             req_f[r, RF_SCHEDULED] = now
+            req_i[r, R_HIT_TOKENS] = computed
         _enter_running(req_i, slots, state, r)
         batch_new[at + admitted] = tokens
         admitted += 1
@@ -291,7 +326,7 @@ def _admit_waiting(
 def _schedule(
     req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray,
     config: np.ndarray, batch_new: np.ndarray, batch_before: np.ndarray, batch_decoding: np.ndarray,
-    grow: np.ndarray, now: float,
+    grow: np.ndarray, now: float, cache: PrefixCache,
 ) -> None:
     """``Scheduler.schedule``: the next batch into the batch buffers and ``state[S_BATCH_*]`` (length 0: none);
     ``state[S_ADMITTED]``: how many requests it admitted, the last running slots."""
@@ -302,19 +337,21 @@ def _schedule(
     # argument types, and literals are types of their own (a second _admit_waiting was 0.45 s of a cold start).
     whole_prompts = config[K_CHUNKED] == 0
     if not whole_prompts:
-        count, budget, preempted = _schedule_running(req_i, slots, queue, state, config, batch_new, grow, budget)
+        count, budget, preempted = _schedule_running(req_i, slots, queue, state, config, batch_new, grow, budget,
+                                                     cache)
         if not preempted:
             admitted, budget = _admit_waiting(req_i, req_f, slots, queue, state, config, batch_new, count,
-                                              budget, now, whole_prompts)
+                                              budget, now, whole_prompts, cache)
             count += admitted
     else:
         first = state[S_RUNNING]
         count, budget = _admit_waiting(req_i, req_f, slots, queue, state, config, batch_new, np.int64(0), budget,
-                                       now, whole_prompts)
+                                       now, whole_prompts, cache)
         admitted = count
         if count == 0:
             first = 0
-            count, budget, _ = _schedule_running(req_i, slots, queue, state, config, batch_new, grow, budget)
+            count, budget, _ = _schedule_running(req_i, slots, queue, state, config, batch_new, grow, budget,
+                                                 cache)
     _set_batch(slots, state, batch_before, batch_decoding, first, count, config[K_MAX_TOKENS] - budget, admitted)
 
 
@@ -354,14 +391,16 @@ def _record(outbox_i: np.ndarray, outbox_f: np.ndarray, state: np.ndarray, kind:
 def _complete(
     req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, state: np.ndarray, config: np.ndarray,
     timing: np.ndarray, batch_new: np.ndarray, now: float, means: np.ndarray, move_means: bool,
-    outbox_i: np.ndarray, outbox_f: np.ndarray,
+    outbox_i: np.ndarray, outbox_f: np.ndarray, cache: PrefixCache,
 ) -> int:
     """``Scheduler.complete`` of the batch in the buffers: returns the tokens sampled; finished requests leave
     the running set (order kept), their blocks freed, and with ``move_means`` the running slots' request means
     (``FusedRouting.means``) move with them. On a prefill instance every request with a sampled token leaves
     (handed off, its blocks kept until its transfer ends), and the horizon comes down to the earliest time its
-    transfer could end (``max(now, decode clock) + transfer``): the blocks may come back then."""
+    transfer could end (``max(now, decode clock) + transfer``): the blocks may come back then. Blocks with an
+    identity that filled become cached (``prefix_cache.register``)."""
     first = state[S_BATCH_FIRST]
+    block_tokens = config[K_BLOCK_TOKENS]
     count = state[S_BATCH_LEN]
     hands_off = config[K_ROLE] == ROLE_PREFILL
     sampled = 0
@@ -370,6 +409,11 @@ def _complete(
         i = first + b
         computed = slots[SL_COMPUTED, i] + batch_new[b]
         slots[SL_COMPUTED, i] = computed
+        if slots[SL_CACHED, i] < slots[SL_KEYED, i]:
+            full = min(computed // block_tokens, slots[SL_KEYED, i])
+            if full > slots[SL_CACHED, i]:
+                prefix.register(cache, state, req_i[slots[SL_REQUEST, i], R_KEY_AT], slots[SL_CACHED, i], full)
+                slots[SL_CACHED, i] = full
         if computed == slots[SL_TOKENS, i]:
             sampled += 1
             generated = slots[SL_GENERATED, i] + 1
@@ -386,8 +430,7 @@ def _complete(
                 r = _write_back(req_i, slots, i)
                 if done:
                     req_f[r, RF_FINISH] = now
-                    state[S_FREE_BLOCKS] += req_i[r, R_BLOCKS]
-                    req_i[r, R_BLOCKS] = 0
+                    _release(req_i, r, state, cache)
                     req_i[r, R_STATUS] = ST_FINISHED
                     if config[K_OUTBOX]:
                         _record(outbox_i, outbox_f, state, EV_FINISH, r, now)
@@ -413,7 +456,8 @@ def _complete(
 
 
 @compiled(inline="never")
-def _apply_frees(req_i: np.ndarray, req_f: np.ndarray, frees: np.ndarray, state: np.ndarray, now: float) -> float:
+def _apply_frees(req_i: np.ndarray, req_f: np.ndarray, frees: np.ndarray, state: np.ndarray, now: float,
+                 cache: PrefixCache) -> float:
     """Prefill role: free the blocks of handed-off requests whose transfer has ended by ``now``; returns the
     earliest transfer end still to come (inf: none)."""
     upcoming = np.inf
@@ -422,8 +466,7 @@ def _apply_frees(req_i: np.ndarray, req_f: np.ndarray, frees: np.ndarray, state:
         r = frees[k]
         end = req_f[r, RF_TRANSFER_END]
         if end <= now:
-            state[S_FREE_BLOCKS] += req_i[r, R_BLOCKS]
-            req_i[r, R_BLOCKS] = 0
+            _release(req_i, r, state, cache)
             state[S_WAITING] = 0
             state[S_FREES] -= 1
             frees[k] = frees[state[S_FREES]]
@@ -463,6 +506,7 @@ def _take_received(
 def _start_transfers(
     req_i: np.ndarray, req_f: np.ndarray, incoming: np.ndarray, receiving: np.ndarray, state: np.ndarray,
     config: np.ndarray, timing: np.ndarray, outbox_i: np.ndarray, outbox_f: np.ndarray, now: float,
+    cache: PrefixCache,
 ) -> None:
     """Decode role: allocate KV blocks for prefilled requests, in the order they came,
     while none waits here, the sequence limit and the pool allow, and start pulling their KV caches."""
@@ -470,7 +514,7 @@ def _start_transfers(
     while (state[S_IN_COUNT] > 0 and state[S_WQ_COUNT] == 0
            and state[S_RUNNING] + state[S_RECEIVING] < config[K_MAX_SEQS]):
         r = incoming[state[S_IN_HEAD] % incoming.size]
-        if not _try_grow(req_i, r, R_BLOCKS, req_i[r, R_TOKENS], state, block_tokens):
+        if not _try_grow(req_i, r, R_BLOCKS, req_i[r, R_TOKENS], state, block_tokens, cache):
             return
         state[S_IN_HEAD] = (state[S_IN_HEAD] + 1) % incoming.size
         state[S_IN_COUNT] -= 1
@@ -654,6 +698,7 @@ def simulate(
     route_rank_distinct: np.ndarray,
     route_rank_assignments: np.ndarray,
     pricing: Pricing,
+    cache: PrefixCache,
     fused: FusedRouting,
     route: Callable[..., bool],
     policy_table: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
@@ -677,9 +722,9 @@ def simulate(
     ``[rows, layers]`` (proxies ``[4, rows, layers]``, no rows: top-k's; per EP rank ``[rows, layers, ranks]``,
     no rows: no expert parallelism); ``samples`` their sample counts. ``route_*``: the routing rows
     (``[iterations, layers]``, per rank ``[iterations, layers, ranks]``) the caller fills in exact mode.
-    ``fused``/``route``: exact routing in the loop, ``routing.route`` (through a pointer to its compiled code,
-    ``routing.route_function``: the loop's compilation neither includes nor waits for the routing's). ``log_*``:
-    the iteration log's columns."""
+    ``cache``: the prefix cache (``prefix_cache``). ``fused``/``route``: exact routing in the loop,
+    ``routing.route`` (through a pointer to its compiled code, ``routing.route_function``: the loop's compilation
+    neither includes nor waits for the routing's). ``log_*``: the iteration log's columns."""
     layers = log_distinct.shape[1]
     chunks = np.empty(batch_new.size, dtype=np.int64)
     chunk_contexts = np.empty(batch_new.size, dtype=np.int64)
@@ -700,7 +745,7 @@ def simulate(
             # received, arrivals (on a decode instance: hand-offs) joining the queue or rejected.
             next_event_s = np.inf
             if role == ROLE_PREFILL and state[S_FREES] > 0:
-                next_event_s = _apply_frees(req_i, req_f, frees, state, now)
+                next_event_s = _apply_frees(req_i, req_f, frees, state, now, cache)
             if role == ROLE_DECODE and state[S_RECEIVING] > 0:
                 first_slot, next_event_s = _take_received(req_i, req_f, slots, receiving, state, now)
                 if fused.enabled and state[S_RUNNING] > first_slot:
@@ -745,14 +790,16 @@ def simulate(
             state[S_PHASE] = 4
             if config[K_SCHEDULE_OUTSIDE]:  # a plug-in's batching rule: the caller schedules (``Scheduler``)
                 return NEED_SCHEDULE
-            _schedule(req_i, req_f, slots, queue, state, config, batch_new, batch_before, batch_decoding, grow, now)
+            _schedule(req_i, req_f, slots, queue, state, config, batch_new, batch_before, batch_decoding, grow, now,
+                      cache)
         if state[S_PHASE] == 4:
             # The batch is formed: take in prefilled requests' KV caches, route it.
             next_event_s = clock[C_NEXT_EVENT]
             if fused.enabled and state[S_ADMITTED]:
                 admit_means(fused, state[S_RUNNING] - state[S_ADMITTED], state[S_RUNNING], slots[SL_REQUEST])
             if state[S_IN_COUNT] > 0:
-                _start_transfers(req_i, req_f, incoming, receiving, state, config, timing, outbox_i, outbox_f, now)
+                _start_transfers(req_i, req_f, incoming, receiving, state, config, timing, outbox_i, outbox_f, now,
+                                 cache)
                 for k in range(state[S_RECEIVING]):
                     next_event_s = min(next_event_s, req_f[receiving[k], RF_TRANSFER_END])
             count = state[S_BATCH_LEN]
@@ -838,9 +885,9 @@ def simulate(
         clock[C_NOW] = end
         clock[C_LAST_LATENCY] = total
         sampled = _complete(req_i, req_f, slots, state, config, timing, batch_new, end, fused.means,
-                            fused.enabled and fused.persistent, outbox_i, outbox_f)
+                            fused.enabled and fused.persistent, outbox_i, outbox_f, cache)
         if role == ROLE_PREFILL and state[S_FREES] > 0:  # blocks whose transfer ended during the iteration
-            _apply_frees(req_i, req_f, frees, state, end)
+            _apply_frees(req_i, req_f, frees, state, end, cache)
         at = state[S_ROWS]
         log_f[LF_START, at] = now
         log_f[LF_LATENCY, at] = total
@@ -865,26 +912,28 @@ def simulate(
 @compiled(cache=True)
 def schedule_step(req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray,
                   config: np.ndarray, batch_new: np.ndarray, batch_before: np.ndarray, batch_decoding: np.ndarray,
-                  now: float) -> None:
+                  now: float, cache: PrefixCache) -> None:
     """vLLM's rule (``_schedule``), the one the loop runs itself."""
     grow = np.empty(batch_new.size, dtype=np.int64)
-    _schedule(req_i, req_f, slots, queue, state, config, batch_new, batch_before, batch_decoding, grow, now)
+    _schedule(req_i, req_f, slots, queue, state, config, batch_new, batch_before, batch_decoding, grow, now, cache)
 
 
 @compiled(cache=True)
 def schedule_running_step(req_i: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray,
-                          config: np.ndarray, batch_new: np.ndarray, budget: int) -> tuple[int, int, bool]:
+                          config: np.ndarray, batch_new: np.ndarray, budget: int,
+                          cache: PrefixCache) -> tuple[int, int, bool]:
     """``_schedule_running``: tokens for the first running requests into ``batch_new`` from 0."""
     grow = np.empty(batch_new.size, dtype=np.int64)
-    return _schedule_running(req_i, slots, queue, state, config, batch_new, grow, budget)
+    return _schedule_running(req_i, slots, queue, state, config, batch_new, grow, budget, cache)
 
 
 @compiled(cache=True)
 def admit_waiting_step(req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, queue: np.ndarray,
                        state: np.ndarray, config: np.ndarray, batch_new: np.ndarray, at: int, budget: int,
-                       now: float, whole_prompts: bool) -> tuple[int, int]:
+                       now: float, whole_prompts: bool, cache: PrefixCache) -> tuple[int, int]:
     """``_admit_waiting``: admissions into ``batch_new`` from ``at``."""
-    return _admit_waiting(req_i, req_f, slots, queue, state, config, batch_new, at, budget, now, whole_prompts)
+    return _admit_waiting(req_i, req_f, slots, queue, state, config, batch_new, at, budget, now, whole_prompts,
+                          cache)
 
 
 @compiled(cache=True)

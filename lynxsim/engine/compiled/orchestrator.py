@@ -45,9 +45,11 @@ from lynxsim.engine.compiled.driver import (
     CompiledRun,
     arrival_rejections,
     request_records,
+    run_blocks,
     simulate,
 )
 from lynxsim.engine.compiled.instance import CompiledInstance
+from lynxsim.engine.compiled.prefix_cache import RunBlocks
 from lynxsim.engine.deployment import KVTransfer
 from lynxsim.engine.routers import RequestRouter
 from lynxsim.engine.routing_step import RoutingStep
@@ -142,7 +144,7 @@ class _Cluster:
                 raise ValueError("closed-loop clients need the requests' think times (RequestTable.think_s)")
             # the arrival times are this run's to fill in: a copy, not the requests every policy is given
             self.specs = RequestTable(table.request_id, table.arrival_s.copy(), table.prompt_tokens,
-                                      table.output_tokens, table.think_s)
+                                      table.output_tokens, table.think_s, table.prefix)
             self.sends = _Sends(closed_loop, table.think_s, len(table))
         self.cutoff_s = math.inf if cutoff_s is None else float(cutoff_s)
         self.disaggregated = "prefill" in roles
@@ -370,12 +372,18 @@ def simulate_deployment(
     if list(roles) == ["colocated"] and closed_loop is None:
         return simulate(make_scheduler(), cost_model, step, num_moe_layers, specs, cutoff_s, on_arrivals)
 
+    table = RequestTable.of(specs)
+    blocks_by_size: dict[int, RunBlocks | None] = {}  # the run's block identities, once per KV block size
+
     def make_instance(scheduler: Scheduler, index: int, role: str) -> CompiledInstance:
+        size = scheduler.pool.block_size_tokens
+        if size not in blocks_by_size:
+            blocks_by_size[size] = run_blocks(table, scheduler)
         return CompiledInstance(scheduler, cost_model, step, num_moe_layers, len(specs), index=index, role=role,
                                 cutoff_s=cutoff_s, transfer=transfer, record_events=True,
-                                stop_on_finish=closed_loop is not None)
+                                stop_on_finish=closed_loop is not None, blocks=blocks_by_size[size])
 
-    run = _Cluster(make_scheduler, make_instance, roles, specs, cutoff_s, make_router, transfer, on_arrivals,
+    run = _Cluster(make_scheduler, make_instance, roles, table, cutoff_s, make_router, transfer, on_arrivals,
                    closed_loop)
     run.serve()
     return run.records()
