@@ -2,11 +2,12 @@
 
 Each task is a package data file ``lynxsim/workload/data/tasks/<name>.yaml`` holding derived statistics only (never
 the dataset's text): the task's ``prefix_tokens`` (the standard few-shot prompt that every request of the task
-starts with, so that prompts of one task share it; 0 for a zero-shot task), 101 quantiles (0, 1, ..., 100 %) of
-the question's own tokens after that prefix, and 101 quantiles of the output tokens (reference solutions), plus a
-``source`` block naming where and how the numbers were derived (repository, licence, split, few-shot format, the
-token counting used, and the date). A prompt length is ``prefix_tokens`` plus a question length drawn from the
-quantile table by inverse-CDF sampling (linear between quantiles), so every prompt is at least ``prefix_tokens``.
+starts with, so that prompts of one task share it; 0 for a zero-shot task or chat), 101 quantiles (0, 1, ..., 100 %)
+of the question's own tokens after that prefix, and 101 quantiles of the output tokens (reference solutions, or a
+chat's reply), plus a ``source`` block naming where and how the numbers were derived (repository, licence, split,
+few-shot format, the token counting used, and the date). A prompt length is ``prefix_tokens`` plus a question length
+drawn from the quantile table by inverse-CDF sampling (linear between quantiles), so every prompt is at least
+``prefix_tokens``.
 """
 
 from __future__ import annotations
