@@ -82,14 +82,14 @@ class EmpiricalLength(TraceFile):
 
 
 class TaskLength(BaseModel):
-    """Lengths of a named benchmark task (``task_names()``: gsm8k, humaneval, mbpp, minerva_math), from the
+    """Lengths of a named benchmark task (``task_names()``: gsm8k, humaneval, mbpp, minerva_math, sharegpt), from the
     quantile tables shipped in ``lynxsim/workload/data/tasks``. ``column`` (``prompt`` or ``output``; default: the
     slot's, so ``prompt_tokens`` samples prompts) picks the table. Every prompt is ``prefix_tokens`` (the task's
     standard few-shot prompt, shared by all its requests; 0 for a zero-shot task) plus the question's own tokens."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: Literal["task"] = "task"
-    name: str = Field(description="benchmark task: gsm8k | humaneval | mbpp | minerva_math")
+    name: str = Field(description="benchmark task: gsm8k | humaneval | mbpp | minerva_math | sharegpt")
     column: Literal["prompt", "output"] | None = Field(
         default=None, description="lengths to draw (default: the slot's)"
     )
