@@ -49,6 +49,7 @@ from lynxsim.sweep.commands import add_sweep_parsers, plot_sweep
 from lynxsim.sweep.points import load_sweep
 from lynxsim.sweep.progress import run_progress
 from lynxsim.sweep.store import DATABASE_NAME
+from lynxsim.timeline import MAX_EVENTS, TraceWritten, write_traces
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     run.add_argument("--strict", action="store_true",
                      help="exit with code 1 when the summary warns (rejected, unfinished or no measured requests)")
+    run.add_argument("--trace", action="store_true",
+                     help="also write each policy's timeline as a Chrome trace (RUN_DIR/trace/, as lynxsim trace)")
     run.set_defaults(handler=_run)
 
     capacity = commands.add_parser(
@@ -155,6 +158,17 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--metric", action="append", help="sweep: metric to draw against each swept key (repeatable)")
     plot.add_argument("--x", action="append", help="sweep: swept key to put on the x axis (repeatable)")
     plot.set_defaults(handler=_plot)
+
+    trace = commands.add_parser(
+        "trace", help="write a run's timeline as one Chrome trace per policy, for Perfetto or chrome://tracing")
+    trace.add_argument("run_dir", type=Path, help="run directory")
+    trace.add_argument("--out", type=Path, help="folder of the traces (default: RUN_DIR/trace)")
+    trace.add_argument("--window", type=float, nargs=2, metavar=("START_S", "END_S"),
+                       help="only what happens between these simulated times")
+    trace.add_argument("--max-events", type=int, default=MAX_EVENTS,
+                       help=f"events per trace at most (default {MAX_EVENTS:,}): past it, requests are sampled and "
+                            "then the window is cut; the file's otherData says what was kept")
+    trace.set_defaults(handler=_trace)
     return parser
 
 
@@ -286,6 +300,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         records = load_run(out_dir)
         paths = write_run_figures(records, setup.model.num_experts, out_dir / "figures", context=run_context(out_dir))
         console.print(f"figures: {', '.join(str(p) for p in paths)}")
+    if args.trace:
+        _print_traces(write_traces(out_dir), console)
     console.print(f"records: {out_dir}  (wall time {time.perf_counter() - started:.1f} s)")
     return 1 if warnings and args.strict else 0
 
@@ -516,6 +532,19 @@ def _plugins(args: argparse.Namespace, console: Console) -> int:
             table.add_row(registry.kind, name, ", ".join(parameters) or "-", registry.origin(name), registry.group)
     console.print(table)
     return 0
+
+
+def _trace(args: argparse.Namespace, console: Console) -> int:
+    window = tuple(args.window) if args.window is not None else None
+    _print_traces(write_traces(args.run_dir, args.out, window_s=window, max_events=args.max_events), console)
+    return 0
+
+
+def _print_traces(written: list[TraceWritten], console: Console) -> None:
+    for trace in written:
+        kept = f"; kept: {'; '.join(trace.notes)}" if trace.notes else ""
+        console.print(f"trace: {trace.path} ({trace.events:,} events, {trace.path.stat().st_size / 1e6:.1f} MB, "
+                      f"{trace.seconds:.1f} s{kept}); open it in https://ui.perfetto.dev", highlight=False)
 
 
 def _plot(args: argparse.Namespace, console: Console) -> int:

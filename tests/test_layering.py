@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("config", "quality", "preflight"),
     ("engine",),
     ("runner",),
-    ("capacity", "calib", "plots", "sweep"),
+    ("capacity", "calib", "plots", "sweep", "timeline"),
     ("report",),
     ("cli", "__main__"),
 )
