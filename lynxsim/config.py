@@ -321,6 +321,42 @@ class ServingConfig(_Section):
     omitted_when_default = ("scheduler", "prefix_caching")
 
 
+class OffloadingConfig(_Section):
+    """Expert offloading (``lynxsim.engine.offloading``): each MoE layer keeps some experts in GPU memory, the
+    others in host memory, fetched over the host link when an iteration activates them. The GPU's share is given
+    by exactly one of ``resident_experts_per_layer``, ``host_expert_bytes`` or ``resident_experts``."""
+
+    residency: Literal["static", "lru"] = Field(
+        default="static",
+        description="static: the resident set never changes (missing experts are streamed in for the layer and "
+        "dropped); lru: each layer's resident set is a cache of the experts used most recently",
+    )
+    resident_experts_per_layer: int | None = Field(
+        default=None, ge=0, le=1 << 16, description="experts each MoE layer keeps in GPU memory")
+    host_expert_bytes: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False,
+        description="bytes of expert weights left in host memory (whole experts, spread over the layers)",
+    )
+    resident_experts: list[list[int]] | None = Field(
+        default=None,
+        description="static residency: the experts each MoE layer keeps, one list per layer (default: the most "
+        "popular experts under the run's routing, by top-k choices on a sample of its tokens)",
+    )
+
+    @model_validator(mode="after")
+    def _one_size(self) -> OffloadingConfig:
+        given = [key for key in ("resident_experts_per_layer", "host_expert_bytes", "resident_experts")
+                 if getattr(self, key) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of resident_experts_per_layer, host_expert_bytes or resident_experts"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        if self.resident_experts is not None:
+            for layer, experts in enumerate(self.resident_experts):
+                if len(set(experts)) != len(experts) or any(e < 0 for e in experts):
+                    raise ValueError(f"resident_experts[{layer}] must list distinct non-negative expert indices")
+        return self
+
+
 class ParallelismConfig(_Section):
     """How one instance splits the model over GPUs (see ``lynxsim.parallel``). An instance spans
     ``max(tensor_parallel, expert_parallel)`` GPUs; attention and the dense layers run tensor-parallel over all of
@@ -540,6 +576,8 @@ class ExperimentConfig(_Section):
     policies: list[PolicyConfig] = Field(min_length=1)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
     slo: SLOConfig = Field(default_factory=SLOConfig)
+    offloading: OffloadingConfig | None = Field(
+        default=None, description="expert offloading to host memory (default: every expert in GPU memory)")
     output: OutputConfig = Field(default_factory=OutputConfig)
     sweep: SweepConfig | None = Field(
         default=None, description="keys to vary, one run per point (`lynxsim sweep`; `lynxsim run` ignores it)"
@@ -548,6 +586,8 @@ class ExperimentConfig(_Section):
         default=None, description="how `lynxsim report` draws this sweep's results (other commands ignore it)"
     )
     _origin: _Origin = PrivateAttr(default_factory=lambda: _Origin({}, None, None, ()))
+
+    omitted_when_default = ("offloading",)
 
     def locate(self, where: str) -> str:
         """``where`` (a key path such as ``policies[1].alpha``, maybe followed by more of a message) with the place

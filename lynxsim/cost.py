@@ -354,19 +354,24 @@ class CostModel(PricedCostModel):
         """KV-cache bytes of one token on the GPU: the model's, all of them on one GPU."""
         return self.model.kv_bytes_per_token
 
-    def kv_cache_capacity_bytes(self, gpu_memory_utilization: float, activation_reserve_bytes: float) -> int:
+    def kv_cache_capacity_bytes(self, gpu_memory_utilization: float, activation_reserve_bytes: float,
+                                host_expert_bytes: float = 0.0) -> int:
         """Bytes left for the KV cache: memory_bytes * utilization - weights - activation reserve (as vLLM
-        sizes its cache from ``gpu_memory_utilization``). Raises ``InputError`` when the weights do not fit."""
+        sizes its cache from ``gpu_memory_utilization``), the weights less ``host_expert_bytes`` that expert
+        offloading keeps in host memory (``lynxsim.engine.offloading.host_expert_bytes``). Raises ``InputError``
+        when the weights do not fit."""
         if not 0.0 < gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if activation_reserve_bytes < 0:
             raise ValueError(f"activation_reserve_bytes must be non-negative, got {activation_reserve_bytes}")
         usable = self.hardware.memory_bytes * gpu_memory_utilization
-        capacity = usable - self.weight_bytes_per_gpu - activation_reserve_bytes
+        weights = self.weight_bytes_per_gpu - host_expert_bytes
+        capacity = usable - weights - activation_reserve_bytes
         if capacity <= 0:
+            offloaded = f" ({host_expert_bytes / 1e9:.1f} GB of experts offloaded)" if host_expert_bytes else ""
             raise InputError(
                 memory_key(usable, activation_reserve_bytes),
-                f"{self.model.name} weights {self.weight_bytes_per_gpu / 1e9:.1f} GB plus a "
+                f"{self.model.name} weights {weights / 1e9:.1f} GB{offloaded} plus a "
                 f"{activation_reserve_bytes / 1e9:.1f} GB activation reserve do not fit in {usable / 1e9:.1f} GB "
                 f"({gpu_memory_utilization:.0%} of {self.hardware.name}'s {self.hardware.memory_bytes / 1e9:.1f} GB)"
                 ", leaving nothing for the KV cache",

@@ -442,6 +442,40 @@ def price_iteration(
     out[5] = attention + dense + moe + communication + overhead
 
 
+# ----- expert offloading -------------------------------------------------------------------------------------------
+
+
+@_compiled(inline=True)
+def expert_fetch_s(fetched: float, expert_bytes: float, host_bytes_per_s: float, latency_s: float) -> float:
+    """Seconds to copy ``fetched`` experts' weights from host memory over the host link, one copy each, back to
+    back on one copy engine: each its fixed latency plus its bytes over the link's sustained bandwidth."""
+    return fetched * (latency_s + expert_bytes / host_bytes_per_s)
+
+
+@_compiled(inline=True)
+def exposed_fetch_s(pricing: Pricing, distinct: np.ndarray, assignments: np.ndarray, fetched: np.ndarray,
+                    host_bytes_per_s: float, latency_s: float) -> float:
+    """The part of the MoE layers' expert fetches an iteration waits for (``lynxsim.engine.offloading``'s overlap
+    model): a layer's missing experts are fetched once its router has chosen them, while its resident experts
+    compute, so the layer takes ``max(resident experts' time, fetch) + missing experts' time`` instead of its
+    experts' time; the exposed part is ``max(0, fetch - resident experts' time)``. A layer's experts' time is
+    ``routed_experts_s`` of its ``distinct``/``assignments`` (``pricing``'s own experts, one GPU); the resident
+    ones' share of it is ``(distinct - fetched) / distinct``, each active expert's weights read once (the
+    memory-bound decode case, where offloading matters)."""
+    terms = pricing.terms[LAYER_EXPERTS]
+    total = 0.0
+    for layer in range(distinct.size):
+        missing = fetched[layer]
+        if missing == 0:
+            continue
+        fetch = expert_fetch_s(float(missing), terms[EXPERT_BYTES], host_bytes_per_s, latency_s)
+        experts = routed_experts_s(pricing, LAYER_EXPERTS, distinct[layer : layer + 1].reshape((1, 1)),
+                                   assignments[layer : layer + 1].reshape((1, 1)))
+        resident = experts * (distinct[layer] - missing) / distinct[layer]
+        total += max(0.0, fetch - resident)
+    return total
+
+
 # ----- disaggregated serving ---------------------------------------------------------------------------------------
 
 

@@ -71,6 +71,21 @@ EFFICIENCY_FIGURES = (
     "efficiency.sustained_interconnect_bytes_per_s",
 )
 FIGURE_NAMES = DATASHEET_FIGURES + EFFICIENCY_FIGURES
+# The GPU's link to host memory, which expert offloading fetches weights over (``lynxsim.engine.offloading``):
+# optional, since only offloading reads them; a profile that sets one cites it like any other figure.
+HOST_LINK_FIGURES = (
+    "host_link_bandwidth_bytes_per_s",
+    "efficiency.sustained_host_link_bytes_per_s",
+    "efficiency.host_transfer_latency_s",
+)
+
+# Pinned host-to-device copies of one Mixtral-8x7B expert (352 MB, bf16) sustained 53.9 GB/s on an H100 SXM's
+# PCIe Gen5 x16 link, 0.842 of its 64 GB/s per direction (measured here 2026-12-06, torch 2.11 cudaMemcpyAsync
+# timed with CUDA events, median of 20; four experts queued back to back: 53.8 GB/s): a profile that measured
+# none sustains this share of its datasheet link.
+SUSTAINED_HOST_LINK_FRACTION = 53.9 / 64.0
+# Fixed cost of one host-to-device copy: a 4 KB pinned copy took 12.2 us on the same H100 (median of 50).
+DEFAULT_HOST_TRANSFER_LATENCY_S = 12.2e-6
 
 
 class Efficiency(BaseModel):
@@ -105,6 +120,16 @@ class Efficiency(BaseModel):
         default=None,
         gt=0,
         description="per-GPU, per-direction bandwidth large collectives sustain; None: the datasheet interconnect",
+    )
+    sustained_host_link_bytes_per_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="host-to-GPU bandwidth an expert-sized pinned copy sustains; None: "
+        "SUSTAINED_HOST_LINK_FRACTION of the datasheet host link",
+    )
+    host_transfer_latency_s: float = Field(
+        default=DEFAULT_HOST_TRANSFER_LATENCY_S, ge=0, allow_inf_nan=False,
+        description="fixed cost of one host-to-GPU copy, on top of its bytes over the host link",
     )
 
 
@@ -254,6 +279,10 @@ class HardwareProfile(BaseModel):
     interconnect_bandwidth_bytes_per_s: float = Field(
         gt=0, description="GPU-to-GPU bandwidth (NVLink, Infinity Fabric) per GPU, one direction"
     )
+    host_link_bandwidth_bytes_per_s: float | None = Field(
+        default=None, gt=0,
+        description="GPU-to-host-memory link (PCIe, NVLink-C2C) per direction; None: not known (no offloading)",
+    )
     sources: dict[str, str]
     efficiency: Efficiency = Field(default_factory=Efficiency)
     measured: MeasuredKernels = Field(default_factory=MeasuredKernels)
@@ -263,11 +292,18 @@ class HardwareProfile(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> HardwareProfile:
-        unknown = sorted(set(self.sources) - set(FIGURE_NAMES))
+        known = FIGURE_NAMES + HOST_LINK_FIGURES
+        unknown = sorted(set(self.sources) - set(known))
         if unknown:
-            raise ValueError(f"sources names unknown figures {unknown}; known: {', '.join(FIGURE_NAMES)}")
-        set_efficiency = {f"efficiency.{name}" for name in self.efficiency.model_fields_set}
-        missing = [f for f in FIGURE_NAMES if (f in DATASHEET_FIGURES or f in set_efficiency) and f not in self.sources]
+            raise ValueError(f"sources names unknown figures {unknown}; known: {', '.join(known)}")
+        # a figure departing from its default (which this module cites); a profile dumped and read again sets
+        # every field, at its default where it had none
+        fields = Efficiency.model_fields
+        set_figures = {f"efficiency.{name}" for name in self.efficiency.model_fields_set
+                       if getattr(self.efficiency, name) != fields[name].get_default()}
+        if self.host_link_bandwidth_bytes_per_s is not None:
+            set_figures.add("host_link_bandwidth_bytes_per_s")
+        missing = [f for f in known if (f in DATASHEET_FIGURES or f in set_figures) and f not in self.sources]
         if missing:
             raise ValueError(f"sources must say where each figure comes from; missing: {', '.join(missing)}")
         empty = [k for k, v in self.sources.items() if not v.strip()]
@@ -296,6 +332,16 @@ class HardwareProfile(BaseModel):
         it, otherwise the datasheet's per-direction figure."""
         measured = self.efficiency.sustained_interconnect_bytes_per_s
         return measured if measured is not None else self.interconnect_bandwidth_bytes_per_s
+
+    @property
+    def sustained_host_link_bytes_per_s(self) -> float | None:
+        """Host-to-GPU bandwidth an offloaded expert's copy moves at: measured where the profile has it, else the
+        datasheet link times ``SUSTAINED_HOST_LINK_FRACTION``; None where the profile gives no host link."""
+        measured = self.efficiency.sustained_host_link_bytes_per_s
+        if measured is not None:
+            return measured
+        datasheet = self.host_link_bandwidth_bytes_per_s
+        return None if datasheet is None else datasheet * SUSTAINED_HOST_LINK_FRACTION
 
     def collective_cost(self, gpus: int) -> CollectiveCost:
         """What collectives among ``gpus`` GPUs cost: measured tables where the profile has them for that GPU

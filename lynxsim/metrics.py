@@ -35,6 +35,11 @@ SCALAR_COLUMNS: dict[str, type] = {
 }
 """The per-iteration table's scalar columns, in order, with their types."""
 
+OFFLOAD_COLUMNS: dict[str, type] = {"offload_s": np.float64, "experts_fetched": np.int64}
+"""Expert offloading's columns, after the scalar ones in a run that offloads (``lynxsim.engine.offloading``): the
+part of ``latency_s`` spent waiting for experts' weights from host memory (the breakdown's sixth part: ``total_s``
+is the five of ``BREAKDOWN_COLUMNS`` plus it), and the experts fetched over every MoE layer."""
+
 
 class IterationLog:
     """The per-iteration table of one serving instance, as numpy columns (one array per column) rather than
@@ -52,6 +57,7 @@ class IterationLog:
         }
         self._distinct = np.zeros((0, num_moe_layers), dtype=np.int16)  # distinct experts per layer
         self._proxies = np.zeros((len(PROXY_COLUMNS), 0, num_moe_layers), dtype=np.float32)
+        self._offload: dict[str, np.ndarray] | None = None
 
     @classmethod
     def from_columns(
@@ -63,18 +69,22 @@ class IterationLog:
         *,
         instance: int = 0,
         role: str = "colocated",
+        offload: dict[str, np.ndarray] | None = None,
     ) -> IterationLog:
         """A log holding rows recorded elsewhere (the compiled engine's): ``scalars`` every one of
         ``SCALAR_COLUMNS`` in its type, ``distinct_experts`` ``[rows, layers]`` int16, ``proxies`` ``[4, rows,
-        layers]`` float32, all exactly ``rows`` long. The log takes them over (``frame`` shares their memory
-        rather than copying it)."""
+        layers]`` float32, ``offload`` (a run that offloads experts) every one of ``OFFLOAD_COLUMNS``, all exactly
+        ``rows`` long. The log takes them over (``frame`` shares their memory rather than copying it)."""
         if list(scalars) != list(SCALAR_COLUMNS):
             raise ValueError(f"scalar columns {list(scalars)}, expected {list(SCALAR_COLUMNS)}")
+        if offload is not None and list(offload) != list(OFFLOAD_COLUMNS):
+            raise ValueError(f"offloading columns {list(offload)}, expected {list(OFFLOAD_COLUMNS)}")
         log = cls(num_moe_layers, instance=instance, role=role)
         log.rows = int(distinct_experts.shape[0])
         log._scalars = scalars
         log._distinct = distinct_experts
         log._proxies = proxies
+        log._offload = offload
         return log
 
     @staticmethod
@@ -92,6 +102,8 @@ class IterationLog:
         columns: dict[str, np.ndarray | pd.Series | pd.arrays.ArrowExtensionArray] = {
             name: own(column[:n]) for name, column in self._scalars.items()
         }
+        for name, column in (self._offload or {}).items():
+            columns[name] = own(column[:n])
         columns["instance"] = np.full(n, self.instance, dtype=np.int64)
         columns["role"] = pd.Series([self.role] * n, dtype=object)
         columns["pure_decode"] = columns["prefill_tokens"] == 0
@@ -255,7 +267,7 @@ def summarize(
         summary[f"{metric}_mean_{unit}"] = float(values.mean()) if len(values) else np.nan
     # filtering copies every column kept: keep only those read below (not the per-layer lists, most of the table)
     read = ("start_s", "sampled_tokens", "pure_decode", "decode_tokens", "prefill_tokens", "policy_applied",
-            "mean_distinct_experts", *(f"mean_{name}" for name in PROXY_COLUMNS))
+            "mean_distinct_experts", *(f"mean_{name}" for name in PROXY_COLUMNS), "latency_s", *OFFLOAD_COLUMNS)
     iterations = iterations[[name for name in read if name in iterations.columns]]
     window = iterations[iterations["start_s"] >= warmup_s] if not iterations.empty else iterations
     summary["output_tokens_per_s"] = float(window["sampled_tokens"].sum()) / window_s if len(window) else 0.0
@@ -265,6 +277,8 @@ def summarize(
     summary["mean_decode_batch"] = float(decode["decode_tokens"].mean()) if len(decode) else np.nan
     summary["mean_distinct_experts"] = float(decode["mean_distinct_experts"].mean()) if len(decode) else np.nan
     summary["mean_distinct_experts_all"] = float(window["mean_distinct_experts"].mean()) if len(window) else np.nan
+    if "offload_s" in window:  # expert offloading: the share of GPU time spent waiting for experts' weights
+        summary.update(offload_summary(window, decode))
     applied = window[window["policy_applied"]] if len(window) else window
     tokens = applied["prefill_tokens"] + applied["decode_tokens"] if len(applied) else None
     for name in PROXY_COLUMNS:
@@ -273,6 +287,23 @@ def summarize(
         else:
             summary[name] = float(np.average(applied[f"mean_{name}"], weights=tokens))
     return summary
+
+
+def offload_summary(window: pd.DataFrame, decode: pd.DataFrame) -> dict[str, float]:
+    """Expert offloading's figures over the measured iterations (``window``) and their pure-decode ones
+    (``decode``): the share of iteration time that waited for fetches (``offload_share``, of all of them;
+    ``offload_share_decode``), the mean wait per decode iteration and the experts fetched per iteration."""
+    def share(frame: pd.DataFrame) -> float:
+        busy = float(frame["latency_s"].sum()) if len(frame) else 0.0
+        return float(frame["offload_s"].sum()) / busy if busy > 0 else np.nan
+
+    return {
+        "offload_share": share(window),
+        "offload_share_decode": share(decode),
+        "offload_decode_mean_ms": float(decode["offload_s"].mean()) * 1e3 if len(decode) else np.nan,
+        "experts_fetched_per_iteration": float(window["experts_fetched"].mean()) if len(window) else np.nan,
+        "experts_fetched_per_decode_iteration": float(decode["experts_fetched"].mean()) if len(decode) else np.nan,
+    }
 
 
 def layer_summary(iterations: pd.DataFrame, *, warmup_s: float) -> pd.DataFrame:

@@ -23,8 +23,10 @@ import pandas as pd
 
 from lynxsim import preflight, records
 from lynxsim.config import ExperimentConfig, PluginRoutingConfig, PolicyConfig, ServingConfig
+from lynxsim.cost import CostModel
 from lynxsim.datatypes import RequestTable
 from lynxsim.engine import BlockPool, KVTransfer, RouterFactory, RoutingStep, Scheduler
+from lynxsim.engine.offloading import ExpertOffloading, host_expert_bytes, plan_offloading
 from lynxsim.engine.topk_unions import TopKUnions
 from lynxsim.errors import InputError
 from lynxsim.hardware import HardwareProfile, MeasuredKernels, load_hardware
@@ -85,6 +87,7 @@ class Setup:
     scheduler: SchedulerFactory
     router: RouterFactory
     plan: ParallelPlan = field(default_factory=ParallelPlan)
+    offloading: ExpertOffloading | None = None  # experts in host memory (``offloading``)
 
     @property
     def routing_evidence(self) -> str:
@@ -271,6 +274,7 @@ def _prepare(config: ExperimentConfig) -> Setup:
         router=bind_component(ROUTERS, config.deployment.router.name, config.deployment.router.params,
                               "deployment.router"),
         plan=plan,
+        offloading=plan_offloading(config, model, hardware, routing),
     )
     # one scheduler and one router made now, so that a parameter value they refuse stops the run before it starts
     make_component(build_scheduler, "serving.scheduler", setup=setup)
@@ -294,7 +298,14 @@ def instance_cost_and_kv(
     cost_model = make_component(factory, "hardware.cost_model",
                                 context=CostModelContext(model, hardware, config.model.name, plan))
     serving = config.serving
-    kv_bytes = cost_model.kv_cache_capacity_bytes(serving.gpu_memory_utilization, serving.activation_reserve_bytes)
+    offloaded = host_expert_bytes(config, model, hardware)
+    if offloaded:  # one GPU and the built-in cost model (offload_capacity refuses others)
+        assert isinstance(cost_model, CostModel)
+        kv_bytes = cost_model.kv_cache_capacity_bytes(serving.gpu_memory_utilization,
+                                                      serving.activation_reserve_bytes, offloaded)
+    else:
+        kv_bytes = cost_model.kv_cache_capacity_bytes(serving.gpu_memory_utilization,
+                                                      serving.activation_reserve_bytes)
     kv_blocks = int(kv_bytes // (serving.block_size_tokens * cost_model.kv_bytes_per_token_per_gpu))
     if kv_blocks < 1:
         raise InputError("serving.gpu_memory_utilization", "leaves no room for a single KV-cache block")
@@ -419,6 +430,7 @@ def routing_step(setup: Setup, entry: PolicyConfig, policy: Policy) -> RoutingSt
         statistical=statistical_routing(setup, entry, policy),
         seed=statistical_seed(setup.config),
         unions=setup.topk_unions,
+        offloading=setup.offloading,
     )
 
 
@@ -530,6 +542,14 @@ def write_setup(setup: Setup, out_dir: Path) -> None:
     }
     if setup.config.deployment.mode == "disaggregated":
         resolved["resolved"]["transfer_bandwidth_bytes_per_s"] = kv_transfer(setup).bandwidth_bytes_per_s
+    offloading = setup.offloading
+    if offloading is not None:
+        resolved["resolved"]["offloading"] = {
+            "resident_experts_per_layer": offloading.capacity.tolist(),
+            "host_expert_bytes": host_expert_bytes(setup.config, setup.model, setup.hardware),
+            "host_link_bytes_per_s": offloading.host_bytes_per_s,
+            "host_transfer_latency_s": offloading.latency_s,
+        }
     records.write_resolved_config(out_dir, resolved)
 
 

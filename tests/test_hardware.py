@@ -13,7 +13,9 @@ from lynxsim.errors import InputError
 from lynxsim.hardware import (
     DATASHEET_FIGURES,
     FIGURE_NAMES,
+    HOST_LINK_FIGURES,
     SUSTAINED_BANDWIDTH_FRACTION,
+    SUSTAINED_HOST_LINK_FRACTION,
     HardwareProfile,
     KernelTable,
     hardware_names,
@@ -50,7 +52,9 @@ def test_shipped_profiles_are_listed() -> None:
 @pytest.mark.parametrize("key", SHIPPED)
 def test_shipped_profile_loads_and_cites_every_figure(key: str) -> None:
     profile = load_hardware(key)
-    assert set(profile.sources) == set(FIGURE_NAMES)
+    # every figure cited; the host link's (optional: only expert offloading reads them) where the profile has one
+    assert set(FIGURE_NAMES) <= set(profile.sources) <= set(FIGURE_NAMES) | set(HOST_LINK_FIGURES)
+    assert ("host_link_bandwidth_bytes_per_s" in profile.sources) == (key in ("a100-80gb", "h100-sxm", "h200"))
     assert all(text.strip() for text in profile.sources.values())
     assert 0 < profile.sustained_bandwidth_bytes_per_s <= profile.memory_bandwidth_bytes_per_s
     if key == "h200":  # calibrated on a real H200 (lynxsim calibrate): tables for these models, with provenance
@@ -154,6 +158,16 @@ def test_every_datasheet_figure_needs_a_source(tmp_path: Path) -> None:
 def test_an_efficiency_figure_that_is_set_needs_a_source(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="efficiency.kernel_launch_s"):
         load_hardware(_write(tmp_path, _minimal_profile(efficiency={"kernel_launch_s": 3e-6})))
+
+
+def test_a_host_link_needs_a_source_and_sustains_the_measured_share(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="host_link_bandwidth_bytes_per_s"):
+        load_hardware(_write(tmp_path, _minimal_profile(host_link_bandwidth_bytes_per_s=64e9)))
+    sources = {figure: "test" for figure in (*DATASHEET_FIGURES, "host_link_bandwidth_bytes_per_s")}
+    profile = load_hardware(_write(tmp_path, _minimal_profile(host_link_bandwidth_bytes_per_s=64e9, sources=sources)))
+    assert profile.sustained_host_link_bytes_per_s == pytest.approx(64e9 * SUSTAINED_HOST_LINK_FRACTION)
+    assert load_hardware(_write(tmp_path, _minimal_profile())).sustained_host_link_bytes_per_s is None
+    assert load_hardware("h100-sxm").sustained_host_link_bytes_per_s == 53.9e9  # measured
 
 
 def test_source_for_an_unknown_figure_is_rejected(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from lynxsim.routing.base import RoutingSource
 from lynxsim.routing.statistical import ActivityDraws
 
 if TYPE_CHECKING:
+    from lynxsim.engine.offloading import ExpertOffloading
     from lynxsim.engine.topk_unions import TopKUnions
     from lynxsim.routing.statistical import StatisticalRouting
 
@@ -44,16 +45,17 @@ class RoutingStep:
     statistical: StatisticalRouting | None = None  # the statistical routing mode's tables; None: exact routing
     seed: int = 0  # of the statistical mode's sampling
     unions: TopKUnions | None = None  # top-k unions of token blocks, shared by the policies of one run
+    offloading: ExpertOffloading | None = None  # experts in host memory (needs each iteration's active experts)
 
     def union_of_topk(self, request_ids: np.ndarray, positions: np.ndarray) -> np.ndarray | None:
-        """Distinct experts per MoE layer of a top-k-routed iteration, without routing every token where that can
-        be avoided: top-k assigns exactly ``tokens * top_k``, so the union of the tokens' experts is all the
-        iteration's activity needs. With the run's shared block unions (``unions``), whole blocks of a request's
-        tokens come from there; otherwise the tokens are routed chunk by chunk. Either way the routing stops once
-        every layer has all its experts active, since more tokens cannot change a full union. None when the
-        chunks never fill it (the caller then routes everything)."""
+        """The active experts (``bool [layers, experts]``) of a top-k-routed iteration, without routing every token
+        where that can be avoided: top-k assigns exactly ``tokens * top_k``, so the union of the tokens' experts
+        is all the iteration's activity needs. With the run's shared block unions (``unions``), whole blocks of a
+        request's tokens come from there; otherwise the tokens are routed chunk by chunk. Either way the routing
+        stops once every layer has all its experts active, since more tokens cannot change a full union. None when
+        the chunks never fill it (the caller then routes everything)."""
         if self.unions is not None:
-            return self.unions.union(request_ids, positions, self._topk_active).sum(axis=1)
+            return self.unions.union(request_ids, positions, self._topk_active)
         active: np.ndarray | None = None
         start, size = 0, self.first_saturation_chunk
         while start < request_ids.size:
@@ -61,7 +63,7 @@ class RoutingStep:
             chunk_active = self._topk_active(request_ids[start:end], positions[start:end])
             active = chunk_active if active is None else active | chunk_active
             if active.all():
-                return active.sum(axis=1)
+                return active
             start, size = end, 2 * size
         return None
 
@@ -76,12 +78,15 @@ class RoutingStep:
         return route_counts(logits, self.baseline, self.top_k, self.renormalize)[0] > 0
 
     def exact_activities(
-        self, cost_model: InstanceCostModel, request_ids: np.ndarray, positions: np.ndarray, groups: int, applied: bool
+        self, cost_model: InstanceCostModel, request_ids: np.ndarray, positions: np.ndarray, groups: int, applied: bool,
+        active: np.ndarray | None = None,
     ) -> ActivityDraws:
         """Exact routing of ``groups`` iterations whose tokens are ``request_ids``/``positions`` in equal
         consecutive parts: each one's expert activity as ``cost_model`` reduces it, their distinct experts and
         quality proxies stacked. A single top-k iteration stops routing once its union of experts is full, where
-        the cost model needs no per-expert counts (``union_of_topk``)."""
+        the cost model needs no per-expert counts (``union_of_topk``). ``active`` (expert offloading): rows
+        ``0 .. groups - 1`` get each iteration's tokens per expert ``[layers, experts]`` (a full union's: 1 per
+        active expert), by which offloading knows the experts by identity."""
         policy = self.policy if applied else self.baseline
         if (
             groups == 1
@@ -89,12 +94,17 @@ class RoutingStep:
             and request_ids.size > self.first_saturation_chunk
             and not cost_model.needs_expert_counts
         ):
-            distinct = self.union_of_topk(request_ids, positions)
-            if distinct is not None:
+            union = self.union_of_topk(request_ids, positions)
+            if union is not None:
+                if active is not None:
+                    active[0] = union
+                distinct = union.sum(axis=1)
                 activity = ExpertActivity(distinct, np.full_like(distinct, request_ids.size * self.top_k))
                 proxies = np.stack(QualityProxies.of_topk(distinct.size))[:, None, :]
                 return ActivityDraws([activity], distinct[None, :], proxies)
         counts, proxies = self.route(request_ids, positions, groups, applied)
+        if active is not None:
+            active[:groups] = counts
         activities = [cost_model.activity(c) for c in counts]
         return ActivityDraws(activities, np.stack([a.distinct for a in activities]), proxies)
 

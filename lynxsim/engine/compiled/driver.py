@@ -50,17 +50,17 @@ def flush_if_sources_changed(sources: Sequence[Path], marker: Path, flush: Calla
 def _drop_stale_loop_cache() -> None:
     """numba keys a cached function by its own source file only, but a compiled function carries the compiled code
     of the functions it calls in other files (the loop in ``kernel``: the pricing formulas of
-    ``lynxsim.cost_formulas``, the routing; the routing: the routing kernels): after an edit of one of those, numba
-    would load the old code (measured: the loop kept an edited Lynx kernel's old code). So the caches of every
-    compiled function of this package are flushed whenever the sources they carry change."""
+    ``lynxsim.cost_formulas``, the routing, expert offloading's fetches; the routing: the routing kernels): after an
+    edit of one of those, numba would load the old code (measured: the loop kept an edited Lynx kernel's old code).
+    So the caches of every compiled function of this package are flushed whenever the sources they carry change."""
     from numba.core.registry import CPUDispatcher
 
     from lynxsim import cost_formulas
-    from lynxsim.engine.compiled import prefix_cache, routing
+    from lynxsim.engine.compiled import offloading, prefix_cache, routing
     from lynxsim.policies import column_kernels, selection_kernels
     from lynxsim.routing import synthetic_kernels
 
-    loop_modules = (k, cost_formulas, routing, prefix_cache)
+    loop_modules = (k, cost_formulas, routing, offloading, prefix_cache)
 
     # Dispatchers as Any: numba's type hints leave out their private on-disk cache (``_cache``) used here.
     def flush() -> None:

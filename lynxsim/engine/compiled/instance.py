@@ -21,6 +21,7 @@ from numpy.typing import ArrayLike
 from lynxsim.datatypes import BatchShape, ExpertActivity
 from lynxsim.engine.compiled import kernel as k
 from lynxsim.engine.compiled import pricing as compiled_pricing
+from lynxsim.engine.compiled.offloading import residency
 from lynxsim.engine.compiled.prefix_cache import RunBlocks, make_prefix_cache
 from lynxsim.engine.compiled.routing import fused_routing, route_function
 from lynxsim.engine.decode_run import MAX_RUN_ITERATIONS, run_token_ids
@@ -29,7 +30,7 @@ from lynxsim.engine.routing_step import RoutingStep
 from lynxsim.engine.scheduler import Scheduler, batch_token_ids
 from lynxsim.instance_cost import InstanceCostModel
 from lynxsim.jit import compiled_for
-from lynxsim.metrics import SCALAR_COLUMNS, IterationLog
+from lynxsim.metrics import OFFLOAD_COLUMNS, SCALAR_COLUMNS, IterationLog
 from lynxsim.routing.statistical import ActivityTable, UniformStream
 
 INITIAL_LOG_ROWS = 1 << 14
@@ -65,7 +66,7 @@ def _table_arrays(table: ActivityTable, ranks: int) -> TableArrays:
 
 def _log_part(rows: int, num_moe_layers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Empty log columns for ``rows`` iterations: floats, integers, distinct experts, proxies."""
-    return (np.zeros((9, rows)), np.zeros((5, rows), dtype=np.int64),
+    return (np.zeros((k.LOG_FLOATS, rows)), np.zeros((k.LOG_INTS, rows), dtype=np.int64),
             np.zeros((rows, num_moe_layers), dtype=np.int16), np.zeros((4, rows, num_moe_layers), dtype=np.float32))
 
 
@@ -192,6 +193,7 @@ class CompiledInstance:
         self.log_part = _log_part(INITIAL_LOG_ROWS, num_moe_layers)
         self.filled: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # full log parts, in order
         self.routed: list[ExpertActivity] = []  # what the last exact routing call gave, by routing row
+        self.residency = residency(step.offloading, num_moe_layers, step.routing.num_experts)
         scheduler.bind(self)
 
     # ----- input -----
@@ -348,7 +350,7 @@ class CompiledInstance:
             self.route_rank_distinct, self.route_rank_assignments, self.pricing, self.prefix, self.fused,
             self.route_function,
             self.policy_table, self.baseline_table, self.samples, self.uniforms, log_f, log_i, log_distinct,
-            log_proxies,
+            log_proxies, self.residency,
         )
         if self._simulate is None:  # every later call passes arguments of the same types
             self._simulate = compiled_for(k.simulate, args)
@@ -378,7 +380,8 @@ class CompiledInstance:
             ids = self.request_ids[slots[k.SL_REQUEST, :count]]
             token_requests, positions = run_token_ids(ids, self.batch_before[:count], groups)
             applied = True
-        draws = self.step.exact_activities(self.cost_model, token_requests, positions, groups, applied)
+        active = self.residency.active if self.residency.enabled else None
+        draws = self.step.exact_activities(self.cost_model, token_requests, positions, groups, applied, active)
         self.routed = draws.activities
         for g, activity in enumerate(draws.activities):
             self.route_distinct[g] = activity.distinct
@@ -449,14 +452,20 @@ class CompiledInstance:
         rows = int(self.state[k.S_ROWS])
         log_f, log_i, log_distinct, log_proxies = self.log_part
         parts = [*self.filled, (log_f[:, :rows], log_i[:, :rows], log_distinct[:rows], log_proxies[:, :rows])]
+        log_f = np.concatenate([p[0] for p in parts], axis=1)
+        log_i = np.concatenate([p[1] for p in parts], axis=1)
+        offload = None
+        if self.residency.enabled:
+            values = {"offload_s": log_f[k.LF_OFFLOAD], "experts_fetched": log_i[k.LI_FETCHED]}
+            offload = {name: values[name].astype(dtype) for name, dtype in OFFLOAD_COLUMNS.items()}
         return IterationLog.from_columns(
             self.num_moe_layers,
-            _scalar_columns(np.concatenate([p[0] for p in parts], axis=1),
-                            np.concatenate([p[1] for p in parts], axis=1)),
+            _scalar_columns(log_f, log_i),
             np.concatenate([p[2] for p in parts]),
             np.concatenate([p[3] for p in parts], axis=1),
             instance=self.index,
             role=self.role,
+            offload=offload,
         )
 
 

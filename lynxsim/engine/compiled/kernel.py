@@ -44,6 +44,7 @@ import numpy as np
 
 from lynxsim.cost_formulas import kv_transfer_s
 from lynxsim.engine.compiled import prefix_cache as prefix
+from lynxsim.engine.compiled.offloading import Residency, fetch_and_price
 from lynxsim.engine.compiled.prefix_cache import PrefixCache
 from lynxsim.engine.compiled.pricing import Pricing, price_iteration
 from lynxsim.engine.compiled.routing import FusedRouting, admit_means
@@ -122,6 +123,10 @@ TIMING_SIZE = 5
 # Rows of the log's float array ``log_f`` and integer array ``log_i``.
 LF_START, LF_LATENCY, LF_KV_USED, LF_ATTENTION, LF_DENSE, LF_MOE, LF_COMMUNICATION, LF_OVERHEAD, LF_TOTAL = range(9)
 LI_PREFILL, LI_DECODE, LI_SEQUENCES, LI_SAMPLED, LI_APPLIED = range(5)
+# Expert offloading (``offloading.Residency`` enabled): the exposed fetch time (in ``LF_TOTAL``, not in the other
+# parts) and the experts fetched, over every layer.
+LF_OFFLOAD, LI_FETCHED = 9, 5
+LOG_FLOATS, LOG_INTS = 10, 6
 
 
 @compiled(inline="always")
@@ -709,6 +714,7 @@ def simulate(
     log_i: np.ndarray,
     log_distinct: np.ndarray,
     log_proxies: np.ndarray,
+    residency: Residency,
 ) -> int:
     """Run the instance until it is done, reaches its horizon or needs the caller (the module docstring's
     return codes).
@@ -724,7 +730,8 @@ def simulate(
     (``[iterations, layers]``, per rank ``[iterations, layers, ranks]``) the caller fills in exact mode.
     ``cache``: the prefix cache (``prefix_cache``). ``fused``/``route``: exact routing in the loop,
     ``routing.route`` (through a pointer to its compiled code, ``routing.route_function``: the loop's compilation
-    neither includes nor waits for the routing's). ``log_*``: the iteration log's columns."""
+    neither includes nor waits for the routing's). ``log_*``: the iteration log's columns. ``residency``: expert
+    offloading's state (``offloading``), advanced as each iteration is priced."""
     layers = log_distinct.shape[1]
     chunks = np.empty(batch_new.size, dtype=np.int64)
     chunk_contexts = np.empty(batch_new.size, dtype=np.int64)
@@ -862,6 +869,9 @@ def simulate(
             price_iteration(pricing, decode_rows, context_sum, chunks, chunk_contexts, num_chunks, tokens, count,
                             route_distinct[row], route_assignments[row], route_rank_distinct[row],
                             route_rank_assignments[row], price)
+            if residency.enabled:  # the fetches, in iteration order (a decode run's rows were routed ahead)
+                active = fused.counts[row] if fused.enabled else residency.active[row]
+                price[5] += fetch_and_price(residency, pricing, active, route_distinct[row], route_assignments[row])
             for p in range(6):
                 clock[C_PRICE + p] = price[p]
             state[S_PHASE] = 3
@@ -899,6 +909,9 @@ def simulate(
         log_i[LI_SEQUENCES, at] = count
         log_i[LI_SAMPLED, at] = sampled
         log_i[LI_APPLIED, at] = state[S_APPLIED]
+        if residency.enabled:
+            log_f[LF_OFFLOAD, at] = residency.exposed_s[0]
+            log_i[LI_FETCHED, at] = residency.counters[1]
         for layer in range(layers):
             log_distinct[at, layer] = route_distinct[row, layer]
             for k in range(4):
