@@ -176,9 +176,10 @@ def _iteration_events(iterations: pd.DataFrame, layout: _Layout) -> list[dict[st
     if not len(iterations):
         return []
     distinct = per_layer(iterations["distinct_experts"])
+    breakdown = [*BREAKDOWN_COLUMNS, *(["offload_s"] if "offload_s" in iterations else [])]  # expert offloading
     columns = {name: iterations[name].to_numpy() for name in (
         "instance", "start_s", "latency_s", "prefill_tokens", "decode_tokens", "sequences", "sampled_tokens",
-        "policy_applied", "kv_used_fraction", *BREAKDOWN_COLUMNS)}
+        "policy_applied", "kv_used_fraction", *breakdown)}
     events: list[dict[str, Any]] = []
     for row in range(len(iterations)):
         prefill, decode = int(columns["prefill_tokens"][row]), int(columns["decode_tokens"][row])
@@ -192,7 +193,7 @@ def _iteration_events(iterations: pd.DataFrame, layout: _Layout) -> list[dict[st
             "sampled_tokens": int(columns["sampled_tokens"][row]),
             "policy_applied": bool(columns["policy_applied"][row]),
             "latency_ms": round(float(columns["latency_s"][row]) * 1e3, 4),
-            **{f"{c.removesuffix('_s')}_ms": round(float(columns[c][row]) * 1e3, 4) for c in BREAKDOWN_COLUMNS},
+            **{f"{c.removesuffix('_s')}_ms": round(float(columns[c][row]) * 1e3, 4) for c in breakdown},
             "distinct_experts_mean": round(float(distinct[row].mean()), 3),
             "distinct_experts_min": int(distinct[row].min()), "distinct_experts_max": int(distinct[row].max()),
         }

@@ -203,10 +203,11 @@ def _readme(report: Report, agreement: pd.DataFrame, folder: Path, quick: bool, 
     if published is not None and not agreement.empty:
         lines += [
             f"The paper's published figures (`{published}`: each with its version and where in the paper"
-            " it is) next to lynxsim's for the same settings. Only what could be read is listed: per-model"
-            " numbers of the paper's Table 2 and Figures 10-17 were not available to this project (the stored"
-            " copies of arXiv 2411.08982 hold the abstract only), so the comparison is against the ranges the"
-            " paper states.",
+            " it is) next to lynxsim's for the same settings. A verdict is given per model, and only where the"
+            " paper publishes a number for that model in the setting simulated; a range or bound over the paper's"
+            " models, or a figure of another setting, is shown beside lynxsim's as \"not comparable\", with the"
+            " reason. Per-model numbers of the paper's Table 2 and Figures 10-17 were not available to this"
+            " project (the stored copies of arXiv 2411.08982 hold the abstract only).",
             "",
             _markdown(agreement),
             "",
