@@ -293,3 +293,26 @@ def test_a_task_s_few_shot_prefix_is_cached_and_shortens_prefill() -> None:
     assert off["prefix_hit_rate"] == 0 and off["prefill_tokens_saved"] == 0
     assert 0.8 < on["prefix_hit_rate"] < 0.95
     assert on["ttft_p50_ms"] < off["ttft_p50_ms"]
+
+
+def test_prefix_caching_with_offloaded_experts_accounts_for_every_request_and_repeats() -> None:
+    """Both features of issue 19 at once: cached prefixes shorten prefill while missed experts are fetched."""
+    config = {
+        "name": "both", "model": "mixtral-8x7b", "hardware": {"profile": "h100-sxm", "measured_tables": False},
+        "workload": {"arrival": {"kind": "poisson", "rate_per_s": 4.0},
+                     "prompt_tokens": {"kind": "task", "name": "mbpp"},
+                     "output_tokens": {"kind": "task", "name": "mbpp"}},
+        "serving": {"max_num_seqs": 32, "gpu_memory_utilization": 0.95},
+        "offloading": {"resident_experts_per_layer": 5, "residency": "lru"},
+        "policies": [{"name": "lynx"}],
+        "simulation": {"seed": 4, "num_requests": 30},
+        "output": {"figures": False},
+    }
+    runs = [run_experiment(validate_experiment(config)).runs[0] for _ in range(2)]
+    requests, iterations = runs[0].requests, runs[0].iterations
+    assert (requests["status"] == "finished").all() and (requests["generated_tokens"] == requests["output_tokens"]).all()
+    assert iterations["sampled_tokens"].sum() == requests["generated_tokens"].sum()
+    assert requests["cached_tokens"].iloc[1:].gt(0).all() and iterations["experts_fetched"].sum() > 0
+    pd.testing.assert_frame_equal(runs[0].requests, runs[1].requests)
+    assert runs[0].summary["prefix_hit_rate"] == runs[1].summary["prefix_hit_rate"] > 0.5
+    assert runs[0].summary["tpot_p50_ms"] == runs[1].summary["tpot_p50_ms"]
