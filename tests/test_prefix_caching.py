@@ -310,7 +310,8 @@ def test_prefix_caching_with_offloaded_experts_accounts_for_every_request_and_re
     }
     runs = [run_experiment(validate_experiment(config)).runs[0] for _ in range(2)]
     requests, iterations = runs[0].requests, runs[0].iterations
-    assert (requests["status"] == "finished").all() and (requests["generated_tokens"] == requests["output_tokens"]).all()
+    assert (requests["status"] == "finished").all()
+    assert (requests["generated_tokens"] == requests["output_tokens"]).all()
     assert iterations["sampled_tokens"].sum() == requests["generated_tokens"].sum()
     assert requests["cached_tokens"].iloc[1:].gt(0).all() and iterations["experts_fetched"].sum() > 0
     pd.testing.assert_frame_equal(runs[0].requests, runs[1].requests)

@@ -143,10 +143,12 @@ def agreement_table(published: dict[str, dict[str, Any]] | None, tables: dict[st
         if not entries:
             continue
         table = tables[comparison.section]
-        keys = {e.get("model_key") for e in entries}
+        keys = [e.get("model_key") for e in entries]
         per_model = None not in keys and comparison.other_setup is None and "model" in table
-        groups = [(key, [e for e in entries if e["model_key"] == key], table[table["model"] == key])
-                  for key in sorted(keys)] if per_model else [(None, entries, table)]
+        groups: list[tuple[str | None, list[dict[str, Any]], pd.DataFrame]] = [(None, entries, table)]
+        if per_model:
+            groups = [(str(key), [e for e in entries if e["model_key"] == key], table[table["model"] == key])
+                      for key in sorted({str(k) for k in keys})]
         for key, mine, rows_of_model in groups:
             if not len(rows_of_model):
                 continue
