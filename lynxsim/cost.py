@@ -16,7 +16,10 @@ evaluate the same formulas one part at a time, for checks and reports.
 ``MeasuredCostModel`` (below) prices each per-layer unit from tables that ``lynxsim calibrate`` timed on a
 real GPU, interpolated in log space, and uses the roofline only to extrapolate beyond a table's grid.
 ``make_cost_model`` picks it when the hardware profile has the tables of the run's catalog model, and the
-roofline ``CostModel`` otherwise; ``source`` says which ("measured" or "roofline").
+roofline ``CostModel`` otherwise; ``source`` says which ("measured" or "roofline"). A catalog model whose
+routed experts are quantized (``model.overrides.expert_weight_dtype: fp8``) is measured where the profile also
+has their ``moe`` table, ``<model-key>@fp8/moe`` (``expert_table_key``), and priced by the roofline otherwise,
+as any model without tables is.
 """
 
 from __future__ import annotations
@@ -730,24 +733,28 @@ class MeasuredCostModel(UnitRooflines):
     source = "measured"
 
     def __init__(self, model: ModelSpec, hardware: HardwareProfile, model_key: str,
-                 units: Sequence[str] | None = None) -> None:
+                 units: Sequence[str] | None = None, moe_key: str | None = None) -> None:
         """``units``: the tables it must have, by default ``required_units(model)`` (an expert-parallel shard's
-        base model leaves out ``moe``: its ranks' experts are priced by the instance, ``lynxsim.parallel``)."""
+        base model leaves out ``moe``: its ranks' experts are priced by the instance, ``lynxsim.parallel``).
+        ``moe_key``: the key of the ``moe`` table where it is not ``model_key``'s (quantized experts,
+        ``expert_table_key``)."""
         super().__init__(model, hardware)
         self.model_key = model_key
+        self.moe_key = moe_key or model_key
         tables = hardware.measured.tables
+        names = {unit: table_name(self.moe_key if unit == "moe" else model_key, unit) for unit in MEASURED_UNITS}
         needed = units or required_units(model)
-        missing = [table_name(model_key, u) for u in needed if table_name(model_key, u) not in tables]
+        missing = [names[u] for u in needed if names[u] not in tables]
         if missing:
             raise ValueError(f"hardware profile {hardware.name} lacks measured tables {', '.join(missing)}")
         for unit, axes in MEASURED_UNITS.items():
-            name = table_name(model_key, unit)
+            name = names[unit]
             if name in tables and tables[name].axes != axes:
                 raise ValueError(f"measured table {name} has axes {list(tables[name].axes)}, expected {list(axes)}")
         self.units: dict[str, TableInterpolator] = {
-            unit: TableInterpolator(tables[table_name(model_key, unit)], self.unit_roofline(unit))
+            unit: TableInterpolator(tables[names[unit]], self.unit_roofline(unit))
             for unit in MEASURED_UNITS
-            if table_name(model_key, unit) in tables
+            if names[unit] in tables
         }
         self.gpu_overhead_s = self.units["graph_launch"].scalar(1.0) if "graph_launch" in self.units else 0.0
         self.cpu_overhead_s = hardware.efficiency.iteration_overhead_s
@@ -797,8 +804,38 @@ def calibrated_shape_matches(model: ModelSpec, model_key: str) -> bool:
 
     if model_key not in catalog_names():
         return False
-    reference = load_catalog_model(model_key).model_dump(exclude=set(COST_NEUTRAL_FIELDS))
-    return model.model_dump(exclude=set(COST_NEUTRAL_FIELDS)) == reference
+    return _kernel_fields(model) == _kernel_fields(load_catalog_model(model_key))
+
+
+def _kernel_fields(model: ModelSpec) -> dict[str, object]:
+    """The fields of ``model`` that change what a kernel computes, the experts' dtype spelled out (an
+    ``expert_weight_dtype`` left out is the ``weight_dtype``, so writing it changes nothing)."""
+    fields = model.model_dump(exclude=set(COST_NEUTRAL_FIELDS))
+    fields["expert_weight_dtype"] = model.expert_weight_dtype or model.weight_dtype
+    return fields
+
+
+def expert_table_key(model: ModelSpec, model_key: str) -> str:
+    """The key whose ``moe`` table prices ``model``'s routed experts: ``model_key`` where they are in the catalog
+    model's dtype, ``<model_key>@<dtype>`` where ``model`` is that catalog model with quantized experts
+    (``expert_weight_dtype: fp8``: ``mixtral-8x7b@fp8``, the table ``lynxsim calibrate --expert-dtype fp8``
+    measures). The other units do not touch the experts: ``model_key``'s tables price them either way."""
+    from lynxsim.models.catalog import catalog_names, load_catalog_model
+
+    if model_key not in catalog_names():
+        return model_key
+    catalog = load_catalog_model(model_key)
+    dtype = model.expert_weight_dtype or model.weight_dtype
+    if dtype == (catalog.expert_weight_dtype or catalog.weight_dtype):
+        return model_key
+    return f"{model_key}@{dtype}"
+
+
+def _with_catalog_experts(model: ModelSpec, model_key: str) -> ModelSpec:
+    """``model`` with the catalog model's expert dtype (to compare the rest of its shape with the catalog's)."""
+    from lynxsim.models.catalog import load_catalog_model
+
+    return model.model_copy(update={"expert_weight_dtype": load_catalog_model(model_key).expert_weight_dtype})
 
 
 def has_measured_tables(hardware: HardwareProfile, model: ModelSpec, model_key: str | None,
@@ -814,9 +851,21 @@ def has_measured_tables(hardware: HardwareProfile, model: ModelSpec, model_key: 
 def make_cost_model(model: ModelSpec, hardware: HardwareProfile, model_key: str | None = None) -> CostModel:
     """The cost model a run uses: ``MeasuredCostModel`` when ``hardware`` has every measured table of the
     catalog model ``model_key`` and ``model`` has that model's calibrated shape, the roofline ``CostModel``
-    otherwise. Its ``source`` ("measured" or "roofline") is what the run summary reports as ``cost_model``."""
-    if has_measured_tables(hardware, model, model_key) and calibrated_shape_matches(model, model_key or ""):
-        assert model_key is not None
+    otherwise. Its ``source`` ("measured" or "roofline") is what the run summary reports as ``cost_model``.
+
+    Quantized experts (``model`` is the catalog model but for ``expert_weight_dtype``): measured where the profile
+    also has the ``moe`` table of ``expert_table_key`` (``<model-key>@fp8/moe``), priced by the roofline
+    otherwise, as any model without tables is (the run summary's ``cost_model`` says which)."""
+    if model_key is None:
+        return CostModel(model, hardware)
+    moe_key = expert_table_key(model, model_key)
+    if moe_key != model_key:
+        if (calibrated_shape_matches(_with_catalog_experts(model, model_key), model_key)
+                and has_measured_tables(hardware, model, model_key)
+                and table_name(moe_key, "moe") in hardware.measured.tables):
+            return MeasuredCostModel(model, hardware, model_key, moe_key=moe_key)
+        return CostModel(model, hardware)
+    if has_measured_tables(hardware, model, model_key) and calibrated_shape_matches(model, model_key):
         return MeasuredCostModel(model, hardware, model_key)
     return CostModel(model, hardware)
 

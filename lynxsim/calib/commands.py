@@ -17,6 +17,8 @@ Typical use:
   lynxsim calibrate --models qwen3-30b-a3b --expert-parallel 4     # one EP4 rank's MoE table: qwen3-30b-a3b@ep4
   lynxsim calibrate --kernels reference --tables-out ref/ --no-profile   # the first, unfused kernels, to compare
   lynxsim calibrate --efficiency docs                             # no GPU: docs/kernel_efficiency.{md,csv}
+  lynxsim calibrate --models mixtral-8x7b --expert-dtype fp8      # FP8 (W8A8) experts' moe table: mixtral-8x7b@fp8
+  lynxsim validate --models mixtral-8x7b --expert-dtype fp8 --stem validation_fp8   # FP8 experts, end to end
 """
 
 from __future__ import annotations
@@ -111,11 +113,38 @@ def _shard(model: Any, args: argparse.Namespace) -> Any:
 
 
 def _table_key(key: str, args: argparse.Namespace) -> str:
-    """Table names of a TP rank's shard, ``<model-key>@tp<G>``, or of an EP rank's experts, ``<model-key>@ep<N>``,
-    as the instance cost model looks them up."""
+    """Table names of a TP rank's shard, ``<model-key>@tp<G>``, of an EP rank's experts, ``<model-key>@ep<N>``,
+    or of quantized experts, ``<model-key>@fp8`` (``lynxsim.cost.expert_table_key``), as the cost models look
+    them up."""
+    if getattr(args, "expert_dtype", None) is not None:
+        from lynxsim.cost import expert_table_key
+
+        return expert_table_key(_with_expert_dtype(_model(key), args), key)
     if getattr(args, "expert_parallel", 1) > 1:
         return f"{key}@ep{args.expert_parallel}"
     return f"{key}@tp{args.tensor_parallel}" if args.tensor_parallel > 1 else key
+
+
+def _with_expert_dtype(model: Any, args: argparse.Namespace) -> Any:
+    """``model`` with its routed experts in ``--expert-dtype`` (unchanged without the option). Quantized experts
+    are measured on one GPU holding every expert: the option refuses --tensor-parallel and --expert-parallel. A
+    model whose experts stay in a dtype the kernels do not run (gpt-oss-120b's MXFP4) is refused."""
+    from lynxsim.calib.plan import KERNEL_EXPERT_DTYPES
+
+    dtype = getattr(args, "expert_dtype", None)
+    if dtype is None:
+        own = model.expert_weight_dtype or model.weight_dtype
+        if own not in KERNEL_EXPERT_DTYPES:
+            raise InputError("--models", f"{model.name}'s routed experts are {own}; the calibration kernels run "
+                                         f"{' or '.join(KERNEL_EXPERT_DTYPES)} experts (give --expert-dtype; README: "
+                                         "Quantized experts)")
+        return model
+    if args.tensor_parallel > 1 or getattr(args, "expert_parallel", 1) > 1:
+        raise InputError("--expert-dtype", "expert tables of another dtype are measured on one GPU holding every "
+                                           "expert: leave out --tensor-parallel and --expert-parallel")
+    from lynxsim.models.spec import ModelSpec
+
+    return ModelSpec.model_validate({**model.model_dump(), "expert_weight_dtype": dtype})
 
 
 def _expert_parallel(model: Any, args: argparse.Namespace) -> Any:
@@ -150,6 +179,8 @@ def _print(console: Any, text: str) -> None:
 
 
 def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
+    from lynxsim.calib.plan import KERNEL_EXPERT_DTYPES
+
     parser = subparsers.add_parser(
         "calibrate",
         help="time the model's kernels on this GPU and write measured tables into a hardware profile",
@@ -188,6 +219,9 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--reference-tables", type=Path, metavar="DIR",
                         help="with --efficiency: table files timed with another kernel set on the same GPU, "
                              "compared unit by unit (default: docs/measurements/reference_kernels_h200 if present)")
+    parser.add_argument("--expert-dtype", choices=KERNEL_EXPERT_DTYPES,
+                        help="time the routed experts in this dtype instead of the model's own (fp8: the W8A8 "
+                             "fused MoE kernel); only the moe table, written as <key>@fp8/moe")
     parser.add_argument("--moe-routing", choices=("random", "even"), default="random",
                         help="how the MoE sweep routes tokens over the active experts (default: random, "
                              "4 draws rotated; even: the committed 2026-11-28 tables)")
@@ -228,8 +262,16 @@ def calibrate_command(args: argparse.Namespace, console: Any = None) -> int:
         specs = {_table_key(key, args): _expert_parallel(shrunk_model(_model(key), args.shrink), args)
                  for key in args.models}
     else:
-        specs = {_table_key(key, args): _shard(shrunk_model(_model(key), args.shrink), args) for key in args.models}
+        specs = {_table_key(key, args): _shard(_with_expert_dtype(shrunk_model(_model(key), args.shrink), args), args)
+                 for key in args.models}
     plans = {key: plan_model(key, spec, args.grid, expert_parallel=args.expert_parallel) for key, spec in specs.items()}
+    quantized = [key for key in specs if args.expert_dtype and key.endswith(f"@{args.expert_dtype}")]
+    if quantized:
+        if args.units and set(args.units) != {"moe"}:
+            raise InputError("--units", "with --expert-dtype only the moe table is timed (the other units do not "
+                                        "touch the experts): give --units moe or leave --units out")
+        plans = {key: [p for p in model_plans if p.unit == "moe" or key not in quantized]
+                 for key, model_plans in plans.items()}
     if args.units:
         from lynxsim.cost import DIAGNOSTIC_UNITS, MEASURED_UNITS
 
@@ -305,6 +347,8 @@ def calibrate_command(args: argparse.Namespace, console: Any = None) -> int:
 
 
 def add_validate_parser(subparsers: Any) -> argparse.ArgumentParser:
+    from lynxsim.calib.plan import KERNEL_EXPERT_DTYPES
+
     parser = subparsers.add_parser(
         "validate",
         help="execute simulated iterations on the GPU and compare measured with predicted latency",
@@ -347,6 +391,9 @@ def add_validate_parser(subparsers: Any) -> argparse.ArgumentParser:
                              "shard's tables where G GPUs are not at hand)")
     parser.add_argument("--kernels", choices=("production", "reference"), default="production",
                         help="the kernel set that executes the iterations (as calibrate's --kernels)")
+    parser.add_argument("--expert-dtype", choices=KERNEL_EXPERT_DTYPES,
+                        help="execute and predict the models with their routed experts in this dtype (fp8: the "
+                             "W8A8 fused MoE kernel, priced from the <key>@fp8/moe tables)")
     parser.set_defaults(handler=validate_command)
     return parser
 
@@ -355,7 +402,7 @@ def _cost_models(args: argparse.Namespace, specs: dict[str, Any]) -> dict[str, A
     """Per model, the cost model that predicts: from --tables files, else the profile's (measured where it has
     the model's tables, roofline otherwise); at --tensor-parallel G, the instance's (the shard's tables
     ``<key>@tp<G>`` plus the all-reduces)."""
-    from lynxsim.cost import MeasuredCostModel
+    from lynxsim.cost import MeasuredCostModel, expert_table_key
     from lynxsim.hardware import load_hardware
     from lynxsim.parallel import make_instance_cost_model
 
@@ -371,7 +418,8 @@ def _cost_models(args: argparse.Namespace, specs: dict[str, Any]) -> dict[str, A
         measured = hardware.measured.model_copy(update={"metadata": metadata, "tables": merged, "table_metadata": {}})
         hardware = hardware.model_copy(update={"measured": measured})
         if args.tensor_parallel == 1:
-            return {key: MeasuredCostModel(spec, hardware, key) for key, spec in specs.items()}
+            return {key: MeasuredCostModel(spec, hardware, key, moe_key=expert_table_key(spec, key))
+                    for key, spec in specs.items()}
     elif args.shrink > 1:
         raise InputError("--shrink", "a shrunk model needs its own tables: give --tables")
     plan = _tp_plan(args)
@@ -403,7 +451,7 @@ def validate_command(args: argparse.Namespace, console: Any = None) -> int:
     # what can be checked before the simulation is checked before it: a bad file ends the command at once
     earlier = read_measurements(args.measured) if args.measured is not None else None
     args.models = _validation_models(args.models, args.iterations)
-    specs = {key: shrunk_model(_model(key), args.shrink) for key in args.models}
+    specs = {key: _with_expert_dtype(shrunk_model(_model(key), args.shrink), args) for key in args.models}
     if args.iterations is not None:
         cost_models = {} if args.record else _cost_models(args, specs)
         chosen = load_iterations(args.iterations, cost_models or {k: _roofline(specs[k], args) for k in specs})
@@ -468,7 +516,9 @@ def validate_command(args: argparse.Namespace, console: Any = None) -> int:
                                    wall_s=None if args.measured else time.perf_counter() - started,
                                    dry_run=bool(args.dry_run),
                                    calibration=calibration,
-                                   extra=_tensor_parallel_note(args.tensor_parallel, args.shard_on_one_gpu),
+                                   extra="\n\n".join(note for note in (
+                                       _tensor_parallel_note(args.tensor_parallel, args.shard_on_one_gpu),
+                                       _expert_dtype_note(args.expert_dtype)) if note),
                                    csv_name=f"{args.stem}.csv", kernels=args.kernels)
         (args.out / f"{args.stem}.md").write_text(report, encoding="utf-8")
         return summary
@@ -570,6 +620,19 @@ def _tensor_parallel_note(gpus: int, shard_on_one_gpu: bool = False) -> str:
         "(or FFN's) output in every layer, captured in the iteration's CUDA graph; rank 0's median is the "
         "measurement. The prediction is the instance cost model (`lynxsim/parallel.py`): the shard's measured tables "
         f"(`<model>@tp{gpus}`, timed on one GPU) plus 2 all-reduces per layer priced by the profile's `collectives`."
+    )
+
+
+def _expert_dtype_note(dtype: str | None) -> str:
+    """What executing the routed experts in ``dtype`` changes in the method the report describes."""
+    if dtype is None:
+        return ""
+    return (
+        f"**Routed experts in {dtype}.** Every MoE layer's routed experts execute as {dtype} (FP8: e4m3 W8A8, the "
+        "fused Triton MoE kernel with per-channel weight scales and the token and intermediate rows quantized per "
+        "row on the fly, at every batch size, `lynxsim/calib/kernels/moe.py`); the rest of the layer is as "
+        f"described. The prediction prices the experts from the `<model>@{dtype}/moe` tables and every other unit "
+        "from the model's bf16 tables (`lynxsim.cost.expert_table_key`)."
     )
 
 

@@ -80,17 +80,20 @@ DENSE_REPORT_TOKENS = (1, 16, 64)
 MOE_TARGET_KEYS = ("mixtral-8x7b", "qwen3-30b-a3b", "qwen2-57b-a14b@tp2", "deepseek-coder-v2@tp4")
 """Model keys whose MoE efficiency the target names; the report says which of them the profile lacks."""
 
-_KEY = re.compile(r"^(?P<base>[^@]+)(?:@tp(?P<tp>\d+))?(?:@ep(?P<ep>\d+))?$")
+_KEY = re.compile(r"^(?P<base>[^@]+)(?:@tp(?P<tp>\d+))?(?:@ep(?P<ep>\d+))?(?:@(?P<dtype>fp8))?$")
 
 
 def model_for_key(key: str) -> ModelSpec:
     """The shape a table key was calibrated on: the catalog model; one rank's shard of it for ``<model>@tp<G>``
     (``shard_model``); for ``<model>@ep<N>`` (one expert-parallel rank's MoE table) the catalog model itself,
-    whose experts an EP rank holds whole."""
+    whose experts an EP rank holds whole; for ``<model>@fp8`` the catalog model with FP8 experts (half the
+    expert bytes: ``lynxsim.cost.expert_table_key``)."""
     match = _KEY.match(key)
     if match is None:
-        raise ValueError(f"table key {key!r} is not <model>[@tp<G>][@ep<N>]")
+        raise ValueError(f"table key {key!r} is not <model>[@tp<G>][@ep<N>][@fp8]")
     model = load_catalog_model(match["base"])
+    if match["dtype"]:
+        model = ModelSpec.model_validate({**model.model_dump(), "expert_weight_dtype": match["dtype"]})
     tensor_parallel = int(match["tp"] or 1)
     if tensor_parallel > 1:
         return shard_model(model, ParallelPlan(tensor_parallel=tensor_parallel, expert_parallel=int(match["ep"] or 1)))

@@ -22,6 +22,10 @@ the measured cost model reads them back by those names). A plan fixes each axis'
   cost little (cuBLAS picks different tiles as rows grow, so the curve has steps).
 * ``graph_launch``: one point (one graph).
 
+Quantized experts: a model whose routed experts are FP8 (``expert_weight_dtype: fp8``; ``lynxsim calibrate
+--expert-dtype fp8``) gets only its ``moe`` table, on the same grid, named ``<model-key>@fp8/moe``: the other
+units do not touch the experts, so the bf16 tables of ``<model-key>`` serve them (``lynxsim.cost``).
+
 Grids are named: ``default`` is what the committed profile holds; ``tiny`` is a smoke-test grid (``--dry-run``,
 CPU mode and tests).
 """
@@ -84,6 +88,24 @@ UNIT_DESCRIPTIONS = {
     "dense_layer_gemms": "diagnostic, never priced: the GEMMs of dense_layer alone (attention projections, router, "
                          "shared experts), timed the same way, for docs/kernel_efficiency.md",
 }
+
+KERNEL_EXPERT_DTYPES = ("bf16", "fp8")
+"""Routed-expert weight dtypes the calibration kernels run (``moe_fused``, ``moe_fused_fp8``): what ``--expert-dtype``
+offers; a model whose experts are in another dtype (gpt-oss-120b's MXFP4: no kernel here, README "Quantized
+experts") is refused rather than timed in a dtype it does not have."""
+
+FP8_MOE_DESCRIPTION = (
+    "routed experts of one MoE layer: fused FP8 MoE kernel at every token count (W8A8 e4m3: per-channel weight "
+    "scales, the token rows and the intermediate rows quantized per row on the fly; align, gate/up, down with "
+    "routing-weight combine), fp8 experts, bf16 activations in and out, tokens routed over the distinct experts"
+)
+
+
+def unit_description(unit: str, model: ModelSpec) -> str:
+    """What a unit's table times, for ``model`` (its ``moe`` table says FP8 where the experts are)."""
+    if unit == "moe" and (model.expert_weight_dtype or model.weight_dtype) == "fp8":
+        return FP8_MOE_DESCRIPTION
+    return UNIT_DESCRIPTIONS[unit]
 
 
 @dataclass(frozen=True)
@@ -190,7 +212,7 @@ def plan_model(model_key: str, model: ModelSpec, grid: str = "default", *, exper
         local = model.num_experts // expert_parallel
         axes = (_axis(moe_token_grid(local, model.top_k), grid, (1, 8, 64)), distinct_expert_grid(local, 1, grid))
         description = (f"routed experts of one expert-parallel rank (EP{expert_parallel}: {local} of "
-                       f"{model.num_experts} experts, whole): {UNIT_DESCRIPTIONS['moe'].split(': ', 1)[1]}")
+                       f"{model.num_experts} experts, whole): {unit_description('moe', model).split(': ', 1)[1]}")
         return [TablePlan(model_key, "moe", MEASURED_UNITS["moe"], axes, description)]
     axes_values: dict[str, tuple[tuple[int, ...], ...]] = {
         "moe": (
@@ -209,7 +231,7 @@ def plan_model(model_key: str, model: ModelSpec, grid: str = "default", *, exper
     units = [*required_units(model), "graph_launch", *DIAGNOSTIC_UNITS]
     all_axes = {**MEASURED_UNITS, **DIAGNOSTIC_UNITS}
     return [
-        TablePlan(model_key, unit, all_axes[unit], axes_values[unit], UNIT_DESCRIPTIONS[unit])
+        TablePlan(model_key, unit, all_axes[unit], axes_values[unit], unit_description(unit, model))
         for unit in units
     ]
 

@@ -327,7 +327,8 @@ def moe_config_boundaries(shape: LayerShape, max_tokens: int) -> list[int]:
 
     changes, previous = [], None
     for tokens in range(1, max_tokens + 1):
-        config = default_moe_config(tokens * shape.top_k, shape.num_experts, shape.hidden, shape.expert_ffn)
+        config = default_moe_config(tokens * shape.top_k, shape.num_experts, shape.hidden, shape.expert_ffn,
+                                    fp8=shape.expert_dtype == "fp8")
         if previous is not None and config != previous:
             changes.append(tokens)
         previous = config
@@ -405,8 +406,9 @@ def calibrate_model(
     routing = ("tokens split evenly over the distinct experts" if moe_routing == "even"
                else f"{ROUTING_DRAWS} random routings over the distinct experts rotated")
     scope = f"one EP{expert_parallel} rank's {s.num_experts} experts; " if expert_parallel > 1 else ""
-    notes = (f"lynxsim calibrate --kernels {kernels}: {scope}{sweep.copies} weight copies rotated within each CUDA "
-             f"graph; MoE: {routing}; "
+    dtype = f" --expert-dtype {s.expert_dtype}" if s.expert_dtype != "bf16" else ""
+    notes = (f"lynxsim calibrate --kernels {kernels}{dtype}: {scope}{sweep.copies} weight copies rotated within "
+             f"each CUDA graph; MoE: {routing}; "
              f"median of {repeats} replays; units {', '.join(p.unit for p in plans)}; "
              f"sweep {time.perf_counter() - budget.started:.0f} s")
     metadata = CalibrationMetadata(**env, date=dt.date.today(), notes=notes)

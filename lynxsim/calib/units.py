@@ -10,7 +10,7 @@ code that validation executes. Both build every iteration from the methods of on
                      prefill chunks (their K/V behind their context, FlashAttention)          ``attention_prefill``
     attention_out    output GEMM, norm, router GEMM + top-k, shared experts             } ``dense_layer``
     moe              routed experts over the layer's expert assignment (fused Triton kernel, or
-                     grouped GEMM at large batches)                                           ``moe``
+                     grouped GEMM at large batches; FP8 experts: the fused FP8 W8A8 kernel)   ``moe``
 
 (a dense layer's ``ffn_out`` replaces ``attention_out``'s router and shared experts with its SwiGLU FFN:
 ``dense_ffn_layer``), plus ``embed`` (``embedding``) before the first layer and ``head`` (``lm_head``: the
@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from lynxsim.calib.kernels import attention as attn_kernels
 from lynxsim.calib.kernels import dense, fused, mla
-from lynxsim.calib.kernels.moe import moe_fused, moe_grouped_gemm, moe_reference
+from lynxsim.calib.kernels.moe import moe_fused, moe_fused_fp8, moe_grouped_gemm, moe_reference
 from lynxsim.calib.kernels.paging import shuffled_block_table
 from lynxsim.calib.kernels.triton_mode import triton_runs
 from lynxsim.calib.kernels.weights import KERNEL_SETS, LayerShape, LayerWeights
@@ -470,11 +470,16 @@ def make_kernels(name: str, shape: LayerShape, device: torch.device) -> LayerKer
 
 def routed_experts(h: torch.Tensor, lw: LayerWeights, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The routed experts' output ``[T, H]`` for expert ids ``ids [T, k]``: the fused Triton MoE kernel below
-    ``grouped_gemm_min_tokens`` tokens, torch's grouped GEMM from there on (``lynxsim.calib.plan``); on a CPU,
-    for smoke runs, the float32 reference."""
+    ``grouped_gemm_min_tokens`` tokens, torch's grouped GEMM from there on (``lynxsim.calib.plan``); FP8 experts
+    (``lw.w13_scale`` set) the fused FP8 kernel at every token count, as vLLM runs its Triton fused_moe with
+    ``fp8_w8a8``; on a CPU, for smoke runs, the float32 reference."""
     assert lw.w13 is not None and lw.w2 is not None
+    scales: dict[str, Any] = dict(w13_scale=lw.w13_scale, w2_scale=lw.w2_scale)
     if h.device.type != "cuda":
-        return moe_reference(h, lw.w13, lw.w2, weights, ids).to(h.dtype)
+        return moe_reference(h, lw.w13, lw.w2, weights, ids, **scales).to(h.dtype)
+    if lw.w13_scale is not None:
+        assert lw.w2_scale is not None
+        return moe_fused_fp8(h, lw.w13, lw.w13_scale, lw.w2, lw.w2_scale, weights, ids)
     experts, k = lw.w13.shape[0], ids.shape[1]
     if h.shape[0] >= grouped_gemm_min_tokens(experts, k):
         return moe_grouped_gemm(h, lw.w13, lw.w2, weights, ids)

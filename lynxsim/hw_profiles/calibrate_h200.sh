@@ -4,10 +4,11 @@
 # lynxsim/hw_profiles/h200.yaml and lynxsim/hw_profiles/h200.tables/ (the checkout's package data: the script runs
 # the checkout's lynxsim from the repository root) as soon as it is measured.
 #
-#   lynxsim/hw_profiles/calibrate_h200.sh JOB ...     JOB = MODEL[:tpG|:epN][:nomoe]
+#   lynxsim/hw_profiles/calibrate_h200.sh JOB ...     JOB = MODEL[:tpG|:epN|:fp8][:nomoe]
 #     MODEL            every table of the catalog model on one GPU
 #     MODEL:tp4        one rank's shard of a 4-way tensor-parallel instance (tables MODEL@tp4)
 #     MODEL:ep4        one rank's experts of a 4-way expert-parallel instance (table MODEL@ep4/moe)
+#     MODEL:fp8        the model's routed experts in FP8 (W8A8) on one GPU (table MODEL@fp8/moe)
 #     MODEL:tp4:nomoe  the shard without its moe table (an EP instance's attention and dense parts)
 #
 # Needs an H200 (it refuses another GPU: these tables are the H200 profile's), torch and triton. OUT (default
@@ -35,6 +36,7 @@ for job in "$@"; do
   case "$parallel" in
     tp*) args+=(--tensor-parallel "${parallel#tp}") ;;
     ep*) args+=(--expert-parallel "${parallel#ep}") ;;
+    fp8) args+=(--expert-dtype fp8) ;;
   esac
   if [ "${units:-}" = nomoe ] || [ "$parallel" = nomoe ]; then args+=(--units "${NON_MOE_UNITS[@]}"); fi
   started=$(date +%s)

@@ -2,7 +2,9 @@
 
 The kernels need tensors of the right shapes, dtypes and byte counts, not trained values: every matrix is
 drawn from N(0, std^2) with std 0.02 (typical of initialised transformer weights), so activations stay O(1)
-through a layer and bf16 rounding errors are representative. Norm weights are 1.
+through a layer and bf16 rounding errors are representative. Norm weights are 1. FP8 experts
+(``LayerShape.expert_dtype`` "fp8") are drawn the same way, then quantized to e4m3 with per-output-channel
+scales (``lynxsim.calib.kernels.moe.quantize_weights_fp8``).
 
 Layouts (all row-major, ``[out_features, in_features]`` as ``torch.nn.functional.linear`` wants):
 
@@ -17,6 +19,7 @@ field                  shape                                       meaning
 ``router``             ``[E, H]`` or None                          router GEMM (None on a dense layer)
 ``w13``                ``[E, 2F, H]``                              routed experts, gate rows 0..F-1, up rows F..2F-1
 ``w2``                 ``[E, H, F]``                               routed experts, down projection
+``w13_scale/w2_scale`` ``[E, 2F]`` / ``[E, H]`` or None            FP8 experts: per-channel float32 scales
 ``shared_w13``         ``[2 * S * Fs, H]`` or None                 all S shared experts fused into one SwiGLU
 ``shared_w2``          ``[H, S * Fs]`` or None                     (S experts of width Fs = one of width S * Fs)
 ``dense_w13/dense_w2`` ``[2 Fd, H]`` / ``[H, Fd]`` or None         the dense FFN of a dense layer
@@ -48,6 +51,9 @@ from typing import Any
 import torch
 
 from lynxsim.calib.kernels.mla import MlaDims, MlaWeights, build_mla_weights
+from lynxsim.calib.kernels.moe import quantize_weights_fp8
+from lynxsim.calib.plan import KERNEL_EXPERT_DTYPES
+from lynxsim.models.spec import BYTES_PER_WEIGHT
 
 KERNEL_SETS = ("production", "reference")
 """The two ways calibration and validation can run a layer (``lynxsim.calib.units``): ``production`` (fused ops
@@ -85,6 +91,7 @@ class LayerShape:
     num_expert_groups: int = 1  # group-limited top-k (DeepSeek-V2/V3); 1: plain top-k
     topk_groups: int = 1
     mla: MlaDims | None = None  # real MLA dimensions (production kernels), None for GQA models
+    expert_dtype: str = "bf16"  # routed experts' weights: "bf16" or "fp8" (KERNEL_EXPERT_DTYPES)
 
     @property
     def q_size(self) -> int:
@@ -108,8 +115,9 @@ class LayerShape:
 
     @property
     def expert_bytes(self) -> int:
-        """bf16 bytes of one routed expert (gate, up, down)."""
-        return 2 * self.expert_params
+        """Bytes of one routed expert's weights (gate, up, down) in ``expert_dtype`` (FP8 scales aside)."""
+        _check_expert_dtype(self.expert_dtype)
+        return int(BYTES_PER_WEIGHT[self.expert_dtype] * self.expert_params)
 
     def kv_bytes_per_token(self, kernels: str = "production") -> int:
         """bf16 KV-cache bytes of one token in one layer (MLA's latent row with the production kernels)."""
@@ -156,7 +164,13 @@ class LayerShape:
             num_expert_groups=spec.num_expert_groups or 1,
             topk_groups=spec.topk_groups or 1,
             mla=mla_dims,
+            expert_dtype=spec.expert_weight_dtype or spec.weight_dtype,
         )
+
+
+def _check_expert_dtype(dtype: str) -> None:
+    if dtype not in KERNEL_EXPERT_DTYPES:
+        raise ValueError(f"the expert kernels run {' or '.join(KERNEL_EXPERT_DTYPES)} experts, not {dtype}")
 
 
 @dataclass
@@ -175,6 +189,8 @@ class LayerWeights:
     mla: MlaWeights | None = None
     w13: torch.Tensor | None = None
     w2: torch.Tensor | None = None
+    w13_scale: torch.Tensor | None = None  # FP8 experts: float32 [E, 2F], w13 in e4m3
+    w2_scale: torch.Tensor | None = None  # FP8 experts: float32 [E, H], w2 in e4m3
     shared_w13: torch.Tensor | None = None
     shared_w2: torch.Tensor | None = None
     dense_w13: torch.Tensor | None = None
@@ -233,12 +249,14 @@ def build_layer(
     attention: bool = True,
     kernels: str = "production",
 ) -> LayerWeights:
-    """One layer: MoE (router, routed experts, shared experts if any) or dense (a SwiGLU FFN of ``dense_ffn``).
-    ``attention=False`` leaves the attention projections as 1-element placeholders (for MoE-only timing of
-    models whose full layer would not fit). ``kernels`` picks the attention layout of MLA models (module
-    docstring)."""
+    """One layer: MoE (router, routed experts in ``shape.expert_dtype``, shared experts if any) or dense (a SwiGLU
+    FFN of ``dense_ffn``). ``attention=False`` leaves the attention projections as 1-element placeholders (for
+    MoE-only timing of models whose full layer would not fit). ``kernels`` picks the attention layout of MLA
+    models (module docstring)."""
     if kernels not in KERNEL_SETS:
         raise ValueError(f"kernels must be one of {KERNEL_SETS}, got {kernels!r}")
+    if moe:
+        _check_expert_dtype(shape.expert_dtype)
     dev = torch.device(device)
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed)
@@ -271,6 +289,9 @@ def build_layer(
             lw.router_bias = torch.empty(E, device=dev, dtype=torch.float32).normal_(0.0, 0.1, generator=gen)
         lw.w13 = r(E, 2 * F, H)
         lw.w2 = r(E, H, F)
+        if shape.expert_dtype == "fp8":
+            lw.w13, lw.w13_scale = quantize_weights_fp8(lw.w13)
+            lw.w2, lw.w2_scale = quantize_weights_fp8(lw.w2)
         if shape.num_shared_experts:
             Fs = shape.num_shared_experts * shape.shared_ffn
             lw.shared_w13, lw.shared_w2 = r(2 * Fs, H), r(H, Fs)
