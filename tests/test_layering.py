@@ -18,7 +18,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("lynxsim", "errors", "yaml_input", "jit", "interconnect", "plugins", "datatypes"),
     ("models", "hardware", "workload", "policies", "sections"),
     ("cost", "cost_formulas"),
-    ("parallel", "metrics", "records", "routing", "instance_cost"),
+    ("parallel", "metrics", "records", "routing", "instance_cost", "summary_columns"),
     ("config", "quality", "preflight"),
     ("engine",),
     ("runner",),
