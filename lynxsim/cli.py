@@ -153,6 +153,12 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--metric", action="append", help="sweep: metric to draw against each swept key (repeatable)")
     plot.add_argument("--x", action="append", help="sweep: swept key to put on the x axis (repeatable)")
     plot.set_defaults(handler=_plot)
+
+    html = commands.add_parser(
+        "html", help="write one self-contained HTML page (interactive figures) of a run directory or of a sweep")
+    html.add_argument("folder", type=Path, help="run directory, or results folder of a sweep")
+    html.add_argument("--out", type=Path, help="HTML file to write (default: FOLDER/report.html)")
+    html.set_defaults(handler=_html)
     return parser
 
 
@@ -483,3 +489,11 @@ def _plot(args: argparse.Namespace, console: Console) -> int:
     console.print(f"figures: {', '.join(str(p) for p in paths)}")
     return 0
 
+
+def _html(args: argparse.Namespace, console: Console) -> int:
+    from lynxsim.html_report import write_html  # plotly: imported by this command only, not on every start
+
+    started = time.perf_counter()
+    path = write_html(args.folder, args.out)
+    console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB in {time.perf_counter() - started:.1f} s)")
+    return 0

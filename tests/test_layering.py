@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("engine",),
     ("runner",),
     ("capacity", "calib", "plots", "sweep"),
-    ("report",),
+    ("report", "html_report"),
     ("cli", "__main__"),
 )
 """Top-level parts of the package (a subpackage or a module of ``lynxsim/``) from the bottom layer up; the same
