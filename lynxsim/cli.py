@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import os
 import sys
 import time
@@ -18,8 +17,6 @@ from typing import NoReturn
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import yaml
 from rich.console import Console
 from rich.progress import TaskID
 from rich.table import Table
@@ -28,10 +25,10 @@ from lynxsim import __version__
 from lynxsim.calib.commands import add_calibrate_parser, add_validate_parser
 from lynxsim.capacity import CapacityProbe, find_capacity
 from lynxsim.config import load_experiment
-from lynxsim.errors import InputError, exit_code, file_problem
+from lynxsim.errors import InputError, exit_code
 from lynxsim.hardware import hardware_names, load_hardware
 from lynxsim.models import catalog_summary
-from lynxsim.plots import load_run, run_context, write_run_figures
+from lynxsim.plots import load_run, read_run, run_context, write_run_figures
 from lynxsim.plugins import REGISTRIES
 from lynxsim.preflight import MEMORY_SHARE, estimate, wall_time_s
 from lynxsim.quality.commands import add_quality_parser
@@ -45,6 +42,7 @@ from lynxsim.routing.profiles import profile_path
 from lynxsim.routing.statistics import is_statistics_file
 from lynxsim.routing.trace_format import DEFAULT_FILL, FILL_STRATEGIES
 from lynxsim.runner import PolicyRun, prepare, run_experiment
+from lynxsim.summary_columns import format_cell, summary_cells
 from lynxsim.sweep.commands import add_sweep_parsers, plot_sweep
 from lynxsim.sweep.points import load_sweep
 from lynxsim.sweep.progress import run_progress
@@ -169,6 +167,12 @@ def _parser() -> argparse.ArgumentParser:
                        help=f"events per trace at most (default {MAX_EVENTS:,}): past it, requests are sampled and "
                             "then the window is cut; the file's otherData says what was kept")
     trace.set_defaults(handler=_trace)
+
+    html = commands.add_parser(
+        "html", help="write one self-contained HTML page (interactive figures) of a run directory or of a sweep")
+    html.add_argument("folder", type=Path, help="run directory, or results folder of a sweep")
+    html.add_argument("--out", type=Path, help="HTML file to write (default: FOLDER/report.html)")
+    html.set_defaults(handler=_html)
     return parser
 
 
@@ -306,52 +310,14 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     return 1 if warnings and args.strict else 0
 
 
-# (summary key, header, format) of the table `lynxsim run` prints: one row per policy and the same columns whatever
-# the number of policies, so that what a policy costs (changed or dropped assignments, lost routing mass, rejected
-# or unfinished requests) is always on screen beside what it buys. A key ending in "_ratio" is the ratio to the
-# first policy; REQUESTS_COLUMN puts the request counts in one cell.
-SUMMARY_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("tpot_p50_ms", "TPOT p50", "{:.2f}"),
-    ("tpot_p50_ms_ratio", "x", "{:.3f}"),
-    ("tpot_p99_ms", "TPOT p99", "{:.2f}"),
-    ("ttft_p50_ms", "TTFT p50", "{:.1f}"),
-    ("ttft_p99_ms", "TTFT p99", "{:.1f}"),
-    ("output_tokens_per_s", "tok/s", "{:.0f}"),
-    ("mean_decode_batch", "batch", "{:.1f}"),
-    ("mean_distinct_experts", "experts", "{:.2f}"),
-    ("mean_distinct_experts_ratio", "x", "{:.3f}"),
-    ("retained_mass", "mass", "{:.3f}"),
-    ("top1_kept", "top-1", "{:.3f}"),
-    ("assignments_changed", "changed", "{:.3f}"),
-    ("assignments_dropped", "dropped", "{:.3f}"),
-    ("preemptions", "preempt", "{:.0f}"),
-)
-REQUESTS_COLUMN = ("requests_finished", "requests_rejected", "requests_unfinished")
-SLO_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("slo_attainment", "SLO met", "{:.3f}"),
-    ("goodput_rps", "goodput", "{:.2f}"),
-)
-"""Shown only when the experiment sets an SLO target: without one, attainment and goodput mean nothing."""
-PREFIX_COLUMNS: tuple[tuple[str, str, str], ...] = (("prefix_hit_rate", "prefix hit", "{:.3f}"),)
-"""Shown only when a request found a cached prefix: elsewhere the share is 0 by construction."""
-SUMMARY_LEGEND = ("TPOT/TTFT in ms; x: ratio to {first}; batch: mean decode batch (tokens); experts: distinct "
-                  "experts per layer (decode); mass: retained top-k routing mass; requests: finished/rejected/"
-                  "unfinished; goodput: requests/s meeting the SLO; prefix hit: share of prompt tokens found in "
-                  "the prefix cache")
-
-
 def summary_table(frame: pd.DataFrame, title: str, *, with_slo: bool) -> Table:
-    """One row per policy (``frame``: ``ExperimentResult.summary_frame``) with the columns of ``SUMMARY_COLUMNS``,
-    the request counts, ``SLO_COLUMNS`` with an SLO, and ``PREFIX_COLUMNS`` where prefixes were found cached."""
-    with_prefix = "prefix_hit_rate" in frame and bool((frame["prefix_hit_rate"].fillna(0) > 0).any())
-    slo_columns = (*(SLO_COLUMNS if with_slo else ()), *(PREFIX_COLUMNS if with_prefix else ()))
-    table = Table(title=title, caption=SUMMARY_LEGEND.format(first=frame.index[0]))
-    for header in ("policy", *(h for _, h, _ in SUMMARY_COLUMNS), "requests", *(h for _, h, _ in slo_columns)):
+    """The summary table ``lynxsim run`` prints: the cells of ``summary_columns.summary_cells``."""
+    cells = summary_cells(frame, with_slo=with_slo)
+    table = Table(title=title, caption=cells.legend)
+    for header in cells.headers:
         table.add_column(header, justify="left" if header == "policy" else "right", no_wrap=True)
-    for label, row in frame.iterrows():
-        counts = "/".join(_fmt(row[key], "{:.0f}") for key in REQUESTS_COLUMN)
-        metrics = [_fmt(row[key], fmt) for key, _, fmt in SUMMARY_COLUMNS]
-        table.add_row(str(label), *metrics, counts, *(_fmt(row[key], fmt) for key, _, fmt in slo_columns))
+    for row in cells.rows:
+        table.add_row(*row)
     return table
 
 
@@ -371,10 +337,6 @@ def summary_warnings(frame: pd.DataFrame) -> list[str]:
             warnings.append(f"{label}: no request measured (none arrived after simulation.warmup_s and finished "
                             "before the end): its latencies are empty")
     return warnings
-
-
-def _fmt(value: object, fmt: str) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value)
 
 
 def _capacity(args: argparse.Namespace, console: Console) -> int:
@@ -417,12 +379,12 @@ def _capacity(args: argparse.Namespace, console: Console) -> int:
         )
         table.add_row(
             result.label,
-            _fmt(result.rate_per_s, "{:.3f}"),
-            _fmt(ratio, "{:.3f}"),
-            _fmt(rows[-1]["slo_attainment"], "{:.3f}"),
-            _fmt(rows[-1]["tpot_p99_ms"], "{:.2f}"),
-            _fmt(rows[-1]["ttft_p99_ms"], "{:.1f}"),
-            _fmt(rows[-1]["pure_decode_fraction"], "{:.3f}"),
+            format_cell(result.rate_per_s, "{:.3f}"),
+            format_cell(ratio, "{:.3f}"),
+            format_cell(rows[-1]["slo_attainment"], "{:.3f}"),
+            format_cell(rows[-1]["tpot_p99_ms"], "{:.2f}"),
+            format_cell(rows[-1]["ttft_p99_ms"], "{:.1f}"),
+            format_cell(rows[-1]["pure_decode_fraction"], "{:.3f}"),
             str(len(result.probes)),
         )
     console.print(table)
@@ -496,7 +458,7 @@ def _models(args: argparse.Namespace, console: Console) -> int:
     for _, header, _ in MODEL_COLUMNS:
         table.add_column(header, justify="left" if header == "model" else "right")
     for _, row in frame.iterrows():
-        table.add_row(*(_fmt(row[column], fmt) for column, _, fmt in MODEL_COLUMNS))
+        table.add_row(*(format_cell(row[column], fmt) for column, _, fmt in MODEL_COLUMNS))
     console.print(table)
     return 0
 
@@ -551,15 +513,16 @@ def _plot(args: argparse.Namespace, console: Console) -> int:
     run_dir: Path = args.run_dir
     if (run_dir / DATABASE_NAME).is_file():
         return plot_sweep(run_dir, args.metric, args.x, console)
-    if not (run_dir / "summary.json").is_file():
-        raise InputError(str(run_dir), "not a finished run directory (no summary.json)")
-    try:
-        resolved = yaml.safe_load((run_dir / "config.resolved.yaml").read_text())
-        num_experts = int(resolved["resolved"]["model"]["num_experts"])
-        records = load_run(run_dir)
-    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError, pa.ArrowException) as exc:
-        detail = file_problem(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
-        raise InputError(str(run_dir), f"a run directory whose records cannot be read ({detail})") from None
+    records, num_experts = read_run(run_dir)
     paths = write_run_figures(records, num_experts, run_dir / "figures", context=run_context(run_dir))
     console.print(f"figures: {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def _html(args: argparse.Namespace, console: Console) -> int:
+    from lynxsim.html_report import write_html  # plotly: imported by this command only, not on every start
+
+    started = time.perf_counter()
+    path = write_html(args.folder, args.out)
+    console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB in {time.perf_counter() - started:.1f} s)")
     return 0

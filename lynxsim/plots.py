@@ -8,7 +8,8 @@ The drawing rules shared with the sweep figures (lynxsim/sweep/figures.py) live 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,10 +19,13 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import yaml  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import NullLocator  # noqa: E402
 
+from lynxsim.errors import InputError, file_problem  # noqa: E402
 from lynxsim.metrics import BREAKDOWN_COLUMNS  # noqa: E402
 from lynxsim.records import slug  # noqa: E402
 from lynxsim.yaml_input import read_yaml_mapping  # noqa: E402
@@ -61,6 +65,28 @@ def load_run(run_dir: Path) -> list[PolicyRecords]:
         )
         for label in order
     ]
+
+
+def read_run(run_dir: Path) -> tuple[list[PolicyRecords], int]:
+    """A finished run directory's records (``load_run``) and its model's expert count, what its figures are drawn
+    from; a folder that is not one, or whose records cannot be read, is ``InputError`` (one line)."""
+    if not (run_dir / "summary.json").is_file():
+        raise InputError(str(run_dir), "not a finished run directory (no summary.json)")
+    with unreadable_run_refused(run_dir):
+        resolved = yaml.safe_load((run_dir / "config.resolved.yaml").read_text())
+        return load_run(run_dir), int(resolved["resolved"]["model"]["num_experts"])
+
+
+@contextmanager
+def unreadable_run_refused(run_dir: Path) -> Iterator[None]:
+    """Reading a run directory's files inside the block: a file missing, damaged or not what a run writes ends
+    in ``InputError`` naming the folder, in one line, not in a traceback."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError, pa.ArrowException) as exc:
+        detail = file_problem(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+        detail = " ".join(detail.split())  # one line: a YAML error spans several
+        raise InputError(str(run_dir), f"a run directory whose records cannot be read ({detail})") from None
 
 
 def run_context(*run_dirs: Path) -> str:
@@ -121,12 +147,54 @@ def number_text(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:.3g}"
 
 
+# The numbers each run figure draws, apart from the drawing, so that another rendering of the figures (the
+# interactive page of lynxsim/html_report) draws the same numbers.
+
+
+def tpot_cdf_points(rec: PolicyRecords) -> tuple[np.ndarray, np.ndarray]:
+    """The empirical CDF of the policy's TPOT: every request's TPOT (ms) in order, and the fraction of requests at
+    or below it."""
+    tpot_ms = np.sort(rec.requests["tpot_s"].dropna().to_numpy() * 1e3)
+    return tpot_ms, np.arange(1, len(tpot_ms) + 1) / max(len(tpot_ms), 1)
+
+
+def distinct_experts_by_layer(rec: PolicyRecords) -> np.ndarray:
+    """Mean distinct experts of each MoE layer over the pure-decode iterations (empty without any)."""
+    decode = rec.decode_iterations
+    return np.stack(decode["distinct_experts"].to_numpy()).mean(axis=0) if len(decode) else np.zeros(0)
+
+
+def decode_breakdown_ms(records: list[PolicyRecords]) -> dict[str, np.ndarray]:
+    """Per part of an iteration's latency (``BREAKDOWN_COLUMNS`` without ``_s``), each policy's mean over its
+    pure-decode iterations, in ms (0 without any)."""
+    return {
+        column.removesuffix("_s"): np.array(
+            [rec.decode_iterations[column].mean() * 1e3 if len(rec.decode_iterations) else 0.0 for rec in records]
+        )
+        for column in BREAKDOWN_COLUMNS
+    }
+
+
+def distinct_experts_by_batch(rec: PolicyRecords) -> pd.Series:
+    """Mean distinct experts per layer of the pure-decode iterations, by their decode batch size (tokens)."""
+    return rec.decode_iterations.groupby("decode_tokens")["mean_distinct_experts"].mean()
+
+
+def latency_quality_points(records: list[PolicyRecords]) -> list[tuple[str, float, float]]:
+    """(label, median TPOT ms, retained mass) of every policy whose summary has both."""
+    return [
+        (rec.label, float(rec.summary["tpot_p50_ms"]), float(rec.summary["retained_mass"]))
+        for rec in records
+        if rec.summary.get("tpot_p50_ms") is not None and rec.summary.get("retained_mass") is not None
+    ]
+
+
 def tpot_cdf(records: list[PolicyRecords], path: Path, context: str = "") -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for rec in records:
-        tpot_ms = np.sort(rec.requests["tpot_s"].dropna().to_numpy() * 1e3)
+        tpot_ms, fraction = tpot_cdf_points(rec)
         if len(tpot_ms):
-            ax.plot(tpot_ms, np.arange(1, len(tpot_ms) + 1) / len(tpot_ms), label=rec.label)
+            ax.plot(tpot_ms, fraction, label=rec.label)
     ax.set_xlabel("time per output token (ms)")
     ax.set_ylabel("fraction of requests")
     ax.set_title(titled("TPOT distribution", context))
@@ -138,9 +206,8 @@ def tpot_cdf(records: list[PolicyRecords], path: Path, context: str = "") -> Non
 def distinct_experts_per_layer(records: list[PolicyRecords], num_experts: int, path: Path, context: str = "") -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for rec in records:
-        decode = rec.decode_iterations
-        if len(decode):
-            per_layer = np.stack(decode["distinct_experts"].to_numpy()).mean(axis=0)
+        per_layer = distinct_experts_by_layer(rec)
+        if len(per_layer):
             ax.plot(np.arange(len(per_layer)), per_layer, marker="o", markersize=3, label=rec.label)
     ax.axhline(num_experts, color="grey", linestyle=":", label="all experts")
     ax.set_xlabel("MoE layer")
@@ -156,11 +223,8 @@ def latency_breakdown(records: list[PolicyRecords], path: Path, context: str = "
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = [rec.label for rec in records]
     bottom = np.zeros(len(records))
-    for column in BREAKDOWN_COLUMNS:
-        heights = np.array(
-            [rec.decode_iterations[column].mean() * 1e3 if len(rec.decode_iterations) else 0.0 for rec in records]
-        )
-        ax.bar(labels, heights, bottom=bottom, label=column.removesuffix("_s"))
+    for part, heights in decode_breakdown_ms(records).items():
+        ax.bar(labels, heights, bottom=bottom, label=part)
         bottom += heights
     ax.set_ylabel("mean pure-decode iteration latency (ms)")
     ax.set_title(titled("Where decode time goes", context))
@@ -171,9 +235,8 @@ def latency_breakdown(records: list[PolicyRecords], path: Path, context: str = "
 def distinct_experts_vs_batch(records: list[PolicyRecords], num_experts: int, path: Path, context: str = "") -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for rec in records:
-        decode = rec.decode_iterations
-        if len(decode):
-            grouped = decode.groupby("decode_tokens")["mean_distinct_experts"].mean()
+        grouped = distinct_experts_by_batch(rec)
+        if len(grouped):
             ax.plot(grouped.index, grouped.to_numpy(), marker=".", label=rec.label)
     ax.axhline(num_experts, color="grey", linestyle=":", label="all experts")
     ax.set_xlabel("decode batch size (tokens)")
@@ -200,11 +263,7 @@ def pareto_front(latency: np.ndarray, quality: np.ndarray) -> np.ndarray:
 def latency_vs_quality(records: list[PolicyRecords], path: Path, context: str = "") -> None:
     """Median TPOT against the retained top-k probability mass, one point per policy, with the Pareto front; both
     figures are the run summary's (requests and iterations after warm-up)."""
-    points = [
-        (rec.label, float(rec.summary["tpot_p50_ms"]), float(rec.summary["retained_mass"]))
-        for rec in records
-        if rec.summary.get("tpot_p50_ms") is not None and rec.summary.get("retained_mass") is not None
-    ]
+    points = latency_quality_points(records)
     fig, ax = plt.subplots(figsize=(6, 4))
     if points:
         latency = np.array([p[1] for p in points])

@@ -18,12 +18,12 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("lynxsim", "errors", "yaml_input", "jit", "interconnect", "plugins", "datatypes"),
     ("models", "hardware", "workload", "policies", "sections"),
     ("cost", "cost_formulas"),
-    ("parallel", "metrics", "records", "routing", "instance_cost"),
+    ("parallel", "metrics", "records", "routing", "instance_cost", "summary_columns"),
     ("config", "quality", "preflight"),
     ("engine",),
     ("runner",),
     ("capacity", "calib", "plots", "sweep", "timeline"),
-    ("report",),
+    ("report", "html_report"),
     ("cli", "__main__"),
 )
 """Top-level parts of the package (a subpackage or a module of ``lynxsim/``) from the bottom layer up; the same

@@ -11,7 +11,8 @@ import pytest
 import yaml
 from rich.console import Console
 
-from lynxsim.cli import SLO_COLUMNS, SUMMARY_COLUMNS, main, summary_table, summary_warnings
+from lynxsim.cli import main, summary_table, summary_warnings
+from lynxsim.summary_columns import SLO_COLUMNS, SUMMARY_COLUMNS
 
 METRICS = {key: 1.0 for key, _, _ in SUMMARY_COLUMNS + SLO_COLUMNS}
 COUNTS = {"requests_arrived": 10.0, "requests_finished": 10.0, "requests_rejected": 0.0, "requests_unfinished": 0.0,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -119,20 +120,36 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-def plot_sweep(results_dir: Path, metrics: list[str] | None, x_keys: list[str] | None, console: Console) -> int:
-    """``lynxsim plot`` on a sweep's results folder."""
+@dataclass(frozen=True)
+class SweepResults:
+    """What a sweep's figures are drawn from: the store's ``results`` view (one row per finished point and
+    policy, by point), the swept keys (columns of it) and the ``run_context`` of the points' runs."""
+
+    results: pd.DataFrame
+    swept: list[str]
+    context: str
+
+
+def read_sweep_results(results_dir: Path) -> SweepResults:
+    """The finished points of a sweep's results folder; a store without any is ``InputError``."""
     store = ResultsStore(results_dir)
     results = store.query("SELECT * FROM results ORDER BY point, policy_position")
     keys = store.query("SELECT * FROM points LIMIT 0").columns
     swept = [k for k in keys if k not in ("point", "repeat", "seed", "config_hash")]
     if results.empty:
         raise InputError(str(results_dir), "the store holds no finished run yet")
-    for name, given, known in (("--metric", metrics, results.columns), ("--x", x_keys, swept)):
+    context = run_context(*(results_dir / POINTS_DIR / h for h in results["config_hash"].unique()))
+    return SweepResults(results, swept, context)
+
+
+def plot_sweep(results_dir: Path, metrics: list[str] | None, x_keys: list[str] | None, console: Console) -> int:
+    """``lynxsim plot`` on a sweep's results folder."""
+    sweep = read_sweep_results(results_dir)
+    for name, given, known in (("--metric", metrics, sweep.results.columns), ("--x", x_keys, sweep.swept)):
         unknown = [v for v in given or [] if v not in known]
         if unknown:
             raise InputError(name, f"{unknown[0]!r} is not one of {', '.join(map(str, known))}")
-    context = run_context(*(results_dir / POINTS_DIR / h for h in results["config_hash"].unique()))
-    paths = sweep_figures(results, swept, results_dir / "figures", metrics=tuple(metrics or DEFAULT_METRICS),
-                          x_keys=x_keys, context=context)
+    paths = sweep_figures(sweep.results, sweep.swept, results_dir / "figures",
+                          metrics=tuple(metrics or DEFAULT_METRICS), x_keys=x_keys, context=sweep.context)
     console.print(f"figures: {', '.join(str(p) for p in paths)}")
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numbers
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -61,12 +62,10 @@ def metric_vs_key(
     results: pd.DataFrame, keys: list[str], x_key: str, metrics: tuple[str, ...], path: Path, context: str = ""
 ) -> Path:
     """One panel per metric; one line per policy and combination of the other swept keys."""
-    others = _line_keys(results, keys, x_key)
-    table = _mean_and_range(results, ["policy", *others, x_key], list(metrics))
+    table, lines = metric_lines(results, keys, x_key, metrics)
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
-        for label, line in _lines(table, others):
-            line = line.sort_values(x_key)
+        for label, line in lines:
             ax.errorbar(
                 line[x_key], line[f"{metric}_mean"],
                 yerr=[line[f"{metric}_mean"] - line[f"{metric}_min"], line[f"{metric}_max"] - line[f"{metric}_mean"]],
@@ -80,7 +79,29 @@ def metric_vs_key(
     return _save(fig, table, path)
 
 
-def speedup_vs_batch(results: pd.DataFrame, keys: list[str], latency: str, path: Path, context: str = "") -> Path:
+def metric_lines(
+    results: pd.DataFrame, keys: list[str], x_key: str, metrics: tuple[str, ...]
+) -> tuple[pd.DataFrame, list[tuple[str, pd.DataFrame]]]:
+    """Each metric's mean, min and max over repeats (``<metric>_mean`` ...) by policy, the other swept keys (if
+    drawing them apart keeps a panel readable) and ``x_key``; and that table cut into labelled lines, by x."""
+    others = _line_keys(results, keys, x_key)
+    table = _mean_and_range(results, ["policy", *others, x_key], list(metrics))
+    return table, [(label, line.sort_values(x_key)) for label, line in _lines(table, others)]
+
+
+@dataclass(frozen=True)
+class SpeedupLines:
+    """The speed-up figure's numbers: ``table`` (``speedup_mean``/``_min``/``_max`` by policy, line keys and
+    ``x_key``), its labelled lines by x, and the axis labels."""
+
+    table: pd.DataFrame
+    lines: list[tuple[str, pd.DataFrame]]
+    x_key: str
+    x_label: str
+    y_label: str
+
+
+def speedup_lines(results: pd.DataFrame, keys: list[str], latency: str) -> SpeedupLines:
     """Baseline latency over each policy's latency in the same run (a paired ratio), against the swept batch
     limit when ``serving.max_num_seqs`` is swept, else against the baseline's measured mean decode batch."""
     others = with_baseline(results, [latency, "mean_decode_batch"])
@@ -88,20 +109,29 @@ def speedup_vs_batch(results: pd.DataFrame, keys: list[str], latency: str, path:
     x_key = BATCH_KEY if BATCH_KEY in keys else "baseline_mean_decode_batch"
     line_keys = _line_keys(others, keys, x_key)
     table = _mean_and_range(others, ["policy", *line_keys, x_key], ["speedup"])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, line in _lines(table, line_keys):
-        line = line.sort_values(x_key)
-        ax.plot(line[x_key], line["speedup_mean"], marker="o", markersize=3, label=label)
-    ax.axhline(1.0, color="grey", linestyle=":")
     baselines = results.loc[results["policy_position"] == 0, "policy"]
     base_label = baselines.iloc[0] if len(baselines) else "baseline"
-    ax.set_xlabel("max decode batch (max_num_seqs)" if x_key == BATCH_KEY else f"mean decode batch of {base_label}")
-    ax.set_ylabel(f"speed-up over {base_label} ({latency})")
+    return SpeedupLines(
+        table, [(label, line.sort_values(x_key)) for label, line in _lines(table, line_keys)], x_key,
+        "max decode batch (max_num_seqs)" if x_key == BATCH_KEY else f"mean decode batch of {base_label}",
+        f"speed-up over {base_label} ({latency})",
+    )
+
+
+def speedup_vs_batch(results: pd.DataFrame, keys: list[str], latency: str, path: Path, context: str = "") -> Path:
+    """``speedup_lines`` drawn, with a line at 1 (no speed-up)."""
+    speedup = speedup_lines(results, keys, latency)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, line in speedup.lines:
+        ax.plot(line[speedup.x_key], line["speedup_mean"], marker="o", markersize=3, label=label)
+    ax.axhline(1.0, color="grey", linestyle=":")
+    ax.set_xlabel(speedup.x_label)
+    ax.set_ylabel(speedup.y_label)
     ax.set_title(titled("speed-up against batch size", context))
-    batch_axis(ax, table[x_key])
+    batch_axis(ax, speedup.table[speedup.x_key])
     ax.grid(alpha=0.3)
     legend_outside(ax, fontsize=7)
-    return _save(fig, table, path)
+    return _save(fig, speedup.table, path)
 
 
 def with_baseline(results: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
@@ -119,14 +149,7 @@ def latency_vs_quality(
 ) -> Path:
     """Every run and policy as a point labelled with its swept values (which point is which); the Pareto front
     joins those no other point beats on both axes."""
-    varying = [k for k in keys if k in results and results[k].nunique() > 1]
-    table = results[["config_hash", "policy", "policy_position", *varying, latency, quality]]
-    table = table.dropna(subset=[latency, quality]).copy()
-    table["point"] = [
-        _point_label(values, int(position))
-        for values, position in zip(table[varying].to_dict("records"), table["policy_position"], strict=True)
-    ]
-    table["pareto"] = pareto_mask(table[quality].to_numpy(), table[latency].to_numpy())
+    table = quality_points(results, keys, latency, quality)
     fig, ax = plt.subplots(figsize=(6, 4))
     for policy, group in table.groupby("policy", sort=False):
         ax.scatter(group[quality], group[latency], s=14, label=str(policy))
@@ -143,6 +166,20 @@ def latency_vs_quality(
     ax.grid(alpha=0.3)
     legend_outside(ax, fontsize=7)
     return _save(fig, table, path)
+
+
+def quality_points(results: pd.DataFrame, keys: list[str], latency: str, quality: str) -> pd.DataFrame:
+    """Every run and policy with both figures: its ``latency`` and ``quality``, the swept keys that vary, its
+    ``point`` label (``_point_label``) and whether it is on the Pareto front (``pareto``)."""
+    varying = [k for k in keys if k in results and results[k].nunique() > 1]
+    table = results[["config_hash", "policy", "policy_position", *varying, latency, quality]]
+    table = table.dropna(subset=[latency, quality]).copy()
+    table["point"] = [
+        _point_label(values, int(position))
+        for values, position in zip(table[varying].to_dict("records"), table["policy_position"], strict=True)
+    ]
+    table["pareto"] = pareto_mask(table[quality].to_numpy(), table[latency].to_numpy())
+    return table
 
 
 def pareto_mask(quality: np.ndarray, latency: np.ndarray) -> np.ndarray:
