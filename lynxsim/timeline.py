@@ -147,8 +147,8 @@ def trace_events(records: PolicyRecords, layout: _Layout, *, window_s: tuple[flo
         notes.append(f"every {every}th request (counters count the kept ones only)")
     events: list[dict[str, Any]] = _metadata(layout)
     events += _iteration_events(iterations, layout)
-    events += _request_events(requests, stop_s)
-    events += _load_counters(requests, stop_s)
+    events += _request_events(requests, start_s, stop_s)
+    events += _load_counters(requests, start_s, stop_s)
     events.sort(key=lambda event: event["ts"])  # stable: a request's phases stay in order at equal times
     return events, notes
 
@@ -207,8 +207,8 @@ def _iteration_events(iterations: pd.DataFrame, layout: _Layout) -> list[dict[st
     return events
 
 
-def _phases(request: Any, stop_s: float) -> list[tuple[str, float, float]]:
-    """A request's phases (name, start s, end s) as its record tells them, each cut at ``stop_s``."""
+def _phases(request: Any, start_s: float, stop_s: float) -> list[tuple[str, float, float]]:
+    """A request's phases (name, start s, end s) as its record tells them, each cut to ``start_s .. stop_s``."""
     arrival = float(request.arrival_s)
     scheduled = arrival + float(request.scheduling_delay_s) if not math.isnan(request.scheduling_delay_s) else math.nan
     first = float(request.first_token_s)
@@ -231,13 +231,13 @@ def _phases(request: Any, stop_s: float) -> list[tuple[str, float, float]]:
             decode_from = transfer_start
     if finish > decode_from or request.status == "finished":
         phases.append(("decode", decode_from, finish))
-    return [(name, a, min(b, stop_s)) for name, a, b in phases if a < stop_s]
+    return [(name, max(a, start_s), min(b, stop_s)) for name, a, b in phases if a < stop_s and b > start_s]
 
 
-def _request_events(requests: pd.DataFrame, stop_s: float) -> list[dict[str, Any]]:
+def _request_events(requests: pd.DataFrame, start_s: float, stop_s: float) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = []
     for request in requests.itertuples(index=False):
-        arrival = float(request.arrival_s)
+        arrival = max(float(request.arrival_s), start_s)
         end = min(float(request.finish_s), stop_s) if not math.isnan(request.finish_s) else stop_s
         ident = int(request.request_id)
         args = {"prompt_tokens": int(request.prompt_tokens), "output_tokens": int(request.output_tokens),
@@ -249,14 +249,14 @@ def _request_events(requests: pd.DataFrame, stop_s: float) -> list[dict[str, Any
                 args[key.replace("_s", "_ms")] = round(value * 1e3, 4)
         common = {"cat": "request", "id": ident, "pid": REQUESTS_PID, "tid": 0}
         events.append({"ph": "b", "name": f"request {ident}", "ts": _us(arrival), "args": args, **common})
-        for name, begin, finish in _phases(request, stop_s):
+        for name, begin, finish in _phases(request, start_s, stop_s):
             events.append({"ph": "b", "name": name, "ts": _us(begin), **common})
             events.append({"ph": "e", "name": name, "ts": _us(max(finish, begin)), **common})
         events.append({"ph": "e", "name": f"request {ident}", "ts": _us(max(end, arrival)), **common})
     return events
 
 
-def _load_counters(requests: pd.DataFrame, stop_s: float) -> list[dict[str, Any]]:
+def _load_counters(requests: pd.DataFrame, start_s: float, stop_s: float) -> list[dict[str, Any]]:
     """Waiting and running requests per instance, from each request's phases (``_phases``)."""
     changes: dict[int, list[tuple[float, int, int]]] = {}  # instance -> (time, d waiting, d running)
     for request in requests.itertuples(index=False):
@@ -264,7 +264,7 @@ def _load_counters(requests: pd.DataFrame, stop_s: float) -> list[dict[str, Any]
         if entry < 0:
             continue
         decode_instance = int(request.decode_instance)
-        for name, begin, end in _phases(request, stop_s):
+        for name, begin, end in _phases(request, start_s, stop_s):
             if name == "queued":
                 changes.setdefault(entry, []).extend([(begin, 1, 0), (end, -1, 0)])
             elif name == "prefill" or (name == "decode" and decode_instance == entry):

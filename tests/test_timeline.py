@@ -108,6 +108,8 @@ def test_a_trace_over_its_budget_samples_requests_then_cuts_the_window(runs: dic
     events = json.loads(window[0].path.read_text())["traceEvents"]
     iteration_starts = [e["ts"] for e in events if e["ph"] == "X"]
     assert iteration_starts and min(iteration_starts) >= 1.5e6 and max(iteration_starts) < 4e6
+    others = [e["ts"] for e in events if e["ph"] in ("b", "e", "C") and e["name"] != "KV cache used %"]
+    assert min(others) >= 2e6 and max(others) <= 4e6  # requests and their counters cut to the window
     assert window[0].notes == ("window 2 to 4 s",)
 
 
