@@ -56,6 +56,14 @@ def compiled(**options: Any) -> Callable[[F], F]:
     return decorate
 
 
+def internal(**options: Any) -> Callable[[F], F]:
+    """``compiled(**options)`` for a function that only compiled code calls (the engine loop's steps): numba then
+    builds no CPython or C wrapper for it, which for the loop's dozen internal steps, each taking tuples of arrays,
+    was 1.8 s of a cold start's 16 s of compilation (measured, quickstart). Python can call it only where numba is
+    off."""
+    return compiled(no_cpython_wrapper=True, no_cfunc_wrapper=True, **options)
+
+
 def compiled_for(function: F, args: tuple[Any, ...]) -> F:
     """``function`` (a ``compiled`` one) as numba compiled it for the types of ``args``, to call with arguments of
     those types: numba's dispatcher types every argument on every call, which for the engine's loop (32 arguments,

@@ -48,7 +48,7 @@ from lynxsim.engine.compiled.offloading import Residency, fetch_and_price
 from lynxsim.engine.compiled.prefix_cache import PrefixCache
 from lynxsim.engine.compiled.pricing import Pricing, price_iteration
 from lynxsim.engine.compiled.routing import FusedRouting, admit_means
-from lynxsim.jit import compiled
+from lynxsim.jit import compiled, internal
 
 # Return codes of ``simulate``.
 DONE, ROUTE, ROUTE_RUN, NEED_LOG, NEED_UNIFORMS, PROGRESS, TOO_MANY_TOKENS, NON_FINITE, HORIZON, NEED_OUTBOX = range(10)
@@ -215,7 +215,7 @@ def _enter_running(req_i: np.ndarray, slots: np.ndarray, state: np.ndarray, r: i
     state[S_EPOCH] += 1
 
 
-@compiled(inline="never")
+@internal(inline="never")
 def _preempt_last(req_i: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray,
                   cache: PrefixCache) -> None:
     """``Scheduler._preempt`` of the most recently admitted running request (recompute mode)."""
@@ -228,7 +228,7 @@ def _preempt_last(req_i: np.ndarray, slots: np.ndarray, queue: np.ndarray, state
     state[S_EPOCH] += 1
 
 
-@compiled(inline="never")
+@internal(inline="never")
 def _schedule_running(
     req_i: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray, config: np.ndarray,
     batch_new: np.ndarray, grow: np.ndarray, budget: int, cache: PrefixCache,
@@ -263,7 +263,7 @@ def _schedule_running(
         if needed:
             for i in range(count):
                 slots[SL_BLOCKS, i] += grow[i]
-            prefix.take_blocks(cache, state, needed)
+            prefix.take_blocks(cache, state, np.int64(needed))
         return count, left, False
     # The pool runs short: request by request, preempting the most recently admitted while one cannot grow.
     preempted = False
@@ -283,7 +283,7 @@ def _schedule_running(
     return index, left, preempted
 
 
-@compiled(inline="never")
+@internal(inline="never")
 def _admit_waiting(
     req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray,
     config: np.ndarray, batch_new: np.ndarray, at: int, budget: int, now: float, whole_prompts: bool,
@@ -327,7 +327,7 @@ def _admit_waiting(
     return admitted, budget
 
 
-@compiled(inline="never")
+@internal(inline="never")
 def _schedule(
     req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, queue: np.ndarray, state: np.ndarray,
     config: np.ndarray, batch_new: np.ndarray, batch_before: np.ndarray, batch_decoding: np.ndarray,
@@ -460,7 +460,7 @@ def _complete(
     return sampled
 
 
-@compiled(inline="never")
+@internal(inline="never")
 def _apply_frees(req_i: np.ndarray, req_f: np.ndarray, frees: np.ndarray, state: np.ndarray, now: float,
                  cache: PrefixCache) -> float:
     """Prefill role: free the blocks of handed-off requests whose transfer has ended by ``now``; returns the
@@ -481,7 +481,7 @@ def _apply_frees(req_i: np.ndarray, req_f: np.ndarray, frees: np.ndarray, state:
     return upcoming
 
 
-@compiled(inline="never")
+@internal(inline="never")
 def _take_received(
     req_i: np.ndarray, req_f: np.ndarray, slots: np.ndarray, receiving: np.ndarray, state: np.ndarray, now: float,
 ) -> tuple[int, float]:
@@ -507,7 +507,7 @@ def _take_received(
         state[S_WAITING] = 0
 
 
-@compiled(inline="never")
+@internal(inline="never")
 def _start_transfers(
     req_i: np.ndarray, req_f: np.ndarray, incoming: np.ndarray, receiving: np.ndarray, state: np.ndarray,
     config: np.ndarray, timing: np.ndarray, outbox_i: np.ndarray, outbox_f: np.ndarray, now: float,

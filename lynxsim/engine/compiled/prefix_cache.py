@@ -31,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 
 from lynxsim.datatypes import PrefixIdentity
-from lynxsim.jit import compiled
+from lynxsim.jit import compiled, internal
 
 # Entries of ``PrefixCache.meta``: caching on, the queue's head and tail node (-1: empty), the free-node stack's
 # depth, the cached blocks in the queue.
@@ -174,7 +174,7 @@ def _append_plain(cache: PrefixCache, blocks: int) -> None:
     _link_tail(cache, node)
 
 
-@compiled(inline="never")
+@internal(inline="never")
 def take_blocks(cache: PrefixCache, state: np.ndarray, blocks: int) -> None:
     """Allocate ``blocks`` free blocks (the caller checked that there are): from the queue's head, evicting the
     cached blocks taken."""
@@ -208,7 +208,7 @@ def _hold(cache: PrefixCache, state: np.ndarray, node: int) -> None:
     cache.node_ref[node] += 1
 
 
-@compiled(inline="never")
+@internal(inline="never")
 def lookup(cache: PrefixCache, key_at: int, keyed: int, tokens: int, block_tokens: int) -> tuple[int, int]:
     """A request's cache hit: (its leading blocks cached, at most ``(tokens - 1) // block_tokens``; how many of
     those are in the free queue, which holding them takes from the free blocks)."""
@@ -224,14 +224,14 @@ def lookup(cache: PrefixCache, key_at: int, keyed: int, tokens: int, block_token
     return hits, queued
 
 
-@compiled(inline="never")
+@internal(inline="never")
 def hold_hits(cache: PrefixCache, state: np.ndarray, key_at: int, hits: int) -> None:
     """Take the ``hits`` leading blocks ``lookup`` found (the caller checked that the free blocks allow it)."""
     for j in range(hits):
         _hold(cache, state, cache.entry_of[cache.block_ids[key_at + j]])
 
 
-@compiled(inline="never")
+@internal(inline="never")
 def register(cache: PrefixCache, state: np.ndarray, key_at: int, first: int, end: int) -> None:
     """A request's blocks ``first .. end - 1`` have filled: each becomes cached, held by the request. A block whose
     identity is cached already (computed by another request meanwhile) is shared instead, the request's copy freed."""
@@ -246,10 +246,10 @@ def register(cache: PrefixCache, state: np.ndarray, key_at: int, first: int, end
         else:
             _hold(cache, state, node)
             state[S_FREE_BLOCKS] += 1
-            _append_plain(cache, 1)
+            _append_plain(cache, np.int64(1))
 
 
-@compiled(inline="never")
+@internal(inline="never")
 def release(cache: PrefixCache, state: np.ndarray, key_at: int, blocks: int, cached: int) -> None:
     """A request lets go of its ``blocks`` blocks, the first ``cached`` of them cached ones: in reverse order,
     its plain blocks first, then its cached ones from the last (each queued once no request holds it)."""
