@@ -251,14 +251,11 @@ def summarize(
         "goodput_rps": float(met.sum()) / window_s,
     }
     # prefix caching: the share of prompt tokens that requests scheduled after warm-up found cached, and those tokens
-    # (NaN for records without the column: a hand-made frame, or records of an earlier version)
-    summary["prefix_hit_rate"] = summary["prefill_tokens_saved"] = np.nan
-    if "cached_tokens" in requests:
-        scheduled = after_warmup[after_warmup["scheduling_delay_s"].notna()]
-        cached = float(scheduled["cached_tokens"].sum())
-        prompts = float(scheduled["prompt_tokens"].sum())
-        summary["prefix_hit_rate"] = cached / prompts if prompts else np.nan
-        summary["prefill_tokens_saved"] = cached
+    scheduled = after_warmup[after_warmup["scheduling_delay_s"].notna()]
+    cached = float(scheduled["cached_tokens"].sum())
+    prompts = float(scheduled["prompt_tokens"].sum())
+    summary["prefix_hit_rate"] = cached / prompts if prompts else np.nan
+    summary["prefill_tokens_saved"] = cached
     # disaggregated serving: KV-cache transfers of requests arrived after warm-up (NaN when there were none)
     for key, column in (("transfer_mean_ms", "transfer_s"), ("transfer_wait_mean_ms", "transfer_wait_s")):
         values = after_warmup[column].dropna().to_numpy() if column in after_warmup else np.zeros(0)

@@ -147,8 +147,9 @@ def trace_events(records: PolicyRecords, layout: _Layout, *, window_s: tuple[flo
         notes.append(f"every {every}th request (counters count the kept ones only)")
     events: list[dict[str, Any]] = _metadata(layout)
     events += _iteration_events(iterations, layout)
-    events += _request_events(requests, start_s, stop_s)
-    events += _load_counters(requests, start_s, stop_s)
+    phased = [(request, _phases(request, start_s, stop_s)) for request in requests.itertuples(index=False)]
+    events += _request_events(phased, start_s, stop_s)
+    events += _load_counters(phased)
     events.sort(key=lambda event: event["ts"])  # stable: a request's phases stay in order at equal times
     return events, notes
 
@@ -234,9 +235,13 @@ def _phases(request: Any, start_s: float, stop_s: float) -> list[tuple[str, floa
     return [(name, max(a, start_s), min(b, stop_s)) for name, a, b in phases if a < stop_s and b > start_s]
 
 
-def _request_events(requests: pd.DataFrame, start_s: float, stop_s: float) -> list[dict[str, Any]]:
+Phased = list[tuple[Any, list[tuple[str, float, float]]]]
+"""Each kept request (a row of requests.parquet) with its ``_phases``."""
+
+
+def _request_events(phased: Phased, start_s: float, stop_s: float) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = []
-    for request in requests.itertuples(index=False):
+    for request, phases in phased:
         arrival = max(float(request.arrival_s), start_s)
         end = min(float(request.finish_s), stop_s) if not math.isnan(request.finish_s) else stop_s
         ident = int(request.request_id)
@@ -249,22 +254,22 @@ def _request_events(requests: pd.DataFrame, start_s: float, stop_s: float) -> li
                 args[key.replace("_s", "_ms")] = round(value * 1e3, 4)
         common = {"cat": "request", "id": ident, "pid": REQUESTS_PID, "tid": 0}
         events.append({"ph": "b", "name": f"request {ident}", "ts": _us(arrival), "args": args, **common})
-        for name, begin, finish in _phases(request, start_s, stop_s):
+        for name, begin, finish in phases:
             events.append({"ph": "b", "name": name, "ts": _us(begin), **common})
             events.append({"ph": "e", "name": name, "ts": _us(max(finish, begin)), **common})
         events.append({"ph": "e", "name": f"request {ident}", "ts": _us(max(end, arrival)), **common})
     return events
 
 
-def _load_counters(requests: pd.DataFrame, start_s: float, stop_s: float) -> list[dict[str, Any]]:
-    """Waiting and running requests per instance, from each request's phases (``_phases``)."""
+def _load_counters(phased: Phased) -> list[dict[str, Any]]:
+    """Waiting and running requests per instance, from each request's phases."""
     changes: dict[int, list[tuple[float, int, int]]] = {}  # instance -> (time, d waiting, d running)
-    for request in requests.itertuples(index=False):
+    for request, phases in phased:
         entry = int(request.prefill_instance)
         if entry < 0:
             continue
         decode_instance = int(request.decode_instance)
-        for name, begin, end in _phases(request, start_s, stop_s):
+        for name, begin, end in phases:
             if name == "queued":
                 changes.setdefault(entry, []).extend([(begin, 1, 0), (end, -1, 0)])
             elif name == "prefill" or (name == "decode" and decode_instance == entry):

@@ -24,6 +24,8 @@ def requests_table() -> pd.DataFrame:
             "e2e_s": [1.0, 1.0, 1.0, 0.1, np.nan],
             "preemptions": [0, 0, 0, 0, 0],
             "scheduling_delay_s": [0.0, 0.2, 0.0, 0.0, np.nan],
+            "prompt_tokens": [10, 10, 10, 10, 10],
+            "cached_tokens": [0, 0, 0, 0, 0],
         }
     )
 

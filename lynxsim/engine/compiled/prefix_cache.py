@@ -78,8 +78,7 @@ def block_identities(prefix: PrefixIdentity, block_tokens: int) -> RunBlocks:
     unit id agree on every token up to that unit's end), so two blocks with the same pair hold the same tokens
     after the same prefix: the same KV cache. Distinct pairs are numbered 0, 1, ... in sorted order."""
     unit = prefix.unit_tokens
-    covered = np.minimum(prefix.unit_counts * min(unit, 1 << 40), prefix.keyed_tokens)
-    counts = np.maximum(covered // block_tokens, 0).astype(np.int64)
+    counts = (np.minimum(prefix.unit_counts * unit, prefix.keyed_tokens) // block_tokens).astype(np.int64)
     starts = np.zeros(counts.size, dtype=np.int64)
     if counts.size > 1:
         np.cumsum(counts[:-1], out=starts[1:])
